@@ -1,0 +1,46 @@
+# fastkd: `make demo` runs the main job on the built-in sample data, `make test` runs the tests.
+# Both create/refresh the virtual environment .venv in this checkout and install everything.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.fastkd-installed
+# The nvcc on PATH may be a wrapper script: point CUDA_HOME at the toolkit's real folder.
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
+export CUDA_HOME
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: venv test pytest ctest kernel-check demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel ninja
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.14.1 torchvision==0.29.1
+	$(PIP) install --no-build-isolation --editable ".[dev,dali]"
+	touch $(STAMP)
+
+test: venv pytest ctest kernel-check
+
+pytest: venv
+	$(PY) -m pytest -q tests
+
+ctest: venv
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+		-DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/cmake
+	cd build/cmake && ctest --output-on-failure
+
+kernel-check: venv
+	$(PY) -m fastkd.kernels.check
+
+demo: venv
+	$(PY) -m fastkd.benchmarks.bench_ema
+
+bench: venv
+	$(PY) -m fastkd.benchmarks.bench_ema
+
+clean:
+	rm -rf build $(VENV) fastkd/_C*.so *.egg-info

@@ -1,0 +1,3 @@
+"""fastkd: kernel-backed self-supervised knowledge distillation for vision models."""
+
+__version__ = "0.1.0"

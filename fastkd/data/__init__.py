@@ -1,0 +1,1 @@
+"""Multi-view data pipelines (DALI and plain PyTorch), dataset handling and the sample dataset."""

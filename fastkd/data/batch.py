@@ -1,0 +1,17 @@
+"""The batch every data pipeline yields and every method consumes."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Batch(NamedTuple):
+    """``views``: the augmented views of the batch, each ``[B, 3, H, W]`` (a recipe's order:
+    global views first, then local ones); ``labels``: ``[B]`` int64 class labels (or -1 where
+    unknown); ``indices``: ``[B]`` int64 dataset indices of the images."""
+
+    views: list[torch.Tensor]
+    labels: torch.Tensor
+    indices: torch.Tensor

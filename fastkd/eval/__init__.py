@@ -1,0 +1,1 @@
+"""k-NN and linear-probe evaluation of frozen features."""

@@ -1,0 +1,1 @@
+"""Drop-in ``nn.Module`` losses built on fastkd's fused ops."""

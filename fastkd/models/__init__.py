@@ -1,0 +1,1 @@
+"""timm-based backbones with pluggable attention, the masked encoder, heads and teacher loaders."""

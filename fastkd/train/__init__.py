@@ -1,0 +1,1 @@
+"""Trainer, optimisers, schedules, checkpoints and the EMA teacher."""

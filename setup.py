@@ -1,0 +1,115 @@
+"""Build and install fastkd.
+
+The extension ``fastkd._C`` is built with ``torch.utils.cpp_extension`` (ninja):
+- the C++ (CPU) sources ``csrc/*.cpp`` always;
+- the CUDA sources ``csrc/cuda/*.cu`` whenever torch is a CUDA build and a CUDA toolkit is found
+  (``CUDA_HOME``), for ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0``). ``FASTKD_BUILD_CUDA=0|1``
+  forces the choice either way.
+
+torch is imported here, so install with ``pip install --no-build-isolation .``: the build uses the
+torch you already have (CPU or CUDA) and never replaces it.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def _cuda_requested(torch, cuda_home):
+    flag = os.environ.get("FASTKD_BUILD_CUDA")
+    if flag not in (None, "", "0", "1"):
+        raise ValueError(f"FASTKD_BUILD_CUDA must be 0 or 1, got {flag!r}")
+    if flag == "1":
+        if cuda_home is None:
+            raise RuntimeError("FASTKD_BUILD_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
+        return True
+    if flag == "0":
+        return False
+    return torch.version.cuda is not None and cuda_home is not None
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    if not cpp_sources:
+        return []
+    with_cuda = bool(cuda_sources) and _cuda_requested(torch, CUDA_HOME)
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    macros = [("FASTKD_VERSION", f'"{VERSION}"')]
+    if with_cuda:
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        macros += [("FASTKD_WITH_CUDA", "1"), ("FASTKD_CUDA_ARCHS", f'"{archs}"')]
+        return [
+            CUDAExtension(
+                "fastkd._C",
+                cpp_sources + cuda_sources,
+                define_macros=macros,
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+                extra_link_args=["-fopenmp"],
+            )
+        ]
+    return [
+        CppExtension(
+            "fastkd._C",
+            cpp_sources,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    name="fastkd",
+    version=VERSION,
+    description="Kernel-backed self-supervised knowledge distillation for vision models",
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "fastkd",
+        "fastkd.ops",
+        "fastkd.losses",
+        "fastkd.models",
+        "fastkd.methods",
+        "fastkd.data",
+        "fastkd.train",
+        "fastkd.eval",
+        "fastkd.kernels",
+        "fastkd.benchmarks",
+    ],
+    package_dir={"fastkd.kernels": "kernels", "fastkd.benchmarks": "benchmarks"},
+    include_package_data=True,
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext()},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "timm>=1.0",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "tensorboard",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],
+        "xformers": ["xformers"],
+        "dev": ["pytest", "scikit-image", "ninja", "cmake"],
+    },
+    entry_points={"console_scripts": ["fastkd=fastkd.cli:main"]},
+)
