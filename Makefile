@@ -41,6 +41,7 @@ demo: venv
 
 bench: venv
 	$(PY) -m fastkd.benchmarks.bench_ema
+	$(PY) -m fastkd.benchmarks.bench_data
 
 clean:
 	rm -rf build $(VENV) fastkd/_C*.so *.egg-info

@@ -1,0 +1,137 @@
+"""Iterator over a DALI view pipeline: feeds the rank's shard, yields :class:`Batch` on the
+model's device, and names the undecodable file(s) when decoding fails mid-epoch."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .batch import Batch
+from .dali_pipeline import build_dali_pipeline
+from .datasets import ImageList
+from .recipes import Recipe
+from .scan import check_image
+from .sharding import num_batches, shard_batches
+
+
+class _ShardSource:
+    """External source: per batch of the epoch's shard, the encoded bytes of its files."""
+
+    def __init__(self, images: ImageList, batch_size: int, shard: dict):
+        self.images, self.batch_size, self.shard = images, batch_size, shard
+        self.epoch = 0
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        self.batches = shard_batches(len(self.images), self.batch_size, epoch=self.epoch, **self.shard)
+        for batch in self.batches:
+            yield [np.fromfile(self.images.files[i], dtype=np.uint8) for i in batch]
+
+
+def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    """Copy a dense DALI batch into a new torch tensor (DALI reuses its buffers) on ``device``."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+    from nvidia.dali.tensors import TensorListGPU
+
+    dense = tensor_list.as_tensor()
+    on_gpu = isinstance(tensor_list, TensorListGPU)
+    out = torch.empty(dense.shape(), dtype=torch.float32, device=device if on_gpu else "cpu")
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(out.device) if on_gpu else None)
+    return out if out.device == device else out.to(device, non_blocking=True)
+
+
+def _dali_reason(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "encountered:" in lines and lines.index("encountered:") + 1 < len(lines):
+        return lines[lines.index("encountered:") + 1]
+    return lines[0] if lines else repr(error)
+
+
+class DaliViewLoader:
+    """Iterable of :class:`Batch` from the DALI pipeline (see ``build_loader``).
+
+    ``device_id=None`` runs the CPU-only pipeline (views are then moved to ``device``). Random
+    augmentations follow the pipeline seed ``(seed, rank)`` through consecutive epochs.
+    """
+
+    def __init__(
+        self,
+        images: ImageList,
+        recipe: Recipe,
+        *,
+        batch_size: int,
+        device: torch.device,
+        device_id: int | None,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        num_threads: int,
+    ):
+        self.images, self.device = images, device
+        self._shard = dict(rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, drop_last=drop_last)
+        self._len = num_batches(len(images), batch_size, world_size=world_size, rank=rank, drop_last=drop_last)
+        self._prefetch = 2
+        self._source = _ShardSource(images, batch_size, self._shard)
+        self._build = dict(
+            recipe=recipe, batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+            seed=seed * 1_000_003 + rank, prefetch=self._prefetch,
+        )
+        self._pipe = None
+        self._needs_reset = False
+
+    def set_epoch(self, epoch: int) -> None:
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self._source.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _pipeline(self):
+        if self._pipe is None:
+            self._pipe = build_dali_pipeline(source=self._source, **self._build)
+            self._pipe.build()
+        elif self._needs_reset:
+            self._pipe.reset()
+        self._needs_reset = False
+        return self._pipe
+
+    def __iter__(self):
+        pipe = self._pipeline()
+        self._needs_reset = True
+        position = 0
+        finished = False
+        try:
+            while True:
+                try:
+                    outputs = pipe.run()
+                except StopIteration:
+                    finished = True
+                    return
+                except RuntimeError as error:
+                    raise self._decode_error(position, error) from error
+                batch = self._source.batches[position]
+                position += 1
+                views = [_to_torch(out, self.device) for out in outputs]
+                index = torch.tensor(batch, dtype=torch.int64)
+                labels = torch.tensor([self.images.labels[i] for i in batch], dtype=torch.int64)
+                yield Batch(views, labels.to(self.device), index.to(self.device))
+        finally:
+            if not finished:  # abandoned or failed mid-epoch: the next epoch needs a fresh pipeline
+                self._pipe = None
+
+    def _decode_error(self, position: int, error: RuntimeError) -> RuntimeError:
+        """Name the undecodable files of the failed batch (or of the batches DALI ran ahead on)."""
+        window = self._source.batches[position : position + 1 + self._prefetch]
+        if not window:
+            return RuntimeError(f"DALI pipeline failed: {_dali_reason(error)}")
+        bad = [self.images.files[i] for batch in window for i in batch if check_image(self.images.files[i])]
+        if bad:
+            return RuntimeError(
+                f"undecodable image file(s) {bad}; run `fastkd data scan` and pass its exclusion list as "
+                f"exclude= (DALI: {_dali_reason(error)})"
+            )
+        files = [self.images.files[i] for i in window[0]]
+        return RuntimeError(f"DALI pipeline failed on the batch of files {files}: {_dali_reason(error)}")

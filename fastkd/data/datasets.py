@@ -1,0 +1,137 @@
+"""Image sources: an ImageFolder tree (``root/<class>/<image>``) or a file list with labels, minus
+an exclusion list (written by ``fastkd data scan``).
+
+A file list is a text file with one ``<path> <label>`` per line (``label`` an int >= 0, or -1 for
+unknown; paths relative to the list file's folder; ``#`` starts a comment).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """``files[i]`` (absolute path) has label ``labels[i]``; ``classes[label]`` names the label."""
+
+    files: tuple[str, ...]
+    labels: tuple[int, ...]
+    classes: tuple[str, ...]
+    root: str
+
+    def __post_init__(self):
+        if len(self.files) != len(self.labels):
+            raise ValueError(f"ImageList got {len(self.files)} files but {len(self.labels)} labels")
+        if not self.files:
+            raise ValueError(f"dataset at {self.root!r} has no images")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def check_readable_dir(root: Path, what: str) -> None:
+    if not root.exists():
+        raise FileNotFoundError(f"{what} {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{what} {str(root)!r} is not a directory")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise PermissionError(f"{what} {str(root)!r} is not readable")
+
+
+def image_folder(root: str | os.PathLike) -> ImageList:
+    """Every image under ``root/<class>/`` (recursively), labels by sorted class folder name."""
+    root = Path(root).resolve()
+    check_readable_dir(root, "dataset root")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise ValueError(f"dataset root {str(root)!r} has no class folders (expected root/<class>/<image>)")
+    files, labels, empty = [], [], []
+    for label, class_dir in enumerate(class_dirs):
+        check_readable_dir(class_dir, "class folder")
+        found = sorted(
+            os.path.join(dirpath, name)
+            for dirpath, _, names in os.walk(class_dir, onerror=_raise)
+            for name in names
+            if is_image_file(name)
+        )
+        if not found:
+            empty.append(class_dir.name)
+        files += found
+        labels += [label] * len(found)
+    if empty:
+        raise ValueError(
+            f"dataset root {str(root)!r}: class folders without images ({', '.join(IMAGE_EXTENSIONS)}): {empty}"
+        )
+    return ImageList(tuple(files), tuple(labels), tuple(d.name for d in class_dirs), str(root))
+
+
+def _raise(error: OSError) -> None:
+    raise PermissionError(f"cannot read {error.filename!r}: {error.strerror}") from error
+
+
+def file_list(path: str | os.PathLike) -> ImageList:
+    """Images and int labels from a ``<path> <label>`` text file."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"file list {str(path)!r} does not exist")
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise PermissionError(f"file list {str(path)!r} is not readable: {error}") from error
+    files, labels = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.rsplit(None, 1)
+        if len(fields) != 2 or not (fields[1].isdigit() or fields[1] == "-1"):
+            raise ValueError(f"{str(path)!r} line {number}: expected '<path> <label >= -1>', got {line!r}")
+        name, label = fields
+        files.append(str((path.parent / name).resolve()))
+        labels.append(int(label))
+    if not files:
+        raise ValueError(f"file list {str(path)!r} has no images")
+    num_classes = max(labels) + 1
+    return ImageList(tuple(files), tuple(labels), tuple(str(c) for c in range(num_classes)), str(path.parent))
+
+
+def read_exclusions(path: str | os.PathLike) -> list[str]:
+    """Paths of an exclusion list (one per line, optional tab-separated reason, ``#`` comments)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exclusion list {str(path)!r} does not exist")
+    return [line.split("\t", 1)[0].strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def load_images(source, exclude: str | os.PathLike | Iterable[str] | None = None) -> ImageList:
+    """``source``: an ImageList, an ImageFolder root, or a file-list text file; ``exclude``: an
+    exclusion-list file or an iterable of paths (absolute, or relative to the dataset root)."""
+    if isinstance(source, ImageList):
+        images = source
+    elif isinstance(source, (str, os.PathLike)):
+        images = file_list(source) if Path(source).is_file() else image_folder(source)
+    else:
+        raise TypeError(f"source must be a path or an ImageList, got {type(source).__name__}")
+    if exclude is None:
+        return images
+    if isinstance(exclude, (str, os.PathLike)):
+        exclude = read_exclusions(exclude)
+    elif not isinstance(exclude, Iterable):
+        raise TypeError(f"exclude must be a path, an iterable of paths or None, got {type(exclude).__name__}")
+    root = Path(images.root)
+    dropped = {str((root / p).resolve()) for p in exclude}
+    keep = [i for i, f in enumerate(images.files) if f not in dropped]
+    if not keep:
+        raise ValueError(f"dataset at {images.root!r} has no images left after excluding {len(dropped)} files")
+    return ImageList(
+        tuple(images.files[i] for i in keep), tuple(images.labels[i] for i in keep), images.classes, images.root
+    )

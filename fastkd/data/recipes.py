@@ -1,0 +1,200 @@
+"""Declarative view recipes: what each augmented view of an image is, independent of the backend.
+
+A :class:`Recipe` is a tuple of :class:`ViewSpec`; the DALI pipeline (``dali_pipeline.py``) and
+the PyTorch/PIL pipeline (``torch_pipeline.py``) both compile the same specs, so a recipe is
+defined once. A view is, in order (torchvision / MoCo v3 semantics):
+
+- geometry: ``RandomResizedCrop(size, scale, ratio)`` (area fraction ``scale``, aspect ratio
+  log-uniform in ``ratio``) or, when ``scale is None``, ``Resize(resize)`` of the shorter side
+  followed by ``CenterCrop(size)``;
+- with probability ``jitter.p``: brightness/contrast/saturation factors uniform in
+  ``[1 - x, 1 + x]`` and a hue shift uniform in ``[-hue, hue]`` turns (``ColorJitter``);
+- with probability ``grayscale_p``: grey = 0.299 R + 0.587 G + 0.114 B on all three channels;
+- with probability ``blur_p``: Gaussian blur with sigma uniform in ``blur_sigma``;
+- with probability ``solarize_p``: ``x -> 255 - x`` where ``x >= 128``;
+- with probability ``flip_p``: horizontal flip;
+- ``(x / 255 - mean) / std`` with the ImageNet mean/std, as float32 ``[3, size, size]``.
+
+Add a recipe with ``@register_recipe("name")`` on a function whose keyword arguments are the
+recipe's overridable parameters (``build_loader(..., **recipe_overrides)`` passes them through).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def _check_range(name: str, value, low: float, high: float) -> tuple[float, float]:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ValueError(f"{name} must be a (min, max) pair, got {value!r}")
+    lo, hi = float(value[0]), float(value[1])
+    if not (low <= lo <= hi <= high):
+        raise ValueError(f"{name} must satisfy {low} <= min <= max <= {high}, got {value!r}")
+    return lo, hi
+
+
+def _check_probability(name: str, value) -> float:
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ColorJitter:
+    """Colour jitter applied with probability ``p`` (torchvision ``ColorJitter`` strengths)."""
+
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    p: float = 0.8
+
+    def __post_init__(self):
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"ColorJitter.{name} must be in [0, 1), got {value!r}")
+        if not isinstance(self.hue, (int, float)) or not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"ColorJitter.hue must be in [0, 0.5], got {self.hue!r}")
+        _check_probability("ColorJitter.p", self.p)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One augmented view; see the module docstring for the exact sequence of operations."""
+
+    size: int
+    scale: tuple[float, float] | None = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    resize: int | None = None
+    interpolation: str = "bilinear"
+    flip_p: float = 0.5
+    jitter: ColorJitter | None = None
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"ViewSpec.size must be a positive int, got {self.size!r}")
+        if self.scale is None:
+            if not isinstance(self.resize, int) or self.resize < self.size:
+                raise ValueError(
+                    f"ViewSpec.resize must be an int >= size ({self.size}) when scale is None, got {self.resize!r}"
+                )
+        else:
+            object.__setattr__(self, "scale", _check_range("ViewSpec.scale", self.scale, 1e-6, 1.0))
+            if self.resize is not None:
+                raise ValueError(f"ViewSpec.resize must be None for a random-resized-crop view, got {self.resize!r}")
+        object.__setattr__(self, "ratio", _check_range("ViewSpec.ratio", self.ratio, 1e-3, 1e3))
+        object.__setattr__(self, "blur_sigma", _check_range("ViewSpec.blur_sigma", self.blur_sigma, 1e-3, 100.0))
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"ViewSpec.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.jitter is not None and not isinstance(self.jitter, ColorJitter):
+            raise TypeError(f"ViewSpec.jitter must be a ColorJitter or None, got {type(self.jitter).__name__}")
+        for name in ("flip_p", "grayscale_p", "blur_p", "solarize_p"):
+            _check_probability(f"ViewSpec.{name}", getattr(self, name))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named tuple of views; ``shuffle`` is whether training order is shuffled per epoch."""
+
+    name: str
+    views: tuple[ViewSpec, ...]
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if not self.views or not all(isinstance(v, ViewSpec) for v in self.views):
+            raise ValueError(f"Recipe.views must be a non-empty tuple of ViewSpec, got {self.views!r}")
+
+
+_RECIPES: dict[str, Callable[..., Recipe]] = {}
+
+
+def register_recipe(name: str) -> Callable[[Callable[..., Recipe]], Callable[..., Recipe]]:
+    """Decorator registering a recipe factory under ``name``."""
+
+    def decorate(factory: Callable[..., Recipe]) -> Callable[..., Recipe]:
+        if name in _RECIPES:
+            raise ValueError(f"recipe {name!r} is already registered")
+        _RECIPES[name] = factory
+        return factory
+
+    return decorate
+
+
+def recipe_names() -> list[str]:
+    """Names of the registered recipes."""
+    return sorted(_RECIPES)
+
+
+def build_recipe(name: str | Recipe, **overrides) -> Recipe:
+    """The recipe ``name`` with its keyword parameters overridden (a Recipe passes through)."""
+    if isinstance(name, Recipe):
+        if overrides:
+            raise ValueError(f"recipe overrides {sorted(overrides)} need a recipe name, got a Recipe object")
+        return name
+    if name not in _RECIPES:
+        raise ValueError(f"recipe must be one of {recipe_names()} or a Recipe, got {name!r}")
+    factory = _RECIPES[name]
+    allowed = set(inspect.signature(factory).parameters)
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise TypeError(f"recipe {name!r} has no parameters {unknown}; it accepts {sorted(allowed)}")
+    return factory(**overrides)
+
+
+def _mocov3_view(size: int, scale, blur_p: float, solarize_p: float) -> ViewSpec:
+    return ViewSpec(
+        size=size, scale=tuple(scale), jitter=ColorJitter(), grayscale_p=0.2, blur_p=blur_p, solarize_p=solarize_p
+    )
+
+
+@register_recipe("mocov3")
+def mocov3(size: int = 224, scale=(0.08, 1.0)) -> Recipe:
+    """MoCo v3 / BYOL: two asymmetric views (blur 1.0 / 0.1, solarize 0 / 0.2)."""
+    return Recipe(
+        "mocov3", (_mocov3_view(size, scale, 1.0, 0.0), _mocov3_view(size, scale, 0.1, 0.2))
+    )
+
+
+@register_recipe("dino_multicrop")
+def dino_multicrop(
+    global_size: int = 224,
+    global_scale=(0.25, 1.0),
+    local_crops: int = 8,
+    local_size: int = 96,
+    local_scale=(0.05, 0.25),
+) -> Recipe:
+    """DINO multi-crop: two global views (asymmetric like MoCo v3) then ``local_crops`` local views
+    (blur p 0.5, no solarize)."""
+    if not isinstance(local_crops, int) or local_crops < 0:
+        raise ValueError(f"local_crops must be an int >= 0, got {local_crops!r}")
+    global_views = (
+        _mocov3_view(global_size, global_scale, 1.0, 0.0),
+        _mocov3_view(global_size, global_scale, 0.1, 0.2),
+    )
+    local = _mocov3_view(local_size, local_scale, 0.5, 0.0)
+    return Recipe("dino_multicrop", global_views + (local,) * local_crops)
+
+
+@register_recipe("mae")
+def mae(size: int = 224, scale=(0.2, 1.0)) -> Recipe:
+    """MAE: one random-resized crop (bicubic) and a flip."""
+    return Recipe("mae", (ViewSpec(size=size, scale=tuple(scale), interpolation="bicubic"),))
+
+
+@register_recipe("eval")
+def eval_recipe(size: int = 224, resize: int = 256) -> Recipe:
+    """Evaluation: resize the shorter side to ``resize`` (bicubic), centre crop ``size``; no shuffle."""
+    return Recipe(
+        "eval", (ViewSpec(size=size, scale=None, resize=resize, interpolation="bicubic", flip_p=0.0),), shuffle=False
+    )

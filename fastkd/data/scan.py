@@ -1,0 +1,75 @@
+"""``scan_dataset``: decode every image of a dataset in parallel and list the ones that fail, as
+an exclusion list the loaders honour (``build_loader(..., exclude=path)``)."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from .datasets import check_readable_dir, file_list, is_image_file
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """``bad``: ``(path relative to root, reason)`` of every undecodable file, sorted by path."""
+
+    root: str
+    checked: int
+    bad: tuple[tuple[str, str], ...]
+
+
+def check_image(path: str) -> str | None:
+    """``None`` when ``path`` decodes fully to a non-empty image, else the reason it does not."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.width < 1 or image.height < 1:
+                return f"empty image {image.width}x{image.height}"
+    except Exception as error:  # noqa: BLE001 - every failure is a reason to exclude the file
+        return f"{type(error).__name__}: {error}".replace("\n", " ").replace("\t", " ")
+    return None
+
+
+def _dataset_files(root: Path) -> tuple[Path, list[str]]:
+    if root.is_file():
+        return root.parent.resolve(), list(file_list(root).files)
+    check_readable_dir(root, "dataset root")
+    files = sorted(
+        os.path.join(dirpath, name) for dirpath, _, names in os.walk(root.resolve()) for name in names if is_image_file(name)
+    )
+    if not files:
+        raise ValueError(f"dataset root {str(root)!r} has no images")
+    return root.resolve(), files
+
+
+def scan_dataset(
+    root: str | os.PathLike, workers: int = 4, *, out: str | os.PathLike | None = None, progress: bool = True
+) -> ScanResult:
+    """Decode every image under ``root`` (ImageFolder tree, or a file list) with ``workers``
+    threads; if ``out`` is given, write the exclusion list there (``path<TAB>reason`` lines)."""
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    base, files = _dataset_files(Path(root))
+    with ThreadPoolExecutor(workers) as pool:
+        reasons = list(tqdm(pool.map(check_image, files), total=len(files), desc="scan", unit="img", disable=not progress))
+    bad = tuple(sorted((os.path.relpath(f, base), r) for f, r in zip(files, reasons) if r is not None))
+    result = ScanResult(str(base), len(files), bad)
+    if out is not None:
+        write_exclusions(result, out)
+    return result
+
+
+def write_exclusions(result: ScanResult, out: str | os.PathLike) -> Path:
+    """Write ``result.bad`` as an exclusion list (atomically); returns its path."""
+    out = Path(out)
+    lines = [f"# fastkd data scan {result.root}: {len(result.bad)} of {result.checked} files undecodable"]
+    lines += [f"{path}\t{reason}" for path, reason in result.bad]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out)
+    return out

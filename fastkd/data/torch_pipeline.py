@@ -1,0 +1,158 @@
+"""The plain PyTorch implementation of the view recipes: a ``DataLoader`` whose workers decode
+with PIL and apply torchvision transforms built from the same :class:`ViewSpec` s as the DALI
+pipeline. It is the fallback where DALI is not installed and the benchmark's baseline.
+
+Augmentations are a pure function of ``(seed, epoch, index)``: each sample seeds its own torch
+RNG, so results do not depend on the number of workers or on which epochs ran before.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image, ImageFilter
+from torchvision import transforms as T
+
+from .batch import Batch
+from .datasets import ImageList
+from .recipes import IMAGENET_MEAN, IMAGENET_STD, Recipe, ViewSpec
+from .sharding import num_batches, shard_batches
+
+_INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+
+
+class GaussianBlurPIL:
+    """PIL ``GaussianBlur(radius=sigma)`` with ``sigma ~ U(sigma_min, sigma_max)`` (MoCo v3's blur)."""
+
+    def __init__(self, sigma: tuple[float, float]):
+        self.sigma = sigma
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        low, high = self.sigma
+        return image.filter(ImageFilter.GaussianBlur(radius=low + (high - low) * torch.rand(()).item()))
+
+
+def view_transform(spec: ViewSpec) -> T.Compose:
+    """torchvision transform equal to ``spec`` (PIL RGB image -> normalised float ``[3, H, W]``)."""
+    interpolation = _INTERPOLATION[spec.interpolation]
+    if spec.scale is None:
+        steps = [T.Resize(spec.resize, interpolation=interpolation), T.CenterCrop(spec.size)]
+    else:
+        steps = [T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, interpolation=interpolation)]
+    if spec.jitter is not None and spec.jitter.p > 0:
+        j = spec.jitter
+        steps.append(T.RandomApply([T.ColorJitter(j.brightness, j.contrast, j.saturation, j.hue)], p=j.p))
+    if spec.grayscale_p > 0:
+        steps.append(T.RandomGrayscale(p=spec.grayscale_p))
+    if spec.blur_p > 0:
+        steps.append(T.RandomApply([GaussianBlurPIL(spec.blur_sigma)], p=spec.blur_p))
+    if spec.solarize_p > 0:
+        steps.append(T.RandomSolarize(128, p=spec.solarize_p))
+    if spec.flip_p > 0:
+        steps.append(T.RandomHorizontalFlip(p=spec.flip_p))
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(steps)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The torch seed of one sample's augmentations."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Item ``(epoch, i)`` -> ``(views, label, i)`` with every view of ``recipe`` of image ``i``."""
+
+    def __init__(self, images: ImageList, recipe: Recipe, seed: int):
+        self.images = images
+        self.transforms = [view_transform(spec) for spec in recipe.views]
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item: tuple[int, int]):
+        epoch, index = item
+        path = self.images.files[index]
+        try:
+            with Image.open(path) as file:
+                image = file.convert("RGB")
+        except Exception as error:  # noqa: BLE001 - any decoder failure is reported with its file
+            raise RuntimeError(
+                f"cannot decode image {path!r} ({type(error).__name__}: {error}); "
+                "run `fastkd data scan` and pass its exclusion list as exclude="
+            ) from error
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            views = [transform(image) for transform in self.transforms]
+        return views, self.images.labels[index], index
+
+
+class _EpochBatches:
+    """Batch sampler yielding ``(epoch, index)`` items of the current epoch's shard."""
+
+    def __init__(self, num_samples: int, batch_size: int, shard: dict):
+        self.num_samples, self.batch_size, self.shard, self.epoch = num_samples, batch_size, shard, 0
+
+    def __iter__(self):
+        for batch in shard_batches(self.num_samples, self.batch_size, epoch=self.epoch, **self.shard):
+            yield [(self.epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        shard = self.shard
+        return num_batches(
+            self.num_samples, self.batch_size, world_size=shard["world_size"], rank=shard["rank"],
+            drop_last=shard["drop_last"],
+        )
+
+
+def _collate(items) -> Batch:
+    views = [torch.stack([item[0][v] for item in items]) for v in range(len(items[0][0]))]
+    labels = torch.tensor([item[1] for item in items], dtype=torch.int64)
+    indices = torch.tensor([item[2] for item in items], dtype=torch.int64)
+    return Batch(views, labels, indices)
+
+
+class TorchViewLoader:
+    """Iterable of :class:`Batch` over ``rank``'s shard, on ``device`` (see ``build_loader``)."""
+
+    def __init__(
+        self,
+        images: ImageList,
+        recipe: Recipe,
+        *,
+        batch_size: int,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        num_workers: int,
+    ):
+        self.device = device
+        shard = dict(rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, drop_last=drop_last)
+        self._batches = _EpochBatches(len(images), batch_size, shard)
+        self._loader = torch.utils.data.DataLoader(
+            ViewDataset(images, recipe, seed),
+            batch_sampler=self._batches,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self._batches.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self):
+        for batch in self._loader:
+            if self.device.type == "cpu":
+                yield batch
+            else:
+                yield Batch(
+                    [v.to(self.device, non_blocking=True) for v in batch.views],
+                    batch.labels.to(self.device, non_blocking=True),
+                    batch.indices.to(self.device, non_blocking=True),
+                )
