@@ -26,12 +26,14 @@ test: venv pytest ctest kernel-check
 pytest: venv
 	$(PY) -m pytest -q tests
 
+# find_package(Torch) of a CUDA torch needs the toolkit's real folder (not the nvcc wrapper's).
 ctest: venv
-	cmake -S . -B build/cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+	$(VENV)/bin/cmake -S . -B build/cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
 		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
-		-DPython3_EXECUTABLE=$(abspath $(PY))
-	cmake --build build/cmake
-	cd build/cmake && ctest --output-on-failure
+		-DPython3_EXECUTABLE=$(abspath $(PY)) \
+		$(if $(CUDA_HOME),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) -DCUDAToolkit_ROOT=$(CUDA_HOME))
+	$(VENV)/bin/cmake --build build/cmake
+	cd build/cmake && $(abspath $(VENV))/bin/ctest --output-on-failure
 
 kernel-check: venv
 	$(PY) -m fastkd.kernels.check
@@ -42,6 +44,8 @@ demo: venv
 bench: venv
 	$(PY) -m fastkd.benchmarks.bench_ema
 	$(PY) -m fastkd.benchmarks.bench_data
+	$(PY) -m fastkd.benchmarks.bench_backbone
+	$(PY) -m fastkd.benchmarks.bench_token_relation
 
 clean:
 	rm -rf build $(VENV) fastkd/_C*.so *.egg-info

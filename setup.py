@@ -32,6 +32,25 @@ def _cuda_requested(torch, cuda_home):
     return torch.version.cuda is not None and cuda_home is not None
 
 
+# Compiler flags per CPU vector ISA of the at::vec kernels (same table as CMakeLists.txt).
+CPU_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "DEFAULT": [],
+}
+
+
+def _cpu_isa(torch):
+    """``FASTKD_CPU_ISA`` if set, else the best ISA torch dispatches to on this (build) machine."""
+    isa = os.environ.get("FASTKD_CPU_ISA") or torch.backends.cpu.get_cpu_capability()
+    isa = isa.upper()
+    if isa not in CPU_ISA_FLAGS:
+        if "FASTKD_CPU_ISA" in os.environ:
+            raise ValueError(f"FASTKD_CPU_ISA must be one of {sorted(CPU_ISA_FLAGS)}, got {isa!r}")
+        isa = "DEFAULT"
+    return isa
+
+
 def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
@@ -41,7 +60,10 @@ def _extensions():
     if not cpp_sources:
         return []
     with_cuda = bool(cuda_sources) and _cuda_requested(torch, CUDA_HOME)
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    isa = _cpu_isa(torch)
+    # the ISA macros select at::vec's implementation; host C++ only (nvcc never sees them)
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", *CPU_ISA_FLAGS[isa], f"-DCPU_CAPABILITY={isa}",
+                 f"-DCPU_CAPABILITY_{isa}"]
     macros = [("FASTKD_VERSION", f'"{VERSION}"')]
     if with_cuda:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -51,7 +73,7 @@ def _extensions():
                 "fastkd._C",
                 cpp_sources + cuda_sources,
                 define_macros=macros,
-                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++20"]},
                 extra_link_args=["-fopenmp"],
             )
         ]

@@ -36,7 +36,7 @@ def time_fn(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, device
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     samples.sort()
-    q = statistics.quantiles(samples, n=10) if len(samples) >= 2 else [samples[0]] * 9
+    q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) >= 2 else [samples[0]] * 9
     return {"median_ms": statistics.median(samples), "p10_ms": q[0], "p90_ms": q[-1], "repeats": repeats}
 
 

@@ -1,1 +1,28 @@
 """timm-based backbones with pluggable attention, the masked encoder, heads and teacher loaders."""
+
+from fastkd.models.backbone import Backbone, Features, build_backbone
+from fastkd.models.checkpoints import CheckpointError, load_teacher, save_backbone
+from fastkd.models.dino_head import DINOHead
+from fastkd.models.mae_decoder import MAEDecoder, masked_pixel_loss, patchify
+from fastkd.models.moco_heads import MoCoPredictor, MoCoProjector, convert_sync_batchnorm
+from fastkd.models.projectors import LinearProjector, MLPProjector
+from fastkd.models.thead import THead
+
+__all__ = [
+    "Backbone",
+    "CheckpointError",
+    "DINOHead",
+    "Features",
+    "LinearProjector",
+    "MAEDecoder",
+    "MLPProjector",
+    "MoCoPredictor",
+    "MoCoProjector",
+    "THead",
+    "build_backbone",
+    "convert_sync_batchnorm",
+    "load_teacher",
+    "masked_pixel_loss",
+    "patchify",
+    "save_backbone",
+]

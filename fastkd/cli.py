@@ -1,0 +1,189 @@
+"""The ``fastkd`` command.
+
+    fastkd pretrain CONFIG [key=value ...] [--resume]     teacher pre-training (mocov3, mae, resmoco)
+    fastkd distill  CONFIG [key=value ...] [--resume]     distillation (moma, hybrid_distill, mokd)
+    fastkd eval knn|linear MODEL --train DIR --val DIR    k-NN / linear probe of a saved model
+    fastkd bench NAME [ARGS ...]                          run fastkd.benchmarks.bench_NAME
+    fastkd data sample|scan ...                           sample dataset, dataset scan
+
+Training commands run unchanged under ``torchrun --nproc_per_node N -m fastkd.cli ...`` (or the
+``fastkd`` script). Exit codes: 0 success (also after a SIGTERM/SIGINT checkpoint), 1 a run
+stopped by non-finite losses, 2 a usage or configuration error (``FASTKD_TRACEBACK=1`` shows the
+traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import pkgutil
+import sys
+from pathlib import Path
+
+PRETRAIN_METHODS = ("mocov3", "mae", "resmoco")
+DISTILL_METHODS = ("moma", "hybrid_distill", "mokd")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fastkd.config import load_config
+    from fastkd.runner import train_from_config
+    from fastkd.train.trainer import NonFiniteLossError
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    config = load_config(args.config, overrides)
+    wrong = DISTILL_METHODS if args.command == "pretrain" else PRETRAIN_METHODS
+    if config.method_name in wrong:
+        other = "distill" if args.command == "pretrain" else "pretrain"
+        raise ValueError(f"method {config.method_name!r} is run with `fastkd {other}`, not `fastkd {args.command}`")
+    try:
+        result = train_from_config(config, resume=args.resume)
+    except NonFiniteLossError as error:
+        print(f"fastkd {args.command}: {error}", file=sys.stderr)
+        return 1
+    state = "preempted" if result.preempted else "finished"
+    if os.environ.get("RANK", "0") == "0":  # torchrun: report once
+        print(f"fastkd {args.command}: {state} at step {result.step}/{result.total_steps} "
+              f"({result.skipped_steps} skipped); output in {config.train.output_dir}")
+    return 0
+
+
+def _cache_key(args: argparse.Namespace) -> str:
+    """Names cached features after the model file (path, modification time, submodule) and the
+    preprocessing, so a changed checkpoint or crop never reuses stale features."""
+    path = Path(args.model).resolve()
+    stamp = max((p.stat().st_mtime for p in path.rglob("*.pt")), default=0.0) if path.is_dir() else path.stat().st_mtime
+    identity = f"{path}|{stamp}|{args.module}|{args.arch}|{args.image_size}|{args.resize}"
+    return f"{path.stem}-{args.module}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from fastkd.eval import evaluate_knn, evaluate_linear, load_eval_model
+
+    model = load_eval_model(args.model, arch=args.arch, module=args.module, format=args.format, device=args.device)
+    loader_options = dict(image_size=args.image_size, resize=args.resize, batch_size=args.batch_size,
+                          backend=args.backend, num_workers=args.num_workers, device=args.device)
+    cache = dict(cache_dir=args.cache_dir, cache_key=args.cache_key or (_cache_key(args) if args.cache_dir else None))
+    if args.protocol == "knn":
+        result = evaluate_knn(model, args.train, args.val, k=args.k, temperature=args.temperature,
+                              **cache, **loader_options)
+        report = {"protocol": "knn", "model": args.model, "k": result.k, "temperature": result.temperature,
+                  "top1": result.top1, "top5": result.top5}
+    else:
+        result = evaluate_linear(model, args.train, args.val, epochs=args.epochs, lr=args.lr,
+                                 weight_decay=args.weight_decay, probe_batch_size=args.probe_batch_size,
+                                 **cache, **loader_options)
+        report = {"protocol": "linear", "model": args.model, "epochs": args.epochs,
+                  "top1": result.top1, "top5": result.top5, "train_loss": result.train_loss}
+    print(json.dumps(report))
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump(report, handle, indent=2)
+    return 0
+
+
+def benchmark_names() -> list[str]:
+    """Names ``X`` of the modules ``fastkd.benchmarks.bench_X``."""
+    import fastkd.benchmarks as package
+
+    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules(package.__path__) if m.name.startswith("bench_"))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    names = benchmark_names()
+    if args.name is None or args.name == "list":
+        print("benchmarks: " + ", ".join(names))
+        return 0
+    if args.name not in names:
+        raise ValueError(f"unknown benchmark {args.name!r}; available: {', '.join(names)}")
+    module = importlib.import_module(f"fastkd.benchmarks.bench_{args.name}")
+    result = module.main(list(args.args))
+    return result if isinstance(result, int) else 0
+
+
+def _add_train_command(subparsers, name: str, methods: tuple[str, ...], text: str) -> None:
+    parser = subparsers.add_parser(
+        name, help=text, description=f"{text} ({', '.join(methods)}). Runs unchanged under torchrun.",
+        epilog="overrides: dotted keys of the config, e.g. optim.blr=1.5e-4 train.epochs=10 method.mask_ratio=0.75",
+    )
+    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest readable checkpoint in <train.output_dir>/checkpoints")
+    parser.add_argument("--output-dir", help="shortcut for train.output_dir=DIR")
+    parser.set_defaults(func=_train)
+
+
+def _add_eval_command(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="k-NN or linear-probe evaluation of a saved model",
+                                   description="Evaluate frozen features of a saved student or teacher.")
+    protocols = parser.add_subparsers(dest="protocol", required=True)
+    for protocol, text in (("knn", "weighted k-NN (cosine, chunked)"), ("linear", "linear probe on cached features")):
+        sub = protocols.add_parser(protocol, help=text, description=f"{text} on ImageFolder splits.")
+        sub.add_argument("model", help="run directory, training checkpoint, student.pt, or an official "
+                                       "MoCo v3 / MAE / timm checkpoint (with --arch)")
+        sub.add_argument("--train", required=True, help="ImageFolder of the memory bank / probe training set")
+        sub.add_argument("--val", required=True, help="ImageFolder of the evaluated images")
+        sub.add_argument("--arch", help="timm architecture (official checkpoints only)")
+        sub.add_argument("--format", default="auto", choices=("auto", "mocov3", "mae", "timm", "fastkd"))
+        sub.add_argument("--module", default="student",
+                         help="dotted submodule of the method to evaluate (training checkpoints; default student)")
+        sub.add_argument("--image-size", type=int, default=224, help="centre-crop size (default 224)")
+        sub.add_argument("--resize", type=int, help="shorter-side resize (default image_size * 256/224)")
+        sub.add_argument("--batch-size", type=int, default=64)
+        sub.add_argument("--backend", default="auto", choices=("auto", "dali", "dali_cpu", "torch"))
+        sub.add_argument("--num-workers", type=int, default=2)
+        sub.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+        sub.add_argument("--cache-dir", help="cache the extracted features here")
+        sub.add_argument("--cache-key", help="cache file prefix (default: derived from the model file, its "
+                                             "modification time, --module and the crop)")
+        sub.add_argument("--output", help="also write the result as JSON to this file")
+        if protocol == "knn":
+            sub.add_argument("--k", type=int, default=20)
+            sub.add_argument("--temperature", type=float, default=0.07)
+        else:
+            sub.add_argument("--epochs", type=int, default=100)
+            sub.add_argument("--lr", type=float, default=0.1)
+            sub.add_argument("--weight-decay", type=float, default=0.0)
+            sub.add_argument("--probe-batch-size", type=int, default=256)
+        sub.set_defaults(func=_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastkd import __version__
+    from fastkd.data.commands import register as register_data_commands
+
+    parser = argparse.ArgumentParser(prog="fastkd", description="Kernel-backed self-supervised knowledge "
+                                     "distillation of vision models.")
+    parser.add_argument("--version", action="version", version=f"fastkd {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_command(subparsers, "pretrain", PRETRAIN_METHODS, "pre-train a teacher")
+    _add_train_command(subparsers, "distill", DISTILL_METHODS, "distill a student from teachers")
+    _add_eval_command(subparsers)
+    bench = subparsers.add_parser("bench", help="run a benchmark (fastkd bench list)",
+                                  description="Run fastkd.benchmarks.bench_NAME.main(ARGS); `fastkd bench list` "
+                                              "lists them. Common ARGS: --quick, --device cpu|cuda.")
+    bench.add_argument("name", nargs="?", help="benchmark name, or 'list'")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    bench.set_defaults(func=_bench)
+    register_data_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError) as error:
+        if os.environ.get("FASTKD_TRACEBACK") == "1":
+            raise
+        parser.exit(2, f"fastkd {args.command}: error: {error}\n(set FASTKD_TRACEBACK=1 for the traceback)\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Run configuration: a YAML file (read with ``yaml.safe_load``) validated against a dataclass
+schema, plus ``key=value`` overrides with dotted keys.
+
+Schema (top level)::
+
+    method: {name: <registered method>, ...the method's own config keys...}
+    data:   DataConfig      (source, batch_size per rank, backend, num_workers, recipe options)
+    optim:  OptimConfig     (fastkd.train.options)
+    train:  TrainConfig     (fastkd.train.options)
+
+Unknown keys are errors naming the key and the nearest valid one (``difflib``). Keys inside
+``method`` are checked by the method's own config dataclass in ``fastkd.methods.build_method``.
+Override values are parsed as YAML (``optim.lr=3e-4``, ``train.compile=true``,
+``optim.betas=[0.9,0.95]``); numbers written like ``1e-3`` (a string to YAML 1.1) are accepted
+wherever the schema expects a float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fastkd.train.options import OptimConfig, TrainConfig
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    """``source``: ImageFolder root or file list; ``batch_size``: images per rank per
+    micro-batch; ``recipe``: view recipe (default: the method's ``recipe``); ``exclude``: an
+    exclusion list from ``fastkd data scan``; ``recipe_options``: extra keyword arguments of
+    ``fastkd.data.build_loader`` (recipe overrides such as the number of local crops)."""
+
+    source: str = ""
+    batch_size: int = 64
+    backend: str = "auto"
+    num_workers: int = 2
+    recipe: str | None = None
+    exclude: str | None = None
+    drop_last: bool = True
+    recipe_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.source, str):
+            raise ConfigError(f"data.source must be a path string, got {self.source!r}")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be an int >= 1, got {self.batch_size!r}")
+        if self.backend not in ("auto", "dali", "torch"):
+            raise ConfigError(f"data.backend must be 'auto', 'dali' or 'torch', got {self.backend!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be an int >= 0, got {self.num_workers!r}")
+        if not isinstance(self.drop_last, bool):
+            raise ConfigError(f"data.drop_last must be true or false, got {self.drop_last!r}")
+        if not isinstance(self.recipe_options, dict):
+            raise ConfigError(f"data.recipe_options must be a mapping, got {self.recipe_options!r}")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: ``method`` (a dict with ``name``), ``data``, ``optim``, ``train``."""
+
+    method: dict
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def method_name(self) -> str:
+        return self.method["name"]
+
+    @property
+    def method_config(self) -> dict:
+        """The method's own keys (everything in ``method`` but ``name``)."""
+        return {k: v for k, v in self.method.items() if k != "name"}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{where}{near[0]}'?" if near else ""
+    return ConfigError(f"unknown config key '{where}{key}'{hint} (valid keys: {', '.join(sorted(valid))})")
+
+
+def _coerce(value, annotation):
+    """Turn a YAML 1.1 string such as ``'1e-3'`` into a float (and an int into a float) where the
+    schema expects a float; everything else is returned as is."""
+    if annotation is float or (isinstance(annotation, types.UnionType) and float in typing.get_args(annotation)):
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
+            return float(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+    return value
+
+
+def build_dataclass(cls, mapping, where: str = ""):
+    """Instantiate dataclass ``cls`` from ``mapping``; an unknown key raises :class:`ConfigError`
+    naming it (prefixed by ``where``, e.g. ``"optim."``) and the nearest valid key."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"cls must be a dataclass, got {cls!r}")
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(mapping).__name__}: {mapping!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in mapping:
+        if key not in valid:
+            raise _unknown_key_error(str(key), valid, where)
+    try:
+        return cls(**{key: _coerce(value, hints[key]) for key, value in mapping.items()})
+    except TypeError as error:
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: {error}") from None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``"a.b.c=value"`` -> ``(["a", "b", "c"], yaml value)``."""
+    if not isinstance(text, str) or "=" not in text:
+        raise ConfigError(f"override must look like key=value (dotted keys allowed), got {text!r}")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override key {key!r} has an empty component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of the nested dict ``raw`` with every ``key=value`` override set."""
+    out = _deep_copy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[:depth + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(value):
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    """Validate a nested dict against the schema."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(raw).__name__}")
+    valid = [f.name for f in dataclasses.fields(RunConfig)]
+    for key in raw:
+        if key not in valid:
+            raise _unknown_key_error(str(key), valid, "")
+    method = raw.get("method")
+    if isinstance(method, str):
+        method = {"name": method}
+    if not isinstance(method, dict) or not isinstance(method.get("name"), str):
+        raise ConfigError(f"config key 'method' must be a mapping with a 'name' (a registered method), got {method!r}")
+    return RunConfig(
+        method=method,
+        data=build_dataclass(DataConfig, raw.get("data"), "data."),
+        optim=build_dataclass(OptimConfig, raw.get("optim"), "optim."),
+        train=build_dataclass(TrainConfig, raw.get("train"), "train."),
+    )
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """Read the YAML file ``path`` (safe loader), apply ``overrides`` and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return config_from_dict(apply_overrides(raw, list(overrides)))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

@@ -1,0 +1,62 @@
+"""k-NN and linear-probe evaluation of a model on two ImageFolder splits (train = the memory
+bank / probe training set, val = the images scored), through ``fastkd.data.build_loader(...,
+"eval")`` (resize ``resize``, centre crop ``image_size``). Features can be cached in ``cache_dir``
+under ``<cache_key>-<split>.pt`` so a linear probe after a k-NN run re-uses them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastkd.eval.features import FeatureSet, cached_features, extract_features
+from fastkd.eval.knn import KNNResult, knn_classify
+from fastkd.eval.linear_probe import LinearProbeResult, train_linear_probe
+
+
+def split_features(model: nn.Module, source, *, image_size: int = 224, resize: int | None = None,
+                   batch_size: int = 64, backend: str = "auto", num_workers: int = 2,
+                   device: str | torch.device = "cpu", cache: str | os.PathLike | None = None) -> FeatureSet:
+    """Features of every image of the ImageFolder / file list ``source`` (cached at ``cache``)."""
+    from fastkd.data import build_loader
+
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    resize = resize if resize is not None else round(image_size * 256 / 224)
+
+    def compute() -> FeatureSet:
+        loader = build_loader(source, "eval", batch_size=batch_size, backend=backend, device=str(device),
+                              drop_last=False, num_workers=num_workers, size=image_size, resize=resize)
+        return extract_features(model, loader, device=device)
+
+    return cached_features(cache, compute)
+
+
+def _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options) -> tuple[FeatureSet, FeatureSet]:
+    if cache_dir is not None and not cache_key:
+        raise ValueError("cache_key is required with cache_dir (it names the model whose features are cached)")
+    caches = [None, None] if cache_dir is None else [Path(cache_dir) / f"{cache_key}-{s}.pt" for s in ("train", "val")]
+    return (split_features(model, train_source, cache=caches[0], **loader_options),
+            split_features(model, val_source, cache=caches[1], **loader_options))
+
+
+def evaluate_knn(model: nn.Module, train_source, val_source, *, k: int = 20, temperature: float = 0.07,
+                 cache_dir: str | os.PathLike | None = None, cache_key: str | None = None,
+                 **loader_options) -> KNNResult:
+    """Weighted k-NN accuracy of ``model``'s features (train split as memory bank)."""
+    train, val = _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options)
+    num_classes = int(max(train.labels.max(), val.labels.max())) + 1
+    return knn_classify(train.features, train.labels, val.features, val.labels, num_classes=num_classes,
+                        k=k, temperature=temperature)
+
+
+def evaluate_linear(model: nn.Module, train_source, val_source, *, epochs: int = 100, lr: float = 0.1,
+                    weight_decay: float = 0.0, probe_batch_size: int = 256,
+                    cache_dir: str | os.PathLike | None = None, cache_key: str | None = None,
+                    **loader_options) -> LinearProbeResult:
+    """Linear-probe accuracy of ``model``'s frozen features."""
+    train, val = _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options)
+    return train_linear_probe(train.features, train.labels, val.features, val.labels, epochs=epochs, lr=lr,
+                              weight_decay=weight_decay, batch_size=probe_batch_size)

@@ -1,0 +1,81 @@
+"""Frozen-feature extraction for evaluation, with an on-disk cache.
+
+``extract_features(model, loader)`` runs ``model(batch.views[0])`` (a backbone's global feature
+``[B, D]``: CLS after the final norm for ViTs, pooled for ResNets) over every batch under
+``torch.no_grad`` in eval mode and returns the features in dataset-index order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastkd.train.checkpoint import atomic_save
+
+
+@dataclass
+class FeatureSet:
+    """``features`` ``[N, D]`` float32 on CPU, ``labels`` ``[N]`` int64, ``indices`` ``[N]``
+    (dataset indices, ascending)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+    def state_dict(self) -> dict:
+        return {"features": self.features, "labels": self.labels, "indices": self.indices}
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, loader, *, device: str | torch.device | None = None,
+                     autocast_dtype: torch.dtype | None = None) -> FeatureSet:
+    """Features of every image the loader yields (one pass, ``model.eval()``; the mode is restored)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not hasattr(loader, "__iter__"):
+        raise TypeError(f"loader must be iterable, got {type(loader).__name__}")
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    features, labels, indices = [], [], []
+    try:
+        for batch in loader:
+            images = batch.views[0].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                output = model(images)
+            if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != images.shape[0]:
+                raise ValueError(f"model(images) must return features [B, D] for images "
+                                 f"{tuple(images.shape)}, got {type(output).__name__} "
+                                 f"{tuple(getattr(output, 'shape', ()))}")
+            features.append(output.float().cpu())
+            labels.append(batch.labels.cpu().long())
+            indices.append(batch.indices.cpu().long())
+    finally:
+        model.train(was_training)
+    if not features:
+        raise ValueError("the loader yielded no batch: nothing to evaluate")
+    index = torch.cat(indices)
+    order = index.argsort()
+    return FeatureSet(torch.cat(features)[order], torch.cat(labels)[order], index[order])
+
+
+def cached_features(cache: str | os.PathLike | None, compute) -> FeatureSet:
+    """``compute()`` (a callable returning a :class:`FeatureSet`), stored at ``cache``; a later
+    call with the same path loads the file instead. ``cache=None`` always computes."""
+    if cache is None:
+        return compute()
+    cache = Path(cache)
+    if cache.is_file():
+        state = torch.load(cache, map_location="cpu", weights_only=True)
+        return FeatureSet(state["features"], state["labels"], state["indices"])
+    result = compute()
+    if not isinstance(result, FeatureSet):
+        raise TypeError(f"compute() must return a FeatureSet, got {type(result).__name__}")
+    atomic_save(result.state_dict(), cache)
+    return result

@@ -1,0 +1,88 @@
+"""Weighted k-nearest-neighbour classification of frozen features (the DINO / InstDisc protocol).
+
+With l2-normalised train features ``F`` ``[N, D]``, labels ``y`` and a test feature ``f``::
+
+    s = F @ f                                   (cosine similarities)
+    (s_k, i_k) = topk(s, k)
+    votes[c] = sum_k exp(s_k / T) * [y[i_k] == c]
+    prediction = argmax_c votes[c]
+
+Test rows are processed in chunks of ``chunk_size`` so at most ``chunk_size x N`` similarities
+exist at once; by default ``chunk_size = max(1, MAX_SIMILARITIES // N)`` (256 MiB of fp32
+similarities: 52 test rows against ImageNet's 1.28M train features).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastkd.eval._checks import check_features
+
+MAX_SIMILARITIES = 2**26
+
+
+@dataclass
+class KNNResult:
+    """``top1`` / ``top5`` accuracy in percent, ``predictions`` ``[M]`` (top-1 class per test row)."""
+
+    top1: float
+    top5: float
+    predictions: torch.Tensor
+    k: int
+    temperature: float
+
+
+@torch.no_grad()
+def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor | None = None, *, num_classes: int | None = None, k: int = 20,
+                 temperature: float = 0.07, chunk_size: int | None = None) -> KNNResult:
+    """Weighted k-NN predictions (and accuracies when ``test_labels`` is given; else NaN).
+    ``num_classes`` defaults to ``max(train_labels) + 1``; ``k`` is capped at the train size."""
+    check_features("train_features", train_features, "train_labels", train_labels)
+    check_features("test_features", test_features, "test_labels", test_labels)
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"train_features and test_features differ in width: {train_features.shape[1]} vs "
+                         f"{test_features.shape[1]}")
+    if train_features.shape[0] == 0:
+        raise ValueError("train_features is empty")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if chunk_size is None:
+        chunk_size = max(1, MAX_SIMILARITIES // train_features.shape[0])
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if train_labels.min() < 0:
+        raise ValueError(f"train_labels must be >= 0, got min {int(train_labels.min())}")
+    if num_classes is None:
+        num_classes = int(train_labels.max()) + 1
+    elif not isinstance(num_classes, int) or num_classes <= int(train_labels.max()):
+        raise ValueError(f"num_classes must be an int > max(train_labels)={int(train_labels.max())}, got {num_classes!r}")
+    k = min(k, train_features.shape[0])
+    bank = F.normalize(train_features.float(), dim=1)
+    test_labels_dev = None if test_labels is None else test_labels.to(bank.device)
+    top1 = top5 = 0
+    predictions = []
+    for start in range(0, test_features.shape[0], chunk_size):
+        queries = F.normalize(test_features[start:start + chunk_size].float().to(bank.device), dim=1)
+        similarity, index = (queries @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(queries.shape[0], num_classes, device=bank.device)
+        votes.scatter_add_(1, train_labels.to(bank.device)[index], (similarity / temperature).exp())
+        ranked = votes.topk(min(5, num_classes), dim=1).indices
+        predictions.append(ranked[:, 0])
+        if test_labels_dev is not None:
+            truth = test_labels_dev[start:start + chunk_size, None]
+            top1 += int((ranked[:, :1] == truth).sum())
+            top5 += int((ranked == truth).any(dim=1).sum())
+    count = test_features.shape[0]
+    labelled = test_labels is not None and count > 0
+    return KNNResult(
+        top1=100.0 * top1 / count if labelled else float("nan"),
+        top5=100.0 * top5 / count if labelled else float("nan"),
+        predictions=torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.int64),
+        k=k, temperature=float(temperature),
+    )

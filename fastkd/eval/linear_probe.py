@@ -1,0 +1,87 @@
+"""Linear probe on frozen, cached features.
+
+Features are standardised with the training set's per-dimension mean and std (what MAE's probe
+does with a BatchNorm without affine in front of the classifier), then a linear classifier
+``logits = ((x - mean) / std) @ W^T + b`` is trained with SGD (momentum 0.9, cosine lr) on the
+cross-entropy ``CE(logits, y)``. The features are tensors in memory, so an epoch is a few matrix
+products, not a pass through the backbone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastkd.eval._checks import check_features
+
+
+@dataclass
+class LinearProbeResult:
+    """``top1`` / ``top5`` accuracy (percent) on the evaluation features, the trained
+    ``classifier`` (standardisation folded into its weights) and the last epoch's mean train loss."""
+
+    top1: float
+    top5: float
+    classifier: nn.Linear
+    train_loss: float
+
+
+def train_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                       test_labels: torch.Tensor, *, num_classes: int | None = None, epochs: int = 100,
+                       lr: float = 0.1, weight_decay: float = 0.0, batch_size: int = 256,
+                       seed: int = 0) -> LinearProbeResult:
+    """Train a linear classifier on ``train_features`` and report accuracy on ``test_features``."""
+    check_features("train_features", train_features, "train_labels", train_labels)
+    check_features("test_features", test_features, "test_labels", test_labels)
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"train_features and test_features differ in width: {train_features.shape[1]} vs "
+                         f"{test_features.shape[1]}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    elif not isinstance(num_classes, int) or num_classes <= int(train_labels.max()):
+        raise ValueError(f"num_classes must be an int > max(train_labels)={int(train_labels.max())}, got {num_classes!r}")
+    x = train_features.float()
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    x = (x - mean) / std
+    generator = torch.Generator().manual_seed(seed)
+    classifier = nn.Linear(x.shape[1], num_classes)
+    with torch.no_grad():
+        classifier.weight.normal_(0, 0.01, generator=generator)
+        classifier.bias.zero_()
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(x.shape[0] / batch_size)
+    total, step, epoch_loss = epochs * steps_per_epoch, 0, math.nan
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=generator)
+        losses = []
+        for start in range(0, x.shape[0], batch_size):
+            index = order[start:start + batch_size]
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(classifier(x[index]), train_labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            step += 1
+        epoch_loss = float(torch.stack(losses).mean())
+    with torch.no_grad():
+        folded = nn.Linear(x.shape[1], num_classes)
+        folded.weight.copy_(classifier.weight / std)
+        folded.bias.copy_(classifier.bias - (classifier.weight * (mean / std)).sum(1))
+        ranked = folded(test_features.float()).topk(min(5, num_classes), dim=1).indices
+        truth = test_labels[:, None]
+        count = max(1, test_features.shape[0])
+        top1 = 100.0 * float((ranked[:, :1] == truth).sum()) / count
+        top5 = 100.0 * float((ranked == truth).any(dim=1).sum()) / count
+    return LinearProbeResult(top1=top1, top5=top5, classifier=folded.requires_grad_(False), train_loss=epoch_loss)

@@ -1,0 +1,77 @@
+"""Load any saved student or teacher as a frozen feature extractor.
+
+``load_eval_model(path)`` accepts:
+
+- a training run directory or a training checkpoint (``checkpoint_<step>.pt``, written by
+  :class:`fastkd.train.trainer.Trainer`): the method is rebuilt from the config stored in the
+  checkpoint, its state loaded, and the submodule ``module`` (dotted path, default ``student``)
+  returned;
+- a backbone file in fastkd's format (``student.pt`` written at the end of a run by
+  :func:`fastkd.models.save_backbone`): its architecture is read from the file;
+- an official MoCo v3 / MAE checkpoint or a timm state dict: needs ``arch`` (see
+  :func:`fastkd.models.load_teacher`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastkd.train.checkpoint import CheckpointManager
+from fastkd.train.trainer import CHECKPOINT_FORMAT
+
+
+def _submodule(root: nn.Module, dotted: str) -> nn.Module:
+    module = root
+    for part in dotted.split("."):
+        if not hasattr(module, part):
+            children = sorted(name for name, _ in module.named_children())
+            raise ValueError(f"module path {dotted!r}: {type(module).__name__} has no attribute {part!r} "
+                             f"(children: {', '.join(children)})")
+        module = getattr(module, part)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"module path {dotted!r} names a {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def _from_training_checkpoint(state: dict, module: str) -> nn.Module:
+    from fastkd.config import config_from_dict
+    from fastkd.methods import build_method
+
+    config = config_from_dict(state["config"])
+    method = build_method(config.method_name, config.method_config)
+    method.load_state_dict(state["method"])
+    return _submodule(method, module)
+
+
+def load_eval_model(path: str | os.PathLike, *, arch: str | None = None, module: str = "student",
+                    format: str = "auto", device: str | torch.device = "cpu", **timm_kwargs) -> nn.Module:
+    """The frozen (eval mode, no grad) model saved at ``path``, on ``device``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        run_checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        loaded = CheckpointManager(run_checkpoints).load_latest()
+        if loaded is None:
+            raise ValueError(f"{str(path)!r} is a directory without training checkpoints")
+        model = _from_training_checkpoint(loaded[0], module)
+    elif not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+            model = _from_training_checkpoint(state, module)
+        else:
+            from fastkd.models import load_teacher
+
+            if isinstance(state, dict) and state.get("format") == "fastkd" and arch is None:
+                arch = state.get("arch")
+            if arch is None:
+                raise ValueError(f"{str(path)!r} is not a fastkd checkpoint: give arch (the timm architecture) "
+                                 "to load it as a MoCo v3 / MAE / timm checkpoint")
+            model = load_teacher(arch, path, format=format, **timm_kwargs)
+    return model.to(device).eval().requires_grad_(False)

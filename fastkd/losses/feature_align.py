@@ -1,0 +1,80 @@
+"""``FeatureAlignLoss``: regress student features onto normalised teacher features (MOMA, Hybrid
+Distill, Residual Momentum), on the fused ``fastkd.ops.feature_align`` op."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastkd.ops.feature_align import LOSSES, TARGET_NORMS, feature_align
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class FeatureAlignLoss(nn.Module):
+    """``loss_fn(student, teacher, mask=None)`` for ``student``, ``teacher`` ``[..., D]`` and an
+    optional bool or float row mask / weight ``[...]`` (no gradient). Equals::
+
+        y = F.layer_norm(t, (D,), eps=eps)      # target_norm="layernorm" (no affine); "l2":
+                                                # F.normalize(t, dim=-1, eps=eps); "none": t
+        x = F.normalize(s, dim=-1, eps=eps) if student_norm else s
+        l = F.smooth_l1_loss(x, y, beta=beta, reduction="none").mean(-1)    # loss="smooth_l1"
+          | F.mse_loss(x, y, reduction="none").mean(-1)                      # loss="mse"
+          | 1 - (F.normalize(x, eps=eps) * F.normalize(y, eps=eps)).sum(-1) # loss="cosine"
+        w = mask (1 where None)
+        "mean": (w * l).sum() / w.sum()  (0 when w.sum() == 0),  "sum": (w * l).sum(),  "none": w * l
+
+    so without a mask ``"mean"`` equals ``nn.SmoothL1Loss(beta=beta)`` / ``nn.MSELoss()`` applied to
+    ``x`` and ``y``. The teacher never receives a gradient. The result is float32 (float64 for
+    float64 inputs)."""
+
+    def __init__(
+        self,
+        target_norm: str = "layernorm",
+        student_norm: bool = False,
+        loss: str = "smooth_l1",
+        beta: float = 2.0,
+        reduction: str = "mean",
+        eps: float = 1e-6,
+    ):
+        super().__init__()
+        if target_norm not in TARGET_NORMS:
+            raise ValueError(f"target_norm must be one of {TARGET_NORMS}, got {target_norm!r}")
+        if not isinstance(student_norm, bool):
+            raise TypeError(f"student_norm must be a bool, got {type(student_norm).__name__}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+            raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be a number > 0, got {eps!r}")
+        self.target_norm = target_norm
+        self.student_norm = student_norm
+        self.loss = loss
+        self.beta = float(beta)
+        self.reduction = reduction
+        self.eps = float(eps)
+
+    def extra_repr(self) -> str:
+        return (f"target_norm={self.target_norm!r}, student_norm={self.student_norm}, loss={self.loss!r}, "
+                f"beta={self.beta}, reduction={self.reduction!r}, eps={self.eps}")
+
+    def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.reduction == "mean":
+            # Fold the mean's 1 / sum(w) into the row weights: the op's backward then gets a
+            # gradient of exactly one per row (for a plain loss.backward()) and skips its scaling.
+            if not isinstance(student, Tensor):
+                raise TypeError(f"student must be a torch.Tensor, got {type(student).__name__}")
+            if mask is None:
+                rows = student.shape[:-1]
+                mask = torch.full(rows, 1.0 / max(1, rows.numel()), dtype=torch.float32, device=student.device)
+            elif isinstance(mask, Tensor):
+                weight = mask.detach().to(torch.float32)
+                mask = weight / weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        rows = feature_align(
+            student, teacher, mask, target_norm=self.target_norm, student_norm=self.student_norm,
+            loss=self.loss, beta=self.beta, eps=self.eps,
+        )
+        return rows if self.reduction == "none" else rows.sum()

@@ -1,0 +1,86 @@
+"""MoCo v3's symmetrised contrastive (InfoNCE) loss with keys gathered from every rank."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _check_pair(q: torch.Tensor, k: torch.Tensor, q_name: str, k_name: str) -> None:
+    for name, t in ((q_name, q), (k_name, k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[0] == 0:
+            raise ValueError(f"{name} must be a non-empty [B, C] tensor, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if q.shape != k.shape:
+        raise ValueError(f"{q_name} and {k_name} must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.device != k.device:
+        raise ValueError(f"{q_name} and {k_name} must be on one device, got {q.device} and {k.device}")
+
+
+def _check_temperature(temperature) -> float:
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    return float(temperature)
+
+
+def gather_keys(k: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, int]:
+    """All ranks' ``k`` concatenated in rank order (no gradient) and this rank's index.
+
+    Without an initialised process group this is ``(k.detach(), 0)``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return k.detach(), 0
+    world = dist.get_world_size(group)
+    if world == 1:
+        return k.detach(), 0
+    parts = [torch.empty_like(k) for _ in range(world)]
+    dist.all_gather(parts, k.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=0), dist.get_rank(group)
+
+
+def infonce(q: torch.Tensor, k: torch.Tensor, temperature: float,
+            group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """One direction of MoCo v3's loss for queries ``q`` and keys ``k`` (both ``[B, C]``)::
+
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        k_all = cat(all_gather(k))                  # [world * B, C], no gradient
+        logits = q @ k_all.T / temperature
+        loss = F.cross_entropy(logits, arange(B) + rank * B) * 2 * temperature
+
+    The keys receive no gradient (they come from the momentum encoder)."""
+    _check_pair(q, k, "q", "k")
+    temperature = _check_temperature(temperature)
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(k.detach().float(), dim=1)
+    k_all, rank = gather_keys(k, group)
+    logits = q @ k_all.t() / temperature
+    labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+    return F.cross_entropy(logits, labels) * (2.0 * temperature)
+
+
+class InfoNCELoss(nn.Module):
+    """MoCo v3's symmetrised contrastive loss.
+
+    ``loss_fn(q1, q2, k1, k2)`` with ``q_v`` the online (predictor) outputs and ``k_v`` the
+    momentum-encoder outputs of view ``v``, all ``[B, C]``, returns
+    ``infonce(q1, k2, T) + infonce(q2, k1, T)`` (see :func:`infonce`): each query's positive is the
+    other view's key of the same image; negatives are every other key of the global batch
+    (keys all-gathered across ranks without gradient, labels ``arange(B) + rank * B``), and each
+    term is scaled by ``2T``. T = 0.2 for ViTs and 1.0 for ResNets in MoCo v3."""
+
+    def __init__(self, temperature: float = 0.2, group: dist.ProcessGroup | None = None):
+        super().__init__()
+        self.temperature = _check_temperature(temperature)
+        self.group = group
+
+    def forward(self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
+        _check_pair(q1, k2, "q1", "k2")
+        _check_pair(q2, k1, "q2", "k1")
+        return infonce(q1, k2, self.temperature, self.group) + infonce(q2, k1, self.temperature, self.group)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"

@@ -1,0 +1,135 @@
+"""What every method shares: config checking, frozen teachers, the loss dict, optimiser groups.
+
+A method is an ``nn.Module`` with ``forward(batch) -> dict`` (``loss`` = the weighted sum of the
+named parts, each part detached for logging), ``after_step(step, total_steps)`` (teacher EMA and
+schedules), ``.student`` (the backbone that is evaluated and saved), ``param_groups(weight_decay)``
+and ``recipe`` (the data recipe it needs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from fastkd.data.batch import Batch
+
+
+def config_from_dict(config_class: type, config: Mapping[str, Any]):
+    """``config_class(**config)``; an unknown key raises ``ValueError`` naming the nearest valid one."""
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    fields = [f.name for f in dataclasses.fields(config_class)]
+    for key in config:
+        if key not in fields:
+            nearest = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {nearest[0]!r}?" if nearest else f"; valid keys: {', '.join(fields)}"
+            raise ValueError(f"unknown {config_class.__name__} key {key!r}{hint}")
+    return config_class(**config)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, integer: bool = False) -> None:
+    """``value`` is a real number (an int when ``integer``) with ``low <= value <= high`` (``low < value``
+    when ``low_open``)."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_str(name: str, value: Any, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{name} must be a non-empty string{' or None' if optional else ''}, got {value!r}")
+
+
+def check_kwargs(name: str, value: Any) -> None:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise TypeError(f"{name} must be a dict of keyword arguments, got {value!r}")
+
+
+def check_progress(step: Any, total_steps: Any) -> None:
+    check_number("total_steps", total_steps, low=1, integer=True)
+    check_number("step", step, low=0, integer=True)
+
+
+def check_batch(batch: Any, min_views: int, method: str) -> list[torch.Tensor]:
+    """The views of ``batch`` (a :class:`Batch`), at least ``min_views`` of them, each ``[B, C, H, W]``."""
+    if not isinstance(batch, Batch):
+        raise TypeError(f"{method} expects a fastkd.data.Batch, got {type(batch).__name__}")
+    views = list(batch.views)
+    if len(views) < min_views:
+        raise ValueError(f"{method} needs at least {min_views} views per batch, got {len(views)}")
+    for i, v in enumerate(views):
+        if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[0] != views[0].shape[0]:
+            raise ValueError(f"batch.views[{i}] must be [B, C, H, W] with the batch size of views[0], "
+                             f"got {tuple(getattr(v, 'shape', ()))}")
+    return views
+
+
+def loss_dict(parts: Mapping[str, torch.Tensor], weights: Mapping[str, float],
+              metrics: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``{"loss": sum(weights[k] * parts[k]), **parts (detached), **metrics (detached)}``."""
+    loss = sum(float(weights[name]) * value for name, value in parts.items())
+    out = {"loss": loss}
+    out.update({name: value.detach() for name, value in parts.items()})
+    out.update({name: torch.as_tensor(value).detach() for name, value in (metrics or {}).items()})
+    return out
+
+
+class Method(nn.Module):
+    """Base class: subclasses set ``recipe`` and ``config_class`` and implement ``forward``,
+    ``after_step`` and the ``student`` property.
+
+    Submodules named in ``frozen_teachers`` (e.g. pretrained teachers) stay in eval mode whatever
+    ``train()`` asks and never receive gradients."""
+
+    recipe: str = ""
+    frozen_teachers: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen_teachers:
+            getattr(self, name).eval()
+        return self
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Two optimiser groups over the trainable parameters: weights with ``weight_decay``, biases
+        and norm weights (every parameter with fewer than 2 dims) with none."""
+        check_number("weight_decay", weight_decay, low=0.0)
+        return grouped_parameters(self.named_parameters(), weight_decay)
+
+
+def grouped_parameters(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                       prefix: str = "") -> list[dict]:
+    """``[{"params": weights, "weight_decay": weight_decay, "name": prefix + "decay"},
+    {"params": biases and norm weights (< 2 dims), "weight_decay": 0.0, "name": prefix + "no_decay"}]``
+    over the parameters that require grad (empty groups dropped)."""
+    decay, no_decay = [], []
+    for _, param in named_parameters:
+        if param.requires_grad:
+            (no_decay if param.dim() < 2 else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": float(weight_decay), "name": f"{prefix}decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": f"{prefix}no_decay"},
+    ]
+    return [g for g in groups if g["params"]]

@@ -1,0 +1,270 @@
+"""Hybrid Distill (Shi et al., ICLR 2024): features of a contrastive/supervised teacher plus token
+relations of a MIM teacher, with progressive redundant-token masking.
+
+Both teachers see the whole image. The feature teacher's last-block CLS attention scores each
+patch (``cls_attention_scores``); the student keeps only the ``K = round(keep_ratio * N)``
+highest-scoring patches (``topk_keep``; ``keep_ratio`` steps down over training by
+``keep_schedule``) and runs on them alone. Losses apply on the kept tokens::
+
+    s = student.forward_features(x, keep=keep_idx, return_qk=student_layers)
+    F = feature_teacher.forward_features(x).tokens                           # no gradient
+    feature_cls   = FeatureAlignLoss(P(s.tokens)[:, 0],  F[:, 0])
+    feature_patch = FeatureAlignLoss(P(s.tokens)[:, 1:], gather_tokens(F[:, 1:], keep_idx))
+    relation = mean over (l_s, l_t) in relation_layers of
+               TokenRelationLoss(*s.qk[l_s], *kept(relation_teacher.qk[l_t]))  # KL of softmax(q k^T scale)
+    loss = alpha * (feature_cls + feature_patch) + beta * relation
+
+``kept`` selects the teacher's ``q, k`` rows of the CLS token and the kept patches; the relation
+term never materialises an ``N x N`` map (fastkd's streaming ``token_relation`` op).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fastkd.data.batch import Batch
+from fastkd.losses import FeatureAlignLoss, TokenRelationLoss
+from fastkd.methods.base import (
+    Method, check_batch, check_bool, check_choice, check_kwargs, check_number, check_progress, check_str, loss_dict,
+)
+from fastkd.methods.teachers import build_student, load_frozen_teacher
+from fastkd.models import LinearProjector, MLPProjector
+from fastkd.ops import gather_tokens, topk_keep
+
+TARGETS = ("cls", "patch", "both")
+TARGET_NORMS = ("layernorm", "l2")
+PROJECTORS = ("linear", "mlp")
+LOSSES = ("smooth_l1", "mse", "cosine")
+DIRECTIONS = ("teacher_to_student", "student_to_teacher")
+SCORE_TEACHERS = ("feature", "relation")
+
+
+def cls_attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """How much the CLS token attends to each patch, ``[B, N]`` for ``q, k [B, H, P+N, d]``::
+
+        softmax(q[:, :, 0:1] @ k.transpose(-2, -1) * scale, dim=-1)[:, :, 0, P:].mean(dim=1)
+
+    Only the CLS row is computed (``[B, H, P+N]``), never the ``(P+N) x (P+N)`` map."""
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, N, d], got {tuple(getattr(t, 'shape', ()))}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if not isinstance(num_prefix_tokens, int) or not 1 <= num_prefix_tokens < q.shape[2]:
+        raise ValueError(f"num_prefix_tokens must be in [1, {q.shape[2]}), got {num_prefix_tokens!r}")
+    logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), k.float()) * scale
+    return logits.softmax(dim=-1)[:, :, num_prefix_tokens:].mean(dim=1)
+
+
+def _check_layer_pairs(pairs) -> tuple[tuple[int, int], ...]:
+    out = []
+    if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
+        raise TypeError(f"relation_layers must be a list of [student_block, teacher_block] pairs, got {pairs!r}")
+    for pair in pairs:
+        if (isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)):
+            raise TypeError(f"relation_layers must hold [student_block, teacher_block] int pairs, got {pair!r}")
+        out.append((pair[0], pair[1]))
+    if not out:
+        raise ValueError("relation_layers must name at least one [student_block, teacher_block] pair")
+    return tuple(out)
+
+
+def _check_keep_schedule(schedule) -> tuple[tuple[float, float], ...]:
+    if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
+        raise TypeError(f"keep_schedule must be a list of [start_fraction, keep_ratio] stages, got {schedule!r}")
+    stages = []
+    for stage in schedule:
+        if isinstance(stage, (str, bytes)) or not hasattr(stage, "__len__") or len(stage) != 2:
+            raise TypeError(f"keep_schedule stages must be [start_fraction, keep_ratio], got {stage!r}")
+        check_number("keep_schedule start_fraction", stage[0], low=0.0, high=1.0)
+        check_number("keep_schedule keep_ratio", stage[1], low=0.0, high=1.0, low_open=True)
+        stages.append((float(stage[0]), float(stage[1])))
+    if not stages or stages[0][0] != 0.0:
+        raise ValueError(f"keep_schedule must start with a stage at fraction 0.0, got {schedule!r}")
+    for (s0, r0), (s1, r1) in zip(stages, stages[1:]):
+        if s1 <= s0 or r1 > r0:
+            raise ValueError(f"keep_schedule needs increasing start fractions and non-increasing keep ratios, "
+                             f"got {schedule!r}")
+    return tuple(stages)
+
+
+@dataclass
+class HybridDistillConfig:
+    """``keep_schedule``: stages ``[start_fraction_of_training, keep_ratio]`` (the default keeps all
+    tokens for the first 30%, then 85%, then 70% from 60% of training on; an unconfirmed choice).
+    ``relation_layers``: ``[student_block, teacher_block]`` pairs (negative indices count from the
+    end). ``mask_score_teacher``: whose last-block CLS attention ranks the tokens."""
+
+    student_arch: str = "vit_base_patch16_224"
+    student_kwargs: dict = field(default_factory=dict)
+    student_init: str | None = None
+    student_init_format: str = "auto"
+    feature_teacher_arch: str = "vit_base_patch16_224"
+    feature_teacher_kwargs: dict = field(default_factory=dict)
+    feature_teacher_path: str | None = None
+    relation_teacher_arch: str = "vit_base_patch16_224"
+    relation_teacher_kwargs: dict = field(default_factory=dict)
+    relation_teacher_path: str | None = None
+    teacher_format: str = "auto"
+    attention: str | None = None
+    checkpointing: bool = False
+    alpha: float = 1.0
+    beta: float = 1.0
+    feature_target: str = "both"
+    target_norm: str = "layernorm"
+    feature_loss: str = "smooth_l1"
+    smooth_l1_beta: float = 2.0
+    projector: str = "linear"
+    projector_hidden_dim: int = 2048
+    relation_layers: list = field(default_factory=lambda: [[-1, -1]])
+    relation_temperature: float = 1.0
+    relation_direction: str = "teacher_to_student"
+    head_map: str | None = None
+    keep_schedule: list = field(default_factory=lambda: [[0.0, 1.0], [0.3, 0.85], [0.6, 0.7]])
+    mask_score_teacher: str = "feature"
+
+    def __post_init__(self):
+        for name in ("student_arch", "feature_teacher_arch", "relation_teacher_arch", "student_init_format",
+                     "teacher_format"):
+            check_str(name, getattr(self, name))
+        for name in ("student_init", "feature_teacher_path", "relation_teacher_path", "attention"):
+            check_str(name, getattr(self, name), optional=True)
+        for name in ("student_kwargs", "feature_teacher_kwargs", "relation_teacher_kwargs"):
+            check_kwargs(name, getattr(self, name))
+        check_bool("checkpointing", self.checkpointing)
+        check_number("alpha", self.alpha, low=0.0)
+        check_number("beta", self.beta, low=0.0)
+        check_choice("feature_target", self.feature_target, TARGETS)
+        check_choice("target_norm", self.target_norm, TARGET_NORMS)
+        check_choice("feature_loss", self.feature_loss, LOSSES)
+        check_number("smooth_l1_beta", self.smooth_l1_beta, low=0.0, low_open=True)
+        check_choice("projector", self.projector, PROJECTORS)
+        check_number("projector_hidden_dim", self.projector_hidden_dim, low=1, integer=True)
+        self.relation_layers = [list(p) for p in _check_layer_pairs(self.relation_layers)]
+        check_number("relation_temperature", self.relation_temperature, low=0.0, low_open=True)
+        check_choice("relation_direction", self.relation_direction, DIRECTIONS)
+        check_choice("head_map", self.head_map, (None, "mean"))
+        self.keep_schedule = [list(s) for s in _check_keep_schedule(self.keep_schedule)]
+        check_choice("mask_score_teacher", self.mask_score_teacher, SCORE_TEACHERS)
+
+
+class HybridDistill(Method):
+    """Hybrid Distill on one view (recipe ``mae``). Parts ``feature_cls`` / ``feature_patch`` (by
+    ``feature_target``, weight ``alpha``) and ``relation`` (weight ``beta``); metric ``kept_tokens``."""
+
+    recipe = "mae"
+    config_class = HybridDistillConfig
+    frozen_teachers = ("feature_teacher", "relation_teacher")
+
+    def __init__(self, config: HybridDistillConfig):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.backbone = build_student(config.student_arch, config.student_kwargs, init_path=config.student_init,
+                                      init_format=config.student_init_format, attention=config.attention,
+                                      checkpointing=config.checkpointing)
+        for role in ("feature_teacher", "relation_teacher"):
+            teacher = load_frozen_teacher(role, getattr(config, f"{role}_arch"), getattr(config, f"{role}_kwargs"),
+                                          getattr(config, f"{role}_path"), format=config.teacher_format,
+                                          attention=config.attention)
+            setattr(self, role, teacher)
+        student = self.backbone
+        for name, model in (("student", student), ("feature teacher", self.feature_teacher),
+                            ("relation teacher", self.relation_teacher)):
+            if not model.is_vit or model.num_patches != student.num_patches:
+                raise ValueError(f"the {name} must be a ViT with {student.num_patches} patches, got {model.name} "
+                                 f"with {model.num_patches}")
+        if self.relation_teacher.num_prefix_tokens != student.num_prefix_tokens:
+            raise ValueError(f"student and relation teacher must have as many prefix tokens, got "
+                             f"{student.num_prefix_tokens} and {self.relation_teacher.num_prefix_tokens}")
+        self.layer_pairs = [
+            (self._block(student, s, "student"), self._block(self.relation_teacher, t, "relation teacher"))
+            for s, t in config.relation_layers
+        ]
+        teacher_dim = self.feature_teacher.embed_dim
+        self.projector = (LinearProjector(student.embed_dim, teacher_dim) if config.projector == "linear"
+                          else MLPProjector(student.embed_dim, teacher_dim, config.projector_hidden_dim))
+        self.feature_align = FeatureAlignLoss(target_norm=config.target_norm, loss=config.feature_loss,
+                                              beta=config.smooth_l1_beta)
+        self.relation = TokenRelationLoss(temperature=config.relation_temperature,
+                                          direction=config.relation_direction, head_map=config.head_map)
+        self.keep_stages = _check_keep_schedule(config.keep_schedule)
+        self.register_buffer("keep_ratio", torch.tensor(self.keep_stages[0][1], dtype=torch.float64))
+
+    @staticmethod
+    def _block(model, index: int, name: str) -> int:
+        if not -model.depth <= index < model.depth:
+            raise ValueError(f"relation_layers: block {index} out of range for the {name} of depth {model.depth}")
+        return index % model.depth
+
+    @property
+    def student(self) -> nn.Module:
+        return self.backbone
+
+    def keep_ratio_at(self, step: int, total_steps: int) -> float:
+        """The keep ratio of the schedule stage containing ``step / total_steps``."""
+        check_progress(step, total_steps)
+        fraction = step / total_steps
+        return [ratio for start, ratio in self.keep_stages if start <= fraction][-1]
+
+    def num_kept(self, keep_ratio: float | None = None) -> int:
+        """Patches the student keeps: ``max(1, round(keep_ratio * num_patches))``."""
+        ratio = float(self.keep_ratio) if keep_ratio is None else keep_ratio
+        return max(1, round(ratio * self.backbone.num_patches))
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        x = check_batch(batch, 1, type(self).__name__)[0]
+        B, N = x.shape[0], self.backbone.num_patches
+        score_teacher = self.feature_teacher if self.config.mask_score_teacher == "feature" else self.relation_teacher
+        last = score_teacher.depth - 1
+        relation_blocks = {t for _, t in self.layer_pairs}
+        with torch.no_grad():
+            feat = self.feature_teacher.forward_features(x, return_qk=(last,) if score_teacher is self.feature_teacher
+                                                         else ())
+            rel = self.relation_teacher.forward_features(
+                x, return_qk=relation_blocks | ({last} if score_teacher is self.relation_teacher else set()))
+            K = self.num_kept()
+            if K < N:
+                scored = feat if score_teacher is self.feature_teacher else rel
+                q, k = scored.qk[last]
+                scores = cls_attention_scores(q, k, score_teacher.model.blocks[last].attn.scale,
+                                              score_teacher.num_prefix_tokens)
+                keep_idx = topk_keep(scores, K)
+            else:
+                keep_idx = torch.arange(N, device=x.device).expand(B, N)
+        s = self.backbone.forward_features(x, keep=keep_idx if K < N else None,
+                                           return_qk={ls for ls, _ in self.layer_pairs})
+        parts, weights = {}, {}
+        projected = self.projector(s.tokens)
+        prefix_s, prefix_f = self.backbone.num_prefix_tokens, self.feature_teacher.num_prefix_tokens
+        if self.config.feature_target in ("cls", "both"):
+            parts["feature_cls"] = self.feature_align(projected[:, 0], feat.tokens[:, 0])
+            weights["feature_cls"] = self.config.alpha
+        if self.config.feature_target in ("patch", "both"):
+            kept_target = gather_tokens(feat.tokens[:, prefix_f:].contiguous(), keep_idx)
+            parts["feature_patch"] = self.feature_align(projected[:, prefix_s:], kept_target)
+            weights["feature_patch"] = self.config.alpha
+        rows = torch.cat([torch.arange(prefix_s, device=x.device).expand(B, prefix_s), keep_idx + prefix_s], dim=1)
+        relation = 0.0
+        for ls, lt in self.layer_pairs:
+            q_t, k_t = (self._rows(t, rows) for t in rel.qk[lt])
+            relation = relation + self.relation(*s.qk[ls], q_t, k_t)
+        parts["relation"] = relation / len(self.layer_pairs)
+        weights["relation"] = self.config.beta
+        return loss_dict(parts, weights, {"kept_tokens": torch.tensor(float(keep_idx.shape[1]))})
+
+    @staticmethod
+    def _rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``t[b, :, rows[b]]`` for ``t [B, H, N, d]``, ``rows [B, M]`` -> ``[B, H, M, d]``."""
+        index = rows[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+        return torch.gather(t, 2, index)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Moves the keep ratio to the schedule stage of the next step, ``step + 1``."""
+        check_progress(step, total_steps)
+        self.keep_ratio.fill_(self.keep_ratio_at(min(step + 1, total_steps), total_steps))

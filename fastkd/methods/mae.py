@@ -1,0 +1,86 @@
+"""MAE pretraining (He et al. 2022), used to train MIM teachers in the demo and the tests.
+
+The encoder runs on ``K = round((1 - mask_ratio) N)`` random visible patches (``random_keep``,
+the backbone's ``gather_tokens`` path); the decoder predicts every patch's pixels::
+
+    keep_idx, _ = random_keep(B, N, K)                       # argsort of uniform noise
+    tokens = backbone.forward_features(x, keep=keep_idx).tokens
+    loss = masked_pixel_loss(decoder(tokens, keep_idx), x, keep_idx, patch_size, norm_pix=norm_pix_loss)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fastkd.data.batch import Batch
+from fastkd.methods.base import (
+    Method, check_batch, check_bool, check_kwargs, check_number, check_progress, check_str, loss_dict,
+)
+from fastkd.models import MAEDecoder, build_backbone, masked_pixel_loss
+from fastkd.ops import random_keep
+
+
+@dataclass
+class MAEConfig:
+    arch: str = "vit_base_patch16_224"
+    arch_kwargs: dict = field(default_factory=dict)
+    attention: str | None = None
+    checkpointing: bool = False
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    norm_pix_loss: bool = True
+
+    def __post_init__(self):
+        check_str("arch", self.arch)
+        check_kwargs("arch_kwargs", self.arch_kwargs)
+        check_str("attention", self.attention, optional=True)
+        check_bool("checkpointing", self.checkpointing)
+        check_number("mask_ratio", self.mask_ratio, low=0.0, high=1.0, low_open=True)
+        check_number("decoder_dim", self.decoder_dim, low=1, integer=True)
+        check_number("decoder_depth", self.decoder_depth, low=1, integer=True)
+        check_number("decoder_num_heads", self.decoder_num_heads, low=1, integer=True)
+        check_bool("norm_pix_loss", self.norm_pix_loss)
+
+
+class MAE(Method):
+    """MAE on one view (recipe ``mae``). Part: ``reconstruction``; metric ``visible_tokens``."""
+
+    recipe = "mae"
+    config_class = MAEConfig
+
+    def __init__(self, config: MAEConfig):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.backbone = build_backbone(config.arch, attention=config.attention, checkpointing=config.checkpointing,
+                                       **config.arch_kwargs)
+        if not self.backbone.is_vit:
+            raise ValueError(f"MAE needs a ViT encoder, got {config.arch!r}")
+        self.decoder = MAEDecoder.for_backbone(self.backbone, decoder_dim=config.decoder_dim,
+                                               depth=config.decoder_depth, num_heads=config.decoder_num_heads,
+                                               attention=config.attention)
+        N = self.backbone.num_patches
+        self.num_visible = min(N - 1, max(1, round((1.0 - config.mask_ratio) * N)))
+
+    @property
+    def student(self) -> nn.Module:
+        return self.backbone
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        x = check_batch(batch, 1, type(self).__name__)[0]
+        keep_idx, _ = random_keep(x.shape[0], self.backbone.num_patches, self.num_visible, device=x.device)
+        tokens = self.backbone.forward_features(x, keep=keep_idx).tokens
+        pred = self.decoder(tokens, keep_idx)
+        loss = masked_pixel_loss(pred, x, keep_idx, self.backbone.patch_size, norm_pix=self.config.norm_pix_loss)
+        return loss_dict({"reconstruction": loss}, {"reconstruction": 1.0},
+                         {"visible_tokens": torch.tensor(float(self.num_visible))})
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """MAE has no teacher and no schedule of its own."""
+        check_progress(step, total_steps)

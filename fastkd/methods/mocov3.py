@@ -1,0 +1,120 @@
+"""MoCo v3 (Chen, Xie, He 2021): the momentum-contrast teacher family and ResidualMoCo's base.
+
+Online branch ``q_v = predictor(projector(backbone(x_v)))``; momentum branch
+``k_v = momentum_encoder(x_v)`` (an EMA copy of ``backbone + projector``, no gradient)::
+
+    loss = InfoNCE(q_1, k_2) + InfoNCE(q_2, k_1)        # fastkd.losses.InfoNCELoss, scaled by 2T
+
+``after_step`` moves the momentum encoder with ``ema_`` at
+``m = 1 - 0.5 (1 + cos(pi step / total)) (1 - base_momentum)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fastkd.data.batch import Batch
+from fastkd.losses.infonce import InfoNCELoss
+from fastkd.methods.base import (
+    Method, check_batch, check_bool, check_kwargs, check_number, check_progress, check_str, loss_dict,
+)
+from fastkd.models import MoCoPredictor, MoCoProjector, build_backbone
+from fastkd.train.ema import EMATeacher, momentum_schedule
+
+
+@dataclass
+class MoCoV3Config:
+    """``proj_layers`` / ``temperature`` None: MoCo v3's choice for the architecture (3 layers and
+    T = 0.2 for ViTs, 2 layers and T = 1.0 for ResNets). ``freeze_patch_embed``: MoCo v3's frozen
+    random patch projection (ViTs only)."""
+
+    arch: str = "vit_small_patch16_224"
+    arch_kwargs: dict = field(default_factory=dict)
+    attention: str | None = None
+    checkpointing: bool = False
+    proj_layers: int | None = None
+    proj_hidden_dim: int = 4096
+    pred_hidden_dim: int = 4096
+    out_dim: int = 256
+    temperature: float | None = None
+    base_momentum: float = 0.99
+    freeze_patch_embed: bool = True
+
+    def __post_init__(self):
+        check_str("arch", self.arch)
+        check_kwargs("arch_kwargs", self.arch_kwargs)
+        check_str("attention", self.attention, optional=True)
+        if self.proj_layers is not None:
+            check_number("proj_layers", self.proj_layers, low=1, integer=True)
+        check_number("proj_hidden_dim", self.proj_hidden_dim, low=1, integer=True)
+        check_number("pred_hidden_dim", self.pred_hidden_dim, low=1, integer=True)
+        check_number("out_dim", self.out_dim, low=1, integer=True)
+        if self.temperature is not None:
+            check_number("temperature", self.temperature, low=0.0, low_open=True)
+        check_number("base_momentum", self.base_momentum, low=0.0, high=1.0)
+        check_bool("checkpointing", self.checkpointing)
+        check_bool("freeze_patch_embed", self.freeze_patch_embed)
+
+
+class MoCoV3(Method):
+    """MoCo v3 on two augmented views (recipe ``mocov3``). Parts: ``contrastive``."""
+
+    recipe = "mocov3"
+    config_class = MoCoV3Config
+
+    def __init__(self, config: MoCoV3Config):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        backbone = build_backbone(config.arch, attention=config.attention, checkpointing=config.checkpointing,
+                                  **config.arch_kwargs)
+        if config.freeze_patch_embed and backbone.is_vit:
+            backbone.model.patch_embed.requires_grad_(False)
+        layers = config.proj_layers or (3 if backbone.is_vit else 2)
+        projector = MoCoProjector(backbone.embed_dim, config.proj_hidden_dim, config.out_dim, layers)
+        self.base_encoder = nn.Sequential(backbone, projector)
+        self.predictor = MoCoPredictor(config.out_dim, config.pred_hidden_dim, config.out_dim)
+        self.momentum_encoder = EMATeacher(self.base_encoder)
+        temperature = config.temperature if config.temperature is not None else (0.2 if backbone.is_vit else 1.0)
+        self.contrastive = InfoNCELoss(temperature=temperature)
+
+    @property
+    def student(self) -> nn.Module:
+        return self.base_encoder[0]
+
+    def encode(self, views: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """Per view: online backbone feature ``h``, projection ``z``, prediction ``q``; momentum
+        backbone feature ``h_m`` and projection ``k`` (no gradient)."""
+        backbone, projector = self.base_encoder
+        momentum_backbone, momentum_projector = self.momentum_encoder.module
+        out = {"h": [], "z": [], "q": [], "h_m": [], "k": []}
+        for x in views:
+            h = backbone(x)
+            z = projector(h)
+            out["h"].append(h)
+            out["z"].append(z)
+            out["q"].append(self.predictor(z))
+            with torch.no_grad():
+                h_m = momentum_backbone(x)
+                out["h_m"].append(h_m)
+                out["k"].append(momentum_projector(h_m))
+        return out
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        views = check_batch(batch, 2, type(self).__name__)[:2]
+        enc = self.encode(views)
+        contrastive = self.contrastive(enc["q"][0], enc["q"][1], enc["k"][0], enc["k"][1])
+        return loss_dict({"contrastive": contrastive}, {"contrastive": 1.0})
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        check_progress(step, total_steps)
+        return momentum_schedule(step, total_steps, self.config.base_momentum)
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """EMA update of the momentum encoder at the scheduled momentum."""
+        self.momentum_encoder.update(self.momentum_at(step, total_steps))

@@ -1,0 +1,41 @@
+"""Method names -> classes, so the trainer and the CLI need no per-method code."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Mapping
+
+from fastkd.methods.base import Method, config_from_dict
+from fastkd.methods.hybrid_distill import HybridDistill
+from fastkd.methods.mae import MAE
+from fastkd.methods.mocov3 import MoCoV3
+from fastkd.methods.moma import MOMA
+from fastkd.methods.mokd import MOKD
+from fastkd.methods.resmoco import ResMoCo
+
+METHODS: dict[str, type[Method]] = {
+    "moma": MOMA,
+    "hybrid_distill": HybridDistill,
+    "resmoco": ResMoCo,
+    "mokd": MOKD,
+    "mocov3": MoCoV3,
+    "mae": MAE,
+}
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name``; an unknown name raises ``ValueError`` naming the nearest."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a method name (str), got {type(name).__name__}")
+    if name not in METHODS:
+        nearest = difflib.get_close_matches(name, list(METHODS), n=1)
+        hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+        raise ValueError(f"unknown method {name!r}{hint} (known: {', '.join(METHODS)})")
+    return METHODS[name]
+
+
+def build_method(name: str, config: Mapping[str, Any]) -> Method:
+    """``METHODS[name](ConfigClass(**config))``; unknown config keys raise ``ValueError`` naming
+    the nearest valid key."""
+    cls = method_class(name)
+    return cls(config_from_dict(cls.config_class, config))

@@ -1,0 +1,66 @@
+"""Residual Momentum (Pham et al., 2023): MoCo v3 plus a term shrinking the gap between the online
+and momentum encoders on the *same* view::
+
+    loss = InfoNCE(q_1, k_2) + InfoNCE(q_2, k_1) + lambda * sum_v (2 - 2 cos(z_v, sg[z_m,v]))
+
+with ``z`` the projector outputs (``tap="projector"``, default) or the backbone features
+(``tap="backbone"``) of the online and momentum encoders. ``after_step`` moves the momentum
+encoder with ``ema_(..., return_gap=True)``; the parameter-space gap of that update is reported
+in the next forward's dict as ``param_gap_sq = ||s - t||^2`` and ``param_cos = <s, t> / (|s| |t|)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fastkd.data.batch import Batch
+from fastkd.losses.residual_momentum import ResidualMomentumLoss
+from fastkd.methods.base import check_batch, check_choice, check_number, loss_dict
+from fastkd.methods.mocov3 import MoCoV3, MoCoV3Config
+
+TAPS = ("projector", "backbone")
+
+
+@dataclass
+class ResMoCoConfig(MoCoV3Config):
+    residual_weight: float = 1.0
+    residual_tap: str = "projector"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number("residual_weight", self.residual_weight, low=0.0)
+        check_choice("residual_tap", self.residual_tap, TAPS)
+
+
+class ResMoCo(MoCoV3):
+    """Residual-momentum MoCo v3 (recipe ``mocov3``). Parts: ``contrastive``, ``residual``;
+    metrics: ``param_gap_sq``, ``param_cos`` (of the last ``after_step``; NaN before the first)."""
+
+    config_class = ResMoCoConfig
+
+    def __init__(self, config: ResMoCoConfig):
+        super().__init__(config)
+        self.residual = ResidualMomentumLoss()
+        self.register_buffer("param_gap", torch.full((2,), math.nan, dtype=torch.float64))
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        views = check_batch(batch, 2, type(self).__name__)[:2]
+        enc = self.encode(views)
+        contrastive = self.contrastive(enc["q"][0], enc["q"][1], enc["k"][0], enc["k"][1])
+        online, momentum = ("z", "k") if self.config.residual_tap == "projector" else ("h", "h_m")
+        residual = sum(self.residual(o, m) for o, m in zip(enc[online], enc[momentum]))
+        return loss_dict(
+            {"contrastive": contrastive, "residual": residual},
+            {"contrastive": 1.0, "residual": self.config.residual_weight},
+            {"param_gap_sq": self.param_gap[0], "param_cos": self.param_gap[1]},
+        )
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """EMA update of the momentum encoder; records the gap measured before the update."""
+        gap = self.momentum_encoder.update(self.momentum_at(step, total_steps), return_gap=True)
+        cos = gap.dot / math.sqrt(gap.teacher_sq * gap.student_sq) if gap.teacher_sq * gap.student_sq > 0 else math.nan
+        self.param_gap.copy_(torch.tensor([gap.diff_sq, cos], dtype=torch.float64))

@@ -1,0 +1,192 @@
+"""timm backbones behind one interface: ViTs with pluggable attention and a masked encoder, ResNets.
+
+For a ViT with prefix tokens ``P`` (CLS, optional registers), patch tokens ``x_p [B, N, D]`` and
+positional embedding ``pos``::
+
+    tokens = cat(prefix + pos_prefix, x_p + pos_patch)                     # unmasked (timm's _pos_embed)
+    tokens = cat(prefix + pos_prefix, gather(x_p + pos_patch, keep))       # keep [B, K]: visible patches only
+    tokens = norm(blocks(norm_pre(tokens)))                                # -> Features.tokens [B, P+K, D]
+
+``gather`` is the fused ``fastkd.ops.gather_tokens(x_p, keep, pos_patch)``; the blocks then run on
+the ``P + K`` visible tokens only. ``backbone(x)`` is the CLS token of ``Features.tokens`` for ViTs
+and the globally average-pooled last stage for ResNets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.resnet import ResNet
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fastkd import ops
+from fastkd.models.attention import check_backend, resolve_backend
+from fastkd.models.vit_block import check_vit_block, vit_block_forward
+
+
+@dataclass
+class Features:
+    """Outputs of :meth:`Backbone.forward_features`.
+
+    ViT: ``tokens [B, P+K, D]`` (prefix tokens first, after the final norm), ``qk`` block index ->
+    ``(q, k)`` each ``[B, H, P+K, d]`` as the attention used them, ``layers`` block index -> that
+    block's output ``[B, P+K, D]`` (before the final norm). ResNet: ``pooled [B, C]`` and
+    ``feature_map [B, C, h, w]`` of the last stage.
+    """
+
+    tokens: torch.Tensor | None = None
+    qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)
+    pooled: torch.Tensor | None = None
+    feature_map: torch.Tensor | None = None
+
+
+class Backbone(nn.Module):
+    """A timm ViT or ResNet (``self.model``, timm parameter names) with fastkd's forward paths."""
+
+    def __init__(self, model: nn.Module, name: str, *, attention: str | None = None, checkpointing: bool = False,
+                 timm_kwargs: dict | None = None):
+        super().__init__()
+        if not isinstance(model, (VisionTransformer, ResNet)):
+            raise TypeError(f"model must be a timm VisionTransformer or ResNet, got {type(model).__name__}")
+        if not isinstance(checkpointing, bool):
+            raise TypeError(f"checkpointing must be a bool, got {type(checkpointing).__name__}")
+        self.model = model
+        self.name = name
+        self.timm_kwargs = dict(timm_kwargs or {})
+        self.attention = check_backend(attention)
+        self.checkpointing = checkpointing
+        self.is_vit = isinstance(model, VisionTransformer)
+        self.embed_dim = model.num_features
+        if self.is_vit:
+            if type(model)._pos_embed is not VisionTransformer._pos_embed:
+                raise TypeError(f"{name}: {type(model).__name__} overrides the token embedding; fastkd supports "
+                                "timm VisionTransformer token layouts (CLS, registers, patches)")
+            if model.cls_token is None:
+                raise ValueError(f"{name}: fastkd ViT backbones need a class token (class_token=True)")
+            for index, block in enumerate(model.blocks):
+                check_vit_block(block, index)
+            self.num_heads = model.blocks[0].attn.num_heads
+            self.depth = len(model.blocks)
+            self.patch_size = model.patch_embed.patch_size[0]
+            self.num_patches = model.patch_embed.num_patches
+            self.num_prefix_tokens = model.num_prefix_tokens
+        else:
+            self.num_heads = self.depth = self.patch_size = self.num_patches = None
+            self.num_prefix_tokens = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Global feature ``[B, D]``: CLS after the final norm (ViT), average-pooled last stage (ResNet)."""
+        features = self.forward_features(x)
+        return features.tokens[:, 0] if self.is_vit else features.pooled
+
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        *,
+        keep: torch.Tensor | None = None,
+        return_qk: Iterable[int] = (),
+        return_layers: Iterable[int] = (),
+    ) -> Features:
+        """Run the backbone on images ``x [B, C, H, W]``; see :class:`Features` and the module doc.
+
+        ``keep [B, K]`` int64 indexes patch tokens (``0 <= keep < num_patches``) to keep; ``return_qk``
+        and ``return_layers`` are block indices (negative ones count from the end; keys are >= 0).
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"x must be an image batch [B, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
+        qk_blocks = self._block_indices(return_qk, "return_qk")
+        layer_blocks = self._block_indices(return_layers, "return_layers")
+        if not self.is_vit:
+            if keep is not None or qk_blocks or layer_blocks:
+                raise ValueError(f"{self.name} is a ResNet: keep, return_qk and return_layers apply to ViTs only")
+            feature_map = self.model.forward_features(x)
+            return Features(pooled=feature_map.mean(dim=(2, 3)), feature_map=feature_map)
+        tokens = self._embed(x, keep)
+        backend = resolve_backend(self.attention, tokens.device)
+        features = Features()
+        for index, block in enumerate(self.model.blocks):
+            if self.checkpointing and torch.is_grad_enabled():
+                tokens, q, k = checkpoint(vit_block_forward, block, tokens, backend, use_reentrant=False)
+            else:
+                tokens, q, k = vit_block_forward(block, tokens, backend)
+            if index in qk_blocks:
+                features.qk[index] = (q, k)
+            if index in layer_blocks:
+                features.layers[index] = tokens
+        features.tokens = self.model.norm(tokens)
+        return features
+
+    def _block_indices(self, indices: Iterable[int], argument: str) -> set[int]:
+        if isinstance(indices, (int, str)) or not isinstance(indices, Iterable):
+            raise TypeError(f"{argument} must be an iterable of block indices, got {indices!r}")
+        out = set()
+        for index in indices:
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise TypeError(f"{argument} must hold ints, got {index!r}")
+            if self.is_vit and not -self.depth <= index < self.depth:
+                raise ValueError(f"{argument} index {index} out of range for depth {self.depth}")
+            out.add(index % self.depth if self.is_vit else index)
+        return out
+
+    def _embed(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Patch embedding + positional embedding (+ gather of ``keep``), prefix tokens first."""
+        model = self.model
+        patches = model.patch_embed(x)
+        pos = model.pos_embed
+        if pos is not None and model.dynamic_img_size:
+            pos = resample_abs_pos_embed(
+                pos, new_size=patches.shape[1:3], old_size=model.patch_embed.grid_size,
+                num_prefix_tokens=0 if model.no_embed_class else self.num_prefix_tokens,
+            )
+        patches = patches.reshape(patches.shape[0], -1, patches.shape[-1])
+        prefix = [model.cls_token] + ([model.reg_token] if model.reg_token is not None else [])
+        prefix = torch.cat(prefix, dim=1).expand(patches.shape[0], -1, -1)
+        pos_patch = pos
+        if pos is not None and not model.no_embed_class:
+            prefix = prefix + pos[:, : self.num_prefix_tokens]
+            pos_patch = pos[:, self.num_prefix_tokens:]
+        if keep is None:
+            visible = patches if pos_patch is None else patches + pos_patch
+        else:
+            self._check_keep(keep, patches)
+            visible = ops.gather_tokens(patches, keep, pos_patch)
+        tokens = model.pos_drop(torch.cat([prefix, visible], dim=1))
+        return model.norm_pre(model.patch_drop(tokens))
+
+    def _check_keep(self, keep: torch.Tensor, patches: torch.Tensor) -> None:
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.int64 or keep.dim() != 2:
+            raise ValueError(f"keep must be an int64 tensor [B, K], got {getattr(keep, 'dtype', type(keep).__name__)} "
+                             f"{tuple(getattr(keep, 'shape', ()))}")
+        if keep.shape[0] != patches.shape[0] or not 0 < keep.shape[1] <= patches.shape[1]:
+            raise ValueError(f"keep must be [B={patches.shape[0]}, K] with 0 < K <= {patches.shape[1]} patches, "
+                             f"got {tuple(keep.shape)}")
+        if keep.device != patches.device:
+            raise ValueError(f"keep is on {keep.device} but the images are on {patches.device}")
+
+
+def build_backbone(name: str, *, attention: str | None = None, checkpointing: bool = False, **timm_kwargs) -> Backbone:
+    """``Backbone`` over ``timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)``.
+
+    ``attention``: ``sdpa`` | ``xformers`` | ``auto`` | ``math`` | ``None`` (``$FASTKD_ATTENTION``, else
+    ``sdpa``); ``checkpointing`` recomputes each ViT block in the backward (activation checkpointing).
+    Weights never download: load them with :func:`fastkd.models.load_teacher`.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a timm model name, got {name!r}")
+    if timm_kwargs.get("pretrained"):
+        raise ValueError("pretrained=True is not supported: load weights from a local file with load_teacher")
+    timm_kwargs.pop("pretrained", None)
+    if timm_kwargs.get("num_classes", 0) != 0:
+        raise ValueError(f"backbones have no classifier: num_classes must be 0, got {timm_kwargs['num_classes']}")
+    timm_kwargs.pop("num_classes", None)
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}")
+    model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
+    return Backbone(model, name, attention=attention, checkpointing=checkpointing, timm_kwargs=timm_kwargs)

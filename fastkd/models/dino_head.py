@@ -1,0 +1,51 @@
+"""DINO projection head (used by MOKD on the pooled feature / CLS token)::
+
+    z = W_3 GELU(W_2 GELU(W_1 x))                 # MLP in_dim -> hidden -> hidden -> bottleneck
+    logits = WeightNormLinear(z / ||z||_2)        # bottleneck -> out_dim, weight-normalised
+
+With ``norm_last_layer=True`` the weight-norm gain is frozen at 1. ``cancel_last_layer_grad()``
+drops the last layer's gradients (DINO's freeze of the last layer during the first epoch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastkd.models._checks import check_positive_ints
+
+from fastkd.models.weight_norm_linear import WeightNormLinear
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class DINOHead(nn.Module):
+    """DINO head: 3-layer GELU MLP, l2 normalisation, weight-normalised ``out_dim``-way last layer."""
+
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 norm_last_layer: bool = True):
+        super().__init__()
+        check_positive_ints(in_dim=in_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim)
+        self.in_dim = in_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        self.mlp.apply(_init_linear)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fix_gain=norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"DINOHead expects x [B, {self.in_dim}], got {tuple(x.shape)}")
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+    def cancel_last_layer_grad(self) -> None:
+        """Drop the gradients of the last layer (call between backward and optimiser step)."""
+        self.last_layer.cancel_grad()

@@ -1,0 +1,65 @@
+"""MoCo v3 projector and predictor MLPs, and SyncBatchNorm conversion for DDP.
+
+Both are ``num_layers`` of ``Linear(bias=False)``, with ``BatchNorm1d + ReLU`` after every layer but
+the last; the projector ends with ``BatchNorm1d(affine=False)``, the predictor with the bare linear::
+
+    projector(x) = BN_noaffine(W_L ... ReLU(BN(W_1 x)))        predictor(x) = W_L ... ReLU(BN(W_1 x))
+
+Module indices inside ``.mlp`` match MoCo v3's ``_build_mlp`` (``head.0.weight`` ... ``head.7.running_mean``
+for the 3-layer ViT projector), so official projector weights load by renaming ``head.`` -> ``mlp.``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastkd.models._checks import check_positive_ints
+
+
+def _moco_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for index in range(num_layers):
+        dim_in = in_dim if index == 0 else hidden_dim
+        dim_out = out_dim if index == num_layers - 1 else hidden_dim
+        layers.append(nn.Linear(dim_in, dim_out, bias=False))
+        if index < num_layers - 1:
+            layers += [nn.BatchNorm1d(dim_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(dim_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+class _MoCoMLP(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool):
+        super().__init__()
+        check_positive_ints(in_dim=in_dim, hidden_dim=hidden_dim, out_dim=out_dim, num_layers=num_layers)
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.mlp = _moco_mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"{type(self).__name__} expects [B, {self.in_dim}], got {tuple(x.shape)}")
+        return self.mlp(x)
+
+
+class MoCoProjector(_MoCoMLP):
+    """MoCo v3 projector (3 layers for ViTs, 2 for ResNets), last BatchNorm without affine."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 3):
+        super().__init__(in_dim, hidden_dim, out_dim, num_layers, last_bn=True)
+
+
+class MoCoPredictor(_MoCoMLP):
+    """MoCo v3 predictor (online branch only), no final BatchNorm."""
+
+    def __init__(self, in_dim: int = 256, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 2):
+        super().__init__(in_dim, hidden_dim, out_dim, num_layers, last_bn=False)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Return ``module`` with every BatchNorm replaced by ``SyncBatchNorm`` (call before wrapping in DDP),
+    so MoCo v3 heads normalise over the global batch as in the paper."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)

@@ -1,0 +1,42 @@
+"""Student-to-teacher feature projectors for feature alignment (MOMA, Hybrid Distill).
+
+``LinearProjector(x) = x W^T + b``; ``MLPProjector(x) = W_2 GELU(W_1 x + b_1) + b_2``, applied on
+the last dimension of ``x [..., in_dim]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastkd.models._checks import check_positive_ints
+
+
+class LinearProjector(nn.Module):
+    """``nn.Linear(in_dim, out_dim)`` on the last dimension."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        check_positive_ints(in_dim=in_dim, out_dim=out_dim)
+        self.in_dim = in_dim
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(f"LinearProjector expects [..., {self.in_dim}], got {tuple(x.shape)}")
+        return self.proj(x)
+
+
+class MLPProjector(nn.Module):
+    """Two-layer MLP ``in_dim -> hidden_dim -> out_dim`` with GELU, on the last dimension."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int):
+        super().__init__()
+        check_positive_ints(in_dim=in_dim, out_dim=out_dim, hidden_dim=hidden_dim)
+        self.in_dim = in_dim
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(f"MLPProjector expects [..., {self.in_dim}], got {tuple(x.shape)}")
+        return self.mlp(x)

@@ -1,0 +1,150 @@
+"""``ema_``: in-place EMA of teacher tensors towards student tensors in one pass, optionally
+returning the teacher-student gap from the same pass (the C++/CUDA op ``torch.ops.fastkd.ema_``).
+
+For every pair ``(t, s)`` with ``w = 1 - momentum`` (computed in fp32, fp64 for fp64 teachers, and
+rounded once to the teacher dtype; the student may have another floating dtype)::
+
+    t.lerp_(s, w)            # i.e. t <- t + w * (s - t)
+
+With ``return_gap=True``, measured before the update and accumulated in float64::
+
+    EMAGap(diff_sq=sum ||s - t||^2, dot=sum <s, t>, teacher_sq=sum ||t||^2, student_sq=sum ||s||^2)
+
+Without the native extension (or without its CUDA part for CUDA tensors) the update falls back to
+``torch._foreach_lerp_`` plus a separate gap pass, with one warning.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import NamedTuple, Sequence
+
+import torch
+
+from ._extension import load
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_warned_fallback: set[str] = set()
+_NATIVE = load()
+_NATIVE_CUDA = _NATIVE is not None and bool(_NATIVE.build_info()["cuda"])
+
+
+class EMAGap(NamedTuple):
+    """Teacher-student gap over all parameters (python floats, fp64-accumulated)."""
+
+    diff_sq: float
+    dot: float
+    teacher_sq: float
+    student_sq: float
+
+
+def _check_args(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], momentum: float) -> None:
+    for name, tensors in (("teacher", teacher), ("student", student)):
+        if not isinstance(tensors, (list, tuple)):
+            raise TypeError(f"ema_: {name} must be a list or tuple of tensors, got {type(tensors).__name__}")
+        for i, x in enumerate(tensors):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"ema_: {name}[{i}] must be a Tensor, got {type(x).__name__}")
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"ema_: momentum must be a real number, got {type(momentum).__name__}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"ema_: momentum must be in [0, 1], got {momentum}")
+    if len(teacher) != len(student):
+        raise ValueError(
+            f"ema_: teacher and student lists differ in length: {len(teacher)} teacher tensors vs "
+            f"{len(student)} student tensors"
+        )
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"ema_: teacher[{i}] must be float32, float64, bfloat16 or float16, got {t.dtype}")
+        if s.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"ema_: student[{i}] must be float32, float64, bfloat16 or float16, got {s.dtype}")
+        if t.shape != s.shape:
+            raise ValueError(
+                f"ema_: shape mismatch at index {i}: teacher {list(t.shape)} vs student {list(s.shape)}"
+            )
+        if not t.is_contiguous():
+            raise ValueError(
+                f"ema_: teacher[{i}] must be contiguous, got shape {list(t.shape)} with strides {t.stride()}"
+            )
+        if t.device != teacher[0].device or s.device != teacher[0].device:
+            raise ValueError(
+                f"ema_: all tensors must be on one device; teacher[0] is on {teacher[0].device} but at "
+                f"index {i} teacher is on {t.device} and student on {s.device}"
+            )
+
+
+def _native_available(device: torch.device) -> bool:
+    if _NATIVE is None:
+        reason = "the native extension fastkd._C is not built"
+    elif device.type == "cuda" and not _NATIVE_CUDA:
+        reason = "fastkd._C was built without its CUDA sources"
+    elif device.type in ("cpu", "cuda"):
+        return True
+    else:
+        reason = f"fastkd._C has no kernel for device type {device.type!r}"
+    if reason not in _warned_fallback:
+        _warned_fallback.add(reason)
+        warnings.warn(f"fastkd.ops.ema_: {reason}; using torch._foreach_lerp_ and a separate gap pass",
+                      RuntimeWarning, stacklevel=3)
+    return False
+
+
+def _gap_pass(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[sum (s - t)^2, sum s t, sum t^2, sum s^2] in float64 (a separate read of every tensor)."""
+    gap = torch.zeros(4, dtype=torch.float64, device=teacher[0].device if teacher else None)
+    for t, s in zip(teacher, student):
+        t64, s64 = t.double(), s.double()
+        gap += torch.stack([(s64 - t64).square().sum(), (s64 * t64).sum(), t64.square().sum(), s64.square().sum()])
+    return gap
+
+
+def _foreach_ema(teacher, student, momentum: float, return_gap: bool) -> torch.Tensor | None:
+    gap = _gap_pass(teacher, student) if return_gap else None
+    if teacher:
+        student = [s if s.dtype == t.dtype else s.to(t.dtype) for t, s in zip(teacher, student)]
+        torch._foreach_lerp_(list(teacher), student, 1.0 - momentum)
+    return gap
+
+
+def ema_(
+    teacher: Sequence[torch.Tensor],
+    student: Sequence[torch.Tensor],
+    momentum: float,
+    *,
+    return_gap: bool = False,
+) -> EMAGap | None:
+    """Update every ``teacher[i]`` in place: ``teacher[i].lerp_(student[i], 1 - momentum)``.
+
+    Teachers must be contiguous floating tensors; students have the same shapes and any floating
+    dtype (a bf16 student into an fp32 teacher is cast inside the kernel). All tensors share one
+    device. Nothing is modified when validation fails. Returns :class:`EMAGap` (measured before
+    the update) when ``return_gap``, else None.
+    """
+    _check_args(teacher, student, momentum)
+    momentum = float(momentum)
+    if len(teacher) == 0:  # no tensor to dispatch on
+        return EMAGap(0.0, 0.0, 0.0, 0.0) if return_gap else None
+    with torch.no_grad():
+        if _native_available(teacher[0].device):
+            gap = torch.ops.fastkd.ema_(list(teacher), list(student), momentum, return_gap)
+        else:
+            gap = _foreach_ema(teacher, student, momentum, return_gap)
+    return EMAGap(*gap.tolist()) if return_gap else None
+
+
+def ema_reference(
+    teacher: Sequence[torch.Tensor],
+    student: Sequence[torch.Tensor],
+    momentum: float,
+) -> tuple[list[torch.Tensor], EMAGap]:
+    """Oracle: the updated teachers (new tensors, computed in float64 and cast to each teacher's
+    dtype) and the gap, from plain per-tensor PyTorch."""
+    _check_args(teacher, student, momentum)
+    with torch.no_grad():
+        updated = [
+            (t.double() + (1.0 - momentum) * (s.double() - t.double())).to(t.dtype) for t, s in zip(teacher, student)
+        ]
+        gap = _gap_pass(teacher, student)
+    return updated, EMAGap(*gap.tolist())

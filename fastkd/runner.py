@@ -1,0 +1,47 @@
+"""Run a training job from a :class:`fastkd.config.RunConfig`: build the method
+(``fastkd.methods.build_method``) and the loader (``fastkd.data.build_loader``), train with
+:class:`fastkd.train.trainer.Trainer`, and at the end write the student backbone as
+``<output_dir>/student.pt`` (fastkd format, loadable by ``fastkd.models.load_teacher`` and
+``fastkd eval``). Works the same under torchrun."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastkd.config import RunConfig
+from fastkd.train import distributed
+from fastkd.train.rng import seed_everything
+from fastkd.train.trainer import Trainer, TrainResult
+
+STUDENT_FILE = "student.pt"
+
+
+def train_from_config(config: RunConfig, *, resume: bool = False) -> TrainResult:
+    """Train the method of ``config``; returns how the run ended."""
+    from fastkd.data import build_loader
+    from fastkd.methods import build_method
+    from fastkd.models import Backbone, save_backbone
+
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"config must be a fastkd.config.RunConfig, got {type(config).__name__}")
+    if not config.data.source:
+        raise ValueError("data.source is empty: set it in the config or with data.source=PATH")
+    env = distributed.init_distributed(config.train.device)
+    try:
+        seed_everything(config.train.seed)  # identical initial weights on every rank
+        method = build_method(config.method_name, config.method_config)
+        data = config.data
+        loader = build_loader(
+            data.source, data.recipe or method.recipe, batch_size=data.batch_size, backend=data.backend,
+            device=str(env.device), rank=env.rank, world_size=env.world_size, seed=config.train.seed,
+            drop_last=data.drop_last, num_workers=data.num_workers, exclude=data.exclude, **data.recipe_options,
+        )
+        trainer = Trainer(method, loader, batch_size=data.batch_size, train=config.train, optim=config.optim,
+                          env=env, config=config.to_dict())
+        result = trainer.fit(resume=resume)
+        if env.is_main and not result.preempted and isinstance(trainer.method.student, Backbone):
+            path = save_backbone(trainer.method.student, Path(config.train.output_dir) / STUDENT_FILE)
+            print(f"student backbone written to {path}", flush=True)
+        return result
+    finally:
+        distributed.shutdown()

@@ -1,0 +1,103 @@
+"""Atomic training checkpoints: ``<dir>/checkpoint_<step>.pt``, the last K kept.
+
+A checkpoint is written to a temporary file in the same directory, flushed and fsynced, then
+renamed over its final name (and the directory entry fsynced), so a crash at any moment leaves
+either the previous set of checkpoints or the new one, never a half-written file under a final
+name. Loading goes newest first; a truncated or corrupt file is reported and the previous one used.
+Files load with ``torch.load(weights_only=True)``: the trainer stores tensors, numbers, strings,
+lists and dicts only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+_NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` via temp file + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_directory(path.parent)
+    return path
+
+
+class CheckpointManager:
+    """Saves ``checkpoint_<step>.pt`` files in ``directory`` and keeps the newest ``keep_last``."""
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 3,
+                 report: Callable[[str], None] | None = None):
+        if not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.report = report or (lambda message: print(message, file=sys.stderr, flush=True))
+
+    def path_for(self, step: int) -> Path:
+        return self.directory / f"checkpoint_{step:09d}.pt"
+
+    def checkpoints(self) -> list[Path]:
+        """Existing checkpoint files, newest (highest step) first."""
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def save(self, state: dict, step: int) -> Path:
+        """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep_last``."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        path = atomic_save(state, self.path_for(step))
+        for old in self.checkpoints()[self.keep_last:]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self, map_location="cpu") -> tuple[dict, Path] | None:
+        """The newest checkpoint that loads, with its path; unreadable ones are reported and
+        skipped. ``None`` when there is no checkpoint at all; an error when none loads."""
+        candidates = self.checkpoints()
+        failures = []
+        for index, path in enumerate(candidates):
+            try:
+                state = torch.load(path, map_location=map_location, weights_only=True)
+                if not isinstance(state, dict) or "step" not in state:
+                    raise ValueError("not a fastkd training checkpoint (no 'step' entry)")
+            except Exception as error:  # noqa: BLE001 - any unreadable file is reported, then skipped
+                following = candidates[index + 1] if index + 1 < len(candidates) else None
+                failures.append(f"{path}: {type(error).__name__}: {error}")
+                self.report(
+                    f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error}); "
+                    + (f"falling back to the previous one, {following}" if following else "no older checkpoint")
+                )
+                continue
+            return state, path
+        if failures:
+            raise RuntimeError("no checkpoint in {} could be loaded:\n  {}".format(self.directory, "\n  ".join(failures)))
+        return None

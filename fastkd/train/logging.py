@@ -1,0 +1,141 @@
+"""Training logs on the main rank: a tqdm bar (step, loss, lr, images/s), ``metrics.csv``,
+TensorBoard scalars, and at the end ``summary.json`` plus ``loss_curves.png``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+_FIRST_COLUMNS = ["step", "epoch", "loss", "lr", "weight_decay", "grad_norm", "images_per_s", "skipped_steps"]
+
+
+def _value(row: dict, column: str) -> float:
+    """``row[column]`` as a float; NaN where the row lacks it (CSV rows hold '' there)."""
+    value = row.get(column, "")
+    return math.nan if value in ("", None) else float(value)
+
+
+class TrainLogger:
+    """Writes metrics of logged steps to ``<output_dir>/metrics.csv`` and TensorBoard
+    (``<output_dir>/tensorboard``). ``enabled=False`` (non-main ranks) makes every call a no-op.
+    On resume (``start_step > 0``) rows after ``start_step`` — logged by the interrupted run after
+    its last checkpoint — are dropped so the CSV reads as one run."""
+
+    def __init__(self, output_dir: str | os.PathLike, *, total_steps: int, start_step: int = 0,
+                 enabled: bool = True, progress: bool = True, tensorboard: bool = True):
+        if not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        self.enabled = enabled
+        self.output_dir = Path(output_dir)
+        self.csv_path = self.output_dir / "metrics.csv"
+        self.rows: list[dict] = []
+        self.columns: list[str] = []
+        self._bar = None
+        self._writer = None
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.csv_path.exists():
+            with open(self.csv_path, newline="") as handle:
+                reader = csv.DictReader(handle)
+                self.columns = list(reader.fieldnames or [])
+                self.rows = [row for row in reader if start_step > 0 and int(float(row["step"])) <= start_step]
+            self._rewrite_csv()
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=start_step + 1)
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def _rewrite_csv(self) -> None:
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.csv_path)
+
+    def advance(self, steps: int = 1) -> None:
+        """Move the progress bar (called every step, logged or not)."""
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def log(self, metrics: dict) -> None:
+        """Record one logged step; ``metrics`` must hold ``step`` and ``loss``."""
+        if not self.enabled:
+            return
+        if "step" not in metrics or "loss" not in metrics:
+            raise ValueError(f"metrics must hold 'step' and 'loss', got keys {sorted(metrics)}")
+        row = {key: float(value) if key != "step" else int(value) for key, value in metrics.items()}
+        new = [key for key in row if key not in self.columns]
+        self.rows.append(row)
+        if new:
+            self.columns += [c for c in _FIRST_COLUMNS if c in new] + sorted(c for c in new if c not in _FIRST_COLUMNS)
+            self._rewrite_csv()
+        else:
+            with open(self.csv_path, "a", newline="") as handle:
+                csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore").writerow(row)
+        if self._writer is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self._writer.add_scalar(f"train/{key}", value, row["step"])
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row.get('lr', float('nan')):.3g}",
+                                  img_s=f"{row.get('images_per_s', float('nan')):.1f}", refresh=False)
+
+    def message(self, text: str) -> None:
+        """Print ``text`` to stderr without breaking the progress bar."""
+        if self.enabled:
+            tqdm.write(text, file=sys.stderr)
+
+    def close(self, summary: dict) -> dict:
+        """Close the bar and writer, write ``summary.json`` and ``loss_curves.png``, print the
+        summary; returns it."""
+        if not self.enabled:
+            return summary
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.rows:
+            self.plot(self.output_dir / "loss_curves.png")
+        tqdm.write("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in summary.items()))
+        return summary
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """PNG of every loss column (``loss`` and the method's parts) and of the lr against step."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [int(float(r["step"])) for r in self.rows]
+        loss_columns = [c for c in self.columns if c == "loss" or (
+            c not in _FIRST_COLUMNS and not c.startswith(("lr_", "weight_decay_", "grad_norm_")))]
+        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True,
+                                             gridspec_kw={"height_ratios": [3, 1]})
+        for column in loss_columns:
+            values = [_value(r, column) for r in self.rows]
+            ax_loss.plot(steps, values, label=column, linewidth=2 if column == "loss" else 1)
+        ax_loss.set_ylabel("loss")
+        ax_loss.legend(fontsize=8)
+        ax_loss.grid(alpha=0.3)
+        for column in [c for c in self.columns if c == "lr" or c.startswith("lr_")]:
+            ax_lr.plot(steps, [_value(r, column) for r in self.rows], label=column)
+        ax_lr.set_ylabel("lr")
+        ax_lr.set_xlabel("step")
+        ax_lr.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return Path(path)

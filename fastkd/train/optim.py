@@ -1,0 +1,119 @@
+"""Optimisers over a method's parameter groups: AdamW, SGD and LARS, biases and norms excluded.
+
+The trainer asks the method for ``param_groups(weight_decay=1.0)``: each group's ``weight_decay``
+is then a *multiplier* of the scheduled weight decay (1 for weights, 0 for biases and norm
+weights), stored as ``wd_scale``; ``lr_scale`` (default 1) multiplies the scheduled lr.
+:func:`apply_schedules` writes ``lr = lr(step) * lr_scale`` and
+``weight_decay = wd(step) * wd_scale`` into every group before each step.
+
+LARS (You et al. 2017, as used by MoCo v3 / BYOL) for a parameter ``w`` with gradient ``g``::
+
+    g = g + wd * w
+    g = g * (eta * ||w|| / ||g||)     if wd_scale > 0 and both norms > 0   (biases/norms: no scaling)
+    buf = momentum * buf + g
+    w = w - lr * buf
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling; groups with ``wd_scale == 0``
+    (biases, norm weights) get neither weight decay nor the trust-ratio scaling."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if trust_coefficient <= 0:
+            raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                        trust_coefficient=trust_coefficient, wd_scale=1.0)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            adapt = group["wd_scale"] > 0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if adapt:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                    w_norm = torch.linalg.vector_norm(p)
+                    g_norm = torch.linalg.vector_norm(grad)
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0), group["trust_coefficient"] * w_norm / g_norm,
+                        torch.ones_like(w_norm),
+                    )
+                    grad = grad.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(grad)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(
+    param_groups: Iterable[dict],
+    name: str = "adamw",
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    momentum: float = 0.9,
+    trust_coefficient: float = 0.001,
+) -> torch.optim.Optimizer:
+    """Build ``name`` (``adamw`` | ``sgd`` | ``lars``) over groups from ``method.param_groups(1.0)``.
+
+    Each group's ``weight_decay`` is read as the multiplier ``wd_scale``; lr and weight decay
+    start at 0 and are set by :func:`apply_schedules` before every step."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer name must be one of {OPTIMIZERS}, got {name!r}")
+    groups = []
+    for index, group in enumerate(param_groups):
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"param_groups[{index}] must be a dict with 'params', got {type(group).__name__}")
+        params = [p for p in group["params"] if p.requires_grad]
+        if not params:
+            continue
+        wd_scale = float(group.get("weight_decay", 1.0))
+        lr_scale = float(group.get("lr_scale", 1.0))
+        if wd_scale < 0 or lr_scale < 0:
+            raise ValueError(f"param_groups[{index}]: weight_decay and lr_scale must be >= 0, "
+                             f"got {wd_scale} and {lr_scale}")
+        extra = {k: v for k, v in group.items() if k not in ("params", "weight_decay", "lr", "lr_scale")}
+        groups.append({**extra, "params": params, "lr": 0.0, "weight_decay": 0.0,
+                       "wd_scale": wd_scale, "lr_scale": lr_scale})
+    if not groups:
+        raise ValueError("param_groups holds no parameter that requires grad")
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas), eps=eps, weight_decay=0.0)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=momentum, weight_decay=0.0)
+    return LARS(groups, momentum=momentum, trust_coefficient=trust_coefficient)
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """Set every group's ``lr = lr * lr_scale`` and ``weight_decay = weight_decay * wd_scale``."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if lr < 0 or weight_decay < 0:
+        raise ValueError(f"lr and weight_decay must be >= 0, got {lr} and {weight_decay}")
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["weight_decay"] = weight_decay * group.get("wd_scale", 1.0)

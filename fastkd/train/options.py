@@ -1,0 +1,131 @@
+"""The trainer's settings: :class:`OptimConfig` (optimiser and schedules) and :class:`TrainConfig`
+(run length, precision, checkpoints, logging). Both validate themselves on construction; the YAML
+schema in :mod:`fastkd.config` is built from them."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, replace
+
+from fastkd.train.optim import OPTIMIZERS
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _check(condition: bool, name: str, expected: str, value) -> None:
+    if not condition:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class OptimConfig:
+    """Peak lr is ``lr`` when given, else ``blr * global_batch / reference_batch_size`` (linear
+    scaling; global batch = per-rank batch x ranks x ``accum_steps``). lr: linear warm-up over
+    ``warmup_epochs`` then cosine to ``min_lr``; weight decay: cosine from ``weight_decay`` to
+    ``weight_decay_end`` (constant when ``None``). ``clip_grad``: max grad norm (``None``: off).
+
+    ``per_model``: for methods that train several models (MOKD tags its parameter groups with
+    ``"model": "a" | "b"``), ``{tag: {field: value}}`` gives that model its own optimiser, lr /
+    weight-decay schedules and clipping (fields of this class except ``accum_steps``)."""
+
+    name: str = "adamw"
+    lr: float | None = None
+    blr: float = 1.5e-4
+    reference_batch_size: int = 256
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.9
+    trust_coefficient: float = 0.001
+    clip_grad: float | None = None
+    accum_steps: int = 1
+    per_model: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check(self.name in OPTIMIZERS, "optim.name", f"one of {OPTIMIZERS}", self.name)
+        _check(self.lr is None or (_is_number(self.lr) and self.lr >= 0), "optim.lr", "None or a number >= 0", self.lr)
+        for name in ("blr", "min_lr", "warmup_epochs", "weight_decay", "eps", "trust_coefficient"):
+            value = getattr(self, name)
+            _check(_is_number(value) and value >= 0, f"optim.{name}", "a number >= 0", value)
+        _check(self.weight_decay_end is None or (_is_number(self.weight_decay_end) and self.weight_decay_end >= 0),
+               "optim.weight_decay_end", "None or a number >= 0", self.weight_decay_end)
+        _check(_is_int(self.reference_batch_size) and self.reference_batch_size > 0,
+               "optim.reference_batch_size", "a positive int", self.reference_batch_size)
+        _check(isinstance(self.betas, (list, tuple)) and len(self.betas) == 2
+               and all(_is_number(b) and 0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)",
+               self.betas)
+        _check(_is_number(self.momentum) and 0 <= self.momentum < 1, "optim.momentum", "a number in [0, 1)",
+               self.momentum)
+        _check(self.clip_grad is None or (_is_number(self.clip_grad) and self.clip_grad > 0),
+               "optim.clip_grad", "None or a number > 0", self.clip_grad)
+        _check(_is_int(self.accum_steps) and self.accum_steps >= 1, "optim.accum_steps", "an int >= 1",
+               self.accum_steps)
+        _check(isinstance(self.per_model, dict), "optim.per_model", "a mapping {model tag: {field: value}}",
+               self.per_model)
+        allowed = [f.name for f in fields(self) if f.name not in ("accum_steps", "per_model")]
+        for tag, overrides in self.per_model.items():
+            _check(isinstance(overrides, dict), f"optim.per_model.{tag}", "a mapping of optim fields", overrides)
+            for key in overrides:
+                if key not in allowed:
+                    near = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
+                    hint = f"; did you mean 'optim.per_model.{tag}.{near[0]}'?" if near else ""
+                    raise ValueError(f"unknown config key 'optim.per_model.{tag}.{key}'{hint} (accum_steps is shared "
+                                     f"by all models; valid keys: {', '.join(allowed)})")
+            self.for_model(tag)
+
+    def for_model(self, tag) -> "OptimConfig":
+        """The settings of the parameter groups tagged ``tag`` (``per_model`` overrides applied)."""
+        return replace(self, per_model={}, **self.per_model.get(tag, {}))
+
+
+@dataclass
+class TrainConfig:
+    """Run length (``epochs``, optionally capped by ``max_steps`` optimiser steps), ``seed``,
+    ``precision`` (autocast dtype; ``fp16`` adds a GradScaler and needs CUDA), ``device``,
+    ``compile`` (torch.compile the student in place), ``checkpointing`` (activation checkpointing
+    of the student), ``sync_bn`` (SyncBatchNorm under DDP on CUDA), checkpoints every
+    ``checkpoint_every`` steps into ``output_dir`` (newest ``keep_last`` kept), a log row every
+    ``log_every`` steps, and a stop after ``max_nonfinite`` consecutive non-finite losses."""
+
+    epochs: int = 100
+    max_steps: int | None = None
+    seed: int = 0
+    precision: str = "bf16"
+    device: str = "auto"
+    compile: bool = False
+    checkpointing: bool = False
+    sync_bn: bool = True
+    find_unused_parameters: bool = False
+    output_dir: str = "runs/fastkd"
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    max_nonfinite: int = 5
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        _check(_is_int(self.epochs) and self.epochs >= 1, "train.epochs", "an int >= 1", self.epochs)
+        _check(self.max_steps is None or (_is_int(self.max_steps) and self.max_steps >= 1),
+               "train.max_steps", "None or an int >= 1", self.max_steps)
+        _check(_is_int(self.seed) and self.seed >= 0, "train.seed", "an int >= 0", self.seed)
+        _check(self.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", self.precision)
+        _check(self.device in ("auto", "cpu", "cuda"), "train.device", "'auto', 'cpu' or 'cuda'", self.device)
+        for name in ("compile", "checkpointing", "sync_bn", "find_unused_parameters", "progress", "tensorboard"):
+            _check(isinstance(getattr(self, name), bool), f"train.{name}", "true or false", getattr(self, name))
+        _check(isinstance(self.output_dir, str) and self.output_dir != "", "train.output_dir", "a non-empty path",
+               self.output_dir)
+        for name in ("checkpoint_every", "keep_last", "log_every", "max_nonfinite"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, f"train.{name}", "an int >= 1", value)

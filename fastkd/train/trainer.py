@@ -1,0 +1,432 @@
+"""One trainer for every method.
+
+The trainer knows a method only through its interface: ``forward(batch) -> dict`` with ``loss``
+(the scalar to backprop) and detached named parts, ``after_step(step, total_steps)`` (teacher EMA
+and method schedules; ``step`` is the 0-based index of the optimiser step just taken),
+``param_groups(weight_decay)``, ``student``, ``state_dict()`` / ``load_state_dict()``.
+
+One optimiser step = ``accum_steps`` micro-batches, each ``loss / accum_steps`` backpropagated
+(under DDP only the last one all-reduces). Per step, in order: schedules -> forward/backward ->
+non-finite check (agreed across ranks) -> unscale, clip (global norm per optimiser) -> optimiser
+step(s) -> ``after_step`` -> log -> checkpoint -> stop request check (SIGTERM/SIGINT).
+Parameter groups tagged ``"model": tag`` (MOKD) get their own optimiser and schedules when
+``optim.per_model`` names the tag.
+
+A step whose loss (on any rank, any micro-batch) or gradient norm is not finite is skipped: its
+batches are consumed and the step counter advances (so schedules and run length do not shift) but
+neither the optimiser nor ``after_step`` runs. ``max_nonfinite`` consecutive skips raise
+:class:`NonFiniteLossError` naming the step and the loss parts.
+
+Exact resume: the checkpoint holds the method's state (student, teachers, heads), optimisers,
+GradScaler, schedules, step, data position and every rank's RNG state. On resume the config's
+schedules are used (a warning names any that differ from the checkpoint's, e.g. after raising
+``train.epochs`` to extend a run), the loader's epoch is set, the batches already consumed in that
+epoch are skipped (under ``fork_rng``, so the skip itself draws nothing from the global
+generators) and training continues; with a loader whose randomness depends only on (seed, epoch,
+index) the resumed run is bit-identical on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastkd.train import distributed
+from fastkd.train.checkpoint import CheckpointManager
+from fastkd.train.distributed import DistEnv
+from fastkd.train.logging import TrainLogger
+from fastkd.train.optim import apply_schedules, build_optimizer
+from fastkd.train.options import OptimConfig, TrainConfig
+from fastkd.train.preemption import StopRequest
+from fastkd.train.rng import capture_rng_state, restore_rng_state, seed_everything
+from fastkd.train.schedules import WarmupCosine, scaled_lr
+
+CHECKPOINT_FORMAT = "fastkd-train-v1"
+_METHOD_INTERFACE = ("forward", "after_step", "param_groups", "student", "state_dict", "load_state_dict")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``max_nonfinite`` consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainResult:
+    """How a :meth:`Trainer.fit` call ended."""
+
+    step: int
+    total_steps: int
+    skipped_steps: int
+    preempted: bool
+    checkpoint: Path | None
+    summary: dict
+
+
+def _format_parts(parts: dict) -> str:
+    return ", ".join(f"{name}={value:.6g}" for name, value in parts.items())
+
+
+def _scalar_parts(outputs: dict) -> dict:
+    """Every scalar tensor / number of the method's output dict as a python float."""
+    parts = {}
+    for name, value in outputs.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            parts[name] = float(value.detach().float())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts[name] = float(value)
+    return parts
+
+
+@dataclass
+class _Slot:
+    """One optimiser over some parameter groups with its own schedules and clipping."""
+
+    name: str
+    config: OptimConfig
+    optimizer: torch.optim.Optimizer
+    params: list
+    lr: WarmupCosine
+    weight_decay: WarmupCosine
+
+    @property
+    def max_grad_norm(self) -> float:
+        """``clip_grad`` or infinity (the norm is then only measured)."""
+        return math.inf if self.config.clip_grad is None else float(self.config.clip_grad)
+
+
+def _slot_metrics(rates: dict, grad_norms: dict) -> dict:
+    """``lr``, ``weight_decay``, ``grad_norm`` (suffixed ``_<model>`` when there are several optimisers)."""
+    out = {}
+    for name, (lr, wd) in rates.items():
+        suffix = "" if len(rates) == 1 else f"_{name}"
+        out[f"lr{suffix}"], out[f"weight_decay{suffix}"] = lr, wd
+        out[f"grad_norm{suffix}"] = grad_norms.get(name, math.nan)
+    return out
+
+
+class Trainer:
+    """Trains ``method`` on batches of ``loader`` (an iterable with ``len()`` — batches per epoch
+    on this rank — and optionally ``set_epoch(epoch)``, yielding ``fastkd.data.Batch`` on the
+    right device). ``batch_size`` is the per-rank batch size (for linear lr scaling and images/s).
+    ``config`` (a plain dict, e.g. the whole run config) is stored in every checkpoint."""
+
+    def __init__(self, method: nn.Module, loader, *, batch_size: int, train: TrainConfig | None = None,
+                 optim: OptimConfig | None = None, env: DistEnv | None = None, config: dict | None = None):
+        if not isinstance(method, nn.Module):
+            raise TypeError(f"method must be an nn.Module, got {type(method).__name__}")
+        missing = [name for name in _METHOD_INTERFACE if not hasattr(method, name)]
+        if missing:
+            raise TypeError(f"method {type(method).__name__} lacks the trainer interface: missing {missing}")
+        if not (hasattr(loader, "__iter__") and hasattr(loader, "__len__")):
+            raise TypeError(f"loader must be an iterable with len(), got {type(loader).__name__}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if config is not None and not isinstance(config, dict):
+            raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
+        self.train_cfg = train or TrainConfig()
+        self.optim_cfg = optim or OptimConfig()
+        if not isinstance(self.train_cfg, TrainConfig) or not isinstance(self.optim_cfg, OptimConfig):
+            raise TypeError("train must be a TrainConfig and optim an OptimConfig")
+        self.env = env or distributed.init_distributed(self.train_cfg.device)
+        if self.train_cfg.precision == "fp16" and self.env.device.type != "cuda":
+            raise ValueError("train.precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
+        self.method = method
+        self.loader = loader
+        self.batch_size = batch_size
+        self.config = config or {}
+        accum = self.optim_cfg.accum_steps
+        self.steps_per_epoch = len(loader) // accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the loader yields {len(loader)} batches per epoch, fewer than "
+                             f"optim.accum_steps={accum}: not one optimiser step per epoch")
+        total = self.steps_per_epoch * self.train_cfg.epochs
+        self.total_steps = min(total, self.train_cfg.max_steps or total)
+        self.global_batch_size = batch_size * self.env.world_size * accum
+        self.checkpoints = CheckpointManager(Path(self.train_cfg.output_dir) / "checkpoints",
+                                             keep_last=self.train_cfg.keep_last)
+        self._prepare_model()
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _prepare_model(self) -> None:
+        cfg, env = self.train_cfg, self.env
+        method = self.method.to(env.device)
+        if env.is_distributed and cfg.sync_bn:
+            if env.device.type == "cuda":
+                method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            elif env.is_main and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in method.modules()):
+                print("warning: SyncBatchNorm needs CUDA; on CPU BatchNorm statistics stay per process", flush=True)
+        if cfg.checkpointing:
+            self._enable_activation_checkpointing(method)
+        if cfg.compile:
+            method.student.compile()
+        self.method = method
+        self.slots = self._build_slots(method.param_groups(1.0))
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+        self.model = method
+        if env.is_distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                method, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                find_unused_parameters=cfg.find_unused_parameters,
+            )
+
+    @staticmethod
+    def _enable_activation_checkpointing(method: nn.Module) -> None:
+        """Switch on ``checkpointing`` of every trainable backbone (``fastkd.models.Backbone``
+        recomputes its blocks in the backward when its ``checkpointing`` flag is set)."""
+        trainable = [m for m in method.modules() if isinstance(getattr(m, "checkpointing", None), bool)
+                     and any(p.requires_grad for p in m.parameters())]
+        if not trainable:
+            raise ValueError(f"train.checkpointing=true but {type(method).__name__} has no trainable module with a "
+                             "'checkpointing' switch (a fastkd.models.Backbone)")
+        for module in trainable:
+            module.checkpointing = True
+
+    def _build_slots(self, param_groups: list[dict]) -> list[_Slot]:
+        """One optimiser (+ schedules) per ``model`` tag named in ``optim.per_model``, one for all
+        other groups."""
+        by_tag: dict = {}
+        for group in param_groups:
+            tag = group.get("model") if group.get("model") in self.optim_cfg.per_model else None
+            by_tag.setdefault(tag, []).append(group)
+        unknown = set(self.optim_cfg.per_model) - set(by_tag)
+        if unknown:
+            tags = sorted({str(g.get("model")) for g in param_groups if "model" in g})
+            raise ValueError(f"optim.per_model names {sorted(unknown)}, but the method's parameter groups are "
+                             f"tagged {tags or 'with no model tag'}")
+        slots = []
+        for tag, groups in by_tag.items():
+            cfg = self.optim_cfg.for_model(tag)
+            optimizer = build_optimizer(groups, cfg.name, betas=tuple(cfg.betas), eps=cfg.eps,
+                                        momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient)
+            peak = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, self.global_batch_size,
+                                                                 cfg.reference_batch_size)
+            warmup = min(self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch))
+            wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
+            slots.append(_Slot(
+                name="all" if tag is None else str(tag), config=cfg, optimizer=optimizer,
+                params=[p for group in optimizer.param_groups for p in group["params"]],
+                lr=WarmupCosine(peak=peak, total_steps=self.total_steps, warmup_steps=warmup, end=cfg.min_lr),
+                weight_decay=WarmupCosine(peak=cfg.weight_decay, total_steps=self.total_steps, end=wd_end),
+            ))
+        return slots
+
+    def _autocast(self):
+        precision = self.train_cfg.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.env.device.type, dtype=dtype)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _state(self, step: int, skipped: int, consecutive: int, rng_states: list) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "total_steps": self.total_steps,
+            "epoch": step // self.steps_per_epoch,
+            "batches_in_epoch": (step % self.steps_per_epoch) * self.optim_cfg.accum_steps,
+            "world_size": self.env.world_size,
+            "method": self.method.state_dict(),
+            "optimizers": {slot.name: slot.optimizer.state_dict() for slot in self.slots},
+            "scaler": self.scaler.state_dict(),
+            "schedules": {slot.name: {"lr": slot.lr.state_dict(), "weight_decay": slot.weight_decay.state_dict()}
+                          for slot in self.slots},
+            "nonfinite": {"skipped": skipped, "consecutive": consecutive},
+            "rng": rng_states,
+            "config": self.config,
+        }
+
+    def _save(self, step: int, skipped: int, consecutive: int) -> Path | None:
+        rng_states = distributed.gather_objects(capture_rng_state())
+        path = None
+        if self.env.is_main:
+            path = self.checkpoints.save(self._state(step, skipped, consecutive, rng_states), step)
+        distributed.barrier()
+        return path
+
+    def _resume(self) -> tuple[int, int, int]:
+        """Load the newest readable checkpoint; returns ``(step, skipped, consecutive)``."""
+        loaded = self.checkpoints.load_latest(map_location="cpu")  # RNG states must stay CPU tensors
+        if loaded is None:
+            if self.env.is_main:
+                print(f"no checkpoint in {self.checkpoints.directory}: starting from step 0", flush=True)
+            return 0, 0, 0
+        state, path = loaded
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} has format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        position = (state["step"] // self.steps_per_epoch,
+                    (state["step"] % self.steps_per_epoch) * self.optim_cfg.accum_steps)
+        if position != (state["epoch"], state["batches_in_epoch"]):
+            raise ValueError(f"{path} stopped at epoch {state['epoch']}, batch {state['batches_in_epoch']}, but with "
+                             f"this loader ({len(self.loader)} batches per epoch) its step {state['step']} maps to "
+                             f"epoch {position[0]}, batch {position[1]}: the dataset, batch size or accum_steps changed")
+        self.method.load_state_dict(state["method"])
+        names = sorted(slot.name for slot in self.slots)
+        if sorted(state["optimizers"]) != names:
+            raise ValueError(f"{path} holds optimisers {sorted(state['optimizers'])}, this run has {names}: "
+                             "optim.per_model differs from the checkpointed run")
+        for slot in self.slots:
+            slot.optimizer.load_state_dict(state["optimizers"][slot.name])
+            for kind, schedule in (("lr", slot.lr), ("weight_decay", slot.weight_decay)):
+                saved = state["schedules"][slot.name][kind]
+                if saved != schedule.state_dict() and self.env.is_main:
+                    print(f"warning: the config changed the {kind} schedule of optimiser {slot.name!r} since "
+                          f"{path} ({saved} -> {schedule.state_dict()}); continuing with the new one", flush=True)
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        if state["world_size"] != self.env.world_size:
+            if self.env.is_main:
+                print(f"warning: {path} was written by {state['world_size']} ranks, resuming on "
+                      f"{self.env.world_size}: data order and RNG streams differ from an uninterrupted run",
+                      flush=True)
+            restore_rng_state(rng[self.env.rank % len(rng)])
+        else:
+            restore_rng_state(rng[self.env.rank])
+        if self.env.is_main:
+            print(f"resumed from {path} at step {state['step']}", flush=True)
+        return state["step"], state["nonfinite"]["skipped"], state["nonfinite"]["consecutive"]
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _batches(self, epoch: int, skip: int):
+        """Iterator over the loader's ``epoch`` with its first ``skip`` batches consumed; neither
+        creating the iterator nor skipping draws from the global RNGs."""
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+        devices = [self.env.device] if self.env.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            iterator = iter(self.loader)
+            for _ in range(skip):
+                next(iterator)
+        return iterator
+
+    def _forward_backward(self, batches, step: int) -> tuple[bool, dict, int]:
+        """All micro-batches of one step; returns ``(finite, loss parts, images)``."""
+        accum = self.optim_cfg.accum_steps
+        finite, parts_sum, images = True, {}, 0
+        for micro in range(accum):
+            batch = next(batches)
+            images += int(batch.views[0].shape[0]) if hasattr(batch, "views") else self.batch_size
+            sync = micro == accum - 1 or not self.env.is_distributed
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with self._autocast():
+                    outputs = self.model(batch)
+                if not isinstance(outputs, dict) or "loss" not in outputs:
+                    raise TypeError(f"method.forward must return a dict with 'loss', got {type(outputs).__name__}")
+                loss = outputs["loss"]
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                    raise ValueError(f"step {step}: outputs['loss'] must be a scalar tensor requiring grad, got "
+                                     f"{type(loss).__name__} {getattr(loss, 'shape', '')}")
+                parts = _scalar_parts(outputs)
+                for name, value in parts.items():
+                    parts_sum[name] = parts_sum.get(name, 0.0) + value / accum
+                bad = distributed.any_across_ranks(not math.isfinite(parts["loss"]), self.env.device)
+                if bad or not finite:
+                    finite = False
+                    continue
+                self.scaler.scale(loss / accum).backward()
+        return finite, parts_sum, images
+
+    def _update(self, step: int) -> tuple[bool, dict]:
+        """Unscale and clip the gradients of every optimiser; when all norms are finite (or the
+        fp16 GradScaler handles overflow itself) step them and call ``after_step``. Returns
+        ``(stepped, grad norms)``."""
+        grad_norms = {}
+        for slot in self.slots:
+            self.scaler.unscale_(slot.optimizer)
+            grad_norms[slot.name] = float(nn.utils.clip_grad_norm_(slot.params, slot.max_grad_norm))
+        if not (all(map(math.isfinite, grad_norms.values())) or self.scaler.is_enabled()):
+            return False, grad_norms
+        for slot in self.slots:
+            self.scaler.step(slot.optimizer)
+        self.scaler.update()
+        self.method.after_step(step, self.total_steps)
+        return True, grad_norms
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train to ``total_steps`` (or until SIGTERM/SIGINT); with ``resume`` continue from the
+        newest readable checkpoint in ``<output_dir>/checkpoints``."""
+        cfg, env = self.train_cfg, self.env
+        if not resume and self.checkpoints.checkpoints():
+            raise ValueError(f"{self.checkpoints.directory} already holds checkpoints of a run: continue it with "
+                             "resume (--resume) or choose another train.output_dir")
+        seed_everything(cfg.seed + env.rank)
+        step, skipped, consecutive = self._resume() if resume else (0, 0, 0)
+        logger = TrainLogger(cfg.output_dir, total_steps=self.total_steps, start_step=step, enabled=env.is_main,
+                             progress=cfg.progress, tensorboard=cfg.tensorboard)
+        self.model.train()
+        last_checkpoint, preempted = None, False
+        window_images, window_start = 0, time.perf_counter()
+        run_start, run_images, start_step = time.perf_counter(), 0, step
+        batches = None
+        with StopRequest() as stop:
+            while step < self.total_steps:
+                if batches is None or step % self.steps_per_epoch == 0:
+                    batches = self._batches(step // self.steps_per_epoch,
+                                            (step % self.steps_per_epoch) * self.optim_cfg.accum_steps)
+                rates = {}
+                for slot in self.slots:
+                    rates[slot.name] = (slot.lr(step), slot.weight_decay(step))
+                    apply_schedules(slot.optimizer, *rates[slot.name])
+                try:
+                    finite, parts, images = self._forward_backward(batches, step)
+                except Exception:
+                    if not stop.requested:
+                        raise
+                    # the signal also killed data workers: stop at the last completed step (single process;
+                    # under DDP the other ranks would wait in the step's collectives)
+                    for slot in self.slots:
+                        slot.optimizer.zero_grad(set_to_none=True)
+                    last_checkpoint, preempted = self._save(step, skipped, consecutive), True
+                    logger.message(f"stop requested ({stop.signal_name}) while step {step + 1} was running and it "
+                                   f"failed; checkpoint at step {step} written, exiting; continue with --resume")
+                    break
+                finite, grad_norms = self._update(step) if finite else (False, {})
+                if finite:
+                    consecutive = 0
+                else:
+                    skipped += 1
+                    consecutive += 1
+                    parts = distributed.mean_across_ranks(parts, env.device)  # NaN if any rank had one
+                    what = _format_parts({**parts, **{f"grad_norm_{k}": v for k, v in grad_norms.items()}})
+                    logger.message(f"step {step}: non-finite loss or gradient, step skipped ({what}); "
+                                   f"{consecutive} in a row, {skipped} in total")
+                    if consecutive >= cfg.max_nonfinite:
+                        message = (f"stopping at step {step}: {consecutive} consecutive non-finite steps "
+                                   f"(train.max_nonfinite={cfg.max_nonfinite}); last loss parts: {what}")
+                        logger.close({"steps": step, "skipped_steps": skipped, "stopped": message})
+                        raise NonFiniteLossError(message)
+                for slot in self.slots:
+                    slot.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_images += images * env.world_size
+                run_images += images * env.world_size
+                logger.advance()
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    parts = distributed.mean_across_ranks(parts, env.device)
+                    logger.log({"step": step, "epoch": (step - 1) // self.steps_per_epoch, **parts,
+                                **_slot_metrics(rates, grad_norms),
+                                "images_per_s": window_images / max(elapsed, 1e-9), "skipped_steps": skipped})
+                    window_images, window_start = 0, time.perf_counter()
+                stop_now = distributed.any_across_ranks(stop.requested, env.device)
+                if step % cfg.checkpoint_every == 0 or step == self.total_steps or stop_now:
+                    last_checkpoint = self._save(step, skipped, consecutive)
+                if stop_now:
+                    preempted = True
+                    logger.message(f"stop requested ({stop.signal_name or 'another rank'}): checkpoint at step "
+                                   f"{step} written, exiting; continue with --resume")
+                    break
+        summary = {"steps": step, "total_steps": self.total_steps, "skipped_steps": skipped,
+                   "preempted": preempted, "global_batch_size": self.global_batch_size,
+                   "wall_time_s": time.perf_counter() - run_start,
+                   "images_per_s": run_images / max(time.perf_counter() - run_start, 1e-9) if step > start_step else 0.0}
+        if logger.rows:
+            summary["final_loss"] = float(logger.rows[-1]["loss"])
+        summary = logger.close(summary)
+        return TrainResult(step=step, total_steps=self.total_steps, skipped_steps=skipped, preempted=preempted,
+                           checkpoint=last_checkpoint, summary=summary)

@@ -1,0 +1,449 @@
+"""Triton kernels of ``token_relation``: KL divergence between teacher and student attention maps,
+streamed over key blocks so that no ``N x N`` tensor ever reaches global memory.
+
+Math, per batch ``b``, student head ``h`` and query row ``i`` (``c_s``, ``c_t`` are the logit scales,
+i.e. ``scale / temperature``)::
+
+    s[i, j]  = c_s * <q_s[b, h, i], k_s[b, h, j]>                     (fp32)
+    a_s      = log_softmax(s, dim=-1)
+    teacher log-probabilities, with G = H_t // H_s teacher heads per student head:
+      G == 1: a_t = log_softmax(c_t * q_t[b, h] @ k_t[b, h]^T, dim=-1)
+      G  > 1: a_t = log(mean_{g < G} softmax(c_t * q_t[b, h*G+g] @ k_t[b, h*G+g]^T, dim=-1))
+    teacher_to_student: kl[b, h, i] = sum_j exp(a_t[i, j]) * (a_t[i, j] - a_s[i, j])   # KL(P_t || P_s)
+    student_to_teacher: kl[b, h, i] = sum_j exp(a_s[i, j]) * (a_s[i, j] - a_t[i, j])   # KL(P_s || P_t)
+
+i.e. ``F.kl_div(a_s, a_t, log_target=True, reduction="none").sum(-1)`` for the first direction.
+
+Forward (``token_relation_fwd_kernel``): one program per (query block, b, h) streams over key blocks
+keeping, per row, running maxima and sums for both sides (online log-sum-exp) and the running sum
+``acc = sum_j exp(x_j - m_x) (x_j - y_j)`` of the weighted logit difference (``x`` the weighting side:
+teacher for teacher_to_student, student for student_to_teacher), rescaled whenever ``m_x`` grows.
+At the end ``kl = acc / l_x - lse_x + lse_y``. It writes only ``kl``, ``lse_s`` and ``lse_t`` (fp32,
+``[B, H_s, N]``). For ``G > 1`` the teacher tile is first turned into ``log(mean_g P_g)``, which needs
+each teacher head's normalised probabilities: ``row_lse_kernel`` computes the per-head ``lse`` of the
+``H_t`` teacher heads beforehand (``[B, H_t, N]``), and the tile is a running ``logaddexp`` over the
+``G`` heads minus ``log G`` (``lse_t`` of that tile is then 0 up to rounding, computed all the same).
+
+Backward: the gradient with respect to the student logits is, per row with upstream gradient ``g``::
+
+    teacher_to_student: ds = g * (P_s - P_t)
+    student_to_teacher: ds = g * P_s * (a_s - a_t - kl)
+
+and ``dq_s = c_s * ds @ k_s``, ``dk_s = c_s * ds^T @ q_s``. Both probability tiles are recomputed tile
+by tile from the saved ``lse_s``, ``lse_t`` (and per-head teacher lse) as in FlashAttention.
+``dk_s`` strategy: a separate key-block-major pass (``token_relation_bwd_dk_kernel``: one program per
+key block, looping over query blocks) rather than atomics from the query-major pass. It accumulates
+``dk_s`` in registers in fp32 and writes each row exactly once in the input dtype, so it is
+deterministic, needs no fp32 ``[B, H, N, d]`` scratch buffer, zero fill or cast pass, and has no
+atomic contention between the ``N / BLOCK_M`` programs that would all hit the same rows. The price
+is recomputing the logit tiles once more (the dq pass and the dk pass each recompute them), which is
+cheap for the head dims of ViTs (arithmetic per tile ``~ 4 * BLOCK_M * BLOCK_N * d`` against the
+``O(BLOCK * d)`` loads). Extra memory of the whole op: ``O(B * H * N)`` statistics.
+
+Prior art (named in DESIGN.md, not consulted for this code): StreamKL (arXiv 2606.20005) streams the
+same KL over key blocks; the recomputing backward follows FlashAttention.
+
+Launch helpers take plain tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``) ``[B, H, N, d]`` with a
+contiguous last dimension (others are made so); fp32 operands use ``ieee`` dots (no tf32), 16-bit
+operands tensor-core dots with fp32 accumulation; all statistics are fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .registry import register_compile_config
+
+__all__ = ["token_relation_forward", "token_relation_backward", "default_blocks"]
+
+
+@triton.jit
+def _load_rows(base, stride_n, offs_rows, n_rows, offs_d, d):
+    """Tile ``base[offs_rows, offs_d]`` of a ``[n_rows, d]`` matrix (zero outside)."""
+    mask = (offs_rows < n_rows)[:, None] & (offs_d < d)[None, :]
+    return tl.load(base + offs_rows[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _teacher_tile(
+    q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h, stride_kt_n,
+    offs_m, offs_n, offs_dt, N, D_T, c_t, G: tl.constexpr,
+):
+    """Teacher tile: logits ``c_t * q_t @ k_t^T`` when ``G == 1``; else ``log(mean_g P_g)`` over the
+    ``G`` teacher heads of the group (``q_t0`` is the preloaded query tile of the group's first head)."""
+    k_t = _load_rows(kt_base, stride_kt_n, offs_n, N, offs_dt, D_T)
+    t = tl.dot(q_t0, tl.trans(k_t), input_precision="ieee") * c_t
+    if G > 1:
+        row_mask = offs_m < N
+        t = t - tl.load(lse_heads_base + offs_m, mask=row_mask, other=0.0)[:, None]
+        for g in tl.static_range(1, G):
+            q_g = _load_rows(qt_base + g * stride_qt_h, stride_qt_n, offs_m, N, offs_dt, D_T)
+            k_g = _load_rows(kt_base + g * stride_kt_h, stride_kt_n, offs_n, N, offs_dt, D_T)
+            a_g = tl.dot(q_g, tl.trans(k_g), input_precision="ieee") * c_t
+            a_g = a_g - tl.load(lse_heads_base + g * N + offs_m, mask=row_mask, other=0.0)[:, None]
+            top = tl.maximum(t, a_g)
+            t = top + tl.log(tl.exp(t - top) + tl.exp(a_g - top))
+        t = t - tl.log(tl.full([], G, tl.float32))
+    return t
+
+
+@triton.jit
+def _student_logit_grad(s, t, lse_s, lse_t, kl, grad, valid, TEACHER_TO_STUDENT: tl.constexpr):
+    """``d kl / d s`` times the upstream row gradient, zero outside ``valid``."""
+    a_s = s - lse_s[:, None]
+    a_t = t - lse_t[:, None]
+    p_s = tl.exp(a_s)
+    if TEACHER_TO_STUDENT:
+        ds = p_s - tl.exp(a_t)
+    else:
+        ds = p_s * (a_s - a_t - kl[:, None])
+    return tl.where(valid, ds * grad[:, None], 0.0)
+
+
+@triton.jit
+def row_lse_kernel(
+    q_ptr, k_ptr, lse_ptr, N, H, D, c,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``lse[b, h, i] = logsumexp_j(c * <q[b, h, i], k[b, h, j]>)``, streamed over key blocks."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, stride_qn, offs_m, N, offs_d, D)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, stride_kn, offs_n, N, offs_d, D)
+        x = tl.dot(q, tl.trans(k), input_precision="ieee") * c
+        x = tl.where((offs_n < N)[None, :], x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, 1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
+        m = m_new
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * N + offs_m, m + tl.log(l), mask=offs_m < N)
+
+
+@triton.jit
+def token_relation_fwd_kernel(
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, kl_ptr, lse_s_ptr, lse_t_ptr,
+    N, H_S, D_S, D_T, c_s, c_t,
+    stride_qs_b, stride_qs_h, stride_qs_n, stride_ks_b, stride_ks_h, stride_ks_n,
+    stride_qt_b, stride_qt_h, stride_qt_n, stride_kt_b, stride_kt_h, stride_kt_n,
+    G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    """One program = one block of query rows of one (b, student head); streams over key blocks."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H_S).to(tl.int64)
+    h = (pid_bh % H_S).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    offs_dt = tl.arange(0, BLOCK_DT)
+    ks_base = ks_ptr + b * stride_ks_b + h * stride_ks_h
+    qt_base = qt_ptr + b * stride_qt_b + h * G * stride_qt_h
+    kt_base = kt_ptr + b * stride_kt_b + h * G * stride_kt_h
+    lse_heads_base = lse_heads_ptr + (pid_bh.to(tl.int64) * G) * N
+    q_s = _load_rows(qs_ptr + b * stride_qs_b + h * stride_qs_h, stride_qs_n, offs_m, N, offs_ds, D_S)
+    q_t0 = _load_rows(qt_base, stride_qt_n, offs_m, N, offs_dt, D_T)
+
+    m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_s = tl.zeros([BLOCK_M], tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = (offs_n < N)[None, :]
+        k_s = _load_rows(ks_base, stride_ks_n, offs_n, N, offs_ds, D_S)
+        s = tl.dot(q_s, tl.trans(k_s), input_precision="ieee") * c_s
+        t = _teacher_tile(q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
+                          stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_t, G)
+        diff = tl.where(col_ok, t - s, 0.0)
+        s = tl.where(col_ok, s, float("-inf"))
+        t = tl.where(col_ok, t, float("-inf"))
+        m_s_new = tl.maximum(m_s, tl.max(s, 1))
+        m_t_new = tl.maximum(m_t, tl.max(t, 1))
+        alpha_s = tl.exp(m_s - m_s_new)
+        alpha_t = tl.exp(m_t - m_t_new)
+        e_s = tl.exp(s - m_s_new[:, None])
+        e_t = tl.exp(t - m_t_new[:, None])
+        l_s = l_s * alpha_s + tl.sum(e_s, 1)
+        l_t = l_t * alpha_t + tl.sum(e_t, 1)
+        if TEACHER_TO_STUDENT:
+            acc = acc * alpha_t + tl.sum(e_t * diff, 1)
+        else:
+            acc = acc * alpha_s - tl.sum(e_s * diff, 1)
+        m_s = m_s_new
+        m_t = m_t_new
+    lse_s = m_s + tl.log(l_s)
+    lse_t = m_t + tl.log(l_t)
+    if TEACHER_TO_STUDENT:
+        kl = acc / l_t - lse_t + lse_s
+    else:
+        kl = acc / l_s - lse_s + lse_t
+    out = pid_bh.to(tl.int64) * N + offs_m
+    row_mask = offs_m < N
+    tl.store(kl_ptr + out, kl, mask=row_mask)
+    tl.store(lse_s_ptr + out, lse_s, mask=row_mask)
+    tl.store(lse_t_ptr + out, lse_t, mask=row_mask)
+
+
+@triton.jit
+def token_relation_bwd_dq_kernel(
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, kl_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, dq_ptr,
+    N, H_S, D_S, D_T, c_s, c_t,
+    stride_qs_b, stride_qs_h, stride_qs_n, stride_ks_b, stride_ks_h, stride_ks_n,
+    stride_qt_b, stride_qt_h, stride_qt_n, stride_kt_b, stride_kt_h, stride_kt_n,
+    G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    """Query-block-major pass: ``dq_s[rows] = c_s * sum_j ds[rows, j] k_s[j]`` (dq is ``[B, H_s, N, d_s]``
+    contiguous)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H_S).to(tl.int64)
+    h = (pid_bh % H_S).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    offs_dt = tl.arange(0, BLOCK_DT)
+    row_mask = offs_m < N
+    ks_base = ks_ptr + b * stride_ks_b + h * stride_ks_h
+    qt_base = qt_ptr + b * stride_qt_b + h * G * stride_qt_h
+    kt_base = kt_ptr + b * stride_kt_b + h * G * stride_kt_h
+    lse_heads_base = lse_heads_ptr + (pid_bh.to(tl.int64) * G) * N
+    q_s = _load_rows(qs_ptr + b * stride_qs_b + h * stride_qs_h, stride_qs_n, offs_m, N, offs_ds, D_S)
+    q_t0 = _load_rows(qt_base, stride_qt_n, offs_m, N, offs_dt, D_T)
+    rows = pid_bh.to(tl.int64) * N + offs_m
+    lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+    kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
+    grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_s = _load_rows(ks_base, stride_ks_n, offs_n, N, offs_ds, D_S)
+        s = tl.dot(q_s, tl.trans(k_s), input_precision="ieee") * c_s
+        t = _teacher_tile(q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
+                          stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_t, G)
+        valid = row_mask[:, None] & (offs_n < N)[None, :]
+        ds = _student_logit_grad(s, t, lse_s, lse_t, kl, grad, valid, TEACHER_TO_STUDENT)
+        dq += tl.dot(ds.to(k_s.dtype), k_s, input_precision="ieee")
+    out = dq_ptr + rows[:, None] * D_S + offs_ds[None, :]
+    tl.store(out, (dq * c_s).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_ds < D_S)[None, :])
+
+
+@triton.jit
+def token_relation_bwd_dk_kernel(
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, kl_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, dk_ptr,
+    N, H_S, D_S, D_T, c_s, c_t,
+    stride_qs_b, stride_qs_h, stride_qs_n, stride_ks_b, stride_ks_h, stride_ks_n,
+    stride_qt_b, stride_qt_h, stride_qt_n, stride_kt_b, stride_kt_h, stride_kt_n,
+    G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    """Key-block-major pass: ``dk_s[keys] = c_s * sum_i ds[i, keys] q_s[i]`` (dk is ``[B, H_s, N, d_s]``
+    contiguous); loops over query blocks, so each dk row is written once, without atomics."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H_S).to(tl.int64)
+    h = (pid_bh % H_S).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    offs_dt = tl.arange(0, BLOCK_DT)
+    col_mask = offs_n < N
+    qs_base = qs_ptr + b * stride_qs_b + h * stride_qs_h
+    qt_base = qt_ptr + b * stride_qt_b + h * G * stride_qt_h
+    kt_base = kt_ptr + b * stride_kt_b + h * G * stride_kt_h
+    lse_heads_base = lse_heads_ptr + (pid_bh.to(tl.int64) * G) * N
+    k_s = _load_rows(ks_ptr + b * stride_ks_b + h * stride_ks_h, stride_ks_n, offs_n, N, offs_ds, D_S)
+    stats_base = pid_bh.to(tl.int64) * N
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_mask = offs_m < N
+        q_s = _load_rows(qs_base, stride_qs_n, offs_m, N, offs_ds, D_S)
+        q_t0 = _load_rows(qt_base, stride_qt_n, offs_m, N, offs_dt, D_T)
+        lse_s = tl.load(lse_s_ptr + stats_base + offs_m, mask=row_mask, other=0.0)
+        lse_t = tl.load(lse_t_ptr + stats_base + offs_m, mask=row_mask, other=0.0)
+        kl = tl.load(kl_ptr + stats_base + offs_m, mask=row_mask, other=0.0)
+        grad = tl.load(grad_ptr + stats_base + offs_m, mask=row_mask, other=0.0)
+        s = tl.dot(q_s, tl.trans(k_s), input_precision="ieee") * c_s
+        t = _teacher_tile(q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
+                          stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_t, G)
+        valid = row_mask[:, None] & col_mask[None, :]
+        ds = _student_logit_grad(s, t, lse_s, lse_t, kl, grad, valid, TEACHER_TO_STUDENT)
+        dk += tl.dot(tl.trans(ds.to(q_s.dtype)), q_s, input_precision="ieee")
+    out = dk_ptr + (stats_base + offs_n)[:, None] * D_S + offs_ds[None, :]
+    tl.store(out, (dk * c_s).to(dk_ptr.dtype.element_ty), mask=col_mask[:, None] & (offs_ds < D_S)[None, :])
+
+
+# ----------------------------------------------------------------------------- launch helpers
+
+
+def default_blocks(d: int, G: int) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` for head dim ``d`` and ``G`` teacher heads per student head: 64 x 64
+    tiles, 64 x 32 for ``d > 64`` or ``G > 1`` (keeps the backward kernels free of spills)."""
+    return (64, 64) if d <= 64 and G == 1 else (64, 32)
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _launch_args(q_s, k_s, q_t, k_t, block_m, block_n):
+    q_s, k_s, q_t, k_t = (_rows_contiguous(x) for x in (q_s, k_s, q_t, k_t))
+    B, H_s, N, d_s = q_s.shape
+    H_t, d_t = q_t.shape[1], q_t.shape[3]
+    default_m, default_n = default_blocks(max(d_s, d_t), H_t // H_s)
+    meta = dict(
+        G=H_t // H_s,
+        BLOCK_M=block_m or default_m,
+        BLOCK_N=block_n or default_n,
+        BLOCK_DS=_block_d(d_s),
+        BLOCK_DT=_block_d(d_t),
+    )
+    strides = (*_strides(q_s), *_strides(k_s), *_strides(q_t), *_strides(k_t))
+    return (q_s, k_s, q_t, k_t), (B, H_s, H_t, N, d_s, d_t), strides, meta
+
+
+def token_relation_forward(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    c_s: float,
+    c_t: float,
+    teacher_to_student: bool,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward; returns ``(kl, lse_s, lse_t, lse_heads)`` in fp32. ``lse_heads`` is the
+    per-teacher-head lse ``[B, H_t, N]`` when ``H_t > H_s`` and an empty ``[0]`` tensor otherwise.
+    Shapes must already be validated (``H_t`` a multiple of ``H_s``)."""
+    (q_s, k_s, q_t, k_t), (B, H_s, H_t, N, d_s, d_t), strides, meta = _launch_args(
+        q_s, k_s, q_t, k_t, block_m, block_n
+    )
+    kl, lse_s, lse_t = (torch.empty((B, H_s, N), device=q_s.device, dtype=torch.float32) for _ in range(3))
+    if meta["G"] > 1:
+        lse_heads = torch.empty((B, H_t, N), device=q_s.device, dtype=torch.float32)
+        row_lse_kernel[(triton.cdiv(N, meta["BLOCK_M"]), B * H_t)](
+            q_t, k_t, lse_heads, N, H_t, d_t, c_t, *strides[6:],
+            BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"], BLOCK_D=meta["BLOCK_DT"],
+        )  # fmt: skip
+    else:
+        lse_heads = torch.empty((0,), device=q_s.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, meta["BLOCK_M"]), B * H_s)
+    token_relation_fwd_kernel[grid](
+        q_s, k_s, q_t, k_t, lse_heads, kl, lse_s, lse_t, N, H_s, d_s, d_t, c_s, c_t, *strides,
+        TEACHER_TO_STUDENT=teacher_to_student, **meta,
+    )  # fmt: skip
+    return kl, lse_s, lse_t, lse_heads
+
+
+def token_relation_backward(
+    grad_kl: torch.Tensor,
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    kl: torch.Tensor,
+    lse_s: torch.Tensor,
+    lse_t: torch.Tensor,
+    lse_heads: torch.Tensor,
+    c_s: float,
+    c_t: float,
+    teacher_to_student: bool,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the two backward passes; returns ``(dq_s, dk_s)`` in the student's dtype."""
+    (q_s, k_s, q_t, k_t), (B, H_s, H_t, N, d_s, d_t), strides, meta = _launch_args(
+        q_s, k_s, q_t, k_t, block_m, block_n
+    )
+    grad_kl = grad_kl.to(torch.float32).contiguous()
+    kl, lse_s, lse_t, lse_heads = (x.contiguous() for x in (kl, lse_s, lse_t, lse_heads))
+    dq = torch.empty((B, H_s, N, d_s), device=q_s.device, dtype=q_s.dtype)
+    dk = torch.empty((B, H_s, N, d_s), device=q_s.device, dtype=k_s.dtype)
+    common = (N, H_s, d_s, d_t, c_s, c_t, *strides)
+    token_relation_bwd_dq_kernel[(triton.cdiv(N, meta["BLOCK_M"]), B * H_s)](
+        q_s, k_s, q_t, k_t, lse_heads, kl, lse_s, lse_t, grad_kl, dq, *common,
+        TEACHER_TO_STUDENT=teacher_to_student, **meta,
+    )  # fmt: skip
+    token_relation_bwd_dk_kernel[(triton.cdiv(N, meta["BLOCK_N"]), B * H_s)](
+        q_s, k_s, q_t, k_t, lse_heads, kl, lse_s, lse_t, grad_kl, dk, *common,
+        TEACHER_TO_STUDENT=teacher_to_student, **meta,
+    )  # fmt: skip
+    return dq, dk
+
+
+# ----------------------------------------------------------------------------- compile check
+
+
+def _register_compile_configs() -> None:
+    """ViT-S (H=6), ViT-B (H=12), ViT-L (H=16) all have d = 64; heads and N are runtime values, so
+    the configurations differ by dtype, direction and teacher-head group (G = 2: a ViT-B teacher
+    mapped onto a ViT-S student with ``head_map="mean"``; also a d=128 teacher). bf16 (the training
+    dtype) for every shape, fp16 for the plain ViT shape only, to keep the CI compile time down."""
+    stride_names = [
+        f"stride_{t}_{a}" for t in ("qs", "ks", "qt", "kt") for a in ("b", "h", "n")
+    ]
+    shapes = [  # label, student d, teacher d, G
+        ("ViT-S/B/L d=64", 64, 64, 1),
+        ("ViT-B teacher -> ViT-S student, head_map=mean", 64, 64, 2),
+        ("d=64 student, d=128 teacher", 64, 128, 1),
+    ]
+    for dtype, dtype_shapes in (("bf16", shapes), ("fp16", shapes[:1])):
+        for label, d_s, d_t, G in dtype_shapes:
+            block_m, block_n = default_blocks(max(d_s, d_t), G)
+            meta = {"G": G, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DS": _block_d(d_s),
+                    "BLOCK_DT": _block_d(d_t)}  # fmt: skip
+            inputs = {name: f"*{dtype}" for name in ("qs_ptr", "ks_ptr", "qt_ptr", "kt_ptr")}
+            inputs["lse_heads_ptr"] = "*fp32"
+            stats = {"kl_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32"}
+            scalars = {"N": "i32", "H_S": "i32", "D_S": "i32", "D_T": "i32", "c_s": "fp32", "c_t": "fp32"}
+            scalars.update({name: "i32" for name in stride_names})
+            for t2s in (True, False):
+                direction = "teacher_to_student" if t2s else "student_to_teacher"
+                constexprs = {"TEACHER_TO_STUDENT": t2s, **meta}
+                register_compile_config(
+                    "token_relation_fwd", token_relation_fwd_kernel, {**inputs, **stats, **scalars}, constexprs,
+                    label=f"{label}, {dtype}, {direction}",
+                )  # fmt: skip
+                for name, kernel, out in (
+                    ("token_relation_bwd_dq", token_relation_bwd_dq_kernel, "dq_ptr"),
+                    ("token_relation_bwd_dk", token_relation_bwd_dk_kernel, "dk_ptr"),
+                ):
+                    signature = {**inputs, **stats, "grad_ptr": "*fp32", out: f"*{dtype}", **scalars}
+                    register_compile_config(name, kernel, signature, constexprs, label=f"{label}, {dtype}, {direction}")
+            if G > 1:
+                register_compile_config(
+                    "token_relation_row_lse", row_lse_kernel,
+                    {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "lse_ptr": "*fp32", "N": "i32", "H": "i32", "D": "i32",
+                     "c": "fp32", "stride_qb": "i32", "stride_qh": "i32", "stride_qn": "i32", "stride_kb": "i32",
+                     "stride_kh": "i32", "stride_kn": "i32"},
+                    {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": _block_d(d_t)},
+                    label=f"{label}, {dtype}",
+                )  # fmt: skip
+
+
+_register_compile_configs()

@@ -1,0 +1,57 @@
+"""k-NN / linear evaluation end to end: sample-dataset JPEGs -> eval loader -> saved backbone -> CLI."""
+
+import json
+
+import pytest
+import torch
+
+from fastkd.cli import main
+from fastkd.data import write_sample_dataset
+from fastkd.eval import evaluate_knn, evaluate_linear, load_eval_model
+from fastkd.models import build_backbone, save_backbone
+
+LOADER = dict(image_size=16, batch_size=8, backend="torch", num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    return write_sample_dataset(root / "train", images=24, seed=0), write_sample_dataset(root / "val", images=12, seed=1)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    return save_backbone(backbone, tmp_path_factory.mktemp("run") / "student.pt")
+
+
+def test_knn_on_the_train_split_itself_is_perfect(splits, student):
+    """With k=1 each train image is its own nearest neighbour (cosine 1): k-NN of the memory bank
+    against itself gives 100% whatever the (distinct) features."""
+    model = load_eval_model(student)
+    result = evaluate_knn(model, splits[0], splits[0], k=1, **LOADER)
+    assert result.top1 == 100.0
+
+
+def test_cached_features_feed_knn_and_linear_probe(splits, student, tmp_path):
+    model = load_eval_model(student)
+    knn = evaluate_knn(model, *splits, cache_dir=tmp_path, cache_key="s", **LOADER)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s-train.pt", "s-val.pt"]
+    assert 0.0 <= knn.top1 <= 100.0 and len(knn.predictions) == 12
+    linear = evaluate_linear(model, *splits, epochs=2, cache_dir=tmp_path, cache_key="s", **LOADER)
+    assert 0.0 <= linear.top1 <= linear.top5 <= 100.0
+    with pytest.raises(ValueError, match="cache_key is required"):
+        evaluate_knn(model, *splits, cache_dir=tmp_path, **LOADER)
+
+
+def test_cli_eval_knn_writes_json(splits, student, tmp_path, capsys):
+    out = tmp_path / "knn.json"
+    code = main(["eval", "knn", str(student), "--train", str(splits[0]), "--val", str(splits[0]), "--image-size", "16",
+                 "--batch-size", "8", "--backend", "torch", "--num-workers", "0", "--k", "1", "--output", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(cached) == 2 and cached[0].startswith("student-student-") and cached[1].endswith("-val.pt")
+    report = json.loads(out.read_text())
+    assert report["protocol"] == "knn" and report["top1"] == 100.0 and report["k"] == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report

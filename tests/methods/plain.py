@@ -1,0 +1,89 @@
+"""Independent, straightforward re-implementations the method tests compare against: a ViT forward
+through timm's modules with materialised attention maps, and the plain-PyTorch losses."""
+
+from __future__ import annotations
+
+import torch
+
+from fastkd.data.batch import Batch
+from fastkd.models import build_backbone, save_backbone
+
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+TINY_VIT_ARCH = "vit_tiny_patch16_224"
+TINY_MOCO = dict(arch=TINY_VIT_ARCH, arch_kwargs=TINY_VIT, proj_hidden_dim=32, pred_hidden_dim=32, out_dim=16)
+
+
+def tiny_batch(views: int = 1, B: int = 3, size: int = 32, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch([torch.randn(B, 3, size, size, generator=g) for _ in range(views)],
+                 torch.full((B,), -1, dtype=torch.long), torch.arange(B))
+
+
+def write_tiny_teacher(path, seed: int, **overrides) -> str:
+    """Save a randomly initialised tiny ViT in fastkd's checkpoint format; returns the path."""
+    torch.manual_seed(seed)
+    save_backbone(build_backbone(TINY_VIT_ARCH, **{**TINY_VIT, **overrides}), path)
+    return str(path)
+
+
+def plain_vit(backbone, x: torch.Tensor, keep: torch.Tensor | None = None):
+    """``(tokens after the final norm, [attention map [B, H, M, M] per block])`` computed with
+    timm's submodules and an explicit softmax(q k^T * scale)."""
+    m = backbone.model
+    patches = m.patch_embed(x)  # [B, N, D]
+    pos = m.pos_embed
+    cls = m.cls_token.expand(x.shape[0], -1, -1) + pos[:, :1]
+    patches = patches + pos[:, 1:]
+    if keep is not None:
+        patches = torch.stack([patches[b, keep[b]] for b in range(x.shape[0])])
+    h = torch.cat([cls, patches], dim=1)
+    maps = []
+    for block in m.blocks:
+        a = block.attn
+        y = block.norm1(h)
+        B, M, _ = y.shape
+        q, k, v = a.qkv(y).reshape(B, M, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-2, -1) * a.scale, dim=-1)
+        maps.append(attn)
+        h = h + a.proj((attn @ v).transpose(1, 2).reshape(B, M, -1))
+        h = h + block.mlp(block.norm2(h))
+    return m.norm(h), maps
+
+
+def plain_align(student: torch.Tensor, teacher: torch.Tensor, target_norm: str = "layernorm",
+                loss: str = "smooth_l1", beta: float = 2.0) -> torch.Tensor:
+    """Mean over rows of the feature-alignment loss (teacher normalised without gradient)."""
+    t = teacher.detach()
+    if target_norm == "layernorm":
+        t = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    elif target_norm == "l2":
+        t = t / t.norm(dim=-1, keepdim=True)
+    if loss == "smooth_l1":
+        d = (student - t).abs()
+        return torch.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta).mean()
+    if loss == "mse":
+        return ((student - t) ** 2).mean()
+    return (1 - (student * t).sum(-1) / (student.norm(dim=-1) * t.norm(dim=-1))).mean()
+
+
+def plain_relation_kl(attn_s: torch.Tensor, attn_t: torch.Tensor) -> torch.Tensor:
+    """Mean over rows and heads of KL(attn_t || attn_s) for materialised maps ``[B, H, M, M]``."""
+    return (attn_t * (attn_t.log() - attn_s.log())).sum(-1).mean()
+
+
+def plain_contrastive(q, k, T):
+    """One direction of MoCo v3's loss: cross-entropy of cosine logits / T, positives on the diagonal, x 2T."""
+    q = q / q.norm(dim=1, keepdim=True)
+    k = k / k.norm(dim=1, keepdim=True)
+    logits = q @ k.t() / T
+    return -(logits.diagonal() - torch.logsumexp(logits, dim=1)).mean() * 2 * T
+
+
+def plain_branches(method, views):
+    """Online ``q`` and momentum ``k`` per view through timm modules (materialised attention)."""
+    backbone, projector = method.base_encoder
+    momentum_backbone, momentum_projector = method.momentum_encoder.module
+    q = [method.predictor(projector(plain_vit(backbone, x)[0][:, 0])) for x in views]
+    with torch.no_grad():
+        k = [momentum_projector(plain_vit(momentum_backbone, x)[0][:, 0]) for x in views]
+    return q, k

@@ -1,0 +1,165 @@
+import pytest
+import torch
+
+from fastkd.methods import build_method, cls_attention_scores
+from fastkd.methods.hybrid_distill import HybridDistillConfig
+from tests.methods.common import check_gradients, check_parts_and_total, steps_lower_loss
+from tests.methods.plain import (
+    TINY_VIT, TINY_VIT_ARCH, plain_align, plain_relation_kl, plain_vit, tiny_batch, write_tiny_teacher,
+)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hybrid")
+    return {
+        "feature": write_tiny_teacher(root / "feature.pt", 11, embed_dim=48),
+        "relation": write_tiny_teacher(root / "relation.pt", 12, num_heads=4),
+    }
+
+
+def sharpened(method, factor=6.0):
+    """Scale every q/k projection so attention maps are far from uniform (a random init's are nearly
+    uniform, which would make the relation term ~1e-6 and the CLS-attention ranking near-ties)."""
+    with torch.no_grad():
+        for model in (method.backbone, method.feature_teacher, method.relation_teacher):
+            for block in model.model.blocks:
+                dim = block.attn.qkv.weight.shape[1]
+                block.attn.qkv.weight[: 2 * dim].mul_(factor)
+    return method
+
+
+def config(paths, **overrides):
+    return {
+        "student_arch": TINY_VIT_ARCH, "student_kwargs": TINY_VIT,
+        "feature_teacher_arch": TINY_VIT_ARCH, "feature_teacher_kwargs": dict(TINY_VIT, embed_dim=48),
+        "feature_teacher_path": paths["feature"],
+        "relation_teacher_arch": TINY_VIT_ARCH, "relation_teacher_kwargs": dict(TINY_VIT, num_heads=4),
+        "relation_teacher_path": paths["relation"],
+        "relation_layers": [[0, 1], [1, -1]], "head_map": "mean", "alpha": 0.5, "beta": 2.0,
+        "keep_schedule": [[0.0, 1.0], [0.5, 0.5]],
+        **overrides,
+    }
+
+
+def _subset_map(attn, rows):
+    """Attention among the kept tokens only: the full map's rows/columns, renormalised."""
+    sub = torch.stack([attn[b][:, rows[b]][:, :, rows[b]] for b in range(attn.shape[0])])
+    return sub / sub.sum(-1, keepdim=True)
+
+
+def plain_hybrid(method, x, K):
+    """Hybrid Distill with materialised attention maps (teacher heads averaged in groups)."""
+    B, N = x.shape[0], method.backbone.num_patches
+    feat_tokens, feat_maps = plain_vit(method.feature_teacher, x)
+    _, rel_maps = plain_vit(method.relation_teacher, x)
+    scores = feat_maps[-1][:, :, 0, 1:].mean(1)
+    keep = torch.topk(scores, K, dim=1).indices.sort(dim=1).values
+    tokens, maps = plain_vit(method.backbone, x, keep if K < N else None)
+    s = method.projector(tokens)
+    t = feat_tokens.detach()
+    parts = {
+        "feature_cls": plain_align(s[:, 0], t[:, 0]),
+        "feature_patch": plain_align(s[:, 1:], torch.stack([t[b, 1:][keep[b]] for b in range(B)])),
+    }
+    rows = torch.cat([torch.zeros(B, 1, dtype=torch.long), keep + 1], dim=1)
+    relation = 0.0
+    for ls, lt in ((0, 1), (1, 1)):
+        teacher = _subset_map(rel_maps[lt].detach(), rows)
+        teacher = teacher.reshape(B, 2, 2, *teacher.shape[2:]).mean(2)  # 4 teacher heads -> 2 student heads
+        relation = relation + plain_relation_kl(maps[ls], teacher)
+    parts["relation"] = relation / 2
+    return parts, keep
+
+
+@pytest.mark.parametrize("step,K", [(0, 16), (5, 8)])
+def test_parts_reference_and_gradients(paths, step, K):
+    method = sharpened(build_method("hybrid_distill", config(paths)))
+    assert method.recipe == "mae" and method.student is method.backbone
+    method.after_step(step, 10)
+    batch = tiny_batch(B=2)
+    out = method(batch)
+    check_parts_and_total(out, {"feature_cls": 0.5, "feature_patch": 0.5, "relation": 2.0}, ("kept_tokens",))
+    assert out["kept_tokens"].item() == K
+    ref, _ = plain_hybrid(method, batch.views[0], K)
+    assert ref["relation"] > 0.05
+    for name, value in ref.items():
+        torch.testing.assert_close(out[name], value.detach(), rtol=1e-4, atol=1e-5)
+    check_gradients(method, out, frozen=[method.feature_teacher, method.relation_teacher])
+
+
+def test_cls_attention_scores_match_materialised_map():
+    q, k = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4)
+    attn = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1)
+    torch.testing.assert_close(cls_attention_scores(q, k, 0.5), attn[:, :, 0, 1:].mean(1))
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        cls_attention_scores(q, k, 0.5, num_prefix_tokens=10)
+
+
+def test_masking_schedule_keeps_documented_counts(paths):
+    method = build_method("hybrid_distill", config(paths, keep_schedule=[[0.0, 1.0], [0.25, 0.75], [0.5, 0.5],
+                                                                        [0.75, 0.25]]))
+    seen = []
+    method.backbone.model.norm.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    batch = tiny_batch(B=2)
+    expected = {0: 16, 1: 16, 2: 12, 3: 12, 4: 8, 5: 8, 6: 4, 7: 4}  # kept after after_step(s, 8): stage of s + 1
+    counts = {}
+    method(batch)
+    counts[0] = seen[-1] - 1
+    for s in range(7):
+        method.after_step(s, 8)
+        method(batch)
+        counts[s + 1] = seen[-1] - 1
+        assert method.num_kept() == counts[s + 1]
+    assert counts == expected
+    assert method.keep_ratio_at(4, 8) == 0.5 and method.keep_ratio_at(7, 8) == 0.25
+
+
+def test_kept_tokens_are_the_most_attended(paths):
+    method = sharpened(build_method("hybrid_distill", config(paths, feature_target="patch")))
+    method.after_step(9, 10)
+    batch = tiny_batch(B=2)
+    captured = {}
+    original = method.backbone.forward_features
+
+    def spy(x, **kwargs):
+        captured["keep"] = kwargs["keep"]
+        return original(x, **kwargs)
+
+    method.backbone.forward_features = spy
+    out = method(batch)
+    assert "feature_cls" not in out and "feature_patch" in out
+    _, keep = plain_hybrid(method, batch.views[0], 8)
+    assert torch.equal(captured["keep"], keep)
+
+
+def test_steps_lower_loss(paths):
+    method = build_method("hybrid_distill", config(paths))
+    first, last = steps_lower_loss(method, tiny_batch(B=2), lr=3e-3)
+    assert last < first
+
+
+def test_bad_configs(paths):
+    with pytest.raises(ValueError, match="non-increasing"):
+        HybridDistillConfig(keep_schedule=[[0.0, 0.5], [0.5, 0.9]])
+    with pytest.raises(ValueError, match="fraction 0.0"):
+        HybridDistillConfig(keep_schedule=[[0.1, 0.5]])
+    with pytest.raises(TypeError, match="relation_layers"):
+        HybridDistillConfig(relation_layers=[[0, 1, 2]])
+    with pytest.raises(ValueError, match="out of range"):
+        build_method("hybrid_distill", config(paths, relation_layers=[[5, 0]]))
+    with pytest.raises(ValueError, match="did you mean 'alpha'"):
+        build_method("hybrid_distill", config(paths, alpah=1.0))
+
+
+def test_relation_switches_reach_the_loss(paths):
+    batch = tiny_batch(B=2)
+    values = {}
+    for key, overrides in {"default": {}, "reverse": {"relation_direction": "student_to_teacher"},
+                           "warm": {"relation_temperature": 4.0}}.items():
+        torch.manual_seed(0)
+        method = sharpened(build_method("hybrid_distill", config(paths, **overrides)))
+        values[key] = method(batch)["relation"].item()
+    assert method.relation.temperature == 4.0
+    assert values["reverse"] != pytest.approx(values["default"], rel=1e-3)
+    assert values["warm"] < values["default"]  # a higher temperature flattens both maps

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from fastkd.methods import build_method
+from fastkd.methods.mocov3 import MoCoV3Config
+from fastkd.train.ema import momentum_schedule
+from tests.methods.common import check_gradients, check_parts_and_total, snapshot, steps_lower_loss, unchanged
+from tests.methods.plain import TINY_MOCO, plain_branches, plain_contrastive, tiny_batch
+
+CONFIG = TINY_MOCO
+
+
+def test_loss_parts_gradients_and_reference():
+    method = build_method("mocov3", CONFIG)
+    assert method.recipe == "mocov3" and method.student is method.base_encoder[0]
+    assert method.contrastive.temperature == 0.2
+    batch = tiny_batch(views=2, B=4)
+    out = method(batch)
+    check_parts_and_total(out, {"contrastive": 1.0})
+    q, k = plain_branches(method, batch.views)
+    ref = plain_contrastive(q[0], k[1], 0.2) + plain_contrastive(q[1], k[0], 0.2)
+    torch.testing.assert_close(out["loss"], ref, rtol=1e-5, atol=1e-5)
+    check_gradients(method, out, frozen=[method.momentum_encoder.module])
+    assert all(p.grad is None for p in method.base_encoder[0].model.patch_embed.parameters())
+
+
+def test_teacher_moves_only_in_after_step():
+    method = build_method("mocov3", CONFIG)
+    batch = tiny_batch(views=2, B=4)
+    teacher = method.momentum_encoder.module
+    before = snapshot(teacher)
+    optimiser = torch.optim.SGD(method.param_groups(0.0), lr=0.5)
+    method(batch)["loss"].backward()
+    optimiser.step()
+    assert unchanged(teacher, before)
+    params_t = [p.detach().clone() for p in teacher.parameters()]
+    params_s = [p.detach().clone() for p in method.base_encoder.parameters()]
+    method.after_step(3, 10)
+    m = momentum_schedule(3, 10, 0.99)
+    assert m == pytest.approx(1 - 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 0.3)).item()) * 0.01)
+    for t0, s, t in zip(params_t, params_s, teacher.parameters()):
+        torch.testing.assert_close(t, t0 + (1 - m) * (s - t0), rtol=1e-6, atol=1e-7)
+
+
+def test_steps_lower_loss():
+    method = build_method("mocov3", CONFIG)
+    first, last = steps_lower_loss(method, tiny_batch(views=2, B=4))
+    assert last < first
+
+
+def test_switches():
+    method = build_method("mocov3", {**CONFIG, "temperature": 0.5, "proj_layers": 2, "freeze_patch_embed": False})
+    assert method.contrastive.temperature == 0.5
+    assert sum(isinstance(m, torch.nn.Linear) for m in method.base_encoder[1].modules()) == 2
+    assert all(p.requires_grad for p in method.student.model.patch_embed.parameters())
+    groups = method.param_groups(0.1)
+    assert {g["weight_decay"] for g in groups} == {0.1, 0.0}
+    assert all(p.dim() < 2 for g in groups if g["weight_decay"] == 0.0 for p in g["params"])
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="did you mean 'temperature'"):
+        build_method("mocov3", {**CONFIG, "temprature": 0.2})
+    with pytest.raises(ValueError, match="base_momentum"):
+        MoCoV3Config(base_momentum=1.5)
+    method = build_method("mocov3", CONFIG)
+    with pytest.raises(ValueError, match="at least 2 views"):
+        method(tiny_batch(views=1, B=4))
+    with pytest.raises(ValueError, match="total_steps"):
+        method.after_step(0, 0)

@@ -1,0 +1,24 @@
+import pytest
+
+from fastkd.methods import METHODS, build_method, method_class
+from fastkd.methods.base import Method
+
+
+def test_registry_names_and_interface():
+    assert set(METHODS) == {"moma", "hybrid_distill", "resmoco", "mokd", "mocov3", "mae"}
+    for name, cls in METHODS.items():
+        assert issubclass(cls, Method) and cls.recipe in ("mocov3", "dino_multicrop", "mae")
+        assert method_class(name) is cls
+        for attr in ("forward", "after_step", "param_groups"):
+            assert callable(getattr(cls, attr))
+
+
+def test_unknown_names_and_keys():
+    with pytest.raises(ValueError, match="did you mean 'mocov3'"):
+        method_class("mocov2")
+    with pytest.raises(TypeError, match="name"):
+        method_class(3)
+    with pytest.raises(ValueError, match="did you mean 'residual_weight'"):
+        build_method("resmoco", {"residual_wieght": 1.0})
+    with pytest.raises(TypeError, match="dict"):
+        build_method("mae", [("arch", "x")])

@@ -1,0 +1,232 @@
+"""gather_tokens against torch.gather(x + pos_embed): CPU op, Triton kernels (interpreter), errors, compile."""
+
+import importlib
+import warnings
+
+import pytest
+import torch
+
+from fastkd.kernels.gather_tokens import launch_gather_tokens_bwd, launch_gather_tokens_fwd
+from fastkd.ops import gather_tokens, gather_tokens_reference, random_keep
+
+# the package attribute ``fastkd.ops.gather_tokens`` is the function, so fetch the module itself
+op_module = importlib.import_module("fastkd.ops.gather_tokens")
+
+@pytest.fixture(params=["native", "torch"])
+def cpu_path(request, monkeypatch):
+    """Run a CPU test on the C++ kernels (skipped when fastkd._C lacks them) and on the fallback."""
+    if request.param == "native" and not op_module._HAS_NATIVE:
+        pytest.skip("fastkd._C is not built with the gather_tokens kernels")
+    monkeypatch.setattr(op_module, "_HAS_NATIVE", request.param == "native")
+    monkeypatch.setattr(op_module, "_warned_fallback", True)
+    return request.param
+
+
+TOL = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _inputs(B, N, D, K, dtype, pos_shape, *, duplicates=False, pos_dtype=None):
+    x = torch.randn(B, N, D, dtype=dtype, requires_grad=True)
+    keep = torch.randint(0, N, (B, K)) if duplicates else random_keep(B, N, K)[0]
+    pos = None
+    if pos_shape is not None:
+        pos = torch.randn(*pos_shape, dtype=pos_dtype or dtype, requires_grad=True)
+    return x, keep, pos
+
+
+def _fwd_bwd(fn, x, keep, pos, grad):
+    out = fn(x, keep, pos)
+    inputs = [x] + ([pos] if pos is not None else [])
+    grads = torch.autograd.grad(out, inputs, grad)
+    return out, grads
+
+
+def _assert_matches_reference(x, keep, pos):
+    grad = torch.randn(x.shape[0], keep.shape[1], x.shape[2], dtype=x.dtype if pos is None else torch.result_type(x, pos))
+    out, grads = _fwd_bwd(gather_tokens, x, keep, pos, grad)
+    ref, ref_grads = _fwd_bwd(gather_tokens_reference, x, keep, pos, grad)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, **TOL[x.dtype])
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        # the positional gradient is accumulated in fp32, the reference sums in the input dtype
+        torch.testing.assert_close(got.float(), want.float(), **TOL[want.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "B,N,D,K,pos_shape",
+    [
+        (2, 197, 768, 20, "nd"),
+        (3, 197, 384, 50, "1nd"),
+        (2, 13, 1000, 13, None),
+        (1, 1, 1, 1, "nd"),
+        (4, 7, 3, 0, "1nd"),
+        (5, 9, 1, 4, "nd"),
+    ],
+)
+def test_cpu_matches_reference(B, N, D, K, pos_shape, dtype, cpu_path):
+    shape = {None: None, "nd": (N, D), "1nd": (1, N, D)}[pos_shape]
+    _assert_matches_reference(*_inputs(B, N, D, K, dtype, shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_duplicate_indices_sum_their_gradients(dtype, cpu_path):
+    x, keep, pos = _inputs(3, 6, 5, 6, dtype, (6, 5), duplicates=True)
+    assert any(len(set(row.tolist())) < len(row) for row in keep)
+    _assert_matches_reference(x, keep, pos)
+
+
+def test_cpu_mixed_dtypes_promote_like_addition(cpu_path):
+    x, keep, pos = _inputs(2, 11, 8, 4, torch.bfloat16, (1, 11, 8), pos_dtype=torch.float32)
+    _assert_matches_reference(x, keep, pos)
+
+
+def test_cpu_non_contiguous_inputs(cpu_path):
+    x = torch.randn(3, 16, 7).transpose(1, 2).requires_grad_(True)  # [3, 7, 16], feature dim strided
+    keep = torch.tensor([[6, 0, 3, 2], [1, 1, 5, 0], [2, 4, 0, 6]])[:, ::2]
+    pos = torch.randn(16, 7).t().requires_grad_(True)
+    assert not x.is_contiguous() and not keep.is_contiguous() and not pos.is_contiguous()
+    _assert_matches_reference(x, keep, pos)
+    _assert_matches_reference(x, keep, None)
+
+
+def test_only_pos_or_only_x_requires_grad(cpu_path):
+    x, keep, pos = _inputs(2, 9, 4, 3, torch.float32, (9, 4))
+    out = gather_tokens(x.detach(), keep, pos)
+    (gp,) = torch.autograd.grad(out.sum(), [pos])
+    torch.testing.assert_close(gp, torch.autograd.grad(gather_tokens_reference(x.detach(), keep, pos).sum(), [pos])[0])
+    out = gather_tokens(x, keep, pos.detach())
+    (gx,) = torch.autograd.grad(out.sum(), [x])
+    torch.testing.assert_close(gx, torch.autograd.grad(gather_tokens_reference(x, keep, pos.detach()).sum(), [x])[0])
+
+
+def test_gradcheck_float64(cpu_path):
+    x, keep, pos = _inputs(2, 5, 3, 4, torch.float64, (1, 5, 3), duplicates=True)
+    assert torch.autograd.gradcheck(gather_tokens, (x, keep, pos))
+
+
+def test_torch_compile_fullgraph():
+    def fn(x, keep, pos):
+        return gather_tokens(x * 2.0, keep, pos).square().sum()
+
+    x, keep, pos = _inputs(2, 10, 6, 3, torch.float32, (10, 6))
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, keep, pos), [x, pos])
+    want = torch.autograd.grad(fn(x, keep, pos), [x, pos])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_opcheck(cpu_path):
+    x, keep, pos = _inputs(2, 6, 4, 3, torch.float32, (6, 4))
+    torch.library.opcheck(torch.ops.fastkd.gather_tokens.default, (x, keep, pos))
+    torch.library.opcheck(torch.ops.fastkd.gather_tokens.default, (x, keep, None))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda x, k, p: (x, k.int(), p), TypeError, "keep must be an int64"),
+        (lambda x, k, p: (x, k.float(), p), TypeError, "keep must be an int64"),
+        (lambda x, k, p: (x.long(), k, p), TypeError, "x must be a floating-point"),
+        (lambda x, k, p: (x[0], k, p), ValueError, r"x must have shape \[B, N, D\]"),
+        (lambda x, k, p: (x, k[0], p), ValueError, r"keep must have shape \[B, K\]"),
+        (lambda x, k, p: (x, k[:1], p), ValueError, r"keep must have shape \[B, K\]"),
+        (lambda x, k, p: (x, torch.zeros(2, 6, dtype=torch.long), p), ValueError, "K = 6 tokens but x has only N = 5"),
+        (lambda x, k, p: (x, k, p[:, :4]), ValueError, "pos_embed must have shape"),
+        (lambda x, k, p: (x, k, p[None, None]), ValueError, "pos_embed must have shape"),
+        (lambda x, k, p: (x, k, p.long()), TypeError, "pos_embed must be a floating-point"),
+        (lambda x, k, p: (x, k, 1.0), TypeError, "pos_embed must be a Tensor"),
+        (lambda x, k, p: (x.tolist(), k, p), TypeError, "x must be a Tensor"),
+        (lambda x, k, p: (x, k.tolist(), p), TypeError, "keep must be a Tensor"),
+        (lambda x, k, p: (x, k.clone().fill_(5), p), ValueError, r"in \[0, 5\).*\[5, 5\]"),
+        (lambda x, k, p: (x, k.clone().fill_(-1), p), ValueError, r"in \[0, 5\).*\[-1, -1\]"),
+    ],
+)
+def test_bad_inputs_raise(make, error, match):
+    x, keep, pos = torch.randn(2, 5, 8), torch.tensor([[0, 4], [3, 1]]), torch.randn(5, 8)
+    with pytest.raises(error, match=match):
+        gather_tokens(*make(x, keep, pos))
+
+
+def test_fallback_warns_once(monkeypatch):
+    monkeypatch.setattr(op_module, "_HAS_NATIVE", False)
+    monkeypatch.setattr(op_module, "_warned_fallback", False)
+    x, keep = torch.randn(1, 3, 2), torch.tensor([[2]])
+    with pytest.warns(UserWarning, match="PyTorch CPU path"):
+        gather_tokens(x, keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gather_tokens(x, keep)
+
+
+def test_cuda_index_check_runs_only_under_debug_flag(monkeypatch):
+    keep = torch.tensor([[0, 7]])
+    monkeypatch.delenv("FASTKD_DEBUG", raising=False)
+    op_module._check_cuda_indices(keep, 5)
+    monkeypatch.setenv("FASTKD_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"\[0, 7\]"):
+        op_module._check_cuda_indices(keep, 5)
+
+
+# ----------------------------------------------------------------------------- Triton kernels (interpreter)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "B,N,D,K,pos_shape,duplicates",
+    [
+        (2, 11, 37, 4, "nd", False),
+        (3, 5, 1030, 5, "1nd", True),  # two feature blocks, every token kept, repeats
+        (10, 6, 3, 2, "nd", True),  # more batches than batch groups
+        (1, 1, 1, 1, None, False),
+        (2, 4, 8, 0, "nd", False),
+    ],
+)
+def test_triton_op_paths_match_reference(B, N, D, K, pos_shape, duplicates, dtype):
+    """The CUDA implementations of both ops, run on CPU tensors through the interpreted kernels."""
+    shape = {None: None, "nd": (N, D), "1nd": (1, N, D)}[pos_shape]
+    x, keep, pos = _inputs(B, N, D, K, dtype, shape, duplicates=duplicates)
+    x, pos = x.detach(), None if pos is None else pos.detach()
+    out = op_module._gather_tokens_cuda(x, keep, pos)
+    torch.testing.assert_close(out, gather_tokens_reference(x, keep, pos), **TOL[dtype])
+    grad = torch.randn(B, K, D, dtype=dtype)
+    grad_x, grad_pos = op_module._gather_tokens_backward_cuda(grad, keep, N, dtype, pos is not None)
+    want_x = torch.zeros(B, N, D, dtype=torch.float32).scatter_add_(1, keep[..., None].expand(-1, -1, D), grad.float())
+    torch.testing.assert_close(grad_x, want_x.to(dtype), **TOL[dtype])
+    if pos is None:
+        assert grad_pos.shape == (0, D)
+    else:
+        torch.testing.assert_close(grad_pos, want_x.sum(0), atol=1e-5, rtol=1e-5)
+
+
+def test_triton_fwd_mixed_dtype_and_strided_rows():
+    x = torch.randn(3, 9, 2, 24)[:, :, 1]  # rows strided, feature dim contiguous
+    keep = torch.tensor([[8, 0], [4, 4], [1, 2]])
+    pos = torch.randn(9, 24, dtype=torch.float32)
+    out = op_module._gather_tokens_cuda(x.bfloat16(), keep, pos)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, gather_tokens_reference(x.bfloat16(), keep, pos))
+    raw = torch.empty(3, 2, 24)
+    launch_gather_tokens_fwd(x, keep, None, raw)
+    torch.testing.assert_close(raw, gather_tokens_reference(x, keep))
+    grad = torch.randn(3, 2, 24)  # fp32 gradient of the promoted output, bf16 x
+    grad_x, grad_pos = op_module._gather_tokens_backward_cuda(grad, keep, 9, torch.bfloat16, True)
+    want_x = torch.zeros(3, 9, 24).scatter_add_(1, keep[..., None].expand(-1, -1, 24), grad)
+    assert grad_x.dtype == torch.bfloat16 and grad_pos.dtype == torch.float32
+    torch.testing.assert_close(grad_x, want_x.bfloat16())
+    torch.testing.assert_close(grad_pos, want_x.sum(0))
+
+
+def test_triton_bwd_writes_every_element_of_grad_x():
+    grad_x = torch.full((2, 7, 5), float("nan"))
+    keep = torch.tensor([[1, 3], [6, 6]])
+    grad = torch.ones(2, 2, 5)
+    grad_pos = launch_gather_tokens_bwd(grad, keep, grad_x, True)
+    assert not grad_x.isnan().any()
+    assert grad_x.sum().item() == 20.0 and grad_x[1, 6].eq(2.0).all()
+    assert grad_pos[6].eq(2.0).all() and grad_pos[0].eq(0.0).all()

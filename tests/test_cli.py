@@ -1,0 +1,85 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastkd.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("argv", [[], ["pretrain"], ["distill"], ["eval"], ["eval", "knn"], ["eval", "linear"],
+                                  ["bench"], ["data"], ["data", "sample"], ["data", "scan"]])
+def test_every_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: fastkd")
+    if argv[:1] in (["pretrain"], ["distill"]):
+        assert "--resume" in text and "key=value" in text
+    if argv[-1:] == ["knn"]:
+        assert "--train" in text and "--temperature" in text
+
+
+def test_bad_config_key_is_a_clear_error(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("method: {name: mae}\ndata: {source: /x}\ntrian: {epochs: 1}\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", str(config)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'trian'; did you mean 'train'?" in err and str(config) in err
+    with pytest.raises(SystemExit):
+        main(["pretrain", str(config).replace("c.yaml", "none.yaml")])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_method_run_with_the_wrong_command(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("method: {name: moma}\ndata: {source: /x}\n")
+    with pytest.raises(SystemExit):
+        main(["pretrain", str(config)])
+    assert "method 'moma' is run with `fastkd distill`" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["distill", str(config), "oops"])
+    assert "override must look like key=value" in capsys.readouterr().err
+
+
+def test_bench_lists_and_rejects_unknown(capsys):
+    assert main(["bench", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.startswith("benchmarks:")
+    with pytest.raises(SystemExit):
+        main(["bench", "no_such_bench"])
+    assert "unknown benchmark 'no_such_bench'" in capsys.readouterr().err
+
+
+def test_parser_wires_data_commands():
+    args = build_parser().parse_args(["data", "sample", "/tmp/x", "--images", "24"])
+    assert args.images == 24 and callable(args.func)
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "fastkd.cli", "--version"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("fastkd ")
+
+
+def test_pretrain_then_eval_from_the_run_directory(tmp_path, capsys):
+    """The runner end to end: the demo MAE recipe for 2 steps on sample JPEGs, then k-NN of the
+    run directory (the method is rebuilt from the config stored in the checkpoint)."""
+    from fastkd.data import write_sample_dataset
+
+    data = write_sample_dataset(tmp_path / "train", images=24)
+    out = tmp_path / "run"
+    code = main(["pretrain", str(ROOT / "configs/demo/mae_teacher.yaml"), f"data.source={data}", "data.batch_size=12",
+                 "data.backend=torch", "data.num_workers=0", "train.max_steps=2", "train.progress=false", "train.tensorboard=false",
+                 f"train.output_dir={out}"])
+    assert code == 0
+    assert "finished at step 2/2" in capsys.readouterr().out
+    assert (out / "student.pt").is_file() and (out / "checkpoints" / "checkpoint_000000002.pt").is_file()
+    assert main(["eval", "knn", str(out), "--train", str(data), "--val", str(data), "--image-size", "32",
+                 "--backend", "torch", "--num-workers", "0", "--k", "1"]) == 0
+    assert '"top1": 100.0' in capsys.readouterr().out

@@ -1,0 +1,77 @@
+"""EMATeacher and momentum_schedule against hand-written EMA / the cosine formula."""
+
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from fastkd.train.ema import EMATeacher, momentum_schedule
+
+
+def tiny_vit():
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             embed_dim=48, num_heads=3, num_classes=0)
+
+
+def test_matches_hand_written_ema_over_timm_vit_after_10_updates():
+    student = tiny_vit()
+    ema = EMATeacher(student)
+    expected = {n: p.detach().double().clone() for n, p in student.named_parameters()}
+    gen = torch.Generator().manual_seed(3)
+    for step in range(10):
+        with torch.no_grad():  # a stand-in optimiser step
+            for p in student.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+        m = momentum_schedule(step, 10, 0.99)
+        ema.update(m)
+        for n, p in student.named_parameters():
+            expected[n] = m * expected[n] + (1 - m) * p.detach().double()
+    for n, p in ema.module.named_parameters():
+        torch.testing.assert_close(p.double(), expected[n], rtol=1e-5, atol=1e-6, msg=n)
+        assert not p.requires_grad
+    x = torch.randn(2, 3, 32, 32)
+    assert ema(x).shape == student(x).shape == (2, 48)
+
+
+def test_gap_buffers_and_state_dict():
+    student = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(memory_format=torch.channels_last)
+    ema = EMATeacher(student)
+    student(torch.randn(2, 3, 8, 8))  # updates the student's BatchNorm running statistics
+    with torch.no_grad():
+        student[0].weight.add_(1.0)
+    t_params = [p.detach().double().clone() for p in ema.module.parameters()]
+    s_params = [p.detach().double() for p in student.parameters()]
+    gap = ema.update(0.9, return_gap=True)
+    assert math.isclose(gap.diff_sq, sum(((s - t) ** 2).sum().item() for s, t in zip(s_params, t_params)),
+                        rel_tol=1e-6)
+    assert math.isclose(gap.teacher_sq, sum((t**2).sum().item() for t in t_params), rel_tol=1e-6)
+    torch.testing.assert_close(ema.module[1].running_mean, student[1].running_mean)
+    assert ema.module[1].num_batches_tracked.item() == 1
+    assert set(ema.state_dict()) == {"module." + k for k in student.state_dict()}
+
+
+def test_update_rejects_mismatched_modules_and_bad_student():
+    with pytest.raises(TypeError, match="student_module must be an nn.Module"):
+        EMATeacher("vit")
+    ema = EMATeacher(nn.Linear(3, 2))
+    ema.module.extra = nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match="only in teacher"):
+        ema.update(0.9)
+
+
+def test_momentum_schedule():
+    assert momentum_schedule(0, 100, 0.99) == pytest.approx(0.99)
+    assert momentum_schedule(50, 100, 0.99) == pytest.approx(0.995)
+    assert momentum_schedule(100, 100, 0.996) == pytest.approx(1.0)
+    values = [momentum_schedule(s, 20, 0.9) for s in range(21)]
+    assert values == sorted(values)
+    with pytest.raises(ValueError, match="step must be in"):
+        momentum_schedule(101, 100, 0.99)
+    with pytest.raises(ValueError, match="total must be positive"):
+        momentum_schedule(0, 0, 0.99)
+    with pytest.raises(ValueError, match="base must be in"):
+        momentum_schedule(0, 10, 1.5)
+    with pytest.raises(TypeError, match="step must be an int"):
+        momentum_schedule(0.5, 10, 0.9)
