@@ -23,6 +23,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from ._extension import load
+from .reference_mode import reference_ops_enabled
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _warned_fallback: set[str] = set()
@@ -120,14 +121,19 @@ def ema_(
     Teachers must be contiguous floating tensors; students have the same shapes and any floating
     dtype (a bf16 student into an fp32 teacher is cast inside the kernel). All tensors share one
     device. Nothing is modified when validation fails. Returns :class:`EMAGap` (measured before
-    the update) when ``return_gap``, else None.
+    the update) when ``return_gap``, else None. Inside ``reference_ops()`` it is the per-tensor
+    Python loop of ``mul_``/``add_`` (plus a separate gap pass) that many SSL codebases use.
     """
     _check_args(teacher, student, momentum)
     momentum = float(momentum)
     if len(teacher) == 0:  # no tensor to dispatch on
         return EMAGap(0.0, 0.0, 0.0, 0.0) if return_gap else None
     with torch.no_grad():
-        if _native_available(teacher[0].device):
+        if reference_ops_enabled():
+            gap = _gap_pass(teacher, student) if return_gap else None
+            for t, s in zip(teacher, student):
+                t.mul_(momentum).add_(s.to(t.dtype), alpha=1.0 - momentum)
+        elif _native_available(teacher[0].device):
             gap = torch.ops.fastkd.ema_(list(teacher), list(student), momentum, return_gap)
         else:
             gap = _foreach_ema(teacher, student, momentum, return_gap)

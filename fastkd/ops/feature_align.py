@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastkd.ops import _extension
+from fastkd.ops.reference_mode import reference_ops_enabled
 
 __all__ = ["feature_align", "feature_align_reference", "TARGET_NORMS", "LOSSES"]
 
@@ -178,7 +179,7 @@ def _feature_align_chunked(s, t, w, target_norm, student_norm, loss, beta, eps, 
 
 @functools.lru_cache(maxsize=None)
 def _cpu_kernel_available() -> bool:
-    available = _extension.load() is not None and hasattr(torch.ops.fastkd, "feature_align_cpu")
+    available = _extension.has_native_op("feature_align_cpu")
     if not available:
         warnings.warn("fastkd._C (with feature_align_cpu) is not built; feature_align uses its chunked PyTorch path on CPU")
     return available
@@ -264,7 +265,11 @@ def feature_align(
 ) -> Tensor:
     """Per-row loss ``[...]`` (float32; float64 for float64 inputs) of ``student`` against the
     normalised ``teacher``, times ``mask``: see the module docstring for the formula. Gradient flows
-    to ``student`` only (in its dtype)."""
+    to ``student`` only (in its dtype). Inside ``reference_ops()`` it is :func:`feature_align_reference`."""
+    if reference_ops_enabled():
+        return feature_align_reference(
+            student, teacher, mask, target_norm=target_norm, student_norm=student_norm, loss=loss, beta=beta, eps=eps
+        )
     _validate(student, teacher, mask, target_norm, student_norm, loss, beta, eps)
     D = student.shape[-1]
     s = student.reshape(-1, D)

@@ -31,11 +31,10 @@ import warnings
 import torch
 from torch import Tensor
 
-try:
-    import fastkd._C  # noqa: F401  (registers the C++ CPU kernels as torch.ops.fastkd.*)
-except ImportError:
-    pass
-_HAS_NATIVE = hasattr(torch.ops.fastkd, "gather_tokens_cpu")
+from fastkd.ops._extension import has_native_op
+from fastkd.ops.reference_mode import reference_ops_enabled
+
+_HAS_NATIVE = has_native_op("gather_tokens_cpu")
 _warned_fallback = False
 
 __all__ = ["gather_tokens", "gather_tokens_reference"]
@@ -251,8 +250,11 @@ def gather_tokens(x: Tensor, keep: Tensor, pos_embed: Tensor | None = None) -> T
 
     ``x``: ``[B, N, D]`` floating point; ``keep``: ``[B, K]`` int64 token indices in ``[0, N)``
     (K <= N; duplicates allowed, their gradients add up); ``pos_embed``: ``[N, D]``, ``[1, N, D]``
-    or ``None``. Differentiable w.r.t. ``x`` and ``pos_embed``.
+    or ``None``. Differentiable w.r.t. ``x`` and ``pos_embed``. Inside ``reference_ops()`` it is
+    :func:`gather_tokens_reference`.
     """
+    if reference_ops_enabled():
+        return gather_tokens_reference(x, keep, pos_embed)
     _validate(x, keep, pos_embed)
     return _gather_tokens_op(x, keep, pos_embed)
 

@@ -37,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastkd.ops._extension import has_native_op
+from fastkd.ops.reference_mode import reference_ops_enabled
+
 __all__ = ["token_relation", "token_relation_reference", "DIRECTIONS", "HEAD_MAPS", "CPU_TILE_ELEMENTS"]
 
 DIRECTIONS = ("teacher_to_student", "student_to_teacher")
@@ -54,12 +57,10 @@ def _stats_dtype(*tensors: Tensor) -> torch.dtype:
 
 @functools.lru_cache(maxsize=None)
 def _cpu_kernel_available() -> bool:
-    try:
-        import fastkd._C  # noqa: F401 - loading registers torch.ops.fastkd.token_relation_cpu
-    except ImportError as error:
-        warnings.warn(f"fastkd._C is not built ({error}); token_relation uses its tiled PyTorch path on CPU")
+    if not has_native_op("token_relation_cpu"):
+        warnings.warn("fastkd._C (with token_relation_cpu) is not built; token_relation uses its tiled PyTorch path on CPU")
         return False
-    return hasattr(torch.ops.fastkd, "token_relation_cpu")
+    return True
 
 
 def _cpu_tiles(B: int, H_s: int, G: int, N: int):
@@ -307,7 +308,13 @@ def token_relation(
     direction: str = "teacher_to_student",
     head_map: str | None = None,
 ) -> Tensor:
-    """Per-row KL between teacher and student token relations, ``[B, H_s, N]`` (see module doc)."""
+    """Per-row KL between teacher and student token relations, ``[B, H_s, N]`` (see module doc).
+    Inside ``reference_ops()`` it is the materialising :func:`token_relation_reference`."""
+    if reference_ops_enabled():
+        return token_relation_reference(
+            q_s, k_s, q_t, k_t, scale_s=scale_s, scale_t=scale_t, temperature=temperature,
+            direction=direction, head_map=head_map,
+        )
     _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map)
     c_s = _logit_scale(scale_s, q_s.shape[-1], temperature, "scale_s")
     c_t = _logit_scale(scale_t, q_t.shape[-1], temperature, "scale_t")
