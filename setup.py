@@ -23,13 +23,19 @@ def _cuda_requested(torch, cuda_home):
     flag = os.environ.get("FASTKD_BUILD_CUDA")
     if flag not in (None, "", "0", "1"):
         raise ValueError(f"FASTKD_BUILD_CUDA must be 0 or 1, got {flag!r}")
+    usable = cuda_home is not None and os.path.isfile(os.path.join(cuda_home, "include", "cuda_runtime.h"))
     if flag == "1":
-        if cuda_home is None:
-            raise RuntimeError("FASTKD_BUILD_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
+        if not usable:
+            raise RuntimeError(
+                f"FASTKD_BUILD_CUDA=1 but no usable CUDA toolkit was found (CUDA_HOME={cuda_home!r} has no "
+                "include/cuda_runtime.h): set CUDA_HOME to the toolkit's real folder, e.g. /usr/local/cuda"
+            )
         return True
     if flag == "0":
         return False
-    return torch.version.cuda is not None and cuda_home is not None
+    if torch.version.cuda is not None and cuda_home is not None and not usable:
+        print(f"fastkd: CUDA_HOME={cuda_home!r} is not a usable CUDA toolkit; building the CPU sources only")
+    return torch.version.cuda is not None and usable
 
 
 # Compiler flags per CPU vector ISA of the at::vec kernels (same table as CMakeLists.txt).
