@@ -18,7 +18,6 @@ wherever the schema expects a float.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import types
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from fastkd.suggest import did_you_mean
 from fastkd.train.options import OptimConfig, TrainConfig
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -91,8 +91,7 @@ class RunConfig:
 
 
 def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
-    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{where}{near[0]}'?" if near else ""
+    hint = did_you_mean(key, valid, prefix=where)
     return ConfigError(f"unknown config key '{where}{key}'{hint} (valid keys: {', '.join(sorted(valid))})")
 
 

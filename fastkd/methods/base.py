@@ -9,13 +9,13 @@ and ``recipe`` (the data recipe it needs).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from fastkd.data.batch import Batch
+from fastkd.suggest import did_you_mean
 
 
 def config_from_dict(config_class: type, config: Mapping[str, Any]):
@@ -25,8 +25,7 @@ def config_from_dict(config_class: type, config: Mapping[str, Any]):
     fields = [f.name for f in dataclasses.fields(config_class)]
     for key in config:
         if key not in fields:
-            nearest = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {nearest[0]!r}?" if nearest else f"; valid keys: {', '.join(fields)}"
+            hint = did_you_mean(key, fields) or f"; valid keys: {', '.join(fields)}"
             raise ValueError(f"unknown {config_class.__name__} key {key!r}{hint}")
     return config_class(**config)
 
@@ -104,7 +103,14 @@ class Method(nn.Module):
     ``train()`` asks and never receive gradients."""
 
     recipe: str = ""
+    config_class: type = object
     frozen_teachers: tuple[str, ...] = ()
+
+    def __init__(self, config):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -161,10 +161,7 @@ class HybridDistill(Method):
     frozen_teachers = ("feature_teacher", "relation_teacher")
 
     def __init__(self, config: HybridDistillConfig):
-        super().__init__()
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
-        self.config = config
+        super().__init__(config)
         self.backbone = build_student(config.student_arch, config.student_kwargs, init_path=config.student_init,
                                       init_format=config.student_init_format, attention=config.attention,
                                       checkpointing=config.checkpointing)

@@ -54,10 +54,7 @@ class MAE(Method):
     config_class = MAEConfig
 
     def __init__(self, config: MAEConfig):
-        super().__init__()
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
-        self.config = config
+        super().__init__(config)
         self.backbone = build_backbone(config.arch, attention=config.attention, checkpointing=config.checkpointing,
                                        **config.arch_kwargs)
         if not self.backbone.is_vit:

@@ -66,10 +66,7 @@ class MoCoV3(Method):
     config_class = MoCoV3Config
 
     def __init__(self, config: MoCoV3Config):
-        super().__init__()
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
-        self.config = config
+        super().__init__(config)
         backbone = build_backbone(config.arch, attention=config.attention, checkpointing=config.checkpointing,
                                   **config.arch_kwargs)
         if config.freeze_patch_embed and backbone.is_vit:

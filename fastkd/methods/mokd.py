@@ -141,10 +141,7 @@ class MOKD(Method):
     config_class = MOKDConfig
 
     def __init__(self, config: MOKDConfig):
-        super().__init__()
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
-        self.config = config
+        super().__init__(config)
         self.branches = nn.ModuleDict()
         self.teachers = nn.ModuleDict()
         self.losses = nn.ModuleDict()

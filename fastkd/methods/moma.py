@@ -101,10 +101,7 @@ class MOMA(Method):
     config_class = MOMAConfig
 
     def __init__(self, config: MOMAConfig):
-        super().__init__()
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
-        self.config = config
+        super().__init__(config)
         self.teacher_names = MODES[config.mode]
         self.frozen_teachers = tuple(f"{name}_teacher" for name in self.teacher_names)
         self.backbone = build_student(config.student_arch, config.student_kwargs, init_path=config.student_init,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Mapping
 
 from fastkd.methods.base import Method, config_from_dict
@@ -12,6 +11,7 @@ from fastkd.methods.mocov3 import MoCoV3
 from fastkd.methods.moma import MOMA
 from fastkd.methods.mokd import MOKD
 from fastkd.methods.resmoco import ResMoCo
+from fastkd.suggest import did_you_mean
 
 METHODS: dict[str, type[Method]] = {
     "moma": MOMA,
@@ -28,9 +28,7 @@ def method_class(name: str) -> type[Method]:
     if not isinstance(name, str):
         raise TypeError(f"name must be a method name (str), got {type(name).__name__}")
     if name not in METHODS:
-        nearest = difflib.get_close_matches(name, list(METHODS), n=1)
-        hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
-        raise ValueError(f"unknown method {name!r}{hint} (known: {', '.join(METHODS)})")
+        raise ValueError(f"unknown method {name!r}{did_you_mean(name, METHODS)} (known: {', '.join(METHODS)})")
     return METHODS[name]
 
 

@@ -4,9 +4,9 @@ schema in :mod:`fastkd.config` is built from them."""
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields, replace
 
+from fastkd.suggest import did_you_mean
 from fastkd.train.optim import OPTIMIZERS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -78,8 +78,7 @@ class OptimConfig:
             _check(isinstance(overrides, dict), f"optim.per_model.{tag}", "a mapping of optim fields", overrides)
             for key in overrides:
                 if key not in allowed:
-                    near = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
-                    hint = f"; did you mean 'optim.per_model.{tag}.{near[0]}'?" if near else ""
+                    hint = did_you_mean(key, allowed, prefix=f"optim.per_model.{tag}.")
                     raise ValueError(f"unknown config key 'optim.per_model.{tag}.{key}'{hint} (accum_steps is shared "
                                      f"by all models; valid keys: {', '.join(allowed)})")
             self.for_model(tag)
