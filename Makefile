@@ -42,10 +42,9 @@ demo: venv
 	$(PY) -m fastkd.benchmarks.bench_ema
 
 bench: venv
-	$(PY) -m fastkd.benchmarks.bench_ema
-	$(PY) -m fastkd.benchmarks.bench_data
+	$(VENV)/bin/fastkd bench all
 	$(PY) -m fastkd.benchmarks.bench_backbone
-	$(PY) -m fastkd.benchmarks.bench_token_relation
+	$(PY) -m fastkd.benchmarks.bench_knn
 
 clean:
 	rm -rf build $(VENV) fastkd/_C*.so *.egg-info

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                compiled=not args.quick, rounds=2 if args.quick else 3, repeats=3 if args.quick else 5)
     table = markdown_table(records, COLUMNS)
     print(table)
-    write_results("feature_align", records, f"# feature_align fwd+bwd ({args.device}, {args.dtype})\n\n{table}")
+    write_results("bench_feature_align", records, f"# feature_align fwd+bwd ({args.device}, {args.dtype})\n\n{table}")
     return records
 
 

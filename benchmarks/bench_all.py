@@ -1,0 +1,99 @@
+"""Every benchmark in one run: the fused ops (``bench_ops``: ema, feature_align, gather,
+token_relation), the data pipelines (``bench_data``), end-to-end training per method
+(``bench_e2e``) and the ahead-of-time kernel compile check (``bench_compile``).
+
+Each part writes its own results; this one then writes ``bench_all.json`` (the machine and every
+record of every part, each tagged with ``benchmark``: ``ops`` | ``data`` | ``e2e`` | ``compile``; a
+part that failed leaves one ``{"benchmark", "error"}`` record) and ``bench_all.md`` (the parts'
+reports in order, with how long each took, after a table of the end-to-end targets). ``--reuse`` runs nothing and combines the parts'
+latest results instead (e.g. after re-running one part with ``fastkd bench e2e``). Plots come
+from the parts: ``bench_ops.png`` (time
+and memory against size per op) and ``bench_e2e.png`` (throughput and memory per method).
+Exit status 1 when any part fails or reports a failure.
+
+    python -m fastkd.benchmarks.bench_all [--quick] [--device cpu|cuda] [--parts ops e2e ...] [--reuse]
+    fastkd bench all --quick                 # the CI check: well under 3 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+import traceback
+
+import torch
+
+from fastkd.benchmarks.common import RESULTS_DIR, machine_info, markdown_table, write_results
+
+PARTS = ("ops", "data", "e2e", "compile")
+
+
+def run_part(part: str, argv: list[str] | None) -> tuple[list[dict], str, int]:
+    """``(records, markdown, status)`` of ``fastkd.benchmarks.bench_<part>.main(argv)``, read back
+    from the files it wrote; ``argv`` None: of the part's latest results, without running it."""
+    json_path, md_path = RESULTS_DIR / f"bench_{part}.json", RESULTS_DIR / f"bench_{part}.md"
+    started, status = time.time(), 0
+    if argv is not None:
+        status = int(importlib.import_module(f"fastkd.benchmarks.bench_{part}").main(list(argv)) or 0)
+        if not json_path.is_file() or json_path.stat().st_mtime < started:
+            raise RuntimeError(f"bench_{part} did not write {json_path}")
+    elif not json_path.is_file():
+        raise FileNotFoundError(f"--reuse: no results of bench_{part} at {json_path}")
+    return json.loads(json_path.read_text())["records"], md_path.read_text().strip(), status
+
+
+def targets_table(records: list[dict]) -> str:
+    """Markdown: the end-to-end speed / memory targets and whether this run met them."""
+    rows = [r for r in records if r.get("benchmark") == "e2e" and "target" in r]
+    if not rows:
+        return "No end-to-end targets were measured."
+    return "## End-to-end targets\n\n" + markdown_table(
+        rows, ["method", "images_per_s", "speedup", "memory_ratio", "target", "meets_target"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="pass --quick to every part")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--reuse", action="store_true", help="combine the parts' latest results, run nothing")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but no CUDA device is available")
+    part_argv = ["--device", args.device] + (["--quick"] if args.quick else [])
+    records, sections, durations, failed = [], [], [], []
+    for part in args.parts:
+        start = time.perf_counter()
+        try:
+            part_records, markdown, status = run_part(part, None if args.reuse else part_argv)
+            records += [{"benchmark": part, **record} for record in part_records]
+            sections.append(markdown)
+            if status != 0 or any("error" in record for record in part_records):
+                failed.append(f"{part} (exit status {status}, {sum('error' in r for r in part_records)} error records)")
+        except Exception as error:  # noqa: BLE001 - a failed part is recorded and the others still run
+            traceback.print_exc()
+            records.append({"benchmark": part, "error": f"{type(error).__name__}: {error}"})
+            sections.append(f"## bench_{part}\n\nfailed: {type(error).__name__}: {error}")
+            failed.append(part)
+        durations.append({"part": part, "seconds": None if args.reuse else time.perf_counter() - start,
+                          "records": sum(r["benchmark"] == part for r in records)})
+    machine = machine_info()
+    command = f"fastkd bench all --device {args.device}" + (" --quick" if args.quick else "")
+    markdown = "\n\n".join([
+        f"# fastkd benchmarks ({args.device}{', quick' if args.quick else ''})",
+        f"Reproduce with `{command}`." + (" (Combined from the parts' latest results.)" if args.reuse else ""),
+        markdown_table([{"key": k, "value": v} for k, v in machine.items()], ["key", "value"]),
+        markdown_table(durations, ["part", "seconds", "records"]),
+        targets_table(records),
+        *sections,
+        f"Failed: {', '.join(failed)}" if failed else "All parts succeeded.",
+    ])
+    write_results("bench_all", records, markdown)
+    print(markdown)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

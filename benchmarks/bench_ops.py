@@ -1,0 +1,148 @@
+"""All per-op benchmarks in one run (``bench_ema``, ``bench_feature_align``, ``bench_gather``,
+``bench_token_relation``), with one summary of fastkd against the baseline of each case.
+
+Each op benchmark runs with the same ``--quick`` / ``--device`` and writes its own results; this
+one reads them back and tags every record with ``op``, ``problem`` (its case / model / shape label)
+and, on the fastkd variants, ``baseline`` (the benchmark's ``baseline`` field, else the first
+non-fastkd variant of the case: the eager reference), ``speedup`` = baseline time / fastkd time and
+``memory_ratio`` = fastkd peak / baseline peak. Where a record carries a model of the bytes or
+FLOPs its GPU kernel moves / computes, ``achieved_GBps`` = bytes / median time and
+``achieved_TFLOPs`` = FLOPs / median time, with ``bandwidth_vs_peak`` / ``flops_vs_peak`` against the
+device's peak; these models describe the GPU kernels, so on ``--device cpu`` each of these four
+fields reads "needs a GPU". Writes ``bench_ops.json`` / ``.md`` and ``bench_ops.png`` (time and
+memory against problem size, one column per op).
+
+    python -m fastkd.benchmarks.bench_ops [--quick] [--device cpu|cuda] [--ops ema gather ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+import traceback
+
+import torch
+
+from fastkd.benchmarks.common import RESULTS_DIR, markdown_table, write_results
+from fastkd.benchmarks.gpu_peak import NEEDS_GPU, fraction_of_peak, gpu_peak
+from fastkd.benchmarks.plots import save_lines_per_op
+
+OPS = ("ema", "feature_align", "gather", "token_relation")
+PROBLEM_KEYS = ("case", "model", "shape")
+MEMORY_KEYS = ("peak_MiB", "peak_mem_MiB", "extra_mem_MiB")  # MiB, first present wins
+BYTES_KEYS = {"bytes_moved_MiB": 2**20, "gpu_bytes_model_MiB": 2**20, "MiB_moved": 2**20, "bytes_moved_MB": 1e6}  # key -> unit bytes
+FLOPS_KEYS = {"gflops_model": 1e9}
+SUMMARY_COLUMNS = ["op", "problem", "variant", "baseline", "median_ms", "p10_ms", "p90_ms", "baseline_ms", "speedup",
+                   "peak_MiB", "memory_ratio", "achieved_GBps", "bandwidth_vs_peak", "achieved_TFLOPs",
+                   "flops_vs_peak"]
+
+
+def run_op_benchmark(op: str, argv: list[str]) -> tuple[list[dict], str | None]:
+    """Run ``fastkd.benchmarks.bench_<op>.main(argv)``: ``(records, its Markdown report or None)``.
+    The records are what ``main`` returns (a list), else what it wrote to ``bench_<op>.json``."""
+    json_path, md_path = RESULTS_DIR / f"bench_{op}.json", RESULTS_DIR / f"bench_{op}.md"
+    started = time.time()
+    result = importlib.import_module(f"fastkd.benchmarks.bench_{op}").main(list(argv))
+    if isinstance(result, int) and result != 0:
+        raise RuntimeError(f"bench_{op} exited with status {result}")
+
+    def fresh(path):
+        return path.is_file() and path.stat().st_mtime >= started
+
+    if isinstance(result, list):
+        records = result
+    elif fresh(json_path):
+        records = json.loads(json_path.read_text())["records"]
+    else:
+        raise RuntimeError(f"bench_{op} neither returned its records nor wrote {json_path}")
+    if not records:
+        raise RuntimeError(f"bench_{op} produced no records")
+    return records, md_path.read_text().strip() if fresh(md_path) else None
+
+
+def _first(record: dict, keys) -> tuple[str | None, float | None]:
+    for key in keys:
+        if isinstance(record.get(key), (int, float)):
+            return key, float(record[key])
+    return None, None
+
+
+def annotate(op: str, records: list[dict], device: str, peak: dict | None) -> list[dict]:
+    """``records`` of one op benchmark with the fields described in the module docstring."""
+    out = []
+    for record in records:
+        problem = " ".join(str(record[k]) for k in PROBLEM_KEYS if k in record)
+        out.append({**record, "op": op, "problem": problem, "peak_MiB": _first(record, MEMORY_KEYS)[1]})
+    by_problem: dict[str, dict[str, dict]] = {}
+    for record in out:
+        by_problem.setdefault(record["problem"], {})[record["variant"]] = record
+    for record in out:
+        if not str(record["variant"]).startswith("fastkd"):
+            continue
+        variants = by_problem[record["problem"]]
+        baseline = record.get("baseline") or next((v for v in variants if not v.startswith("fastkd")), None)
+        if baseline not in variants:
+            raise ValueError(f"bench_{op}: baseline {baseline!r} of {record['variant']!r} is not a variant of "
+                             f"{record['problem']!r}")
+        base = variants[baseline]
+        record.update(baseline=baseline, baseline_ms=base["median_ms"], speedup=base["median_ms"] / record["median_ms"])
+        record["memory_ratio"] = (record["peak_MiB"] / base["peak_MiB"]
+                                  if record["peak_MiB"] is not None and base["peak_MiB"] else None)
+        seconds = record["median_ms"] / 1e3
+        bytes_key, bytes_value = _first(record, BYTES_KEYS)
+        flops_key, flops_value = _first(record, FLOPS_KEYS)
+        if device == "cpu":
+            record.update(achieved_GBps=NEEDS_GPU, bandwidth_vs_peak=NEEDS_GPU, achieved_TFLOPs=NEEDS_GPU,
+                          flops_vs_peak=NEEDS_GPU)
+            continue
+        gbps = None if bytes_key is None else bytes_value * BYTES_KEYS[bytes_key] / seconds / 1e9
+        tflops = None if flops_key is None else flops_value * FLOPS_KEYS[flops_key] / seconds / 1e12
+        record.update(
+            achieved_GBps=gbps, bandwidth_vs_peak=fraction_of_peak(gbps, peak and peak["peak_bandwidth_GBps"], device),
+            achieved_TFLOPs=tflops, flops_vs_peak=fraction_of_peak(tflops, peak and peak["peak_bf16_TFLOPs"], device),
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="pass --quick to every op benchmark")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but no CUDA device is available")
+    op_argv = ["--device", args.device] + (["--quick"] if args.quick else [])
+    peak = gpu_peak() if args.device == "cuda" else None
+    records, sections = [], []
+    for op in args.ops:
+        try:
+            op_records, section = run_op_benchmark(op, op_argv)
+            records += annotate(op, op_records, args.device, peak)
+            if section:
+                sections.append(section)
+        except Exception as error:  # noqa: BLE001 - one broken op benchmark is reported, the others still run
+            traceback.print_exc()
+            records.append({"op": op, "error": f"{type(error).__name__}: {error}"})
+    fastkd_rows = [r for r in records if "error" in r or str(r.get("variant", "")).startswith("fastkd")]
+    peak_text = (f"device peak: {peak['gpu']}, {peak['peak_bandwidth_GBps']:.0f} GB/s, "
+                 f"{peak['peak_bf16_TFLOPs'] or 'unknown'} bf16 TFLOP/s" if peak else
+                 "achieved bandwidth / FLOP rate of the GPU kernels: needs a GPU (CPU run)")
+    markdown = (f"## Fused ops against their baselines ({args.device}, {torch.get_num_threads()} threads)\n\n"
+                + markdown_table(fastkd_rows, SUMMARY_COLUMNS + ["error"])
+                + f"\n\nspeedup = baseline time / fastkd time; memory_ratio = fastkd peak / baseline peak; {peak_text}."
+                + "".join(f"\n\n{section}" for section in sections))
+    write_results("bench_ops", records, markdown)
+    plotted = [r for r in records if "error" not in r]
+    if plotted:
+        save_lines_per_op(RESULTS_DIR / "bench_ops.png", plotted,
+                          [("median_ms", "forward + backward / update, median ms"), ("peak_MiB", "peak memory, MiB")],
+                          title=f"fused ops vs baselines ({args.device})")
+    print(markdown)
+    return 1 if any("error" in r for r in records) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""PNG figures of benchmark results (matplotlib, Agg backend): grouped bars and per-op line panels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_grouped_bars(path: Path, groups: list[str], panels: list[tuple[str, dict[str, list[float]]]],
+                      title: str = "") -> Path:
+    """One bar panel per ``(ylabel, {series: one value per group})``, bars grouped by ``groups``."""
+    if not groups or not panels:
+        raise ValueError(f"need at least one group and one panel, got {len(groups)} groups, {len(panels)} panels")
+    for ylabel, series in panels:
+        for name, values in series.items():
+            if len(values) != len(groups):
+                raise ValueError(f"panel {ylabel!r} series {name!r} has {len(values)} values for {len(groups)} groups")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(groups) * len(panels) + 2, 4), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels):
+        width = 0.8 / len(series)
+        for i, (name, values) in enumerate(series.items()):
+            ax.bar([g + i * width for g in range(len(groups))], values, width, label=name)
+        ax.set_xticks([g + width * (len(series) - 1) / 2 for g in range(len(groups))], groups)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save_lines_per_op(path: Path, rows: list[dict], panels: list[tuple[str, str]], title: str = "") -> Path:
+    """A grid with one column per ``row["op"]`` and one row per ``(key, ylabel)`` panel: ``row[key]``
+    against ``row["problem"]`` (the problem size, in benchmark order), one line per ``row["variant"]``,
+    log scale. Rows whose ``key`` is not a number are left out of that panel (an empty panel says so)."""
+    ops = list(dict.fromkeys(row["op"] for row in rows))
+    if not ops or not panels:
+        raise ValueError(f"need at least one op and one panel, got {len(ops)} ops, {len(panels)} panels")
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), len(ops), figsize=(4.2 * len(ops), 3.2 * len(panels)), squeeze=False)
+    for column, op in enumerate(ops):
+        op_rows = [row for row in rows if row["op"] == op]
+        cases = list(dict.fromkeys(row["problem"] for row in op_rows))
+        for line, (key, ylabel) in enumerate(panels):
+            ax = axes[line][column]
+            plotted = False
+            for variant in dict.fromkeys(row["variant"] for row in op_rows):
+                points = [(cases.index(row["problem"]), row[key]) for row in op_rows
+                          if row["variant"] == variant and isinstance(row.get(key), (int, float))]
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=variant)
+                    plotted = True
+            ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize="x-small")
+            if plotted:
+                ax.set_yscale("log")
+            else:
+                ax.text(0.5, 0.5, f"{key}: not measured", ha="center", va="center", transform=ax.transAxes)
+            ax.set_ylabel(ylabel)
+            if line == 0:
+                ax.set_title(op)
+            if line == 0 and plotted:
+                ax.legend(fontsize="x-small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

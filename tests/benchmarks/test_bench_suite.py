@@ -1,0 +1,145 @@
+"""The benchmark suite: ``fastkd bench all --quick`` end to end (a subprocess writing into a temporary
+``FASTKD_BENCH_DIR``, so the published results stay untouched), plus the suite's own helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastkd.benchmarks.bench_compile import parse_targets, selected_configs
+from fastkd.benchmarks.bench_e2e import METHODS, VARIANTS
+from fastkd.benchmarks.bench_ops import OPS, annotate
+from fastkd.benchmarks.gpu_peak import NEEDS_GPU, fraction_of_peak
+
+SUITE_SECONDS = 180  # the CI budget of `fastkd bench all --quick` on 2 CPU cores
+RECIPES = ("mocov3", "dino_multicrop", "mae", "eval")
+FUSED_OPS_USED = {  # fastkd ops each method's fused training step must call
+    "moma": {"feature_align", "gather_tokens"},
+    "hybrid_distill": {"feature_align", "gather_tokens", "token_relation"},
+    "resmoco": {"ema_"},
+    "mokd": {"ema_"},
+}
+
+
+def _spread_ok(record: dict) -> None:
+    assert 0 < record["p10_ms"] <= record["median_ms"] <= record["p90_ms"], record
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """Run the quick suite once; ``(bench_all payload, results dir, seconds)``."""
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the compile check needs real Triton
+    env["FASTKD_BENCH_DIR"] = str(out)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fastkd.cli", "bench", "all", "--quick"], env=env,
+                          capture_output=True, text=True, timeout=SUITE_SECONDS)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads((out / "bench_all.json").read_text()), out, seconds
+
+
+def test_suite_writes_every_part_and_the_machine(suite):
+    payload, out, seconds = suite
+    assert seconds < SUITE_SECONDS
+    assert payload["benchmark"] == "bench_all"
+    for key in ("cpu", "cores", "torch", "triton", "dali", "python"):
+        assert payload["machine"][key], key
+    records = payload["records"]
+    assert not [r for r in records if "error" in r]
+    assert {r["benchmark"] for r in records} == {"ops", "data", "e2e", "compile"}
+    for name in ("bench_all", "bench_ops", "bench_data", "bench_e2e", "bench_compile"):
+        assert (out / f"{name}.json").is_file() and (out / f"{name}.md").read_text().strip(), name
+    for png in ("bench_ops.png", "bench_e2e.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG", png
+    report = (out / "bench_all.md").read_text()
+    assert "fastkd bench all --device cpu --quick" in report
+    assert json.loads((out / "bench_ops.json").read_text())["records"] == [
+        {k: v for k, v in r.items() if k != "benchmark"} for r in records if r["benchmark"] == "ops"
+    ]
+
+
+def test_ops_records_compare_fastkd_with_a_baseline(suite):
+    records = [r for r in suite[0]["records"] if r["benchmark"] == "ops"]
+    assert {r["op"] for r in records} == set(OPS)
+    for op in OPS:
+        fused = [r for r in records if r["op"] == op and r["variant"].startswith("fastkd")]
+        assert fused, op
+        for r in fused:
+            _spread_ok(r)
+            assert r["baseline_ms"] > 0 and r["speedup"] == pytest.approx(r["baseline_ms"] / r["median_ms"])
+            assert r["achieved_GBps"] == r["bandwidth_vs_peak"] == NEEDS_GPU  # GPU-only figures on CPU
+            if r["peak_MiB"] is not None:
+                assert r["peak_MiB"] > 0 and r["memory_ratio"] > 0
+
+
+def test_data_records_cover_every_recipe(suite):
+    records = [r for r in suite[0]["records"] if r["benchmark"] == "data"]
+    assert sorted(r["recipe"] for r in records) == sorted(RECIPES)
+    for r in records:
+        assert r["torch_img_s"] > 0 and r["dali_img_s"] > 0
+        assert r["ratio"] == pytest.approx(r["dali_img_s"] / r["torch_img_s"])
+
+
+def test_e2e_records_time_both_assemblies_of_every_method(suite):
+    records = [r for r in suite[0]["records"] if r["benchmark"] == "e2e"]
+    assert sorted((r["method"], r["variant"]) for r in records) == sorted(
+        (m, v) for m in METHODS for v in VARIANTS)
+    for r in records:
+        _spread_ok(r)
+        assert r["images_per_s"] == pytest.approx(r["batch"] * r["steps_per_s"])
+        assert r["peak_MiB"] > 0 and r["gflop_per_step"] > 0 and r["vs_peak_bf16"] == NEEDS_GPU
+        assert 0 <= r["fused_ops_share"] < 1 and r["top_ops"]
+        if r["variant"] == "plain":
+            assert r["speedup"] == 1.0
+            assert r["fused_ops_called"] == [], f"{r['method']}: the plain assembly still runs fused ops"
+        else:
+            assert FUSED_OPS_USED[r["method"]] <= set(r["fused_ops_called"]), r["fused_ops_called"]
+            assert isinstance(r["meets_target"], bool) and r["target"].startswith(">=")
+
+
+def test_compile_records_cover_every_kernel(suite):
+    records = [r for r in suite[0]["records"] if r["benchmark"] == "compile"]
+    assert {r["kernel"] for r in records} == {c.name for c in selected_configs(quick=False)}
+    assert all(r["ok"] and r["target"] == "sm_90" and r["compile_s"] > 0 for r in records)
+
+
+def test_annotate_picks_baselines_and_ratios():
+    records = [
+        {"case": "S", "variant": "reference eager", "median_ms": 4.0, "p10_ms": 3.0, "p90_ms": 5.0, "peak_mem_MiB": 8.0},
+        {"case": "S", "variant": "fastkd op", "median_ms": 2.0, "p10_ms": 1.0, "p90_ms": 3.0, "peak_mem_MiB": 2.0,
+         "gflops_model": 1.0},
+        {"case": "S", "variant": "other", "median_ms": 1.0, "p10_ms": 1.0, "p90_ms": 1.0},
+        {"case": "S", "variant": "fastkd bf16", "baseline": "other", "median_ms": 0.5, "p10_ms": 0.5, "p90_ms": 0.5},
+    ]
+    out = annotate("toy", records, "cpu", None)
+    fused = out[1]
+    assert fused["op"] == "toy" and fused["problem"] == "S" and fused["baseline"] == "reference eager"
+    assert fused["speedup"] == 2.0 and fused["memory_ratio"] == 0.25
+    assert fused["achieved_TFLOPs"] == fused["flops_vs_peak"] == NEEDS_GPU
+    assert out[3]["baseline"] == "other" and out[3]["speedup"] == 2.0 and out[3]["memory_ratio"] is None
+    assert "speedup" not in out[0]
+    with pytest.raises(ValueError, match="baseline 'missing'"):
+        annotate("toy", [{**records[1], "baseline": "missing"}], "cpu", None)
+
+
+def test_fraction_of_peak_and_targets_validate():
+    assert fraction_of_peak(1.0, 2.0, "cpu") == NEEDS_GPU
+    assert fraction_of_peak(1.0, 2.0, "cuda") == 0.5
+    assert fraction_of_peak(None, 2.0, "cuda") is None
+    with pytest.raises(ValueError, match="device"):
+        fraction_of_peak(1.0, 2.0, "tpu")
+    with pytest.raises(ValueError, match="peak"):
+        fraction_of_peak(1.0, 0.0, "cuda")
+    assert parse_targets("80,90") == (80, 90)
+    with pytest.raises(ValueError, match="--targets"):
+        parse_targets("75")
+    with pytest.raises(ValueError, match="--targets"):
+        parse_targets("sm_90")
+    quick = selected_configs(quick=True)
+    assert len({c.name for c in quick}) == len(quick) == len({c.name for c in selected_configs(quick=False)})
