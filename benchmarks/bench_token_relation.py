@@ -2,9 +2,11 @@
 ``token_relation_reference`` (``log_softmax`` of full ``[B, H, N, N]`` maps and ``F.kl_div``), eager
 and compiled with ``torch.compile``, side by side in one run.
 
-Shapes: ViT-S (H=6), ViT-B (H=12), ViT-L (H=16) with N = 197, d = 64, batch 32, and a long
-sequence case (ViT-B heads, N = 1025, batch 4). ``--quick`` runs batch 8 and the long case at
-batch 1, without the ``torch.compile`` column. Each variant is timed in several alternating
+Shapes: the small-N shapes of the end-to-end benchmark (ViT-Ti heads H=3 with N = 17 and 65, and
+ViT-S at N = 197, batch 64: per-op overhead matters most there), ViT-S (H=6), ViT-B (H=12), ViT-L
+(H=16) with N = 197, d = 64, batch 32, and a long sequence case (ViT-B heads, N = 1025, batch 4).
+``--quick`` keeps the batch-64 cases, runs the others at batch 8 and the long case at batch 1,
+without the ``torch.compile`` column. Each variant is timed in several alternating
 rounds and the best round median is kept (other processes on a shared machine hit all alike).
 
 Reported per variant: median / p10 / p90 ms, time ratio to the eager reference, peak extra memory
@@ -35,6 +37,9 @@ from fastkd.ops import token_relation, token_relation_reference
 
 HEAD_DIM = 64
 CASES = [  # label, heads, tokens, batch, quick batch
+    ("ViT-Ti N=17", 3, 17, 64, 64),
+    ("ViT-Ti N=65", 3, 65, 64, 64),
+    ("ViT-S B=64", 6, 197, 64, 64),
     ("ViT-S", 6, 197, 32, 8),
     ("ViT-B", 12, 197, 32, 8),
     ("ViT-L", 16, 197, 32, 8),

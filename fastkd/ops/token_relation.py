@@ -20,8 +20,9 @@ Registered as ``fastkd::token_relation`` (+ ``fastkd::token_relation_backward``)
 ``torch.library.custom_op``. CUDA: the Triton kernels of ``fastkd.kernels.token_relation`` (online
 log-sum-exp over key blocks, extra memory O(B·H·N)). CPU: the C++ kernels
 ``fastkd::token_relation_cpu`` / ``token_relation_backward_cpu`` of ``fastkd._C`` (csrc/token_relation.cpp:
-one parallel region over heads, blocks of query rows whose teacher logits hold at most
-``CPU_TILE_ELEMENTS`` values, so extra memory is O(threads · block · N)); where the extension is not
+one parallel region over tiles of (heads x query rows) whose teacher logits hold at most
+``CPU_TILE_ELEMENTS`` values, two ``bmm`` per tile and one fused vectorised pass per row, so extra
+memory is O(threads · tile) and small ``N`` batches many heads per tile); where the extension is not
 built, a PyTorch path over tiles of (heads x query rows) within the same element budget (extra memory
 O(tile) <= O(B·H·block·N)). Both backwards recompute each tile from the saved per-row statistics
 (``lse_s``, ``lse_t``, per-teacher-head lse, ``kl``) and accumulate ``dk_s`` per head (chunk).

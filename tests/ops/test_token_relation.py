@@ -83,6 +83,21 @@ def test_cpu_paths_with_many_tiles(monkeypatch, use_cpp, tile_elements, directio
     _assert_close(ours, ref, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("H_t,head_map", [(3, None), (6, "mean")])
+def test_cpu_tiles_of_several_heads(H_t, head_map, direction, dtype):
+    """Many heads at small N (B * H_s = 39): the C++ kernel batches several heads per tile (the last
+    tile partial) and rows of 17 / 33 keys end in a masked partial vector."""
+    for N in (17, 33):
+        q_s, k_s, q_t, k_t = _inputs(13, 3, H_t, N, 32, 16, dtype=dtype)
+        grad = torch.randn(13, 3, N)
+        kwargs = dict(direction=direction, head_map=head_map, temperature=0.9)
+        ours = _forward_backward(token_relation, q_s, k_s, q_t, k_t, grad, **kwargs)
+        ref = _forward_backward(token_relation_reference, q_s, k_s, q_t, k_t, grad, **kwargs)
+        _assert_close(ours, ref, dtype)
+
+
 def test_non_contiguous_inputs():
     """q, k as views of a fused [B, N, 3, H, d] qkv tensor, as attention layers hand them over."""
     qkv = torch.randn(2, 19, 3, 4, 32)
