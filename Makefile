@@ -39,7 +39,7 @@ kernel-check: venv
 	$(PY) -m fastkd.kernels.check
 
 demo: venv
-	$(PY) -m fastkd.benchmarks.bench_ema
+	$(PY) -m fastkd.demo
 
 bench: venv
 	$(VENV)/bin/fastkd bench all

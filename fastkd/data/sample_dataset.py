@@ -2,7 +2,7 @@
 
 12 classes = 4 shapes (disk, square, triangle, cross) x 3 textures (stripes, checker, dots):
 neither the shape nor the texture alone names the class. Every image (64-96 px per side) draws
-its colours, background noise, shape position / size / rotation and texture period / angle from
+its colours, background noise, shape position (near the centre) / size / rotation and texture period / angle from
 ``numpy.random.default_rng([seed, index])``, so the files are byte-identical for a seed.
 """
 
@@ -23,7 +23,7 @@ JPEG_QUALITY = 90
 
 def _texture(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """Boolean pattern ``[H, W]`` of ``kind`` with a random period, angle and phase."""
-    period = rng.uniform(5.0, 11.0)
+    period = rng.uniform(14.0, 22.0)
     angle = rng.uniform(0.0, np.pi)
     y, x = np.mgrid[0:height, 0:width].astype(np.float64)
     u = x * np.cos(angle) + y * np.sin(angle) + rng.uniform(0, period)
@@ -38,9 +38,9 @@ def _texture(kind: str, height: int, width: int, rng: np.random.Generator) -> np
 
 def _shape_mask(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """Boolean mask ``[H, W]`` of a randomly placed, sized and rotated ``kind``."""
-    radius = rng.uniform(0.28, 0.42) * min(height, width)
-    cx = rng.uniform(radius, width - radius)
-    cy = rng.uniform(radius, height - radius)
+    radius = rng.uniform(0.36, 0.44) * min(height, width)
+    cx = width / 2 + rng.uniform(-0.1, 0.1) * width
+    cy = height / 2 + rng.uniform(-0.1, 0.1) * height
     rotation = rng.uniform(0.0, 2 * np.pi)
     canvas = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
@@ -73,7 +73,7 @@ def sample_image(index: int, seed: int = 0) -> tuple[Image.Image, int]:
     shape, texture = SHAPES[label // len(TEXTURES)], TEXTURES[label % len(TEXTURES)]
     rng = np.random.default_rng([seed, index])
     height, width = (int(v) for v in rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1, size=2))
-    background = rng.uniform(0, 255, size=3) + rng.normal(0.0, 12.0, size=(height, width, 3))
+    background = rng.uniform(0, 255, size=3) + rng.normal(0.0, 4.0, size=(height, width, 3))
     ink, paper = rng.uniform(0, 255, size=(2, 3))
     if np.abs(ink - paper).sum() < 150:  # keep the texture visible
         paper = 255.0 - ink
