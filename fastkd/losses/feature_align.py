@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastkd.ops.feature_align import LOSSES, TARGET_NORMS, feature_align
+from fastkd.ops.feature_align import check_options, feature_align
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -38,18 +38,9 @@ class FeatureAlignLoss(nn.Module):
         eps: float = 1e-6,
     ):
         super().__init__()
-        if target_norm not in TARGET_NORMS:
-            raise ValueError(f"target_norm must be one of {TARGET_NORMS}, got {target_norm!r}")
-        if not isinstance(student_norm, bool):
-            raise TypeError(f"student_norm must be a bool, got {type(student_norm).__name__}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
-            raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+        check_options(target_norm, student_norm, loss, beta, eps)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a number > 0, got {eps!r}")
         self.target_norm = target_norm
         self.student_norm = student_norm
         self.loss = loss

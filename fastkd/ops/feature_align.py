@@ -44,6 +44,20 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHUNK_ELEMENTS = 1 << 17
 
 
+def check_options(target_norm, student_norm, loss, beta, eps) -> None:
+    """Raise ValueError / TypeError naming the first invalid option of :func:`feature_align`."""
+    if target_norm not in TARGET_NORMS:
+        raise ValueError(f"target_norm must be one of {TARGET_NORMS}, got {target_norm!r}")
+    if not isinstance(student_norm, bool):
+        raise TypeError(f"student_norm must be a bool, got {type(student_norm).__name__}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+        raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+
+
 def _validate(student, teacher, mask, target_norm, student_norm, loss, beta, eps) -> None:
     for name, value in (("student", student), ("teacher", teacher)):
         if not isinstance(value, Tensor):
@@ -65,16 +79,7 @@ def _validate(student, teacher, mask, target_norm, student_norm, loss, beta, eps
             raise ValueError(f"mask must have shape {tuple(student.shape[:-1])} (student.shape[:-1]), got {tuple(mask.shape)}")
         if mask.device != student.device:
             raise ValueError(f"mask is on {mask.device} but student is on {student.device}")
-    if target_norm not in TARGET_NORMS:
-        raise ValueError(f"target_norm must be one of {TARGET_NORMS}, got {target_norm!r}")
-    if not isinstance(student_norm, bool):
-        raise TypeError(f"student_norm must be a bool, got {type(student_norm).__name__}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
-        raise ValueError(f"beta must be a number >= 0, got {beta!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+    check_options(target_norm, student_norm, loss, beta, eps)
 
 
 def feature_align_reference(
