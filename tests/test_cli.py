@@ -63,7 +63,7 @@ def test_parser_wires_data_commands():
 
 def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "fastkd.cli", "--version"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.startswith("fastkd ")
 
 

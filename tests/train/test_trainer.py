@@ -47,7 +47,7 @@ def assert_same(a, b, exact=True):
 
 def run_tiny(out, *args, check=True):
     return subprocess.run([sys.executable, "-m", "tests.train.tiny_method", "--out", str(out), "--noise", *args],
-                          cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, check=check, timeout=120)
+                          cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, check=check, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path, reference_run):
         text=True)
     assert process.stdout.readline().strip() == "READY"
     process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
+    out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
     assert "stop requested (SIGTERM): checkpoint at step 5 written" in err
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint_000000005.pt"]
@@ -185,7 +185,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     tiny_method.main(["--out", str(single)])
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "-m", "tests.train.tiny_method", "--out", str(tmp_path / "ddp"), "--accum", "2"],
-                   cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, check=True, timeout=180)
+                   cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, check=True, timeout=600)
     ddp = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
     assert_same(torch.load(single / "final.pt", weights_only=True)["method"], ddp["method"], exact=False)
 
