@@ -13,11 +13,10 @@ and the bytes the fused GPU kernels move against the unfused sequence (analytica
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from fastkd.benchmarks.common import markdown_table, peak_memory_bytes, time_fn, write_results
+from fastkd.benchmarks.common import bench_parser, parse_bench_args, markdown_table, peak_memory_bytes, time_fn, write_results
 from fastkd.kernels.gather_tokens import MAX_BATCH_GROUPS
 from fastkd.ops import gather_tokens, gather_tokens_reference, random_keep
 
@@ -51,16 +50,10 @@ def _fwd_bwd(fn, x, keep, pos, grad):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="ViT-B only, fewer repeats, no torch.compile column")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating timing rounds per variant")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but no CUDA device is available")
+    parser = bench_parser(__doc__, "ViT-B only, fewer repeats, no torch.compile column",
+                          rounds_help="alternating timing rounds per variant")
+    args = parse_bench_args(parser, argv)
     rounds = args.rounds or (3 if args.quick else 5)
-    if rounds < 1:
-        raise SystemExit(f"--rounds must be >= 1, got {rounds}")
     repeats = 5 if args.quick else 10
     models = {"vit_base": MODELS["vit_base"]} if args.quick else MODELS
     dtype = torch.float32

@@ -27,12 +27,11 @@ of the fused GPU kernels against the unfused sequence (analytical, the roofline 
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 
-from fastkd.benchmarks.common import RESULTS_DIR, markdown_table, peak_memory_bytes, time_fn, write_results
+from fastkd.benchmarks.common import bench_parser, parse_bench_args, RESULTS_DIR, markdown_table, peak_memory_bytes, time_fn, write_results
 from fastkd.ops import token_relation, token_relation_reference
 
 HEAD_DIM = 64
@@ -78,16 +77,10 @@ def _fwd_bwd(fn, q_s, k_s, q_t, k_t):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats, no torch.compile column")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating timing rounds per variant")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but no CUDA device is available")
+    parser = bench_parser(__doc__, "smaller batches, fewer repeats, no torch.compile column",
+                          rounds_help="alternating timing rounds per variant")
+    args = parse_bench_args(parser, argv)
     rounds = args.rounds or (2 if args.quick else 3)
-    if rounds < 1:
-        raise SystemExit(f"--rounds must be >= 1, got {rounds}")
     repeats = 3 if args.quick else 5
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     elem = torch.finfo(dtype).bits // 8

@@ -116,3 +116,26 @@ def write_results(name: str, records: list[dict], markdown: str, *, out_dir: Pat
         tmp.write_text(text)
         os.replace(tmp, path)
     return out / f"{name}.json"
+
+
+def bench_parser(description: str, quick_help: str, *, rounds_help: str | None = None):
+    """The command line every benchmark shares: ``--quick``, ``--device cpu|cuda`` and, with
+    ``rounds_help``, ``--rounds``; extend it with the benchmark's own options."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    if rounds_help is not None:
+        parser.add_argument("--rounds", type=int, default=None, help=rounds_help)
+    return parser
+
+
+def parse_bench_args(parser, argv: list[str] | None):
+    """Parse ``argv``; exit with a clear message for ``--device cuda`` without CUDA or ``--rounds`` < 1."""
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but no CUDA device is available")
+    if getattr(args, "rounds", None) is not None and args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    return args
