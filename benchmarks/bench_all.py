@@ -17,15 +17,13 @@ Exit status 1 when any part fails or reports a failure.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import time
 import traceback
 
-import torch
-
-from fastkd.benchmarks.common import RESULTS_DIR, machine_info, markdown_table, write_results
+from fastkd.benchmarks.common import (RESULTS_DIR, bench_parser, machine_info, markdown_table, parse_bench_args,
+                                      write_results)
 
 PARTS = ("ops", "data", "e2e", "compile")
 
@@ -54,14 +52,10 @@ def targets_table(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="pass --quick to every part")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser = bench_parser(__doc__, "pass --quick to every part")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--reuse", action="store_true", help="combine the parts' latest results, run nothing")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but no CUDA device is available")
+    args = parse_bench_args(parser, argv)
     part_argv = ["--device", args.device] + (["--quick"] if args.quick else [])
     records, sections, durations, failed = [], [], [], []
     for part in args.parts:

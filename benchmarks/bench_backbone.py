@@ -18,11 +18,10 @@ Loss: ``tokens.square().mean()``; peak memory = extra memory of one forward + ba
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from fastkd.benchmarks.common import markdown_table, peak_memory_bytes, time_fn, write_results
+from fastkd.benchmarks.common import (bench_parser, markdown_table, parse_bench_args, peak_memory_bytes, time_fn,
+                                      write_results)
 from fastkd.models import build_backbone
 from fastkd.ops import random_keep
 
@@ -58,12 +57,10 @@ def _variants(name: str, batch: int, device: str, img_size: int) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="ViT-S at 112 px, batch 4, fewer repeats")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser = bench_parser(__doc__.splitlines()[0], "ViT-S at 112 px, batch 4, fewer repeats")
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--batch", type=int, default=None)
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, argv)
     if args.batch is not None and args.batch <= 0:
         raise ValueError(f"--batch must be positive, got {args.batch}")
     img_size, batch, repeats, rounds = (112, 4, 2, 2) if args.quick else (224, 8, 3, 2)

@@ -14,12 +14,11 @@ Exit status 1 when a configuration fails to compile, spills, or exceeds the shar
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
-from fastkd.benchmarks.common import markdown_table, write_results
+from fastkd.benchmarks.common import bench_parser, markdown_table, write_results
 from fastkd.kernels.check import COLUMNS, SHARED_LIMIT_BYTES, check_config
 from fastkd.kernels.registry import CompileConfig, all_compile_configs
 
@@ -48,10 +47,10 @@ def parse_targets(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="first configuration of each kernel, sm_90 only")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="ignored: compiles for GPUs")
+    parser = bench_parser(__doc__, "first configuration of each kernel, sm_90 only")
+    parser._option_string_actions["--device"].help = "ignored: compiles for GPUs"
     parser.add_argument("--targets", default=None, help="compute capabilities (default 80,90; --quick 90)")
+    # parser.parse_args, not parse_bench_args: --device is ignored here, so --device cuda needs no CUDA device
     args = parser.parse_args(argv)
     targets = parse_targets(args.targets or ("90" if args.quick else "80,90"))
     configs = selected_configs(args.quick)

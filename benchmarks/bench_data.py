@@ -12,14 +12,13 @@ On ``--device cpu`` DALI runs its CPU-only pipeline; on ``--device cuda`` its GP
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from fastkd.benchmarks.common import markdown_table, time_fn, write_results
+from fastkd.benchmarks.common import bench_parser, markdown_table, parse_bench_args, time_fn, write_results
 from fastkd.data import build_loader
 
 PHOTOS = (
@@ -65,12 +64,10 @@ def images_per_second(root: Path, recipe: str, backend: str, *, batch_size: int,
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer images and one repeat")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser = bench_parser(__doc__.splitlines()[0], "fewer images and one repeat")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers = DALI threads")
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, argv)
     images, batch_size, repeats = (64, 16, 1) if args.quick else (256, 32, 2)
     dali_backend = "dali" if args.device == "cuda" else "dali_cpu"
     records = []

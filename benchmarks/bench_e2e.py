@@ -32,7 +32,6 @@ for the plain copy, else the reference switch is not wired into that op).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import tempfile
 import time
@@ -44,7 +43,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastkd.benchmarks.common import RESULTS_DIR, markdown_table, peak_memory_bytes, time_fn, write_results
+from fastkd.benchmarks.common import (RESULTS_DIR, bench_parser, markdown_table, parse_bench_args, peak_memory_bytes,
+                                      time_fn, write_results)
 from fastkd.benchmarks.gpu_peak import fraction_of_peak, gpu_peak
 from fastkd.benchmarks.plots import save_grouped_bars
 from fastkd.data.batch import Batch
@@ -240,22 +240,16 @@ def where_time_goes(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="batch 8 at 32 px, one timed round of 3 steps")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser = bench_parser(__doc__, "batch 8 at 32 px, one timed round of 3 steps",
+                          rounds_help="alternating timing rounds (default 5, --quick 1)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--batch", type=int, default=None, help="images per batch (default 64, --quick 8)")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating timing rounds (default 5, --quick 1)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but no CUDA device is available")
+    args = parse_bench_args(parser, argv)
     batch_size = args.batch if args.batch is not None else (8 if args.quick else 64)
     img_size = 32 if args.quick else IMG_SIZE
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 5)
     if batch_size < 2:
         raise SystemExit(f"--batch must be >= 2 (batch-norm projectors), got {batch_size}")
-    if rounds < 1:
-        raise SystemExit(f"--rounds must be >= 1, got {rounds}")
     repeats = 3
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="fastkd-bench-e2e-") as tmp:

@@ -14,12 +14,10 @@ and speed-ups against the matching unfused baseline, plus the bytes each variant
 
 from __future__ import annotations
 
-import argparse
-
 import timm
 import torch
 
-from fastkd.benchmarks.common import markdown_table, time_fn, write_results
+from fastkd.benchmarks.common import bench_parser, markdown_table, parse_bench_args, time_fn, write_results
 from fastkd.ops import build_info, ema_
 
 MODELS = {"ViT-S/16": "vit_small_patch16_224", "ViT-B/16": "vit_base_patch16_224", "ViT-L/16": "vit_large_patch16_224"}
@@ -86,12 +84,7 @@ def bench_model(label: str, shapes: list[torch.Size], device: str, repeats: int)
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="ViT-S and ViT-B only, fewer repeats")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
+    args = parse_bench_args(bench_parser(__doc__.splitlines()[0], "ViT-S and ViT-B only, fewer repeats"), argv)
     models = ["ViT-S/16", "ViT-B/16"] if args.quick else list(MODELS)
     repeats = 5 if args.quick else 10
     records = []

@@ -13,11 +13,10 @@ kernel against the unfused sequence (analytical: the GPU roofline case).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from fastkd.benchmarks.common import markdown_table, peak_memory_bytes, time_fn, write_results
+from fastkd.benchmarks.common import (bench_parser, markdown_table, parse_bench_args, peak_memory_bytes, time_fn,
+                                      write_results)
 from fastkd.losses import FeatureAlignLoss
 from fastkd.ops import feature_align_reference
 
@@ -85,13 +84,9 @@ def bench_shape(model: str, B: int, D: int, *, device: str, dtype: torch.dtype, 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description="feature_align forward + backward benchmark")
-    parser.add_argument("--quick", action="store_true", help="ViT-B only, batch 16, no torch.compile column")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser = bench_parser("feature_align forward + backward benchmark", "ViT-B only, batch 16, no torch.compile column")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but no CUDA device is available")
+    args = parse_bench_args(parser, argv)
     models = {"vit_base": MODELS["vit_base"]} if args.quick else MODELS
     batch = 16 if args.quick else 64
     records = []

@@ -9,12 +9,11 @@ the same predictions. The chunked version bounds the similarity matrix at ``chun
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from fastkd.benchmarks.common import markdown_table, peak_memory_bytes, time_fn, write_results
+from fastkd.benchmarks.common import (bench_parser, markdown_table, parse_bench_args, peak_memory_bytes, time_fn,
+                                      write_results)
 from fastkd.eval.knn import MAX_SIMILARITIES, knn_classify
 
 
@@ -27,12 +26,7 @@ def materialised_knn(train, train_labels, test, *, num_classes, k=20, temperatur
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one small shape, fewer repeats")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but no CUDA device is available")
+    args = parse_bench_args(bench_parser(__doc__, "one small shape, fewer repeats"), argv)
     shapes = [(50000, 4000, 384)] if args.quick else [(50000, 5000, 384), (50000, 5000, 768), (100000, 5000, 384)]
     repeats = 2 if args.quick else 3
     num_classes = 1000

@@ -17,7 +17,6 @@ memory against problem size, one column per op).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import time
@@ -25,7 +24,7 @@ import traceback
 
 import torch
 
-from fastkd.benchmarks.common import RESULTS_DIR, markdown_table, write_results
+from fastkd.benchmarks.common import RESULTS_DIR, bench_parser, markdown_table, parse_bench_args, write_results
 from fastkd.benchmarks.gpu_peak import NEEDS_GPU, fraction_of_peak, gpu_peak
 from fastkd.benchmarks.plots import save_lines_per_op
 
@@ -107,13 +106,9 @@ def annotate(op: str, records: list[dict], device: str, peak: dict | None) -> li
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="pass --quick to every op benchmark")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser = bench_parser(__doc__, "pass --quick to every op benchmark")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but no CUDA device is available")
+    args = parse_bench_args(parser, argv)
     op_argv = ["--device", args.device] + (["--quick"] if args.quick else [])
     peak = gpu_peak() if args.device == "cuda" else None
     records, sections = [], []

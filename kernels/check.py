@@ -9,6 +9,13 @@ triton wheel, adds Triton's dynamic shared memory, prints a table, writes it wit
 or needs more shared memory than the target allows per block. ptxas puts register spills in the
 stack frame (``STACK``) or local memory (``LOCAL``); Triton kernels use neither for anything else,
 so any non-zero byte of either counts as a spill.
+
+The report (``kernel_check.json`` + ``.md``) goes to the git-ignored ``build/kernel_check/`` of the
+checkout by default (of the current directory when fastkd is not run from a checkout), so that
+``make test`` leaves the tree clean; ``--out-dir DIR`` writes it to ``DIR`` and ``--publish`` to the
+published benchmark results (``benchmarks/results/``, or ``$FASTKD_BENCH_DIR``).
+
+    python -m fastkd.kernels.check [--targets 80,90] [--kernel NAME] [--out-dir DIR | --publish]
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.interpreter import InterpretedFunction
 
-from fastkd.benchmarks.common import markdown_table, write_results
+from fastkd.benchmarks.common import RESULTS_DIR, markdown_table, write_results
 from fastkd.kernels.registry import CompileConfig, all_compile_configs
 
 # Largest shared memory one block may use (opt-in), bytes: A100 163 KiB, H100 227 KiB.
@@ -89,6 +96,14 @@ def check_config(config: CompileConfig, cc: int, workdir: Path) -> dict:
     return row
 
 
+def default_report_dir() -> Path:
+    """``build/kernel_check/`` (git-ignored) of the source checkout this module runs from, else of
+    the current directory (an installed, non-editable fastkd)."""
+    root = Path(__file__).resolve().parent.parent
+    base = root if (root / "setup.py").is_file() else Path.cwd()
+    return base / "build" / "kernel_check"
+
+
 def run_check(configs: list[CompileConfig], targets: tuple[int, ...] = (80, 90)) -> list[dict]:
     """Compile every configuration for every target; one row each."""
     with tempfile.TemporaryDirectory(prefix="fastkd_kernel_check_") as tmp:
@@ -99,7 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="80,90", help="comma-separated compute capabilities (default 80,90)")
     parser.add_argument("--kernel", default=None, help="only configurations whose kernel name contains this")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out-dir", type=Path, default=None,
+                       help="folder for kernel_check.json / .md (default: build/kernel_check/ of the checkout)")
+    where.add_argument("--publish", action="store_true",
+                       help="write the report into the published benchmark results (benchmarks/results/, "
+                            "or $FASTKD_BENCH_DIR)")
     args = parser.parse_args(argv)
+    out_dir = RESULTS_DIR if args.publish else (args.out_dir or default_report_dir())
     targets = tuple(int(cc) for cc in args.targets.split(","))
     configs = [c for c in all_compile_configs() if args.kernel is None or args.kernel in c.name]
     if not configs:
@@ -114,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     print(summary)
     for row in failed:
         print(f"FAILED {row['kernel']} [{row['config']}] {row['target']}: {row.get('error', 'spills or shared memory over limit')}")
-    write_results("kernel_check", rows, table + "\n\n" + summary)
+    write_results("kernel_check", rows, table + "\n\n" + summary, out_dir=out_dir)
+    print(f"report: {out_dir / 'kernel_check.json'} and {out_dir / 'kernel_check.md'}")
     return 1 if failed else 0
 
 

@@ -49,8 +49,11 @@ def _run_check(*args, env_extra=None):
 
 
 def test_real_compile_of_feature_align_for_sm80_and_sm90(tmp_path):
-    result = _run_check("--kernel", "feature_align_fwd", env_extra={"FASTKD_BENCH_DIR": str(tmp_path)})
+    published = tmp_path / "published"
+    result = _run_check("--kernel", "feature_align_fwd", "--out-dir", str(tmp_path),
+                        env_extra={"FASTKD_BENCH_DIR": str(published)})
     assert result.returncode == 0, result.stdout + result.stderr
+    assert not published.exists()  # only --publish writes into the published results
     rows = json.loads((tmp_path / "kernel_check.json").read_text())["records"]
     assert {row["target"] for row in rows} == {"sm_80", "sm_90"}
     assert all(row["ok"] and 0 < row["registers"] <= 255 for row in rows)
@@ -72,3 +75,20 @@ def test_main_exit_code(monkeypatch, capsys):
     assert check.main(["--kernel", "feature_align_fwd"]) == 1
     assert "FAILED feature_align_fwd [x] sm_80" in capsys.readouterr().out
     assert check.main(["--kernel", "no_such_kernel"]) == 1
+
+
+def test_report_goes_to_the_build_folder_unless_published(monkeypatch, tmp_path, capsys):
+    from fastkd.benchmarks.common import RESULTS_DIR
+
+    row = {"kernel": "feature_align_fwd", "config": "x", "target": "sm_80", "ok": True}
+    written = []
+    monkeypatch.setattr(check, "run_check", lambda configs, targets: [row])
+    monkeypatch.setattr(check, "write_results", lambda name, rows, markdown, *, out_dir=None: written.append(out_dir))
+    assert check.main(["--kernel", "feature_align_fwd"]) == 0
+    assert check.default_report_dir().parts[-2:] == ("build", "kernel_check")
+    assert check.main(["--kernel", "feature_align_fwd", "--out-dir", str(tmp_path)]) == 0
+    assert check.main(["--kernel", "feature_align_fwd", "--publish"]) == 0
+    assert written == [check.default_report_dir(), tmp_path, RESULTS_DIR]
+    assert f"report: {tmp_path / 'kernel_check.json'}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        check.main(["--publish", "--out-dir", str(tmp_path)])
