@@ -33,6 +33,9 @@ def test_quick_demo_writes_table_plot_and_summary(quick_run, capsys):
         assert (out / stage.name / "student.pt").is_file()
         assert summary["timings"][stage.name]["wall_s"] > 0
     assert set(summary["timings"]) >= {"data", "knn_eval", "total"}
+    margin = summary["margin"]
+    assert set(margin["points"]) == {"MOMA", "Hybrid Distill"} and margin["min_points"] == demo.MIN_MARGIN_POINTS
+    assert margin["met"] == all(points >= demo.MIN_MARGIN_POINTS for points in margin["points"].values())
     assert len(list((out / "data" / "train").rglob("*.jpg"))) == 36
     assert len(list((out / "data" / "val").rglob("*.jpg"))) == 24
 
@@ -40,6 +43,8 @@ def test_quick_demo_writes_table_plot_and_summary(quick_run, capsys):
     assert table[0].startswith("| model | method | k-NN top-1 (%)")
     assert len([line for line in table if line.startswith("| ")]) == 1 + len(EXPECTED_MODELS)
     assert all(line.count("|") == len(demo.COLUMNS) + 1 for line in table if line.startswith("|"))
+
+    assert any(line.startswith("Margin over random init: MOMA") for line in table)
 
     png = (out / "demo.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000

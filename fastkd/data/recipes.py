@@ -152,17 +152,27 @@ def build_recipe(name: str | Recipe, **overrides) -> Recipe:
     return factory(**overrides)
 
 
-def _mocov3_view(size: int, scale, blur_p: float, solarize_p: float) -> ViewSpec:
+def _check_blur(blur) -> bool:
+    if not isinstance(blur, bool):
+        raise TypeError(f"blur must be a bool, got {blur!r}")
+    return blur
+
+
+def _mocov3_view(size: int, scale, blur_p: float, solarize_p: float, blur: bool = True) -> ViewSpec:
     return ViewSpec(
-        size=size, scale=tuple(scale), jitter=ColorJitter(), grayscale_p=0.2, blur_p=blur_p, solarize_p=solarize_p
+        size=size, scale=tuple(scale), jitter=ColorJitter(), grayscale_p=0.2, blur_p=blur_p if blur else 0.0,
+        solarize_p=solarize_p,
     )
 
 
 @register_recipe("mocov3")
-def mocov3(size: int = 224, scale=(0.08, 1.0)) -> Recipe:
-    """MoCo v3 / BYOL: two asymmetric views (blur 1.0 / 0.1, solarize 0 / 0.2)."""
+def mocov3(size: int = 224, scale=(0.08, 1.0), blur: bool = True) -> Recipe:
+    """MoCo v3 / BYOL: two asymmetric views (blur 1.0 / 0.1, solarize 0 / 0.2). ``blur=False``
+    drops the Gaussian blur, as CIFAR-size recipes do (sigma 0.1-2 px is meant for 224 px views
+    and wipes out the detail of a 32 px one)."""
+    blur = _check_blur(blur)
     return Recipe(
-        "mocov3", (_mocov3_view(size, scale, 1.0, 0.0), _mocov3_view(size, scale, 0.1, 0.2))
+        "mocov3", (_mocov3_view(size, scale, 1.0, 0.0, blur), _mocov3_view(size, scale, 0.1, 0.2, blur))
     )
 
 
@@ -173,16 +183,18 @@ def dino_multicrop(
     local_crops: int = 8,
     local_size: int = 96,
     local_scale=(0.05, 0.25),
+    blur: bool = True,
 ) -> Recipe:
     """DINO multi-crop: two global views (asymmetric like MoCo v3) then ``local_crops`` local views
-    (blur p 0.5, no solarize)."""
+    (blur p 0.5, no solarize); ``blur=False`` drops the blur (small images, see ``mocov3``)."""
     if not isinstance(local_crops, int) or local_crops < 0:
         raise ValueError(f"local_crops must be an int >= 0, got {local_crops!r}")
+    blur = _check_blur(blur)
     global_views = (
-        _mocov3_view(global_size, global_scale, 1.0, 0.0),
-        _mocov3_view(global_size, global_scale, 0.1, 0.2),
+        _mocov3_view(global_size, global_scale, 1.0, 0.0, blur),
+        _mocov3_view(global_size, global_scale, 0.1, 0.2, blur),
     )
-    local = _mocov3_view(local_size, local_scale, 0.5, 0.0)
+    local = _mocov3_view(local_size, local_scale, 0.5, 0.0, blur)
     return Recipe("dino_multicrop", global_views + (local,) * local_crops)
 
 

@@ -1,9 +1,16 @@
 """The built-in sample dataset: a deterministic ImageFolder of small procedural JPEGs.
 
-12 classes = 4 shapes (disk, square, triangle, cross) x 3 textures (stripes, checker, dots):
-neither the shape nor the texture alone names the class. Every image (64-96 px per side) draws
-its colours, background noise, shape position (near the centre) / size / rotation and texture period / angle from
+12 classes, one per two-tone texture (``CLASSES``: stripes, thin stripes, checker, dots, rings,
+grid, crosses, zigzag, triangles, bricks, blobs, concentric circles). Every image (64-96 px per
+side) draws its texture period (10-16 px), a small rotation (within +-15 degrees), phase, dark ink
+and light paper levels (each with a per-channel tint of +-20) and pixel noise from
 ``numpy.random.default_rng([seed, index])``, so the files are byte-identical for a seed.
+
+Why textures, near-upright and near-grey: self-supervised methods learn what every augmented view
+of an image shares and what tells images apart. The texture is shared by every crop, while the
+instance cues a class does not own are kept weak (colours vary little and colour jitter blurs
+them; crops change position, scale and phase) — with free colours or free orientations a tiny
+MoCo v3 learns those instead and its k-NN stays near chance for the demo's whole budget.
 """
 
 from __future__ import annotations
@@ -12,81 +19,85 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-SHAPES = ("disk", "square", "triangle", "cross")
-TEXTURES = ("stripes", "checker", "dots")
-CLASSES = tuple(f"{shape}_{texture}" for shape in SHAPES for texture in TEXTURES)
+CLASSES = ("stripes", "thin_stripes", "checker", "dots", "rings", "grid", "crosses", "zigzag", "triangles",
+           "bricks", "blobs", "concentric")
 SIZE_RANGE = (64, 96)
+PERIOD_RANGE = (10.0, 16.0)
+MAX_ROTATION = np.pi / 12
 JPEG_QUALITY = 90
 
 
-def _texture(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-    """Boolean pattern ``[H, W]`` of ``kind`` with a random period, angle and phase."""
-    period = rng.uniform(14.0, 22.0)
-    angle = rng.uniform(0.0, np.pi)
+def _blobs(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """Thresholded smooth noise: a coarse Gaussian grid upsampled bicubically."""
+    coarse = rng.normal(size=(height // 10 + 2, width // 10 + 2)).astype(np.float32)
+    smooth = Image.fromarray(coarse, "F").resize((width, height), Image.BICUBIC)
+    return np.asarray(smooth) > 0
+
+
+def texture(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """Boolean ink mask ``[H, W]`` of texture ``kind`` with a random period, small rotation and phase."""
+    if kind not in CLASSES:
+        raise ValueError(f"kind must be one of {', '.join(CLASSES)}, got {kind!r}")
+    period = rng.uniform(*PERIOD_RANGE)
+    angle = rng.uniform(-MAX_ROTATION, MAX_ROTATION)
     y, x = np.mgrid[0:height, 0:width].astype(np.float64)
     u = x * np.cos(angle) + y * np.sin(angle) + rng.uniform(0, period)
     v = -x * np.sin(angle) + y * np.cos(angle) + rng.uniform(0, period)
+    fu, fv = (u % period) / period, (v % period) / period  # position inside the cell, in [0, 1)
+    radius_sq = (fu - 0.5) ** 2 + (fv - 0.5) ** 2
     if kind == "stripes":
-        return (u % period) < period / 2
+        return fu < 0.5
+    if kind == "thin_stripes":
+        return fu < 0.15
     if kind == "checker":
-        return ((u // (period / 2)) + (v // (period / 2))) % 2 == 0
-    du, dv = (u % period) - period / 2, (v % period) - period / 2
-    return du**2 + dv**2 < (period * 0.3) ** 2
-
-
-def _shape_mask(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask ``[H, W]`` of a randomly placed, sized and rotated ``kind``."""
-    radius = rng.uniform(0.36, 0.44) * min(height, width)
-    cx = width / 2 + rng.uniform(-0.1, 0.1) * width
-    cy = height / 2 + rng.uniform(-0.1, 0.1) * height
-    rotation = rng.uniform(0.0, 2 * np.pi)
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
-
-    def polygon(points):
-        cos, sin = np.cos(rotation), np.sin(rotation)
-        draw.polygon([(cx + px * cos - py * sin, cy + px * sin + py * cos) for px, py in points], fill=255)
-
-    if kind == "disk":
-        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=255)
-    elif kind == "square":
-        half = radius / np.sqrt(2)
-        polygon([(-half, -half), (half, -half), (half, half), (-half, half)])
-    elif kind == "triangle":
-        polygon([(radius * np.cos(a), radius * np.sin(a)) for a in np.pi / 2 + np.arange(3) * 2 * np.pi / 3])
-    else:
-        arm = radius * 0.35
-        polygon([(-radius, -arm), (radius, -arm), (radius, arm), (-radius, arm)])
-        polygon([(-arm, -radius), (arm, -radius), (arm, radius), (-arm, radius)])
-    return np.asarray(canvas) > 127
+        return (fu < 0.5) ^ (fv < 0.5)
+    if kind == "dots":
+        return radius_sq < 0.09
+    if kind == "rings":
+        return (radius_sq < 0.16) & (radius_sq > 0.05)
+    if kind == "grid":
+        return (fu < 0.2) | (fv < 0.2)
+    if kind == "crosses":
+        du, dv = np.abs(fu - 0.5), np.abs(fv - 0.5)
+        return ((du < 0.12) & (dv < 0.4)) | ((dv < 0.12) & (du < 0.4))
+    if kind == "zigzag":
+        return ((u + np.abs(fv - 0.5) * period) % period) < period / 2
+    if kind == "triangles":
+        return fu < fv
+    if kind == "bricks":
+        shifted = ((u + np.floor(v / period) * period / 2) % period) / period
+        return (fv < 0.2) | (shifted < 0.15)
+    if kind == "blobs":
+        return _blobs(height, width, rng)
+    centre_x, centre_y = rng.uniform(0, width), rng.uniform(0, height)  # concentric
+    return (np.hypot(x - centre_x, y - centre_y) % period) < period / 2
 
 
 def sample_image(index: int, seed: int = 0) -> tuple[Image.Image, int]:
-    """Image ``index`` of the sample dataset for ``seed`` and its class label."""
-    if not isinstance(index, int) or index < 0:
+    """Image ``index`` of the sample dataset for ``seed`` and its class label (``index % 12``)."""
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
         raise ValueError(f"index must be an int >= 0, got {index!r}")
-    if not isinstance(seed, int) or seed < 0:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     label = index % len(CLASSES)
-    shape, texture = SHAPES[label // len(TEXTURES)], TEXTURES[label % len(TEXTURES)]
     rng = np.random.default_rng([seed, index])
     height, width = (int(v) for v in rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1, size=2))
-    background = rng.uniform(0, 255, size=3) + rng.normal(0.0, 4.0, size=(height, width, 3))
-    ink, paper = rng.uniform(0, 255, size=(2, 3))
-    if np.abs(ink - paper).sum() < 150:  # keep the texture visible
-        paper = 255.0 - ink
-    fill = np.where(_texture(texture, height, width, rng)[..., None], ink, paper)
-    pixels = np.where(_shape_mask(shape, height, width, rng)[..., None], fill, background)
+    ink = rng.uniform(0, 80) + rng.uniform(-20, 20, size=3)
+    paper = rng.uniform(175, 255) + rng.uniform(-20, 20, size=3)
+    mask = texture(CLASSES[label], height, width, rng)
+    pixels = np.where(mask[..., None], ink, paper) + rng.normal(0.0, 4.0, size=(height, width, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB"), label
 
 
 def write_sample_dataset(root: str | os.PathLike, images: int = 2000, seed: int = 0) -> Path:
-    """Write ``images`` JPEGs as ``root/<shape>_<texture>/<index>.jpg`` (byte-identical for a
-    seed); returns ``root``. Needs at least one image per class."""
-    if not isinstance(images, int) or images < len(CLASSES):
+    """Write ``images`` JPEGs as ``root/<class>/<index>.jpg`` (byte-identical for a seed);
+    returns ``root``. Needs at least one image per class."""
+    if not isinstance(images, int) or isinstance(images, bool) or images < len(CLASSES):
         raise ValueError(f"images must be an int >= {len(CLASSES)} (one per class), got {images!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     root = Path(root)
     for name in CLASSES:
         (root / name).mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,17 @@ def test_mocov3_is_asymmetric():
     assert first.scale == (0.08, 1.0) and first.size == 224
 
 
+def test_blur_false_drops_only_the_blur():
+    for name in ("mocov3", "dino_multicrop"):
+        with_blur, without = build_recipe(name).views, build_recipe(name, blur=False).views
+        assert all(view.blur_p == 0.0 for view in without) and any(view.blur_p > 0 for view in with_blur)
+        for a, b in zip(with_blur, without):
+            assert (a.jitter, a.grayscale_p, a.solarize_p, a.scale, a.size) == (b.jitter, b.grayscale_p, b.solarize_p,
+                                                                                b.scale, b.size)
+    with pytest.raises(TypeError, match="blur must be a bool"):
+        build_recipe("mocov3", blur="no")
+
+
 def test_dino_multicrop_overrides():
     recipe = build_recipe("dino_multicrop", local_crops=3, global_scale=(0.4, 1.0))
     assert [v.size for v in recipe.views] == [224, 224, 96, 96, 96]

@@ -37,9 +37,9 @@ def test_cli_subcommands(tmp_path, capsys):
     args = parser.parse_args(["data", "sample", str(tmp_path / "sample"), "--images", "12", "--seed", "1"])
     assert args.func(args) == 0
     assert len(list((tmp_path / "sample").rglob("*.jpg"))) == 12
-    (tmp_path / "sample" / "disk_dots" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    (tmp_path / "sample" / "dots" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
     out = tmp_path / "bad.txt"
     args = parser.parse_args(["data", "scan", str(tmp_path / "sample"), "--out", str(out), "--workers", "2"])
     assert args.func(args) == 0
-    assert read_exclusions(out) == ["disk_dots/broken.jpg"]
+    assert read_exclusions(out) == ["dots/broken.jpg"]
     assert "1 of 13 files undecodable" in capsys.readouterr().out
