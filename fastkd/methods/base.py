@@ -118,6 +118,11 @@ class Method(nn.Module):
             getattr(self, name).eval()
         return self
 
+    def before_optimizer_step(self, epoch: float) -> None:
+        """Called by the trainer after backward and gradient clipping, before the optimiser
+        step(s), with the step's fractional epoch (``step / steps_per_epoch``); edits gradients
+        (e.g. MOKD's last-layer freeze). Default: nothing."""
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Two optimiser groups over the trainable parameters: weights with ``weight_decay``, biases
         and norm weights (every parameter with fewer than 2 dims) with none."""

@@ -73,6 +73,7 @@ class MOKDConfig:
     base_momentum: float = 0.996
     num_global_views: int = 2
     evaluate: str = "b"
+    freeze_last_layer_epochs: float = 1.0
 
     def __post_init__(self):
         for name in ("model_a_arch", "model_b_arch"):
@@ -92,6 +93,7 @@ class MOKDConfig:
         for name in ("warmup_fraction", "center_momentum", "base_momentum"):
             check_number(name, getattr(self, name), low=0.0, high=1.0)
         check_choice("evaluate", self.evaluate, MODELS)
+        check_number("freeze_last_layer_epochs", self.freeze_last_layer_epochs, low=0.0)
 
 
 class MOKDBranch(nn.Module):
@@ -205,6 +207,15 @@ class MOKD(Method):
         return groups
 
     @torch.no_grad()
+    def before_optimizer_step(self, epoch: float) -> None:
+        """DINO's stabiliser: during the first ``freeze_last_layer_epochs`` epochs the weight-normed
+        last layers of both models' DINO heads and T-heads get no update (their gradients are
+        dropped after clipping, so the optimiser skips them, weight decay included)."""
+        if epoch < self.config.freeze_last_layer_epochs:
+            for branch in self.branches.values():
+                branch.dino_head.cancel_last_layer_grad()
+                branch.thead.cancel_last_layer_grad()
+
     def after_step(self, step: int, total_steps: int) -> None:
         """EMA update of both teachers; the teacher temperature moves to that of ``step + 1``."""
         check_progress(step, total_steps)

@@ -7,7 +7,8 @@ and method schedules; ``step`` is the 0-based index of the optimiser step just t
 
 One optimiser step = ``accum_steps`` micro-batches, each ``loss / accum_steps`` backpropagated
 (under DDP only the last one all-reduces). Per step, in order: schedules -> forward/backward ->
-non-finite check (agreed across ranks) -> unscale, clip (global norm per optimiser) -> optimiser
+non-finite check (agreed across ranks) -> unscale, clip (global norm per optimiser) ->
+``before_optimizer_step(epoch)`` (optional method hook) -> optimiser
 step(s) -> ``after_step`` -> log -> checkpoint -> stop request check (SIGTERM/SIGINT).
 Parameter groups tagged ``"model": tag`` (MOKD) get their own optimiser and schedules when
 ``optim.per_model`` names the tag.
@@ -341,6 +342,9 @@ class Trainer:
             grad_norms[slot.name] = float(nn.utils.clip_grad_norm_(slot.params, slot.max_grad_norm))
         if not (all(map(math.isfinite, grad_norms.values())) or self.scaler.is_enabled()):
             return False, grad_norms
+        hook = getattr(self.method, "before_optimizer_step", None)  # optional for non-fastkd methods
+        if hook is not None:
+            hook(step / self.steps_per_epoch)
         for slot in self.slots:
             self.scaler.step(slot.optimizer)
         self.scaler.update()

@@ -116,3 +116,19 @@ def test_bad_inputs():
         MOKDConfig(evaluate="c")
     with pytest.raises(ValueError, match="did you mean 'lambda_a'"):
         build_method("mokd", {**CONFIG, "lamda_a": 1.0})
+
+
+def test_last_layers_frozen_for_the_first_epochs():
+    method = build_method("mokd", {**CONFIG, "freeze_last_layer_epochs": 0.5})
+    last_layers = [p for x in "ab" for head in (method.branches[x].dino_head, method.branches[x].thead)
+                   for p in head.last_layer.parameters() if p.requires_grad]
+    assert last_layers
+    method(multicrop())["loss"].backward()
+    method.before_optimizer_step(0.75)  # past the freeze: gradients stay
+    assert all(p.grad is not None for p in last_layers)
+    method.before_optimizer_step(0.25)
+    assert all(p.grad is None for p in last_layers)
+    others = [p for name, p in method.branches.named_parameters() if "last_layer" not in name and p.requires_grad]
+    assert others and all(p.grad is not None for p in others)
+    with pytest.raises(ValueError, match="freeze_last_layer_epochs"):
+        MOKDConfig(**{**CONFIG, "freeze_last_layer_epochs": -1})

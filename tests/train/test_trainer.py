@@ -19,7 +19,8 @@ from tests.train.tiny_method import TensorLoader, TinyMethod
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+# the same thread count as the in-process reference run: bit-identity needs the same reduction order
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 def make_trainer(out, method=None, *, batch=8, accum=1, epochs=1, max_steps=None, lr_warmup=0.0, **train):
@@ -253,3 +254,20 @@ def test_resume_with_a_longer_run_warns_and_continues(tmp_path, capsys):
     make_trainer(tmp_path, max_steps=1).fit()
     assert make_trainer(tmp_path, max_steps=2).fit(resume=True).step == 2
     assert "the config changed the lr schedule of optimiser 'all'" in capsys.readouterr().out
+
+
+def test_before_optimizer_step_hook_gets_the_epoch_before_the_step(tmp_path):
+    class Hooked(TinyMethod):
+        def __init__(self):
+            super().__init__()
+            self.hook_calls = []
+
+        def before_optimizer_step(self, epoch):
+            grads = [p.grad for p in self.parameters() if p.requires_grad]
+            self.hook_calls.append((epoch, all(g is not None for g in grads)))
+
+    method = Hooked()
+    trainer = make_trainer(tmp_path, method, batch=8, epochs=2)  # 32 samples: 4 steps per epoch
+    trainer.fit()
+    assert [epoch for epoch, _ in method.hook_calls] == [step / 4 for step in range(8)]
+    assert all(has_grads for _, has_grads in method.hook_calls)
