@@ -101,6 +101,8 @@ def test_e2e_records_time_both_assemblies_of_every_method(suite):
         else:
             assert FUSED_OPS_USED[r["method"]] <= set(r["fused_ops_called"]), r["fused_ops_called"]
             assert isinstance(r["meets_target"], bool) and r["target"].startswith(">=")
+            expected = r["speedup"] / (1 - r["fused_ops_share"])  # plain / (fastkd x (1 - share))
+            assert r["ceiling_speedup"] == pytest.approx(expected)
 
 
 def test_compile_records_cover_every_kernel(suite):
@@ -143,3 +145,21 @@ def test_fraction_of_peak_and_targets_validate():
         parse_targets("sm_90")
     quick = selected_configs(quick=True)
     assert len({c.name for c in quick}) == len(quick) == len({c.name for c in selected_configs(quick=False)})
+
+
+def test_e2e_demo_models_are_the_demo_configs(tmp_path):
+    from fastkd.benchmarks.bench_e2e import DEMO_TEACHER, demo_method_config
+    from fastkd.config import load_config
+    from fastkd.demo import DEFAULT_CONFIG_DIR
+
+    teachers = {"contrastive": str(tmp_path / "c.pt"), "mim": str(tmp_path / "m.pt")}
+    for name, stage in (("moma", "moma_both"), ("hybrid_distill", "hybrid_distill"), ("resmoco", "resmoco_teacher"),
+                        ("mokd", "mokd")):
+        config, recipe = demo_method_config(name, teachers, 64)
+        demo = load_config(DEFAULT_CONFIG_DIR / f"{stage}.yaml")
+        paths = {k for k in config if k.endswith("_path")}
+        assert {k: v for k, v in config.items() if k not in paths} == \
+            {k: v for k, v in demo.method_config.items() if k not in paths}
+        assert {config[k] for k in paths} <= set(teachers.values()) and recipe == demo.data.recipe_options
+    for teacher in ("resmoco_teacher", "mae_teacher"):  # random teachers of the demo teachers' shape
+        assert load_config(DEFAULT_CONFIG_DIR / f"{teacher}.yaml").method_config["arch_kwargs"] == DEMO_TEACHER
