@@ -30,7 +30,9 @@ Backward: the gradient with respect to the student logits is, per row with upstr
     student_to_teacher: ds = g * P_s * (a_s - a_t - kl)
 
 and ``dq_s = c_s * ds @ k_s``, ``dk_s = c_s * ds^T @ q_s``. Both probability tiles are recomputed tile
-by tile from the saved ``lse_s``, ``lse_t`` (and per-head teacher lse) as in FlashAttention.
+by tile from the saved ``lse_s``, ``lse_t`` (and per-head teacher lse) as in FlashAttention; both passes
+get the ``ds`` tile from the one helper ``_ds_tile`` (logit tiles of ``_logit_tiles``, shared with the
+forward, then the probabilities and the formula above).
 ``dk_s`` strategy: a separate key-block-major pass (``token_relation_bwd_dk_kernel``: one program per
 key block, looping over query blocks) rather than atomics from the query-major pass. It accumulates
 ``dk_s`` in registers in fp32 and writes each row exactly once in the input dtype, so it is
@@ -67,6 +69,25 @@ def _load_rows(base, stride_n, offs_rows, n_rows, offs_d, d):
 
 
 @triton.jit
+def _head_pair_bases(
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, pid_bh, N, H_S,
+    stride_qs_b, stride_qs_h, stride_ks_b, stride_ks_h, stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h,
+    G: tl.constexpr,
+):
+    """Base pointers of the head pair ``pid_bh = b * H_s + h``: ``(qs, ks, qt, kt, lse_heads)`` with
+    ``q_s[b, h]``, ``k_s[b, h]`` (``[N, d_s]`` each), ``q_t[b, h*G]``, ``k_t[b, h*G]`` (the first teacher
+    head of the group; head ``g`` is ``g * stride_*t_h`` further) and the group's ``[G, N]`` per-head lse."""
+    b = (pid_bh // H_S).to(tl.int64)
+    h = (pid_bh % H_S).to(tl.int64)
+    qs_base = qs_ptr + b * stride_qs_b + h * stride_qs_h
+    ks_base = ks_ptr + b * stride_ks_b + h * stride_ks_h
+    qt_base = qt_ptr + b * stride_qt_b + h * G * stride_qt_h
+    kt_base = kt_ptr + b * stride_kt_b + h * G * stride_kt_h
+    lse_heads_base = lse_heads_ptr + (pid_bh.to(tl.int64) * G) * N
+    return qs_base, ks_base, qt_base, kt_base, lse_heads_base
+
+
+@triton.jit
 def _teacher_tile(
     q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h, stride_kt_n,
     offs_m, offs_n, offs_dt, N, D_T, c_t, G: tl.constexpr,
@@ -90,8 +111,44 @@ def _teacher_tile(
 
 
 @triton.jit
-def _student_logit_grad(s, t, lse_s, lse_t, kl, grad, valid, TEACHER_TO_STUDENT: tl.constexpr):
-    """``d kl / d s`` times the upstream row gradient, zero outside ``valid``."""
+def _logit_tiles(
+    q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h, stride_kt_n,
+    offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, G: tl.constexpr,
+):
+    """Logit tiles of one head pair, query rows ``offs_m`` x keys ``offs_n`` (fp32, not masked): the
+    student's ``s = c_s * q_s @ k_s^T`` (``q_s``, ``k_s`` the loaded tiles) and the teacher's ``t`` of
+    :func:`_teacher_tile` (``c_t * q_t @ k_t^T``, or ``log(mean_g P_g)`` for ``G > 1``)."""
+    s = tl.dot(q_s, tl.trans(k_s), input_precision="ieee") * c_s
+    t = _teacher_tile(q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h, stride_kt_n,
+                      offs_m, offs_n, offs_dt, N, D_T, c_t, G)
+    return s, t
+
+
+@triton.jit
+def _load_row_stats(kl_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, stats_base, offs_m, N):
+    """``(lse_s, lse_t, kl, grad)`` of query rows ``offs_m`` (0 for rows ``>= N``): the saved ``[B, H_s, N]``
+    forward statistics and upstream gradient of the head pair whose rows start at ``stats_base = pid_bh * N``."""
+    row_mask = offs_m < N
+    lse_s = tl.load(lse_s_ptr + stats_base + offs_m, mask=row_mask, other=0.0)
+    lse_t = tl.load(lse_t_ptr + stats_base + offs_m, mask=row_mask, other=0.0)
+    kl = tl.load(kl_ptr + stats_base + offs_m, mask=row_mask, other=0.0)
+    grad = tl.load(grad_ptr + stats_base + offs_m, mask=row_mask, other=0.0)
+    return lse_s, lse_t, kl, grad
+
+
+@triton.jit
+def _ds_tile(
+    q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h, stride_kt_n,
+    offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, lse_s, lse_t, kl, grad,
+    G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr,
+):
+    """Recomputed ``ds = g * d kl / d s`` tile, rows ``offs_m`` x keys ``offs_n``, zero outside ``N``:
+    the logit tiles of :func:`_logit_tiles`, the log-probabilities ``a_s = s - lse_s``, ``a_t = t - lse_t``
+    from the saved row lse, then ``g * (P_s - P_t)`` (teacher_to_student) or ``g * P_s * (a_s - a_t - kl)``
+    (student_to_teacher), ``g = grad`` the upstream gradient of the row."""
+    s, t = _logit_tiles(q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
+                        stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, G)
+    valid = (offs_m < N)[:, None] & (offs_n < N)[None, :]
     a_s = s - lse_s[:, None]
     a_t = t - lse_t[:, None]
     p_s = tl.exp(a_s)
@@ -142,16 +199,13 @@ def token_relation_fwd_kernel(
     """One program = one block of query rows of one (b, student head); streams over key blocks."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H_S).to(tl.int64)
-    h = (pid_bh % H_S).to(tl.int64)
+    qs_base, ks_base, qt_base, kt_base, lse_heads_base = _head_pair_bases(
+        qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, pid_bh, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b,
+        stride_ks_h, stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
-    ks_base = ks_ptr + b * stride_ks_b + h * stride_ks_h
-    qt_base = qt_ptr + b * stride_qt_b + h * G * stride_qt_h
-    kt_base = kt_ptr + b * stride_kt_b + h * G * stride_kt_h
-    lse_heads_base = lse_heads_ptr + (pid_bh.to(tl.int64) * G) * N
-    q_s = _load_rows(qs_ptr + b * stride_qs_b + h * stride_qs_h, stride_qs_n, offs_m, N, offs_ds, D_S)
+    q_s = _load_rows(qs_base, stride_qs_n, offs_m, N, offs_ds, D_S)
     q_t0 = _load_rows(qt_base, stride_qt_n, offs_m, N, offs_dt, D_T)
 
     m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -163,9 +217,8 @@ def token_relation_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = (offs_n < N)[None, :]
         k_s = _load_rows(ks_base, stride_ks_n, offs_n, N, offs_ds, D_S)
-        s = tl.dot(q_s, tl.trans(k_s), input_precision="ieee") * c_s
-        t = _teacher_tile(q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
-                          stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_t, G)
+        s, t = _logit_tiles(q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
+                            stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, G)
         diff = tl.where(col_ok, t - s, 0.0)
         s = tl.where(col_ok, s, float("-inf"))
         t = tl.where(col_ok, t, float("-inf"))
@@ -209,33 +262,26 @@ def token_relation_bwd_dq_kernel(
     contiguous)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H_S).to(tl.int64)
-    h = (pid_bh % H_S).to(tl.int64)
+    qs_base, ks_base, qt_base, kt_base, lse_heads_base = _head_pair_bases(
+        qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, pid_bh, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b,
+        stride_ks_h, stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
     row_mask = offs_m < N
-    ks_base = ks_ptr + b * stride_ks_b + h * stride_ks_h
-    qt_base = qt_ptr + b * stride_qt_b + h * G * stride_qt_h
-    kt_base = kt_ptr + b * stride_kt_b + h * G * stride_kt_h
-    lse_heads_base = lse_heads_ptr + (pid_bh.to(tl.int64) * G) * N
-    q_s = _load_rows(qs_ptr + b * stride_qs_b + h * stride_qs_h, stride_qs_n, offs_m, N, offs_ds, D_S)
+    q_s = _load_rows(qs_base, stride_qs_n, offs_m, N, offs_ds, D_S)
     q_t0 = _load_rows(qt_base, stride_qt_n, offs_m, N, offs_dt, D_T)
-    rows = pid_bh.to(tl.int64) * N + offs_m
-    lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
-    lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
-    kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
-    grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
+    stats_base = pid_bh.to(tl.int64) * N
+    rows = stats_base + offs_m
+    lse_s, lse_t, kl, grad = _load_row_stats(kl_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, stats_base, offs_m, N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_s = _load_rows(ks_base, stride_ks_n, offs_n, N, offs_ds, D_S)
-        s = tl.dot(q_s, tl.trans(k_s), input_precision="ieee") * c_s
-        t = _teacher_tile(q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
-                          stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_t, G)
-        valid = row_mask[:, None] & (offs_n < N)[None, :]
-        ds = _student_logit_grad(s, t, lse_s, lse_t, kl, grad, valid, TEACHER_TO_STUDENT)
+        ds = _ds_tile(q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
+                      stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, lse_s, lse_t, kl, grad, G,
+                      TEACHER_TO_STUDENT)
         dq += tl.dot(ds.to(k_s.dtype), k_s, input_precision="ieee")
     out = dq_ptr + rows[:, None] * D_S + offs_ds[None, :]
     tl.store(out, (dq * c_s).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_ds < D_S)[None, :])
@@ -254,34 +300,25 @@ def token_relation_bwd_dk_kernel(
     contiguous); loops over query blocks, so each dk row is written once, without atomics."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H_S).to(tl.int64)
-    h = (pid_bh % H_S).to(tl.int64)
+    qs_base, ks_base, qt_base, kt_base, lse_heads_base = _head_pair_bases(
+        qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, pid_bh, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b,
+        stride_ks_h, stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
     col_mask = offs_n < N
-    qs_base = qs_ptr + b * stride_qs_b + h * stride_qs_h
-    qt_base = qt_ptr + b * stride_qt_b + h * G * stride_qt_h
-    kt_base = kt_ptr + b * stride_kt_b + h * G * stride_kt_h
-    lse_heads_base = lse_heads_ptr + (pid_bh.to(tl.int64) * G) * N
-    k_s = _load_rows(ks_ptr + b * stride_ks_b + h * stride_ks_h, stride_ks_n, offs_n, N, offs_ds, D_S)
+    k_s = _load_rows(ks_base, stride_ks_n, offs_n, N, offs_ds, D_S)
     stats_base = pid_bh.to(tl.int64) * N
 
     dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_mask = offs_m < N
         q_s = _load_rows(qs_base, stride_qs_n, offs_m, N, offs_ds, D_S)
         q_t0 = _load_rows(qt_base, stride_qt_n, offs_m, N, offs_dt, D_T)
-        lse_s = tl.load(lse_s_ptr + stats_base + offs_m, mask=row_mask, other=0.0)
-        lse_t = tl.load(lse_t_ptr + stats_base + offs_m, mask=row_mask, other=0.0)
-        kl = tl.load(kl_ptr + stats_base + offs_m, mask=row_mask, other=0.0)
-        grad = tl.load(grad_ptr + stats_base + offs_m, mask=row_mask, other=0.0)
-        s = tl.dot(q_s, tl.trans(k_s), input_precision="ieee") * c_s
-        t = _teacher_tile(q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
-                          stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_t, G)
-        valid = row_mask[:, None] & col_mask[None, :]
-        ds = _student_logit_grad(s, t, lse_s, lse_t, kl, grad, valid, TEACHER_TO_STUDENT)
+        lse_s, lse_t, kl, grad = _load_row_stats(kl_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, stats_base, offs_m, N)
+        ds = _ds_tile(q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
+                      stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, lse_s, lse_t, kl, grad, G,
+                      TEACHER_TO_STUDENT)
         dk += tl.dot(tl.trans(ds.to(q_s.dtype)), q_s, input_precision="ieee")
     out = dk_ptr + (stats_base + offs_n)[:, None] * D_S + offs_ds[None, :]
     tl.store(out, (dk * c_s).to(dk_ptr.dtype.element_ty), mask=col_mask[:, None] & (offs_ds < D_S)[None, :])
