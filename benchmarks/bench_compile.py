@@ -47,8 +47,8 @@ def parse_targets(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = bench_parser(__doc__, "first configuration of each kernel, sm_90 only")
-    parser._option_string_actions["--device"].help = "ignored: compiles for GPUs"
+    parser = bench_parser(__doc__, "first configuration of each kernel, sm_90 only",
+                          device_help="ignored: compiles for GPUs")
     parser.add_argument("--targets", default=None, help="compute capabilities (default 80,90; --quick 90)")
     # parser.parse_args, not parse_bench_args: --device is ignored here, so --device cuda needs no CUDA device
     args = parser.parse_args(argv)

@@ -118,14 +118,15 @@ def write_results(name: str, records: list[dict], markdown: str, *, out_dir: Pat
     return out / f"{name}.json"
 
 
-def bench_parser(description: str, quick_help: str, *, rounds_help: str | None = None):
-    """The command line every benchmark shares: ``--quick``, ``--device cpu|cuda`` and, with
-    ``rounds_help``, ``--rounds``; extend it with the benchmark's own options."""
+def bench_parser(description: str, quick_help: str, *, rounds_help: str | None = None,
+                 device_help: str | None = None):
+    """The command line every benchmark shares: ``--quick``, ``--device cpu|cuda`` (help text
+    ``device_help``) and, with ``rounds_help``, ``--rounds``; extend it with the benchmark's own options."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help=device_help)
     if rounds_help is not None:
         parser.add_argument("--rounds", type=int, default=None, help=rounds_help)
     return parser

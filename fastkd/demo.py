@@ -14,8 +14,9 @@
 Every run is a YAML of ``configs/demo/`` read by ``fastkd.config.load_config`` with the demo's
 paths as overrides and trained by ``fastkd.runner.train_from_config`` (what ``fastkd pretrain`` /
 ``fastkd distill`` do); each run directory also holds the trainer's ``metrics.csv``,
-``loss_curves.png`` and ``student.pt``; a new demo run replaces the folders of the last one. ``--quick`` is a smoke run (tens of images, two steps per
-run) that checks the pipeline, not the accuracies.
+``loss_curves.png`` and ``student.pt``; a new demo run replaces the folders of the last one.
+``--quick`` is a smoke run (tens of images, two steps per run) that checks the pipeline, not the
+accuracies; a full run exits 1 when a student misses ``MIN_MARGIN_POINTS``.
 """
 
 from __future__ import annotations
