@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from fastkd.benchmarks.common import bench_parser, parse_bench_args, markdown_table, peak_memory_bytes, time_fn, write_results
+from fastkd.benchmarks.common import (RESULTS_DIR, bench_parser, markdown_table, parse_bench_args, peak_memory_bytes,
+                                      time_fn, write_results)
 from fastkd.kernels.gather_tokens import MAX_BATCH_GROUPS
 from fastkd.ops import gather_tokens, gather_tokens_reference, random_keep
 
@@ -113,27 +114,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _plot(records: list[dict]) -> None:
     """Bar chart of forward + backward time per configuration and variant (bench_gather.png)."""
-    import matplotlib
+    from fastkd.benchmarks.plots import save_grouped_bars
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def config(r):
+        return f"{r['model']}\nkeep {r['keep_ratio']}"
 
-    from fastkd.benchmarks.common import RESULTS_DIR
-
-    configs = list(dict.fromkeys(f"{r['model']}\nkeep {r['keep_ratio']}" for r in records))
-    variants = list(dict.fromkeys(r["variant"] for r in records))
-    width = 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(1.8 * len(configs) + 2, 4))
-    for i, variant in enumerate(variants):
-        times = {f"{r['model']}\nkeep {r['keep_ratio']}": r["median_ms"] for r in records if r["variant"] == variant}
-        ax.bar([c + i * width for c in range(len(configs))], [times[c] for c in configs], width, label=variant)
-    ax.set_xticks([c + width * (len(variants) - 1) / 2 for c in range(len(configs))], configs)
-    ax.set_ylabel("forward + backward, median ms")
-    ax.legend()
-    fig.tight_layout()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS_DIR / "bench_gather.png", dpi=120)
-    plt.close(fig)
+    configs = list(dict.fromkeys(config(r) for r in records))
+    times = {}
+    for r in records:
+        times.setdefault(r["variant"], {})[config(r)] = r["median_ms"]
+    series = {variant: [values[c] for c in configs] for variant, values in times.items()}
+    save_grouped_bars(RESULTS_DIR / "bench_gather.png", configs, [("forward + backward, median ms", series)])
 
 
 if __name__ == "__main__":

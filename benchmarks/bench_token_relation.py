@@ -142,27 +142,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _plot(records: list[dict]) -> None:
     """Time and extra memory per case and variant (bench_token_relation.png)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fastkd.benchmarks.plots import save_grouped_bars
 
     cases = list(dict.fromkeys(r["case"] for r in records))
-    variants = list(dict.fromkeys(r["variant"] for r in records))
-    width = 0.8 / len(variants)
-    fig, axes = plt.subplots(1, 2, figsize=(2.2 * len(cases) + 4, 4))
-    for ax, key, ylabel in ((axes[0], "median_ms", "forward + backward, median ms"),
-                            (axes[1], "extra_mem_MiB", "peak extra memory, MiB")):  # fmt: skip
-        for i, variant in enumerate(variants):
-            values = {r["case"]: r[key] for r in records if r["variant"] == variant}
-            ax.bar([c + i * width for c in range(len(cases))], [values[c] for c in cases], width, label=variant)
-        ax.set_xticks([c + width * (len(variants) - 1) / 2 for c in range(len(cases))], cases)
-        ax.set_ylabel(ylabel)
-    axes[0].legend()
-    fig.tight_layout()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS_DIR / "bench_token_relation.png", dpi=120)
-    plt.close(fig)
+    panels = []
+    for key, ylabel in (("median_ms", "forward + backward, median ms"), ("extra_mem_MiB", "peak extra memory, MiB")):
+        values = {}
+        for r in records:
+            values.setdefault(r["variant"], {})[r["case"]] = r[key]
+        panels.append((ylabel, {variant: [v[c] for c in cases] for variant, v in values.items()}))
+    save_grouped_bars(RESULTS_DIR / "bench_token_relation.png", cases, panels)
 
 
 if __name__ == "__main__":
