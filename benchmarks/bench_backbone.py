@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fastkd.benchmarks.common import (bench_parser, markdown_table, parse_bench_args, peak_memory_bytes, time_fn,
+from fastkd.benchmarks.common import (bench_parser, markdown_table, parse_bench_args, peak_memory_bytes, time_alternating,
                                       write_results)
 from fastkd.models import build_backbone
 from fastkd.ops import random_keep
@@ -68,12 +68,7 @@ def main(argv=None) -> None:
         batch = 64
     batch = args.batch or batch
     variants = _variants(args.model, batch, args.device, img_size)
-    best: dict[str, dict] = {}
-    for _ in range(rounds):
-        for label, fn in variants.items():
-            timing = time_fn(fn, repeats=repeats, warmup=1, device=args.device)
-            if label not in best or timing["median_ms"] < best[label]["median_ms"]:
-                best[label] = timing
+    best = time_alternating(variants, rounds=rounds, repeats=repeats, device=args.device)
     peaks = {label: peak_memory_bytes(fn, device=args.device) for label, fn in variants.items()}
     records = [
         {

@@ -49,7 +49,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastkd.benchmarks.common import (RESULTS_DIR, bench_parser, markdown_table, parse_bench_args, peak_memory_bytes,
-                                      time_fn, write_results)
+                                      time_alternating, write_results)
 from fastkd.benchmarks.gpu_peak import fraction_of_peak, gpu_peak
 from fastkd.benchmarks.plots import save_grouped_bars
 from fastkd.data.batch import Batch
@@ -217,12 +217,7 @@ def bench_method(name: str, config: dict, recipe_overrides: dict, *, batch_size:
         batch = synthetic_batch(recipe, recipe_overrides, batch_size, device)
         views = [v.shape[-1] for v in batch.views]
         steps[variant] = training_step(method, batch, plain=variant == "plain", device=device)
-    timings: dict[str, dict] = {}
-    for _ in range(rounds):
-        for variant, step in steps.items():
-            timing = time_fn(step, repeats=repeats, warmup=1, device=device)
-            if variant not in timings or timing["median_ms"] < timings[variant]["median_ms"]:
-                timings[variant] = timing
+    timings = time_alternating(steps, rounds=rounds, repeats=repeats, device=device)
     peaks = {variant: peak_memory_bytes(step, device=device) for variant, step in steps.items()}
     flops = step_flops(steps["plain"])
     profiles = {variant: profile_step(step, device) for variant, step in steps.items()}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fastkd.benchmarks.common import (bench_parser, markdown_table, parse_bench_args, peak_memory_bytes, time_fn,
+from fastkd.benchmarks.common import (bench_parser, markdown_table, parse_bench_args, peak_memory_bytes, time_alternating,
                                       write_results)
 from fastkd.losses import FeatureAlignLoss
 from fastkd.ops import feature_align_reference
@@ -58,12 +58,7 @@ def bench_shape(model: str, B: int, D: int, *, device: str, dtype: torch.dtype, 
     runs = {name: fwd_bwd(fn, student, teacher) for name, fn in variants.items()}
     for run in runs.values():
         run()  # warm-up (and compile)
-    best: dict[str, dict] = {}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            timing = time_fn(run, repeats=repeats, warmup=1, device=device)
-            if name not in best or timing["median_ms"] < best[name]["median_ms"]:
-                best[name] = timing
+    best = time_alternating(runs, rounds=rounds, repeats=repeats, device=device)
     moved = bytes_moved(B * NUM_TOKENS, D, student.element_size())
     eager_mem = peak_memory_bytes(runs["eager"], device=device)
     rows = []

@@ -4,7 +4,7 @@
 Shapes: ViT-S/B/L token widths (D = 384 / 768 / 1024), N = 197 tokens, batch 64, keep ratios
 0.1 (MOMA's masked student) and 0.25 (MAE). ``--quick`` runs ViT-B only with fewer repeats and
 without the ``torch.compile`` column. Each variant is timed in several alternating rounds
-(``time_fn`` per round) and the best round median is kept, so that load from other processes on a
+(``time_alternating``) and the best round median is kept, so that load from other processes on a
 shared machine hits all variants alike. Also reported: peak extra memory of one forward + backward,
 and the bytes the fused GPU kernels move against the unfused sequence (analytical, the roofline case).
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastkd.benchmarks.common import (RESULTS_DIR, bench_parser, markdown_table, parse_bench_args, peak_memory_bytes,
-                                      time_fn, write_results)
+                                      time_alternating, write_results)
 from fastkd.kernels.gather_tokens import MAX_BATCH_GROUPS
 from fastkd.ops import gather_tokens, gather_tokens_reference, random_keep
 
@@ -74,12 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if not args.quick:
                 variants["torch.gather(x + pos) compiled"] = torch.compile(gather_tokens_reference, dynamic=False)
             runs = {name: _fwd_bwd(fn, x, keep, pos, grad) for name, fn in variants.items()}
-            timings: dict[str, dict] = {}
-            for _ in range(rounds):
-                for name, run in runs.items():
-                    t = time_fn(run, repeats=repeats, warmup=1, device=args.device)
-                    if name not in timings or t["median_ms"] < timings[name]["median_ms"]:
-                        timings[name] = t
+            timings = time_alternating(runs, rounds=rounds, repeats=repeats, device=args.device)
             fused, unfused = bytes_moved(B, N, D, K, elem)
             eager_ms = timings["torch.gather(x + pos) eager"]["median_ms"]
             for name, run in runs.items():

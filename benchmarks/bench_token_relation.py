@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from fastkd.benchmarks.common import bench_parser, parse_bench_args, RESULTS_DIR, markdown_table, peak_memory_bytes, time_fn, write_results
+from fastkd.benchmarks.common import bench_parser, parse_bench_args, RESULTS_DIR, markdown_table, peak_memory_bytes, time_alternating, write_results
 from fastkd.ops import token_relation, token_relation_reference
 
 HEAD_DIM = 64
@@ -98,12 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not args.quick:
             variants["reference compiled"] = torch.compile(token_relation_reference, dynamic=False)
         runs = {name: _fwd_bwd(fn, q_s, k_s, q_t, k_t) for name, fn in variants.items()}
-        timings: dict[str, dict] = {}
-        for _ in range(rounds):
-            for name, run in runs.items():
-                t = time_fn(run, repeats=repeats, warmup=1, device=args.device)
-                if name not in timings or t["median_ms"] < timings[name]["median_ms"]:
-                    timings[name] = t
+        timings = time_alternating(runs, rounds=rounds, repeats=repeats, device=args.device)
         grad_bytes = 2 * q_s.numel() * elem
         memory = {name: peak_memory_bytes(run, device=args.device) - grad_bytes for name, run in runs.items()}
         fused_bytes, unfused_bytes = bytes_moved(B, H, N, HEAD_DIM, elem)

@@ -40,6 +40,19 @@ def time_fn(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, device
     return {"median_ms": statistics.median(samples), "p10_ms": q[0], "p90_ms": q[-1], "repeats": repeats}
 
 
+
+def time_alternating(runs: dict[str, Callable[[], Any]], *, rounds: int, repeats: int, device: str = "cpu") -> dict:
+    """``{name: time_fn timing}`` for every run, timed in ``rounds`` alternating rounds of ``repeats``
+    calls (one warm-up call each), keeping each run's round with the lowest median: load from other
+    processes hits every variant alike."""
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            timing = time_fn(run, repeats=repeats, warmup=1, device=device)
+            if name not in best or timing["median_ms"] < best[name]["median_ms"]:
+                best[name] = timing
+    return best
+
 def peak_memory_bytes(fn: Callable[[], Any], *, device: str = "cpu") -> int:
     """Peak bytes allocated by ``fn()`` beyond what was allocated before the call."""
     if device == "cuda":
