@@ -14,6 +14,18 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path, title: str, dpi: int) -> Path:
+    """Title, tight layout, write ``path`` (parents created), close the figure; returns ``path``."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def save_grouped_bars(path: Path, groups: list[str], panels: list[tuple[str, dict[str, list[float]]]],
                       title: str = "") -> Path:
     """One bar panel per ``(ylabel, {series: one value per group})``, bars grouped by ``groups``."""
@@ -32,14 +44,7 @@ def save_grouped_bars(path: Path, groups: list[str], panels: list[tuple[str, dic
         ax.set_xticks([g + width * (len(series) - 1) / 2 for g in range(len(groups))], groups)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title, dpi=120)
 
 
 def save_lines_per_op(path: Path, rows: list[dict], panels: list[tuple[str, str]], title: str = "") -> Path:
@@ -73,11 +78,4 @@ def save_lines_per_op(path: Path, rows: list[dict], panels: list[tuple[str, str]
                 ax.set_title(op)
             if line == 0 and plotted:
                 ax.legend(fontsize="x-small")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title, dpi=110)
