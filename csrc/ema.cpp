@@ -4,6 +4,7 @@
 #include "ema.h"
 
 #include "ema_cpu_kernel.h"
+#include "library.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -91,32 +92,9 @@ at::Tensor new_gap_output(at::TensorList teacher, bool return_gap) {
   return at::zeros({return_gap ? 4 : 0}, options.dtype(at::kDouble));
 }
 
-const char* cpu_isa() {
-#if defined(CPU_CAPABILITY_AVX512)
-  return "AVX512";
-#elif defined(CPU_CAPABILITY_AVX2)
-  return "AVX2";
-#else
-  return "DEFAULT";
-#endif
-}
-
-bool cpu_isa_supported() {
-#if defined(CPU_CAPABILITY_AVX512)
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-#elif defined(CPU_CAPABILITY_AVX2)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return true;
-#endif
-}
-
 at::Tensor ema_cpu(at::TensorList teacher, at::TensorList student, double momentum, bool return_gap) {
   check_ema_args(teacher, student, momentum);
-  static const bool isa_ok = cpu_isa_supported();
-  TORCH_CHECK(isa_ok, "ema_: fastkd was compiled for ", cpu_isa(),
-              " but this CPU lacks it; rebuild with FASTKD_CPU_ISA=AVX2 or DEFAULT");
+  check_cpu_isa("ema_");
   at::Tensor gap = new_gap_output(teacher, return_gap);
   if (teacher.empty()) return gap;
   TORCH_CHECK_VALUE(teacher[0].device().is_cpu(), "ema_: CPU kernel called with tensors on ", teacher[0].device());
@@ -154,7 +132,7 @@ at::Tensor ema_meta(at::TensorList teacher, at::TensorList student, double momen
 }  // namespace
 }  // namespace fastkd
 
-TORCH_LIBRARY(fastkd, m) {
+TORCH_LIBRARY_FRAGMENT(fastkd, m) {
   m.def("ema_(Tensor(a!)[] teacher, Tensor[] student, float momentum, bool return_gap=False) -> Tensor");
 }
 

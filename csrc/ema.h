@@ -20,12 +20,6 @@ void check_ema_args(at::TensorList teacher, at::TensorList student, double momen
 // The gap output for `teacher` (shape [4] or [0], float64, on the teachers' device).
 at::Tensor new_gap_output(at::TensorList teacher, bool return_gap);
 
-// The CPU vector instruction set the kernels were compiled for ("AVX512", "AVX2", "DEFAULT").
-const char* cpu_isa();
-
-// Whether the CPU running this process supports cpu_isa().
-bool cpu_isa_supported();
-
 at::Tensor ema_cpu(at::TensorList teacher, at::TensorList student, double momentum, bool return_gap);
 
 }  // namespace fastkd

@@ -2,7 +2,7 @@
 // (torch.ops.fastkd.*); the module itself only reports how it was built.
 #include <torch/extension.h>
 
-#include "ema.h"
+#include "library.h"
 
 #ifndef FASTKD_VERSION
 #define FASTKD_VERSION "unknown"

@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "library.h"
+
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -210,6 +212,7 @@ std::tuple<at::Tensor, at::Tensor> feature_align_cpu(const at::Tensor& student, 
                                                      c10::string_view target_norm, bool student_norm,
                                                      c10::string_view loss, double beta, double eps,
                                                      bool write_grad) {
+  check_cpu_isa("feature_align_cpu");
   TORCH_CHECK_VALUE(student.dim() == 2 && teacher.sizes() == student.sizes(),
                     "student and teacher must both be [M, D], got ", student.sizes(), " and ", teacher.sizes());
   TORCH_CHECK_VALUE(student.device().is_cpu() && teacher.device().is_cpu(), "feature_align_cpu needs CPU tensors");

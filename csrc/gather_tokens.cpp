@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "library.h"
+
 #include <algorithm>
 #include <cstring>
 #include <tuple>
@@ -65,6 +67,7 @@ void check_common(const at::Tensor& rows, const char* rows_name, const at::Tenso
 }
 
 at::Tensor gather_tokens_cpu(const at::Tensor& x_in, const at::Tensor& keep_in, const std::optional<at::Tensor>& pos_in) {
+  check_cpu_isa("gather_tokens_cpu");
   check_common(x_in, "x", keep_in);
   const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2), K = keep_in.size(1);
   const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
@@ -102,6 +105,7 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x_in, const at::Tensor& keep_in, 
 std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(const at::Tensor& grad_in, const at::Tensor& keep_in,
                                                               int64_t num_tokens, at::ScalarType x_dtype,
                                                               bool with_pos) {
+  check_cpu_isa("gather_tokens_backward_cpu");
   check_common(grad_in, "grad_out", keep_in);
   const int64_t B = grad_in.size(0), K = grad_in.size(1), D = grad_in.size(2), N = num_tokens;
   TORCH_CHECK(keep_in.size(1) == K, "keep must have K = ", K, " columns, got ", keep_in.sizes());

@@ -29,7 +29,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
+
+#include "library.h"
 
 #include <algorithm>
 #include <cmath>
@@ -329,6 +332,9 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Shapes& sh, const Flat& f
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_relation_cpu(
     const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t, double c_s,
     double c_t, bool teacher_to_student, int64_t tile_elements) {
+  check_cpu_isa("token_relation_cpu");
+  // the op decides its own dtypes: ATen calls inside (bmm) must not see autocast
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   // the kernel's internal ATen calls (bmm_out, in-place tiles) are never differentiated
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Shapes sh = shapes_of(q_s, k_s, q_t, k_t, c_s, c_t, tile_elements);
@@ -341,6 +347,9 @@ std::tuple<at::Tensor, at::Tensor> token_relation_backward_cpu(
     const at::Tensor& grad_kl, const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
     const at::Tensor& k_t, const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t,
     const at::Tensor& lse_heads, double c_s, double c_t, bool teacher_to_student, int64_t tile_elements) {
+  check_cpu_isa("token_relation_backward_cpu");
+  // the op decides its own dtypes: ATen calls inside (bmm) must not see autocast
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Shapes sh = shapes_of(q_s, k_s, q_t, k_t, c_s, c_t, tile_elements);
   const Flat f = flatten(sh, q_s, k_s, q_t, k_t);

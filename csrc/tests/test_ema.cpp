@@ -1,6 +1,7 @@
 // C++ tests of fastkd::ema_ (run by ctest): the op called through the dispatcher against
 // at::lerp and fp64 gap sums, mixed dtypes and sizes, and argument errors that modify nothing.
 #include "ema.h"
+#include "library.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>

@@ -7,21 +7,15 @@ import torch
 from torch import Tensor, nn
 
 from fastkd.ops.feature_align import check_options, feature_align
-
-REDUCTIONS = ("mean", "sum", "none")
+from fastkd.ops.reduction import REDUCTIONS, check_reduction  # noqa: F401 - REDUCTIONS re-exported
 
 
 class FeatureAlignLoss(nn.Module):
     """``loss_fn(student, teacher, mask=None)`` for ``student``, ``teacher`` ``[..., D]`` and an
-    optional bool or float row mask / weight ``[...]`` (no gradient). Equals::
+    optional bool or float row mask / weight ``[...]`` (no gradient). With ``l`` the per-row loss of
+    :func:`fastkd.ops.feature_align` (its module docstring states the formula) and ``w = mask``
+    (1 where None)::
 
-        y = F.layer_norm(t, (D,), eps=eps)      # target_norm="layernorm" (no affine); "l2":
-                                                # F.normalize(t, dim=-1, eps=eps); "none": t
-        x = F.normalize(s, dim=-1, eps=eps) if student_norm else s
-        l = F.smooth_l1_loss(x, y, beta=beta, reduction="none").mean(-1)    # loss="smooth_l1"
-          | F.mse_loss(x, y, reduction="none").mean(-1)                      # loss="mse"
-          | 1 - (F.normalize(x, eps=eps) * F.normalize(y, eps=eps)).sum(-1) # loss="cosine"
-        w = mask (1 where None)
         "mean": (w * l).sum() / w.sum()  (0 when w.sum() == 0),  "sum": (w * l).sum(),  "none": w * l
 
     so without a mask ``"mean"`` equals ``nn.SmoothL1Loss(beta=beta)`` / ``nn.MSELoss()`` applied to
@@ -39,8 +33,7 @@ class FeatureAlignLoss(nn.Module):
     ):
         super().__init__()
         check_options(target_norm, student_norm, loss, beta, eps)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_reduction(reduction)
         self.target_norm = target_norm
         self.student_norm = student_norm
         self.loss = loss

@@ -1,11 +1,8 @@
 """``TokenRelationLoss``: attention-map (token relation) distillation, Hybrid Distill's MIM term.
 
-Math (see :mod:`fastkd.ops.token_relation` for the per-row KL and the head mapping)::
-
-    kl = token_relation(q_s, k_s, q_t, k_t, temperature=T, direction=..., head_map=...)   # [B, H_s, N]
-    reduction="mean": kl.mean()   (over batch, student heads and query rows)
-    reduction="sum":  kl.sum()
-    reduction="none": kl
+Math: the per-row KL ``kl [B, H_s, N]`` of :func:`fastkd.ops.token_relation` (its module docstring
+states the formula and the head mapping), reduced by ``reduction``: "mean" over batch, student heads
+and query rows, "sum", or "none".
 
 Teacher inputs never receive gradients; gradients flow to ``q_s`` and ``k_s``. The scales default to
 ``d ** -0.5`` of each model's head dim (the attention scale of a ViT).
@@ -15,9 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastkd.ops.token_relation import DIRECTIONS, HEAD_MAPS, token_relation
-
-REDUCTIONS = ("mean", "sum", "none")
+from fastkd.ops.reduction import REDUCTIONS, check_reduction, reduce_rows  # noqa: F401 - REDUCTIONS re-exported
+from fastkd.ops.token_relation import DIRECTIONS, HEAD_MAPS, check_options, token_relation  # noqa: F401
 
 
 class TokenRelationLoss(nn.Module):
@@ -32,14 +28,8 @@ class TokenRelationLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        if head_map not in HEAD_MAPS:
-            raise ValueError(f"head_map must be None or 'mean', got {head_map!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_options(temperature, direction, head_map)
+        check_reduction(reduction)
         self.temperature = float(temperature)
         self.direction = direction
         self.head_map = head_map
@@ -49,11 +39,7 @@ class TokenRelationLoss(nn.Module):
         kl = token_relation(
             q_s, k_s, q_t, k_t, temperature=self.temperature, direction=self.direction, head_map=self.head_map
         )
-        if self.reduction == "mean":
-            return kl.mean()
-        if self.reduction == "sum":
-            return kl.sum()
-        return kl
+        return reduce_rows(kl, self.reduction)
 
     def extra_repr(self) -> str:
         return (

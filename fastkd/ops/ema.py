@@ -10,25 +10,22 @@ With ``return_gap=True``, measured before the update and accumulated in float64:
 
     EMAGap(diff_sq=sum ||s - t||^2, dot=sum <s, t>, teacher_sq=sum ||t||^2, student_sq=sum ||s||^2)
 
-Without the native extension (or without its CUDA part for CUDA tensors) the update falls back to
-``torch._foreach_lerp_`` plus a separate gap pass, with one warning.
+Implementations are chosen by the rule of ``fastkd.ops._dispatch`` (the same for every op): the C++
+(CPU) or CUDA kernel of ``fastkd._C``; float64 on CUDA, other devices or a missing extension (then
+with one warning) -> ``torch._foreach_lerp_`` plus a separate gap pass.
 """
 
 from __future__ import annotations
 
 import numbers
-import warnings
 from typing import NamedTuple, Sequence
 
 import torch
 
-from ._extension import load
-from .reference_mode import reference_ops_enabled
+from fastkd.ops._dispatch import OpImplementations
+from fastkd.ops.reference_mode import reference_ops_enabled
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_warned_fallback: set[str] = set()
-_NATIVE = load()
-_NATIVE_CUDA = _NATIVE is not None and bool(_NATIVE.build_info()["cuda"])
 
 
 class EMAGap(NamedTuple):
@@ -76,22 +73,6 @@ def _check_args(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]
             )
 
 
-def _native_available(device: torch.device) -> bool:
-    if _NATIVE is None:
-        reason = "the native extension fastkd._C is not built"
-    elif device.type == "cuda" and not _NATIVE_CUDA:
-        reason = "fastkd._C was built without its CUDA sources"
-    elif device.type in ("cpu", "cuda"):
-        return True
-    else:
-        reason = f"fastkd._C has no kernel for device type {device.type!r}"
-    if reason not in _warned_fallback:
-        _warned_fallback.add(reason)
-        warnings.warn(f"fastkd.ops.ema_: {reason}; using torch._foreach_lerp_ and a separate gap pass",
-                      RuntimeWarning, stacklevel=3)
-    return False
-
-
 def _gap_pass(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
     """[sum (s - t)^2, sum s t, sum t^2, sum s^2] in float64 (a separate read of every tensor)."""
     gap = torch.zeros(4, dtype=torch.float64, device=teacher[0].device if teacher else None)
@@ -107,6 +88,10 @@ def _foreach_ema(teacher, student, momentum: float, return_gap: bool) -> torch.T
         student = [s if s.dtype == t.dtype else s.to(t.dtype) for t, s in zip(teacher, student)]
         torch._foreach_lerp_(list(teacher), student, 1.0 - momentum)
     return gap
+
+
+# The native op takes (and mutates) the teacher list itself; the same signature for every path.
+_IMPLEMENTATIONS = OpImplementations("ema_", torch=_foreach_ema, native="ema_", native_cuda=True)
 
 
 def ema_(
@@ -133,10 +118,8 @@ def ema_(
             gap = _gap_pass(teacher, student) if return_gap else None
             for t, s in zip(teacher, student):
                 t.mul_(momentum).add_(s.to(t.dtype), alpha=1.0 - momentum)
-        elif _native_available(teacher[0].device):
-            gap = torch.ops.fastkd.ema_(list(teacher), list(student), momentum, return_gap)
         else:
-            gap = _foreach_ema(teacher, student, momentum, return_gap)
+            gap = _IMPLEMENTATIONS(list(teacher), list(student), momentum, return_gap)
     return EMAGap(*gap.tolist()) if return_gap else None
 
 

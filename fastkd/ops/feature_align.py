@@ -17,22 +17,20 @@ Registered as ``fastkd::feature_align`` with ``torch.library.custom_op``. One pa
 computes the loss and ``d loss / d student`` together (in fp32, fp64 for fp64 inputs); the backward
 only scales that saved gradient by the incoming per-row gradient: in place when the graph is not
 retained, skipped on CPU when the incoming gradient is exactly one. No normalised copy of either
-input is stored. Implementations: CUDA -> the Triton kernel of ``fastkd.kernels.feature_align``
-(D <= 4096, no float64); CPU -> the C++ kernel ``fastkd::feature_align_cpu`` of the ``fastkd._C`` extension;
-elsewhere (extension not built, CUDA with D > 4096 or float64) -> a PyTorch path chunked over rows whose
-temporaries are one chunk large. The op is once differentiable.
+input is stored. Implementations (chosen by the rule of ``fastkd.ops._dispatch``, the same for every op):
+CUDA -> the Triton kernel of ``fastkd.kernels.feature_align`` (D <= 4096); CPU -> the C++ kernel
+``fastkd::feature_align_cpu`` of the ``fastkd._C`` extension; float64 on CUDA, D > 4096 on CUDA, other
+devices, or a missing extension -> a PyTorch path chunked over rows whose temporaries are one chunk
+large. The op is once differentiable.
 """
 
 from __future__ import annotations
-
-import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastkd.ops import _extension
+from fastkd.ops._dispatch import OpImplementations
 from fastkd.ops.reference_mode import reference_ops_enabled
 
 __all__ = ["feature_align", "feature_align_reference", "TARGET_NORMS", "LOSSES"]
@@ -182,12 +180,25 @@ def _feature_align_chunked(s, t, w, target_norm, student_norm, loss, beta, eps, 
     return out_loss, grad
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_kernel_available() -> bool:
-    available = _extension.has_native_op("feature_align_cpu")
-    if not available:
-        warnings.warn("fastkd._C (with feature_align_cpu) is not built; feature_align uses its chunked PyTorch path on CPU")
-    return available
+def _feature_align_triton(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad):
+    from fastkd.kernels.feature_align import launch_feature_align_fwd
+
+    return launch_feature_align_fwd(
+        student, teacher, weight, target_norm=target_norm, student_norm=student_norm, loss=loss, beta=beta,
+        eps=eps, write_grad=write_grad,
+    )
+
+
+def _feature_align_gpu_limit(student, *args) -> str | None:
+    from fastkd.kernels.feature_align import MAX_D
+
+    return f"D = {student.shape[1]} > {MAX_D}" if student.shape[1] > MAX_D else None
+
+
+_IMPLEMENTATIONS = OpImplementations(
+    "feature_align", torch=_feature_align_chunked, native="feature_align_cpu", triton=_feature_align_triton,
+    gpu_limit=_feature_align_gpu_limit,
+)
 
 
 @torch.library.custom_op("fastkd::feature_align", mutates_args=())
@@ -202,34 +213,13 @@ def _feature_align_op(
     eps: float,
     write_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    return _feature_align_chunked(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad)
+    return _IMPLEMENTATIONS(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad)
 
 
 @_feature_align_op.register_fake
 def _(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad):
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if write_grad else student.new_empty(0)
     return student.new_empty(student.shape[0], dtype=_loss_dtype(student, teacher)), grad
-
-
-@torch.library.register_kernel("fastkd::feature_align", "cpu")
-def _(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad):
-    if _cpu_kernel_available():
-        return torch.ops.fastkd.feature_align_cpu(
-            student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad
-        )
-    return _feature_align_chunked(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad)
-
-
-@torch.library.register_kernel("fastkd::feature_align", "cuda")
-def _(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad):
-    from fastkd.kernels.feature_align import MAX_D, launch_feature_align_fwd
-
-    if student.shape[1] > MAX_D or _loss_dtype(student, teacher) == torch.float64:
-        return _feature_align_chunked(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad)
-    return launch_feature_align_fwd(
-        student, teacher, weight, target_norm=target_norm, student_norm=student_norm, loss=loss, beta=beta,
-        eps=eps, write_grad=write_grad,
-    )
 
 
 def _setup_context(ctx, inputs, output):

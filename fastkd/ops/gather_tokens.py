@@ -14,11 +14,11 @@ kept rows of ``x`` and ``pos_embed``; the backward writes ``grad_x`` once and ac
 positional gradient (in fp32) from the ``B * K`` kept rows only, never from ``grad_x``.
 
 Registered as ``fastkd::gather_tokens`` (+ ``fastkd::gather_tokens_backward``) with
-``torch.library.custom_op``: the CUDA implementation launches the Triton kernels of
-``fastkd.kernels.gather_tokens``; the CPU implementation calls the C++ kernels of
-``csrc/gather_tokens.cpp`` (``torch.ops.fastkd.gather_tokens_cpu`` / ``gather_tokens_backward_cpu``,
-parallel over rows, one write of ``grad_x``) and, where the extension ``fastkd._C`` is not built,
-falls back to an ``index_select`` / ``index_put_`` path over flattened rows (and says so once).
+``torch.library.custom_op``; implementations are chosen by the rule of ``fastkd.ops._dispatch`` (the
+same for every op): CUDA -> the Triton kernels of ``fastkd.kernels.gather_tokens``; CPU -> the C++
+kernels ``torch.ops.fastkd.gather_tokens_cpu`` / ``gather_tokens_backward_cpu`` of ``fastkd._C``
+(parallel over rows, one write of ``grad_x``); float64 on CUDA, other devices or a missing extension
+-> an ``index_select`` / ``index_put_`` PyTorch path over flattened rows.
 Indices are checked (range) on CPU always and on CUDA when the
 environment variable ``FASTKD_DEBUG=1`` is set (the check synchronises the device).
 """
@@ -26,16 +26,12 @@ environment variable ``FASTKD_DEBUG=1`` is set (the check synchronises the devic
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 from torch import Tensor
 
-from fastkd.ops._extension import has_native_op
+from fastkd.ops._dispatch import OpImplementations
 from fastkd.ops.reference_mode import reference_ops_enabled
-
-_HAS_NATIVE = has_native_op("gather_tokens_cpu")
-_warned_fallback = False
 
 __all__ = ["gather_tokens", "gather_tokens_reference"]
 
@@ -50,18 +46,9 @@ def _check_indices(keep: Tensor, N: int) -> None:
         raise ValueError(f"keep indices must be in [0, {N}) (N = x.shape[1]), got values in [{low}, {high}]")
 
 
-def _check_cuda_indices(keep: Tensor, N: int) -> None:
-    if os.environ.get("FASTKD_DEBUG", "0") not in ("", "0"):
-        _check_indices(keep, N)
-
-
-def _use_native() -> bool:
-    """True when the C++ CPU kernels are built; warns once when falling back to PyTorch ops."""
-    global _warned_fallback
-    if not _HAS_NATIVE and not _warned_fallback:
-        _warned_fallback = True
-        warnings.warn("fastkd._C has no gather_tokens kernels (extension not built): using the PyTorch CPU path")
-    return _HAS_NATIVE
+def _checks_indices(device: torch.device) -> bool:
+    """Indices are range-checked on CPU always, elsewhere (a device sync) only with FASTKD_DEBUG=1."""
+    return device.type == "cpu" or os.environ.get("FASTKD_DEBUG", "0") not in ("", "0")
 
 
 def _pos_grad_dtype(grad_dtype: torch.dtype) -> torch.dtype:
@@ -72,30 +59,11 @@ def _pos_grad_dtype(grad_dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------- forward op
 
 
-@torch.library.custom_op("fastkd::gather_tokens", mutates_args=())
-def _gather_tokens_op(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
-    raise NotImplementedError(f"fastkd::gather_tokens has no implementation for device {x.device.type}")
-
-
-@_gather_tokens_op.register_fake
-def _(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
-    dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
-    return x.new_empty((x.shape[0], keep.shape[1], x.shape[2]), dtype=dtype)
-
-
-@torch.library.register_kernel("fastkd::gather_tokens", "cpu")
-def _gather_tokens_cpu(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
-    _check_indices(keep, x.shape[1])
-    if _use_native():
-        return torch.ops.fastkd.gather_tokens_cpu(x, keep, pos_embed)
-    return _gather_tokens_cpu_torch(x, keep, pos_embed)
-
-
-def _gather_tokens_cpu_torch(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
-    """Fallback CPU forward: ``index_select`` of the kept rows of x and of pos_embed, then add."""
+def _gather_tokens_torch(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
+    """PyTorch path (any device): ``index_select`` of the kept rows of x and of pos_embed, then add."""
     B, N, D = x.shape
     K = keep.shape[1]
-    rows = (keep + torch.arange(B, dtype=keep.dtype).mul_(N)[:, None]).view(-1)
+    rows = (keep + torch.arange(B, dtype=keep.dtype, device=keep.device).mul_(N)[:, None]).view(-1)
     out = x.reshape(B * N, D).index_select(0, rows).view(B, K, D)
     if pos_embed is None:
         return out
@@ -105,12 +73,10 @@ def _gather_tokens_cpu_torch(x: Tensor, keep: Tensor, pos_embed: Tensor | None) 
     return torch.add(out, pos_rows)
 
 
-@torch.library.register_kernel("fastkd::gather_tokens", "cuda")
-def _gather_tokens_cuda(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
+def _gather_tokens_triton(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
     from fastkd.kernels.gather_tokens import launch_gather_tokens_fwd
 
     B, N, D = x.shape
-    _check_cuda_indices(keep, N)
     x = x if x.stride(-1) == 1 else x.contiguous()
     keep = keep.contiguous()
     pos = None if pos_embed is None else pos_embed.reshape(N, D)
@@ -122,45 +88,36 @@ def _gather_tokens_cuda(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Te
     return out
 
 
+_FORWARD = OpImplementations(
+    "gather_tokens", torch=_gather_tokens_torch, native="gather_tokens_cpu", triton=_gather_tokens_triton
+)
+
+
+@torch.library.custom_op("fastkd::gather_tokens", mutates_args=())
+def _gather_tokens_op(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
+    if _checks_indices(x.device):
+        _check_indices(keep, x.shape[1])
+    return _FORWARD(x, keep, pos_embed)
+
+
+@_gather_tokens_op.register_fake
+def _(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
+    dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
+    return x.new_empty((x.shape[0], keep.shape[1], x.shape[2]), dtype=dtype)
+
+
 # ----------------------------------------------------------------------------- backward op
 
 
-@torch.library.custom_op("fastkd::gather_tokens_backward", mutates_args=())
-def _gather_tokens_backward_op(
+def _gather_tokens_backward_torch(
     grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: torch.dtype, with_pos: bool
 ) -> tuple[Tensor, Tensor]:
-    """Returns ``(grad_x [B, N, D] in x_dtype, grad_pos [N, D])`` with ``grad_pos`` in float32
-    (float64 for float64 gradients); ``grad_pos`` is ``[0, D]`` when ``with_pos`` is False
-    (custom ops cannot return None)."""
-    raise NotImplementedError(f"fastkd::gather_tokens_backward has no implementation for {grad_out.device.type}")
-
-
-@_gather_tokens_backward_op.register_fake
-def _(grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: torch.dtype, with_pos: bool) -> tuple[Tensor, Tensor]:
-    B, _, D = grad_out.shape
-    grad_x = grad_out.new_empty((B, num_tokens, D), dtype=x_dtype)
-    grad_pos = grad_out.new_empty((num_tokens if with_pos else 0, D), dtype=_pos_grad_dtype(grad_out.dtype))
-    return grad_x, grad_pos
-
-
-@torch.library.register_kernel("fastkd::gather_tokens_backward", "cpu")
-def _gather_tokens_backward_cpu(
-    grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: torch.dtype, with_pos: bool
-) -> tuple[Tensor, Tensor]:
-    if _use_native():
-        return torch.ops.fastkd.gather_tokens_backward_cpu(grad_out, keep, num_tokens, x_dtype, with_pos)
-    return _gather_tokens_backward_cpu_torch(grad_out, keep, num_tokens, x_dtype, with_pos)
-
-
-def _gather_tokens_backward_cpu_torch(
-    grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: torch.dtype, with_pos: bool
-) -> tuple[Tensor, Tensor]:
-    """Fallback CPU backward: accumulate the gradient rows into zeros (grad_x, and grad_pos in the
-    accumulation dtype straight from grad_out)."""
+    """PyTorch path (any device): accumulate the gradient rows into zeros (grad_x, and grad_pos in
+    the accumulation dtype straight from grad_out)."""
     B, K, D = grad_out.shape
     N = num_tokens
     flat_grad = grad_out.reshape(B * K, D)
-    rows = (keep + torch.arange(B, dtype=keep.dtype).mul_(N)[:, None]).view(-1)
+    rows = (keep + torch.arange(B, dtype=keep.dtype, device=keep.device).mul_(N)[:, None]).view(-1)
     grad_x = grad_out.new_zeros((B * N, D), dtype=x_dtype)
     grad_x.index_put_((rows,), flat_grad.to(x_dtype), accumulate=True)
     acc = _pos_grad_dtype(grad_out.dtype)
@@ -170,8 +127,9 @@ def _gather_tokens_backward_cpu_torch(
     return grad_x.view(B, N, D), grad_pos
 
 
-@torch.library.register_kernel("fastkd::gather_tokens_backward", "cuda")
-def _gather_tokens_backward_cuda(grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: torch.dtype, with_pos: bool) -> tuple[Tensor, Tensor]:
+def _gather_tokens_backward_triton(
+    grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: torch.dtype, with_pos: bool
+) -> tuple[Tensor, Tensor]:
     from fastkd.kernels.gather_tokens import launch_gather_tokens_bwd
 
     B, K, D = grad_out.shape
@@ -180,6 +138,30 @@ def _gather_tokens_backward_cuda(grad_out: Tensor, keep: Tensor, num_tokens: int
     grad_pos = launch_gather_tokens_bwd(grad_out, keep.contiguous(), grad_x, with_pos)
     acc = _pos_grad_dtype(grad_out.dtype)
     grad_pos = grad_out.new_empty((0, D), dtype=acc) if grad_pos is None else grad_pos.to(acc)
+    return grad_x, grad_pos
+
+
+_BACKWARD = OpImplementations(
+    "gather_tokens_backward", torch=_gather_tokens_backward_torch, native="gather_tokens_backward_cpu",
+    triton=_gather_tokens_backward_triton,
+)
+
+
+@torch.library.custom_op("fastkd::gather_tokens_backward", mutates_args=())
+def _gather_tokens_backward_op(
+    grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: torch.dtype, with_pos: bool
+) -> tuple[Tensor, Tensor]:
+    """Returns ``(grad_x [B, N, D] in x_dtype, grad_pos [N, D])`` with ``grad_pos`` in float32
+    (float64 for float64 gradients); ``grad_pos`` is ``[0, D]`` when ``with_pos`` is False
+    (custom ops cannot return None)."""
+    return _BACKWARD(grad_out, keep, num_tokens, x_dtype, with_pos)
+
+
+@_gather_tokens_backward_op.register_fake
+def _(grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: torch.dtype, with_pos: bool) -> tuple[Tensor, Tensor]:
+    B, _, D = grad_out.shape
+    grad_x = grad_out.new_empty((B, num_tokens, D), dtype=x_dtype)
+    grad_pos = grad_out.new_empty((num_tokens if with_pos else 0, D), dtype=_pos_grad_dtype(grad_out.dtype))
     return grad_x, grad_pos
 
 

@@ -17,28 +17,27 @@ Result: ``kl [B, H_s, N]`` (fp32, float64 for float64 inputs). There is no ``tem
 Gradients flow to ``q_s`` and ``k_s`` only; the teacher inputs never receive gradients.
 
 Registered as ``fastkd::token_relation`` (+ ``fastkd::token_relation_backward``) with
-``torch.library.custom_op``. CUDA: the Triton kernels of ``fastkd.kernels.token_relation`` (online
+``torch.library.custom_op``; implementations are chosen by the rule of ``fastkd.ops._dispatch`` (the
+same for every op). CUDA: the Triton kernels of ``fastkd.kernels.token_relation`` (online
 log-sum-exp over key blocks, extra memory O(B·H·N)). CPU: the C++ kernels
 ``fastkd::token_relation_cpu`` / ``token_relation_backward_cpu`` of ``fastkd._C`` (csrc/token_relation.cpp:
 one parallel region over tiles of (heads x query rows) whose teacher logits hold at most
 ``CPU_TILE_ELEMENTS`` values, two ``bmm`` per tile and one fused vectorised pass per row, so extra
-memory is O(threads · tile) and small ``N`` batches many heads per tile); where the extension is not
-built, a PyTorch path over tiles of (heads x query rows) within the same element budget (extra memory
+memory is O(threads · tile) and small ``N`` batches many heads per tile); float64 on CUDA, other
+devices or a missing extension: a PyTorch path over tiles of (heads x query rows) within the same element budget (extra memory
 O(tile) <= O(B·H·block·N)). Both backwards recompute each tile from the saved per-row statistics
 (``lse_s``, ``lse_t``, per-teacher-head lse, ``kl``) and accumulate ``dk_s`` per head (chunk).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastkd.ops._extension import has_native_op
+from fastkd.ops._dispatch import OpImplementations
 from fastkd.ops.reference_mode import reference_ops_enabled
 
 __all__ = ["token_relation", "token_relation_reference", "DIRECTIONS", "HEAD_MAPS", "CPU_TILE_ELEMENTS"]
@@ -53,15 +52,7 @@ def _stats_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-# ----------------------------------------------------------------------------- CPU paths
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_kernel_available() -> bool:
-    if not has_native_op("token_relation_cpu"):
-        warnings.warn("fastkd._C (with token_relation_cpu) is not built; token_relation uses its tiled PyTorch path on CPU")
-        return False
-    return True
+# ----------------------------------------------------------------------------- PyTorch path (any device)
 
 
 def _cpu_tiles(B: int, H_s: int, G: int, N: int):
@@ -156,6 +147,22 @@ def _torch_backward(grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, lse_heads, c_
 # ----------------------------------------------------------------------------- forward op
 
 
+def _token_relation_native(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student):
+    return torch.ops.fastkd.token_relation_cpu(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student, CPU_TILE_ELEMENTS)
+
+
+def _token_relation_triton(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student):
+    from fastkd.kernels.token_relation import launch_token_relation_fwd
+
+    return launch_token_relation_fwd(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student)
+
+
+_FORWARD = OpImplementations(
+    "token_relation", torch=_torch_forward, native="token_relation_cpu",
+    call_native=_token_relation_native, triton=_token_relation_triton
+)
+
+
 @torch.library.custom_op("fastkd::token_relation", mutates_args=())
 def _token_relation_op(
     q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, c_s: float, c_t: float, teacher_to_student: bool
@@ -163,7 +170,7 @@ def _token_relation_op(
     """Returns ``(kl, lse_s, lse_t, lse_heads)``: ``[B, H_s, N]`` each, ``lse_t`` the lse of the
     (head-mapped) teacher tile; ``lse_heads [B, H_t, N]`` per teacher head when ``H_t > H_s``, else ``[0]``
     (custom ops cannot return None)."""
-    raise NotImplementedError(f"fastkd::token_relation has no implementation for device {q_s.device.type}")
+    return _FORWARD(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student)
 
 
 @_token_relation_op.register_fake
@@ -175,21 +182,23 @@ def _(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student):
     return (*stats, q_s.new_empty((B, H_t, N) if H_t > H_s else (0,), dtype=dtype))
 
 
-@torch.library.register_kernel("fastkd::token_relation", "cpu")
-def _(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student):
-    if _cpu_kernel_available():
-        return torch.ops.fastkd.token_relation_cpu(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student, CPU_TILE_ELEMENTS)
-    return _torch_forward(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student)
-
-
-@torch.library.register_kernel("fastkd::token_relation", "cuda")
-def _(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student):
-    from fastkd.kernels.token_relation import token_relation_forward
-
-    return token_relation_forward(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student)
-
-
 # ----------------------------------------------------------------------------- backward op
+
+
+def _token_relation_backward_native(*args):
+    return torch.ops.fastkd.token_relation_backward_cpu(*args, CPU_TILE_ELEMENTS)
+
+
+def _token_relation_backward_triton(*args):
+    from fastkd.kernels.token_relation import launch_token_relation_bwd
+
+    return launch_token_relation_bwd(*args)
+
+
+_BACKWARD = OpImplementations(
+    "token_relation_backward", torch=_torch_backward, native="token_relation_backward_cpu",
+    call_native=_token_relation_backward_native, triton=_token_relation_backward_triton,
+)
 
 
 @torch.library.custom_op("fastkd::token_relation_backward", mutates_args=())
@@ -198,30 +207,13 @@ def _token_relation_backward_op(
     lse_t: Tensor, lse_heads: Tensor, c_s: float, c_t: float, teacher_to_student: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Returns ``(dq_s, dk_s)`` in the dtypes of ``q_s`` and ``k_s``."""
-    raise NotImplementedError(f"fastkd::token_relation_backward has no implementation for {q_s.device.type}")
+    return _BACKWARD(grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, lse_heads, c_s, c_t, teacher_to_student)
 
 
 @_token_relation_backward_op.register_fake
 def _(grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, lse_heads, c_s, c_t, teacher_to_student):
     return torch.empty_like(q_s, memory_format=torch.contiguous_format), torch.empty_like(
         k_s, memory_format=torch.contiguous_format
-    )
-
-
-@torch.library.register_kernel("fastkd::token_relation_backward", "cpu")
-def _(grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, lse_heads, c_s, c_t, teacher_to_student):
-    args = (grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, lse_heads, c_s, c_t, teacher_to_student)
-    if _cpu_kernel_available():
-        return torch.ops.fastkd.token_relation_backward_cpu(*args, CPU_TILE_ELEMENTS)
-    return _torch_backward(*args)
-
-
-@torch.library.register_kernel("fastkd::token_relation_backward", "cuda")
-def _(grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, lse_heads, c_s, c_t, teacher_to_student):
-    from fastkd.kernels.token_relation import token_relation_backward
-
-    return token_relation_backward(
-        grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, lse_heads, c_s, c_t, teacher_to_student
     )
 
 
@@ -250,6 +242,16 @@ _token_relation_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public API
 
 
+def check_options(temperature, direction, head_map) -> None:
+    """Raise ValueError naming the first invalid option of :func:`token_relation`."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if head_map not in HEAD_MAPS:
+        raise ValueError(f"head_map must be None or 'mean', got {head_map!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+
+
 def _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map) -> int:
     """Validate; returns the number ``G`` of teacher heads per student head."""
     named = {"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t}
@@ -273,19 +275,12 @@ def _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map) -> int:
         raise ValueError(f"inputs must be non-empty, got q_s {tuple(q_s.shape)} and q_t {tuple(q_t.shape)}")
     if len({x.device for x in named.values()}) != 1:
         raise ValueError(f"all inputs must be on one device, got {[str(x.device) for x in named.values()]}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    if head_map not in HEAD_MAPS:
-        raise ValueError(f"head_map must be None or 'mean', got {head_map!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    check_options(temperature, direction, head_map)
     H_s, H_t = q_s.shape[1], q_t.shape[1]
     if head_map is None and H_t != H_s:
         raise ValueError(f"teacher and student head counts differ ({H_t} vs {H_s}): pass head_map='mean' or matching heads")
     if head_map == "mean" and H_t % H_s != 0:
         raise ValueError(f"head_map='mean' needs teacher heads to be a multiple of student heads, got {H_t} and {H_s}")
-    if q_s.is_cuda and torch.float64 in (q_s.dtype, q_t.dtype):
-        raise TypeError("float64 inputs are supported on CPU only (for gradcheck)")
     return H_t // H_s
 
 

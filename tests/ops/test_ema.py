@@ -8,6 +8,7 @@ import torch
 
 import fastkd.ops.ema as ema_module
 from fastkd.ops import EMAGap, build_info, ema_, ema_reference
+from tests.ops.conftest import force_torch_path
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 # (rtol, atol) of the updated teacher per teacher dtype: one rounding of an fp32 result
@@ -170,8 +171,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_fallback_warns_once_and_matches(monkeypatch):
-    monkeypatch.setattr(ema_module, "_NATIVE", None)
-    monkeypatch.setattr(ema_module, "_warned_fallback", set())
+    force_torch_path(monkeypatch)
     teacher, student = make_pairs([1023, 7], torch.float32, torch.bfloat16)
     expected, expected_gap = ema_reference(teacher, student, 0.996)
     with pytest.warns(RuntimeWarning, match="not built"):

@@ -8,6 +8,8 @@ import torch
 
 from fastkd.kernels.token_relation import token_relation_backward, token_relation_forward
 from fastkd.ops import token_relation, token_relation_reference
+from fastkd.ops._dispatch import native_op
+from tests.ops.conftest import force_torch_path
 
 # the package attribute fastkd.ops.token_relation is the function; the module holds the CPU switches
 token_relation_module = importlib.import_module("fastkd.ops.token_relation")
@@ -71,10 +73,11 @@ def test_cpu_matches_reference(case, direction, dtype):
 def test_cpu_paths_with_many_tiles(monkeypatch, use_cpp, tile_elements, direction):
     """Small tile budgets: many row blocks (600) or chunks of whole heads (10_000, PyTorch path);
     custom scales and a head-mapped teacher with a different head dim."""
-    if use_cpp and not token_relation_module._cpu_kernel_available():
+    if use_cpp and native_op("token_relation_cpu") is None:
         pytest.skip("fastkd._C is not built")
     monkeypatch.setattr(token_relation_module, "CPU_TILE_ELEMENTS", tile_elements)
-    monkeypatch.setattr(token_relation_module, "_cpu_kernel_available", lambda: use_cpp)
+    if not use_cpp:
+        force_torch_path(monkeypatch)
     q_s, k_s, q_t, k_t = _inputs(3, 2, 4, 50, 16, 24)
     grad = torch.randn(3, 2, 50)
     kwargs = dict(direction=direction, head_map="mean", scale_s=0.3, scale_t=0.2, temperature=1.5)

@@ -1,0 +1,81 @@
+"""Durable file writes: the one writer every fastkd file goes through.
+
+A file is written to a unique temporary file in its destination folder, flushed and fsynced, then
+renamed over its final name, and the folder entry is fsynced: a crash (or SIGKILL) at any moment
+leaves either the previous file or the new one under the final name, never a half-written one.
+The temporary file is removed when writing fails. Used for training checkpoints, exported weights,
+logs, scan reports and benchmark results alike.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems (and Windows) cannot open a folder: the rename still happened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``write(handle)`` on a binary temporary file beside ``path``, fsync it and rename it over
+    ``path`` (creating the parent folder); returns ``path`` as a :class:`~pathlib.Path`.
+
+    Raises ``OSError`` naming ``ENOSPC`` and the folder when the disk is full."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"ENOSPC: no space left on device while writing {path.name} into "
+                                        f"{path.parent}") from error
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` durably (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` durably (see :func:`atomic_write`)."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    """Write ``obj`` as JSON (with a trailing newline) to ``path`` durably."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` durably."""
+    import torch
+
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
