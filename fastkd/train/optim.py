@@ -12,6 +12,8 @@ LARS (You et al. 2017, as used by MoCo v3 / BYOL) for a parameter ``w`` with gra
     g = g * (eta * ||w|| / ||g||)     if wd_scale > 0 and both norms > 0   (biases/norms: no scaling)
     buf = momentum * buf + g
     w = w - lr * buf
+
+computed for all tensors of a group at once with ``torch._foreach_*`` ops.
 """
 
 from __future__ import annotations
@@ -46,27 +48,37 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            adapt = group["wd_scale"] > 0
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if adapt:
-                    grad = grad.add(p, alpha=group["weight_decay"])
-                    w_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(grad)
-                    trust = torch.where(
-                        (w_norm > 0) & (g_norm > 0), group["trust_coefficient"] * w_norm / g_norm,
-                        torch.ones_like(w_norm),
-                    )
-                    grad = grad.mul(trust)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["wd_scale"] > 0:  # weights: decay and trust ratio, all tensors of the group at once
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                w_norms = torch.stack(torch._foreach_norm(params))
+                g_norms = torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((w_norms > 0) & (g_norms > 0),
+                                    group["trust_coefficient"] * w_norms / g_norms, torch.ones_like(w_norms))
+                torch._foreach_mul_(grads, list(trust.unbind()))
+            buffers = []
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(grad)
-                p.add_(buf, alpha=-group["lr"])
+                buffers.append(state["momentum_buffer"])
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
         return loss
+
+
+def _fused_or_foreach(cls, groups: list[dict], **kwargs) -> torch.optim.Optimizer:
+    """``cls(groups, fused=True)`` where torch has a fused kernel for these parameters' device and
+    dtype, else ``cls(groups, foreach=True)`` (one multi-tensor launch per op instead of a Python
+    loop over parameters)."""
+    try:
+        return cls(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):
+        return cls(groups, foreach=True, **kwargs)
 
 
 def build_optimizer(
@@ -79,6 +91,10 @@ def build_optimizer(
     trust_coefficient: float = 0.001,
 ) -> torch.optim.Optimizer:
     """Build ``name`` (``adamw`` | ``sgd`` | ``lars``) over groups from ``method.param_groups(1.0)``.
+
+    AdamW and SGD use torch's fused implementation where it exists for the parameters' device (CPU
+    and CUDA in current torch), else the multi-tensor (``foreach``) one; LARS is written on
+    ``torch._foreach_*`` ops (no Python loop over parameters in the arithmetic).
 
     Each group's ``weight_decay`` is read as the multiplier ``wd_scale``; lr and weight decay
     start at 0 and are set by :func:`apply_schedules` before every step."""
@@ -102,9 +118,9 @@ def build_optimizer(
     if not groups:
         raise ValueError("param_groups holds no parameter that requires grad")
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas), eps=eps, weight_decay=0.0)
+        return _fused_or_foreach(torch.optim.AdamW, groups, lr=0.0, betas=tuple(betas), eps=eps, weight_decay=0.0)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=momentum, weight_decay=0.0)
+        return _fused_or_foreach(torch.optim.SGD, groups, lr=0.0, momentum=momentum, weight_decay=0.0)
     return LARS(groups, momentum=momentum, trust_coefficient=trust_coefficient)
 
 

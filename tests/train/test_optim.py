@@ -64,3 +64,65 @@ def test_bad_arguments():
         build_optimizer([{"params": [nn.Parameter(torch.ones(1), requires_grad=False)]}], "sgd")
     with pytest.raises(ValueError, match="momentum"):
         LARS([nn.Parameter(torch.ones(1))], momentum=1.5)
+
+
+def _reference_lars_step(params, bufs, lr, wd, momentum, eta, adapt):
+    """LARS as a plain per-parameter loop (the formula of the module docstring)."""
+    for p, buf in zip(params, bufs):
+        g = p.grad
+        if adapt:
+            g = g + wd * p
+            w_norm, g_norm = p.norm(), g.norm()
+            if w_norm > 0 and g_norm > 0:
+                g = g * (eta * w_norm / g_norm)
+        buf.mul_(momentum).add_(g)
+        p.sub_(lr * buf)
+
+
+def _model_and_batches(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    batches = [torch.randn(4, 6) for _ in range(5)]
+    return model, batches
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_fused_or_foreach_equals_single_tensor_form(name):
+    model, batches = _model_and_batches()
+    reference, _ = _model_and_batches()
+    opt = build_optimizer(_groups(model), name)
+    assert opt.defaults.get("fused") or opt.defaults.get("foreach")
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.SGD
+    groups = [{**g, "lr": 0.0, "weight_decay": 0.0, "wd_scale": g["weight_decay"], "lr_scale": 1.0}
+              for g in _groups(reference)]
+    extra = dict(momentum=0.9) if name == "sgd" else {}
+    ref_opt = cls(groups, lr=0.0, weight_decay=0.0, foreach=False, **extra)
+    for step, x in enumerate(batches):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            apply_schedules(o, lr=0.05 / (step + 1), weight_decay=0.1)
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_foreach_lars_equals_per_parameter_loop():
+    model, batches = _model_and_batches()
+    reference, _ = _model_and_batches()
+    opt = build_optimizer(_groups(model), "lars", momentum=0.9, trust_coefficient=0.02)
+    ref_groups = _groups(reference)
+    bufs = [[torch.zeros_like(p) for p in g["params"]] for g in ref_groups]
+    for step, x in enumerate(batches):
+        apply_schedules(opt, lr=0.3 / (step + 1), weight_decay=0.1)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        reference.zero_grad()
+        reference(x).square().mean().backward()
+        with torch.no_grad():
+            for g, b in zip(ref_groups, bufs):
+                _reference_lars_step(g["params"], b, 0.3 / (step + 1), 0.1 * g["weight_decay"], 0.9, 0.02,
+                                     g["weight_decay"] > 0)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
