@@ -35,16 +35,34 @@ ctest: venv
 	$(VENV)/bin/cmake --build build/cmake
 	cd build/cmake && $(abspath $(VENV))/bin/ctest --output-on-failure
 
+# GPU suite (tests/gpu): the compiled Triton kernels and fastkd._C's CUDA kernels against their
+# references, 20-step bf16 training of every method, `fastkd bench ops --device cuda --quick`; one
+# PASS|FAIL|SKIP line per check (every check SKIPs without CUDA). Uses .venv when it exists; else the
+# system python3 (a machine that already has torch, triton and timm): fastkd is built in place with
+# `pip install --no-build-isolation --no-deps -e .`, nothing else is installed. Bounded to 450 s from
+# the start of the recipe (FASTKD_GPU_DEADLINE).
+GPU_PY = $(if $(wildcard $(PY)),$(PY),python3)
+GPU_INSTALL = $(if $(wildcard $(PY)),$(MAKE) --no-print-directory venv,python3 -m pip install --no-build-isolation --no-deps -e .)
+
+.PHONY: gpu-test
+gpu-test:
+	@start=$$(date +%s); \
+	$(GPU_INSTALL) && \
+	FASTKD_GPU_TESTS=1 FASTKD_GPU_DEADLINE=$${FASTKD_GPU_DEADLINE:-$$((start + 450))} \
+		$(GPU_PY) -m pytest -m gpu -q -p no:cacheprovider tests/gpu
+
+# Ahead-of-time Triton compile check (exit 1 on a spill or failure); report in the git-ignored build/kernel_check/
 kernel-check: venv
-	$(PY) -m fastkd.kernels.check
+	$(VENV)/bin/fastkd bench compile
 
 demo: venv
 	$(PY) -m fastkd.demo
 
+# --publish: into the published results benchmarks/results/ of this checkout
 bench: venv
-	$(VENV)/bin/fastkd bench all
-	$(PY) -m fastkd.benchmarks.bench_backbone
-	$(PY) -m fastkd.benchmarks.bench_knn
+	$(VENV)/bin/fastkd bench all --publish
+	$(VENV)/bin/fastkd bench backbone --publish
+	$(VENV)/bin/fastkd bench knn --publish
 
 clean:
 	rm -rf build $(VENV) fastkd/_C*.so *.egg-info

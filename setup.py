@@ -79,7 +79,8 @@ def _extensions():
                 "fastkd._C",
                 cpp_sources + cuda_sources,
                 define_macros=macros,
-                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++20"]},
+                # no --use_fast_math: it flushes fp32 denormals to zero (ema_ of tiny weights must keep them)
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
                 extra_link_args=["-fopenmp"],
             )
         ]
@@ -118,15 +119,23 @@ setup(
         "fastkd.eval",
         "fastkd.kernels",
         "fastkd.benchmarks",
+        "fastkd.configs",
+        "fastkd.configs.demo",  # YAML files only
     ],
-    package_dir={"fastkd.kernels": "kernels", "fastkd.benchmarks": "benchmarks"},
+    # kernels/, benchmarks/ and configs/ stay top-level folders of the checkout; installed inside fastkd
+    package_dir={"fastkd.kernels": "kernels", "fastkd.benchmarks": "benchmarks", "fastkd.configs": "configs"},
+    package_data={"fastkd.configs": ["*.yaml"], "fastkd.configs.demo": ["*.yaml"]},
     include_package_data=True,
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
+    # minimums: torch.library.custom_op / register_fake / register_autograd (torch 2.4), Triton 3.0
+    # (the triton.compile(ASTSource, target=GPUTarget) API of the kernel check; ships with torch 2.4),
+    # timm 1.0.23 (timm.layers.Attention.attn_dim, read by fastkd.models.vit_block)
     install_requires=[
         "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
         "torchvision",
-        "timm>=1.0",
+        "timm>=1.0.23",
         "numpy",
         "pillow",
         "pyyaml",

@@ -21,20 +21,25 @@ import importlib
 import json
 import time
 import traceback
+from pathlib import Path
 
-from fastkd.benchmarks.common import (RESULTS_DIR, bench_parser, machine_info, markdown_table, parse_bench_args,
-                                      write_results)
+from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
+from fastkd.reporting import machine_info, markdown_table, results_dir, write_results
 
 PARTS = ("ops", "data", "e2e", "compile")
 
 
-def run_part(part: str, argv: list[str] | None) -> tuple[list[dict], str, int]:
-    """``(records, markdown, status)`` of ``fastkd.benchmarks.bench_<part>.main(argv)``, read back
-    from the files it wrote; ``argv`` None: of the part's latest results, without running it."""
-    json_path, md_path = RESULTS_DIR / f"bench_{part}.json", RESULTS_DIR / f"bench_{part}.md"
+def run_part(part: str, argv: list[str] | None, out_dir: Path | None = None) -> tuple[list[dict], str, int]:
+    """``(records, markdown, status)`` of ``fastkd.benchmarks.bench_<part>.main(argv + ["--out",
+    out_dir])``, read back from the files it wrote into ``out_dir`` (default
+    :func:`fastkd.reporting.results_dir`); ``argv`` None: of the part's latest results there,
+    without running it."""
+    out_dir = results_dir() if out_dir is None else Path(out_dir)
+    json_path, md_path = out_dir / f"bench_{part}.json", out_dir / f"bench_{part}.md"
     started, status = time.time(), 0
     if argv is not None:
-        status = int(importlib.import_module(f"fastkd.benchmarks.bench_{part}").main(list(argv)) or 0)
+        module = importlib.import_module(f"fastkd.benchmarks.bench_{part}")
+        status = int(module.main([*argv, "--out", str(out_dir)]) or 0)
         if not json_path.is_file() or json_path.stat().st_mtime < started:
             raise RuntimeError(f"bench_{part} did not write {json_path}")
     elif not json_path.is_file():
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     for part in args.parts:
         start = time.perf_counter()
         try:
-            part_records, markdown, status = run_part(part, None if args.reuse else part_argv)
+            part_records, markdown, status = run_part(part, None if args.reuse else part_argv, args.out)
             records += [{"benchmark": part, **record} for record in part_records]
             sections.append(markdown)
             if status != 0 or any("error" in record for record in part_records):
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         *sections,
         f"Failed: {', '.join(failed)}" if failed else "All parts succeeded.",
     ])
-    write_results("bench_all", records, markdown)
+    write_results("bench_all", records, markdown, out_dir=args.out)
     print(markdown)
     return 1 if failed else 0
 

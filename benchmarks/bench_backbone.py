@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from fastkd.benchmarks.common import (bench_parser, markdown_table, parse_bench_args, peak_memory_bytes, time_alternating,
-                                      write_results)
+from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
+from fastkd.benchmarks.common import peak_memory_bytes, time_alternating
 from fastkd.models import build_backbone
 from fastkd.ops import random_keep
+from fastkd.reporting import markdown_table, write_results
 
 
 def _variants(name: str, batch: int, device: str, img_size: int) -> dict:
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
         + markdown_table(records, ["variant", "median_ms", "peak_MiB", "speedup", "memory_ratio"])
         + "\n\nspeedup = timm forward_features time / variant time; memory_ratio = variant peak / timm peak."
     )
-    write_results("bench_backbone", records, markdown)
+    write_results("bench_backbone", records, markdown, out_dir=args.out)
     print(markdown)
 
 

@@ -1,76 +1,54 @@
-"""The ahead-of-time Triton compile check as a benchmark: every registered kernel configuration
-compiled for sm_80 and sm_90 (``fastkd.kernels.check.check_config``, no GPU needed), with its
-registers, spills, shared memory against the target's limit, and the wall-clock time of the
-check (``compile_s``: a fresh compile, or Triton's on-disk cache hit when that kernel configuration
-was compiled before, e.g. by ``make kernel-check``).
+"""The ahead-of-time Triton compile check (``fastkd bench compile``, also run by ``make test``):
+every registered kernel configuration compiled for sm_80 and sm_90 (no GPU needed, see
+:mod:`fastkd.benchmarks.compile_check`), with its registers, spills, shared memory against the
+target's limit, and the wall-clock time of its check (``compile_s``: a fresh compile, or Triton's
+on-disk cache hit when that kernel configuration was compiled before).
 
-``--quick`` compiles the first registered configuration of each kernel for sm_90 only (the full
-check is ``make kernel-check`` / ``python -m fastkd.kernels.check``). ``--device`` is accepted for a
-uniform ``fastkd bench`` command line; the check targets the GPU architectures whatever the device.
-Exit status 1 when a configuration fails to compile, spills, or exceeds the shared-memory limit.
+Prints the table and writes ``bench_compile.json`` / ``.md``: into ``--out DIR``; with
+``--publish`` into the checkout's ``benchmarks/results/``; else into ``$FASTKD_BENCH_DIR``, else
+(run from a source checkout) the git-ignored ``build/kernel_check/``, else ``./fastkd_bench_results``.
+``--quick`` compiles the first registered configuration of each kernel for sm_90 only;
+``--kernel NAME`` only the configurations whose kernel name contains NAME. ``--device`` is accepted
+for a uniform ``fastkd bench`` command line; the check targets the GPU architectures whatever the
+device. Exit status 1 when a configuration fails to compile, spills, or exceeds the shared-memory
+limit (or none is selected).
 
-    python -m fastkd.benchmarks.bench_compile [--quick] [--device cpu|cuda] [--targets 80,90]
+    fastkd bench compile [--quick] [--targets 80,90] [--kernel NAME] [--out DIR | --publish]
 """
 
 from __future__ import annotations
 
-import tempfile
-import time
-from pathlib import Path
-
-from fastkd.benchmarks.common import bench_parser, markdown_table, write_results
-from fastkd.kernels.check import COLUMNS, SHARED_LIMIT_BYTES, check_config
-from fastkd.kernels.registry import CompileConfig, all_compile_configs
-
-
-def selected_configs(quick: bool) -> list[CompileConfig]:
-    """Every registered configuration, or (quick) the first one of each kernel."""
-    configs = all_compile_configs()
-    if not quick:
-        return configs
-    first: dict[str, CompileConfig] = {}
-    for config in configs:
-        first.setdefault(config.name, config)
-    return list(first.values())
-
-
-def parse_targets(text: str) -> tuple[int, ...]:
-    """``"80,90"`` -> ``(80, 90)``; each must be a compute capability the check knows."""
-    try:
-        targets = tuple(int(cc) for cc in text.split(","))
-    except ValueError:
-        raise ValueError(f"--targets must be comma-separated integers like 80,90, got {text!r}") from None
-    unknown = [cc for cc in targets if cc not in SHARED_LIMIT_BYTES]
-    if unknown:
-        raise ValueError(f"--targets must be among {sorted(SHARED_LIMIT_BYTES)}, got {text!r}")
-    return targets
+from fastkd.benchmarks.arguments import bench_parser, resolve_out
+from fastkd.benchmarks.compile_check import CHECKOUT_REPORT_DIR, COLUMNS, parse_targets, run_check, selected_configs
+from fastkd.reporting import markdown_table, write_results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__, "first configuration of each kernel, sm_90 only",
                           device_help="ignored: compiles for GPUs")
     parser.add_argument("--targets", default=None, help="compute capabilities (default 80,90; --quick 90)")
+    parser.add_argument("--kernel", default=None, help="only configurations whose kernel name contains this")
     # parser.parse_args, not parse_bench_args: --device is ignored here, so --device cuda needs no CUDA device
     args = parser.parse_args(argv)
+    out = resolve_out(parser, args, in_checkout=CHECKOUT_REPORT_DIR)
     targets = parse_targets(args.targets or ("90" if args.quick else "80,90"))
-    configs = selected_configs(args.quick)
+    configs = selected_configs(args.quick, args.kernel)
     if not configs:
-        raise ValueError("no Triton kernel configurations are registered (fastkd.kernels.registry)")
-    records = []
-    with tempfile.TemporaryDirectory(prefix="fastkd-bench-compile-") as tmp:
-        for config in configs:
-            for cc in targets:
-                start = time.perf_counter()
-                row = check_config(config, cc, Path(tmp))
-                records.append({**row, "compile_s": time.perf_counter() - start})
+        print("no Triton kernel configurations registered" + (f" matching {args.kernel!r}" if args.kernel else ""))
+        return 1
+    records = run_check(configs, targets)
     failed = [row for row in records if not row["ok"]]
     summary = (f"{len(records) - len(failed)}/{len(records)} configurations fit "
                f"({len({c.name for c in configs})} kernels, targets {', '.join(f'sm_{cc}' for cc in targets)}, "
                f"{sum(r['compile_s'] for r in records):.1f} s of compiling)")
     markdown = ("## Triton kernels compiled ahead of time (registers, spills, shared memory)\n\n"
                 + markdown_table(records, COLUMNS + ["compile_s", "error"]) + "\n\n" + summary)
-    write_results("bench_compile", records, markdown)
+    path = write_results("bench_compile", records, markdown, out_dir=out)
     print(markdown)
+    for row in failed:
+        print(f"FAILED {row['kernel']} [{row['config']}] {row['target']}: "
+              f"{row.get('error', 'spills or shared memory over limit')}")
+    print(f"report: {path} and {path.with_suffix('.md')}")
     return 1 if failed else 0
 
 

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fastkd.benchmarks.common import bench_parser, markdown_table, parse_bench_args, time_fn, write_results
+from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
+from fastkd.benchmarks.common import time_fn
 from fastkd.data import build_loader
+from fastkd.reporting import markdown_table, write_results
 
 PHOTOS = (
     "astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
@@ -88,7 +90,7 @@ def main(argv=None) -> None:
         + markdown_table(records, columns)
         + "\n\nratio = DALI / DataLoader images per second (target >= 1.2 for mocov3)."
     )
-    write_results("bench_data", records, markdown)
+    write_results("bench_data", records, markdown, out_dir=args.out)
     print(markdown)
 
 

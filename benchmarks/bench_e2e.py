@@ -48,8 +48,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastkd.benchmarks.common import (RESULTS_DIR, bench_parser, markdown_table, parse_bench_args, peak_memory_bytes,
-                                      time_alternating, write_results)
+from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
+from fastkd.benchmarks.common import peak_memory_bytes, time_alternating
 from fastkd.benchmarks.gpu_peak import fraction_of_peak, gpu_peak
 from fastkd.benchmarks.plots import save_grouped_bars
 from fastkd.data.batch import Batch
@@ -57,6 +57,7 @@ from fastkd.data.recipes import build_recipe
 from fastkd.methods import build_method
 from fastkd.models import build_backbone, save_backbone
 from fastkd.ops.reference_mode import reference_ops
+from fastkd.reporting import markdown_table, write_results
 
 METHODS = ("moma", "hybrid_distill", "resmoco", "mokd")
 # Required speedup of fastkd over the plain assembly; hybrid_distill must also use less peak memory.
@@ -97,12 +98,11 @@ def demo_method_config(name: str, teachers: dict[str, str], batch_size: int) -> 
     it in ``make demo`` (student, heads, keep schedule, recipe options), with the teacher files
     replaced by ``teachers`` (random weights of the demo teachers' shape)."""
     from fastkd.config import load_config
-    from fastkd.demo import DEFAULT_CONFIG_DIR
+    from fastkd.configs import demo_config_dir
 
-    path = DEFAULT_CONFIG_DIR / f"{DEMO_CONFIGS[name]}.yaml"
+    path = demo_config_dir() / f"{DEMO_CONFIGS[name]}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"--model demo needs the demo configs of a source checkout; {path} is missing "
-                                "(use --model vit64)")
+        raise FileNotFoundError(f"the demo config {path} is missing from the fastkd installation (use --model vit64)")
     overrides = {"moma": {"mocov3_teacher_path": "contrastive", "mae_teacher_path": "mim"},
                  "hybrid_distill": {"feature_teacher_path": "contrastive", "relation_teacher_path": "mim"}}
     config = load_config(path, [f"method.{key}={teachers[teacher]}" for key, teacher in overrides.get(name, {}).items()]
@@ -313,14 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     missed = where_time_goes([r for r in records if "error" not in r])
     if missed:
         markdown += "\n\n## Where time goes (methods below target)\n\n" + missed
-    write_results("bench_e2e", records, markdown)
+    write_results("bench_e2e", records, markdown, out_dir=args.out)
     ok = [r for r in records if "error" not in r]
     if ok:
         methods = list(dict.fromkeys(r["method"] for r in ok))
         value = {(r["method"], r["variant"]): r for r in ok}
         panels = [(label, {v: [value[(m, v)][key] if (m, v) in value else 0.0 for m in methods] for v in VARIANTS})
                   for key, label in (("images_per_s", "training images / s"), ("peak_MiB", "peak memory, MiB"))]
-        save_grouped_bars(RESULTS_DIR / "bench_e2e.png", methods, panels,
+        save_grouped_bars(args.out / "bench_e2e.png", methods, panels,
                           title=f"training throughput per method ({args.device}, batch {batch_size})")
     print(markdown)
     return 1 if len(ok) < len(records) else 0

@@ -17,8 +17,10 @@ from __future__ import annotations
 import timm
 import torch
 
-from fastkd.benchmarks.common import bench_parser, markdown_table, parse_bench_args, time_fn, write_results
+from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
+from fastkd.benchmarks.common import time_fn
 from fastkd.ops import build_info, ema_
+from fastkd.reporting import markdown_table, write_results
 
 MODELS = {"ViT-S/16": "vit_small_patch16_224", "ViT-B/16": "vit_base_patch16_224", "ViT-L/16": "vit_large_patch16_224"}
 MOMENTUM = 0.996
@@ -96,7 +98,7 @@ def main(argv=None) -> list[dict]:
     header = (f"EMA update, momentum {MOMENTUM}, device {args.device}, torch threads {torch.get_num_threads()}, "
               f"fastkd._C built: {info['built']}, CPU ISA: {info.get('cpu_isa')}\n\n")
     markdown = header + markdown_table(records, columns)
-    write_results("bench_ema", records, markdown)
+    write_results("bench_ema", records, markdown, out_dir=args.out)
     print(markdown)
     return records
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from fastkd.benchmarks.common import (bench_parser, markdown_table, parse_bench_args, peak_memory_bytes, time_alternating,
-                                      write_results)
+from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
+from fastkd.benchmarks.common import peak_memory_bytes, time_alternating
 from fastkd.losses import FeatureAlignLoss
 from fastkd.ops import feature_align_reference
+from fastkd.reporting import markdown_table, write_results
 
 MODELS = {"vit_small": 384, "vit_base": 768, "vit_large": 1024}
 NUM_TOKENS = 197
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                compiled=not args.quick, rounds=2 if args.quick else 3, repeats=3 if args.quick else 5)
     table = markdown_table(records, COLUMNS)
     print(table)
-    write_results("bench_feature_align", records, f"# feature_align fwd+bwd ({args.device}, {args.dtype})\n\n{table}")
+    write_results("bench_feature_align", records, f"# feature_align fwd+bwd ({args.device}, {args.dtype})\n\n{table}",
+                  out_dir=args.out)
     return records
 
 

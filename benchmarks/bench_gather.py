@@ -13,13 +13,15 @@ and the bytes the fused GPU kernels move against the unfused sequence (analytica
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import torch
 
-from fastkd.benchmarks.common import (RESULTS_DIR, bench_parser, markdown_table, parse_bench_args, peak_memory_bytes,
-                                      time_alternating, write_results)
-from fastkd.kernels.gather_tokens import MAX_BATCH_GROUPS
+from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
+from fastkd.benchmarks.common import peak_memory_bytes, time_alternating
+from fastkd.kernels.gather_tokens import bwd_batch_groups
 from fastkd.ops import gather_tokens, gather_tokens_reference, random_keep
+from fastkd.reporting import markdown_table, write_results
 
 MODELS = {"vit_small": 384, "vit_base": 768, "vit_large": 1024}
 NUM_TOKENS = 197
@@ -37,7 +39,7 @@ def bytes_moved(B: int, N: int, D: int, K: int, elem: int) -> tuple[int, int]:
     """
     rows_kept, rows_all, pos = B * K * D, B * N * D, N * D
     unfused = elem * ((2 * rows_all + pos + 2 * rows_kept) + (rows_all + 2 * rows_kept + rows_all + pos))
-    groups = min(B, MAX_BATCH_GROUPS)  # partial positional-gradient buffers
+    groups = bwd_batch_groups(B, True)[0]  # partial positional-gradient buffers
     fused = elem * (3 * rows_kept + rows_kept + rows_all) + 4 * (2 * groups * pos + pos) + elem * pos
     return fused, unfused
 
@@ -101,14 +103,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]  # fmt: skip
     table = markdown_table(records, columns)
     title = f"gather_tokens + pos-embed, forward + backward ({args.device}, {torch.get_num_threads()} threads)"
-    write_results("bench_gather", records, f"## {title}\n\n{table}")
-    _plot(records)
+    write_results("bench_gather", records, f"## {title}\n\n{table}", out_dir=args.out)
+    _plot(records, args.out / "bench_gather.png")
     print(table)
     return records
 
 
-def _plot(records: list[dict]) -> None:
-    """Bar chart of forward + backward time per configuration and variant (bench_gather.png)."""
+def _plot(records: list[dict], path: Path) -> None:
+    """Bar chart of forward + backward time per configuration and variant (``bench_gather.png``)."""
     from fastkd.benchmarks.plots import save_grouped_bars
 
     def config(r):
@@ -119,7 +121,7 @@ def _plot(records: list[dict]) -> None:
     for r in records:
         times.setdefault(r["variant"], {})[config(r)] = r["median_ms"]
     series = {variant: [values[c] for c in configs] for variant, values in times.items()}
-    save_grouped_bars(RESULTS_DIR / "bench_gather.png", configs, [("forward + backward, median ms", series)])
+    save_grouped_bars(path, configs, [("forward + backward, median ms", series)])
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastkd.benchmarks.common import (bench_parser, markdown_table, parse_bench_args, peak_memory_bytes, time_fn,
-                                      write_results)
+from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
+from fastkd.benchmarks.common import peak_memory_bytes, time_fn
 from fastkd.eval.knn import MAX_SIMILARITIES, knn_classify
+from fastkd.reporting import markdown_table, write_results
 
 
 def materialised_knn(train, train_labels, test, *, num_classes, k=20, temperature=0.07):
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "materialised_peak_mb", "memory_ratio"]
     markdown = "## Weighted k-NN (k=20, T=0.07): chunked vs materialised similarity matrix\n\n" + markdown_table(
         records, columns)
-    write_results("bench_knn" + ("_quick" if args.quick else ""), records, markdown)
+    write_results("bench_knn" + ("_quick" if args.quick else ""), records, markdown, out_dir=args.out)
     print(markdown)
     return records
 

@@ -21,12 +21,14 @@ import importlib
 import json
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
-from fastkd.benchmarks.common import RESULTS_DIR, bench_parser, markdown_table, parse_bench_args, write_results
+from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
 from fastkd.benchmarks.gpu_peak import NEEDS_GPU, fraction_of_peak, gpu_peak
 from fastkd.benchmarks.plots import save_lines_per_op
+from fastkd.reporting import markdown_table, results_dir, write_results
 
 OPS = ("ema", "feature_align", "gather", "token_relation")
 PROBLEM_KEYS = ("case", "model", "shape")
@@ -38,12 +40,14 @@ SUMMARY_COLUMNS = ["op", "problem", "variant", "baseline", "median_ms", "p10_ms"
                    "flops_vs_peak"]
 
 
-def run_op_benchmark(op: str, argv: list[str]) -> tuple[list[dict], str | None]:
-    """Run ``fastkd.benchmarks.bench_<op>.main(argv)``: ``(records, its Markdown report or None)``.
-    The records are what ``main`` returns (a list), else what it wrote to ``bench_<op>.json``."""
-    json_path, md_path = RESULTS_DIR / f"bench_{op}.json", RESULTS_DIR / f"bench_{op}.md"
+def run_op_benchmark(op: str, argv: list[str], out_dir: Path | None = None) -> tuple[list[dict], str | None]:
+    """Run ``fastkd.benchmarks.bench_<op>.main(argv + ["--out", out_dir])``: ``(records, its Markdown
+    report or None)``; ``out_dir`` defaults to :func:`fastkd.reporting.results_dir`. The records are
+    what ``main`` returns (a list), else what it wrote to ``<out_dir>/bench_<op>.json``."""
+    out_dir = results_dir() if out_dir is None else Path(out_dir)
+    json_path, md_path = out_dir / f"bench_{op}.json", out_dir / f"bench_{op}.md"
     started = time.time()
-    result = importlib.import_module(f"fastkd.benchmarks.bench_{op}").main(list(argv))
+    result = importlib.import_module(f"fastkd.benchmarks.bench_{op}").main([*argv, "--out", str(out_dir)])
     if isinstance(result, int) and result != 0:
         raise RuntimeError(f"bench_{op} exited with status {result}")
 
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     records, sections = [], []
     for op in args.ops:
         try:
-            op_records, section = run_op_benchmark(op, op_argv)
+            op_records, section = run_op_benchmark(op, op_argv, args.out)
             records += annotate(op, op_records, args.device, peak)
             if section:
                 sections.append(section)
@@ -129,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                 + markdown_table(fastkd_rows, SUMMARY_COLUMNS + ["error"])
                 + f"\n\nspeedup = baseline time / fastkd time; memory_ratio = fastkd peak / baseline peak; {peak_text}."
                 + "".join(f"\n\n{section}" for section in sections))
-    write_results("bench_ops", records, markdown)
+    write_results("bench_ops", records, markdown, out_dir=args.out)
     plotted = [r for r in records if "error" not in r]
     if plotted:
-        save_lines_per_op(RESULTS_DIR / "bench_ops.png", plotted,
+        save_lines_per_op(args.out / "bench_ops.png", plotted,
                           [("median_ms", "forward + backward / update, median ms"), ("peak_MiB", "peak memory, MiB")],
                           title=f"fused ops vs baselines ({args.device})")
     print(markdown)

@@ -28,11 +28,14 @@ of the fused GPU kernels against the unfused sequence (analytical, the roofline 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
-from fastkd.benchmarks.common import bench_parser, parse_bench_args, RESULTS_DIR, markdown_table, peak_memory_bytes, time_alternating, write_results
+from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
+from fastkd.benchmarks.common import peak_memory_bytes, time_alternating
 from fastkd.ops import token_relation, token_relation_reference
+from fastkd.reporting import markdown_table, write_results
 
 HEAD_DIM = 64
 CASES = [  # label, heads, tokens, batch, quick batch
@@ -129,14 +132,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]  # fmt: skip
     table = markdown_table(records, columns)
     title = f"token_relation, forward + backward ({args.device}, {torch.get_num_threads()} threads)"
-    write_results("bench_token_relation", records, f"## {title}\n\n{table}")
-    _plot(records)
+    write_results("bench_token_relation", records, f"## {title}\n\n{table}", out_dir=args.out)
+    _plot(records, args.out / "bench_token_relation.png")
     print(table)
     return records
 
 
-def _plot(records: list[dict]) -> None:
-    """Time and extra memory per case and variant (bench_token_relation.png)."""
+def _plot(records: list[dict], path: Path) -> None:
+    """Time and extra memory per case and variant (``bench_token_relation.png``)."""
     from fastkd.benchmarks.plots import save_grouped_bars
 
     cases = list(dict.fromkeys(r["case"] for r in records))
@@ -146,7 +149,7 @@ def _plot(records: list[dict]) -> None:
         for r in records:
             values.setdefault(r["variant"], {})[r["case"]] = r[key]
         panels.append((ylabel, {variant: [v[c] for c in cases] for variant, v in values.items()}))
-    save_grouped_bars(RESULTS_DIR / "bench_token_relation.png", cases, panels)
+    save_grouped_bars(path, cases, panels)
 
 
 if __name__ == "__main__":

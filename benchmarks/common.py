@@ -1,24 +1,39 @@
-"""Shared measurement and reporting helpers for the benchmarks.
+"""Shared measurement helpers of the benchmarks.
 
 Timing: median and spread (p10/p90) of wall-clock repeats after warm-up; on CUDA,
 ``triton.testing.do_bench``. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the
 running sum of every allocation and free the PyTorch profiler records (``profile_memory=True``),
 i.e. the peak of memory allocated by the measured call beyond what was live before it.
+
+Reporting (machine info, Markdown tables, result files) lives in :mod:`fastkd.reporting` and the
+shared command line in :mod:`fastkd.benchmarks.arguments`; their old names here are deprecated aliases.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
-RESULTS_DIR = Path(os.environ.get("FASTKD_BENCH_DIR", Path(__file__).resolve().parent / "results"))
+from fastkd.deprecation import renamed
+
+
+def _results_dir():
+    from fastkd.reporting import results_dir
+
+    return results_dir()
+
+
+__getattr__ = renamed(__name__, {
+    "RESULTS_DIR": ("fastkd.reporting.results_dir() or the benchmark's --out", _results_dir),
+    "machine_info": "fastkd.reporting:machine_info",
+    "markdown_table": "fastkd.reporting:markdown_table",
+    "write_results": "fastkd.reporting:write_results",
+    "bench_parser": "fastkd.benchmarks.arguments:bench_parser",
+    "parse_bench_args": "fastkd.benchmarks.arguments:parse_bench_args",
+})
 
 
 def time_fn(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, device: str = "cpu") -> dict:
@@ -40,7 +55,6 @@ def time_fn(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, device
     return {"median_ms": statistics.median(samples), "p10_ms": q[0], "p90_ms": q[-1], "repeats": repeats}
 
 
-
 def time_alternating(runs: dict[str, Callable[[], Any]], *, rounds: int, repeats: int, device: str = "cpu") -> dict:
     """``{name: time_fn timing}`` for every run, timed in ``rounds`` alternating rounds of ``repeats``
     calls (one warm-up call each), keeping each run's round with the lowest median: load from other
@@ -52,6 +66,7 @@ def time_alternating(runs: dict[str, Callable[[], Any]], *, rounds: int, repeats
             if name not in best or timing["median_ms"] < best[name]["median_ms"]:
                 best[name] = timing
     return best
+
 
 def peak_memory_bytes(fn: Callable[[], Any], *, device: str = "cpu") -> int:
     """Peak bytes allocated by ``fn()`` beyond what was allocated before the call."""
@@ -76,80 +91,3 @@ def peak_memory_bytes(fn: Callable[[], Any], *, device: str = "cpu") -> int:
         live += delta
         peak = max(peak, live)
     return int(peak)
-
-
-def machine_info() -> dict:
-    """CPU model, cores, GPU name and library versions, recorded with every result file."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    for module in ("triton", "nvidia.dali", "timm"):
-        try:
-            info[module.split(".")[-1]] = __import__(module, fromlist=["__version__"]).__version__
-        except Exception:  # noqa: BLE001 - a missing optional library is recorded as None
-            info[module.split(".")[-1]] = None
-    return info
-
-
-def markdown_table(rows: Iterable[dict], columns: list[str]) -> str:
-    """Render ``rows`` as a GitHub Markdown table with the given column order."""
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-        return "" if value is None else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def write_results(name: str, records: list[dict], markdown: str, *, out_dir: Path | None = None) -> Path:
-    """Write ``<name>.json`` (machine info + one record per measurement) and ``<name>.md``
-    atomically under the results directory; returns the JSON path."""
-    out = Path(out_dir or RESULTS_DIR)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "machine": machine_info(), "records": records}
-    for suffix, text in ((".json", json.dumps(payload, indent=2)), (".md", markdown + "\n")):
-        path = out / f"{name}{suffix}"
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return out / f"{name}.json"
-
-
-def bench_parser(description: str, quick_help: str, *, rounds_help: str | None = None,
-                 device_help: str | None = None):
-    """The command line every benchmark shares: ``--quick``, ``--device cpu|cuda`` (help text
-    ``device_help``) and, with ``rounds_help``, ``--rounds``; extend it with the benchmark's own options."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help=device_help)
-    if rounds_help is not None:
-        parser.add_argument("--rounds", type=int, default=None, help=rounds_help)
-    return parser
-
-
-def parse_bench_args(parser, argv: list[str] | None):
-    """Parse ``argv``; exit with a clear message for ``--device cuda`` without CUDA or ``--rounds`` < 1."""
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but no CUDA device is available")
-    if getattr(args, "rounds", None) is not None and args.rounds < 1:
-        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
-    return args

@@ -1,36 +1,72 @@
-"""The CUDA device's peak memory bandwidth and bf16 tensor-core rate, to put achieved figures against.
+"""The CUDA device's peak memory bandwidth and dense tensor-core / vector FLOP rates, to put achieved
+figures against.
 
-    bandwidth  = 2 (double data rate) * memory_clock_rate * memory_bus_width / 8    bytes/s
-    bf16 peak  = multi_processor_count * clock_rate * DENSE_BF16_FLOPS_PER_SM_CLOCK[(major, minor)]
+    bandwidth = 2 (double data rate) * memory_clock_rate * memory_bus_width / 8    bytes/s
+    FLOP/s    = the vendor's published dense (no sparsity) figure of the device, from :data:`PUBLISHED_PEAKS`
 
-(both from ``torch.cuda.get_device_properties``; e.g. A100-SXM4-80GB: 2.04 TB/s, 312 TFLOP/s;
-H100-SXM: 3.35 TB/s, 989 TFLOP/s). Only a GPU has these figures: on CPU the benchmarks print
-:data:`NEEDS_GPU` in their place instead of a number.
+The FLOP rates are the datasheet figures, not ``SMs * clock * FLOPs per SM per clock``: that
+product uses the boost clock and overstates what the parts sustain (e.g. ~1070 instead of 989 dense
+bf16 TFLOP/s on an H100 SXM). A device that is not in the table gets None for its FLOP rates. Only
+a GPU has these figures: on CPU the benchmarks print :data:`NEEDS_GPU` in their place instead of a number.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
 NEEDS_GPU = "needs a GPU"
 
-# Dense (no sparsity) bf16/fp16 tensor-core FLOPs per SM per clock with fp32 accumulation.
-DENSE_BF16_FLOPS_PER_SM_CLOCK = {(8, 0): 2048, (8, 6): 512, (8, 7): 512, (8, 9): 512, (9, 0): 4096}
+# Published dense (no sparsity) peak rates in TFLOP/s per device: bf16 / fp16 on tensor cores with
+# fp32 accumulation, tf32 on tensor cores, fp32 on the vector units (NVIDIA datasheets).
+_A100 = {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}
+_H100_SXM = {"bf16": 989.0, "fp16": 989.0, "tf32": 494.7, "fp32": 67.0}
+_H100_PCIE = {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}
+# (pattern on the normalised device name, figures), first match wins; variants with other clocks or
+# power limits (H100 / H200 NVL, ...) are deliberately absent: they get None rather than a wrong figure.
+PUBLISHED_PEAKS = (
+    ("NVL", None),
+    ("H100 PCIE", _H100_PCIE),
+    ("H100", _H100_SXM),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    ("H200", _H100_SXM),  # H200 (and GH200): the H100 SXM compute with more, faster memory
+    ("A100", _A100),  # SXM4 and PCIe parts have the same compute peaks
+)
+
+
+def _normalised(name: str) -> str:
+    return " ".join(re.sub(r"[-_]", " ", name).upper().split())
+
+
+def published_peak(name: str) -> dict | None:
+    """``{"bf16", "fp16", "tf32", "fp32"}`` dense peak TFLOP/s of the device called ``name`` (as
+    ``torch.cuda.get_device_properties(...).name`` spells it, e.g. ``"NVIDIA H100 80GB HBM3"``), or
+    None for a device not in :data:`PUBLISHED_PEAKS`."""
+    normalised = _normalised(name)
+    for pattern, figures in PUBLISHED_PEAKS:
+        if pattern in normalised:
+            return None if figures is None else dict(figures)
+    return None
 
 
 def gpu_peak() -> dict | None:
-    """``{"gpu", "peak_bandwidth_GBps", "peak_bf16_TFLOPs"}`` of the current CUDA device (the
-    TFLOP/s is None for an architecture not in the table), or None without CUDA."""
+    """``{"gpu", "peak_bandwidth_GBps", "peak_bf16_TFLOPs", "peak_fp16_TFLOPs", "peak_tf32_TFLOPs",
+    "peak_fp32_TFLOPs"}`` of the current CUDA device (the TFLOP/s are None for a device not in
+    :data:`PUBLISHED_PEAKS`, the bandwidth None when torch does not report the memory clock), or
+    None without CUDA."""
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    bandwidth = 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8
-    per_clock = DENSE_BF16_FLOPS_PER_SM_CLOCK.get((props.major, props.minor))
-    flops = None if per_clock is None else props.multi_processor_count * props.clock_rate * 1e3 * per_clock
+    memory_clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_width_bits = getattr(props, "memory_bus_width", None)
+    bandwidth = None
+    if memory_clock_khz and bus_width_bits:
+        bandwidth = 2 * memory_clock_khz * 1e3 * bus_width_bits / 8 / 1e9
+    figures = published_peak(props.name) or {}
     return {
         "gpu": props.name,
-        "peak_bandwidth_GBps": bandwidth / 1e9,
-        "peak_bf16_TFLOPs": None if flops is None else flops / 1e12,
+        "peak_bandwidth_GBps": bandwidth,
+        **{f"peak_{kind}_TFLOPs": figures.get(kind) for kind in ("bf16", "fp16", "tf32", "fp32")},
     }
 
 

@@ -1,7 +1,7 @@
 """The ``fastkd`` command.
 
-    fastkd pretrain CONFIG [key=value ...] [--resume]     teacher pre-training (mocov3, mae, resmoco)
-    fastkd distill  CONFIG [key=value ...] [--resume]     distillation (moma, hybrid_distill, mokd)
+    fastkd pretrain CONFIG [key=value ...] [--resume]     teacher pre-training (methods with role "pretrain")
+    fastkd distill  CONFIG [key=value ...] [--resume]     distillation (methods with role "distill")
     fastkd eval knn|linear MODEL --train DIR --val DIR    k-NN / linear probe of a saved model
     fastkd bench NAME [ARGS ...]                          run fastkd.benchmarks.bench_NAME
     fastkd data sample|scan ...                           sample dataset, dataset scan
@@ -23,8 +23,21 @@ import pkgutil
 import sys
 from pathlib import Path
 
-PRETRAIN_METHODS = ("mocov3", "mae", "resmoco")
-DISTILL_METHODS = ("moma", "hybrid_distill", "mokd")
+from fastkd.deprecation import renamed
+
+
+def _method_names(role: str) -> tuple[str, ...]:
+    """The methods `fastkd <role>` runs: those whose ``role`` in the method registry is ``role``."""
+    from fastkd.methods import method_names
+
+    return method_names(role)
+
+
+# Deprecated: the method lists come from the registry (fastkd.methods.method_names).
+__getattr__ = renamed(__name__, {
+    "PRETRAIN_METHODS": ("fastkd.methods.method_names('pretrain')", lambda: _method_names("pretrain")),
+    "DISTILL_METHODS": ("fastkd.methods.method_names('distill')", lambda: _method_names("distill")),
+})
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -36,9 +49,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     config = load_config(args.config, overrides)
-    wrong = DISTILL_METHODS if args.command == "pretrain" else PRETRAIN_METHODS
-    if config.method_name in wrong:
-        other = "distill" if args.command == "pretrain" else "pretrain"
+    other = "distill" if args.command == "pretrain" else "pretrain"
+    if config.method_name in _method_names(other):
         raise ValueError(f"method {config.method_name!r} is run with `fastkd {other}`, not `fastkd {args.command}`")
     try:
         result = train_from_config(config, resume=args.resume)
@@ -119,6 +131,9 @@ def _add_train_command(subparsers, name: str, methods: tuple[str, ...], text: st
 
 
 def _add_eval_command(subparsers) -> None:
+    from fastkd.data.loader import BACKENDS
+    from fastkd.models.weights import FORMATS
+
     parser = subparsers.add_parser("eval", help="k-NN or linear-probe evaluation of a saved model",
                                    description="Evaluate frozen features of a saved student or teacher.")
     protocols = parser.add_subparsers(dest="protocol", required=True)
@@ -129,13 +144,13 @@ def _add_eval_command(subparsers) -> None:
         sub.add_argument("--train", required=True, help="ImageFolder of the memory bank / probe training set")
         sub.add_argument("--val", required=True, help="ImageFolder of the evaluated images")
         sub.add_argument("--arch", help="timm architecture (official checkpoints only)")
-        sub.add_argument("--format", default="auto", choices=("auto", "mocov3", "mae", "timm", "fastkd"))
+        sub.add_argument("--format", default="auto", choices=FORMATS)
         sub.add_argument("--module", default="student",
                          help="dotted submodule of the method to evaluate (training checkpoints; default student)")
         sub.add_argument("--image-size", type=int, default=224, help="centre-crop size (default 224)")
         sub.add_argument("--resize", type=int, help="shorter-side resize (default image_size * 256/224)")
         sub.add_argument("--batch-size", type=int, default=64)
-        sub.add_argument("--backend", default="auto", choices=("auto", "dali", "dali_cpu", "torch"))
+        sub.add_argument("--backend", default="auto", choices=BACKENDS)
         sub.add_argument("--num-workers", type=int, default=2)
         sub.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
         sub.add_argument("--cache-dir", help="cache the extracted features here")
@@ -161,12 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "distillation of vision models.")
     parser.add_argument("--version", action="version", version=f"fastkd {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_train_command(subparsers, "pretrain", PRETRAIN_METHODS, "pre-train a teacher")
-    _add_train_command(subparsers, "distill", DISTILL_METHODS, "distill a student from teachers")
+    _add_train_command(subparsers, "pretrain", _method_names("pretrain"), "pre-train a teacher")
+    _add_train_command(subparsers, "distill", _method_names("distill"), "distill a student from teachers")
     _add_eval_command(subparsers)
     bench = subparsers.add_parser("bench", help="run a benchmark (fastkd bench list)",
                                   description="Run fastkd.benchmarks.bench_NAME.main(ARGS); `fastkd bench list` "
-                                              "lists them. Common ARGS: --quick, --device cpu|cuda.")
+                                              "lists them. Common ARGS: --quick, --device cpu|cuda, --out DIR "
+                                              "(default ./fastkd_bench_results or $FASTKD_BENCH_DIR), --publish "
+                                              "(into benchmarks/results/ of the checkout in the current directory).")
     bench.add_argument("name", nargs="?", help="benchmark name, or 'list'")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     bench.set_defaults(func=_bench)

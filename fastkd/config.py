@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from fastkd.data.loader import BACKENDS
+from fastkd.deprecation import renamed
 from fastkd.suggest import did_you_mean
 from fastkd.train.options import OptimConfig, TrainConfig
 
@@ -58,8 +60,8 @@ class DataConfig:
             raise ConfigError(f"data.source must be a path string, got {self.source!r}")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be an int >= 1, got {self.batch_size!r}")
-        if self.backend not in ("auto", "dali", "torch"):
-            raise ConfigError(f"data.backend must be 'auto', 'dali' or 'torch', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"data.backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.backend!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be an int >= 0, got {self.num_workers!r}")
         if not isinstance(self.drop_last, bool):
@@ -168,8 +170,9 @@ def _deep_copy(value):
     return value
 
 
-def config_from_dict(raw: dict) -> RunConfig:
-    """Validate a nested dict against the schema."""
+def run_config_from_dict(raw: dict) -> RunConfig:
+    """A whole run's :class:`RunConfig` from a nested dict, validated against the schema. (A method's
+    own config dataclass is built by :func:`fastkd.methods.base.method_config_from_dict`.)"""
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(raw).__name__}")
     valid = [f.name for f in dataclasses.fields(RunConfig)]
@@ -203,6 +206,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     try:
-        return config_from_dict(apply_overrides(raw, list(overrides)))
+        return run_config_from_dict(apply_overrides(raw, list(overrides)))
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
+
+
+__getattr__ = renamed(__name__, {"config_from_dict": "fastkd.config:run_config_from_dict"})

@@ -11,10 +11,11 @@
    before any step);
 5. prints a table and writes ``demo.md``, ``demo.json`` and ``demo.png`` into ``<out>``.
 
-Every run is a YAML of ``configs/demo/`` read by ``fastkd.config.load_config`` with the demo's
-paths as overrides and trained by ``fastkd.runner.train_from_config`` (what ``fastkd pretrain`` /
-``fastkd distill`` do); each run directory also holds the trainer's ``metrics.csv``,
-``loss_curves.png`` and ``student.pt``; a new demo run replaces the folders of the last one.
+Every run is a YAML of ``configs/demo/`` (installed with fastkd as package data of
+``fastkd.configs``) read by ``fastkd.config.load_config`` with the demo's paths as overrides and
+trained by ``fastkd.runner.train_from_config`` (what ``fastkd pretrain`` / ``fastkd distill`` do);
+each run directory also holds the trainer's ``metrics.csv``, ``loss_curves.png`` and
+``student.pt``; a new demo run replaces the folders of the last one.
 ``--quick`` is a smoke run (tens of images, two steps per run) that checks the pipeline, not the
 accuracies; a full run exits 1 when a student misses ``MIN_MARGIN_POINTS``.
 """
@@ -22,7 +23,6 @@ accuracies; a full run exits 1 when a student misses ``MIN_MARGIN_POINTS``.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import sys
@@ -32,7 +32,9 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "demo"
+from fastkd.configs import demo_config_dir
+
+DEFAULT_CONFIG_DIR = demo_config_dir()  # configs/demo/ of the checkout, installed as package data
 VAL_SEED = 1
 QUICK_IMAGES = 72
 QUICK_VAL_IMAGES = 36
@@ -154,8 +156,8 @@ def plot_accuracies(rows: list[dict], path: Path) -> Path:
 def run_demo(out: str | Path = "demo_out", *, images: int = 2000, val_images: int = 600, quick: bool = False,
              config_dir: str | Path = DEFAULT_CONFIG_DIR) -> dict:
     """Run the whole demo; returns the summary written to ``<out>/demo.json``."""
-    from fastkd.benchmarks.common import machine_info, markdown_table
     from fastkd.eval import load_eval_model
+    from fastkd.reporting import machine_info, markdown_table, write_report
     from fastkd.runner import STUDENT_FILE, train_from_config
 
     for name, value in (("images", images), ("val_images", val_images)):
@@ -217,9 +219,7 @@ def run_demo(out: str | Path = "demo_out", *, images: int = 2000, val_images: in
               f"on {torch.get_num_threads()} torch threads.\n\n{verdict}")
     summary = {"quick": quick, "margin": {"points": margins, "min_points": MIN_MARGIN_POINTS, "met": margin_met}, "images": {"train": images, "val": val_images}, "rows": rows,
                "timings": timings, "machine": machine_info(), "configs": {n: c.to_dict() for n, c in configs.items()}}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.md").write_text(table + "\n\n" + footer + "\n")
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    write_report(out, "demo", summary, table + "\n\n" + footer)
     plot_accuracies(rows, out / "demo.png")
     print("\n" + table + "\n\n" + footer, flush=True)
     print(f"[demo] wrote {out / 'demo.md'}, {out / 'demo.json'}, {out / 'demo.png'}", flush=True)

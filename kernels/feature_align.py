@@ -1,19 +1,12 @@
-"""Triton kernel of ``feature_align``: per-row loss and ``d loss / d student`` in one read of each row.
+"""Triton kernel of ``feature_align``: computes ``fastkd.ops.feature_align`` (see its docstring for the
+formula) as per-row loss and ``d loss / d student`` in one read of each row.
 
-For row ``i`` of student ``s`` and teacher ``t`` (both ``[M, D]``), with row weight ``w_i`` (1 without
-weights) and ``eps``, the kernel equals this plain PyTorch (``y`` carries no gradient)::
-
-    y = F.layer_norm(t, (D,), eps=eps)           # target_norm="layernorm" (no affine, biased variance)
-    y = F.normalize(t, dim=-1, eps=eps)          # target_norm="l2";  y = t for "none"
-    x = F.normalize(s, dim=-1, eps=eps) if student_norm else s
-    l = F.smooth_l1_loss(x, y, beta=beta, reduction="none").mean(-1)        # loss="smooth_l1"
-    l = F.mse_loss(x, y, reduction="none").mean(-1)                          # loss="mse"
-    l = 1 - (F.normalize(x, dim=-1, eps=eps) * F.normalize(y, dim=-1, eps=eps)).sum(-1)  # "cosine"
-    loss = w * l;   grad = w[:, None] * torch.autograd.grad(l.sum(), s)
-
-Each program loads one whole row of ``s`` and ``t`` (``BLOCK_D >= D``) into registers once, does every
-reduction in fp32, and writes ``loss[i]`` (fp32) and ``grad[i, :]`` (student dtype). Rows with
-``w_i == 0`` are not read. The backward of the op only scales ``grad`` by the incoming gradient.
+For rows ``s[i]``, ``t[i]`` of the ``[M, D]`` student and teacher and row weight ``w_i`` (1 without
+weights) the kernel writes ``loss[i] = w_i * l_i`` (fp32) and ``grad[i, :] = w_i * d l_i / d s[i]``
+(student dtype). Each program loads one whole row of ``s`` and ``t`` (``BLOCK_D >= D``) into registers
+once and does every reduction in fp32; rows with ``w_i == 0`` are not read. Row offsets are int64 (the
+row index times the row stride can exceed ``2**31``); the grid is ``(M,)`` on axis 0. The backward of
+the op only scales ``grad`` by the incoming gradient.
 """
 
 from __future__ import annotations
@@ -22,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .registry import register_compile_config
+from .compile_configs import register_compile_config
 
 TARGET_NORMS = {"none": 0, "layernorm": 1, "l2": 2}
 LOSSES = {"smooth_l1": 0, "mse": 1, "cosine": 2}

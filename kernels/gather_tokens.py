@@ -1,41 +1,48 @@
-"""Triton kernels of ``gather_tokens``: a row gather fused with the positional-embedding add, and
-its backward (scatter into a dense gradient plus the positional-embedding gradient).
+"""Triton kernels of ``gather_tokens``: compute ``fastkd.ops.gather_tokens`` (a row gather fused with
+the positional-embedding add) and its backward (the scatter into a dense ``grad_x`` and the
+positional-embedding gradient); see the op's docstring for the formulas. Sums are done in fp32.
 
-Forward, with ``x[B, N, D]``, ``keep[B, K]`` (int64) and optional ``pos[N, D]``::
+Forward: one program per kept row ``(b, k)`` and block of features reads ``x[b, keep[b, k]]`` (and
+``pos[keep[b, k]]``), adds them in fp32 and stores the row in ``out``'s dtype.
 
-    out[b, k] = x[b, keep[b, k]] + pos[keep[b, k]]        # fp32 math, stored in out's dtype
+Backward: the kernel runs over *positions*, not over kept rows: program ``(batch group, n, d-block)``
+writes ``grad_x[b, n]`` for every batch of its group, either zeros or the sum of the ``grad_out``
+rows that picked ``n``. So ``grad_x`` is written exactly once (no separate zero fill, no atomics,
+deterministic, duplicate indices summed correctly). The rows that picked ``n`` are found through a
+counting sort of ``keep`` done by the launcher: ``order[b] = argsort(keep[b])`` (stable) and
+``starts[b, n] = #{k : keep[b, k] < n}``, so they are ``order[b, starts[b, n] : starts[b, n + 1]]``.
+With a positional embedding each batch group adds its batches' rows into an fp32 partial gradient
+``pos_partial[group, n]`` and the launcher sums the groups in fp32: the groups are sized to the batch
+by :func:`bwd_batch_groups` (about ``sqrt(B)`` groups of ``sqrt(B)`` batches, at least
+``MAX_BATCH_GROUPS`` groups while ``B`` allows), which bounds both the serial walk of a program and the
+partial buffer (``groups * N * D`` fp32); without one every batch is its own group.
 
-i.e. ``torch.gather(x + pos, 1, keep[..., None].expand(-1, -1, D))`` without materialising ``x + pos``.
+Grids: the (batch group, position) pairs and the kept rows are flattened onto grid axis 0 (up to
+``2**31 - 1`` programs; axes 1 and 2 allow only 65535, which the batch exceeds) and axis 1 holds the
+few feature blocks (:func:`fwd_grid`, :func:`bwd_grid`). Offsets that multiply a batch or token
+stride are int64.
 
-Backward, with ``grad_out[B, K, D]``::
-
-    grad_x[b, n] = sum_{k : keep[b, k] == n} grad_out[b, k]     # zero for tokens not kept
-    grad_pos[n]  = sum_b grad_x[b, n]                           # fp32
-
-i.e. ``torch.zeros(B, N, D).scatter_add_(1, keep[..., None].expand(-1, -1, D), grad_out)`` and its
-sum over the batch. The backward kernel runs over *positions*, not over kept rows: program
-``(n, d-block, batch-group)`` writes ``grad_x[b, n]`` for every batch of its group, either zeros or
-the sum of the ``grad_out`` rows that picked ``n``. So ``grad_x`` is written exactly once (no
-separate zero fill, no atomics, deterministic, duplicate indices summed correctly). The rows that
-picked ``n`` are found through a counting sort of ``keep`` done by the launcher:
-``order[b] = argsort(keep[b])`` (stable) and ``starts[b, n] = #{k : keep[b, k] < n}``, so they are
-``order[b, starts[b, n] : starts[b, n + 1]]``. Each batch group writes its partial positional
-gradient to ``pos_partial[group, n]``; the launcher sums the (few) groups.
-
-Launch helpers take plain tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``) and assume the
-last dimension of every tensor is contiguous; indices must already be validated.
+Launch helpers (``launch_gather_tokens_fwd`` / ``launch_gather_tokens_bwd``) take plain tensors
+(CUDA, or CPU under ``TRITON_INTERPRET=1``) and assume the last dimension of every tensor is
+contiguous; indices must already be validated.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .registry import register_compile_config
+from .compile_configs import register_compile_config
 
 MAX_BLOCK_D = 1024
+# Batch groups of the backward with a positional embedding: at least this many (one batch each while
+# B <= MAX_BATCH_GROUPS), about sqrt(B) for larger batches (see bwd_batch_groups).
 MAX_BATCH_GROUPS = 8
+MAX_GRID_X = 2**31 - 1  # programs on grid axis 0
+MAX_GRID_YZ = 65535  # programs on grid axes 1 and 2
 
 
 @triton.jit
@@ -87,12 +94,14 @@ def gather_tokens_bwd_kernel(
     HAS_POS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One program = one position ``n`` x one feature block x one group of batches."""
-    n = tl.program_id(0).to(tl.int64)
+    """One program = one group of batches x one position ``n`` (both on axis 0, ``pid = group * N + n``)
+    x one feature block (axis 1)."""
+    pid = tl.program_id(0)
+    group = (pid // N).to(tl.int64)
+    n = (pid % N).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
-    group = tl.program_id(2)
-    b_begin = group.to(tl.int64) * batches_per_group
+    b_begin = group * batches_per_group
     num_batches = tl.minimum(b_begin + batches_per_group, B) - b_begin
     pos_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i in range(0, num_batches):
@@ -109,7 +118,7 @@ def gather_tokens_bwd_kernel(
         if HAS_POS:
             pos_acc += acc
     if HAS_POS:
-        tl.store(pos_partial_ptr + (group.to(tl.int64) * N + n) * D + offs, pos_acc, mask=mask)
+        tl.store(pos_partial_ptr + (group * N + n) * D + offs, pos_acc, mask=mask)
 
 
 def _block_d(D: int) -> int:
@@ -120,6 +129,37 @@ def _num_warps(block_d: int) -> int:
     return 4 if block_d >= 512 else (2 if block_d >= 128 else 1)
 
 
+def bwd_batch_groups(B: int, with_pos: bool) -> tuple[int, int]:
+    """``(groups, batches_per_group)`` of the backward for batch ``B`` (no group empty). Without a
+    positional embedding every batch is a group. With one, ``max(min(B, MAX_BATCH_GROUPS),
+    ceil(sqrt(B)))`` groups: one batch per program up to ``MAX_BATCH_GROUPS`` batches, then about
+    ``sqrt(B)`` batches walked serially per program and ``sqrt(B)`` fp32 partial gradients
+    (B = 4096: 64 groups of 64 batches)."""
+    if B <= 0:
+        return 0, 1
+    if not with_pos:
+        return B, 1
+    groups = max(min(B, MAX_BATCH_GROUPS), math.isqrt(B - 1) + 1)
+    batches_per_group = triton.cdiv(B, groups)
+    return triton.cdiv(B, batches_per_group), batches_per_group
+
+
+def _check_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
+    if grid[0] > MAX_GRID_X or any(axis > MAX_GRID_YZ for axis in grid[1:]):
+        raise ValueError(f"grid {grid} exceeds the launch limits ({MAX_GRID_X}, {MAX_GRID_YZ}, {MAX_GRID_YZ})")
+    return grid
+
+
+def fwd_grid(B: int, K: int, D: int) -> tuple[int, int]:
+    """Grid of the forward: ``(B * K kept rows, feature blocks)``."""
+    return _check_grid((B * K, triton.cdiv(D, _block_d(D))))
+
+
+def bwd_grid(groups: int, N: int, D: int) -> tuple[int, int]:
+    """Grid of the backward: ``(groups * N (group, position) pairs, feature blocks)``."""
+    return _check_grid((groups * N, triton.cdiv(D, _block_d(D))))
+
+
 def launch_gather_tokens_fwd(x: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor | None, out: torch.Tensor) -> None:
     """``out[b, k] = x[b, keep[b, k]] (+ pos[keep[b, k]])``; ``pos`` is ``[N, D]``, ``out`` is ``[B, K, D]``."""
     B, K = keep.shape
@@ -128,8 +168,7 @@ def launch_gather_tokens_fwd(x: torch.Tensor, keep: torch.Tensor, pos: torch.Ten
         return
     block_d = _block_d(D)
     pos_arg = pos if pos is not None else x
-    grid = (B * K, triton.cdiv(D, block_d))
-    gather_tokens_fwd_kernel[grid](
+    gather_tokens_fwd_kernel[fwd_grid(B, K, D)](
         x, keep, pos_arg, out, K, D,
         x.stride(0), x.stride(1), keep.stride(0), pos_arg.stride(0), out.stride(0), out.stride(1),
         HAS_POS=pos is not None, BLOCK_D=block_d, num_warps=_num_warps(block_d),
@@ -149,13 +188,10 @@ def launch_gather_tokens_bwd(
     counts = torch.zeros(B, N + 1, dtype=torch.int64, device=keep.device)
     counts[:, 1:].scatter_add_(1, keep, torch.ones_like(keep))
     starts = counts.cumsum_(dim=1)
-    groups = min(B, MAX_BATCH_GROUPS) if with_pos else B
-    batches_per_group = triton.cdiv(B, groups)
-    groups = triton.cdiv(B, batches_per_group)
+    groups, batches_per_group = bwd_batch_groups(B, with_pos)
     pos_partial = torch.empty(groups, N, D, dtype=torch.float32, device=grad_x.device) if with_pos else grad_x
     block_d = _block_d(D)
-    grid = (N, triton.cdiv(D, block_d), groups)
-    gather_tokens_bwd_kernel[grid](
+    gather_tokens_bwd_kernel[bwd_grid(groups, N, D)](
         grad_out, order, starts, grad_x, pos_partial, B, N, K, D, batches_per_group,
         grad_out.stride(0), grad_out.stride(1), grad_x.stride(0), grad_x.stride(1),
         HAS_POS=with_pos, BLOCK_D=block_d, num_warps=_num_warps(block_d),

@@ -1,61 +1,6 @@
-"""Registry of Triton kernel configurations for the ahead-of-time compile check.
+"""Deprecated alias of :mod:`fastkd.kernels.compile_configs` (the compile configurations of the Triton
+kernels): every name resolves to the one of that module, with a ``DeprecationWarning``."""
 
-Every kernel file registers the configurations it would launch with at ViT-S/B/L shapes by
-calling :func:`register_compile_config` at import time. ``python -m fastkd.kernels.check``
-imports every module of ``fastkd.kernels`` and compiles each registered configuration for
-sm_80 and sm_90 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``.
-"""
+from fastkd.deprecation import moved_module
 
-from __future__ import annotations
-
-import importlib
-import pkgutil
-from dataclasses import dataclass, field
-from typing import Any
-
-
-@dataclass(frozen=True)
-class CompileConfig:
-    """One launch configuration of one kernel.
-
-    ``signature`` maps every non-constexpr argument name to its Triton type string
-    (``"*fp32"``, ``"*bf16"``, ``"i32"``, ``"fp32"`` ...); ``constexprs`` maps every
-    ``tl.constexpr`` argument name to its value.
-    """
-
-    name: str
-    kernel: Any
-    signature: dict[str, str]
-    constexprs: dict[str, Any] = field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 2
-    label: str = ""
-
-
-_CONFIGS: list[CompileConfig] = []
-
-
-def register_compile_config(
-    name: str,
-    kernel: Any,
-    signature: dict[str, str],
-    constexprs: dict[str, Any] | None = None,
-    *,
-    num_warps: int = 4,
-    num_stages: int = 2,
-    label: str = "",
-) -> None:
-    """Add one configuration of ``kernel`` to the compile check."""
-    _CONFIGS.append(
-        CompileConfig(name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages, label)
-    )
-
-
-def all_compile_configs() -> list[CompileConfig]:
-    """Import every kernel module (so it registers itself) and return all configurations."""
-    import fastkd.kernels as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in {"registry", "check"} and not info.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{info.name}")
-    return list(_CONFIGS)
+__getattr__ = moved_module(__name__, "fastkd.kernels.compile_configs")

@@ -1,28 +1,19 @@
-"""Triton kernels of ``token_relation``: KL divergence between teacher and student attention maps,
-streamed over key blocks so that no ``N x N`` tensor ever reaches global memory.
+"""Triton kernels of ``token_relation``: computes ``fastkd.ops.token_relation`` (see its docstring for
+the formula: per-row KL divergence between the teacher's and the student's attention maps, with the
+``head_map="mean"`` teacher-head groups), streamed over key blocks so that no ``N x N`` tensor ever
+reaches global memory. Below, ``s``/``t`` are the student/teacher logit tiles (``c_s``, ``c_t`` the
+logit scales ``scale / temperature``), ``a_s``/``a_t`` their log-softmax and ``G = H_t // H_s``.
 
-Math, per batch ``b``, student head ``h`` and query row ``i`` (``c_s``, ``c_t`` are the logit scales,
-i.e. ``scale / temperature``)::
-
-    s[i, j]  = c_s * <q_s[b, h, i], k_s[b, h, j]>                     (fp32)
-    a_s      = log_softmax(s, dim=-1)
-    teacher log-probabilities, with G = H_t // H_s teacher heads per student head:
-      G == 1: a_t = log_softmax(c_t * q_t[b, h] @ k_t[b, h]^T, dim=-1)
-      G  > 1: a_t = log(mean_{g < G} softmax(c_t * q_t[b, h*G+g] @ k_t[b, h*G+g]^T, dim=-1))
-    teacher_to_student: kl[b, h, i] = sum_j exp(a_t[i, j]) * (a_t[i, j] - a_s[i, j])   # KL(P_t || P_s)
-    student_to_teacher: kl[b, h, i] = sum_j exp(a_s[i, j]) * (a_s[i, j] - a_t[i, j])   # KL(P_s || P_t)
-
-i.e. ``F.kl_div(a_s, a_t, log_target=True, reduction="none").sum(-1)`` for the first direction.
-
-Forward (``token_relation_fwd_kernel``): one program per (query block, b, h) streams over key blocks
-keeping, per row, running maxima and sums for both sides (online log-sum-exp) and the running sum
-``acc = sum_j exp(x_j - m_x) (x_j - y_j)`` of the weighted logit difference (``x`` the weighting side:
-teacher for teacher_to_student, student for student_to_teacher), rescaled whenever ``m_x`` grows.
-At the end ``kl = acc / l_x - lse_x + lse_y``. It writes only ``kl``, ``lse_s`` and ``lse_t`` (fp32,
-``[B, H_s, N]``). For ``G > 1`` the teacher tile is first turned into ``log(mean_g P_g)``, which needs
-each teacher head's normalised probabilities: ``row_lse_kernel`` computes the per-head ``lse`` of the
-``H_t`` teacher heads beforehand (``[B, H_t, N]``), and the tile is a running ``logaddexp`` over the
-``G`` heads minus ``log G`` (``lse_t`` of that tile is then 0 up to rounding, computed all the same).
+Forward (``token_relation_fwd_kernel``): one program per (b, student head, query block) streams over
+key blocks keeping, per row, running maxima and sums for both sides (online log-sum-exp) and the
+running sum ``acc = sum_j exp(x_j - m_x) (x_j - y_j)`` of the weighted logit difference (``x`` the
+weighting side: teacher for teacher_to_student, student for student_to_teacher), rescaled whenever
+``m_x`` grows. At the end ``kl = acc / l_x - lse_x + lse_y``. It writes only ``kl``, ``lse_s`` and
+``lse_t`` (fp32, ``[B, H_s, N]``). For ``G > 1`` the teacher tile is first turned into
+``log(mean_g P_g)``, which needs each teacher head's normalised probabilities: ``row_lse_kernel``
+computes the per-head ``lse`` of the ``H_t`` teacher heads beforehand (``[B, H_t, N]``), and the tile
+is a running ``logaddexp`` over the ``G`` heads minus ``log G`` (``lse_t`` of that tile is then 0 up
+to rounding, computed all the same).
 
 Backward: the gradient with respect to the student logits is, per row with upstream gradient ``g``::
 
@@ -31,8 +22,13 @@ Backward: the gradient with respect to the student logits is, per row with upstr
 
 and ``dq_s = c_s * ds @ k_s``, ``dk_s = c_s * ds^T @ q_s``. Both probability tiles are recomputed tile
 by tile from the saved ``lse_s``, ``lse_t`` (and per-head teacher lse) as in FlashAttention; both passes
-get the ``ds`` tile from the one helper ``_ds_tile`` (logit tiles of ``_logit_tiles``, shared with the
-forward, then the probabilities and the formula above).
+get the tile ``ds / g`` from the one helper ``_ds_tile`` (logit tiles of ``_logit_tiles``, shared with
+the forward, then the probabilities and the formula above without ``g``). The upstream gradient is
+applied so that 16-bit dot operands cannot underflow (with a mean-reduced loss ``g`` is ~1e-6, and
+``g * ds`` would flush to zero in fp16): the dq pass multiplies its fp32 accumulator rows by ``c_s * g``
+after the dots; the dk pass, whose sum runs over query rows of different ``g``, feeds the dots
+``(ds / g) * (g / g_max)`` (``g_max = max |g|`` over the head's rows, so the operand keeps the
+magnitude of ``ds``) and multiplies its fp32 accumulator by ``c_s * g_max`` at the end.
 ``dk_s`` strategy: a separate key-block-major pass (``token_relation_bwd_dk_kernel``: one program per
 key block, looping over query blocks) rather than atomics from the query-major pass. It accumulates
 ``dk_s`` in registers in fp32 and writes each row exactly once in the input dtype, so it is
@@ -42,12 +38,24 @@ is recomputing the logit tiles once more (the dq pass and the dk pass each recom
 cheap for the head dims of ViTs (arithmetic per tile ``~ 4 * BLOCK_M * BLOCK_N * d`` against the
 ``O(BLOCK * d)`` loads). Extra memory of the whole op: ``O(B * H * N)`` statistics.
 
-Prior art (named in DESIGN.md, not consulted for this code): StreamKL (arXiv 2606.20005) streams the
-same KL over key blocks; the recomputing backward follows FlashAttention.
+Prior art: StreamKL (arXiv 2606.20005) streams the same KL over key blocks; the recomputing backward
+follows FlashAttention.
 
-Launch helpers take plain tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``) ``[B, H, N, d]`` with a
-contiguous last dimension (others are made so); fp32 operands use ``ieee`` dots (no tf32), 16-bit
-operands tensor-core dots with fp32 accumulation; all statistics are fp32.
+Launch: every kernel runs on a one-dimensional grid of ``B * H * cdiv(N, BLOCK)`` programs
+(:func:`row_block_grid`; grid axis 0 allows ``2**31 - 1`` programs, axes 1 and 2 only 65535, which
+``B * H`` exceeds at B = 4096 with 16 heads), the program id split into (head, row block) inside the
+kernel. Every pointer offset that multiplies a batch, head or sequence stride is computed in int64
+(sequence-first q/k views of a fused qkv tensor have a token stride of ``B * 3 * H * d``). Tile sizes
+and warps per pass and dtype come from :func:`default_blocks` / :func:`default_num_warps`, chosen so
+that every registered configuration compiles without register spills.
+
+Launch helpers (``launch_token_relation_fwd`` / ``launch_token_relation_bwd``; the old names
+``token_relation_forward`` / ``token_relation_backward`` are aliases) take plain tensors (CUDA, or CPU
+under ``TRITON_INTERPRET=1``) ``[B, H, N, d]`` with a contiguous last dimension (others are made so).
+16-bit operands use tensor-core dots with fp32 accumulation; fp32 operands use TF32 dots when PyTorch
+allows TF32 for fp32 matmuls (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, set e.g. by
+``torch.set_float32_matmul_precision("high")`` or ``allow_tf32 = True``) and exact ``ieee`` dots
+otherwise (always on CPU tensors, i.e. under the interpreter); all statistics are fp32.
 """
 
 from __future__ import annotations
@@ -56,16 +64,38 @@ import torch
 import triton
 import triton.language as tl
 
-from .registry import register_compile_config
+from .compile_configs import register_compile_config
 
-__all__ = ["token_relation_forward", "token_relation_backward", "default_blocks"]
+__all__ = [
+    "launch_token_relation_fwd",
+    "launch_token_relation_bwd",
+    "token_relation_forward",
+    "token_relation_backward",
+    "default_blocks",
+    "default_num_warps",
+    "dot_input_precision",
+    "row_block_grid",
+    "MAX_GRID_X",
+]
+
+MAX_GRID_X = 2**31 - 1  # programs on grid axis 0 (axes 1 and 2: 65535)
 
 
 @triton.jit
 def _load_rows(base, stride_n, offs_rows, n_rows, offs_d, d):
-    """Tile ``base[offs_rows, offs_d]`` of a ``[n_rows, d]`` matrix (zero outside)."""
+    """Tile ``base[offs_rows, offs_d]`` of a ``[n_rows, d]`` matrix (zero outside); row offsets in int64."""
     mask = (offs_rows < n_rows)[:, None] & (offs_d < d)[None, :]
-    return tl.load(base + offs_rows[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
+    rows = offs_rows.to(tl.int64)
+    return tl.load(base + rows[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _split_program_id(N, BLOCK: tl.constexpr):
+    """``(pid_bh, pid_block)`` of a one-dimensional grid of ``num_heads * cdiv(N, BLOCK)`` programs whose
+    consecutive programs walk the row blocks of one head (so that they share its key tiles in L2)."""
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(N, BLOCK)
+    return pid // num_blocks, pid % num_blocks
 
 
 @triton.jit
@@ -90,20 +120,21 @@ def _head_pair_bases(
 @triton.jit
 def _teacher_tile(
     q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h, stride_kt_n,
-    offs_m, offs_n, offs_dt, N, D_T, c_t, G: tl.constexpr,
+    offs_m, offs_n, offs_dt, N, D_T, c_t, G: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Teacher tile: logits ``c_t * q_t @ k_t^T`` when ``G == 1``; else ``log(mean_g P_g)`` over the
     ``G`` teacher heads of the group (``q_t0`` is the preloaded query tile of the group's first head)."""
     k_t = _load_rows(kt_base, stride_kt_n, offs_n, N, offs_dt, D_T)
-    t = tl.dot(q_t0, tl.trans(k_t), input_precision="ieee") * c_t
+    t = tl.dot(q_t0, tl.trans(k_t), input_precision=INPUT_PRECISION) * c_t
     if G > 1:
         row_mask = offs_m < N
         t = t - tl.load(lse_heads_base + offs_m, mask=row_mask, other=0.0)[:, None]
         for g in tl.static_range(1, G):
-            q_g = _load_rows(qt_base + g * stride_qt_h, stride_qt_n, offs_m, N, offs_dt, D_T)
-            k_g = _load_rows(kt_base + g * stride_kt_h, stride_kt_n, offs_n, N, offs_dt, D_T)
-            a_g = tl.dot(q_g, tl.trans(k_g), input_precision="ieee") * c_t
-            a_g = a_g - tl.load(lse_heads_base + g * N + offs_m, mask=row_mask, other=0.0)[:, None]
+            head = tl.full([], g, tl.int64)
+            q_g = _load_rows(qt_base + head * stride_qt_h, stride_qt_n, offs_m, N, offs_dt, D_T)
+            k_g = _load_rows(kt_base + head * stride_kt_h, stride_kt_n, offs_n, N, offs_dt, D_T)
+            a_g = tl.dot(q_g, tl.trans(k_g), input_precision=INPUT_PRECISION) * c_t
+            a_g = a_g - tl.load(lse_heads_base + head * N + offs_m, mask=row_mask, other=0.0)[:, None]
             top = tl.maximum(t, a_g)
             t = top + tl.log(tl.exp(t - top) + tl.exp(a_g - top))
         t = t - tl.log(tl.full([], G, tl.float32))
@@ -113,14 +144,14 @@ def _teacher_tile(
 @triton.jit
 def _logit_tiles(
     q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h, stride_kt_n,
-    offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, G: tl.constexpr,
+    offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, G: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Logit tiles of one head pair, query rows ``offs_m`` x keys ``offs_n`` (fp32, not masked): the
     student's ``s = c_s * q_s @ k_s^T`` (``q_s``, ``k_s`` the loaded tiles) and the teacher's ``t`` of
     :func:`_teacher_tile` (``c_t * q_t @ k_t^T``, or ``log(mean_g P_g)`` for ``G > 1``)."""
-    s = tl.dot(q_s, tl.trans(k_s), input_precision="ieee") * c_s
+    s = tl.dot(q_s, tl.trans(k_s), input_precision=INPUT_PRECISION) * c_s
     t = _teacher_tile(q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h, stride_kt_n,
-                      offs_m, offs_n, offs_dt, N, D_T, c_t, G)
+                      offs_m, offs_n, offs_dt, N, D_T, c_t, G, INPUT_PRECISION)
     return s, t
 
 
@@ -139,15 +170,15 @@ def _load_row_stats(kl_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, stats_base, offs_m, 
 @triton.jit
 def _ds_tile(
     q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h, stride_kt_n,
-    offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, lse_s, lse_t, kl, grad,
-    G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr,
+    offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, lse_s, lse_t, kl,
+    G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Recomputed ``ds = g * d kl / d s`` tile, rows ``offs_m`` x keys ``offs_n``, zero outside ``N``:
-    the logit tiles of :func:`_logit_tiles`, the log-probabilities ``a_s = s - lse_s``, ``a_t = t - lse_t``
-    from the saved row lse, then ``g * (P_s - P_t)`` (teacher_to_student) or ``g * P_s * (a_s - a_t - kl)``
-    (student_to_teacher), ``g = grad`` the upstream gradient of the row."""
+    """Recomputed ``ds / g = d kl / d s`` tile (without the upstream gradient ``g``), rows ``offs_m`` x
+    keys ``offs_n``, zero outside ``N``: the logit tiles of :func:`_logit_tiles`, the log-probabilities
+    ``a_s = s - lse_s``, ``a_t = t - lse_t`` from the saved row lse, then ``P_s - P_t``
+    (teacher_to_student) or ``P_s * (a_s - a_t - kl)`` (student_to_teacher)."""
     s, t = _logit_tiles(q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
-                        stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, G)
+                        stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, G, INPUT_PRECISION)
     valid = (offs_m < N)[:, None] & (offs_n < N)[None, :]
     a_s = s - lse_s[:, None]
     a_t = t - lse_t[:, None]
@@ -156,18 +187,18 @@ def _ds_tile(
         ds = p_s - tl.exp(a_t)
     else:
         ds = p_s * (a_s - a_t - kl[:, None])
-    return tl.where(valid, ds * grad[:, None], 0.0)
+    return tl.where(valid, ds, 0.0)
 
 
 @triton.jit
 def row_lse_kernel(
     q_ptr, k_ptr, lse_ptr, N, H, D, c,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """``lse[b, h, i] = logsumexp_j(c * <q[b, h, i], k[b, h, j]>)``, streamed over key blocks."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """``lse[b, h, i] = logsumexp_j(c * <q[b, h, i], k[b, h, j]>)``, streamed over key blocks; one program
+    per (b, h, query block) on grid axis 0."""
+    pid_bh, pid_m = _split_program_id(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -179,7 +210,7 @@ def row_lse_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, stride_kn, offs_n, N, offs_d, D)
-        x = tl.dot(q, tl.trans(k), input_precision="ieee") * c
+        x = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * c
         x = tl.where((offs_n < N)[None, :], x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
@@ -195,10 +226,10 @@ def token_relation_fwd_kernel(
     stride_qt_b, stride_qt_h, stride_qt_n, stride_kt_b, stride_kt_h, stride_kt_n,
     G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """One program = one block of query rows of one (b, student head); streams over key blocks."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, pid_m = _split_program_id(N, BLOCK_M)
     qs_base, ks_base, qt_base, kt_base, lse_heads_base = _head_pair_bases(
         qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, pid_bh, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b,
         stride_ks_h, stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G)
@@ -218,7 +249,7 @@ def token_relation_fwd_kernel(
         col_ok = (offs_n < N)[None, :]
         k_s = _load_rows(ks_base, stride_ks_n, offs_n, N, offs_ds, D_S)
         s, t = _logit_tiles(q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
-                            stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, G)
+                            stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, G, INPUT_PRECISION)
         diff = tl.where(col_ok, t - s, 0.0)
         s = tl.where(col_ok, s, float("-inf"))
         t = tl.where(col_ok, t, float("-inf"))
@@ -257,11 +288,11 @@ def token_relation_bwd_dq_kernel(
     stride_qt_b, stride_qt_h, stride_qt_n, stride_kt_b, stride_kt_h, stride_kt_n,
     G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
-    """Query-block-major pass: ``dq_s[rows] = c_s * sum_j ds[rows, j] k_s[j]`` (dq is ``[B, H_s, N, d_s]``
-    contiguous)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Query-block-major pass: ``dq_s[rows] = c_s * g[rows] * sum_j (ds / g)[rows, j] k_s[j]`` (dq is
+    ``[B, H_s, N, d_s]`` contiguous); the upstream gradient scales the fp32 accumulator, after the dots."""
+    pid_bh, pid_m = _split_program_id(N, BLOCK_M)
     qs_base, ks_base, qt_base, kt_base, lse_heads_base = _head_pair_bases(
         qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, pid_bh, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b,
         stride_ks_h, stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G)
@@ -280,11 +311,12 @@ def token_relation_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_s = _load_rows(ks_base, stride_ks_n, offs_n, N, offs_ds, D_S)
         ds = _ds_tile(q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
-                      stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, lse_s, lse_t, kl, grad, G,
-                      TEACHER_TO_STUDENT)
-        dq += tl.dot(ds.to(k_s.dtype), k_s, input_precision="ieee")
+                      stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, lse_s, lse_t, kl, G,
+                      TEACHER_TO_STUDENT, INPUT_PRECISION)
+        dq += tl.dot(ds.to(k_s.dtype), k_s, input_precision=INPUT_PRECISION)
+    dq = dq * (grad * c_s)[:, None]
     out = dq_ptr + rows[:, None] * D_S + offs_ds[None, :]
-    tl.store(out, (dq * c_s).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_ds < D_S)[None, :])
+    tl.store(out, dq.to(dq_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_ds < D_S)[None, :])
 
 
 @triton.jit
@@ -295,11 +327,13 @@ def token_relation_bwd_dk_kernel(
     stride_qt_b, stride_qt_h, stride_qt_n, stride_kt_b, stride_kt_h, stride_kt_n,
     G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """Key-block-major pass: ``dk_s[keys] = c_s * sum_i ds[i, keys] q_s[i]`` (dk is ``[B, H_s, N, d_s]``
-    contiguous); loops over query blocks, so each dk row is written once, without atomics."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    contiguous); loops over query blocks, so each dk row is written once, without atomics. The dots take
+    ``(ds / g) * (g / g_max)``, ``g_max = max |g|`` over the head's rows (a first pass over ``g``), and
+    the fp32 accumulator is scaled by ``c_s * g_max`` at the end."""
+    pid_bh, pid_n = _split_program_id(N, BLOCK_N)
     qs_base, ks_base, qt_base, kt_base, lse_heads_base = _head_pair_bases(
         qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, pid_bh, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b,
         stride_ks_h, stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G)
@@ -309,6 +343,12 @@ def token_relation_bwd_dk_kernel(
     col_mask = offs_n < N
     k_s = _load_rows(ks_base, stride_ks_n, offs_n, N, offs_ds, D_S)
     stats_base = pid_bh.to(tl.int64) * N
+    g_max = tl.zeros([BLOCK_M], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        g_max = tl.maximum(g_max, tl.abs(tl.load(grad_ptr + stats_base + offs_m, mask=offs_m < N, other=0.0)))
+    g_max = tl.max(g_max, 0)
+    g_inv = tl.where(g_max > 0.0, 1.0 / g_max, 1.0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     for start_m in range(0, N, BLOCK_M):
@@ -317,20 +357,56 @@ def token_relation_bwd_dk_kernel(
         q_t0 = _load_rows(qt_base, stride_qt_n, offs_m, N, offs_dt, D_T)
         lse_s, lse_t, kl, grad = _load_row_stats(kl_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, stats_base, offs_m, N)
         ds = _ds_tile(q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
-                      stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, lse_s, lse_t, kl, grad, G,
-                      TEACHER_TO_STUDENT)
-        dk += tl.dot(tl.trans(ds.to(q_s.dtype)), q_s, input_precision="ieee")
+                      stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, lse_s, lse_t, kl, G,
+                      TEACHER_TO_STUDENT, INPUT_PRECISION)
+        ds = ds * (grad * g_inv)[:, None]
+        dk += tl.dot(tl.trans(ds.to(q_s.dtype)), q_s, input_precision=INPUT_PRECISION)
+    dk = dk * (c_s * g_max)
     out = dk_ptr + (stats_base + offs_n)[:, None] * D_S + offs_ds[None, :]
-    tl.store(out, (dk * c_s).to(dk_ptr.dtype.element_ty), mask=col_mask[:, None] & (offs_ds < D_S)[None, :])
+    tl.store(out, dk.to(dk_ptr.dtype.element_ty), mask=col_mask[:, None] & (offs_ds < D_S)[None, :])
 
 
 # ----------------------------------------------------------------------------- launch helpers
 
 
-def default_blocks(d: int, G: int) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)`` for head dim ``d`` and ``G`` teacher heads per student head: 64 x 64
-    tiles, 64 x 32 for ``d > 64`` or ``G > 1`` (keeps the backward kernels free of spills)."""
+def default_blocks(d: int, G: int, dtype: torch.dtype = torch.bfloat16, *, backward: bool = False) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` for head dim ``d``, ``G`` teacher heads per student head, operand ``dtype``
+    and pass. 16-bit forward: 64 x 64 tiles, 64 x 32 for ``d > 64`` or ``G > 1``; 16-bit backward:
+    64 x 32; fp32 (both passes): 64 x 32, 32 x 32 for ``d > 64`` or ``G > 1``. With the warps of
+    :func:`default_num_warps` these keep every kernel free of register spills on sm_80 and sm_90."""
+    if dtype == torch.float32:
+        return (64, 32) if d <= 64 and G == 1 else (32, 32)
+    if backward:
+        return (64, 32)
     return (64, 64) if d <= 64 and G == 1 else (64, 32)
+
+
+def default_num_warps(G: int, dtype: torch.dtype = torch.bfloat16, *, backward: bool = False) -> int:
+    """Warps per program: 4, and 8 for the backward kernels with fp32 operands or ``G > 1``."""
+    return 8 if backward and (G > 1 or dtype == torch.float32) else 4
+
+
+def dot_input_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """``input_precision`` of the kernels' dots: ``"tf32"`` for fp32 operands on CUDA when PyTorch allows
+    TF32 in fp32 matmuls (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, which
+    ``torch.set_float32_matmul_precision("high"/"medium")`` and ``allow_tf32 = True`` also set), else
+    ``"ieee"`` (16-bit operands, where it has no effect, and CPU tensors under the interpreter)."""
+    if dtype != torch.float32 or device.type != "cuda":
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch without the fp32_precision API
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    return "tf32" if precision == "tf32" else "ieee"
+
+
+def row_block_grid(num_heads: int, N: int, block: int) -> tuple[int]:
+    """Grid of one program per (head, block of ``block`` rows), all on axis 0 (the kernels split the
+    program id): ``(num_heads * cdiv(N, block),)``. Raises ``ValueError`` beyond ``2**31 - 1`` programs."""
+    programs = num_heads * triton.cdiv(N, block)
+    if programs > MAX_GRID_X:
+        raise ValueError(f"{num_heads} heads x {triton.cdiv(N, block)} row blocks exceed the {MAX_GRID_X} programs of a grid")
+    return (programs,)
 
 
 def _block_d(d: int) -> int:
@@ -345,23 +421,26 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _launch_args(q_s, k_s, q_t, k_t, block_m, block_n):
+def _launch_args(q_s, k_s, q_t, k_t, block_m, block_n, backward):
     q_s, k_s, q_t, k_t = (_rows_contiguous(x) for x in (q_s, k_s, q_t, k_t))
     B, H_s, N, d_s = q_s.shape
     H_t, d_t = q_t.shape[1], q_t.shape[3]
-    default_m, default_n = default_blocks(max(d_s, d_t), H_t // H_s)
+    G = H_t // H_s
+    default_m, default_n = default_blocks(max(d_s, d_t), G, q_s.dtype, backward=backward)
     meta = dict(
-        G=H_t // H_s,
+        G=G,
         BLOCK_M=block_m or default_m,
         BLOCK_N=block_n or default_n,
         BLOCK_DS=_block_d(d_s),
         BLOCK_DT=_block_d(d_t),
+        INPUT_PRECISION=dot_input_precision(q_s.dtype, q_s.device),
+        num_warps=default_num_warps(G, q_s.dtype, backward=backward),
     )
     strides = (*_strides(q_s), *_strides(k_s), *_strides(q_t), *_strides(k_t))
     return (q_s, k_s, q_t, k_t), (B, H_s, H_t, N, d_s, d_t), strides, meta
 
 
-def token_relation_forward(
+def launch_token_relation_fwd(
     q_s: torch.Tensor,
     k_s: torch.Tensor,
     q_t: torch.Tensor,
@@ -377,26 +456,26 @@ def token_relation_forward(
     per-teacher-head lse ``[B, H_t, N]`` when ``H_t > H_s`` and an empty ``[0]`` tensor otherwise.
     Shapes must already be validated (``H_t`` a multiple of ``H_s``)."""
     (q_s, k_s, q_t, k_t), (B, H_s, H_t, N, d_s, d_t), strides, meta = _launch_args(
-        q_s, k_s, q_t, k_t, block_m, block_n
+        q_s, k_s, q_t, k_t, block_m, block_n, backward=False
     )
     kl, lse_s, lse_t = (torch.empty((B, H_s, N), device=q_s.device, dtype=torch.float32) for _ in range(3))
     if meta["G"] > 1:
         lse_heads = torch.empty((B, H_t, N), device=q_s.device, dtype=torch.float32)
-        row_lse_kernel[(triton.cdiv(N, meta["BLOCK_M"]), B * H_t)](
+        row_lse_kernel[row_block_grid(B * H_t, N, meta["BLOCK_M"])](
             q_t, k_t, lse_heads, N, H_t, d_t, c_t, *strides[6:],
             BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"], BLOCK_D=meta["BLOCK_DT"],
+            INPUT_PRECISION=meta["INPUT_PRECISION"], num_warps=meta["num_warps"],
         )  # fmt: skip
     else:
         lse_heads = torch.empty((0,), device=q_s.device, dtype=torch.float32)
-    grid = (triton.cdiv(N, meta["BLOCK_M"]), B * H_s)
-    token_relation_fwd_kernel[grid](
+    token_relation_fwd_kernel[row_block_grid(B * H_s, N, meta["BLOCK_M"])](
         q_s, k_s, q_t, k_t, lse_heads, kl, lse_s, lse_t, N, H_s, d_s, d_t, c_s, c_t, *strides,
         TEACHER_TO_STUDENT=teacher_to_student, **meta,
     )  # fmt: skip
     return kl, lse_s, lse_t, lse_heads
 
 
-def token_relation_backward(
+def launch_token_relation_bwd(
     grad_kl: torch.Tensor,
     q_s: torch.Tensor,
     k_s: torch.Tensor,
@@ -415,22 +494,27 @@ def token_relation_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the two backward passes; returns ``(dq_s, dk_s)`` in the student's dtype."""
     (q_s, k_s, q_t, k_t), (B, H_s, H_t, N, d_s, d_t), strides, meta = _launch_args(
-        q_s, k_s, q_t, k_t, block_m, block_n
+        q_s, k_s, q_t, k_t, block_m, block_n, backward=True
     )
     grad_kl = grad_kl.to(torch.float32).contiguous()
     kl, lse_s, lse_t, lse_heads = (x.contiguous() for x in (kl, lse_s, lse_t, lse_heads))
     dq = torch.empty((B, H_s, N, d_s), device=q_s.device, dtype=q_s.dtype)
     dk = torch.empty((B, H_s, N, d_s), device=q_s.device, dtype=k_s.dtype)
     common = (N, H_s, d_s, d_t, c_s, c_t, *strides)
-    token_relation_bwd_dq_kernel[(triton.cdiv(N, meta["BLOCK_M"]), B * H_s)](
+    token_relation_bwd_dq_kernel[row_block_grid(B * H_s, N, meta["BLOCK_M"])](
         q_s, k_s, q_t, k_t, lse_heads, kl, lse_s, lse_t, grad_kl, dq, *common,
         TEACHER_TO_STUDENT=teacher_to_student, **meta,
     )  # fmt: skip
-    token_relation_bwd_dk_kernel[(triton.cdiv(N, meta["BLOCK_N"]), B * H_s)](
+    token_relation_bwd_dk_kernel[row_block_grid(B * H_s, N, meta["BLOCK_N"])](
         q_s, k_s, q_t, k_t, lse_heads, kl, lse_s, lse_t, grad_kl, dk, *common,
         TEACHER_TO_STUDENT=teacher_to_student, **meta,
     )  # fmt: skip
     return dq, dk
+
+
+# Old names of the launchers (before the ``launch_<op>_fwd/bwd`` convention).
+token_relation_forward = launch_token_relation_fwd
+token_relation_backward = launch_token_relation_bwd
 
 
 # ----------------------------------------------------------------------------- compile check
@@ -440,7 +524,9 @@ def _register_compile_configs() -> None:
     """ViT-S (H=6), ViT-B (H=12), ViT-L (H=16) all have d = 64; heads and N are runtime values, so
     the configurations differ by dtype, direction and teacher-head group (G = 2: a ViT-B teacher
     mapped onto a ViT-S student with ``head_map="mean"``; also a d=128 teacher). bf16 (the training
-    dtype) for every shape, fp16 for the plain ViT shape only, to keep the CI compile time down."""
+    dtype) for every shape, fp16 for the plain ViT shape only, to keep the CI compile time down; fp32
+    with TF32 dots (what an fp32 run launches when TF32 is allowed) for the plain and the G = 2 shape,
+    with the tiles and warps the launchers use (:func:`default_blocks`, :func:`default_num_warps`)."""
     stride_names = [
         f"stride_{t}_{a}" for t in ("qs", "ks", "qt", "kt") for a in ("b", "h", "n")
     ]
@@ -449,37 +535,51 @@ def _register_compile_configs() -> None:
         ("ViT-B teacher -> ViT-S student, head_map=mean", 64, 64, 2),
         ("d=64 student, d=128 teacher", 64, 128, 1),
     ]
-    for dtype, dtype_shapes in (("bf16", shapes), ("fp16", shapes[:1])):
+    variants = (  # operand dtype, its torch dtype, shapes, dot input precision
+        ("bf16", torch.bfloat16, shapes, "ieee"),
+        ("fp16", torch.float16, shapes[:1], "ieee"),
+        ("fp32", torch.float32, shapes[:2], "tf32"),
+    )
+    for dtype, torch_dtype, dtype_shapes, precision in variants:
         for label, d_s, d_t, G in dtype_shapes:
-            block_m, block_n = default_blocks(max(d_s, d_t), G)
-            meta = {"G": G, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DS": _block_d(d_s),
-                    "BLOCK_DT": _block_d(d_t)}  # fmt: skip
+            fwd_meta, bwd_meta = (
+                dict(zip(("BLOCK_M", "BLOCK_N"), default_blocks(max(d_s, d_t), G, torch_dtype, backward=backward)),
+                     G=G, BLOCK_DS=_block_d(d_s), BLOCK_DT=_block_d(d_t), INPUT_PRECISION=precision)
+                for backward in (False, True)
+            )  # fmt: skip
+            fwd_warps = default_num_warps(G, torch_dtype, backward=False)
+            bwd_warps = default_num_warps(G, torch_dtype, backward=True)
             inputs = {name: f"*{dtype}" for name in ("qs_ptr", "ks_ptr", "qt_ptr", "kt_ptr")}
             inputs["lse_heads_ptr"] = "*fp32"
             stats = {"kl_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32"}
             scalars = {"N": "i32", "H_S": "i32", "D_S": "i32", "D_T": "i32", "c_s": "fp32", "c_t": "fp32"}
             scalars.update({name: "i32" for name in stride_names})
+            dtype_label = f"{dtype} ({precision} dots)" if dtype == "fp32" else dtype
             for t2s in (True, False):
                 direction = "teacher_to_student" if t2s else "student_to_teacher"
-                constexprs = {"TEACHER_TO_STUDENT": t2s, **meta}
                 register_compile_config(
-                    "token_relation_fwd", token_relation_fwd_kernel, {**inputs, **stats, **scalars}, constexprs,
-                    label=f"{label}, {dtype}, {direction}",
+                    "token_relation_fwd", token_relation_fwd_kernel, {**inputs, **stats, **scalars},
+                    {"TEACHER_TO_STUDENT": t2s, **fwd_meta}, num_warps=fwd_warps,
+                    label=f"{label}, {dtype_label}, {direction}",
                 )  # fmt: skip
                 for name, kernel, out in (
                     ("token_relation_bwd_dq", token_relation_bwd_dq_kernel, "dq_ptr"),
                     ("token_relation_bwd_dk", token_relation_bwd_dk_kernel, "dk_ptr"),
                 ):
                     signature = {**inputs, **stats, "grad_ptr": "*fp32", out: f"*{dtype}", **scalars}
-                    register_compile_config(name, kernel, signature, constexprs, label=f"{label}, {dtype}, {direction}")
+                    register_compile_config(
+                        name, kernel, signature, {"TEACHER_TO_STUDENT": t2s, **bwd_meta}, num_warps=bwd_warps,
+                        label=f"{label}, {dtype_label}, {direction}",
+                    )  # fmt: skip
             if G > 1:
                 register_compile_config(
                     "token_relation_row_lse", row_lse_kernel,
                     {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "lse_ptr": "*fp32", "N": "i32", "H": "i32", "D": "i32",
                      "c": "fp32", "stride_qb": "i32", "stride_qh": "i32", "stride_qn": "i32", "stride_kb": "i32",
                      "stride_kh": "i32", "stride_kn": "i32"},
-                    {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": _block_d(d_t)},
-                    label=f"{label}, {dtype}",
+                    {"BLOCK_M": fwd_meta["BLOCK_M"], "BLOCK_N": fwd_meta["BLOCK_N"], "BLOCK_D": _block_d(d_t),
+                     "INPUT_PRECISION": precision},
+                    num_warps=fwd_warps, label=f"{label}, {dtype_label}",
                 )  # fmt: skip
 
 

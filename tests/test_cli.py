@@ -83,3 +83,38 @@ def test_pretrain_then_eval_from_the_run_directory(tmp_path, capsys):
     assert main(["eval", "knn", str(out), "--train", str(data), "--val", str(data), "--image-size", "32",
                  "--backend", "torch", "--num-workers", "0", "--k", "1"]) == 0
     assert '"top1": 100.0' in capsys.readouterr().out
+
+
+def test_train_commands_list_the_methods_of_their_role(capsys):
+    from fastkd.methods import method_names
+
+    for command in ("pretrain", "distill"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"({', '.join(method_names(command))})" in text
+
+
+def test_eval_choices_come_from_the_loader_and_weights_modules(capsys):
+    from fastkd.data.loader import BACKENDS
+    from fastkd.models.weights import FORMATS
+
+    def parse(*options):
+        return build_parser().parse_args(["eval", "knn", "m.pt", "--train", "t", "--val", "v", *options])
+
+    assert [parse("--backend", backend).backend for backend in BACKENDS] == list(BACKENDS)
+    assert [parse("--format", name).format for name in FORMATS] == list(FORMATS)
+    for option in ("--backend", "--format"):
+        with pytest.raises(SystemExit):
+            parse(option, "no_such_choice")
+        assert "invalid choice: 'no_such_choice'" in capsys.readouterr().err
+
+
+def test_cli_method_lists_are_deprecated_aliases():
+    import fastkd.cli
+    from fastkd.methods import method_names
+
+    with pytest.deprecated_call(match=r"method_names\('pretrain'\)"):
+        assert fastkd.cli.PRETRAIN_METHODS == method_names("pretrain")
+    with pytest.deprecated_call(match=r"method_names\('distill'\)"):
+        assert fastkd.cli.DISTILL_METHODS == method_names("distill")

@@ -2,7 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from fastkd.config import ConfigError, DataConfig, apply_overrides, build_dataclass, config_from_dict, load_config
+from fastkd.config import (
+    ConfigError, DataConfig, apply_overrides, build_dataclass, load_config, run_config_from_dict,
+)
+from fastkd.data.loader import BACKENDS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MINIMAL = {"method": {"name": "mae", "mask_ratio": 0.75}, "data": {"source": "/data/train", "batch_size": 32}}
@@ -23,7 +26,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
     assert config.optim.betas == [0.9, 0.95] and config.train.compile is True
     assert config.method_name == "mae" and config.method_config == {"mask_ratio": 0.6}
     assert config.data.recipe_options == {"size": 32} and config.train.output_dir == "/tmp/x"
-    assert config_from_dict(config.to_dict()) == config
+    assert run_config_from_dict(config.to_dict()) == config
 
 
 @pytest.mark.parametrize("override, message", [
@@ -45,11 +48,33 @@ def test_unknown_keys_name_the_nearest_valid_one(tmp_path, override, message):
     ("optim.accum_steps=0", "optim.accum_steps must be an int >= 1"),
     ("data.backend=gpu", "data.backend must be"),
     ("optim.betas=0.9", "optim.betas must be two numbers"),
-    ("train.compile=maybe", "train.compile must be true or false"),
+    ("train.compile=maybe", "train.compile must be true, false or 'auto'"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, "method: {name: mae}\n"), [override])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_loader_backend_validates(tmp_path, backend):
+    """The config accepts exactly the backends fastkd.data.build_loader does (dali_cpu included)."""
+    assert "dali_cpu" in BACKENDS
+    config = load_config(write(tmp_path, f"method: {{name: mae}}\ndata: {{backend: {backend}}}\n"))
+    assert config.data.backend == backend
+    with pytest.raises(ConfigError, match="'dali_cpu'"):
+        DataConfig(backend="dali-cpu")
+
+
+def test_config_from_dict_is_a_deprecated_alias():
+    import fastkd.config
+    import fastkd.methods.base
+
+    with pytest.deprecated_call(match="fastkd.config.run_config_from_dict"):
+        old = fastkd.config.config_from_dict
+    assert old is run_config_from_dict and old(MINIMAL) == run_config_from_dict(MINIMAL)
+    with pytest.deprecated_call(match="method_config_from_dict"):
+        from fastkd.methods.base import config_from_dict as old_method
+    assert old_method is fastkd.methods.base.method_config_from_dict
 
 
 def test_malformed_inputs(tmp_path):
@@ -62,10 +87,10 @@ def test_malformed_inputs(tmp_path):
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))
     with pytest.raises(ConfigError, match="'method' must be a mapping with a 'name'"):
-        config_from_dict({"data": {}})
+        run_config_from_dict({"data": {}})
     with pytest.raises(ConfigError, match="data must be a mapping"):
         build_dataclass(DataConfig, [1], "data.")
-    assert config_from_dict({"method": "mae"}).method == {"name": "mae"}
+    assert run_config_from_dict({"method": "mae"}).method == {"name": "mae"}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("demo/*.yaml")),
@@ -74,11 +99,11 @@ def test_shipped_configs_validate(path):
     """Every recipe passes the run schema, its method's config class and its data recipe."""
     from fastkd.data import build_recipe
     from fastkd.methods import method_class
-    from fastkd.methods.base import config_from_dict as method_config
+    from fastkd.methods.base import method_config_from_dict
 
     config = load_config(path)
     cls = method_class(config.method_name)
-    method_config(cls.config_class, config.method_config)
+    method_config_from_dict(cls.config_class, config.method_config)
     build_recipe(config.data.recipe or cls.recipe, **config.data.recipe_options)
     for tag in config.optim.per_model:
         config.optim.for_model(tag)

@@ -57,3 +57,10 @@ def test_demo_rejects_bad_arguments(tmp_path):
         demo.run_demo(tmp_path, config_dir=tmp_path)
     with pytest.raises(TypeError, match="quick must be a bool"):
         demo.run_demo(tmp_path, quick="yes")
+
+
+def test_demo_configs_are_package_data():
+    from fastkd.configs import demo_config_dir
+
+    assert demo.DEFAULT_CONFIG_DIR == demo_config_dir()
+    assert all((demo.DEFAULT_CONFIG_DIR / f"{stage.name}.yaml").is_file() for stage in demo.STAGES)

@@ -11,7 +11,7 @@ import torch
 from .datasets import load_images
 from .recipes import build_recipe
 
-BACKENDS = ("auto", "dali", "dali_cpu", "torch")
+BACKENDS = ("auto", "dali", "dali_cpu", "torch")  # the one list of data backends: fastkd.config and the CLI use it
 
 
 def dali_available() -> bool:

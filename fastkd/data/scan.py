@@ -11,6 +11,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from fastkd.durable import atomic_write_text
+
 from .datasets import check_readable_dir, file_list, is_image_file
 
 
@@ -65,11 +67,7 @@ def scan_dataset(
 
 
 def write_exclusions(result: ScanResult, out: str | os.PathLike) -> Path:
-    """Write ``result.bad`` as an exclusion list (atomically); returns its path."""
-    out = Path(out)
+    """Write ``result.bad`` as an exclusion list (:func:`fastkd.durable.atomic_write_text`); returns its path."""
     lines = [f"# fastkd data scan {result.root}: {len(result.bad)} of {result.checked} files undecodable"]
     lines += [f"{path}\t{reason}" for path, reason in result.bad]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(out, "\n".join(lines) + "\n")

@@ -8,6 +8,8 @@ RNG, so results do not depend on the number of workers or on which epochs ran be
 
 from __future__ import annotations
 
+import signal
+
 import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
@@ -104,6 +106,14 @@ class _EpochBatches:
         )
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM / SIGINT: ``docker stop``, Slurm and Kubernetes signal the
+    whole process group, and the parent alone decides how to stop (it writes its stop checkpoint,
+    then shuts its workers down; workers also exit when the parent dies)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _collate(items) -> Batch:
     views = [torch.stack([item[0][v] for item in items]) for v in range(len(items[0][0]))]
     labels = torch.tensor([item[1] for item in items], dtype=torch.int64)
@@ -138,6 +148,7 @@ class TorchViewLoader:
             collate_fn=_collate,
             pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
+            worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
         )
 
     def set_epoch(self, epoch: int) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastkd.train.checkpoint import atomic_save
+from fastkd.durable import atomic_torch_save
 
 
 @dataclass
@@ -77,5 +77,5 @@ def cached_features(cache: str | os.PathLike | None, compute) -> FeatureSet:
     result = compute()
     if not isinstance(result, FeatureSet):
         raise TypeError(f"compute() must return a FeatureSet, got {type(result).__name__}")
-    atomic_save(result.state_dict(), cache)
+    atomic_torch_save(result.state_dict(), cache)
     return result

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastkd.eval._checks import check_features
+from fastkd.checks import check_features
 
 MAX_SIMILARITIES = 2**26
 

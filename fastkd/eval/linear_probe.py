@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastkd.eval._checks import check_features
+from fastkd.checks import check_features
 
 
 @dataclass

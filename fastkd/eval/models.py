@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastkd.train.checkpoint import CheckpointManager
-from fastkd.train.trainer import CHECKPOINT_FORMAT
+from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
 
 
 def _submodule(root: nn.Module, dotted: str) -> nn.Module:
@@ -38,10 +37,10 @@ def _submodule(root: nn.Module, dotted: str) -> nn.Module:
 
 
 def _from_training_checkpoint(state: dict, module: str) -> nn.Module:
-    from fastkd.config import config_from_dict
+    from fastkd.config import run_config_from_dict
     from fastkd.methods import build_method
 
-    config = config_from_dict(state["config"])
+    config = run_config_from_dict(state["config"])
     method = build_method(config.method_name, config.method_config)
     method.load_state_dict(state["method"])
     return _submodule(method, module)
@@ -67,8 +66,9 @@ def load_eval_model(path: str | os.PathLike, *, arch: str | None = None, module:
             model = _from_training_checkpoint(state, module)
         else:
             from fastkd.models import load_teacher
+            from fastkd.models.weights import FASTKD_FORMAT
 
-            if isinstance(state, dict) and state.get("format") == "fastkd" and arch is None:
+            if isinstance(state, dict) and state.get("format") == FASTKD_FORMAT and arch is None:
                 arch = state.get("arch")
             if arch is None:
                 raise ValueError(f"{str(path)!r} is not a fastkd checkpoint: give arch (the timm architecture) "

@@ -14,12 +14,17 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from fastkd.checks import check_number
 from fastkd.data.batch import Batch
+from fastkd.deprecation import renamed
 from fastkd.suggest import did_you_mean
 
+ROLES = ("pretrain", "distill")
 
-def config_from_dict(config_class: type, config: Mapping[str, Any]):
-    """``config_class(**config)``; an unknown key raises ``ValueError`` naming the nearest valid one."""
+
+def method_config_from_dict(config_class: type, config: Mapping[str, Any]):
+    """A method's config: ``config_class(**config)``; an unknown key raises ``ValueError`` naming the
+    nearest valid one. (The whole run's config is :func:`fastkd.config.run_config_from_dict`.)"""
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
     fields = [f.name for f in dataclasses.fields(config_class)]
@@ -28,42 +33,6 @@ def config_from_dict(config_class: type, config: Mapping[str, Any]):
             hint = did_you_mean(key, fields) or f"; valid keys: {', '.join(fields)}"
             raise ValueError(f"unknown {config_class.__name__} key {key!r}{hint}")
     return config_class(**config)
-
-
-def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, integer: bool = False) -> None:
-    """``value`` is a real number (an int when ``integer``) with ``low <= value <= high`` (``low < value``
-    when ``low_open``)."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value!r}")
-
-
-def check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-
-
-def check_str(name: str, value: Any, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"{name} must be a non-empty string{' or None' if optional else ''}, got {value!r}")
-
-
-def check_kwargs(name: str, value: Any) -> None:
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise TypeError(f"{name} must be a dict of keyword arguments, got {value!r}")
 
 
 def check_progress(step: Any, total_steps: Any) -> None:
@@ -96,14 +65,17 @@ def loss_dict(parts: Mapping[str, torch.Tensor], weights: Mapping[str, float],
 
 
 class Method(nn.Module):
-    """Base class: subclasses set ``recipe`` and ``config_class`` and implement ``forward``,
-    ``after_step`` and the ``student`` property.
+    """Base class: subclasses set ``recipe``, ``config_class`` and ``role`` (one of :data:`ROLES`:
+    ``"pretrain"`` trains a teacher, ``"distill"`` a student from teachers; it picks the CLI
+    command that runs the method) and implement ``forward``, ``after_step`` and the ``student``
+    property.
 
     Submodules named in ``frozen_teachers`` (e.g. pretrained teachers) stay in eval mode whatever
     ``train()`` asks and never receive gradients."""
 
     recipe: str = ""
     config_class: type = object
+    role: str = ""
     frozen_teachers: tuple[str, ...] = ()
 
     def __init__(self, config):
@@ -144,3 +116,10 @@ def grouped_parameters(named_parameters: Iterable[tuple[str, nn.Parameter]], wei
         {"params": no_decay, "weight_decay": 0.0, "name": f"{prefix}no_decay"},
     ]
     return [g for g in groups if g["params"]]
+
+
+# Deprecated names: the generic checks live in fastkd.checks.
+__getattr__ = renamed(__name__, {
+    "config_from_dict": "fastkd.methods.base:method_config_from_dict",
+    **{name: f"fastkd.checks:{name}" for name in ("check_bool", "check_choice", "check_kwargs", "check_str")},
+})

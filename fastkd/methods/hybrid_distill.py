@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fastkd.checks import check_bool, check_choice, check_kwargs, check_number, check_str
 from fastkd.data.batch import Batch
 from fastkd.losses import FeatureAlignLoss, TokenRelationLoss
-from fastkd.methods.base import (
-    Method, check_batch, check_bool, check_choice, check_kwargs, check_number, check_progress, check_str, loss_dict,
-)
-from fastkd.methods.teachers import build_student, load_frozen_teacher
+from fastkd.methods.backbones import build_student, load_frozen_teacher
+from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
 from fastkd.models import LinearProjector, MLPProjector
 from fastkd.ops import gather_tokens, topk_keep
 
@@ -157,6 +156,7 @@ class HybridDistill(Method):
     ``feature_target``, weight ``alpha``) and ``relation`` (weight ``beta``); metric ``kept_tokens``."""
 
     recipe = "mae"
+    role = "distill"
     config_class = HybridDistillConfig
     frozen_teachers = ("feature_teacher", "relation_teacher")
 

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fastkd.checks import check_bool, check_kwargs, check_number, check_str
 from fastkd.data.batch import Batch
-from fastkd.methods.base import (
-    Method, check_batch, check_bool, check_kwargs, check_number, check_progress, check_str, loss_dict,
-)
+from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
 from fastkd.models import MAEDecoder, build_backbone, masked_pixel_loss
 from fastkd.ops import random_keep
 
@@ -51,6 +50,7 @@ class MAE(Method):
     """MAE on one view (recipe ``mae``). Part: ``reconstruction``; metric ``visible_tokens``."""
 
     recipe = "mae"
+    role = "pretrain"
     config_class = MAEConfig
 
     def __init__(self, config: MAEConfig):

@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fastkd.checks import check_bool, check_kwargs, check_number, check_str
 from fastkd.data.batch import Batch
 from fastkd.losses.infonce import InfoNCELoss
-from fastkd.methods.base import (
-    Method, check_batch, check_bool, check_kwargs, check_number, check_progress, check_str, loss_dict,
-)
-from fastkd.models import MoCoPredictor, MoCoProjector, build_backbone
-from fastkd.train.ema import EMATeacher, momentum_schedule
+from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
+from fastkd.models import EMATeacher, MoCoPredictor, MoCoProjector, build_backbone, momentum_schedule
 
 
 @dataclass
@@ -63,6 +61,7 @@ class MoCoV3(Method):
     """MoCo v3 on two augmented views (recipe ``mocov3``). Parts: ``contrastive``."""
 
     recipe = "mocov3"
+    role = "pretrain"
     config_class = MoCoV3Config
 
     def __init__(self, config: MoCoV3Config):

@@ -31,14 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastkd.checks import check_bool, check_choice, check_kwargs, check_number, check_str
 from fastkd.data.batch import Batch
 from fastkd.losses.dino import DINOLoss
-from fastkd.methods.base import (
-    Method, check_batch, check_bool, check_choice, check_kwargs, check_number, check_progress, check_str,
-    grouped_parameters, loss_dict,
-)
-from fastkd.models import DINOHead, THead, build_backbone
-from fastkd.train.ema import EMATeacher, momentum_schedule
+from fastkd.methods.base import Method, check_batch, check_progress, grouped_parameters, loss_dict
+from fastkd.models import DINOHead, EMATeacher, THead, build_backbone, momentum_schedule
 
 MODELS = ("a", "b")
 SELF_TERMS = ("self_mlp", "self_thead")
@@ -140,6 +137,7 @@ class MOKD(Method):
     ``X_self_mlp``, ``X_self_thead`` (weight 1), ``X_cross_mlp``, ``X_cross_search`` (weight ``lambda_X``)."""
 
     recipe = "dino_multicrop"
+    role = "distill"
     config_class = MOKDConfig
 
     def __init__(self, config: MOKDConfig):

@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fastkd.checks import check_bool, check_choice, check_kwargs, check_number, check_str
 from fastkd.data.batch import Batch
 from fastkd.losses import FeatureAlignLoss
-from fastkd.methods.base import (
-    Method, check_batch, check_bool, check_choice, check_kwargs, check_number, check_progress, check_str, loss_dict,
-)
-from fastkd.methods.teachers import build_student, load_frozen_teacher
+from fastkd.methods.backbones import build_student, load_frozen_teacher
+from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
 from fastkd.models import LinearProjector, MLPProjector
 from fastkd.ops import gather_tokens, random_keep
 
@@ -98,6 +97,7 @@ class MOMA(Method):
     ``{t}_cls`` and/or ``{t}_patch`` by ``target``; metric ``visible_tokens`` (K)."""
 
     recipe = "mae"
+    role = "distill"
     config_class = MOMAConfig
 
     def __init__(self, config: MOMAConfig):

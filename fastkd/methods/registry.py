@@ -1,10 +1,10 @@
-"""Method names -> classes, so the trainer and the CLI need no per-method code."""
+"""Method names -> classes (and their roles), so the trainer and the CLI need no per-method code."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from fastkd.methods.base import Method, config_from_dict
+from fastkd.methods.base import ROLES, Method, method_config_from_dict
 from fastkd.methods.hybrid_distill import HybridDistill
 from fastkd.methods.mae import MAE
 from fastkd.methods.mocov3 import MoCoV3
@@ -32,8 +32,16 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
+def method_names(role: str) -> tuple[str, ...]:
+    """The registered methods whose ``role`` is ``role`` (``"pretrain"`` or ``"distill"``), in
+    registration order: what ``fastkd pretrain`` / ``fastkd distill`` run."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    return tuple(name for name, cls in METHODS.items() if cls.role == role)
+
+
 def build_method(name: str, config: Mapping[str, Any]) -> Method:
     """``METHODS[name](ConfigClass(**config))``; unknown config keys raise ``ValueError`` naming
     the nearest valid key."""
     cls = method_class(name)
-    return cls(config_from_dict(cls.config_class, config))
+    return cls(method_config_from_dict(cls.config_class, config))

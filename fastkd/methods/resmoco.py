@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from fastkd.checks import check_choice, check_number
 from fastkd.data.batch import Batch
 from fastkd.losses.residual_momentum import ResidualMomentumLoss
-from fastkd.methods.base import check_batch, check_choice, check_number, loss_dict
+from fastkd.methods.base import check_batch, loss_dict
 from fastkd.methods.mocov3 import MoCoV3, MoCoV3Config
 
 TAPS = ("projector", "backbone")
@@ -40,6 +41,7 @@ class ResMoCo(MoCoV3):
     metrics: ``param_gap_sq``, ``param_cos`` (of the last ``after_step``; NaN before the first)."""
 
     config_class = ResMoCoConfig
+    role = "pretrain"
 
     def __init__(self, config: ResMoCoConfig):
         super().__init__(config)

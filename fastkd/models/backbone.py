@@ -101,27 +101,55 @@ class Backbone(nn.Module):
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"x must be an image batch [B, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
-        qk_blocks = self._block_indices(return_qk, "return_qk")
-        layer_blocks = self._block_indices(return_layers, "return_layers")
+        qk_blocks = tuple(sorted(self._block_indices(return_qk, "return_qk")))
+        layer_blocks = tuple(sorted(self._block_indices(return_layers, "return_layers")))
         if not self.is_vit:
             if keep is not None or qk_blocks or layer_blocks:
                 raise ValueError(f"{self.name} is a ResNet: keep, return_qk and return_layers apply to ViTs only")
+        elif keep is not None:
+            self._check_keep(keep, x)
+        features_pass = self.__dict__.get("_compiled_features_pass") or Backbone._features_pass
+        if keep is not None and features_pass is not Backbone._features_pass:
+            # the kept-token count follows the keep-ratio schedule: one graph for every K
+            torch._dynamo.maybe_mark_dynamic(keep, 1)
+        out = features_pass(self, x, keep, qk_blocks, layer_blocks)
+        if not self.is_vit:
+            return Features(pooled=out[0], feature_map=out[1])
+        tokens, qk, layers = out
+        return Features(tokens=tokens, qk=dict(zip(qk_blocks, qk)), layers=dict(zip(layer_blocks, layers)))
+
+    def compile(self, **compile_kwargs) -> None:
+        """``torch.compile`` the pass that methods run (:meth:`forward_features` with ``keep`` /
+        ``return_qk`` / ``return_layers``, and :meth:`forward`), in place; the fused ops stay in the
+        graph. The kept-token count is marked dynamic (no recompilation as the keep ratio changes).
+        A deep copy (e.g. an EMA teacher made from this student) runs the same compiled code on its
+        own weights."""
+        self.__dict__["_compiled_features_pass"] = torch.compile(Backbone._features_pass, **compile_kwargs)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`compile` was called."""
+        return "_compiled_features_pass" in self.__dict__
+
+    def _features_pass(self, x: torch.Tensor, keep: torch.Tensor | None, qk_blocks: tuple[int, ...],
+                       layer_blocks: tuple[int, ...]) -> tuple:
+        """The traced part of :meth:`forward_features` (checked arguments, tensors and tuples out)."""
+        if not self.is_vit:
             feature_map = self.model.forward_features(x)
-            return Features(pooled=feature_map.mean(dim=(2, 3)), feature_map=feature_map)
+            return feature_map.mean(dim=(2, 3)), feature_map
         tokens = self._embed(x, keep)
         backend = resolve_backend(self.attention, tokens.device)
-        features = Features()
+        qk, layers = [], []
         for index, block in enumerate(self.model.blocks):
             if self.checkpointing and torch.is_grad_enabled():
                 tokens, q, k = checkpoint(vit_block_forward, block, tokens, backend, use_reentrant=False)
             else:
                 tokens, q, k = vit_block_forward(block, tokens, backend)
             if index in qk_blocks:
-                features.qk[index] = (q, k)
+                qk.append((q, k))
             if index in layer_blocks:
-                features.layers[index] = tokens
-        features.tokens = self.model.norm(tokens)
-        return features
+                layers.append(tokens)
+        return self.model.norm(tokens), tuple(qk), tuple(layers)
 
     def _block_indices(self, indices: Iterable[int], argument: str) -> set[int]:
         if isinstance(indices, (int, str)) or not isinstance(indices, Iterable):
@@ -155,20 +183,27 @@ class Backbone(nn.Module):
         if keep is None:
             visible = patches if pos_patch is None else patches + pos_patch
         else:
-            self._check_keep(keep, patches)
             visible = ops.gather_tokens(patches, keep, pos_patch)
         tokens = model.pos_drop(torch.cat([prefix, visible], dim=1))
         return model.norm_pre(model.patch_drop(tokens))
 
-    def _check_keep(self, keep: torch.Tensor, patches: torch.Tensor) -> None:
+    def _check_keep(self, keep: torch.Tensor, x: torch.Tensor) -> None:
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.int64 or keep.dim() != 2:
             raise ValueError(f"keep must be an int64 tensor [B, K], got {getattr(keep, 'dtype', type(keep).__name__)} "
                              f"{tuple(getattr(keep, 'shape', ()))}")
-        if keep.shape[0] != patches.shape[0] or not 0 < keep.shape[1] <= patches.shape[1]:
-            raise ValueError(f"keep must be [B={patches.shape[0]}, K] with 0 < K <= {patches.shape[1]} patches, "
+        num_patches = self._patches_of(x)
+        if keep.shape[0] != x.shape[0] or not 0 < keep.shape[1] <= num_patches:
+            raise ValueError(f"keep must be [B={x.shape[0]}, K] with 0 < K <= {num_patches} patches, "
                              f"got {tuple(keep.shape)}")
-        if keep.device != patches.device:
-            raise ValueError(f"keep is on {keep.device} but the images are on {patches.device}")
+        if keep.device != x.device:
+            raise ValueError(f"keep is on {keep.device} but the images are on {x.device}")
+
+    def _patches_of(self, x: torch.Tensor) -> int:
+        """Patch tokens of images ``x`` (the grid of their height and width when the ViT takes
+        dynamic image sizes, else its fixed grid)."""
+        if not self.model.dynamic_img_size:
+            return self.num_patches
+        return (x.shape[-2] // self.patch_size) * (x.shape[-1] // self.patch_size)
 
 
 def build_backbone(name: str, *, attention: str | None = None, checkpointing: bool = False, **timm_kwargs) -> Backbone:

@@ -19,7 +19,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from fastkd.models._checks import check_positive_ints
+from fastkd.checks import check_positive_ints
 from fastkd.models.attention import check_backend, resolve_backend
 from fastkd.models.vit_block import vit_block_forward
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd.models._checks import check_positive_ints
+from fastkd.checks import check_positive_ints
 
 
 def _moco_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool) -> nn.Sequential:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd.models._checks import check_positive_ints
+from fastkd.checks import check_positive_ints
 
 
 class LinearProjector(nn.Module):

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from fastkd.models._checks import check_positive_ints
-
+from fastkd.checks import check_positive_ints
 from fastkd.models.attention import check_backend, resolve_backend
 from fastkd.models.vit_block import vit_block_forward
 from fastkd.models.weight_norm_linear import WeightNormLinear

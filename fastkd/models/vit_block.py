@@ -38,7 +38,7 @@ def _self_attention(attn: Attention, x: torch.Tensor, backend: str) -> tuple[tor
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     out = attention(q, k, v, backend=backend, scale=attn.scale, dropout_p=dropout_p)
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
+    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim))
     gate = getattr(attn, "gate", None)
     if gate is not None:
         out = out * gate(x).sigmoid()

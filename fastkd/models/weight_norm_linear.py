@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastkd.models._checks import check_positive_ints
+from fastkd.checks import check_positive_ints
 
 
 class WeightNormLinear(nn.Module):

@@ -1,11 +1,10 @@
 """Atomic training checkpoints: ``<dir>/checkpoint_<step>.pt``, the last K kept.
 
-A checkpoint is written to a temporary file in the same directory, flushed and fsynced, then
-renamed over its final name (and the directory entry fsynced), so a crash at any moment leaves
-either the previous set of checkpoints or the new one, never a half-written file under a final
-name. Loading goes newest first; a truncated or corrupt file is reported and the previous one used.
-Files load with ``torch.load(weights_only=True)``: the trainer stores tensors, numbers, strings,
-lists and dicts only.
+A checkpoint is written with :func:`fastkd.durable.atomic_torch_save` (temporary file in the same
+directory, fsync, rename, directory fsync), so a crash at any moment leaves either the previous set
+of checkpoints or the new one, never a half-written file under a final name. Loading goes newest
+first; a truncated or corrupt file is reported and the previous one used. Files load with
+``torch.load(weights_only=True)``: the trainer stores tensors, numbers, strings, lists and dicts only.
 """
 
 from __future__ import annotations
@@ -18,33 +17,16 @@ from typing import Callable
 
 import torch
 
+from fastkd.durable import atomic_torch_save
+
 _NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+CHECKPOINT_FORMAT = "fastkd-train-v1"  # the ``format`` entry of every training checkpoint
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` via temp file + fsync + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_directory(path.parent)
-    return path
+    """``torch.save(obj)`` to ``path`` durably: the same as :func:`fastkd.durable.atomic_torch_save`
+    (kept under this name for existing callers)."""
+    return atomic_torch_save(obj, path)
 
 
 class CheckpointManager:
@@ -74,7 +56,7 @@ class CheckpointManager:
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
-        path = atomic_save(state, self.path_for(step))
+        path = atomic_torch_save(state, self.path_for(step))
         for old in self.checkpoints()[self.keep_last:]:
             old.unlink(missing_ok=True)
         return path

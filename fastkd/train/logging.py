@@ -1,16 +1,24 @@
-"""Training logs on the main rank: a tqdm bar (step, loss, lr, images/s), ``metrics.csv``,
-TensorBoard scalars, and at the end ``summary.json`` plus ``loss_curves.png``."""
+"""Training logs on the main rank: progress (step, loss, lr, images/s), ``metrics.csv``,
+TensorBoard scalars, and at the end ``summary.json`` plus ``loss_curves.png``.
+
+Progress goes to stderr: a tqdm bar when stderr is a terminal; otherwise (output redirected to a
+file, a batch job) one plain line per logged step, i.e. every ``log_every`` steps, instead of a
+carriage-return stream of every step. Files are written with :mod:`fastkd.durable`."""
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 import os
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from fastkd.durable import atomic_write_json, atomic_write_text
 
 _FIRST_COLUMNS = ["step", "epoch", "loss", "lr", "weight_decay", "grad_norm", "images_per_s", "skipped_steps"]
 
@@ -21,11 +29,25 @@ def _value(row: dict, column: str) -> float:
     return math.nan if value in ("", None) else float(value)
 
 
+def _clock(seconds: float) -> str:
+    """``H:MM:SS``; ``?`` when unknown."""
+    return str(timedelta(seconds=round(seconds))) if math.isfinite(seconds) else "?"
+
+
+def _is_terminal(stream) -> bool:
+    """Whether ``stream`` is an interactive terminal (False for files, pipes and closed streams)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 class TrainLogger:
     """Writes metrics of logged steps to ``<output_dir>/metrics.csv`` and TensorBoard
     (``<output_dir>/tensorboard``). ``enabled=False`` (non-main ranks) makes every call a no-op.
     On resume (``start_step > 0``) rows after ``start_step`` — logged by the interrupted run after
-    its last checkpoint — are dropped so the CSV reads as one run."""
+    its last checkpoint — are dropped so the CSV reads as one run. ``progress``: a tqdm bar when
+    stderr is a terminal, else one line per :meth:`log` call (see the module docstring)."""
 
     def __init__(self, output_dir: str | os.PathLike, *, total_steps: int, start_step: int = 0,
                  enabled: bool = True, progress: bool = True, tensorboard: bool = True):
@@ -36,7 +58,9 @@ class TrainLogger:
         self.csv_path = self.output_dir / "metrics.csv"
         self.rows: list[dict] = []
         self.columns: list[str] = []
+        self.total_steps = total_steps
         self._bar = None
+        self._lines = False  # progress as plain lines (stderr is not a terminal)
         self._writer = None
         if not enabled:
             return
@@ -51,16 +75,28 @@ class TrainLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=start_step + 1)
-        if progress:
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        if progress and _is_terminal(sys.stderr):
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        elif progress:
+            self._lines = True
+            self._start_step, self._start_time = start_step, time.perf_counter()
 
     def _rewrite_csv(self) -> None:
-        tmp = self.csv_path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.csv_path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.csv_path, text.getvalue())
+
+    def _progress_line(self, row: dict) -> str:
+        """``train step S/T (P%) loss=... lr=... img/s=... elapsed H:MM:SS eta H:MM:SS``."""
+        step = row["step"]
+        elapsed = time.perf_counter() - self._start_time
+        done = step - self._start_step
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else math.nan
+        return (f"train step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) "
+                f"loss={row['loss']:.4g} lr={row.get('lr', math.nan):.3g} "
+                f"img/s={row.get('images_per_s', math.nan):.1f} elapsed {_clock(elapsed)} eta {_clock(eta)}")
 
     def advance(self, steps: int = 1) -> None:
         """Move the progress bar (called every step, logged or not)."""
@@ -89,6 +125,8 @@ class TrainLogger:
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row.get('lr', float('nan')):.3g}",
                                   img_s=f"{row.get('images_per_s', float('nan')):.1f}", refresh=False)
+        if self._lines:
+            print(self._progress_line(row), file=sys.stderr, flush=True)
 
     def message(self, text: str) -> None:
         """Print ``text`` to stderr without breaking the progress bar."""
@@ -105,7 +143,7 @@ class TrainLogger:
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(self.output_dir / "summary.json", summary)
         if self.rows:
             self.plot(self.output_dir / "loss_curves.png")
         tqdm.write("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

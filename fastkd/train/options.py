@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+import torch
+
 from fastkd.suggest import did_you_mean
 from fastkd.train.optim import OPTIMIZERS
 
@@ -92,7 +94,8 @@ class OptimConfig:
 class TrainConfig:
     """Run length (``epochs``, optionally capped by ``max_steps`` optimiser steps), ``seed``,
     ``precision`` (autocast dtype; ``fp16`` adds a GradScaler and needs CUDA), ``device``,
-    ``compile`` (torch.compile the student in place), ``checkpointing`` (activation checkpointing
+    ``compile`` (``true`` / ``false`` / ``auto`` = on for CUDA, off for CPU: ``torch.compile`` of every
+    backbone pass the method runs, students and teachers, with ``compile_backend``), ``checkpointing`` (activation checkpointing
     of the student), ``sync_bn`` (SyncBatchNorm under DDP on CUDA), checkpoints every
     ``checkpoint_every`` steps into ``output_dir`` (newest ``keep_last`` kept), a log row every
     ``log_every`` steps, and a stop after ``max_nonfinite`` consecutive non-finite losses."""
@@ -102,7 +105,8 @@ class TrainConfig:
     seed: int = 0
     precision: str = "bf16"
     device: str = "auto"
-    compile: bool = False
+    compile: bool | str = "auto"
+    compile_backend: str = "inductor"
     checkpointing: bool = False
     sync_bn: bool = True
     find_unused_parameters: bool = False
@@ -114,6 +118,10 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
 
+    def compile_enabled(self, device) -> bool:
+        """Whether to compile on ``device`` (``auto``: on CUDA only, where it pays off)."""
+        return self.compile if isinstance(self.compile, bool) else torch.device(device).type == "cuda"
+
     def __post_init__(self):
         _check(_is_int(self.epochs) and self.epochs >= 1, "train.epochs", "an int >= 1", self.epochs)
         _check(self.max_steps is None or (_is_int(self.max_steps) and self.max_steps >= 1),
@@ -121,7 +129,11 @@ class TrainConfig:
         _check(_is_int(self.seed) and self.seed >= 0, "train.seed", "an int >= 0", self.seed)
         _check(self.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", self.precision)
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", "'auto', 'cpu' or 'cuda'", self.device)
-        for name in ("compile", "checkpointing", "sync_bn", "find_unused_parameters", "progress", "tensorboard"):
+        _check(isinstance(self.compile, bool) or self.compile == "auto", "train.compile", "true, false or 'auto'",
+               self.compile)
+        _check(isinstance(self.compile_backend, str) and self.compile_backend != "", "train.compile_backend",
+               "a torch.compile backend name (e.g. 'inductor')", self.compile_backend)
+        for name in ("checkpointing", "sync_bn", "find_unused_parameters", "progress", "tensorboard"):
             _check(isinstance(getattr(self, name), bool), f"train.{name}", "true or false", getattr(self, name))
         _check(isinstance(self.output_dir, str) and self.output_dir != "", "train.output_dir", "a non-empty path",
                self.output_dir)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from fastkd.train import distributed
-from fastkd.train.checkpoint import CheckpointManager
+from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
 from fastkd.train.distributed import DistEnv
 from fastkd.train.logging import TrainLogger
 from fastkd.train.optim import apply_schedules, build_optimizer
@@ -48,7 +48,6 @@ from fastkd.train.preemption import StopRequest
 from fastkd.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from fastkd.train.schedules import WarmupCosine, scaled_lr
 
-CHECKPOINT_FORMAT = "fastkd-train-v1"
 _METHOD_INTERFACE = ("forward", "after_step", "param_groups", "student", "state_dict", "load_state_dict")
 
 

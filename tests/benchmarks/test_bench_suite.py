@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from fastkd.benchmarks.bench_compile import parse_targets, selected_configs
+from fastkd.benchmarks.compile_check import parse_targets, selected_configs
 from fastkd.benchmarks.bench_e2e import METHODS, VARIANTS
 from fastkd.benchmarks.bench_ops import OPS, annotate
 from fastkd.benchmarks.gpu_peak import NEEDS_GPU, fraction_of_peak
@@ -150,16 +150,16 @@ def test_fraction_of_peak_and_targets_validate():
 def test_e2e_demo_models_are_the_demo_configs(tmp_path):
     from fastkd.benchmarks.bench_e2e import DEMO_TEACHER, demo_method_config
     from fastkd.config import load_config
-    from fastkd.demo import DEFAULT_CONFIG_DIR
+    from fastkd.configs import demo_config_dir
 
     teachers = {"contrastive": str(tmp_path / "c.pt"), "mim": str(tmp_path / "m.pt")}
     for name, stage in (("moma", "moma_both"), ("hybrid_distill", "hybrid_distill"), ("resmoco", "resmoco_teacher"),
                         ("mokd", "mokd")):
         config, recipe = demo_method_config(name, teachers, 64)
-        demo = load_config(DEFAULT_CONFIG_DIR / f"{stage}.yaml")
+        demo = load_config(demo_config_dir() / f"{stage}.yaml")
         paths = {k for k in config if k.endswith("_path")}
         assert {k: v for k, v in config.items() if k not in paths} == \
             {k: v for k, v in demo.method_config.items() if k not in paths}
         assert {config[k] for k in paths} <= set(teachers.values()) and recipe == demo.data.recipe_options
     for teacher in ("resmoco_teacher", "mae_teacher"):  # random teachers of the demo teachers' shape
-        assert load_config(DEFAULT_CONFIG_DIR / f"{teacher}.yaml").method_config["arch_kwargs"] == DEMO_TEACHER
+        assert load_config(demo_config_dir() / f"{teacher}.yaml").method_config["arch_kwargs"] == DEMO_TEACHER

@@ -55,3 +55,10 @@ def test_cli_eval_knn_writes_json(splits, student, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["protocol"] == "knn" and report["top1"] == 100.0 and report["k"] == 1
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+
+
+def test_training_checkpoint_format_has_one_home():
+    import fastkd.eval.models
+    from fastkd.train import checkpoint, trainer
+
+    assert trainer.CHECKPOINT_FORMAT is checkpoint.CHECKPOINT_FORMAT is fastkd.eval.models.CHECKPOINT_FORMAT

@@ -2,9 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastkd.data.batch import Batch
-from fastkd.eval.features import FeatureSet, cached_features, extract_features
-from fastkd.eval.models import load_eval_model
+from fastkd.data import Batch
+from fastkd.eval import FeatureSet, cached_features, extract_features, load_eval_model
 
 
 class Batches:

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastkd.eval.knn import knn_classify
+from fastkd.eval import knn_classify
 
 
 def clusters(n_per_class, classes=5, dim=16, spread=0.05, seed=0):

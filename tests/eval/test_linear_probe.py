@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastkd.eval.linear_probe import train_linear_probe
+from fastkd.eval import train_linear_probe
 from tests.eval.test_knn import clusters
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fastkd.data.batch import Batch
+from fastkd.data import Batch
 from fastkd.models import build_backbone, save_backbone
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)

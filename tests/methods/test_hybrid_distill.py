@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from fastkd.methods import build_method, cls_attention_scores
-from fastkd.methods.hybrid_distill import HybridDistillConfig
+from fastkd.methods import HybridDistillConfig, build_method, cls_attention_scores
 from tests.methods.common import check_gradients, check_parts_and_total, steps_lower_loss
 from tests.methods.plain import (
     TINY_VIT, TINY_VIT_ARCH, plain_align, plain_relation_kl, plain_vit, tiny_batch, write_tiny_teacher,

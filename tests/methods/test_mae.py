@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from fastkd.methods import build_method
-from fastkd.methods.mae import MAE, MAEConfig
+from fastkd.methods import MAE, MAEConfig, build_method
 from tests.methods.common import check_gradients, check_parts_and_total, steps_lower_loss
 from tests.methods.plain import TINY_VIT, TINY_VIT_ARCH, tiny_batch
 

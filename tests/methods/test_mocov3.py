@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from fastkd.methods import build_method
-from fastkd.methods.mocov3 import MoCoV3Config
-from fastkd.train.ema import momentum_schedule
+from fastkd.methods import MoCoV3Config, build_method
+from fastkd.models import momentum_schedule
 from tests.methods.common import check_gradients, check_parts_and_total, snapshot, steps_lower_loss, unchanged
 from tests.methods.plain import TINY_MOCO, plain_branches, plain_contrastive, tiny_batch
 

@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from fastkd.data.batch import Batch
-from fastkd.methods import build_method
-from fastkd.methods.mokd import MOKDConfig
+from fastkd.data import Batch
+from fastkd.methods import MOKDConfig, build_method
 from tests.methods.common import check_gradients, check_parts_and_total, snapshot, steps_lower_loss, unchanged
 from tests.methods.plain import TINY_VIT, TINY_VIT_ARCH
 

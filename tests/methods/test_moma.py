@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from fastkd.methods import build_method
-from fastkd.methods.moma import MOMAConfig
+from fastkd.methods import MOMAConfig, build_method
 from tests.methods.common import check_gradients, check_parts_and_total, steps_lower_loss
 from tests.methods.plain import TINY_VIT, TINY_VIT_ARCH, plain_align, plain_vit, tiny_batch, write_tiny_teacher
 

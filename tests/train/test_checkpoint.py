@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastkd.durable import atomic_torch_save
 from fastkd.train.checkpoint import CheckpointManager, atomic_save
 from fastkd.train.rng import capture_rng_state, restore_rng_state
 
@@ -41,8 +42,8 @@ def test_no_readable_checkpoint_is_an_error(tmp_path):
 
 def test_atomic_save_replaces_in_one_piece(tmp_path):
     target = tmp_path / "a" / "x.pt"
-    atomic_save({"v": 1}, target)
-    atomic_save({"v": 2}, target)
+    atomic_save({"v": 1}, target)  # the old name of fastkd.durable.atomic_torch_save
+    atomic_torch_save({"v": 2}, target)
     assert torch.load(target, weights_only=True) == {"v": 2}
     assert [p.name for p in target.parent.iterdir()] == ["x.pt"]
 
@@ -51,7 +52,7 @@ def test_rng_state_round_trip_through_weights_only_file(tmp_path):
     torch.manual_seed(1)
     random.seed(2)
     np.random.seed(3)
-    atomic_save({"rng": capture_rng_state()}, tmp_path / "rng.pt")
+    atomic_torch_save({"rng": capture_rng_state()}, tmp_path / "rng.pt")
     expected = (torch.rand(3), random.random(), np.random.rand())
     torch.rand(5), random.random(), np.random.rand(7)
     restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])

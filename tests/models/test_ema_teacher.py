@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from fastkd.train.ema import EMATeacher, momentum_schedule
+from fastkd.models import EMATeacher, momentum_schedule
 
 
 def tiny_vit():
@@ -67,11 +67,24 @@ def test_momentum_schedule():
     assert momentum_schedule(100, 100, 0.996) == pytest.approx(1.0)
     values = [momentum_schedule(s, 20, 0.9) for s in range(21)]
     assert values == sorted(values)
-    with pytest.raises(ValueError, match="step must be in"):
+    with pytest.raises(ValueError, match="step must be <= 100"):
         momentum_schedule(101, 100, 0.99)
-    with pytest.raises(ValueError, match="total must be positive"):
+    with pytest.raises(ValueError, match="total must be > 0"):
         momentum_schedule(0, 0, 0.99)
-    with pytest.raises(ValueError, match="base must be in"):
+    with pytest.raises(ValueError, match="base must be <= 1.0"):
         momentum_schedule(0, 10, 1.5)
     with pytest.raises(TypeError, match="step must be an int"):
         momentum_schedule(0.5, 10, 0.9)
+
+
+def test_train_ema_is_a_deprecated_alias():
+    import fastkd.models.ema_teacher as ema_teacher
+    import fastkd.train.ema as old
+
+    with pytest.deprecated_call(match="fastkd.models.ema_teacher"):
+        assert old.EMATeacher is EMATeacher is ema_teacher.EMATeacher
+    with pytest.deprecated_call():
+        from fastkd.train.ema import momentum_schedule as old_schedule
+    assert old_schedule is momentum_schedule
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        old.nope

@@ -8,6 +8,7 @@ from timm.layers import resample_abs_pos_embed
 
 from fastkd.models import CheckpointError, MAEDecoder, MoCoPredictor, MoCoProjector, build_backbone, load_teacher
 from fastkd.models import save_backbone
+from fastkd.models.weights import FASTKD_FORMAT, FASTKD_FORMAT_VERSION, FORMATS, detect_format
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
 TINY_NAME = "vit_tiny_patch16_224"
@@ -130,6 +131,30 @@ def test_save_backbone_round_trip_is_atomic(tmp_path):
         load_teacher("vit_small_patch16_224", path)
     with pytest.raises(TypeError, match="Backbone"):
         save_backbone(backbone.model, tmp_path / "x.pth")
+    saved = torch.load(path, weights_only=True)
+    assert (saved["format"], saved["version"]) == (FASTKD_FORMAT, FASTKD_FORMAT_VERSION)
+    assert detect_format(saved) == FASTKD_FORMAT and FASTKD_FORMAT in FORMATS
+
+
+def test_save_backbone_writes_through_the_durable_writer(tmp_path, monkeypatch):
+    import fastkd.durable
+
+    written = []
+    real = fastkd.durable.atomic_write
+    monkeypatch.setattr(fastkd.durable, "atomic_write", lambda path, write: written.append(path) or real(path, write))
+    path = save_backbone(build_backbone(TINY_NAME, **TINY), tmp_path / "student.pt")
+    assert written == [path] and path.is_file()
+
+
+def test_models_checkpoints_is_a_deprecated_alias():
+    import fastkd.models.checkpoints as old
+    import fastkd.models.weights as weights
+
+    with pytest.deprecated_call(match="fastkd.models.weights"):
+        assert old.load_teacher is weights.load_teacher is load_teacher
+    with pytest.deprecated_call():
+        from fastkd.models.checkpoints import FORMATS as old_formats, save_backbone as old_save
+    assert old_save is save_backbone and old_formats == FORMATS
 
 
 def test_mismatched_checkpoint_lists_keys_and_format(tmp_path):

@@ -1,0 +1,53 @@
+"""The command line every benchmark shares: ``--quick``, ``--device cpu|cuda``, where the results go
+(``--out DIR`` | ``--publish``, resolved by :func:`fastkd.reporting.results_dir`) and, for some,
+``--rounds``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fastkd.reporting import DEFAULT_RESULTS_DIR, PUBLISHED_RESULTS_DIR, RESULTS_ENV, results_dir
+
+
+def bench_parser(description: str, quick_help: str, *, rounds_help: str | None = None,
+                 device_help: str | None = None) -> argparse.ArgumentParser:
+    """The shared parser: ``--quick``, ``--device`` (help text ``device_help``), ``--out`` /
+    ``--publish`` and, with ``rounds_help``, ``--rounds``; extend it with the benchmark's own options."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help=device_help)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None,
+                       help=f"folder for the results (default ${RESULTS_ENV}, else ./{DEFAULT_RESULTS_DIR})")
+    where.add_argument("--publish", action="store_true",
+                       help=f"write into the published results {PUBLISHED_RESULTS_DIR}/ of the fastkd checkout "
+                            "that is the current directory")
+    if rounds_help is not None:
+        parser.add_argument("--rounds", type=int, default=None, help=rounds_help)
+    return parser
+
+
+def resolve_out(parser: argparse.ArgumentParser, args: argparse.Namespace, *,
+                in_checkout: str | None = None) -> Path:
+    """Set ``args.out`` to the results folder of ``--out`` / ``--publish`` (a usage error when
+    ``--publish`` is not run from a checkout) and return it."""
+    try:
+        args.out = results_dir(args.out, publish=args.publish, in_checkout=in_checkout)
+    except ValueError as error:
+        parser.error(str(error))
+    return args.out
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` with ``args.out`` resolved (:func:`resolve_out`); exit with a clear message
+    for ``--device cuda`` without CUDA or ``--rounds`` < 1."""
+    import torch
+
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but no CUDA device is available")
+    if getattr(args, "rounds", None) is not None and args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    resolve_out(parser, args)
+    return args

@@ -1,0 +1,116 @@
+"""Reports of measured results, shared by the benchmarks, the compile check and the demo: the
+machine a result was measured on, Markdown tables, and the JSON + Markdown files of a result
+(written with :mod:`fastkd.durable`).
+
+Where benchmark results go (:func:`results_dir`), first that applies:
+
+1. ``--out DIR``;
+2. ``--publish``: the published results ``benchmarks/results/`` of the fastkd source checkout the
+   command runs in (the current directory must be the checkout's root: it holds ``setup.py`` and
+   ``benchmarks/results/``; an installed fastkd never writes into its own package folder);
+3. ``$FASTKD_BENCH_DIR``;
+4. a benchmark's own folder inside the checkout when run from one (the compile check: the
+   git-ignored ``build/kernel_check/``);
+5. ``./fastkd_bench_results`` in the current directory.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any, Iterable
+
+from fastkd.durable import atomic_write_json, atomic_write_text
+
+__all__ = ["machine_info", "markdown_table", "write_report", "write_results", "results_dir", "checkout_root",
+           "RESULTS_ENV", "DEFAULT_RESULTS_DIR", "PUBLISHED_RESULTS_DIR"]
+
+RESULTS_ENV = "FASTKD_BENCH_DIR"
+DEFAULT_RESULTS_DIR = "fastkd_bench_results"  # in the current directory
+PUBLISHED_RESULTS_DIR = Path("benchmarks") / "results"  # in the source checkout
+
+
+def machine_info() -> dict:
+    """CPU model, cores, GPU name and library versions, recorded with every result file."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    for module in ("triton", "nvidia.dali", "timm"):
+        try:
+            info[module.split(".")[-1]] = __import__(module, fromlist=["__version__"]).__version__
+        except Exception:  # noqa: BLE001 - a missing optional library is recorded as None
+            info[module.split(".")[-1]] = None
+    return info
+
+
+def markdown_table(rows: Iterable[dict], columns: list[str]) -> str:
+    """Render ``rows`` as a GitHub Markdown table with the given column order."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | os.PathLike, name: str, payload: dict, markdown: str) -> Path:
+    """Write ``<out_dir>/<name>.json`` (``payload``) and ``<name>.md`` (``markdown``) durably,
+    creating ``out_dir``; returns the JSON path."""
+    out = Path(out_dir)
+    json_path = atomic_write_json(out / f"{name}.json", payload)
+    atomic_write_text(out / f"{name}.md", markdown.rstrip("\n") + "\n")
+    return json_path
+
+
+def write_results(name: str, records: list[dict], markdown: str, *, out_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``<name>.json`` (``{"benchmark": name, "machine": machine_info(), "records": records}``)
+    and ``<name>.md`` into ``out_dir`` (default :func:`results_dir`); returns the JSON path."""
+    payload = {"benchmark": name, "machine": machine_info(), "records": records}
+    return write_report(results_dir() if out_dir is None else out_dir, name, payload, markdown)
+
+
+def checkout_root(cwd: str | os.PathLike | None = None) -> Path | None:
+    """``cwd`` (default: the current directory) when it is the root of a fastkd source checkout
+    (it holds ``setup.py`` and ``benchmarks/results/``), else None."""
+    root = Path.cwd() if cwd is None else Path(cwd)
+    return root if (root / "setup.py").is_file() and (root / PUBLISHED_RESULTS_DIR).is_dir() else None
+
+
+def results_dir(out: str | os.PathLike | None = None, *, publish: bool = False,
+                in_checkout: str | os.PathLike | None = None) -> Path:
+    """The folder benchmark results go to (see the module docstring for the order); ``in_checkout``:
+    the benchmark's own folder, relative to the checkout root, when run from a checkout."""
+    if out is not None and publish:
+        raise ValueError("--out and --publish exclude each other")
+    if out is not None:
+        return Path(out)
+    root = checkout_root()
+    if publish:
+        if root is None:
+            raise ValueError(f"--publish writes into {PUBLISHED_RESULTS_DIR}/ of a fastkd source checkout: run it "
+                             f"from the checkout's root folder (it holds setup.py), or choose a folder with --out DIR")
+        return root / PUBLISHED_RESULTS_DIR
+    if os.environ.get(RESULTS_ENV):
+        return Path(os.environ[RESULTS_ENV])
+    if in_checkout is not None and root is not None:
+        return root / in_checkout
+    return Path.cwd() / DEFAULT_RESULTS_DIR

@@ -1,0 +1,95 @@
+"""GPU suite, end to end: 20 bf16 training steps of every method (MOMA in its three modes) on random
+data on CUDA through ``fastkd.runner.train_from_config`` with the demo configs, the first step's
+loss against the same step with every fused op routed to its reference (``reference_ops()``), and
+``fastkd bench ops --device cuda --quick`` in a subprocess. Run with ``make gpu-test``."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastkd.config import load_config
+from fastkd.data import write_sample_dataset
+from fastkd.models import build_backbone, save_backbone
+from fastkd.ops import reference_ops
+from fastkd.runner import train_from_config
+from tests.gpu.conftest import require_time, seconds_left
+from tests.test_precision_steps import DEMO, RUNS, TEACHER_KWARGS
+
+pytestmark = pytest.mark.gpu
+
+STEPS = 20
+# bf16 autocast: the references run their matmuls in bf16 under autocast, the fused ops in fp32
+FIRST_STEP_RTOL, FIRST_STEP_ATOL = 2e-2, 2e-3
+
+
+@pytest.fixture(scope="module")
+def workspace(_cuda_required, tmp_path_factory):
+    """Random images (``write_sample_dataset``) and the two teacher checkpoints the demo configs name."""
+    root = tmp_path_factory.mktemp("gpu_training")
+    write_sample_dataset(root / "data", images=32)
+    teachers = {name: save_backbone(build_backbone("vit_tiny_patch16_224", **TEACHER_KWARGS), root / f"{name}.pt")
+                for name in ("moco", "mae")}
+    return root, teachers
+
+
+def _config(root: Path, teachers: dict, run: str, output_dir: Path, steps: int):
+    """The demo config of ``run`` with the test's teachers and data, bf16 on CUDA, ``steps`` steps."""
+    config_name, extra = RUNS[run]
+    kwargs = "{" + ", ".join(f"{k}: {v}" for k, v in TEACHER_KWARGS.items()) + "}"
+    text = (DEMO / config_name).read_text()
+    for key in ("mocov3_teacher_path", "feature_teacher_path"):
+        text = text.replace(f"{key}: demo_out/resmoco_teacher/student.pt", f"{key}: {teachers['moco']}")
+    for key in ("mae_teacher_path", "relation_teacher_path"):
+        text = text.replace(f"{key}: demo_out/mae_teacher/student.pt", f"{key}: {teachers['mae']}")
+    path = root / f"{run}.yaml"
+    path.write_text(text)
+    overrides = [
+        f"data.source={root / 'data'}", "data.batch_size=8", "data.num_workers=0", "data.backend=torch",
+        "train.device=cuda", "train.precision=bf16", "train.epochs=100", f"train.max_steps={steps}",
+        "train.log_every=1", "train.checkpoint_every=1000", f"train.output_dir={output_dir}",
+        "train.progress=false", "train.tensorboard=false",
+    ] + [o.format(mae=teachers["mae"], moco=teachers["moco"], kwargs=kwargs) for o in extra]
+    return load_config(path, overrides)
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_training_bf16(run, workspace, fig, tmp_path):
+    require_time(25, "a training run")
+    root, teachers = workspace
+    with reference_ops():
+        reference = train_from_config(_config(root, teachers, run, tmp_path / "reference", 1))
+    start = time.perf_counter()
+    result = train_from_config(_config(root, teachers, run, tmp_path / "fused", STEPS))
+    fig.note(f"{STEPS} fused steps in {time.perf_counter() - start:.1f} s")
+    with (tmp_path / "fused" / "metrics.csv").open() as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+    assert result.step == STEPS and result.skipped_steps == 0, result
+    assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), losses
+    fig.note(f"loss {losses[0]:.4g} -> {losses[-1]:.4g}")
+    fig.compare_scalar("first-step loss fused vs reference", losses[0], reference.summary["final_loss"],
+                       FIRST_STEP_RTOL, FIRST_STEP_ATOL)
+
+
+def test_bench_ops_cuda_quick(fig, tmp_path):
+    """``fastkd bench ops --device cuda --quick`` exits 0 (results go to a temporary FASTKD_BENCH_DIR)."""
+    require_time(60, "the op benchmarks")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTKD_BENCH_DIR"] = str(tmp_path)
+    timeout = max(30.0, min(420.0, seconds_left() - 10))
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fastkd.cli", "bench", "ops", "--device", "cuda", "--quick"],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"fastkd bench ops --device cuda --quick did not finish within {timeout:.0f} s")
+    fig.note(f"fastkd bench ops --device cuda --quick {time.perf_counter() - start:.0f} s, exit {proc.returncode}")
+    assert proc.returncode == 0, (proc.stdout[-3000:] + proc.stderr[-3000:]).strip().splitlines()[-1:]
+    assert (tmp_path / "bench_ops.json").is_file()

@@ -1,0 +1,63 @@
+"""fastkd.reporting: result files and where benchmark results go."""
+
+import json
+import warnings
+
+import pytest
+
+from fastkd import reporting
+
+
+def test_write_results_writes_json_and_markdown(tmp_path):
+    path = reporting.write_results("toy", [{"a": 1.5, "b": None}], "# toy", out_dir=tmp_path / "new")
+    assert path == tmp_path / "new" / "toy.json"
+    payload = json.loads(path.read_text())
+    assert payload["benchmark"] == "toy" and payload["records"] == [{"a": 1.5, "b": None}]
+    assert payload["machine"]["torch"] and payload["machine"]["cores"]
+    assert (tmp_path / "new" / "toy.md").read_text() == "# toy\n"
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["toy.json", "toy.md"]  # no temporary files
+
+
+def test_markdown_table():
+    table = reporting.markdown_table([{"x": 0.123456, "y": 12345.6}, {"x": None}], ["x", "y"])
+    assert table.splitlines() == ["| x | y |", "|---|---|", "| 0.123 | 12346 |", "|  |  |"]
+
+
+def test_results_dir_order(tmp_path, monkeypatch):
+    monkeypatch.delenv(reporting.RESULTS_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert reporting.checkout_root() is None
+    assert reporting.results_dir() == tmp_path / "fastkd_bench_results"
+    assert reporting.results_dir(in_checkout="build/x") == tmp_path / "fastkd_bench_results"
+    assert reporting.results_dir("rel") == reporting.results_dir(tmp_path / "rel").relative_to(tmp_path)
+    with pytest.raises(ValueError, match="--publish writes into benchmarks/results/"):
+        reporting.results_dir(publish=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        reporting.results_dir(tmp_path, publish=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "setup.py").write_text("")
+    assert reporting.checkout_root() == tmp_path
+    assert reporting.results_dir(publish=True) == tmp_path / "benchmarks" / "results"
+    assert reporting.results_dir(in_checkout="build/x") == tmp_path / "build" / "x"
+    assert reporting.results_dir() == tmp_path / "fastkd_bench_results"
+    monkeypatch.setenv(reporting.RESULTS_ENV, str(tmp_path / "env"))
+    assert reporting.results_dir() == reporting.results_dir(in_checkout="build/x") == tmp_path / "env"
+    assert reporting.results_dir(publish=True) == tmp_path / "benchmarks" / "results"
+    assert reporting.results_dir(tmp_path / "o") == tmp_path / "o"
+
+
+def test_old_benchmark_names_are_deprecated_aliases(tmp_path, monkeypatch):
+    from fastkd.benchmarks import arguments, common
+
+    monkeypatch.setenv(reporting.RESULTS_ENV, str(tmp_path))
+    for name, new in (("machine_info", reporting.machine_info), ("markdown_table", reporting.markdown_table),
+                      ("write_results", reporting.write_results), ("bench_parser", arguments.bench_parser),
+                      ("parse_bench_args", arguments.parse_bench_args)):
+        with pytest.warns(DeprecationWarning, match=f"fastkd.benchmarks.common.{name} is deprecated"):
+            assert getattr(common, name) is new
+    with pytest.warns(DeprecationWarning, match="RESULTS_DIR"):
+        assert common.RESULTS_DIR == tmp_path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from fastkd.benchmarks.common import peak_memory_bytes, time_alternating, time_fn  # noqa: F401
