@@ -40,6 +40,7 @@ from torch import nn
 
 from fastkd.train import distributed
 from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
+from fastkd.train.compilation import compile_backbones
 from fastkd.train.distributed import DistEnv
 from fastkd.train.logging import TrainLogger
 from fastkd.train.optim import apply_schedules, build_optimizer
@@ -162,8 +163,8 @@ class Trainer:
                 print("warning: SyncBatchNorm needs CUDA; on CPU BatchNorm statistics stay per process", flush=True)
         if cfg.checkpointing:
             self._enable_activation_checkpointing(method)
-        if cfg.compile:
-            method.student.compile()
+        if cfg.compile_enabled(env.device):
+            compile_backbones(method, backend=cfg.compile_backend)
         self.method = method
         self.slots = self._build_slots(method.param_groups(1.0))
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
