@@ -1,28 +1,12 @@
 """Triton kernel of fastkd.kernels.feature_align under TRITON_INTERPRET=1 against
 feature_align_reference: every mode, widths, row offsets beyond int32, the launcher's checks."""
 
-import itertools
-
 import pytest
 import torch
 
 from fastkd.kernels.feature_align import launch_feature_align_fwd
 from fastkd.ops import feature_align_reference
-from fastkd.ops.feature_align import LOSSES, TARGET_NORMS
-
-MODES = list(itertools.product(TARGET_NORMS, (False, True), LOSSES))
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=1e-2)}
-
-
-def _kw(mode, beta=0.7):
-    target_norm, student_norm, loss = mode
-    return dict(target_norm=target_norm, student_norm=student_norm, loss=loss, beta=beta, eps=1e-6)
-
-
-def _inputs(shape, dtype, *, teacher_scale=2.0):
-    student = torch.randn(shape).to(dtype).requires_grad_()
-    teacher = (torch.randn(shape) * teacher_scale + 0.5).to(dtype)
-    return student, teacher
+from tests.ops.test_feature_align import MODES, TOL, _assert_close, _inputs, _kw  # noqa: F401 - shared cases
 
 
 def _reference(student, teacher, weight, kw):
@@ -30,13 +14,6 @@ def _reference(student, teacher, weight, kw):
     rows = feature_align_reference(student, teacher.contiguous(), weight, **kw)
     (grad,) = torch.autograd.grad(rows.sum(), student)
     return rows.detach(), grad
-
-
-def _assert_close(rows, grad, ref_rows, ref_grad, dtype):
-    tol = TOL[dtype]
-    torch.testing.assert_close(rows, ref_rows, rtol=1e-5 if dtype == torch.float32 else 1e-4, atol=1e-6)
-    scale = ref_grad.float().abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(grad.float() / scale, ref_grad.float() / scale, rtol=tol["rtol"], atol=tol["atol"])
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(map(str, m)))
