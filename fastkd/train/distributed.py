@@ -73,11 +73,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_across_ranks(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is true on at least one rank (all ranks get the same answer)."""
+def any_across_ranks(flag: bool | torch.Tensor, device: torch.device) -> bool:
+    """True when ``flag`` (a bool or a device bool tensor) is true on at least one rank (all ranks
+    get the same answer)."""
     if world_size() == 1:
         return bool(flag)
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if isinstance(flag, torch.Tensor):
+        value = flag.to(device=device, dtype=torch.float32).reshape(1)
+    else:
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
 

@@ -72,15 +72,25 @@ def _format_parts(parts: dict) -> str:
     return ", ".join(f"{name}={value:.6g}" for name, value in parts.items())
 
 
-def _scalar_parts(outputs: dict) -> dict:
-    """Every scalar tensor / number of the method's output dict as a python float."""
+def _tensor_parts(outputs: dict, device: torch.device) -> dict:
+    """Every scalar tensor / number of the method's output dict as a detached fp32 0-dim tensor on
+    ``device`` (no host synchronisation: read them as floats only when logging)."""
     parts = {}
     for name, value in outputs.items():
         if isinstance(value, torch.Tensor) and value.numel() == 1:
-            parts[name] = float(value.detach().float())
+            parts[name] = value.detach().reshape(()).float()
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            parts[name] = float(value)
+            parts[name] = torch.tensor(float(value), device=device)
     return parts
+
+
+def _floats(values: dict) -> dict:
+    """``{name: float}`` of device scalars (one transfer for all of them)."""
+    if not values:
+        return {}
+    names = list(values)
+    return dict(zip(names, torch.stack([values[n].float().cpu() if isinstance(values[n], torch.Tensor)
+                                        else torch.tensor(float(values[n])) for n in names]).tolist()))
 
 
 @dataclass
@@ -305,10 +315,11 @@ class Trainer:
                 next(iterator)
         return iterator
 
-    def _forward_backward(self, batches, step: int) -> tuple[bool, dict, int]:
-        """All micro-batches of one step; returns ``(finite, loss parts, images)``."""
+    def _forward_backward(self, batches, step: int) -> tuple[torch.Tensor, dict, int]:
+        """All micro-batches of one step; returns ``(non-finite flag, loss parts, images)``, the flag
+        and the parts as device tensors (nothing here waits for the device)."""
         accum = self.optim_cfg.accum_steps
-        finite, parts_sum, images = True, {}, 0
+        nonfinite, parts_sum, images = None, {}, 0
         for micro in range(accum):
             batch = next(batches)
             images += int(batch.views[0].shape[0]) if hasattr(batch, "views") else self.batch_size
@@ -322,25 +333,30 @@ class Trainer:
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
                     raise ValueError(f"step {step}: outputs['loss'] must be a scalar tensor requiring grad, got "
                                      f"{type(loss).__name__} {getattr(loss, 'shape', '')}")
-                parts = _scalar_parts(outputs)
+                parts = _tensor_parts(outputs, loss.device)
                 for name, value in parts.items():
-                    parts_sum[name] = parts_sum.get(name, 0.0) + value / accum
-                bad = distributed.any_across_ranks(not math.isfinite(parts["loss"]), self.env.device)
-                if bad or not finite:
-                    finite = False
-                    continue
+                    parts_sum[name] = parts_sum[name] + value / accum if name in parts_sum else value / accum
+                bad = ~torch.isfinite(parts["loss"])
+                nonfinite = bad if nonfinite is None else nonfinite | bad
+                # a non-finite micro-batch still runs backward (deciding would wait for the device);
+                # the whole step is skipped below
                 self.scaler.scale(loss / accum).backward()
-        return finite, parts_sum, images
+        return nonfinite, parts_sum, images
 
-    def _update(self, step: int) -> tuple[bool, dict]:
-        """Unscale and clip the gradients of every optimiser; when all norms are finite (or the
-        fp16 GradScaler handles overflow itself) step them and call ``after_step``. Returns
-        ``(stepped, grad norms)``."""
+    def _update(self, step: int, nonfinite: torch.Tensor) -> tuple[bool, dict]:
+        """Unscale and clip the gradients of every optimiser; when the loss and all norms are finite
+        on every rank (or the fp16 GradScaler handles overflow itself) step them and call
+        ``after_step``. Returns ``(stepped, grad norms as device tensors)``. Deciding to skip is the
+        step's one wait for the device (one flag; under DDP one all-reduce of it)."""
         grad_norms = {}
         for slot in self.slots:
             self.scaler.unscale_(slot.optimizer)
-            grad_norms[slot.name] = float(nn.utils.clip_grad_norm_(slot.params, slot.max_grad_norm))
-        if not (all(map(math.isfinite, grad_norms.values())) or self.scaler.is_enabled()):
+            grad_norms[slot.name] = nn.utils.clip_grad_norm_(slot.params, slot.max_grad_norm)
+        bad = nonfinite.clone()
+        if not self.scaler.is_enabled():
+            for norm in grad_norms.values():
+                bad |= ~torch.isfinite(norm.to(bad.device))
+        if distributed.any_across_ranks(bad, self.env.device):
             return False, grad_norms
         hook = getattr(self.method, "before_optimizer_step", None)  # optional for non-fastkd methods
         if hook is not None:
@@ -377,7 +393,7 @@ class Trainer:
                     rates[slot.name] = (slot.lr(step), slot.weight_decay(step))
                     apply_schedules(slot.optimizer, *rates[slot.name])
                 try:
-                    finite, parts, images = self._forward_backward(batches, step)
+                    nonfinite, parts, images = self._forward_backward(batches, step)
                 except Exception:
                     if not stop.requested:
                         raise
@@ -389,14 +405,14 @@ class Trainer:
                     logger.message(f"stop requested ({stop.signal_name}) while step {step + 1} was running and it "
                                    f"failed; checkpoint at step {step} written, exiting; continue with --resume")
                     break
-                finite, grad_norms = self._update(step) if finite else (False, {})
+                finite, grad_norms = self._update(step, nonfinite)
                 if finite:
                     consecutive = 0
                 else:
                     skipped += 1
                     consecutive += 1
-                    parts = distributed.mean_across_ranks(parts, env.device)  # NaN if any rank had one
-                    what = _format_parts({**parts, **{f"grad_norm_{k}": v for k, v in grad_norms.items()}})
+                    parts = distributed.mean_across_ranks(_floats(parts), env.device)  # NaN if any rank had one
+                    what = _format_parts({**parts, **{f"grad_norm_{k}": v for k, v in _floats(grad_norms).items()}})
                     logger.message(f"step {step}: non-finite loss or gradient, step skipped ({what}); "
                                    f"{consecutive} in a row, {skipped} in total")
                     if consecutive >= cfg.max_nonfinite:
@@ -412,9 +428,9 @@ class Trainer:
                 logger.advance()
                 if step % cfg.log_every == 0 or step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
-                    parts = distributed.mean_across_ranks(parts, env.device)
+                    parts = distributed.mean_across_ranks(_floats(parts), env.device)
                     logger.log({"step": step, "epoch": (step - 1) // self.steps_per_epoch, **parts,
-                                **_slot_metrics(rates, grad_norms),
+                                **_slot_metrics(rates, _floats(grad_norms)),
                                 "images_per_s": window_images / max(elapsed, 1e-9), "skipped_steps": skipped})
                     window_images, window_start = 0, time.perf_counter()
                 stop_now = distributed.any_across_ranks(stop.requested, env.device)

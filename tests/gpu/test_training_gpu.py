@@ -15,13 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from fastkd.config import load_config
-from fastkd.data import write_sample_dataset
-from fastkd.models import build_backbone, save_backbone
 from fastkd.ops import reference_ops
-from fastkd.runner import train_from_config
 from tests.gpu.conftest import require_time, seconds_left
-from tests.test_precision_steps import DEMO, RUNS, TEACHER_KWARGS
+from tests.method_runs import RUNS, make_workspace, run_method
 
 pytestmark = pytest.mark.gpu
 
@@ -33,43 +29,26 @@ FIRST_STEP_RTOL, FIRST_STEP_ATOL = 2e-2, 2e-3
 @pytest.fixture(scope="module")
 def workspace(_cuda_required, tmp_path_factory):
     """Random images (``write_sample_dataset``) and the two teacher checkpoints the demo configs name."""
-    root = tmp_path_factory.mktemp("gpu_training")
-    write_sample_dataset(root / "data", images=32)
-    teachers = {name: save_backbone(build_backbone("vit_tiny_patch16_224", **TEACHER_KWARGS), root / f"{name}.pt")
-                for name in ("moco", "mae")}
-    return root, teachers
+    return make_workspace(tmp_path_factory.mktemp("gpu_training"))
 
 
-def _config(root: Path, teachers: dict, run: str, output_dir: Path, steps: int):
+def _run(workspace, run: str, output_dir: Path, steps: int):
     """The demo config of ``run`` with the test's teachers and data, bf16 on CUDA, ``steps`` steps."""
-    config_name, extra = RUNS[run]
-    kwargs = "{" + ", ".join(f"{k}: {v}" for k, v in TEACHER_KWARGS.items()) + "}"
-    text = (DEMO / config_name).read_text()
-    for key in ("mocov3_teacher_path", "feature_teacher_path"):
-        text = text.replace(f"{key}: demo_out/resmoco_teacher/student.pt", f"{key}: {teachers['moco']}")
-    for key in ("mae_teacher_path", "relation_teacher_path"):
-        text = text.replace(f"{key}: demo_out/mae_teacher/student.pt", f"{key}: {teachers['mae']}")
-    path = root / f"{run}.yaml"
-    path.write_text(text)
-    overrides = [
-        f"data.source={root / 'data'}", "data.batch_size=8", "data.num_workers=0", "data.backend=torch",
-        "train.device=cuda", "train.precision=bf16", "train.epochs=100", f"train.max_steps={steps}",
-        "train.log_every=1", "train.checkpoint_every=1000", f"train.output_dir={output_dir}",
-        "train.progress=false", "train.tensorboard=false",
-    ] + [o.format(mae=teachers["mae"], moco=teachers["moco"], kwargs=kwargs) for o in extra]
-    return load_config(path, overrides)
+    return run_method(workspace, run, output_dir, [
+        "data.backend=torch", "train.device=cuda", "train.precision=bf16", "train.epochs=100",
+        f"train.max_steps={steps}", "train.log_every=1", "train.checkpoint_every=1000",
+    ])
 
 
 @pytest.mark.parametrize("run", sorted(RUNS))
 def test_training_bf16(run, workspace, fig, tmp_path):
     require_time(25, "a training run")
-    root, teachers = workspace
     with reference_ops():
-        reference = train_from_config(_config(root, teachers, run, tmp_path / "reference", 1))
+        reference = _run(workspace, run, tmp_path / "reference", 1)
     start = time.perf_counter()
-    result = train_from_config(_config(root, teachers, run, tmp_path / "fused", STEPS))
+    result = _run(workspace, run, tmp_path / "fused", STEPS)
     fig.note(f"{STEPS} fused steps in {time.perf_counter() - start:.1f} s")
-    with (tmp_path / "fused" / "metrics.csv").open() as f:
+    with (tmp_path / "fused" / "run" / "metrics.csv").open() as f:
         losses = [float(row["loss"]) for row in csv.DictReader(f)]
     assert result.step == STEPS and result.skipped_steps == 0, result
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), losses
