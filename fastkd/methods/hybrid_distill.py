@@ -31,13 +31,12 @@ from fastkd.losses import FeatureAlignLoss, TokenRelationLoss
 from fastkd.methods.backbones import build_student, load_frozen_teacher
 from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
 from fastkd.models import LinearProjector, MLPProjector
-from fastkd.ops import gather_tokens, topk_keep
+from fastkd.ops import TARGET_NORMS as OP_TARGET_NORMS
+from fastkd.ops import DIRECTIONS, LOSSES, gather_tokens, topk_keep
 
 TARGETS = ("cls", "patch", "both")
-TARGET_NORMS = ("layernorm", "l2")
+TARGET_NORMS = tuple(n for n in OP_TARGET_NORMS if n != "none")  # the papers normalise the target
 PROJECTORS = ("linear", "mlp")
-LOSSES = ("smooth_l1", "mse", "cosine")
-DIRECTIONS = ("teacher_to_student", "student_to_teacher")
 SCORE_TEACHERS = ("feature", "relation")
 
 

@@ -29,13 +29,13 @@ from fastkd.losses import FeatureAlignLoss
 from fastkd.methods.backbones import build_student, load_frozen_teacher
 from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
 from fastkd.models import LinearProjector, MLPProjector
-from fastkd.ops import gather_tokens, random_keep
+from fastkd.ops import TARGET_NORMS as OP_TARGET_NORMS
+from fastkd.ops import LOSSES, gather_tokens, random_keep
 
 MODES = {"mocov3_to_mae": ("mocov3",), "mae_to_mocov3": ("mae",), "both_to_random": ("mocov3", "mae")}
 TARGETS = ("cls", "patch", "both")
-TARGET_NORMS = ("layernorm", "l2")
+TARGET_NORMS = tuple(n for n in OP_TARGET_NORMS if n != "none")  # the papers normalise the target
 PROJECTORS = ("linear", "mlp")
-LOSSES = ("smooth_l1", "mse", "cosine")
 
 
 @dataclass
