@@ -130,7 +130,7 @@ setup(
     cmdclass={"build_ext": _build_ext()},
     # minimums: torch.library.custom_op / register_fake / register_autograd (torch 2.4), Triton 3.0
     # (the triton.compile(ASTSource, target=GPUTarget) API of the kernel check; ships with torch 2.4),
-    # timm 1.0.23 (timm.layers.Attention.attn_dim, read by fastkd.models.vit_block)
+    # timm 1.0.23 (the oldest timm whose Attention layout, read by fastkd.models.vit_block, was checked)
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

@@ -23,6 +23,8 @@ import pkgutil
 import sys
 from pathlib import Path
 
+from fastkd.durable import atomic_write_json
+
 from fastkd.deprecation import renamed
 
 
@@ -76,6 +78,8 @@ def _cache_key(args: argparse.Namespace) -> str:
 def _eval(args: argparse.Namespace) -> int:
     from fastkd.eval import evaluate_knn, evaluate_linear, load_eval_model
 
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise ValueError(f"--output {args.output}: folder {str(Path(args.output).resolve().parent)!r} does not exist")
     model = load_eval_model(args.model, arch=args.arch, module=args.module, format=args.format, device=args.device)
     loader_options = dict(image_size=args.image_size, resize=args.resize, batch_size=args.batch_size,
                           backend=args.backend, num_workers=args.num_workers, device=args.device)
@@ -84,17 +88,17 @@ def _eval(args: argparse.Namespace) -> int:
         result = evaluate_knn(model, args.train, args.val, k=args.k, temperature=args.temperature,
                               **cache, **loader_options)
         report = {"protocol": "knn", "model": args.model, "k": result.k, "temperature": result.temperature,
-                  "top1": result.top1, "top5": result.top5}
+                  "top1": result.top1, "top5": result.top5, "class_counts": result.class_counts}
     else:
         result = evaluate_linear(model, args.train, args.val, epochs=args.epochs, lr=args.lr,
                                  weight_decay=args.weight_decay, probe_batch_size=args.probe_batch_size,
                                  **cache, **loader_options)
         report = {"protocol": "linear", "model": args.model, "epochs": args.epochs,
-                  "top1": result.top1, "top5": result.top5, "train_loss": result.train_loss}
+                  "top1": result.top1, "top5": result.top5, "train_loss": result.train_loss,
+                  "class_counts": result.class_counts}
     print(json.dumps(report))
     if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(report, handle, indent=2)
+        atomic_write_json(args.output, report)
     return 0
 
 

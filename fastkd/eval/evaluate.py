@@ -1,11 +1,13 @@
 """k-NN and linear-probe evaluation of a model on two ImageFolder splits (train = the memory
 bank / probe training set, val = the images scored), through ``fastkd.data.build_loader(...,
 "eval")`` (resize ``resize``, centre crop ``image_size``). Features can be cached in ``cache_dir``
-under ``<cache_key>-<split>.pt`` so a linear probe after a k-NN run re-uses them."""
+under ``<cache_key>-<split>.pt`` so a linear probe after a k-NN run re-uses them. Val classes are
+matched to train classes by name (see :func:`aligned_splits`)."""
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -34,22 +36,47 @@ def split_features(model: nn.Module, source, *, image_size: int = 224, resize: i
     return cached_features(cache, compute)
 
 
-def _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options) -> tuple[FeatureSet, FeatureSet]:
+def aligned_splits(train_source, val_source):
+    """``(train, val, class_counts)``: both splits as ``ImageList`` with the val labels mapped **by
+    class name** onto the train split's (each tree's folder index would differ as soon as the two
+    trees hold different class sets). Raises ValueError naming every val class (with images) that
+    the train split lacks. ``class_counts``: ``{"train" | "val": {class name: images}}``."""
+    from fastkd.data import ImageList, load_images
+
+    train, val = load_images(train_source), load_images(val_source)
+    index = {name: label for label, name in enumerate(train.classes)}
+    val_names = [val.classes[label] for label in val.labels]
+    missing = sorted(set(val_names) - set(index))
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise ValueError(f"the val split {str(val_source)!r} has classes the train split {str(train_source)!r} "
+                         f"lacks: {shown}; k-NN and linear probes can only score classes they were given")
+    val = ImageList(val.files, tuple(index[name] for name in val_names), train.classes, val.root)
+    counts = {split: dict(sorted(Counter(images.classes[label] for label in images.labels).items()))
+              for split, images in (("train", train), ("val", val))}
+    return train, val, counts
+
+
+def _both_splits(model, train_source, val_source, cache_dir, cache_key,
+                 loader_options) -> tuple[FeatureSet, FeatureSet, dict]:
     if cache_dir is not None and not cache_key:
         raise ValueError("cache_key is required with cache_dir (it names the model whose features are cached)")
+    train_images, val_images, counts = aligned_splits(train_source, val_source)
     caches = [None, None] if cache_dir is None else [Path(cache_dir) / f"{cache_key}-{s}.pt" for s in ("train", "val")]
-    return (split_features(model, train_source, cache=caches[0], **loader_options),
-            split_features(model, val_source, cache=caches[1], **loader_options))
+    return (split_features(model, train_images, cache=caches[0], **loader_options),
+            split_features(model, val_images, cache=caches[1], **loader_options), counts)
 
 
 def evaluate_knn(model: nn.Module, train_source, val_source, *, k: int = 20, temperature: float = 0.07,
                  cache_dir: str | os.PathLike | None = None, cache_key: str | None = None,
                  **loader_options) -> KNNResult:
     """Weighted k-NN accuracy of ``model``'s features (train split as memory bank)."""
-    train, val = _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options)
+    train, val, counts = _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options)
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
-    return knn_classify(train.features, train.labels, val.features, val.labels, num_classes=num_classes,
-                        k=k, temperature=temperature)
+    result = knn_classify(train.features, train.labels, val.features, val.labels, num_classes=num_classes,
+                          k=k, temperature=temperature)
+    result.class_counts = counts
+    return result
 
 
 def evaluate_linear(model: nn.Module, train_source, val_source, *, epochs: int = 100, lr: float = 0.1,
@@ -57,6 +84,8 @@ def evaluate_linear(model: nn.Module, train_source, val_source, *, epochs: int =
                     cache_dir: str | os.PathLike | None = None, cache_key: str | None = None,
                     **loader_options) -> LinearProbeResult:
     """Linear-probe accuracy of ``model``'s frozen features."""
-    train, val = _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options)
-    return train_linear_probe(train.features, train.labels, val.features, val.labels, epochs=epochs, lr=lr,
-                              weight_decay=weight_decay, batch_size=probe_batch_size)
+    train, val, counts = _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options)
+    result = train_linear_probe(train.features, train.labels, val.features, val.labels, epochs=epochs, lr=lr,
+                                weight_decay=weight_decay, batch_size=probe_batch_size)
+    result.class_counts = counts
+    return result

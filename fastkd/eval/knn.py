@@ -33,6 +33,7 @@ class KNNResult:
     predictions: torch.Tensor
     k: int
     temperature: float
+    class_counts: dict | None = None  # {"train" | "val": {class name: images}} from fastkd.eval.evaluate_knn
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ class LinearProbeResult:
     top5: float
     classifier: nn.Linear
     train_loss: float
+    class_counts: dict | None = None  # {"train" | "val": {class name: images}} from fastkd.eval.evaluate_linear
 
 
 def train_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,

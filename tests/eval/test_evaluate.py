@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastkd.cli import main
-from fastkd.data import write_sample_dataset
+from fastkd.data import load_images, write_sample_dataset
 from fastkd.eval import evaluate_knn, evaluate_linear, load_eval_model
 from fastkd.models import build_backbone, save_backbone
 
@@ -62,3 +62,42 @@ def test_training_checkpoint_format_has_one_home():
     from fastkd.train import checkpoint, trainer
 
     assert trainer.CHECKPOINT_FORMAT is checkpoint.CHECKPOINT_FORMAT is fastkd.eval.models.CHECKPOINT_FORMAT
+
+
+def test_val_classes_are_matched_by_name(splits, student, tmp_path):
+    """A val tree holding only some train classes (so its folder indices differ) scores as the
+    same images under the full tree: labels are mapped by class name, not by folder index."""
+    import shutil
+
+    train, val = splits
+    classes = sorted(p.name for p in val.iterdir())
+    partial = tmp_path / "val_partial"
+    for name in classes[3:]:
+        shutil.copytree(val / name, partial / name)
+    model = load_eval_model(student)
+    full = evaluate_knn(model, train, val, k=1, **LOADER)
+    part = evaluate_knn(model, train, partial, k=1, **LOADER)
+    kept = [i for i, name in enumerate(sorted((p.parent.name, p.name) for p in val.rglob("*.jpg")))
+            if name[0] in classes[3:]]
+    assert torch.equal(part.predictions, full.predictions[kept])
+    labels = torch.tensor(load_images(val).labels)[kept]  # the full tree has the train tree's classes
+    assert part.top1 == pytest.approx(100.0 * (full.predictions[kept] == labels).float().mean().item())
+    assert part.class_counts["val"] == {name: len(list((partial / name).iterdir())) for name in classes[3:]}
+    assert sum(part.class_counts["train"].values()) == 24
+
+
+def test_val_classes_missing_from_train_are_refused(splits, student, tmp_path):
+    import shutil
+
+    shutil.copytree(splits[1], tmp_path / "val")
+    (tmp_path / "val" / sorted(p.name for p in splits[1].iterdir())[0]).rename(tmp_path / "val" / "zebra")
+    with pytest.raises(ValueError, match="classes the train split .* lacks: 'zebra'"):
+        evaluate_knn(load_eval_model(student), splits[0], tmp_path / "val", **LOADER)
+
+
+def test_cli_eval_output_into_a_missing_folder_fails_before_evaluating(splits, student, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "knn", str(student), "--train", str(splits[0]), "--val", str(splits[1]),
+              "--output", str(tmp_path / "missing" / "knn.json")])
+    assert exit_info.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
