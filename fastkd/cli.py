@@ -77,10 +77,13 @@ def _cache_key(args: argparse.Namespace) -> str:
 
 def _eval(args: argparse.Namespace) -> int:
     from fastkd.eval import evaluate_knn, evaluate_linear, load_eval_model
+    from fastkd.eval.models import native_image_size
 
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise ValueError(f"--output {args.output}: folder {str(Path(args.output).resolve().parent)!r} does not exist")
     model = load_eval_model(args.model, arch=args.arch, module=args.module, format=args.format, device=args.device)
+    if args.image_size is None:
+        args.image_size = native_image_size(model)
     loader_options = dict(image_size=args.image_size, resize=args.resize, batch_size=args.batch_size,
                           backend=args.backend, num_workers=args.num_workers, device=args.device)
     cache = dict(cache_dir=args.cache_dir, cache_key=args.cache_key or (_cache_key(args) if args.cache_dir else None))
@@ -151,7 +154,9 @@ def _add_eval_command(subparsers) -> None:
         sub.add_argument("--format", default="auto", choices=FORMATS)
         sub.add_argument("--module", default="student",
                          help="dotted submodule of the method to evaluate (training checkpoints; default student)")
-        sub.add_argument("--image-size", type=int, default=224, help="centre-crop size (default 224)")
+        sub.add_argument("--image-size", type=int, default=None,
+                         help="centre-crop size (default: the size the model was built for, e.g. a ViT's "
+                              "img_size; 224 for ResNets)")
         sub.add_argument("--resize", type=int, help="shorter-side resize (default image_size * 256/224)")
         sub.add_argument("--batch-size", type=int, default=64)
         sub.add_argument("--backend", default="auto", choices=BACKENDS)

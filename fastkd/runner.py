@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastkd.config import RunConfig
+from fastkd.models.weights import STUDENT_FILE
 from fastkd.train import distributed
 from fastkd.train.rng import seed_everything
 from fastkd.train.trainer import Trainer, TrainResult
 
-STUDENT_FILE = "student.pt"
 
 
 def train_from_config(config: RunConfig, *, resume: bool = False) -> TrainResult:

@@ -2,7 +2,9 @@
 
 ``load_eval_model(path)`` accepts:
 
-- a training run directory or a training checkpoint (``checkpoint_<step>.pt``, written by
+- a training run directory: its final ``student.pt`` when it has one and ``module`` is ``student``
+  (nothing else is rebuilt, so the run's teachers need not be reachable), else its newest checkpoint;
+- a training checkpoint (``checkpoint_<step>.pt``, written by
   :class:`fastkd.train.trainer.Trainer`): the method is rebuilt from the config stored in the
   checkpoint, its state loaded, and the submodule ``module`` (dotted path, default ``student``)
   returned;
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastkd.models.weights import STUDENT_FILE
 from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
 
 
@@ -52,6 +55,8 @@ def load_eval_model(path: str | os.PathLike, *, arch: str | None = None, module:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
+    if path.is_dir() and module == "student" and (path / STUDENT_FILE).is_file():
+        path = path / STUDENT_FILE
     if path.is_dir():
         run_checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         loaded = CheckpointManager(run_checkpoints).load_latest()
@@ -75,3 +80,13 @@ def load_eval_model(path: str | os.PathLike, *, arch: str | None = None, module:
                                  "to load it as a MoCo v3 / MAE / timm checkpoint")
             model = load_teacher(arch, path, format=format, **timm_kwargs)
     return model.to(device).eval().requires_grad_(False)
+
+
+def native_image_size(model: nn.Module, default: int = 224) -> int:
+    """The input size ``model`` was built for: a ViT's ``img_size`` (from its patch embedding),
+    else ``default``."""
+    patch_embed = getattr(getattr(model, "model", model), "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if isinstance(img_size, (tuple, list)) and img_size and isinstance(img_size[0], int):
+        return int(img_size[0])
+    return default

@@ -101,3 +101,15 @@ def test_cli_eval_output_into_a_missing_folder_fails_before_evaluating(splits, s
               "--output", str(tmp_path / "missing" / "knn.json")])
     assert exit_info.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_run_dir_evaluates_its_student_file_and_its_own_image_size(splits, student, tmp_path, capsys):
+    """A run folder with student.pt is evaluated from that file alone (no method, no teachers
+    rebuilt: there are no checkpoints here at all), at the 16 px the model was built for."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "student.pt").write_bytes(student.read_bytes())
+    code = main(["eval", "knn", str(run), "--train", str(splits[0]), "--val", str(splits[0]), "--batch-size", "8",
+                 "--backend", "torch", "--num-workers", "0", "--k", "1"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] == 100.0
