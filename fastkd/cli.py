@@ -205,10 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as error:
+        # usage and configuration errors (bad values, missing files): exit 2, one message
         if os.environ.get("FASTKD_TRACEBACK") == "1":
             raise
         parser.exit(2, f"fastkd {args.command}: error: {error}\n(set FASTKD_TRACEBACK=1 for the traceback)\n")
+    except OSError as error:  # e.g. the disk filled up while writing: one line, exit 1
+        if os.environ.get("FASTKD_TRACEBACK") == "1":
+            raise
+        parser.exit(1, f"fastkd {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

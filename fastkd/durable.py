@@ -1,4 +1,5 @@
-"""Durable file writes: the one writer every fastkd file goes through.
+"""Durable file writes: the one writer every fastkd file goes through (and its reading side for
+torch files: :func:`read_torch_file`).
 
 A file is written to a unique temporary file in its destination folder, flushed and fsynced, then
 renamed over its final name, and the folder entry is fsynced: a crash (or SIGKILL) at any moment
@@ -16,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
+           "read_torch_file", "UnreadableFileError"]
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -79,3 +81,35 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+class UnreadableFileError(ValueError):
+    """A file that ``torch.load(weights_only=True)`` cannot read (truncated, corrupt, not a torch
+    file, or holding objects other than tensors and plain values)."""
+
+
+def _torch_reason(error: BaseException) -> str:
+    """The useful line of a ``torch.load`` error, without torch's advice to retry with
+    ``weights_only=False`` (which would execute code from the file)."""
+    text = str(error).strip()
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].split(" Please use")[0].strip()
+            return reason or type(error).__name__
+    lines = [line for line in text.splitlines() if "weights_only" not in line and line.strip()]
+    return f"{type(error).__name__}: {lines[0].strip()}" if lines else type(error).__name__
+
+
+def read_torch_file(path: str | os.PathLike, *, safe_globals: tuple = (), map_location: Any = "cpu") -> Any:
+    """``torch.load(path, map_location=map_location, weights_only=True)``; a file that cannot be read
+    raises :class:`UnreadableFileError` naming it and why, in one line."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(path)!r} does not exist")
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - every failure of a corrupt file is reported alike
+        raise UnreadableFileError(f"{os.fspath(path)!r} is not a readable PyTorch checkpoint "
+                                  f"({_torch_reason(error)})") from None

@@ -118,3 +118,48 @@ def test_cli_method_lists_are_deprecated_aliases():
         assert fastkd.cli.PRETRAIN_METHODS == method_names("pretrain")
     with pytest.deprecated_call(match=r"method_names\('distill'\)"):
         assert fastkd.cli.DISTILL_METHODS == method_names("distill")
+
+
+def _cli_error(capsys, argv) -> str:
+    from fastkd.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "weights_only" not in err, err
+    return err
+
+
+DEMO_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "demo"
+
+
+def test_user_errors_are_one_message_and_exit_2(tmp_path, capsys):
+    from fastkd.data import write_sample_dataset
+
+    data = write_sample_dataset(tmp_path / "data", images=12)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file at all")
+    err = _cli_error(capsys, ["distill", str(DEMO_CONFIGS / "moma_both.yaml"), f"data.source={data}",
+                              f"method.mocov3_teacher_path={tmp_path / 'missing.pt'}"])
+    assert "missing.pt" in err and "does not exist" in err
+    err = _cli_error(capsys, ["pretrain", str(DEMO_CONFIGS / "mae_teacher.yaml"), f"data.source={data}",
+                              "method.arch_kwargs={embed_dim: 10, num_heads: 3}"])
+    assert "timm rejected the arguments" in err and "divisible" in err
+    err = _cli_error(capsys, ["eval", "knn", str(garbage), "--train", str(data), "--val", str(data)])
+    assert "garbage.pt" in err and "not a readable PyTorch checkpoint" in err
+    err = _cli_error(capsys, ["pretrain", str(DEMO_CONFIGS / "mae_teacher.yaml"), f"data.source={data}",
+                              f"data.exclude={tmp_path / 'no_such_list.txt'}"])
+    assert "no_such_list.txt" in err
+
+
+def test_resume_with_only_corrupt_checkpoints_is_one_message(tmp_path, capsys):
+    from fastkd.data import write_sample_dataset
+
+    data = write_sample_dataset(tmp_path / "data", images=12)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "checkpoint_000000005.pt").write_bytes(b"truncated")
+    err = _cli_error(capsys, ["pretrain", str(DEMO_CONFIGS / "mae_teacher.yaml"), f"data.source={data}",
+                              f"train.output_dir={tmp_path / 'run'}", "data.num_workers=0", "data.batch_size=4",
+                              "--resume"])
+    assert "no checkpoint in" in err and "checkpoint_000000005.pt" in err

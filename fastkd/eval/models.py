@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastkd.durable import read_torch_file
 from fastkd.models.weights import STUDENT_FILE
 from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
 
@@ -66,7 +67,7 @@ def load_eval_model(path: str | os.PathLike, *, arch: str | None = None, module:
     elif not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_torch_file(path)
         if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
             model = _from_training_checkpoint(state, module)
         else:

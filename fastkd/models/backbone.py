@@ -223,5 +223,8 @@ def build_backbone(name: str, *, attention: str | None = None, checkpointing: bo
     timm_kwargs.pop("num_classes", None)
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}")
-    model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
+    except (AssertionError, TypeError, ValueError) as error:  # timm checks its arguments with assert
+        raise ValueError(f"timm rejected the arguments of {name} {timm_kwargs}: {error or type(error).__name__}") from None
     return Backbone(model, name, attention=attention, checkpointing=checkpointing, timm_kwargs=timm_kwargs)

@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import pickle
 from pathlib import Path
 
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from fastkd.durable import atomic_torch_save
+from fastkd.durable import UnreadableFileError, atomic_torch_save, read_torch_file
 from fastkd.models.backbone import Backbone, build_backbone
 
 FASTKD_FORMAT = "fastkd"  # the ``format`` entry of a file written by save_backbone
@@ -51,14 +50,9 @@ def _read(path: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{os.fspath(path)!r} is not a readable PyTorch checkpoint (torch.load with weights_only=True "
-            f"failed: {first_line})"
-        ) from None
+        obj = read_torch_file(path, safe_globals=(argparse.Namespace,))
+    except UnreadableFileError as error:
+        raise CheckpointError(str(error)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{os.fspath(path)!r} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj

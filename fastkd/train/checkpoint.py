@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from fastkd.durable import atomic_torch_save
+from fastkd.durable import UnreadableFileError, atomic_torch_save, read_torch_file
 
 _NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
 CHECKPOINT_FORMAT = "fastkd-train-v1"  # the ``format`` entry of every training checkpoint
@@ -68,18 +68,19 @@ class CheckpointManager:
         failures = []
         for index, path in enumerate(candidates):
             try:
-                state = torch.load(path, map_location=map_location, weights_only=True)
+                state = read_torch_file(path, map_location=map_location)
                 if not isinstance(state, dict) or "step" not in state:
                     raise ValueError("not a fastkd training checkpoint (no 'step' entry)")
             except Exception as error:  # noqa: BLE001 - any unreadable file is reported, then skipped
                 following = candidates[index + 1] if index + 1 < len(candidates) else None
-                failures.append(f"{path}: {type(error).__name__}: {error}")
+                failures.append(f"{path}: {error}")
                 self.report(
-                    f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error}); "
+                    f"checkpoint {path} is corrupt or truncated ({error}); "
                     + (f"falling back to the previous one, {following}" if following else "no older checkpoint")
                 )
                 continue
             return state, path
         if failures:
-            raise RuntimeError("no checkpoint in {} could be loaded:\n  {}".format(self.directory, "\n  ".join(failures)))
+            raise UnreadableFileError("no checkpoint in {} could be loaded:\n  {}".format(self.directory,
+                                                                                        "\n  ".join(failures)))
         return None

@@ -36,7 +36,7 @@ def test_no_readable_checkpoint_is_an_error(tmp_path):
     manager = CheckpointManager(tmp_path, report=lambda m: None)
     assert manager.load_latest() is None
     manager.path_for(5).write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="no checkpoint"):
+    with pytest.raises(ValueError, match="no checkpoint"):  # a clean user-facing error (exit 2 in the CLI)
         manager.load_latest()
 
 
