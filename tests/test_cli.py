@@ -163,3 +163,17 @@ def test_resume_with_only_corrupt_checkpoints_is_one_message(tmp_path, capsys):
                               f"train.output_dir={tmp_path / 'run'}", "data.num_workers=0", "data.batch_size=4",
                               "--resume"])
     assert "no checkpoint in" in err and "checkpoint_000000005.pt" in err
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_undecodable_image_during_training_names_the_file_and_exits_2(tmp_path, capsys, workers):
+    from fastkd.data import write_sample_dataset
+
+    data = write_sample_dataset(tmp_path / "data", images=12)
+    bad = sorted(data.rglob("*.jpg"))[3]
+    bad.write_bytes(b"this is not a jpeg")
+    err = _cli_error(capsys, ["pretrain", str(DEMO_CONFIGS / "mae_teacher.yaml"), f"data.source={data}",
+                              "data.backend=torch", f"data.num_workers={workers}", "data.batch_size=12",
+                              f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1"])
+    assert str(bad) in err and "fastkd data scan" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 2  # the message and the FASTKD_TRACEBACK hint

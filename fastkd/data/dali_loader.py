@@ -8,7 +8,7 @@ import torch
 
 from .batch import Batch
 from .dali_pipeline import build_dali_pipeline
-from .datasets import ImageList
+from .datasets import BadImageError, ImageList
 from .recipes import Recipe
 from .scan import check_image
 from .sharding import num_batches, shard_batches
@@ -129,7 +129,7 @@ class DaliViewLoader:
             return RuntimeError(f"DALI pipeline failed: {_dali_reason(error)}")
         bad = [self.images.files[i] for batch in window for i in batch if check_image(self.images.files[i])]
         if bad:
-            return RuntimeError(
+            return BadImageError(
                 f"undecodable image file(s) {bad}; run `fastkd data scan` and pass its exclusion list as "
                 f"exclude= (DALI: {_dali_reason(error)})"
             )

@@ -15,6 +15,10 @@ from typing import Iterable
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
+class BadImageError(ValueError):
+    """An image file the decoder cannot read (a data error the user fixes: exit 2 in the CLI)."""
+
+
 @dataclass(frozen=True)
 class ImageList:
     """``files[i]`` (absolute path) has label ``labels[i]``; ``classes[label]`` names the label."""

@@ -15,7 +15,7 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 from .batch import Batch
-from .datasets import ImageList
+from .datasets import BadImageError, ImageList
 from .recipes import IMAGENET_MEAN, IMAGENET_STD, Recipe, ViewSpec
 from .sharding import num_batches, shard_batches
 
@@ -78,10 +78,10 @@ class ViewDataset(torch.utils.data.Dataset):
             with Image.open(path) as file:
                 image = file.convert("RGB")
         except Exception as error:  # noqa: BLE001 - any decoder failure is reported with its file
-            raise RuntimeError(
-                f"cannot decode image {path!r} ({type(error).__name__}: {error}); "
-                "run `fastkd data scan` and pass its exclusion list as exclude="
-            ) from error
+            raise BadImageError(
+                f"cannot decode image {path!r} ({type(error).__name__}: {error}); run `fastkd data scan "
+                f"{self.images.root}` and pass its exclusion list as data.exclude="
+            ) from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
             views = [transform(image) for transform in self.transforms]
@@ -158,6 +158,12 @@ class TorchViewLoader:
         return len(self._batches)
 
     def __iter__(self):
+        try:
+            yield from self._batches_on_device()
+        except BadImageError as error:  # from a worker the message carries its traceback: keep the last line
+            raise BadImageError(str(error).strip().splitlines()[-1].removeprefix("BadImageError: ")) from None
+
+    def _batches_on_device(self):
         for batch in self._loader:
             if self.device.type == "cpu":
                 yield batch
