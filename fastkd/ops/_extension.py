@@ -19,13 +19,6 @@ def load() -> ModuleType | None:
     return _C
 
 
-def has_native_op(name: str) -> bool:
-    """True when ``fastkd._C`` is built and registers ``torch.ops.fastkd.<name>``."""
-    import torch
-
-    return load() is not None and hasattr(torch.ops.fastkd, name)
-
-
 def build_info() -> dict:
     """How the native extension was built: ``version``, ``torch``, ``cpu_isa`` (vector ISA of the
     CPU kernels), ``cpu_isa_supported`` (by this CPU), ``openmp``, ``cuda`` and ``cuda_archs``;
