@@ -38,7 +38,10 @@ def train_from_config(config: RunConfig, *, resume: bool = False) -> TrainResult
         )
         trainer = Trainer(method, loader, batch_size=data.batch_size, train=config.train, optim=config.optim,
                           env=env, config=config.to_dict())
-        result = trainer.fit(resume=resume)
+        try:
+            result = trainer.fit(resume=resume)
+        finally:
+            loader.close()  # worker processes end with the run, not at interpreter exit
         if env.is_main and not result.preempted and isinstance(trainer.method.student, Backbone):
             path = save_backbone(trainer.method.student, Path(config.train.output_dir) / STUDENT_FILE)
             print(f"student backbone written to {path}", flush=True)

@@ -55,7 +55,10 @@ def test_shipped_config_runs_steps(config_path, images, tmp_path):
                 overrides.append(f"method.{path_key}={checkpoint}")
     recipe = dict(raw.get("data", {}).get("recipe_options") or {})
     if method["name"] == "mokd":
-        recipe.update(global_size=SIZE, local_size=SIZE // 2)
+        # MOKD trains a ResNet-50: its crops stay >= 32 px so that no padded 3x3 convolution is
+        # fed a 1x1 map (PyTorch's CPU bf16 convolution backward then returned NaN weight gradients
+        # on some runs: non-deterministic, so presumably a read of uninitialised padding)
+        recipe.update(global_size=2 * SIZE, local_size=SIZE)
     else:
         recipe.update(size=SIZE)
     overrides.append(f"data.recipe_options={_flow(recipe)}")

@@ -89,6 +89,11 @@ class DaliViewLoader:
     def __len__(self) -> int:
         return self._len
 
+    def close(self) -> None:
+        """Releases the pipeline (its threads and buffers); the next iteration builds a new one."""
+        self._pipe = None
+        self._needs_reset = False
+
     def _pipeline(self):
         if self._pipe is None:
             self._pipe = build_dali_pipeline(source=self._source, **self._build)

@@ -36,7 +36,8 @@ def build_loader(
     **recipe_overrides,
 ):
     """Iterable of :class:`fastkd.data.Batch` (views normalised float ``[B, 3, H, W]`` on ``device``)
-    over rank ``rank``'s shard of ``source``, with ``len()`` and ``set_epoch(epoch)``.
+    over rank ``rank``'s shard of ``source``, with ``len()``, ``set_epoch(epoch)`` and ``close()``
+    (stops worker processes or threads now; the next iteration starts them again).
 
     ``source``: ImageFolder root, ``<path> <label>`` file list, or ``ImageList``; ``recipe``: a
     registered recipe name (``mocov3``, ``dino_multicrop``, ``mae``, ``eval``; ``recipe_overrides``

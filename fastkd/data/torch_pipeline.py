@@ -8,7 +8,10 @@ RNG, so results do not depend on the number of workers or on which epochs ran be
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # registers its exit hook now, so that fastkd's (below) runs before it
 import signal
+import weakref
 
 import torch
 from PIL import Image, ImageFilter
@@ -109,9 +112,24 @@ class _EpochBatches:
 def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers ignore SIGTERM / SIGINT: ``docker stop``, Slurm and Kubernetes signal the
     whole process group, and the parent alone decides how to stop (it writes its stop checkpoint,
-    then shuts its workers down; workers also exit when the parent dies)."""
+    then shuts its workers down; workers also exit when the parent dies). Because
+    ``multiprocessing`` ends daemonic children at interpreter exit with SIGTERM and then waits for
+    them, such workers still alive at exit are killed by :func:`_stop_workers_at_exit` first."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_WORKERS: "weakref.WeakSet[multiprocessing.Process]" = weakref.WeakSet()  # ignore SIGTERM
+
+
+@atexit.register  # exit hooks run last-registered first: this one before multiprocessing's
+def _stop_workers_at_exit() -> None:
+    """Kills this module's live workers (SIGKILL cannot be ignored): an unclosed loader's workers
+    may outlive every reference to it until interpreter exit."""
+    for process in list(_WORKERS):
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _collate(items) -> Batch:
@@ -151,6 +169,22 @@ class TorchViewLoader:
             worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
         )
 
+    def close(self) -> None:
+        """Stops the worker processes now (they restart on the next iteration). Workers that do not
+        exit after the DataLoader's own shutdown are killed: they ignore SIGTERM by design."""
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is None:
+            return
+        workers = list(getattr(iterator, "_workers", ()))
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+        self._loader._iterator = None
+
     def set_epoch(self, epoch: int) -> None:
         self._batches.epoch = epoch
 
@@ -164,7 +198,9 @@ class TorchViewLoader:
             raise BadImageError(str(error).strip().splitlines()[-1].removeprefix("BadImageError: ")) from None
 
     def _batches_on_device(self):
-        for batch in self._loader:
+        batches = iter(self._loader)
+        _WORKERS.update(getattr(batches, "_workers", ()))
+        for batch in batches:
             if self.device.type == "cpu":
                 yield batch
             else:

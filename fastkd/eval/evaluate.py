@@ -31,7 +31,10 @@ def split_features(model: nn.Module, source, *, image_size: int = 224, resize: i
     def compute() -> FeatureSet:
         loader = build_loader(source, "eval", batch_size=batch_size, backend=backend, device=str(device),
                               drop_last=False, num_workers=num_workers, size=image_size, resize=resize)
-        return extract_features(model, loader, device=device)
+        try:
+            return extract_features(model, loader, device=device)
+        finally:
+            loader.close()
 
     return cached_features(cache, compute)
 

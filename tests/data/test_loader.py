@@ -1,6 +1,9 @@
 """build_loader on the CPU device, both backends: views, normalisation, frequencies, sharding, bad files."""
 
 import dataclasses
+import multiprocessing
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -169,3 +172,29 @@ def test_torch_backend_augmentations_do_not_depend_on_workers(tiny_folder):
         return [torch.cat(b.views) for b in loader]
 
     assert all(torch.equal(a, b) for a, b in zip(views(0), views(2)))
+
+
+def test_close_stops_workers_and_iteration_restarts(tiny_folder):
+    loader = build_loader(tiny_folder, "eval", batch_size=5, backend="torch", num_workers=2, size=16)
+    first = [b.indices for b in loader]
+    assert len(multiprocessing.active_children()) >= 2  # persistent workers
+    loader.close()
+    assert multiprocessing.active_children() == []
+    again = [b.indices for b in loader]  # new workers
+    assert len(again) == len(first) and all(torch.equal(a, b) for a, b in zip(first, again))
+    loader.close()
+
+
+def test_interpreter_exits_with_workers_left_open(tiny_folder):
+    """Workers ignore SIGTERM (a group signal must not kill them before the stop checkpoint), and
+    ``multiprocessing`` ends daemonic children at exit with SIGTERM and waits: without fastkd's exit
+    hook the interpreter would wait forever for a loader that was never closed."""
+    script = (
+        "from fastkd.data import build_loader\n"
+        f"loader = build_loader({str(tiny_folder)!r}, 'eval', batch_size=5, backend='torch', num_workers=2, size=16)\n"
+        "batches = iter(loader)\n"
+        "next(batches)\n"
+        "print('ready', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ready" in done.stdout, done.stderr
