@@ -53,7 +53,7 @@ def targets_table(records: list[dict]) -> str:
     if not rows:
         return "No end-to-end targets were measured."
     return "## End-to-end targets\n\n" + markdown_table(
-        rows, ["method", "images_per_s", "speedup", "memory_ratio", "target", "meets_target"])
+        rows, ["method", "images_per_s", "vs_plain_eager", "vs_plain_compiled", "memory_ratio", "target", "meets_target"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ shared command line in :mod:`fastkd.benchmarks.arguments`; their old names here 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -79,6 +80,10 @@ def peak_memory_bytes(fn: Callable[[], Any], *, device: str = "cpu") -> int:
         return int(torch.cuda.max_memory_allocated() - base)
     from torch.profiler import ProfilerActivity, profile
 
+    if not torch.cuda.is_available():
+        # the profiler's kineto library logs GPU look-up errors ("gpuGetDeviceCount failed") and trace
+        # markers on stderr even for a CPU-only profile: silence it unless the user set a level
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     deltas = sorted(

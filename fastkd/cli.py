@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import importlib
 import json
+import math
 import os
 import pkgutil
 import sys
@@ -71,17 +72,45 @@ def _cache_key(args: argparse.Namespace) -> str:
     preprocessing, so a changed checkpoint or crop never reuses stale features."""
     path = Path(args.model).resolve()
     stamp = max((p.stat().st_mtime for p in path.rglob("*.pt")), default=0.0) if path.is_dir() else path.stat().st_mtime
-    identity = f"{path}|{stamp}|{args.module}|{args.arch}|{args.image_size}|{args.resize}"
-    return f"{path.stem}-{args.module}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
+    weights = getattr(args, "weights", "student")
+    identity = f"{path}|{stamp}|{args.module}|{weights}|{args.arch}|{args.image_size}|{args.resize}"
+    label = args.module if weights == "student" else weights
+    return f"{path.stem}-{label}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
+
+
+def _finite_report(report: dict) -> dict:
+    """``report`` with every non-finite float (NaN, inf) replaced by ``None`` and the replaced keys
+    listed under ``"non_finite"``, so that the printed and written JSON is always valid."""
+    replaced = []
+
+    def clean(value, key):
+        if isinstance(value, float) and not math.isfinite(value):
+            replaced.append(key)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    cleaned = clean(report, "")
+    if replaced:
+        cleaned["non_finite"] = replaced  # these were NaN or infinite (JSON has no such numbers)
+    return cleaned
 
 
 def _eval(args: argparse.Namespace) -> int:
     from fastkd.eval import evaluate_knn, evaluate_linear, load_eval_model
+    from fastkd.eval.evaluate import check_eval_options
     from fastkd.eval.models import native_image_size
 
+    numeric = ("image_size", "resize", "batch_size", "num_workers", "k", "temperature", "epochs", "lr",
+               "weight_decay", "probe_batch_size")
+    check_eval_options({name: getattr(args, name) for name in numeric if hasattr(args, name)}, cli=True)
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise ValueError(f"--output {args.output}: folder {str(Path(args.output).resolve().parent)!r} does not exist")
-    model = load_eval_model(args.model, arch=args.arch, module=args.module, format=args.format, device=args.device)
+    model = load_eval_model(args.model, arch=args.arch, module=args.module, format=args.format, device=args.device,
+                            weights=args.weights)
     if args.image_size is None:
         args.image_size = native_image_size(model)
     loader_options = dict(image_size=args.image_size, resize=args.resize, batch_size=args.batch_size,
@@ -99,7 +128,11 @@ def _eval(args: argparse.Namespace) -> int:
         report = {"protocol": "linear", "model": args.model, "epochs": args.epochs,
                   "top1": result.top1, "top5": result.top5, "train_loss": result.train_loss,
                   "class_counts": result.class_counts}
-    print(json.dumps(report))
+    report = _finite_report(report)
+    if "non_finite" in report:
+        print(f"fastkd eval: note: {', '.join(report['non_finite'])} not finite (NaN or infinite), written as null",
+              file=sys.stderr)
+    print(json.dumps(report, allow_nan=False))
     if args.output:
         atomic_write_json(args.output, report)
     return 0
@@ -154,6 +187,9 @@ def _add_eval_command(subparsers) -> None:
         sub.add_argument("--format", default="auto", choices=FORMATS)
         sub.add_argument("--module", default="student",
                          help="dotted submodule of the method to evaluate (training checkpoints; default student)")
+        sub.add_argument("--weights", default="student", choices=("student", "teacher"),
+                         help="run directories: evaluate student.pt (default) or teacher.pt, the EMA teacher's "
+                              "backbone written by mocov3 / resmoco / mokd runs")
         sub.add_argument("--image-size", type=int, default=None,
                          help="centre-crop size (default: the size the model was built for, e.g. a ViT's "
                               "img_size; 224 for ResNets)")

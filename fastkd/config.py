@@ -43,8 +43,10 @@ class ConfigError(ValueError):
 class DataConfig:
     """``source``: ImageFolder root or file list; ``batch_size``: images per rank per
     micro-batch; ``recipe``: view recipe (default: the method's ``recipe``); ``exclude``: an
-    exclusion list from ``fastkd data scan``; ``recipe_options``: extra keyword arguments of
-    ``fastkd.data.build_loader`` (recipe overrides such as the number of local crops)."""
+    exclusion list from ``fastkd data scan``; ``skip_bad_images``: drop undecodable images from
+    their batches (counted, each file warned about once) instead of stopping with an error (torch
+    backend only); ``recipe_options``: extra keyword arguments of ``fastkd.data.build_loader``
+    (recipe overrides such as the number of local crops)."""
 
     source: str = ""
     batch_size: int = 64
@@ -53,6 +55,7 @@ class DataConfig:
     recipe: str | None = None
     exclude: str | None = None
     drop_last: bool = True
+    skip_bad_images: bool = False
     recipe_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -66,6 +69,11 @@ class DataConfig:
             raise ConfigError(f"data.num_workers must be an int >= 0, got {self.num_workers!r}")
         if not isinstance(self.drop_last, bool):
             raise ConfigError(f"data.drop_last must be true or false, got {self.drop_last!r}")
+        if not isinstance(self.skip_bad_images, bool):
+            raise ConfigError(f"data.skip_bad_images must be true or false, got {self.skip_bad_images!r}")
+        if self.skip_bad_images and self.backend in ("dali", "dali_cpu"):
+            raise ConfigError(f"data.skip_bad_images needs data.backend=torch (or auto), got {self.backend!r}: "
+                              "DALI cannot drop an undecodable image from its batch")
         if not isinstance(self.recipe_options, dict):
             raise ConfigError(f"data.recipe_options must be a mapping, got {self.recipe_options!r}")
 

@@ -31,6 +31,17 @@ DEFAULT_RESULTS_DIR = "fastkd_bench_results"  # in the current directory
 PUBLISHED_RESULTS_DIR = Path("benchmarks") / "results"  # in the source checkout
 
 
+def load_average() -> str | None:
+    """The machine's 1 / 5 / 15-minute load averages with the core count (``"0.12 / 0.30 / 0.41 on 2
+    cores"``), or None where the OS has none. Benchmarks print it from their start: a ratio taken
+    while another job loads the machine is not comparable."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except (AttributeError, OSError):
+        return None
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f} on {os.cpu_count()} cores"
+
+
 def machine_info() -> dict:
     """CPU model, cores, GPU name and library versions, recorded with every result file."""
     import torch
@@ -48,6 +59,7 @@ def machine_info() -> dict:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average": load_average(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

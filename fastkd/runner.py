@@ -2,14 +2,16 @@
 (``fastkd.methods.build_method``) and the loader (``fastkd.data.build_loader``), train with
 :class:`fastkd.train.trainer.Trainer`, and at the end write the student backbone as
 ``<output_dir>/student.pt`` (fastkd format, loadable by ``fastkd.models.load_teacher`` and
-``fastkd eval``). Works the same under torchrun."""
+``fastkd eval``) and, for methods with an EMA teacher (MoCo v3, ResMoCo, MOKD:
+``Method.ema_teacher_backbone``), that teacher's backbone as ``<output_dir>/teacher.pt``
+(``fastkd eval ... --weights teacher``). Works the same under torchrun."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from fastkd.config import RunConfig
-from fastkd.models.weights import STUDENT_FILE
+from fastkd.models.weights import STUDENT_FILE, TEACHER_FILE
 from fastkd.train import distributed
 from fastkd.train.rng import seed_everything
 from fastkd.train.trainer import Trainer, TrainResult
@@ -34,7 +36,8 @@ def train_from_config(config: RunConfig, *, resume: bool = False) -> TrainResult
         loader = build_loader(
             data.source, data.recipe or method.recipe, batch_size=data.batch_size, backend=data.backend,
             device=str(env.device), rank=env.rank, world_size=env.world_size, seed=config.train.seed,
-            drop_last=data.drop_last, num_workers=data.num_workers, exclude=data.exclude, **data.recipe_options,
+            drop_last=data.drop_last, num_workers=data.num_workers, exclude=data.exclude,
+            skip_bad_images=data.skip_bad_images, **data.recipe_options,
         )
         trainer = Trainer(method, loader, batch_size=data.batch_size, train=config.train, optim=config.optim,
                           env=env, config=config.to_dict())
@@ -45,6 +48,10 @@ def train_from_config(config: RunConfig, *, resume: bool = False) -> TrainResult
         if env.is_main and not result.preempted and isinstance(trainer.method.student, Backbone):
             path = save_backbone(trainer.method.student, Path(config.train.output_dir) / STUDENT_FILE)
             print(f"student backbone written to {path}", flush=True)
+            teacher = trainer.method.ema_teacher_backbone
+            if isinstance(teacher, Backbone):
+                path = save_backbone(teacher, Path(config.train.output_dir) / TEACHER_FILE)
+                print(f"EMA teacher backbone written to {path}", flush=True)
         return result
     finally:
         distributed.shutdown()

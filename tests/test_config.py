@@ -114,3 +114,14 @@ def test_every_method_has_imagenet_and_demo_recipes():
     demo = {load_config(p).method_name for p in CONFIGS.glob("demo/*.yaml")}
     methods = {"moma", "hybrid_distill", "resmoco", "mokd", "mocov3", "mae"}
     assert names == methods and demo == methods
+
+
+def test_yaml_python_tags_never_execute(tmp_path):
+    """Configs are read with ``yaml.safe_load``: a ``!!python`` tag is an error, its code never runs."""
+    marker = tmp_path / "executed"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"method: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(Exception) as error:
+        load_config(config)
+    assert not marker.exists()
+    assert "python/object/apply" in str(error.value)

@@ -33,6 +33,7 @@ def build_loader(
     num_workers: int = 2,
     exclude: str | os.PathLike | Iterable[str] | None = None,
     shuffle: bool | None = None,
+    skip_bad_images: bool = False,
     **recipe_overrides,
 ):
     """Iterable of :class:`fastkd.data.Batch` (views normalised float ``[B, 3, H, W]`` on ``device``)
@@ -46,6 +47,10 @@ def build_loader(
     whatever the device), ``torch`` (DataLoader + PIL), ``auto`` (``dali`` when installed, else
     ``torch``). ``num_workers``: DataLoader workers or DALI CPU threads. ``shuffle`` defaults to
     the recipe's (``eval`` keeps file order). Sharding and ``drop_last``: see ``sharding.py``.
+
+    ``skip_bad_images``: an undecodable image is dropped from its batch (counted in the loader's
+    ``skipped_images``, a warning names it once) instead of raising ``BadImageError``; a batch
+    left empty is not yielded. Torch backend only (``auto`` then means ``torch``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -59,6 +64,12 @@ def build_loader(
         raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if not isinstance(skip_bad_images, bool):
+        raise ValueError(f"skip_bad_images must be true or false, got {skip_bad_images!r}")
+    if skip_bad_images and backend in ("dali", "dali_cpu"):
+        raise ValueError(f"skip_bad_images (data.skip_bad_images) needs backend 'torch', got backend={backend!r}: "
+                         "DALI cannot drop an undecodable image from its batch; set data.backend=torch, or run "
+                         "`fastkd data scan` and pass its exclusion list as data.exclude=")
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {str(device)!r}")
@@ -73,11 +84,11 @@ def build_loader(
         drop_last=drop_last,
     )
     if backend == "auto":
-        backend = "dali" if dali_available() else "torch"
+        backend = "dali" if dali_available() and not skip_bad_images else "torch"
     if backend == "torch":
         from .torch_pipeline import TorchViewLoader
 
-        return TorchViewLoader(images, recipe, num_workers=num_workers, **common)
+        return TorchViewLoader(images, recipe, num_workers=num_workers, skip_bad_images=skip_bad_images, **common)
     if not dali_available():
         raise ValueError(f"backend={backend!r} needs NVIDIA DALI: pip install 'fastkd[dali]'")
     from .dali_loader import DaliViewLoader

@@ -158,21 +158,30 @@ def _check_blur(blur) -> bool:
     return blur
 
 
-def _mocov3_view(size: int, scale, blur_p: float, solarize_p: float, blur: bool = True) -> ViewSpec:
+def _check_interpolation(interpolation) -> str:
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    return interpolation
+
+
+def _mocov3_view(size: int, scale, blur_p: float, solarize_p: float, blur: bool = True,
+                 interpolation: str = "bilinear") -> ViewSpec:
     return ViewSpec(
-        size=size, scale=tuple(scale), jitter=ColorJitter(), grayscale_p=0.2, blur_p=blur_p if blur else 0.0,
-        solarize_p=solarize_p,
+        size=size, scale=tuple(scale), interpolation=interpolation, jitter=ColorJitter(), grayscale_p=0.2,
+        blur_p=blur_p if blur else 0.0, solarize_p=solarize_p,
     )
 
 
 @register_recipe("mocov3")
-def mocov3(size: int = 224, scale=(0.08, 1.0), blur: bool = True) -> Recipe:
+def mocov3(size: int = 224, scale=(0.08, 1.0), blur: bool = True, interpolation: str = "bilinear") -> Recipe:
     """MoCo v3 / BYOL: two asymmetric views (blur 1.0 / 0.1, solarize 0 / 0.2). ``blur=False``
     drops the Gaussian blur, as CIFAR-size recipes do (sigma 0.1-2 px is meant for 224 px views
-    and wipes out the detail of a 32 px one)."""
-    blur = _check_blur(blur)
+    and wipes out the detail of a 32 px one). ``interpolation`` of the random resized crop:
+    bilinear by default, as MoCo v3's ``main_moco.py`` (torchvision's default)."""
+    blur, interpolation = _check_blur(blur), _check_interpolation(interpolation)
     return Recipe(
-        "mocov3", (_mocov3_view(size, scale, 1.0, 0.0, blur), _mocov3_view(size, scale, 0.1, 0.2, blur))
+        "mocov3", (_mocov3_view(size, scale, 1.0, 0.0, blur, interpolation),
+                   _mocov3_view(size, scale, 0.1, 0.2, blur, interpolation))
     )
 
 
@@ -184,17 +193,20 @@ def dino_multicrop(
     local_size: int = 96,
     local_scale=(0.05, 0.25),
     blur: bool = True,
+    interpolation: str = "bicubic",
 ) -> Recipe:
     """DINO multi-crop: two global views (asymmetric like MoCo v3) then ``local_crops`` local views
-    (blur p 0.5, no solarize); ``blur=False`` drops the blur (small images, see ``mocov3``)."""
+    (blur p 0.5, no solarize); ``blur=False`` drops the blur (small images, see ``mocov3``).
+    ``interpolation`` of every random resized crop: bicubic by default, as DINO's and the official
+    MOKD code's ``RandomResizedCrop(..., interpolation=Image.BICUBIC)``."""
     if not isinstance(local_crops, int) or local_crops < 0:
         raise ValueError(f"local_crops must be an int >= 0, got {local_crops!r}")
-    blur = _check_blur(blur)
+    blur, interpolation = _check_blur(blur), _check_interpolation(interpolation)
     global_views = (
-        _mocov3_view(global_size, global_scale, 1.0, 0.0, blur),
-        _mocov3_view(global_size, global_scale, 0.1, 0.2, blur),
+        _mocov3_view(global_size, global_scale, 1.0, 0.0, blur, interpolation),
+        _mocov3_view(global_size, global_scale, 0.1, 0.2, blur, interpolation),
     )
-    local = _mocov3_view(local_size, local_scale, 0.5, 0.0, blur)
+    local = _mocov3_view(local_size, local_scale, 0.5, 0.0, blur, interpolation)
     return Recipe("dino_multicrop", global_views + (local,) * local_crops)
 
 

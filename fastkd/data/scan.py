@@ -49,16 +49,23 @@ def _dataset_files(root: Path) -> tuple[Path, list[str]]:
     return root.resolve(), files
 
 
+def _tqdm_disabled_by_env() -> bool:
+    """Whether ``TQDM_DISABLE`` asks for no progress bars (any value but empty, 0, false, no)."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def scan_dataset(
     root: str | os.PathLike, workers: int = 4, *, out: str | os.PathLike | None = None, progress: bool = True
 ) -> ScanResult:
     """Decode every image under ``root`` (ImageFolder tree, or a file list) with ``workers``
-    threads; if ``out`` is given, write the exclusion list there (``path<TAB>reason`` lines)."""
+    threads; if ``out`` is given, write the exclusion list there (``path<TAB>reason`` lines).
+    ``progress``: a progress bar on stderr (never when the ``TQDM_DISABLE`` environment variable is set)."""
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     base, files = _dataset_files(Path(root))
     with ThreadPoolExecutor(workers) as pool:
-        reasons = list(tqdm(pool.map(check_image, files), total=len(files), desc="scan", unit="img", disable=not progress))
+        reasons = list(tqdm(pool.map(check_image, files), total=len(files), desc="scan", unit="img",
+                            disable=not progress or _tqdm_disabled_by_env()))
     bad = tuple(sorted((os.path.relpath(f, base), r) for f, r in zip(files, reasons) if r is not None))
     result = ScanResult(str(base), len(files), bad)
     if out is not None:

@@ -4,6 +4,11 @@ pipeline. It is the fallback where DALI is not installed and the benchmark's bas
 
 Augmentations are a pure function of ``(seed, epoch, index)``: each sample seeds its own torch
 RNG, so results do not depend on the number of workers or on which epochs ran before.
+
+An undecodable image raises :class:`BadImageError` naming it; with ``skip_bad_images`` the
+dataset returns a :class:`BadImage` marker instead, the collate function drops it (the batch is
+then smaller; a batch left empty is not yielded, so the epoch has fewer batches than ``len()``)
+and the loader counts it in the main process (``skipped_images``) and warns once per file.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import atexit
 import multiprocessing.util  # registers its exit hook now, so that fastkd's (below) runs before it
 import signal
+import sys
 import weakref
+from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageFilter
@@ -63,13 +70,22 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
 
 
-class ViewDataset(torch.utils.data.Dataset):
-    """Item ``(epoch, i)`` -> ``(views, label, i)`` with every view of ``recipe`` of image ``i``."""
+class BadImage(NamedTuple):
+    """What :class:`ViewDataset` returns for an undecodable image when it skips bad images."""
 
-    def __init__(self, images: ImageList, recipe: Recipe, seed: int):
+    path: str
+    reason: str
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Item ``(epoch, i)`` -> ``(views, label, i)`` with every view of ``recipe`` of image ``i``
+    (a :class:`BadImage` for an undecodable one when ``skip_bad_images``, else BadImageError)."""
+
+    def __init__(self, images: ImageList, recipe: Recipe, seed: int, skip_bad_images: bool = False):
         self.images = images
         self.transforms = [view_transform(spec) for spec in recipe.views]
         self.seed = seed
+        self.skip_bad_images = skip_bad_images
 
     def __len__(self) -> int:
         return len(self.images)
@@ -81,6 +97,8 @@ class ViewDataset(torch.utils.data.Dataset):
             with Image.open(path) as file:
                 image = file.convert("RGB")
         except Exception as error:  # noqa: BLE001 - any decoder failure is reported with its file
+            if self.skip_bad_images:
+                return BadImage(path, f"{type(error).__name__}: {error}")
             raise BadImageError(
                 f"cannot decode image {path!r} ({type(error).__name__}: {error}); run `fastkd data scan "
                 f"{self.images.root}` and pass its exclusion list as data.exclude="
@@ -139,6 +157,26 @@ def _collate(items) -> Batch:
     return Batch(views, labels, indices)
 
 
+class _SkippingBatch:
+    """``_collate_skipping``'s result: the batch of the decodable items (``None`` when there is
+    none) and the :class:`BadImage` s dropped from it."""
+
+    def __init__(self, batch: Batch | None, bad: list[BadImage]):
+        self.batch, self.bad = batch, bad
+
+    def pin_memory(self) -> "_SkippingBatch":  # called by the DataLoader's pin-memory thread
+        if self.batch is None:
+            return self
+        pin = torch.utils.data._utils.pin_memory.pin_memory
+        return _SkippingBatch(Batch([pin(v) for v in self.batch.views], pin(self.batch.labels),
+                                    pin(self.batch.indices)), self.bad)
+
+
+def _collate_skipping(items) -> _SkippingBatch:
+    good = [item for item in items if not isinstance(item, BadImage)]
+    return _SkippingBatch(_collate(good) if good else None, [item for item in items if isinstance(item, BadImage)])
+
+
 class TorchViewLoader:
     """Iterable of :class:`Batch` over ``rank``'s shard, on ``device`` (see ``build_loader``)."""
 
@@ -155,15 +193,19 @@ class TorchViewLoader:
         shuffle: bool,
         drop_last: bool,
         num_workers: int,
+        skip_bad_images: bool = False,
     ):
         self.device = device
+        self.skip_bad_images = skip_bad_images
+        self.skipped_images = 0  # images skipped so far (an image skipped in two epochs counts twice)
+        self.bad_images: set[str] = set()  # the distinct files skipped (each is warned about once)
         shard = dict(rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, drop_last=drop_last)
         self._batches = _EpochBatches(len(images), batch_size, shard)
         self._loader = torch.utils.data.DataLoader(
-            ViewDataset(images, recipe, seed),
+            ViewDataset(images, recipe, seed, skip_bad_images),
             batch_sampler=self._batches,
             num_workers=num_workers,
-            collate_fn=_collate,
+            collate_fn=_collate_skipping if skip_bad_images else _collate,
             pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
             worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
@@ -188,6 +230,16 @@ class TorchViewLoader:
     def set_epoch(self, epoch: int) -> None:
         self._batches.epoch = epoch
 
+    def _count_bad(self, result: _SkippingBatch) -> Batch | None:
+        for bad in result.bad:
+            self.skipped_images += 1
+            if bad.path not in self.bad_images:
+                self.bad_images.add(bad.path)
+                print(f"warning: skipping undecodable image {bad.path!r} ({bad.reason}) because "
+                      f"data.skip_bad_images is set; `fastkd data scan` lists every such file for data.exclude=",
+                      file=sys.stderr, flush=True)
+        return result.batch
+
     def __len__(self) -> int:
         return len(self._batches)
 
@@ -201,6 +253,10 @@ class TorchViewLoader:
         batches = iter(self._loader)
         _WORKERS.update(getattr(batches, "_workers", ()))
         for batch in batches:
+            if self.skip_bad_images:
+                batch = self._count_bad(batch)
+                if batch is None:
+                    continue
             if self.device.type == "cpu":
                 yield batch
             else:

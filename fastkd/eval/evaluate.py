@@ -6,6 +6,7 @@ matched to train classes by name (see :func:`aligned_splits`)."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -18,10 +19,50 @@ from fastkd.eval.knn import KNNResult, knn_classify
 from fastkd.eval.linear_probe import LinearProbeResult, train_linear_probe
 
 
+# option -> (int or float, lower bound, bound included, None allowed): the numeric evaluation options
+_NUMERIC_OPTIONS = {
+    "k": (int, 1, True, False),
+    "temperature": (float, 0.0, False, False),
+    "epochs": (int, 1, True, False),
+    "lr": (float, 0.0, True, False),
+    "weight_decay": (float, 0.0, True, False),
+    "probe_batch_size": (int, 1, True, False),
+    "batch_size": (int, 1, True, False),
+    "num_workers": (int, 0, True, False),
+    "image_size": (int, 1, True, True),
+    "resize": (int, 1, True, True),
+}
+
+
+def check_eval_options(options: dict, *, cli: bool = False) -> None:
+    """Raise ValueError naming the first numeric evaluation option of ``options`` (``k``,
+    ``temperature``, ``epochs``, ``lr``, ``weight_decay``, ``probe_batch_size``, ``batch_size``,
+    ``num_workers``, ``image_size``, ``resize``; other keys are ignored) that is not a finite
+    number in its range. ``cli`` names them as command-line options (``--probe-batch-size``)."""
+    for name, value in options.items():
+        if name not in _NUMERIC_OPTIONS:
+            continue
+        kind, low, inclusive, optional = _NUMERIC_OPTIONS[name]
+        if value is None and optional:
+            continue
+        label = f"--{name.replace('_', '-')}" if cli else name
+        if kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+            expected = f"an integer >= {low}"
+        else:
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  and (value >= low if inclusive else value > low))
+            expected = f"a finite number {'>=' if inclusive else '>'} {low:g}"
+        if not ok:
+            raise ValueError(f"{label} must be {expected}, got {value!r}")
+
+
 def split_features(model: nn.Module, source, *, image_size: int = 224, resize: int | None = None,
                    batch_size: int = 64, backend: str = "auto", num_workers: int = 2,
-                   device: str | torch.device = "cpu", cache: str | os.PathLike | None = None) -> FeatureSet:
-    """Features of every image of the ImageFolder / file list ``source`` (cached at ``cache``)."""
+                   device: str | torch.device = "cpu", cache: str | os.PathLike | None = None,
+                   desc: str = "features") -> FeatureSet:
+    """Features of every image of the ImageFolder / file list ``source`` (cached at ``cache``;
+    ``desc`` labels the progress bar)."""
     from fastkd.data import build_loader
 
     if not isinstance(image_size, int) or image_size < 1:
@@ -32,7 +73,7 @@ def split_features(model: nn.Module, source, *, image_size: int = 224, resize: i
         loader = build_loader(source, "eval", batch_size=batch_size, backend=backend, device=str(device),
                               drop_last=False, num_workers=num_workers, size=image_size, resize=resize)
         try:
-            return extract_features(model, loader, device=device)
+            return extract_features(model, loader, device=device, desc=desc)
         finally:
             loader.close()
 
@@ -66,14 +107,15 @@ def _both_splits(model, train_source, val_source, cache_dir, cache_key,
         raise ValueError("cache_key is required with cache_dir (it names the model whose features are cached)")
     train_images, val_images, counts = aligned_splits(train_source, val_source)
     caches = [None, None] if cache_dir is None else [Path(cache_dir) / f"{cache_key}-{s}.pt" for s in ("train", "val")]
-    return (split_features(model, train_images, cache=caches[0], **loader_options),
-            split_features(model, val_images, cache=caches[1], **loader_options), counts)
+    return (split_features(model, train_images, cache=caches[0], desc="train features", **loader_options),
+            split_features(model, val_images, cache=caches[1], desc="val features", **loader_options), counts)
 
 
 def evaluate_knn(model: nn.Module, train_source, val_source, *, k: int = 20, temperature: float = 0.07,
                  cache_dir: str | os.PathLike | None = None, cache_key: str | None = None,
                  **loader_options) -> KNNResult:
     """Weighted k-NN accuracy of ``model``'s features (train split as memory bank)."""
+    check_eval_options(dict(k=k, temperature=temperature, **loader_options))  # before extracting anything
     train, val, counts = _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options)
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
     result = knn_classify(train.features, train.labels, val.features, val.labels, num_classes=num_classes,
@@ -87,6 +129,8 @@ def evaluate_linear(model: nn.Module, train_source, val_source, *, epochs: int =
                     cache_dir: str | os.PathLike | None = None, cache_key: str | None = None,
                     **loader_options) -> LinearProbeResult:
     """Linear-probe accuracy of ``model``'s frozen features."""
+    check_eval_options(dict(epochs=epochs, lr=lr, weight_decay=weight_decay, probe_batch_size=probe_batch_size,
+                            **loader_options))  # before extracting anything
     train, val, counts = _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options)
     result = train_linear_probe(train.features, train.labels, val.features, val.labels, epochs=epochs, lr=lr,
                                 weight_decay=weight_decay, batch_size=probe_batch_size)

@@ -2,7 +2,8 @@
 
 ``extract_features(model, loader)`` runs ``model(batch.views[0])`` (a backbone's global feature
 ``[B, D]``: CLS after the final norm for ViTs, pooled for ResNets) over every batch under
-``torch.no_grad`` in eval mode and returns the features in dataset-index order.
+``torch.no_grad`` in eval mode and returns the features in dataset-index order, with a progress
+bar on stderr when it is a terminal (see :func:`progress_disable`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from fastkd.durable import atomic_torch_save
+
+
+def progress_disable(progress: bool = True) -> bool | None:
+    """tqdm's ``disable`` for the evaluation progress bars: ``True`` when ``progress`` is false or
+    the ``TQDM_DISABLE`` environment variable is set (any value but empty, 0, false, no), else
+    ``None`` (shown only when stderr is a terminal)."""
+    if not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no"):
+        return True
+    return None
 
 
 @dataclass
@@ -32,8 +43,10 @@ class FeatureSet:
 
 @torch.no_grad()
 def extract_features(model: nn.Module, loader, *, device: str | torch.device | None = None,
-                     autocast_dtype: torch.dtype | None = None) -> FeatureSet:
-    """Features of every image the loader yields (one pass, ``model.eval()``; the mode is restored)."""
+                     autocast_dtype: torch.dtype | None = None, progress: bool = True,
+                     desc: str = "features") -> FeatureSet:
+    """Features of every image the loader yields (one pass, ``model.eval()``; the mode is restored).
+    ``progress``, ``desc``: the progress bar (see :func:`progress_disable`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not hasattr(loader, "__iter__"):
@@ -45,7 +58,8 @@ def extract_features(model: nn.Module, loader, *, device: str | torch.device | N
     model.eval()
     features, labels, indices = [], [], []
     try:
-        for batch in loader:
+        total = len(loader) if hasattr(loader, "__len__") else None
+        for batch in tqdm(loader, total=total, desc=desc, unit="batch", disable=progress_disable(progress)):
             images = batch.views[0].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 output = model(images)

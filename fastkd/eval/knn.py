@@ -14,6 +14,7 @@ similarities: 52 test rows against ImageNet's 1.28M train features).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +52,8 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         raise ValueError("train_features is empty")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if chunk_size is None:
         chunk_size = max(1, MAX_SIMILARITIES // train_features.shape[0])
     if not isinstance(chunk_size, int) or chunk_size < 1:

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from fastkd.checks import check_features
+from fastkd.eval.features import progress_disable
 
 
 @dataclass
@@ -34,8 +36,9 @@ class LinearProbeResult:
 def train_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                        test_labels: torch.Tensor, *, num_classes: int | None = None, epochs: int = 100,
                        lr: float = 0.1, weight_decay: float = 0.0, batch_size: int = 256,
-                       seed: int = 0) -> LinearProbeResult:
-    """Train a linear classifier on ``train_features`` and report accuracy on ``test_features``."""
+                       seed: int = 0, progress: bool = True) -> LinearProbeResult:
+    """Train a linear classifier on ``train_features`` and report accuracy on ``test_features``
+    (``progress``: a bar over the epochs, see :func:`fastkd.eval.features.progress_disable`)."""
     check_features("train_features", train_features, "train_labels", train_labels)
     check_features("test_features", test_features, "test_labels", test_labels)
     if train_features.shape[1] != test_features.shape[1]:
@@ -45,8 +48,8 @@ def train_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor,
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-        if not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     elif not isinstance(num_classes, int) or num_classes <= int(train_labels.max()):
@@ -62,7 +65,8 @@ def train_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor,
     optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(x.shape[0] / batch_size)
     total, step, epoch_loss = epochs * steps_per_epoch, 0, math.nan
-    for _ in range(epochs):
+    bar = tqdm(range(epochs), desc="linear probe", unit="epoch", disable=progress_disable(progress))
+    for _ in bar:
         order = torch.randperm(x.shape[0], generator=generator)
         losses = []
         for start in range(0, x.shape[0], batch_size):
@@ -76,6 +80,7 @@ def train_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor,
             losses.append(loss.detach())
             step += 1
         epoch_loss = float(torch.stack(losses).mean())
+        bar.set_postfix(loss=f"{epoch_loss:.4g}", refresh=False)
     with torch.no_grad():
         folded = nn.Linear(x.shape[1], num_classes)
         folded.weight.copy_(classifier.weight / std)

@@ -4,6 +4,8 @@
 
 - a training run directory: its final ``student.pt`` when it has one and ``module`` is ``student``
   (nothing else is rebuilt, so the run's teachers need not be reachable), else its newest checkpoint;
+  with ``weights="teacher"`` its ``teacher.pt`` (the EMA teacher's backbone that runs of MoCo v3,
+  ResMoCo and MOKD write beside ``student.pt``);
 - a training checkpoint (``checkpoint_<step>.pt``, written by
   :class:`fastkd.train.trainer.Trainer`): the method is rebuilt from the config stored in the
   checkpoint, its state loaded, and the submodule ``module`` (dotted path, default ``student``)
@@ -23,8 +25,11 @@ import torch
 from torch import nn
 
 from fastkd.durable import read_torch_file
-from fastkd.models.weights import STUDENT_FILE
+from fastkd.models.weights import STUDENT_FILE, TEACHER_FILE
 from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
+
+
+WEIGHTS = ("student", "teacher")  # which backbone of a run directory load_eval_model reads
 
 
 def _submodule(root: nn.Module, dotted: str) -> nn.Module:
@@ -51,11 +56,23 @@ def _from_training_checkpoint(state: dict, module: str) -> nn.Module:
 
 
 def load_eval_model(path: str | os.PathLike, *, arch: str | None = None, module: str = "student",
-                    format: str = "auto", device: str | torch.device = "cpu", **timm_kwargs) -> nn.Module:
-    """The frozen (eval mode, no grad) model saved at ``path``, on ``device``."""
+                    format: str = "auto", device: str | torch.device = "cpu", weights: str = "student",
+                    **timm_kwargs) -> nn.Module:
+    """The frozen (eval mode, no grad) model saved at ``path``, on ``device``. ``weights``
+    (``student`` | ``teacher``) picks a run directory's ``student.pt`` or ``teacher.pt``."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     path = Path(path)
+    if weights == "teacher":
+        if not path.is_dir():
+            raise ValueError(f"weights='teacher' picks the {TEACHER_FILE} of a run directory; {str(path)!r} is not "
+                             "a directory (give the teacher file itself as the path instead)")
+        if not (path / TEACHER_FILE).is_file():
+            raise ValueError(f"run directory {str(path)!r} has no {TEACHER_FILE}: only finished runs of methods "
+                             "with an EMA teacher (mocov3, resmoco, mokd) write one")
+        path = path / TEACHER_FILE
     if path.is_dir() and module == "student" and (path / STUDENT_FILE).is_file():
         path = path / STUDENT_FILE
     if path.is_dir():

@@ -10,6 +10,19 @@ from fastkd.ops.feature_align import check_options, feature_align
 from fastkd.ops.reduction import REDUCTIONS, check_reduction  # noqa: F401 - REDUCTIONS re-exported
 
 
+def _nonnegative(mask):
+    """``mask`` after checking that its weights are >= 0 (bool masks and non-tensors, which the op
+    rejects itself, pass through): a ValueError on CPU, a NaN mask elsewhere (no host sync)."""
+    if not isinstance(mask, Tensor) or not mask.dtype.is_floating_point:
+        return mask
+    negative = (mask.detach() < 0).any()
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(negative):
+            raise ValueError(f"mask must hold weights >= 0, got a minimum of {float(mask.min()):.6g}")
+        return mask
+    return torch.where(negative, torch.full_like(mask, float("nan")), mask)
+
+
 class FeatureAlignLoss(nn.Module):
     """``loss_fn(student, teacher, mask=None)`` for ``student``, ``teacher`` ``[..., D]`` and an
     optional bool or float row mask / weight ``[...]`` (no gradient). With ``l`` the per-row loss of
@@ -20,7 +33,11 @@ class FeatureAlignLoss(nn.Module):
 
     so without a mask ``"mean"`` equals ``nn.SmoothL1Loss(beta=beta)`` / ``nn.MSELoss()`` applied to
     ``x`` and ``y``. The teacher never receives a gradient. The result is float32 (float64 for
-    float64 inputs)."""
+    float64 inputs).
+
+    Mask weights must be >= 0: a negative weight raises ValueError for a CPU mask; for a mask on
+    another device (where checking its values would wait for the device) the loss becomes NaN
+    instead, which the trainer's non-finite check reports. An all-zero mask gives 0."""
 
     def __init__(
         self,
@@ -46,6 +63,7 @@ class FeatureAlignLoss(nn.Module):
                 f"beta={self.beta}, reduction={self.reduction!r}, eps={self.eps}")
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = _nonnegative(mask)
         if self.reduction == "mean":
             # Fold the mean's 1 / sum(w) into the row weights: the op's backward then gets a
             # gradient of exactly one per row (for a plain loss.backward()) and skips its scaling.

@@ -2,8 +2,9 @@
 
 A method is an ``nn.Module`` with ``forward(batch) -> dict`` (``loss`` = the weighted sum of the
 named parts, each part detached for logging), ``after_step(step, total_steps)`` (teacher EMA and
-schedules), ``.student`` (the backbone that is evaluated and saved), ``param_groups(weight_decay)``
-and ``recipe`` (the data recipe it needs).
+schedules), ``.student`` (the backbone that is evaluated and saved), ``.ema_teacher_backbone`` (the
+EMA teacher's copy of that backbone, saved beside it; None for methods without one),
+``param_groups(weight_decay)`` and ``recipe`` (the data recipe it needs).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from fastkd.checks import check_number
 from fastkd.data.batch import Batch
 from fastkd.deprecation import renamed
+from fastkd.models.ema_teacher import EMATeacher
 from fastkd.suggest import did_you_mean
 
 ROLES = ("pretrain", "distill")
@@ -89,6 +91,20 @@ class Method(nn.Module):
         for name in self.frozen_teachers:
             getattr(self, name).eval()
         return self
+
+    @property
+    def ema_teacher_backbone(self) -> nn.Module | None:
+        """The EMA teacher's copy of :attr:`student` (MoCo v3's momentum encoder backbone, MOKD's
+        teacher of the evaluated model), or None when no :class:`fastkd.models.EMATeacher` of the
+        method follows the student. Found generically: the submodule of the EMA teacher's module
+        at the student's path inside the EMA teacher's student."""
+        student = self.student
+        for module in self.modules():
+            if isinstance(module, EMATeacher):
+                for name, candidate in module.student.named_modules():
+                    if candidate is student:
+                        return module.module.get_submodule(name)
+        return None
 
     def before_optimizer_step(self, epoch: float) -> None:
         """Called by the trainer after backward and gradient clipping, before the optimiser

@@ -1,7 +1,8 @@
 """MoCo v3 (Chen, Xie, He 2021): the momentum-contrast teacher family and ResidualMoCo's base.
 
 Online branch ``q_v = predictor(projector(backbone(x_v)))``; momentum branch
-``k_v = momentum_encoder(x_v)`` (an EMA copy of ``backbone + projector``, no gradient)::
+``k_v = momentum_encoder(x_v)`` (an EMA copy of ``backbone + projector``, no gradient; in eval mode
+but for its BatchNorm layers, see :class:`fastkd.models.EMATeacher`)::
 
     loss = InfoNCE(q_1, k_2) + InfoNCE(q_2, k_1)        # fastkd.losses.InfoNCELoss, scaled by 2T
 
@@ -16,18 +17,30 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastkd.checks import check_bool, check_kwargs, check_number, check_str
+from fastkd.checks import check_bool, check_choice, check_kwargs, check_number, check_str
 from fastkd.data.batch import Batch
 from fastkd.losses.infonce import InfoNCELoss
 from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
 from fastkd.models import EMATeacher, MoCoPredictor, MoCoProjector, build_backbone, momentum_schedule
+from fastkd.models.ema_teacher import BN_STATS
+from fastkd.models.position_embedding import set_sincos_pos_embed
 
 
 @dataclass
 class MoCoV3Config:
-    """``proj_layers`` / ``temperature`` None: MoCo v3's choice for the architecture (3 layers and
-    T = 0.2 for ViTs, 2 layers and T = 1.0 for ResNets). ``freeze_patch_embed``: MoCo v3's frozen
-    random patch projection (ViTs only)."""
+    """``proj_layers`` / ``temperature`` / ``pred_last_bn`` / ``freeze_patch_embed`` /
+    ``sincos_pos_embed`` None: MoCo v3's choice for the architecture (ViTs: 3 projector layers,
+    T = 0.2, a predictor ending in ``BatchNorm1d(affine=False)``, the frozen random patch projection
+    and the fixed 2-D sin-cos position embedding; ResNets: 2 layers, T = 1.0, no last predictor BN).
+
+    - ``freeze_patch_embed``: MoCo v3's frozen random patch projection (ViTs only; True on a ResNet
+      is an error).
+    - ``sincos_pos_embed``: the fixed (frozen) 2-D sin-cos position embedding of MoCo v3's ViTs
+      (:mod:`fastkd.models.position_embedding`) instead of a learned one (ViTs only).
+    - ``pred_last_bn``: the predictor ends with ``BatchNorm1d(affine=False)`` (MoCo v3's ViT predictor).
+    - ``momentum_bn_stats``: BatchNorm statistics of the momentum encoder, ``"batch"`` (its own, as
+      the official code) or ``"ema"`` (EMA of the student's); see :class:`fastkd.models.EMATeacher`.
+    """
 
     arch: str = "vit_small_patch16_224"
     arch_kwargs: dict = field(default_factory=dict)
@@ -39,7 +52,10 @@ class MoCoV3Config:
     out_dim: int = 256
     temperature: float | None = None
     base_momentum: float = 0.99
-    freeze_patch_embed: bool = True
+    freeze_patch_embed: bool | None = None
+    sincos_pos_embed: bool | None = None
+    pred_last_bn: bool | None = None
+    momentum_bn_stats: str = "batch"
 
     def __post_init__(self):
         check_str("arch", self.arch)
@@ -54,7 +70,10 @@ class MoCoV3Config:
             check_number("temperature", self.temperature, low=0.0, low_open=True)
         check_number("base_momentum", self.base_momentum, low=0.0, high=1.0)
         check_bool("checkpointing", self.checkpointing)
-        check_bool("freeze_patch_embed", self.freeze_patch_embed)
+        for name in ("freeze_patch_embed", "sincos_pos_embed", "pred_last_bn"):
+            if getattr(self, name) is not None:
+                check_bool(name, getattr(self, name))
+        check_choice("momentum_bn_stats", self.momentum_bn_stats, BN_STATS)
 
 
 class MoCoV3(Method):
@@ -68,13 +87,19 @@ class MoCoV3(Method):
         super().__init__(config)
         backbone = build_backbone(config.arch, attention=config.attention, checkpointing=config.checkpointing,
                                   **config.arch_kwargs)
-        if config.freeze_patch_embed and backbone.is_vit:
+        for name in ("freeze_patch_embed", "sincos_pos_embed"):
+            if getattr(config, name) and not backbone.is_vit:
+                raise ValueError(f"{name} applies to ViTs only, {config.arch!r} is not one: leave it unset")
+        if backbone.is_vit and config.sincos_pos_embed is not False:
+            set_sincos_pos_embed(backbone)
+        if backbone.is_vit and config.freeze_patch_embed is not False:
             backbone.model.patch_embed.requires_grad_(False)
         layers = config.proj_layers or (3 if backbone.is_vit else 2)
         projector = MoCoProjector(backbone.embed_dim, config.proj_hidden_dim, config.out_dim, layers)
         self.base_encoder = nn.Sequential(backbone, projector)
-        self.predictor = MoCoPredictor(config.out_dim, config.pred_hidden_dim, config.out_dim)
-        self.momentum_encoder = EMATeacher(self.base_encoder)
+        last_bn = config.pred_last_bn if config.pred_last_bn is not None else backbone.is_vit
+        self.predictor = MoCoPredictor(config.out_dim, config.pred_hidden_dim, config.out_dim, last_bn=last_bn)
+        self.momentum_encoder = EMATeacher(self.base_encoder, bn_stats=config.momentum_bn_stats)
         temperature = config.temperature if config.temperature is not None else (0.2 if backbone.is_vit else 1.0)
         self.contrastive = InfoNCELoss(temperature=temperature)
 

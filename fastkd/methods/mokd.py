@@ -1,5 +1,7 @@
 """MOKD (Song et al., CVPR 2023): two different models trained together from scratch, each with
-its own EMA teacher, DINO head and T-head, distilling into each other.
+its own EMA teacher, DINO head and T-head, distilling into each other. Defaults follow the official
+code (github.com/skyoux/mokd, ``main_mokd.py`` + ``models/mokd.py``) with its README's ResNet-50 /
+ViT-S recipe.
 
 Views: DINO multi-crop, ``num_global_views`` global crops first (the teachers see only those),
 then local crops. For model ``X`` with the other model ``Y`` (``S`` = student outputs on every
@@ -9,18 +11,26 @@ with their own centre)::
     self_mlp     = DINO(S_X.dino,  T_X.dino)                    # DINO head on pooled feature / CLS
     self_thead   = DINO(S_X.thead, T_X.thead)                   # T-head on patch tokens / feature map
     cross_mlp    = DINO(S_X.dino,  T_Y.dino)                    # the other model's teacher, detached
-    cross_search = mean_{local v} CE(softmax(T_Y.thead(T_Y.patches[0], query=sg[S_X.embed[v]]) / tau_t),
+    cross_search = mean_{local v} CE(softmax(T_Y.thead(T_Y.patches[0], query=sg[q_X[v]]) / tau_t),
                                      log_softmax(S_X.thead[v] / tau_s))       # no centring
     total_X = self_mlp + self_thead + lambda_X * (cross_mlp + cross_search)
     loss = total_a + total_b
 
 ``DINO`` averages over (teacher crop i, student crop v) pairs with ``v != i`` (DINO's rule, kept
-for the cross term too). ``S_X.embed[v]`` is X's T-head embedding (``THead.embed``, dim
-``thead_dim``) of local crop ``v``, used as a query token prepended to Y's teacher patch tokens of
-global view 1 (cross-attention feature search). Nothing carries a gradient from one model into
-the other: every cross term uses the other model's teacher (no gradient) and a detached query.
+for the cross term too). T-head (``fastkd.models.THead``): adapter to ``thead_dim`` (1x1 conv for a
+ResNet map), + a learnable positional embedding (bicubically resized for the smaller maps of local
+crops), ``thead_depth`` blocks, mean over tokens, weight-normalised last layer with a trainable
+gain and no l2 normalisation. The search query ``q_X[v]`` of local crop ``v``
+(``search_query="backbone"``, official) is X's student CLS token for a ViT (through X's T-head
+adapter, the identity when the widths agree) and, for a ResNet, the average-pooled output of X's
+T-head 1x1 conv (before the positional embedding and the blocks); ``"thead"`` uses X's own T-head
+embedding instead (earlier versions). It is prepended to Y's teacher patch tokens of global view 0
+(cross-attention feature search). Nothing carries a gradient from one model into the other: every
+cross term uses the other model's teacher (no gradient) and a detached query.
+
 ``after_step`` moves both teachers with ``ema_`` (momentum ``0.996 -> 1``, cosine) and the teacher
-temperature (``0.04 -> 0.07``).
+temperatures (``0.04 -> 0.07``, linear over a per-term fraction of training: model a's self terms
+0.5, every other term 0.3 = the official 50 (CNN) / 30 (ViT, cross, search) of 100 epochs).
 """
 
 from __future__ import annotations
@@ -40,12 +50,35 @@ from fastkd.models import DINOHead, EMATeacher, THead, build_backbone, momentum_
 MODELS = ("a", "b")
 SELF_TERMS = ("self_mlp", "self_thead")
 CROSS_TERMS = ("cross_mlp", "cross_search")
+SEARCH_QUERIES = ("backbone", "thead")
+RESNET_POS_GRID = 224 // 32  # the official featuremap_size = input_size // 32 for the CNN's T-head
 
 
 @dataclass
 class MOKDConfig:
-    """``lambda_a`` / ``lambda_b`` weight each model's cross terms (0.1 for the stronger model, 1.0
-    for the weaker); ``evaluate`` names the model that ``.student`` returns."""
+    """``lambda_a`` / ``lambda_b`` weight each model's cross terms (official README: 1.0 for the
+    weaker CNN, 0.1 for the ViT); ``evaluate`` names the model that ``.student`` returns.
+
+    Heads (official values by default): ``norm_last_layer_a`` / ``_b`` freeze the weight-norm gain
+    of model a's / b's DINO head (the official CNN head keeps it frozen, the ViT head trains it);
+    ``thead_norm_last_layer`` does the same for both T-heads (official: trainable); ``norm_last_layer``,
+    when set, overrides all three (the single switch of earlier versions). ``thead_pos_embed``: the
+    T-heads' learnable positional embedding, on a ``thead_pos_grid_a`` / ``_b`` grid (``None``: a
+    ViT's own patch grid, ``img_size / patch_size``; a ResNet's ``224 // 32 = 7``); ``thead_l2_norm``
+    l2-normalises the T-head embedding before its last layer (earlier versions; official: no).
+    ``search_query``: ``"backbone"`` (official: ViT CLS / pooled T-head 1x1-conv output of a ResNet)
+    or ``"thead"`` (the student's own T-head embedding, earlier versions).
+
+    Teacher temperature: ``warmup_teacher_temp -> teacher_temp`` linearly over a fraction of
+    training, per model and kind of term: ``warmup_fraction_self_a`` / ``_b`` (``self_mlp``,
+    ``self_thead``) and ``warmup_fraction_cross_a`` / ``_b`` (``cross_mlp``, ``cross_search``);
+    defaults = the official 50 (CNN self terms) and 30 (everything else) of 100 epochs.
+    ``warmup_fraction``, when set, overrides all four (earlier versions: one fraction, 0.3).
+
+    ``thead_tag_a`` / ``_b``: the ``"model"`` tag of each T-head's parameter groups. The official
+    code trains the CNN's T-head with the ViT's lr and weight-decay schedules (inside the CNN's SGD),
+    so model a's T-head is tagged ``a_thead`` for its own ``optim.per_model.a_thead`` settings;
+    ``"a"`` puts it back with the rest of model a (earlier versions)."""
 
     model_a_arch: str = "resnet50"
     model_a_kwargs: dict = field(default_factory=dict)
@@ -56,16 +89,30 @@ class MOKDConfig:
     out_dim: int = 65536
     dino_hidden_dim: int = 2048
     bottleneck_dim: int = 256
-    norm_last_layer: bool = True
+    norm_last_layer_a: bool = True
+    norm_last_layer_b: bool = False
+    thead_norm_last_layer: bool = False
+    norm_last_layer: bool | None = None
     thead_dim: int = 384
     thead_depth: int = 3
     thead_heads: int = 6
+    thead_pos_embed: bool = True
+    thead_pos_grid_a: int | None = None
+    thead_pos_grid_b: int | None = None
+    thead_l2_norm: bool = False
+    thead_tag_a: str = "a_thead"
+    thead_tag_b: str = "b"
+    search_query: str = "backbone"
     lambda_a: float = 1.0
     lambda_b: float = 0.1
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
-    warmup_fraction: float = 0.3
+    warmup_fraction_self_a: float = 0.5
+    warmup_fraction_self_b: float = 0.3
+    warmup_fraction_cross_a: float = 0.3
+    warmup_fraction_cross_b: float = 0.3
+    warmup_fraction: float | None = None
     center_momentum: float = 0.9
     base_momentum: float = 0.996
     num_global_views: int = 2
@@ -73,62 +120,111 @@ class MOKDConfig:
     freeze_last_layer_epochs: float = 1.0
 
     def __post_init__(self):
-        for name in ("model_a_arch", "model_b_arch"):
+        for name in ("model_a_arch", "model_b_arch", "thead_tag_a", "thead_tag_b"):
             check_str(name, getattr(self, name))
         for name in ("model_a_kwargs", "model_b_kwargs"):
             check_kwargs(name, getattr(self, name))
         check_str("attention", self.attention, optional=True)
-        check_bool("checkpointing", self.checkpointing)
-        check_bool("norm_last_layer", self.norm_last_layer)
+        for name in ("checkpointing", "norm_last_layer_a", "norm_last_layer_b", "thead_norm_last_layer",
+                     "thead_pos_embed", "thead_l2_norm"):
+            check_bool(name, getattr(self, name))
+        if self.norm_last_layer is not None:
+            check_bool("norm_last_layer", self.norm_last_layer)
         for name in ("out_dim", "dino_hidden_dim", "bottleneck_dim", "thead_dim", "thead_depth", "thead_heads",
                      "num_global_views"):
             check_number(name, getattr(self, name), low=1, integer=True)
+        for name in ("thead_pos_grid_a", "thead_pos_grid_b"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), low=1, integer=True)
+        check_choice("search_query", self.search_query, SEARCH_QUERIES)
         for name in ("lambda_a", "lambda_b"):
             check_number(name, getattr(self, name), low=0.0)
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
             check_number(name, getattr(self, name), low=0.0, low_open=True)
-        for name in ("warmup_fraction", "center_momentum", "base_momentum"):
+        for name in ("warmup_fraction_self_a", "warmup_fraction_self_b", "warmup_fraction_cross_a",
+                     "warmup_fraction_cross_b", "center_momentum", "base_momentum"):
             check_number(name, getattr(self, name), low=0.0, high=1.0)
+        if self.warmup_fraction is not None:
+            check_number("warmup_fraction", self.warmup_fraction, low=0.0, high=1.0)
         check_choice("evaluate", self.evaluate, MODELS)
         check_number("freeze_last_layer_epochs", self.freeze_last_layer_epochs, low=0.0)
+
+    def dino_norm_last_layer(self, x: str) -> bool:
+        """Whether model ``x``'s DINO head keeps its weight-norm gain frozen."""
+        return getattr(self, f"norm_last_layer_{x}") if self.norm_last_layer is None else self.norm_last_layer
+
+    def thead_frozen_gain(self) -> bool:
+        """Whether the T-heads keep their weight-norm gain frozen."""
+        return self.thead_norm_last_layer if self.norm_last_layer is None else self.norm_last_layer
+
+    def warmup_fraction_of(self, x: str, term: str) -> float:
+        """The teacher-temperature warm-up fraction of model ``x``'s ``term``."""
+        if self.warmup_fraction is not None:
+            return self.warmup_fraction
+        kind = "self" if term in SELF_TERMS else "cross"
+        return getattr(self, f"warmup_fraction_{kind}_{x}")
 
 
 class MOKDBranch(nn.Module):
     """One model of the pair: backbone, DINO head on its global feature, T-head on its patch
     tokens (ViT) or last-stage map (ResNet)."""
 
-    def __init__(self, backbone: nn.Module, config: MOKDConfig):
+    def __init__(self, backbone: nn.Module, config: MOKDConfig, name: str = "a"):
         super().__init__()
+        check_choice("name", name, MODELS)
         self.backbone = backbone
+        self.search_query = config.search_query
         self.dino_head = DINOHead(backbone.embed_dim, config.out_dim, config.dino_hidden_dim, config.bottleneck_dim,
-                                  norm_last_layer=config.norm_last_layer)
+                                  norm_last_layer=config.dino_norm_last_layer(name))
+        pos_grid = None
+        if config.thead_pos_embed:
+            pos_grid = getattr(config, f"thead_pos_grid_{name}")
+            if pos_grid is None:
+                pos_grid = tuple(backbone.model.patch_embed.grid_size) if backbone.is_vit else RESNET_POS_GRID
         self.thead = THead(backbone.embed_dim, config.out_dim, config.thead_dim, config.thead_depth,
                            config.thead_heads, input="tokens" if backbone.is_vit else "feature_map",
-                           norm_last_layer=config.norm_last_layer, attention=config.attention)
+                           norm_last_layer=config.thead_frozen_gain(), l2_norm=config.thead_l2_norm,
+                           pos_grid=pos_grid, attention=config.attention)
 
-    def forward(self, crops: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-        """Per crop: ``dino`` logits, T-head ``embed`` and ``thead`` logits, and the ``patches`` the
-        T-head read. Crops of one resolution go through the backbone together (as in DINO)."""
-        out = {key: [None] * len(crops) for key in ("dino", "embed", "thead", "patches")}
+    def grid(self, crop: torch.Tensor) -> tuple[int, int] | None:
+        """The patch grid of a ViT on ``crop`` (``None`` for a ResNet: its map has the shape)."""
+        if not self.backbone.is_vit:
+            return None
+        return crop.shape[-2] // self.backbone.patch_size, crop.shape[-1] // self.backbone.patch_size
+
+    def forward(self, crops: list[torch.Tensor]) -> dict[str, list]:
+        """Per crop: ``dino`` logits, T-head ``embed`` and ``thead`` logits, the search ``query``
+        (``[B, thead_dim]``, see the module doc), the ``patches`` the T-head read and their ``grid``.
+        Crops of one resolution go through the backbone together (as in DINO)."""
+        out = {key: [None] * len(crops) for key in ("dino", "embed", "thead", "query", "patches", "grid")}
         groups: dict[tuple, list[int]] = {}
         for i, crop in enumerate(crops):
             groups.setdefault(tuple(crop.shape[1:]), []).append(i)
         for indices in groups.values():
-            features = self.backbone.forward_features(torch.cat([crops[i] for i in indices]))
+            batch = torch.cat([crops[i] for i in indices])
+            features = self.backbone.forward_features(batch)
+            grid = self.grid(batch)
             if self.backbone.is_vit:
                 pooled, patches = features.tokens[:, 0], features.tokens[:, self.backbone.num_prefix_tokens:]
             else:
                 pooled, patches = features.pooled, features.feature_map
-            embed = self.thead.embed(patches)
+            embed, input_mean = self.thead.embed(patches, grid=grid, return_input_mean=True)
+            if self.search_query == "thead":
+                query = embed
+            else:
+                query = self.thead.project(pooled) if self.backbone.is_vit else input_mean
             values = {
                 "dino": self.dino_head(pooled),
                 "embed": embed,
-                "thead": self.thead.last_layer(F.normalize(embed, dim=-1)),
+                "thead": self.thead.logits(embed),
+                "query": query,
                 "patches": patches,
             }
             for key, value in values.items():
                 for i, chunk in zip(indices, value.chunk(len(indices))):
                     out[key][i] = chunk
+            for i in indices:
+                out["grid"][i] = grid
         return out
 
 
@@ -148,16 +244,14 @@ class MOKD(Method):
         for x in MODELS:
             backbone = build_backbone(getattr(config, f"model_{x}_arch"), attention=config.attention,
                                       checkpointing=config.checkpointing, **getattr(config, f"model_{x}_kwargs"))
-            self.branches[x] = MOKDBranch(backbone, config)
+            self.branches[x] = MOKDBranch(backbone, config, x)
             self.teachers[x] = EMATeacher(self.branches[x])
             dino = dict(student_temp=config.student_temp, teacher_temp=config.teacher_temp,
-                        warmup_teacher_temp=config.warmup_teacher_temp, warmup_fraction=config.warmup_fraction,
-                        center_momentum=config.center_momentum)
+                        warmup_teacher_temp=config.warmup_teacher_temp, center_momentum=config.center_momentum)
             self.losses[x] = nn.ModuleDict({
-                "self_mlp": DINOLoss(config.out_dim, **dino),
-                "self_thead": DINOLoss(config.out_dim, **dino),
-                "cross_mlp": DINOLoss(config.out_dim, **dino),
-                "cross_search": DINOLoss(config.out_dim, centering=False, skip_same_view=False, **dino),
+                term: DINOLoss(config.out_dim, warmup_fraction=config.warmup_fraction_of(x, term), **dino,
+                               **(dict(centering=False, skip_same_view=False) if term == "cross_search" else {}))
+                for term in SELF_TERMS + CROSS_TERMS
             })
 
     @property
@@ -185,8 +279,9 @@ class MOKD(Method):
             with torch.no_grad():  # all local queries in one pass over Y's teacher T-head
                 patches = teacher[y]["patches"][0]
                 patches = patches.repeat(len(local), *([1] * (patches.dim() - 1)))
-                queries = torch.cat([s["embed"][v] for v in local]).detach()
-                targets = self.teachers[y].module.thead(patches, query=queries).chunk(len(local))
+                queries = torch.cat([s["query"][v] for v in local]).detach()
+                targets = self.teachers[y].module.thead(patches, query=queries,
+                                                        grid=teacher[y]["grid"][0]).chunk(len(local))
             search = [losses["cross_search"]([s["thead"][v]], [t]) for v, t in zip(local, targets)]
             parts[f"{x}_cross_search"] = sum(search) / len(search)
             lam = getattr(self.config, f"lambda_{x}")
@@ -196,12 +291,19 @@ class MOKD(Method):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Per model, decay / no-decay groups (biases and norm weights undecayed), each tagged with
-        ``"model": "a" | "b"`` so a trainer can give the two models their own optimiser/schedule."""
+        ``"model": "a" | "b"`` so a trainer can give the two models their own optimiser/schedule;
+        each T-head's groups carry ``thead_tag_a`` / ``thead_tag_b`` instead (default ``a_thead``
+        and ``b``: the official code gives the CNN's T-head the ViT's lr / weight-decay schedules)."""
         check_number("weight_decay", weight_decay, low=0.0)
         groups = []
         for x in MODELS:
-            for group in grouped_parameters(self.branches[x].named_parameters(), weight_decay, prefix=f"{x}/"):
-                groups.append({**group, "model": x})
+            branch = self.branches[x]
+            thead_ids = {id(p) for p in branch.thead.parameters()}
+            rest = [(n, p) for n, p in branch.named_parameters() if id(p) not in thead_ids]
+            tag = getattr(self.config, f"thead_tag_{x}")
+            for params, model, prefix in ((rest, x, f"{x}/"), (branch.thead.named_parameters(), tag, f"{x}/thead/")):
+                for group in grouped_parameters(params, weight_decay, prefix=prefix):
+                    groups.append({**group, "model": model})
         return groups
 
     @torch.no_grad()

@@ -36,13 +36,16 @@ MODES = {"mocov3_to_mae": ("mocov3",), "mae_to_mocov3": ("mae",), "both_to_rando
 TARGETS = ("cls", "patch", "both")
 TARGET_NORMS = tuple(n for n in OP_TARGET_NORMS if n != "none")  # the papers normalise the target
 PROJECTORS = ("linear", "mlp")
+STUDENT_INITS = {"mocov3_to_mae": "MAE", "mae_to_mocov3": "MoCo v3"}  # modes 1 and 2: the student's init
 
 
 @dataclass
 class MOMAConfig:
-    """``student_init``: checkpoint the student starts from (MAE for ``mocov3_to_mae``, MoCo v3 for
-    ``mae_to_mocov3``; None = random init, required for ``both_to_random``). Teacher paths are read
-    by ``fastkd.models.load_teacher`` (``teacher_format``)."""
+    """``student_init``: checkpoint the student starts from, required by the single-teacher modes
+    (MAE for ``mocov3_to_mae``, MoCo v3 for ``mae_to_mocov3``: their student is the other
+    pre-trained model, so a missing one is an error rather than a silently random student) and
+    refused by ``both_to_random`` (random init). Teacher paths are read by
+    ``fastkd.models.load_teacher`` (``teacher_format``)."""
 
     mode: str = "mocov3_to_mae"
     student_arch: str = "vit_small_patch16_224"
@@ -90,6 +93,9 @@ class MOMAConfig:
         if self.mode == "both_to_random" and self.student_init is not None:
             raise ValueError("mode 'both_to_random' trains a randomly initialised student: student_init must be None, "
                              f"got {self.student_init!r}")
+        if self.mode in STUDENT_INITS and self.student_init is None:
+            raise ValueError(f"mode {self.mode!r} distils into a pre-trained student: student_init is required "
+                             f"(the {STUDENT_INITS[self.mode]} checkpoint the student starts from), got None")
 
 
 class MOMA(Method):

@@ -3,10 +3,15 @@ and momentum encoders on the *same* view::
 
     loss = InfoNCE(q_1, k_2) + InfoNCE(q_2, k_1) + lambda * sum_v (2 - 2 cos(z_v, sg[z_m,v]))
 
-with ``z`` the projector outputs (``tap="projector"``, default) or the backbone features
-(``tap="backbone"``) of the online and momentum encoders. ``after_step`` moves the momentum
-encoder with ``ema_(..., return_gap=True)``; the parameter-space gap of that update is reported
-in the next forward's dict as ``param_gap_sq = ||s - t||^2`` and ``param_cos = <s, t> / (|s| |t|)``.
+with ``lambda = residual_weight`` (default 1) and ``z`` where the gap is taken, ``residual_tap``:
+the projector outputs (``"projector"``, default) or the encoder (backbone) features
+(``"backbone"``) of the online and momentum encoders. The paper speaks of the gap between the
+encoders' representations without pinning the layer clearly enough to override the default; the
+projector output is the space MoCo v3's own loss compares.
+
+``after_step`` moves the momentum encoder with ``ema_(..., return_gap=True)``; the parameter-space
+gap of that update is reported in the next forward's dict as ``param_gap_sq = ||s - t||^2`` and
+``param_cos = <s, t> / (|s| |t|)``.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ class Backbone(nn.Module):
             feature_map = self.model.forward_features(x)
             return feature_map.mean(dim=(2, 3)), feature_map
         tokens = self._embed(x, keep)
-        backend = resolve_backend(self.attention, tokens.device)
+        backend = resolve_backend(self.attention, tokens.device, tokens.dtype)
         qk, layers = [], []
         for index, block in enumerate(self.model.blocks):
             if self.checkpointing and torch.is_grad_enabled():

@@ -9,9 +9,12 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastkd.checks import check_number
+from fastkd.checks import check_choice, check_number
 from fastkd.ops import EMAGap, ema_
+
+BN_STATS = ("batch", "ema")  # EMATeacher's BatchNorm statistics: its own batch statistics, or an EMA of the student's
 
 
 def momentum_schedule(step: int, total: int, base: float) -> float:
@@ -27,31 +30,70 @@ class EMATeacher(nn.Module):
     """A frozen copy of ``student_module`` (``.module``) that follows it by EMA.
 
     ``update(m)``: every teacher parameter ``p_t <- m * p_t + (1 - m) * p_s`` in one
-    :func:`fastkd.ops.ema_` pass; buffers (e.g. BatchNorm statistics) are copied. The student is
-    referenced, not registered, so it appears once in the owner's ``state_dict``.
+    :func:`fastkd.ops.ema_` pass. The student is referenced, not registered, so it appears once in
+    the owner's ``state_dict``.
+
+    **Mode.** The teacher runs in eval mode whatever its owner's ``train()`` asks: dropout,
+    drop-path (stochastic depth) and every other train-only randomness are off, so its targets are
+    a deterministic function of the input and of its weights. Only its BatchNorm layers follow the
+    owner's mode, by ``bn_stats``:
+
+    - ``"batch"`` (default, the official code): in training the teacher's BatchNorm normalises with
+      the batch statistics of the teacher's own activations and its running statistics are its own,
+      updated by its own forward passes (BatchNorm's usual running average); they are never copied
+      from the student. This is what MoCo v3 (``moco/builder.py``: ``_update_momentum_encoder``
+      moves ``parameters()`` only; ``main_moco.py`` calls ``model.train()``, which puts the
+      momentum encoder in train mode) and DINO (``main_dino.py``: the teacher is never put in
+      eval mode; its EMA loops over ``parameters()``; it is built without drop-path) do.
+    - ``"ema"``: the teacher's BatchNorm layers are in eval mode too (they normalise with running
+      statistics), and ``update(m)`` moves ``running_mean`` / ``running_var`` by the same EMA
+      towards the student's (``num_batches_tracked`` is copied).
+
+    Other buffers (none in fastkd's models) are copied from the student at each update.
     """
 
-    def __init__(self, student_module: nn.Module):
+    def __init__(self, student_module: nn.Module, bn_stats: str = "batch"):
         super().__init__()
         if not isinstance(student_module, nn.Module):
             raise TypeError(f"EMATeacher: student_module must be an nn.Module, got {type(student_module).__name__}")
+        check_choice("bn_stats", bn_stats, BN_STATS)
+        self.bn_stats = bn_stats
         self.module = copy.deepcopy(student_module)
         self.module.requires_grad_(False)
         for param in self.module.parameters():  # ema_ updates contiguous teachers (e.g. channels_last)
             if not param.is_contiguous():
                 param.data = param.data.contiguous()
         self._student = (student_module,)  # a tuple hides it from nn.Module registration
+        self.train(student_module.training)
 
     @property
     def student(self) -> nn.Module:
         return self._student[0]
 
+    def train(self, mode: bool = True):
+        """``self.training = mode``; the teacher module stays in eval mode but for its BatchNorm
+        layers, which take ``mode`` when ``bn_stats == "batch"``."""
+        super().train(mode)
+        self.module.eval()
+        if mode and self.bn_stats == "batch":
+            for module in self.module.modules():
+                if isinstance(module, _BatchNorm):
+                    module.train()
+        return self
+
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    def _batchnorm_buffers(self) -> set[str]:
+        names = set()
+        for prefix, module in self.module.named_modules():
+            if isinstance(module, _BatchNorm):
+                names.update(f"{prefix}.{name}" if prefix else name for name, _ in module.named_buffers(recurse=False))
+        return names
+
     @torch.no_grad()
     def update(self, momentum: float, return_gap: bool = False) -> EMAGap | None:
-        """EMA step over parameters (matched by name) and copy of buffers; returns the
+        """EMA step over parameters (matched by name) and the buffers by ``bn_stats``; returns the
         parameter-space gap measured before the update when ``return_gap``."""
         teacher_params = dict(self.module.named_parameters())
         student_params = dict(self.student.named_parameters())
@@ -63,6 +105,16 @@ class EMATeacher(nn.Module):
         gap = ema_([teacher_params[n] for n in names], [student_params[n] for n in names], momentum,
                    return_gap=return_gap)
         student_buffers = dict(self.student.named_buffers())
+        batchnorm = self._batchnorm_buffers()
+        averaged = []
         for name, buffer in self.module.named_buffers():
-            buffer.copy_(student_buffers[name])
+            if name not in batchnorm:
+                buffer.copy_(student_buffers[name])
+            elif self.bn_stats == "ema":
+                if buffer.is_floating_point():
+                    averaged.append((buffer, student_buffers[name]))
+                else:
+                    buffer.copy_(student_buffers[name])  # num_batches_tracked
+        if averaged:
+            ema_([t for t, _ in averaged], [s for _, s in averaged], momentum)
         return gap

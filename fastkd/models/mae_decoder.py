@@ -109,7 +109,7 @@ class MAEDecoder(nn.Module):
         full = self.mask_token.to(h.dtype).expand(B, self.num_patches, D)
         full = full.scatter(1, keep[..., None].expand(-1, -1, D), h[:, P:])
         x = torch.cat([h[:, :P], full], dim=1) + self.pos_embed.to(h.dtype)
-        backend = resolve_backend(self.attention, x.device)
+        backend = resolve_backend(self.attention, x.device, x.dtype)
         for block in self.blocks:
             x = vit_block_forward(block, x, backend)[0]
         return self.pred(self.norm(x))[:, P:]

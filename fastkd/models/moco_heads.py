@@ -1,9 +1,14 @@
 """MoCo v3 projector and predictor MLPs, and SyncBatchNorm conversion for DDP.
 
 Both are ``num_layers`` of ``Linear(bias=False)``, with ``BatchNorm1d + ReLU`` after every layer but
-the last; the projector ends with ``BatchNorm1d(affine=False)``, the predictor with the bare linear::
+the last, and with ``last_bn`` a final ``BatchNorm1d(affine=False)``::
 
-    projector(x) = BN_noaffine(W_L ... ReLU(BN(W_1 x)))        predictor(x) = W_L ... ReLU(BN(W_1 x))
+    projector(x) = BN_noaffine(W_L ... ReLU(BN(W_1 x)))
+    predictor(x) = BN_noaffine(W_2 ReLU(BN(W_1 x)))     # last_bn=True: MoCo v3's ViT predictor (default)
+    predictor(x) = W_2 ReLU(BN(W_1 x))                  # last_bn=False: MoCo v3's ResNet predictor
+
+(MoCo v3's ``moco/builder.py``: ``MoCo_ViT`` builds its predictor with ``_build_mlp(2, dim, mlp_dim, dim)``,
+whose ``last_bn`` defaults to True; ``MoCo_ResNet`` passes ``last_bn=False``.)
 
 Module indices inside ``.mlp`` match MoCo v3's ``_build_mlp`` (``head.0.weight`` ... ``head.7.running_mean``
 for the 3-layer ViT projector), so official projector weights load by renaming ``head.`` -> ``mlp.``.
@@ -51,10 +56,14 @@ class MoCoProjector(_MoCoMLP):
 
 
 class MoCoPredictor(_MoCoMLP):
-    """MoCo v3 predictor (online branch only), no final BatchNorm."""
+    """MoCo v3 predictor (online branch only). ``last_bn``: end with ``BatchNorm1d(affine=False)``, as
+    MoCo v3's ViT predictor does (default); its ResNet predictor has none (``last_bn=False``)."""
 
-    def __init__(self, in_dim: int = 256, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 2):
-        super().__init__(in_dim, hidden_dim, out_dim, num_layers, last_bn=False)
+    def __init__(self, in_dim: int = 256, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 2,
+                 last_bn: bool = True):
+        if not isinstance(last_bn, bool):
+            raise TypeError(f"last_bn must be a bool, got {type(last_bn).__name__}")
+        super().__init__(in_dim, hidden_dim, out_dim, num_layers, last_bn=last_bn)
 
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:

@@ -1,14 +1,29 @@
-"""MOKD's T-head: a small transformer over patch tokens with an optional prepended query token::
+"""MOKD's T-head: a small transformer over patch tokens with a learnable positional embedding and
+an optional prepended query token::
 
     t = adapter(tokens)                  # Linear in_dim -> dim (identity if equal), or for ResNet maps
                                          # a 1x1 Conv2d in_dim -> dim then flatten to [B, h*w, dim]
+    m = mean(t)                          # the pooled adapter output (MOKD's CNN search query)
+    t = t + pos(h, w)                    # pos_embed [1, gh*gw, dim] (``pos_grid``), bicubically
+                                         # resized to the input's h x w grid when that differs
     t = cat(query, t) if query given     # query [B, dim]: a (detached) representation from the other model
-    t = LayerNorm(blocks(t))             # ``depth`` timm ViT blocks, attention via fastkd.models.attention
+    t = LayerNorm(blocks(t))             # ``depth`` timm ViT blocks (LayerNorm eps 1e-6), attention via
+                                         # fastkd.models.attention
     e = mean(t[:, 1:] if query else t)   # embed(): [B, dim]
-    logits = WeightNormLinear(e / ||e||) # forward(): [B, out_dim]
+    logits = WeightNormLinear(e)         # forward(): [B, out_dim]; e / ||e|| with l2_norm=True
+
+As in the official MOKD code (``backbones/vision_transformer.py``: ``THead_CNN`` / ``THead_ViT``):
+the positional embedding (trunc-normal std 0.02) is resized with DINO's bicubic interpolation
+(scale factor ``(h + 0.1) / gh``) for the smaller maps of local crops, the mean-pooled tokens go
+to the weight-normalised last layer without l2 normalisation, and its gain is trainable
+(``norm_last_layer=False``). ``pos_grid=None`` and ``l2_norm=True`` give the earlier head (no
+positional embedding, l2-normalised embedding).
 """
 
 from __future__ import annotations
+
+import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +38,49 @@ from fastkd.models.weight_norm_linear import WeightNormLinear
 INPUT_KINDS = ("tokens", "feature_map")
 
 
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _grid(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if not (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise ValueError(f"{name} must be a positive int or a (height, width) pair of them, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """``pos [1, gh*gw, D]`` laid out on ``grid`` resized to ``size = (h, w)`` -> ``[1, h*w, D]``:
+    DINO's bicubic interpolation with scale factors ``(h + 0.1) / gh`` and ``(w + 0.1) / gw`` (the
+    0.1 avoids a floating-point off-by-one in the output size; the factors also set the sampling
+    positions, as in DINO and the official MOKD code). Unchanged when ``size == grid``."""
+    (gh, gw), (h, w) = grid, size
+    if (h, w) == (gh, gw):
+        return pos
+    dim = pos.shape[-1]
+    maps = pos.reshape(1, gh, gw, dim).permute(0, 3, 1, 2)
+    maps = F.interpolate(maps.float(), scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic",
+                         align_corners=False)
+    if tuple(maps.shape[-2:]) != (h, w):  # cannot happen for positive sizes; a guard against float surprises
+        raise RuntimeError(f"positional embedding resized to {tuple(maps.shape[-2:])}, expected {(h, w)}")
+    return maps.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, dim)
+
+
 class THead(nn.Module):
-    """Transformer head over tokens ``[B, N, in_dim]`` or (``input="feature_map"``) maps ``[B, in_dim, h, w]``."""
+    """Transformer head over tokens ``[B, N, in_dim]`` or (``input="feature_map"``) maps ``[B, in_dim, h, w]``.
+
+    ``pos_grid`` (an int or ``(gh, gw)``): the grid of the learnable positional embedding
+    (``None``: none); ``norm_last_layer``: freeze the last layer's weight-norm gain at 1;
+    ``l2_norm``: l2-normalise the embedding before the last layer."""
 
     def __init__(self, in_dim: int, out_dim: int = 65536, dim: int = 384, depth: int = 3, num_heads: int = 6, *,
-                 input: str = "tokens", mlp_ratio: float = 4.0, norm_last_layer: bool = True,
+                 input: str = "tokens", mlp_ratio: float = 4.0, norm_last_layer: bool = False,
+                 l2_norm: bool = False, pos_grid: int | tuple[int, int] | None = None, norm_eps: float = 1e-6,
                  attention: str | None = None):
         super().__init__()
         check_positive_ints(in_dim=in_dim, dim=dim, depth=depth, num_heads=num_heads)
@@ -35,30 +88,75 @@ class THead(nn.Module):
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if input not in INPUT_KINDS:
             raise ValueError(f"input must be one of {INPUT_KINDS}, got {input!r}")
-        self.in_dim, self.dim, self.input = in_dim, dim, input
+        for name, value in (("norm_last_layer", norm_last_layer), ("l2_norm", l2_norm)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        self.in_dim, self.dim, self.input, self.l2_norm = in_dim, dim, input, l2_norm
         self.attention = check_backend(attention)
         if input == "feature_map":
             self.adapter = nn.Conv2d(in_dim, dim, kernel_size=1)
         else:
             self.adapter = nn.Linear(in_dim, dim) if in_dim != dim else nn.Identity()
+        self.pos_grid = None if pos_grid is None else _grid(pos_grid, "pos_grid")
+        if self.pos_grid is not None:
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            self.register_parameter("pos_embed", None)
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm) for _ in range(depth)
+            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(dim)
+        self.norm = norm_layer(dim)
+        self.blocks.apply(_init_linear)
+        self.adapter.apply(_init_linear)
         self.last_layer = WeightNormLinear(dim, out_dim, fix_gain=norm_last_layer)
 
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def _tokens(self, x: torch.Tensor, grid) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Adapter output ``[B, N, dim]`` and the ``(h, w)`` grid of its tokens."""
         if self.input == "feature_map":
             if x.dim() != 4 or x.shape[1] != self.in_dim:
                 raise ValueError(f"THead(input='feature_map') expects [B, {self.in_dim}, h, w], got {tuple(x.shape)}")
-            return self.adapter(x).flatten(2).transpose(1, 2)
+            if grid is not None:
+                raise ValueError("grid applies to token inputs only (a feature map has its own h x w)")
+            return self.adapter(x).flatten(2).transpose(1, 2), tuple(x.shape[2:])
         if x.dim() != 3 or x.shape[2] != self.in_dim:
             raise ValueError(f"THead expects tokens [B, N, {self.in_dim}], got {tuple(x.shape)}")
+        n = x.shape[1]
+        if grid is not None:
+            grid = _grid(grid, "grid")
+            if grid[0] * grid[1] != n:
+                raise ValueError(f"grid {grid} does not hold the {n} tokens")
+        elif self.pos_grid is not None:
+            side = math.isqrt(n)
+            if self.pos_grid[0] * self.pos_grid[1] == n:
+                grid = self.pos_grid
+            elif side * side == n:
+                grid = (side, side)
+            else:
+                raise ValueError(f"{n} tokens are not a square grid: pass grid=(h, w) for the positional embedding")
+        return self.adapter(x), grid
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter applied to vectors ``[B, in_dim]`` -> ``[B, dim]`` (the 1x1 convolution of a
+        feature-map head as a linear map): puts another representation (MOKD's ViT CLS query) in
+        the head's token space; the identity for a token head with ``in_dim == dim``."""
+        if x.dim() != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"THead.project expects [B, {self.in_dim}], got {tuple(x.shape)}")
+        if self.input == "feature_map":
+            return F.linear(x, self.adapter.weight.flatten(1), self.adapter.bias)
         return self.adapter(x)
 
-    def embed(self, tokens: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean-pooled head tokens ``[B, dim]`` (the query token, if any, excluded)."""
-        x = self._tokens(tokens)
+    def embed(self, tokens: torch.Tensor, query: torch.Tensor | None = None, *, grid=None,
+              return_input_mean: bool = False):
+        """Mean-pooled head tokens ``[B, dim]`` (the query token, if any, excluded); with
+        ``return_input_mean`` also the mean of the adapter output ``[B, dim]``, taken before the
+        positional embedding and the blocks. ``grid (h, w)`` lays out token inputs for the
+        positional embedding (default: the head's grid or, for another count, a square one)."""
+        x, size = self._tokens(tokens, grid)
+        input_mean = x.mean(dim=1) if return_input_mean else None
+        if self.pos_embed is not None:
+            x = x + resize_pos_embed(self.pos_embed, self.pos_grid, size).to(x.dtype)
         if query is not None:
             if query.dim() == 2:
                 query = query[:, None]
@@ -70,11 +168,16 @@ class THead(nn.Module):
         for block in self.blocks:
             x = vit_block_forward(block, x, backend)[0]
         x = self.norm(x)
-        return (x[:, 1:] if query is not None else x).mean(dim=1)
+        embed = (x[:, 1:] if query is not None else x).mean(dim=1)
+        return (embed, input_mean) if return_input_mean else embed
 
-    def forward(self, tokens: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[B, out_dim]`` of the weight-normalised last layer on the l2-normalised embedding."""
-        return self.last_layer(F.normalize(self.embed(tokens, query), dim=-1))
+    def logits(self, embed: torch.Tensor) -> torch.Tensor:
+        """The last layer on an embedding (l2-normalised first when ``l2_norm``)."""
+        return self.last_layer(F.normalize(embed, dim=-1) if self.l2_norm else embed)
+
+    def forward(self, tokens: torch.Tensor, query: torch.Tensor | None = None, *, grid=None) -> torch.Tensor:
+        """Logits ``[B, out_dim]`` of the weight-normalised last layer on the embedding."""
+        return self.logits(self.embed(tokens, query, grid=grid))
 
     def cancel_last_layer_grad(self) -> None:
         """Drop the gradients of the last layer (freeze it for the first epoch(s), as in DINO)."""

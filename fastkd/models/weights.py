@@ -34,6 +34,7 @@ from fastkd.models.backbone import Backbone, build_backbone
 FASTKD_FORMAT = "fastkd"  # the ``format`` entry of a file written by save_backbone
 FORMATS = ("auto", "mocov3", "mae", "timm", FASTKD_FORMAT)
 STUDENT_FILE = "student.pt"  # the backbone a finished training run writes into its output folder
+TEACHER_FILE = "teacher.pt"  # beside it: the EMA teacher's copy of that backbone (methods with one)
 ENCODERS = ("base", "momentum")
 FASTKD_FORMAT_VERSION = 1
 _MAE_DECODER_PREFIXES = ("decoder_", "mask_token")

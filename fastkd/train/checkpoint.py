@@ -50,6 +50,33 @@ class CheckpointManager:
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name))]
         return [p for _, p in sorted(found, reverse=True)]
 
+    def stale_temp_files(self) -> list[Path]:
+        """Temporary files an interrupted checkpoint write left in ``directory``: the names
+        :func:`fastkd.durable.atomic_write` gives them, ``.checkpoint_<step>.pt.<random>.tmp``."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.iterdir():
+            name = path.name
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            final, _, unique = name[1:-len(".tmp")].rpartition(".")
+            if unique and _NAME.match(final) and path.is_file() and not path.is_symlink():
+                found.append(path)
+        return sorted(found)
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete :meth:`stale_temp_files` (call it when no checkpoint is being written, i.e. at the
+        start of a run, on the main rank only); returns the removed paths."""
+        removed = []
+        for path in self.stale_temp_files():
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+        return removed
+
     def save(self, state: dict, step: int) -> Path:
         """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep_last``."""
         if not isinstance(state, dict):

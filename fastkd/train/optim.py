@@ -23,6 +23,7 @@ from typing import Iterable
 import torch
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
+CLIP_MODES = ("norm", "per_param")
 
 
 class LARS(torch.optim.Optimizer):
@@ -133,3 +134,30 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: f
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
         group["weight_decay"] = weight_decay * group.get("wd_scale", 1.0)
+
+
+@torch.no_grad()
+def clip_grad_per_param_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip each parameter's gradient to l2 norm ``max_norm`` on its own (DINO's / MOKD's
+    ``utils.clip_gradients``: ``g *= max_norm / (||g|| + 1e-6)`` where that factor is below 1),
+    in place; ``max_norm=inf`` only measures. Returns the total l2 norm of all gradients before
+    clipping (fp32, on the gradients' device), as ``clip_grad_norm_`` does; no host sync."""
+    if not (isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool) and max_norm > 0):
+        raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    totals = []
+    for group in groups.values():
+        norms = torch.stack(torch._foreach_norm(group)).float()
+        totals.append(norms.square().sum())
+        if max_norm != float("inf"):
+            factors = torch.clamp(max_norm / (norms + 1e-6), max=1.0).to(group[0].dtype)
+            torch._foreach_mul_(group, list(factors.unbind()))
+    device = grads[0].device
+    return torch.stack([t.to(device) for t in totals]).sum().sqrt()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from fastkd.suggest import did_you_mean
-from fastkd.train.optim import OPTIMIZERS
+from fastkd.train.optim import CLIP_MODES, OPTIMIZERS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -32,7 +32,9 @@ class OptimConfig:
     """Peak lr is ``lr`` when given, else ``blr * global_batch / reference_batch_size`` (linear
     scaling; global batch = per-rank batch x ranks x ``accum_steps``). lr: linear warm-up over
     ``warmup_epochs`` then cosine to ``min_lr``; weight decay: cosine from ``weight_decay`` to
-    ``weight_decay_end`` (constant when ``None``). ``clip_grad``: max grad norm (``None``: off).
+    ``weight_decay_end`` (constant when ``None``). ``clip_grad``: max grad norm (``None``: off);
+    ``clip_mode``: ``"norm"`` clips the global norm of all the optimiser's gradients,
+    ``"per_param"`` each parameter's gradient norm separately (DINO's / MOKD's ``clip_gradients``).
 
     ``per_model``: for methods that train several models (MOKD tags its parameter groups with
     ``"model": "a" | "b"``), ``{tag: {field: value}}`` gives that model its own optimiser, lr /
@@ -51,6 +53,7 @@ class OptimConfig:
     momentum: float = 0.9
     trust_coefficient: float = 0.001
     clip_grad: float | None = None
+    clip_mode: str = "norm"
     accum_steps: int = 1
     per_model: dict = field(default_factory=dict)
 
@@ -71,6 +74,7 @@ class OptimConfig:
                self.momentum)
         _check(self.clip_grad is None or (_is_number(self.clip_grad) and self.clip_grad > 0),
                "optim.clip_grad", "None or a number > 0", self.clip_grad)
+        _check(self.clip_mode in CLIP_MODES, "optim.clip_mode", f"one of {CLIP_MODES}", self.clip_mode)
         _check(_is_int(self.accum_steps) and self.accum_steps >= 1, "optim.accum_steps", "an int >= 1",
                self.accum_steps)
         _check(isinstance(self.per_model, dict), "optim.per_model", "a mapping {model tag: {field: value}}",
@@ -98,7 +102,10 @@ class TrainConfig:
     backbone pass the method runs, students and teachers, with ``compile_backend``), ``checkpointing`` (activation checkpointing
     of the student), ``sync_bn`` (SyncBatchNorm under DDP on CUDA), checkpoints every
     ``checkpoint_every`` steps into ``output_dir`` (newest ``keep_last`` kept), a log row every
-    ``log_every`` steps, and a stop after ``max_nonfinite`` consecutive non-finite losses."""
+    ``log_every`` steps, and a stop after ``max_nonfinite`` consecutive non-finite losses.
+    ``allow_shorter_schedule``: resume a checkpoint whose step is beyond this config's total steps
+    (the run then ends at once); by default that is refused as a likely mistake in ``epochs`` /
+    ``max_steps``."""
 
     epochs: int = 100
     max_steps: int | None = None
@@ -117,6 +124,7 @@ class TrainConfig:
     max_nonfinite: int = 5
     progress: bool = True
     tensorboard: bool = True
+    allow_shorter_schedule: bool = False
 
     def compile_enabled(self, device) -> bool:
         """Whether to compile on ``device`` (``auto``: on CUDA only, where it pays off)."""
@@ -133,7 +141,8 @@ class TrainConfig:
                self.compile)
         _check(isinstance(self.compile_backend, str) and self.compile_backend != "", "train.compile_backend",
                "a torch.compile backend name (e.g. 'inductor')", self.compile_backend)
-        for name in ("checkpointing", "sync_bn", "find_unused_parameters", "progress", "tensorboard"):
+        for name in ("checkpointing", "sync_bn", "find_unused_parameters", "progress", "tensorboard",
+                     "allow_shorter_schedule"):
             _check(isinstance(getattr(self, name), bool), f"train.{name}", "true or false", getattr(self, name))
         _check(isinstance(self.output_dir, str) and self.output_dir != "", "train.output_dir", "a non-empty path",
                self.output_dir)

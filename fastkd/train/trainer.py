@@ -7,7 +7,8 @@ and method schedules; ``step`` is the 0-based index of the optimiser step just t
 
 One optimiser step = ``accum_steps`` micro-batches, each ``loss / accum_steps`` backpropagated
 (under DDP only the last one all-reduces). Per step, in order: schedules -> forward/backward ->
-non-finite check (agreed across ranks) -> unscale, clip (global norm per optimiser) ->
+non-finite check (agreed across ranks) -> unscale, clip (global norm per optimiser, or per
+parameter with ``optim.clip_mode=per_param``) ->
 ``before_optimizer_step(epoch)`` (optional method hook) -> optimiser
 step(s) -> ``after_step`` -> log -> checkpoint -> stop request check (SIGTERM/SIGINT).
 Parameter groups tagged ``"model": tag`` (MOKD) get their own optimiser and schedules when
@@ -37,17 +38,23 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from fastkd.train import distributed
 from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
 from fastkd.train.compilation import compile_backbones
 from fastkd.train.distributed import DistEnv
 from fastkd.train.logging import TrainLogger
-from fastkd.train.optim import apply_schedules, build_optimizer
+from fastkd.train.optim import apply_schedules, build_optimizer, clip_grad_per_param_
 from fastkd.train.options import OptimConfig, TrainConfig
 from fastkd.train.preemption import StopRequest
 from fastkd.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from fastkd.train.schedules import WarmupCosine, scaled_lr
+
+# Profiler ranges of the step's phases (``torch.profiler`` traces show them; ``fastkd bench e2e``
+# sums them into its per-phase breakdown). ``after_step``: EMA teacher updates and schedules.
+PHASES = {"data": "fastkd/data", "forward": "fastkd/forward", "backward": "fastkd/backward",
+          "optimizer": "fastkd/optimizer", "after_step": "fastkd/after_step"}
 
 _METHOD_INTERFACE = ("forward", "after_step", "param_groups", "student", "state_dict", "load_state_dict")
 
@@ -276,6 +283,12 @@ class Trainer:
             raise ValueError(f"{path} stopped at epoch {state['epoch']}, batch {state['batches_in_epoch']}, but with "
                              f"this loader ({len(self.loader)} batches per epoch) its step {state['step']} maps to "
                              f"epoch {position[0]}, batch {position[1]}: the dataset, batch size or accum_steps changed")
+        if state["step"] > self.total_steps and not self.train_cfg.allow_shorter_schedule:
+            cfg = self.train_cfg
+            raise ValueError(f"{path} is at step {state['step']}, beyond this run's {self.total_steps} steps "
+                             f"(train.epochs={cfg.epochs} x {self.steps_per_epoch} steps per epoch, "
+                             f"train.max_steps={cfg.max_steps}): raise train.epochs / train.max_steps to continue "
+                             "the run, or set train.allow_shorter_schedule=true to end it at its checkpoint")
         self.method.load_state_dict(state["method"])
         names = sorted(slot.name for slot in self.slots)
         if sorted(state["optimizers"]) != names:
@@ -313,7 +326,17 @@ class Trainer:
             iterator = iter(self.loader)
             for _ in range(skip):
                 next(iterator)
-        return iterator
+        return self._whole_epoch(iterator, epoch, skip)
+
+    def _whole_epoch(self, iterator, epoch: int, position: int):
+        """``iterator``, with a clear error instead of StopIteration when the epoch ends before
+        ``len(loader)`` batches (a loader that skips bad images drops a batch left empty)."""
+        for batch in iterator:
+            position += 1
+            yield batch
+        raise ValueError(f"the loader ended epoch {epoch} after {position} batches, but len(loader) is "
+                         f"{len(self.loader)}: with data.skip_bad_images a batch whose images were all undecodable "
+                         "is dropped; run `fastkd data scan` and pass its exclusion list as data.exclude=")
 
     def _forward_backward(self, batches, step: int) -> tuple[torch.Tensor, dict, int]:
         """All micro-batches of one step; returns ``(non-finite flag, loss parts, images)``, the flag
@@ -321,11 +344,12 @@ class Trainer:
         accum = self.optim_cfg.accum_steps
         nonfinite, parts_sum, images = None, {}, 0
         for micro in range(accum):
-            batch = next(batches)
+            with record_function(PHASES["data"]):
+                batch = next(batches)
             images += int(batch.views[0].shape[0]) if hasattr(batch, "views") else self.batch_size
             sync = micro == accum - 1 or not self.env.is_distributed
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                with self._autocast():
+                with self._autocast(), record_function(PHASES["forward"]):
                     outputs = self.model(batch)
                 if not isinstance(outputs, dict) or "loss" not in outputs:
                     raise TypeError(f"method.forward must return a dict with 'loss', got {type(outputs).__name__}")
@@ -340,7 +364,8 @@ class Trainer:
                 nonfinite = bad if nonfinite is None else nonfinite | bad
                 # a non-finite micro-batch still runs backward (deciding would wait for the device);
                 # the whole step is skipped below
-                self.scaler.scale(loss / accum).backward()
+                with record_function(PHASES["backward"]):
+                    self.scaler.scale(loss / accum).backward()
         return nonfinite, parts_sum, images
 
     def _update(self, step: int, nonfinite: torch.Tensor) -> tuple[bool, dict]:
@@ -349,9 +374,11 @@ class Trainer:
         ``after_step``. Returns ``(stepped, grad norms as device tensors)``. Deciding to skip is the
         step's one wait for the device (one flag; under DDP one all-reduce of it)."""
         grad_norms = {}
-        for slot in self.slots:
-            self.scaler.unscale_(slot.optimizer)
-            grad_norms[slot.name] = nn.utils.clip_grad_norm_(slot.params, slot.max_grad_norm)
+        with record_function(PHASES["optimizer"]):
+            for slot in self.slots:
+                self.scaler.unscale_(slot.optimizer)
+                clip = clip_grad_per_param_ if slot.config.clip_mode == "per_param" else nn.utils.clip_grad_norm_
+                grad_norms[slot.name] = clip(slot.params, slot.max_grad_norm)
         bad = nonfinite.clone()
         if not self.scaler.is_enabled():
             for norm in grad_norms.values():
@@ -361,11 +388,27 @@ class Trainer:
         hook = getattr(self.method, "before_optimizer_step", None)  # optional for non-fastkd methods
         if hook is not None:
             hook(step / self.steps_per_epoch)
-        for slot in self.slots:
-            self.scaler.step(slot.optimizer)
-        self.scaler.update()
-        self.method.after_step(step, self.total_steps)
+        with record_function(PHASES["optimizer"]):
+            for slot in self.slots:
+                self.scaler.step(slot.optimizer)
+            self.scaler.update()
+        with record_function(PHASES["after_step"]):
+            self.method.after_step(step, self.total_steps)
         return True, grad_norms
+
+    def train_step(self, batches, step: int) -> tuple[bool, dict, dict]:
+        """One optimiser step as :meth:`fit` runs it (schedules, every micro-batch's forward and
+        backward from the iterator ``batches``, clipping, the skip decision, the optimisers and
+        ``after_step``, gradients cleared), without logging, checkpoints or stop handling: for
+        benchmarks and custom loops. Returns ``(stepped, loss parts, grad norms)``, the parts and
+        norms as device tensors."""
+        for slot in self.slots:
+            apply_schedules(slot.optimizer, slot.lr(step), slot.weight_decay(step))
+        nonfinite, parts, _ = self._forward_backward(batches, step)
+        stepped, grad_norms = self._update(step, nonfinite)
+        for slot in self.slots:
+            slot.optimizer.zero_grad(set_to_none=True)
+        return stepped, parts, grad_norms
 
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to ``total_steps`` (or until SIGTERM/SIGINT); with ``resume`` continue from the
@@ -374,6 +417,11 @@ class Trainer:
         if not resume and self.checkpoints.checkpoints():
             raise ValueError(f"{self.checkpoints.directory} already holds checkpoints of a run: continue it with "
                              "resume (--resume) or choose another train.output_dir")
+        if env.is_main:  # an interrupted checkpoint write leaves its temporary file behind
+            removed = self.checkpoints.remove_stale_temp_files()
+            if removed:
+                print(f"removed {len(removed)} stale temporary checkpoint file(s) of an interrupted write from "
+                      f"{self.checkpoints.directory}: {', '.join(p.name for p in removed)}", flush=True)
         seed_everything(cfg.seed + env.rank)
         step, skipped, consecutive = self._resume() if resume else (0, 0, 0)
         logger = TrainLogger(cfg.output_dir, total_steps=self.total_steps, start_step=step, enabled=env.is_main,
@@ -447,6 +495,8 @@ class Trainer:
                    "images_per_s": run_images / max(time.perf_counter() - run_start, 1e-9) if step > start_step else 0.0}
         if logger.rows:
             summary["final_loss"] = float(logger.rows[-1]["loss"])
+        if getattr(self.loader, "skip_bad_images", False):
+            summary["skipped_images"] = self.loader.skipped_images  # this rank's count
         summary = logger.close(summary)
         return TrainResult(step=step, total_steps=self.total_steps, skipped_steps=skipped, preempted=preempted,
                            checkpoint=last_checkpoint, summary=summary)

@@ -32,6 +32,16 @@ def test_dino_multicrop_overrides():
     assert recipe.views[0].scale == (0.4, 1.0) and recipe.views[2].scale == (0.05, 0.25)
 
 
+def test_crop_interpolation_defaults_and_override():
+    # DINO / official MOKD: bicubic random resized crops; MoCo v3: torchvision's bilinear default
+    assert {v.interpolation for v in build_recipe("dino_multicrop").views} == {"bicubic"}
+    assert {v.interpolation for v in build_recipe("mocov3").views} == {"bilinear"}
+    assert {v.interpolation for v in build_recipe("dino_multicrop", interpolation="bilinear").views} == {"bilinear"}
+    assert {v.interpolation for v in build_recipe("mocov3", interpolation="bicubic").views} == {"bicubic"}
+    with pytest.raises(ValueError, match="interpolation"):
+        build_recipe("dino_multicrop", interpolation="nearest")
+
+
 def test_eval_is_centre_crop_without_shuffle():
     (view,) = build_recipe("eval").views
     assert view.scale is None and view.resize == 256 and view.size == 224 and view.flip_p == 0

@@ -113,3 +113,36 @@ def test_bad_call():
         loss_fn(torch.randn(2, 3), torch.randn(2, 3), torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="teacher must have"):
         loss_fn(torch.randn(2, 3), torch.randn(3, 3))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_negative_mask_weight_is_rejected(reduction):
+    student, teacher = _pair()
+    mask = torch.rand(3, 11)
+    mask[1, 2] = -0.5
+    with pytest.raises(ValueError, match="mask"):
+        FeatureAlignLoss(reduction=reduction)(student, teacher, mask)
+    # weights that sum to zero used to give about -4e36 with "mean"
+    mask = torch.zeros(3, 11)
+    mask[0, 0], mask[0, 1] = 1.0, -1.0
+    with pytest.raises(ValueError, match="mask"):
+        FeatureAlignLoss(reduction=reduction)(student, teacher, mask)
+
+
+def test_negative_mask_weight_without_host_check_gives_nan():
+    from fastkd.losses import feature_align as module
+
+    mask = torch.ones(3, 11)
+    mask[0, 0] = -1.0
+    compiled = torch.compile(module._nonnegative, fullgraph=True, backend="eager")
+    assert torch.isnan(compiled(mask)).all()
+    assert torch.equal(compiled(torch.ones(3, 11)), torch.ones(3, 11))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool], ids=str)
+def test_all_zero_mask_gives_zero_loss_and_gradient(reduction, dtype):
+    student, teacher = _pair()
+    ours = FeatureAlignLoss(reduction=reduction)(student, teacher, torch.zeros(3, 11, dtype=dtype))
+    assert torch.equal(ours, torch.zeros_like(ours))
+    assert torch.equal(_grad(ours.sum(), student), torch.zeros_like(student))

@@ -45,7 +45,7 @@ def steps_lower_loss(method, batch, *, steps: int = 6, lr: float = 1e-3, seed: i
 
 def snapshot(module) -> list[torch.Tensor]:
     """The parameters of ``module`` (a momentum teacher's BatchNorm running statistics do move in
-    its train-mode forward, as in MoCo v3 / DINO, and are copied from the student at each update)."""
+    its forward while its owner trains: they are its own, as in MoCo v3 / DINO)."""
     return [p.detach().clone() for p in module.parameters()]
 
 

@@ -67,3 +67,54 @@ def test_bad_inputs():
         method(tiny_batch(views=1, B=4))
     with pytest.raises(ValueError, match="total_steps"):
         method.after_step(0, 0)
+
+
+def test_vit_defaults_follow_the_paper():
+    """ViT: frozen fixed 2-D sin-cos position embedding, frozen patch projection, a predictor ending
+    in BatchNorm1d(affine=False); the same position embedding in the momentum encoder."""
+    from tests.models.test_position_embedding import formula
+
+    method = build_method("mocov3", CONFIG)
+    vit = method.student.model
+    assert not vit.pos_embed.requires_grad
+    torch.testing.assert_close(vit.pos_embed[0, 1:], formula(4, 4, 64))
+    torch.testing.assert_close(vit.pos_embed[0, 0], torch.zeros(64))
+    assert not any(p.requires_grad for p in vit.patch_embed.parameters())
+    trainable = {id(p) for g in method.param_groups(0.1) for p in g["params"]}
+    assert id(vit.pos_embed) not in trainable and id(vit.patch_embed.proj.weight) not in trainable
+    last = method.predictor.mlp[-1]
+    assert isinstance(last, torch.nn.BatchNorm1d) and not last.affine
+    torch.testing.assert_close(method.momentum_encoder.module[0].model.pos_embed, vit.pos_embed)
+    method.after_step(0, 10)
+    torch.testing.assert_close(method.momentum_encoder.module[0].model.pos_embed, vit.pos_embed)
+    assert method.ema_teacher_backbone is method.momentum_encoder.module[0]
+
+    off = build_method("mocov3", {**CONFIG, "sincos_pos_embed": False, "pred_last_bn": False})
+    assert off.student.model.pos_embed.requires_grad
+    assert isinstance(off.predictor.mlp[-1], torch.nn.Linear)
+
+
+def test_resnet_choices_and_vit_only_switches():
+    resnet = dict(CONFIG, arch="resnet18", arch_kwargs={})
+    method = build_method("mocov3", resnet)
+    assert isinstance(method.predictor.mlp[-1], torch.nn.Linear)  # MoCo v3's ResNet predictor
+    assert method.contrastive.temperature == 1.0
+    for name in ("sincos_pos_embed", "freeze_patch_embed"):
+        with pytest.raises(ValueError, match=f"{name} applies to ViTs only"):
+            build_method("mocov3", {**resnet, name: True})
+    build_method("mocov3", {**resnet, "sincos_pos_embed": False})
+
+
+def test_momentum_encoder_targets_are_deterministic_with_drop_path():
+    method = build_method("mocov3", {**CONFIG, "arch_kwargs": {**CONFIG["arch_kwargs"], "drop_path_rate": 0.5}})
+    method.train()
+    assert method.base_encoder.training and not method.momentum_encoder.module[0].training
+    views = tiny_batch(views=2, B=4).views
+    first, second = method.encode(views), method.encode(views)
+    for a, b in zip(first["k"] + first["h_m"], second["k"] + second["h_m"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(first["h"][0], second["h"][0])  # the online encoder does drop paths
+    # the momentum projector's BatchNorm: batch statistics in training (MoCo v3), not the student's
+    assert method.momentum_encoder.module[1].mlp[1].training
+    with pytest.raises(ValueError, match="momentum_bn_stats"):
+        MoCoV3Config(momentum_bn_stats="copy")

@@ -25,9 +25,13 @@ def multicrop(B=2, local=2, local_size=16, seed=0):
 
 def _heads(branch, crop):
     f = branch.backbone.forward_features(crop)
-    pooled, patches = (f.tokens[:, 0], f.tokens[:, 1:]) if branch.backbone.is_vit else (f.pooled, f.feature_map)
+    vit = branch.backbone.is_vit
+    pooled, patches = (f.tokens[:, 0], f.tokens[:, 1:]) if vit else (f.pooled, f.feature_map)
+    # official search query: the ViT's CLS token (through the T-head's input Linear, here 64 -> 32),
+    # the CNN's average-pooled T-head 1x1 conv output
+    query = branch.thead.adapter(pooled) if vit else branch.thead.adapter(patches).mean(dim=(2, 3))
     return {"dino": branch.dino_head(pooled), "thead": branch.thead(patches),
-            "embed": branch.thead.embed(patches), "patches": patches}
+            "embed": branch.thead.embed(patches), "query": query, "patches": patches}
 
 
 def _ce(t, s, center, t_temp=0.04, s_temp=0.1):
@@ -55,7 +59,7 @@ def plain_mokd(method, views):
         search = []
         for v in range(2, len(views)):
             with torch.no_grad():
-                target = method.teachers[y].module.thead(T[y][0]["patches"], query=S[x][v]["embed"].detach())
+                target = method.teachers[y].module.thead(T[y][0]["patches"], query=S[x][v]["query"].detach())
             search.append(_ce(target, S[x][v]["thead"], 0.0))
         parts[f"{x}_cross_search"] = sum(search) / len(search)
     return parts
@@ -95,16 +99,24 @@ def test_train_mode_multires_steps_and_after_step():
     method.after_step(0, 10)  # the temperature of step 1: 0.04 + (0.07 - 0.04) * 1 / (0.3 * 10)
     assert not any(unchanged(method.teachers[x].module, t) for x, t in zip("ab", teachers))
     assert method.losses["b"]["cross_mlp"].current_teacher_temp.item() == pytest.approx(0.05)
+    # model a's self terms warm up over 0.5 of training: 0.04 + 0.03 * 1 / 5
+    assert method.losses["a"]["self_mlp"].current_teacher_temp.item() == pytest.approx(0.046)
 
 
 def test_param_groups_split_by_model():
     method = build_method("mokd", CONFIG)
     groups = method.param_groups(0.05)
-    assert {(g["model"], g["weight_decay"]) for g in groups} == {("a", 0.05), ("a", 0.0), ("b", 0.05), ("b", 0.0)}
+    # official: the CNN's T-head has its own group (the ViT's lr / wd schedules), tagged a_thead
+    assert {(g["model"], g["weight_decay"]) for g in groups} == {
+        (m, wd) for m in ("a", "a_thead", "b") for wd in (0.05, 0.0)}
     grouped = [p for g in groups for p in g["params"]]
     trainable = [p for p in method.parameters() if p.requires_grad]
     assert len(grouped) == len(trainable) == len({id(p) for p in grouped})
+    thead = {id(p) for g in groups if g["model"] == "a_thead" for p in g["params"]}
+    assert thead == {id(p) for p in method.branches["a"].thead.parameters() if p.requires_grad}
     assert set(method.students) == {"a", "b"}
+    old = build_method("mokd", {**CONFIG, "thead_tag_a": "a"}).param_groups(0.05)
+    assert {(g["model"], g["weight_decay"]) for g in old} == {("a", 0.05), ("a", 0.0), ("b", 0.05), ("b", 0.0)}
 
 
 def test_bad_inputs():
@@ -131,3 +143,101 @@ def test_last_layers_frozen_for_the_first_epochs():
     assert others and all(p.grad is not None for p in others)
     with pytest.raises(ValueError, match="freeze_last_layer_epochs"):
         MOKDConfig(**{**CONFIG, "freeze_last_layer_epochs": -1})
+
+
+def test_dino_head_gains_trainable_for_the_vit_frozen_for_the_cnn():
+    """Official main_mokd.py: CNN DINOHead(norm_last_layer=True), ViT DINOHead(norm_last_layer=False);
+    both T-heads' weight-norm gains stay trainable (weight_g filled with 1, requires_grad kept)."""
+    method = build_method("mokd", CONFIG)
+    gain = {x: method.branches[x].dino_head.last_layer.weight_g for x in "ab"}
+    assert not gain["a"].requires_grad and gain["b"].requires_grad
+    assert all(method.branches[x].thead.last_layer.weight_g.requires_grad for x in "ab")
+    method(multicrop())["loss"].backward()
+    assert gain["a"].grad is None and gain["b"].grad is not None
+    trainable = {id(p) for g in method.param_groups(0.05) for p in g["params"]}
+    assert id(gain["b"]) in trainable and id(gain["a"]) not in trainable
+    # per-model switches, and the single switch of earlier versions over all four heads
+    swapped = build_method("mokd", {**CONFIG, "norm_last_layer_a": False, "norm_last_layer_b": True})
+    assert swapped.branches["a"].dino_head.last_layer.weight_g.requires_grad
+    assert not swapped.branches["b"].dino_head.last_layer.weight_g.requires_grad
+    frozen = build_method("mokd", {**CONFIG, "norm_last_layer": True})
+    assert not any(p.requires_grad for x in "ab" for head in (frozen.branches[x].dino_head, frozen.branches[x].thead)
+                   for p in head.last_layer.parameters() if p is head.last_layer.weight_g)
+
+
+def test_teacher_temperature_warmup_per_term():
+    """Official: warm-up 0.04 -> 0.07 over 50 epochs for the CNN's self terms (loss_cnn_fn,
+    loss_cnn_thead_fn), 30 for every other term, of 100 epochs; one step per epoch here."""
+    method = build_method("mokd", CONFIG)
+
+    def temps(epoch):
+        method.after_step(epoch - 1, 100)  # sets the temperature of step ``epoch``
+        return {f"{x}_{t}": loss.current_teacher_temp.item() for x in "ab" for t, loss in method.losses[x].items()}
+
+    for epoch, cnn_self, other in ((0 + 1, 0.04 + 0.03 / 50, 0.04 + 0.03 / 30), (15, 0.049, 0.055),
+                                   (25, 0.055, 0.065), (40, 0.064, 0.07), (60, 0.07, 0.07)):
+        got = temps(epoch)
+        for name, value in got.items():
+            want = cnn_self if name in ("a_self_mlp", "a_self_thead") else other
+            assert value == pytest.approx(want), (epoch, name)
+    assert {loss.warmup_fraction for loss in method.losses["b"].values()} == {0.3}
+    assert method.losses["a"]["cross_search"].warmup_fraction == 0.3
+    method = build_method("mokd", {**CONFIG, "warmup_fraction": 0.2, "warmup_fraction_self_b": 0.9})
+    assert {loss.warmup_fraction for x in "ab" for loss in method.losses[x].values()} == {0.2}
+    custom = build_method("mokd", {**CONFIG, "warmup_fraction_cross_b": 0.1})
+    assert custom.losses["b"]["cross_mlp"].warmup_fraction == custom.losses["b"]["cross_search"].warmup_fraction == 0.1
+    with pytest.raises(ValueError, match="warmup_fraction_self_a"):
+        MOKDConfig(warmup_fraction_self_a=1.5)
+
+
+def test_search_query_is_vit_cls_and_cnn_pooled_conv_before_the_blocks():
+    """Official models/mokd.py: the ViT student's search query is ``tokens[:, 0]`` (CLS), the
+    CNN's is ``x_pool = avgpool(patch_embed(fea4))`` of its T-head, before the blocks. Captured
+    by hooks on one pass over a local crop."""
+    config = {**CONFIG, "thead_dim": 64}  # the ViT's width: its T-head has no input Linear, as in the official code
+    method = build_method("mokd", config).eval()
+    crops = multicrop().views
+    local = crops[2]
+    seen = {}
+    hooks = [
+        method.branches["a"].thead.adapter.register_forward_hook(
+            lambda m, i, o: seen.setdefault("a_conv", []).append(o.detach())),
+        method.branches["a"].thead.blocks[0].norm1.register_forward_pre_hook(  # the first block's input
+            lambda m, i: seen.setdefault("a_block_in", []).append(i[0].detach())),
+    ]
+    try:
+        out = {x: method.branches[x](crops) for x in "ab"}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # ViT: the CLS token after the final norm, exactly
+    cls = method.branches["b"].backbone.forward_features(local).tokens[:, 0]
+    assert out["b"]["query"][2].shape == (2, 64)
+    torch.testing.assert_close(out["b"]["query"][2], cls)
+    # CNN: the mean of the 1x1 conv output over positions (the last conv call is the pass over both
+    # local crops together, crop 2 first), not what the first block sees (pos. embedding added)
+    conv = seen["a_conv"][-1][:2]
+    assert out["a"]["query"][2].shape == (2, 64)
+    torch.testing.assert_close(out["a"]["query"][2], conv.mean(dim=(2, 3)))
+    block_in = seen["a_block_in"][-1][:2]
+    assert block_in.shape[1] == conv.shape[2] * conv.shape[3]
+    assert not torch.allclose(block_in.mean(1), conv.mean(dim=(2, 3)))
+    # the queries reach Y's teacher T-head; "thead" restores the earlier query (own T-head embedding)
+    old = build_method("mokd", {**config, "search_query": "thead"}).eval()
+    old_out = old.branches["a"](crops)
+    torch.testing.assert_close(old_out["query"][2], old_out["embed"][2])
+    with pytest.raises(ValueError, match="search_query"):
+        MOKDConfig(search_query="cls")
+
+
+def test_thead_positional_embedding_grids():
+    method = build_method("mokd", CONFIG)
+    assert method.branches["a"].thead.pos_grid == (7, 7)  # official featuremap_size = 224 // 32
+    assert method.branches["b"].thead.pos_grid == (4, 4)  # the ViT's grid: 32 px / 8 px patches
+    assert method.teachers["b"].module.thead.pos_embed.shape == (1, 16, 32)
+    custom = build_method("mokd", {**CONFIG, "thead_pos_grid_a": 3, "thead_pos_embed": True})
+    assert custom.branches["a"].thead.pos_grid == (3, 3)
+    none = build_method("mokd", {**CONFIG, "thead_pos_embed": False, "thead_l2_norm": True})
+    assert none.branches["a"].thead.pos_embed is None and none.branches["b"].thead.l2_norm
+    out = none(multicrop())
+    assert torch.isfinite(out["loss"])

@@ -99,6 +99,9 @@ def test_bad_configs(paths):
         build_method("moma", config(paths, mae_teacher_path=None))
     with pytest.raises(ValueError, match="student_init must be None"):
         MOMAConfig(mode="both_to_random", student_init="x.pt")
+    for mode in ("mocov3_to_mae", "mae_to_mocov3"):  # modes 1 and 2 never train a random student
+        with pytest.raises(ValueError, match=f"mode '{mode}'.*student_init is required"):
+            build_method("moma", config(paths, mode=mode))
     with pytest.raises(ValueError, match="target"):
         MOMAConfig(target="tokens")
     with pytest.raises(ValueError, match="did you mean 'mask_ratio'"):

@@ -78,3 +78,11 @@ def test_steps_lower_loss():
 def test_bad_switch():
     with pytest.raises(ValueError, match="residual_tap"):
         build_method("resmoco", {**CONFIG, "residual_tap": "predictor"})
+
+
+def test_inherits_mocov3_vit_defaults():
+    method = build_method("resmoco", CONFIG)
+    assert method.config.residual_tap == "projector" and method.config.residual_weight == 0.7
+    assert not method.student.model.pos_embed.requires_grad
+    assert not method.predictor.mlp[-1].affine
+    assert method.ema_teacher_backbone is method.momentum_encoder.module[0]

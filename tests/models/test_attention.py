@@ -1,5 +1,3 @@
-import warnings
-
 import pytest
 import torch
 
@@ -68,16 +66,20 @@ def test_xformers_backend_passes_bmhk_layout_and_scale(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")) == "xformers"
 
 
-def test_auto_falls_back_to_sdpa_with_one_warning(monkeypatch):
-    monkeypatch.setattr(attention_module, "_fallback_warned", False)
+def test_auto_picks_by_device_and_compute_dtype():
+    """No xformers: ``auto`` is sdpa for fp32 and math for bf16 / fp16 on CPU (also when autocast
+    makes the matmuls bf16), sdpa on CUDA; the result equals the explicit backends."""
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == resolve_backend("auto", cpu, torch.float32) == "sdpa"
+    assert resolve_backend("auto", cpu, torch.bfloat16) == resolve_backend("auto", cpu, torch.float16) == "math"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert resolve_backend("auto", cpu, torch.float32) == "math"
+    assert resolve_backend("auto", torch.device("cuda")) == "sdpa"
+    assert resolve_backend("sdpa", cpu, torch.bfloat16) == "sdpa"  # an explicit choice is kept
     q, k, v = torch.randn(3, 1, 2, 5, 8).unbind(0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = attention(q, k, v, backend="auto")
-        attention(q, k, v, backend="auto")
-    assert len([w for w in caught if "auto" in str(w.message)]) == 1
-    torch.testing.assert_close(out, attention(q, k, v, backend="sdpa"))
-    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    torch.testing.assert_close(attention(q, k, v, backend="auto"), attention(q, k, v, backend="sdpa"))
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    assert torch.equal(attention(qb, kb, vb, backend="auto"), attention(qb, kb, vb, backend="math"))
 
 
 def test_environment_variable_sets_default(monkeypatch):
@@ -87,7 +89,7 @@ def test_environment_variable_sets_default(monkeypatch):
     with pytest.raises(ValueError, match="FASTKD_ATTENTION"):
         default_backend()
     monkeypatch.delenv("FASTKD_ATTENTION")
-    assert default_backend() == "sdpa"
+    assert default_backend() == "auto"
 
 
 def test_input_validation():

@@ -47,9 +47,80 @@ def test_gap_buffers_and_state_dict():
     assert math.isclose(gap.diff_sq, sum(((s - t) ** 2).sum().item() for s, t in zip(s_params, t_params)),
                         rel_tol=1e-6)
     assert math.isclose(gap.teacher_sq, sum((t**2).sum().item() for t in t_params), rel_tol=1e-6)
-    torch.testing.assert_close(ema.module[1].running_mean, student[1].running_mean)
-    assert ema.module[1].num_batches_tracked.item() == 1
+    # bn_stats="batch" (default): the teacher's BatchNorm statistics are its own, never the student's
+    torch.testing.assert_close(ema.module[1].running_mean, torch.zeros(4))
+    assert ema.module[1].num_batches_tracked.item() == 0
     assert set(ema.state_dict()) == {"module." + k for k in student.state_dict()}
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten())
+
+
+def test_batch_bn_stats_are_the_teachers_own():
+    """MoCo v3 / DINO: the momentum encoder's BatchNorm uses (and tracks) the statistics of its
+    own batches in training; the update moves parameters only."""
+    student = _bn_net()
+    ema = EMATeacher(student)
+    owner = nn.ModuleDict({"student": student, "teacher": ema}).train()
+    assert ema.training and ema.module[1].training and not ema.module[2].training
+    x = torch.randn(8, 3, 6, 6) * 3 + 1
+    student(torch.randn(8, 3, 6, 6))  # student statistics: of other images
+    with torch.no_grad():
+        ema(x)  # the teacher's forward moves its own running statistics
+    with torch.no_grad():
+        features = ema.module[0](x)
+    expected_mean = 0.1 * features.mean((0, 2, 3))
+    torch.testing.assert_close(ema.module[1].running_mean, expected_mean)
+    before = ema.module[1].running_var.clone()
+    ema.update(0.5)
+    torch.testing.assert_close(ema.module[1].running_mean, expected_mean)  # not the student's copy
+    torch.testing.assert_close(ema.module[1].running_var, before)
+    assert not torch.allclose(ema.module[1].running_mean, student[1].running_mean)
+    owner.eval()
+    assert not ema.training and not ema.module[1].training
+
+
+def test_ema_bn_stats_follow_the_students_running_stats_by_ema():
+    student = _bn_net()
+    ema = EMATeacher(student, bn_stats="ema")
+    nn.ModuleDict({"student": student, "teacher": ema}).train()
+    assert not any(m.training for m in ema.module.modules())  # BatchNorm in eval mode too
+    teacher_mean = ema.module[1].running_mean.clone()
+    teacher_var = ema.module[1].running_var.clone()
+    with torch.no_grad():
+        ema(torch.randn(4, 3, 6, 6))  # eval-mode BatchNorm: the forward leaves the statistics alone
+    torch.testing.assert_close(ema.module[1].running_mean, teacher_mean)
+    student(torch.randn(8, 3, 6, 6) * 2 + 1)
+    student(torch.randn(8, 3, 6, 6) * 2 + 1)
+    ema.update(0.9)
+    m = 0.9
+    torch.testing.assert_close(ema.module[1].running_mean, m * teacher_mean + (1 - m) * student[1].running_mean)
+    torch.testing.assert_close(ema.module[1].running_var, m * teacher_var + (1 - m) * student[1].running_var)
+    assert ema.module[1].num_batches_tracked.item() == 2
+    with pytest.raises(ValueError, match="bn_stats"):
+        EMATeacher(student, bn_stats="copy")
+
+
+def test_teacher_is_deterministic_under_drop_path_in_train_mode():
+    """Drop-path (and dropout) stay off in the teacher whatever its owner's mode."""
+    torch.manual_seed(0)
+    student = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                                embed_dim=48, num_heads=3, num_classes=0, drop_path_rate=0.5, proj_drop_rate=0.3)
+    ema = EMATeacher(student)
+    owner = nn.ModuleDict({"student": student, "teacher": ema})
+    owner.train()
+    assert student.training and ema.training and not any(m.training for m in ema.module.modules())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        first, second = ema(x), ema(x)
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+        torch.testing.assert_close(first, student.eval()(x))  # equal weights: the student's eval forward
+        student.train()
+        assert not torch.allclose(student(x), student(x))  # the student does drop paths
+    owner.train()  # a later train() call does not flip the teacher either
+    assert not any(m.training for m in ema.module.modules())
 
 
 def test_update_rejects_mismatched_modules_and_bad_student():

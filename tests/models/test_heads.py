@@ -24,7 +24,7 @@ def test_moco_projector_and_predictor_layout_and_shapes():
     keys = set(projector.state_dict())
     assert {"mlp.0.weight", "mlp.1.weight", "mlp.6.weight", "mlp.7.running_mean"} <= keys
     assert "mlp.7.weight" not in keys and all(not k.endswith("bias") or ".1." in k or ".4." in k for k in keys)
-    assert not projector.mlp[-1].affine and isinstance(predictor.mlp[-1], torch.nn.Linear)
+    assert not projector.mlp[-1].affine and not predictor.mlp[-1].affine
     z = projector(torch.randn(5, 48))
     assert z.shape == (5, 16) and predictor(z).shape == (5, 16)
     torch.testing.assert_close(z.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
@@ -32,6 +32,34 @@ def test_moco_projector_and_predictor_layout_and_shapes():
         projector(torch.randn(5, 47))
     with pytest.raises(ValueError, match="num_layers"):
         MoCoProjector(48, num_layers=0)
+
+
+def _layout(mlp):
+    out = []
+    for m in mlp:
+        if isinstance(m, torch.nn.Linear):
+            out.append(("Linear", m.in_features, m.out_features, m.bias is not None))
+        elif isinstance(m, torch.nn.BatchNorm1d):
+            out.append(("BatchNorm1d", m.num_features, m.affine))
+        else:
+            out.append((type(m).__name__,))
+    return out
+
+
+def test_moco_predictor_matches_the_published_layouts():
+    """MoCo v3's moco/builder.py: ViT predictor ``_build_mlp(2, dim, mlp_dim, dim)`` (last_bn=True),
+    ResNet predictor ``_build_mlp(2, dim, mlp_dim, dim, False)``."""
+    vit = MoCoPredictor(256, 4096, 256)
+    assert _layout(vit.mlp) == [("Linear", 256, 4096, False), ("BatchNorm1d", 4096, True), ("ReLU",),
+                                ("Linear", 4096, 256, False), ("BatchNorm1d", 256, False)]
+    resnet = MoCoPredictor(256, 4096, 256, last_bn=False)
+    assert _layout(resnet.mlp) == _layout(vit.mlp)[:-1]
+    # official key names (module.predictor.<i>...) load after stripping the prefix
+    assert set(vit.mlp.state_dict()) == {"0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var",
+                                         "1.num_batches_tracked", "3.weight", "4.running_mean", "4.running_var",
+                                         "4.num_batches_tracked"}
+    with pytest.raises(TypeError, match="last_bn"):
+        MoCoPredictor(16, 32, 16, last_bn=1)
 
 
 def test_convert_sync_batchnorm():
@@ -139,3 +167,82 @@ def test_mae_decoder_places_visible_tokens_and_trains():
         torch.testing.assert_close(decoder.pred(decoder.norm(x))[:, 1:], pred, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="keep"):
         decoder(tokens, keep[:, :3])
+
+
+def _thead_by_hand(head, x, query=None, grid=None):
+    """The official MOKD T-head written out: adapter, + the (bicubically resized) positional
+    embedding, [query], timm's own block forward, LayerNorm eps 1e-6, mean, weight-normed last
+    layer on the un-normalised mean."""
+    if head.input == "feature_map":
+        t = F.conv2d(x, head.adapter.weight, head.adapter.bias).flatten(2).transpose(1, 2)
+        h, w = x.shape[2:]
+    else:
+        t = F.linear(x, head.adapter.weight, head.adapter.bias)
+        h, w = grid
+    gh, gw = head.pos_grid
+    pos = head.pos_embed.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+    if (h, w) != (gh, gw):
+        pos = F.interpolate(pos, scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic")
+    t = t + pos.flatten(2).transpose(1, 2)
+    if query is not None:
+        t = torch.cat([query[:, None], t], dim=1)
+    for block in head.blocks:
+        t = block(t)
+    t = F.layer_norm(t, (head.dim,), head.norm.weight, head.norm.bias, eps=1e-6)
+    e = (t[:, 1:] if query is not None else t).mean(dim=1)
+    v, g = head.last_layer.weight_v, head.last_layer.weight_g
+    return e @ (g * v / v.norm(dim=1, keepdim=True)).T
+
+
+def test_thead_positional_embedding_no_l2_norm_and_trainable_gain():
+    torch.manual_seed(0)
+    head = THead(24, out_dim=20, dim=16, depth=2, num_heads=2, input="feature_map", pos_grid=4)
+    assert head.pos_embed.shape == (1, 16, 16) and head.pos_embed.requires_grad
+    assert head.last_layer.weight_g.requires_grad and not head.l2_norm
+    with torch.no_grad():
+        head.last_layer.weight_g.uniform_(0.5, 2.0)  # a trained gain, so the reference must apply it
+    query = torch.randn(2, 16)
+    for size in (4, 2, 3):  # the head's own grid, and the smaller maps of local crops (resized)
+        fmap = torch.randn(2, 24, size, size)
+        out = head(fmap)
+        torch.testing.assert_close(out, _thead_by_hand(head, fmap), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(head(fmap, query), _thead_by_hand(head, fmap, query), rtol=1e-4, atol=1e-5)
+    # the embedding goes to the last layer as it is (no l2 normalisation): the logits scale with it
+    e = head.embed(fmap)
+    torch.testing.assert_close(head.logits(3 * e), 3 * head.logits(e))
+    # the positional embedding makes the head see token order; pos_embed and gain get gradients
+    perm = torch.randperm(9)
+    shuffled = fmap.flatten(2)[:, :, perm].reshape(fmap.shape)
+    assert not torch.allclose(head(shuffled), head(fmap), atol=1e-4)
+    head(fmap).square().sum().backward()
+    assert head.pos_embed.grad is not None and head.last_layer.weight_g.grad is not None
+    # the earlier head: no positional embedding, l2-normalised embedding, frozen gain
+    old = THead(24, out_dim=20, dim=16, depth=1, num_heads=2, input="feature_map", norm_last_layer=True,
+                l2_norm=True)
+    assert old.pos_embed is None and not old.last_layer.weight_g.requires_grad
+    e = old.embed(fmap)
+    torch.testing.assert_close(old(fmap), old.last_layer(F.normalize(e, dim=-1)))
+    torch.testing.assert_close(old(shuffled), old(fmap), rtol=1e-4, atol=1e-5)
+
+
+def test_thead_tokens_grid_project_and_input_mean():
+    torch.manual_seed(0)
+    head = THead(24, out_dim=20, dim=16, depth=1, num_heads=2, pos_grid=(4, 4))
+    tokens = torch.randn(2, 6, 24)  # a 2 x 3 grid: not square, so the grid must be given
+    out = head(tokens, grid=(2, 3))
+    torch.testing.assert_close(out, _thead_by_hand(head, tokens, grid=(2, 3)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="grid"):
+        head(tokens)
+    with pytest.raises(ValueError, match="grid"):
+        head(tokens, grid=(2, 2))
+    square = torch.randn(2, 9, 24)  # inferred 3 x 3
+    torch.testing.assert_close(head(square), _thead_by_hand(head, square, grid=(3, 3)), rtol=1e-4, atol=1e-5)
+    # input mean: the adapter output averaged over tokens, before positional embedding and blocks
+    _, mean = head.embed(square, return_input_mean=True)
+    torch.testing.assert_close(mean, head.adapter(square).mean(1))
+    torch.testing.assert_close(head.project(square[:, 0]), head.adapter(square[:, 0]))
+    conv = THead(24, out_dim=20, dim=16, depth=1, num_heads=2, input="feature_map", pos_grid=3)
+    fmap = torch.randn(2, 24, 3, 3)
+    _, mean = conv.embed(fmap, return_input_mean=True)
+    torch.testing.assert_close(mean, conv.adapter(fmap).mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conv.project(fmap.mean(dim=(2, 3))), mean, rtol=1e-5, atol=1e-6)

@@ -271,3 +271,28 @@ def test_before_optimizer_step_hook_gets_the_epoch_before_the_step(tmp_path):
     trainer.fit()
     assert [epoch for epoch, _ in method.hook_calls] == [step / 4 for step in range(8)]
     assert all(has_grads for _, has_grads in method.hook_calls)
+
+
+def test_train_step_equals_fit_and_marks_the_phases(tmp_path):
+    """``train_step`` is fit's step (same weights after 3 steps), and a profiled step shows every
+    phase range of ``PHASES``."""
+    from torch.profiler import profile
+
+    from fastkd.train.trainer import PHASES
+
+    torch.manual_seed(0)
+    by_fit = TinyMethod()
+    torch.manual_seed(0)
+    by_step = TinyMethod()
+    make_trainer(tmp_path / "fit", by_fit, max_steps=3).fit()
+    trainer = make_trainer(tmp_path / "step", by_step, max_steps=3)
+    batches = iter(trainer.loader)
+    for step in range(2):
+        stepped, parts, norms = trainer.train_step(batches, step)
+        assert stepped and parts["loss"].dim() == 0 and set(norms) == {"all"}
+    with profile() as prof:
+        trainer.train_step(batches, 2)
+    assert_same(params(by_fit), params(by_step))
+    names = {event.name for event in prof.events()}
+    assert set(PHASES.values()) <= names, set(PHASES.values()) - names
+    assert all(p.grad is None for p in by_step.parameters())
