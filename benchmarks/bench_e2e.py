@@ -15,7 +15,12 @@ of the method's data recipe; data loading is timed by ``bench_data``):
 - ``fastkd``: fastkd as shipped: ``fastkd.train.Trainer.train_step`` with the trainer's defaults
   (fused ops, fused AdamW where torch has it for the device, loss parts and norms kept on the device,
   one flag read per step to skip a non-finite step, ``train.compile: auto`` = compiled backbones on
-  CUDA only). Precision is the same for all three: fp32 on CPU, bf16 autocast on CUDA.
+  CUDA only).
+- ``fastkd_compiled``: the same with ``train.compile: true`` (every backbone pass compiled with the
+  fused ops inside the graph, same backend as ``plain_compiled``): on CUDA it equals ``fastkd``'s
+  default, on CPU it is what ``train.compile=true`` buys.
+
+Precision is the same for all: fp32 on CPU, bf16 autocast on CUDA.
 
 Models (``--model``): ``demo`` (default) builds each method exactly as ``configs/demo/`` trains it in
 ``make demo`` (32 px, patch 8; students of 64-96 dims x 4 blocks) with frozen teachers of the demo
@@ -30,7 +35,7 @@ machine's load average at the start is printed with the results.
 Per method and variant: images/s, median / p10 / p90 step time, peak memory of one step,
 ``vs_plain_eager`` / ``vs_plain_compiled`` = their step time / this variant's, ``memory_ratio`` =
 peak / plain_eager's peak, the model FLOPs of a step and achieved GFLOP/s, and **where the time goes**
-(one profiled step): ``teacher_fwd`` (frozen and EMA teachers' forward passes), ``student_fwd`` (the
+(the median of three profiled steps): ``teacher_fwd`` (frozen and EMA teachers' forward passes), ``student_fwd`` (the
 rest of the method's forward: students, heads, losses), ``backward``, ``optimizer`` (clipping / norm,
 the optimiser step, the host syncs of plain_eager), ``after_step`` (EMA teacher updates, schedules),
 ``data`` (the trainer taking the batch), ``other`` (the rest of the step's wall time), and,
@@ -76,7 +81,7 @@ from fastkd.train.options import OptimConfig, TrainConfig
 from fastkd.train.trainer import PHASES, Trainer
 
 METHODS = ("moma", "hybrid_distill", "resmoco", "mokd")
-VARIANTS = ("plain_eager", "plain_compiled", "fastkd")
+VARIANTS = ("plain_eager", "plain_compiled", "fastkd", "fastkd_compiled")
 BASELINE = "plain_eager"
 # (model, method) -> {"vs_plain_eager": min ratio, "vs_plain_compiled": min ratio, "memory_ratio": max ratio};
 # "*" matches every method / model. Checked per fastkd record, reported, never asserted by tests.
@@ -94,6 +99,7 @@ IMG_SIZE = 64
 HYBRID_KEEP_RATIO = 0.7  # the last (longest) stage of Hybrid Distill's default keep schedule
 TOTAL_STEPS = 1000
 TOP_OPS = 5
+PROFILED_STEPS = 3
 
 
 DEMO_CONFIGS = {"moma": "moma_both", "hybrid_distill": "hybrid_distill", "resmoco": "resmoco_teacher",
@@ -195,7 +201,7 @@ def plain_step(method, batch: Batch, *, device: str, compile_backend: str | None
                 out["loss"].backward()
             with record_function(PHASES["optimizer"]):
                 norm = nn.utils.clip_grad_norm_(params, math.inf)
-                logged = {k: float(v) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+                logged = {k: float(v.detach()) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
                 if math.isfinite(logged["loss"]) and math.isfinite(float(norm)):
                     optimiser.step()
                 optimiser.zero_grad(set_to_none=True)
@@ -206,11 +212,13 @@ def plain_step(method, batch: Batch, *, device: str, compile_backend: str | None
     return step
 
 
-def fastkd_step(method, batch: Batch, *, device: str, workdir: Path) -> Callable[[], None]:
-    """One ``Trainer.train_step`` per call, the trainer as shipped (its defaults), precision
-    matched to the plain variants."""
+def fastkd_step(method, batch: Batch, *, device: str, workdir: Path, compile_backend: str | None) -> Callable[[], None]:
+    """One ``Trainer.train_step`` per call, the trainer as shipped (its defaults; with
+    ``compile_backend`` ``train.compile: true`` on that backend), precision matched to the plain
+    variants."""
+    compiled = {} if compile_backend is None else {"compile": True, "compile_backend": compile_backend}
     train = TrainConfig(device=device, precision="bf16" if device == "cuda" else "fp32", epochs=1,
-                        output_dir=str(workdir), progress=False, tensorboard=False)
+                        output_dir=str(workdir), progress=False, tensorboard=False, **compiled)
     trainer = Trainer(method, [batch] * TOTAL_STEPS, batch_size=int(batch.views[0].shape[0]), train=train,
                       optim=OptimConfig())
     batches = itertools.repeat(batch)
@@ -268,8 +276,17 @@ def teacher_ranges(method: nn.Module):
             delattr(module, attribute)
 
 
-def profile_step(step: Callable[[], None], method: nn.Module, device: str, *, split_teachers: bool) -> dict:
-    """Where one step's time goes: the phases (ms, see the module docstring), ``fused_ops_share``,
+def profile_step(step: Callable[[], None], method: nn.Module, device: str, *, split_teachers: bool,
+                 steps: int = PROFILED_STEPS) -> dict:
+    """Where a step's time goes: ``steps`` steps profiled one by one, the one with the median wall
+    time kept (one step alone is at the mercy of a scheduler hiccup); see :func:`profile_once`."""
+    profiles = sorted((profile_once(step, method, device, split_teachers=split_teachers) for _ in range(steps)),
+                      key=lambda p: p["profiled_ms"])
+    return profiles[len(profiles) // 2]
+
+
+def profile_once(step: Callable[[], None], method: nn.Module, device: str, *, split_teachers: bool) -> dict:
+    """One profiled step: the phases (ms, see the module docstring), ``fused_ops_share``,
     ``fused_ops_called`` and the ``top_ops`` by self time (CPU time on CPU, kernel time on CUDA for
     ops; phases are host-side ranges, the device synchronised around the step)."""
     cuda = device == "cuda"
@@ -344,8 +361,9 @@ def bench_method(name: str, config: dict, recipe_overrides: dict, *, model: str,
         recipe = method.recipe
         batch = synthetic_batch(recipe, recipe_overrides, batch_size, device)
         views = [v.shape[-1] for v in batch.views]
-        if variant == "fastkd":
-            steps[variant] = fastkd_step(method, batch, device=device, workdir=workdir / name)
+        if variant.startswith("fastkd"):
+            steps[variant] = fastkd_step(method, batch, device=device, workdir=workdir / name / variant,
+                                         compile_backend=compile_backend if variant == "fastkd_compiled" else None)
         else:
             steps[variant] = plain_step(method, batch, device=device,
                                         compile_backend=compile_backend if variant == "plain_compiled" else None)
@@ -355,7 +373,8 @@ def bench_method(name: str, config: dict, recipe_overrides: dict, *, model: str,
         compile_s[variant] = time.perf_counter() - start
     timings = time_alternating(steps, rounds=rounds, repeats=repeats, device=device)
     peaks = {variant: peak_memory_bytes(step, device=device) for variant, step in steps.items()}
-    flops = step_flops(steps[variants[0]]) if variants[0] != "plain_compiled" else None
+    eager = [v for v in variants if not v.endswith("compiled")]  # FlopCounterMode cannot run compiled code
+    flops = step_flops(steps[eager[0]]) if eager else None
     profiles = {variant: profile_step(step, methods[variant], device, split_teachers=variant != "plain_compiled")
                 for variant, step in steps.items()}
     peak = gpu_peak() if device == "cuda" else None
@@ -370,7 +389,7 @@ def bench_method(name: str, config: dict, recipe_overrides: dict, *, model: str,
             "steps_per_s": 1e3 / t["median_ms"], "images_per_s": batch_size * 1e3 / t["median_ms"],
             "peak_MiB": peaks[variant] / 2**20,
             "warmup_s": compile_s[variant],
-            **({"compile_backend": compile_backend} if variant == "plain_compiled" else {}),
+            **({"compile_backend": compile_backend} if variant.endswith("compiled") else {}),
             **profiles[variant],
         }
         for other in ("plain_eager", "plain_compiled"):
@@ -383,7 +402,7 @@ def bench_method(name: str, config: dict, recipe_overrides: dict, *, model: str,
             record["achieved_GFLOPs"] = flops / (t["median_ms"] / 1e3) / 1e9
             record["vs_peak_bf16"] = fraction_of_peak(record["achieved_GFLOPs"] / 1e3,
                                                       peak and peak["peak_bf16_TFLOPs"], device)
-        if variant == "fastkd":
+        if variant.startswith("fastkd"):
             target = {k: v for k, v in targets_for(model, name).items() if k in record}
             record["target"] = describe_target(target)
             record["meets_target"] = all(
@@ -404,11 +423,11 @@ def where_time_goes(records: list[dict]) -> str:
     """Markdown: for each method whose fastkd variant misses a target, the phase that differs most
     from the baseline it misses and the top ops of both."""
     lines = []
-    for fastkd in (r for r in records if r.get("variant") == "fastkd" and r.get("meets_target") is False):
+    for fastkd in (r for r in records if r.get("variant", "").startswith("fastkd") and r.get("meets_target") is False):
         others = {r["variant"]: r for r in records if r.get("method") == fastkd["method"]}
-        lines.append(f"### {fastkd['method']}: target {fastkd['target']}\n")
+        lines.append(f"### {fastkd['method']}, {fastkd['variant']}: target {fastkd['target']}\n")
         for name, other in others.items():
-            if name == "fastkd":
+            if name.startswith("fastkd"):
                 continue
             deltas = {p: (fastkd[f"{p}_ms"] or 0.0) - (other[f"{p}_ms"] or 0.0)
                       for p in PHASE_COLUMNS if p not in ("fused_ops", "teacher_fwd", "student_fwd")}
@@ -418,7 +437,8 @@ def where_time_goes(records: list[dict]) -> str:
             lines.append(f"- vs {name}: {fastkd[f'vs_{name}']:.2f}x; the phase fastkd spends most extra time "
                          f"in: {worst} ({deltas[worst]:+.1f} ms); fused ops take "
                          f"{100 * fastkd['fused_ops_share']:.1f} % of the fastkd step.")
-        rows = [{"variant": r["variant"], **op} for r in others.values() for op in r["top_ops"]]
+        rows = [{"variant": r["variant"], **op} for r in others.values() if r is fastkd or not r["variant"].startswith(
+            "fastkd") for op in r["top_ops"]]
         lines.append("\n" + markdown_table(rows, ["variant", "op", "self_ms", "calls"]) + "\n")
     return "\n".join(lines)
 
@@ -473,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         "vs_X = X's step time / this variant's (higher is faster); memory_ratio = peak / plain_eager's peak; "
         "warmup_s = the first step (compilation included for plain_compiled); vs_peak_bf16 = achieved FLOP rate / "
         "the GPU's dense bf16 peak (a GPU-only figure)."
-        f"\n\n## Where one step's time goes (ms, one profiled step)\n\n{phase_table(ok)}\n\n"
+        f"\n\n## Where a step's time goes (ms, the median of three profiled steps)\n\n{phase_table(ok)}\n\n"
         "teacher_fwd: frozen and EMA teachers' forward; student_fwd: the rest of the forward; optimizer: clipping, "
         "the optimiser and plain_eager's per-step host syncs; after_step: EMA updates and schedules; fused_ops: "
         "time inside fastkd's ops (part of forward and backward). A compiled forward shows no teacher split."

@@ -14,6 +14,7 @@ and the globally average-pooled last stage for ResNets.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -123,8 +124,16 @@ class Backbone(nn.Module):
         ``return_qk`` / ``return_layers``, and :meth:`forward`), in place; the fused ops stay in the
         graph. The kept-token count is marked dynamic (no recompilation as the keep ratio changes).
         A deep copy (e.g. an EMA teacher made from this student) runs the same compiled code on its
-        own weights."""
-        self.__dict__["_compiled_features_pass"] = torch.compile(Backbone._features_pass, **compile_kwargs)
+        own weights.
+
+        Each backbone compiles its own copy of the pass's code: dynamo counts graphs (one per
+        architecture, crop size and grad mode) per code object under one recompile limit (8), so a
+        process that compiled several methods' backbones (MOKD's four, or a benchmark of every
+        method) would otherwise hit it, a hard error under ``fullgraph=True``."""
+        shared = Backbone._features_pass
+        own = types.FunctionType(shared.__code__.replace(), shared.__globals__, shared.__name__,
+                                 shared.__defaults__, shared.__closure__)
+        self.__dict__["_compiled_features_pass"] = torch.compile(own, **compile_kwargs)
 
     @property
     def compiled(self) -> bool:
