@@ -402,13 +402,23 @@ class Trainer:
         ``after_step``, gradients cleared), without logging, checkpoints or stop handling: for
         benchmarks and custom loops. Returns ``(stepped, loss parts, grad norms)``, the parts and
         norms as device tensors."""
-        for slot in self.slots:
-            apply_schedules(slot.optimizer, slot.lr(step), slot.weight_decay(step))
+        self._apply_schedules(step)
         nonfinite, parts, _ = self._forward_backward(batches, step)
         stepped, grad_norms = self._update(step, nonfinite)
+        self._clear_grads()
+        return stepped, parts, grad_norms
+
+    def _apply_schedules(self, step: int) -> dict:
+        """Set every optimiser's lr and weight decay for ``step``; returns ``{slot: (lr, wd)}``."""
+        rates = {}
+        for slot in self.slots:
+            rates[slot.name] = (slot.lr(step), slot.weight_decay(step))
+            apply_schedules(slot.optimizer, *rates[slot.name])
+        return rates
+
+    def _clear_grads(self) -> None:
         for slot in self.slots:
             slot.optimizer.zero_grad(set_to_none=True)
-        return stepped, parts, grad_norms
 
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to ``total_steps`` (or until SIGTERM/SIGINT); with ``resume`` continue from the
@@ -436,10 +446,7 @@ class Trainer:
                 if batches is None or step % self.steps_per_epoch == 0:
                     batches = self._batches(step // self.steps_per_epoch,
                                             (step % self.steps_per_epoch) * self.optim_cfg.accum_steps)
-                rates = {}
-                for slot in self.slots:
-                    rates[slot.name] = (slot.lr(step), slot.weight_decay(step))
-                    apply_schedules(slot.optimizer, *rates[slot.name])
+                rates = self._apply_schedules(step)
                 try:
                     nonfinite, parts, images = self._forward_backward(batches, step)
                 except Exception:
@@ -447,8 +454,7 @@ class Trainer:
                         raise
                     # the signal also killed data workers: stop at the last completed step (single process;
                     # under DDP the other ranks would wait in the step's collectives)
-                    for slot in self.slots:
-                        slot.optimizer.zero_grad(set_to_none=True)
+                    self._clear_grads()
                     last_checkpoint, preempted = self._save(step, skipped, consecutive), True
                     logger.message(f"stop requested ({stop.signal_name}) while step {step + 1} was running and it "
                                    f"failed; checkpoint at step {step} written, exiting; continue with --resume")
@@ -468,8 +474,7 @@ class Trainer:
                                    f"(train.max_nonfinite={cfg.max_nonfinite}); last loss parts: {what}")
                         logger.close({"steps": step, "skipped_steps": skipped, "stopped": message})
                         raise NonFiniteLossError(message)
-                for slot in self.slots:
-                    slot.optimizer.zero_grad(set_to_none=True)
+                self._clear_grads()
                 step += 1
                 window_images += images * env.world_size
                 run_images += images * env.world_size
