@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
-from fastkd.benchmarks.common import peak_memory_bytes, time_alternating
+from fastkd.benchmarks.common import peak_memory_bytes, report_results, time_alternating
 from fastkd.kernels.gather_tokens import bwd_batch_groups
 from fastkd.ops import gather_tokens, gather_tokens_reference, random_keep
-from fastkd.reporting import markdown_table, write_results
 
 MODELS = {"vit_small": 384, "vit_base": 768, "vit_large": 1024}
 NUM_TOKENS = 197
@@ -101,11 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "model", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup_vs_eager", "peak_mem_MiB",
         "bytes_moved_MiB",
     ]  # fmt: skip
-    table = markdown_table(records, columns)
-    title = f"gather_tokens + pos-embed, forward + backward ({args.device}, {torch.get_num_threads()} threads)"
-    write_results("bench_gather", records, f"## {title}\n\n{table}", out_dir=args.out)
-    _plot(records, args.out / "bench_gather.png")
-    print(table)
+    report_results("bench_gather", records, columns, "gather_tokens + pos-embed, forward + backward",
+                   device=args.device, out_dir=args.out, plot=_plot)
     return records
 
 

@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
-from fastkd.benchmarks.common import peak_memory_bytes, time_alternating
+from fastkd.benchmarks.common import peak_memory_bytes, report_results, time_alternating
 from fastkd.ops import token_relation, token_relation_reference
-from fastkd.reporting import markdown_table, write_results
 
 HEAD_DIM = 64
 CASES = [  # label, heads, tokens, batch, quick batch
@@ -130,11 +129,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "case", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "time_vs_ref", "extra_mem_MiB", "mem_vs_ref",
         "gpu_bytes_model_MiB", "gflops_model",
     ]  # fmt: skip
-    table = markdown_table(records, columns)
-    title = f"token_relation, forward + backward ({args.device}, {torch.get_num_threads()} threads)"
-    write_results("bench_token_relation", records, f"## {title}\n\n{table}", out_dir=args.out)
-    _plot(records, args.out / "bench_token_relation.png")
-    print(table)
+    report_results("bench_token_relation", records, columns, "token_relation, forward + backward",
+                   device=args.device, out_dir=args.out, plot=_plot)
     return records
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -96,3 +97,20 @@ def peak_memory_bytes(fn: Callable[[], Any], *, device: str = "cpu") -> int:
         live += delta
         peak = max(peak, live)
     return int(peak)
+
+
+def report_results(name: str, records: list[dict], columns: list[str], title: str, *, device: str,
+                   out_dir: str | os.PathLike, plot: Callable[[list[dict], Path], Any]) -> str:
+    """The end of a benchmark: ``<name>.json`` and ``<name>.md`` (heading ``## <title> (<device>,
+    <threads> threads)`` over the Markdown table of ``records`` in ``columns``) written into
+    ``out_dir`` by :func:`fastkd.reporting.write_results`, ``plot(records, out_dir / "<name>.png")``,
+    and the table printed; returns the table."""
+    # imported here: fastkd.reporting's names are this module's deprecated aliases (see __getattr__)
+    from fastkd.reporting import markdown_table, write_results
+
+    table = markdown_table(records, columns)
+    heading = f"## {title} ({device}, {torch.get_num_threads()} threads)"
+    write_results(name, records, f"{heading}\n\n{table}", out_dir=out_dir)
+    plot(records, Path(out_dir) / f"{name}.png")
+    print(table)
+    return table

@@ -1,13 +1,11 @@
 // fastkd::ema_ — in-place exponential moving average of a list of teacher tensors towards a list
 // of student tensors, optionally returning the teacher-student gap measured in the same pass.
+// Computes fastkd.ops.ema_: the math is stated in fastkd/ops/ema.py's module docstring.
 //
-// For every pair (t, s), with w = 1 - momentum, computed in fp32 (fp64 for an fp64 teacher) and
-// rounded once to the teacher dtype, i.e. the same formula as torch.lerp_(t, s, w):
-//   t <- t + w * (s - t)          if w <  0.5
-//   t <- s - (1 - w) * (s - t)    if w >= 0.5   (so momentum 0 copies s exactly)
-// With return_gap, before the update, accumulated in float64 over all elements of all pairs:
-//   gap = [sum (s - t)^2, sum s * t, sum t^2, sum s^2]
-// The op returns gap (float64, shape [4], on the teacher device) or an empty tensor.
+// Math in fp32 (fp64 for an fp64 teacher), rounded once to the teacher dtype, with torch.lerp_'s two
+// branches (w < 0.5: t + w * (s - t); else s - (1 - w) * (s - t), so momentum 0 copies s exactly).
+// The gap is accumulated in float64 and returned as a float64 tensor of shape [4] on the teacher
+// device, in EMAGap's field order (diff_sq, dot, teacher_sq, student_sq), or an empty tensor.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,12 +1,8 @@
 // CPU kernel of fastkd's feature_align: per-row loss and d loss / d student in one read of each row.
+// Computes fastkd.ops.feature_align: the math is stated in fastkd/ops/feature_align.py's module docstring.
 //
-// For row i of student s and teacher t ([M, D], unit stride along D), row weight w_i (1 without
-// weights) and eps, this equals the plain PyTorch (y carries no gradient):
-//   y = layer_norm(t, (D,), eps)  |  normalize(t, dim=-1, eps)  |  t           (target_norm)
-//   x = normalize(s, dim=-1, eps) if student_norm else s
-//   l = smooth_l1_loss(x, y, beta, "none").mean(-1)  |  mse_loss(x, y, "none").mean(-1)
-//       |  1 - (normalize(x, eps) * normalize(y, eps)).sum(-1)                  (loss)
-//   loss_i = w_i * l_i  (float32; float64 if an input is float64),  grad_i = w_i * d l_i / d s_i  (student dtype)
+// Inputs are [M, D] with unit stride along D and a row weight w_i (1 without weights). Outputs:
+// loss_i = w_i * l_i (float32; float64 if an input is float64), grad_i = w_i * d l_i / d s_i (student dtype).
 // Each row is read once from memory; the few passes over it run in L1 in float (double for
 // double inputs). Rows with w_i == 0 are not read. Registered as fastkd::feature_align_cpu.
 

@@ -1,12 +1,9 @@
 // CPU kernels of fastkd's gather_tokens (token gather fused with the positional-embedding add).
+// Computes fastkd.ops.gather_tokens: the math is stated in fastkd/ops/gather_tokens.py's module docstring.
 //
-// With x [B, N, D], keep [B, K] (int64, validated by the caller), pos [N, D] or None:
-//   gather_tokens_cpu:          out[b, k] = x[b, keep[b, k]] + pos[keep[b, k]]
-//                               == torch.gather(x + pos, 1, keep[..., None].expand(-1, -1, D))
-//                               (float math, out dtype = torch.result_type(x, pos))
-//   gather_tokens_backward_cpu: grad_x = zeros(B, N, D).scatter_add_(1, keep[..., None].expand(-1, -1, D), grad)
-//                               grad_pos = grad_x.sum(0) in float32 (float64 for double grads;
-//                               shape [0, D] unless with_pos)
+// keep [B, K] is int64, validated by the caller; pos is [N, D] or None. The forward does float math
+// and writes out in torch.result_type(x, pos); the backward returns grad_pos in float32 (float64 for
+// double grads), of shape [0, D] unless with_pos.
 // Nothing of size [B, N, D] is read: the forward touches the kept rows only; the backward writes
 // grad_x once per sample (zero fill and scatter while the sample's block is in cache) and sums
 // the positional gradient from the B * K kept gradient rows, split over feature columns so that

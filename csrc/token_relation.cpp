@@ -1,13 +1,7 @@
-// CPU kernels of fastkd's token_relation: per-row KL between teacher and student attention maps,
-// without materialising the [B, H, N, N] maps.
-//
-// For q_s, k_s [B, H_s, N, d_s], q_t, k_t [B, H_t, N, d_t], G = H_t / H_s, logit scales c_s, c_t,
-// this equals the plain PyTorch (float32; float64 for float64 inputs):
-//   a_s = log_softmax(c_s * q_s @ k_s^T, -1)
-//   a_t = log_softmax(c_t * q_t @ k_t^T, -1)                                    (G == 1)
-//   a_t[:, h] = log(mean_g softmax(c_t * q_t[:, h*G+g] @ k_t[:, h*G+g]^T, -1))  (G > 1)
-//   kl = sum_j exp(a_t) (a_t - a_s)  (teacher_to_student)  |  sum_j exp(a_s) (a_s - a_t)
-// and its gradient for q_s, k_s given the upstream per-row gradient g:
+// CPU kernels of fastkd's token_relation, without materialising the [B, H, N, N] maps.
+// Computes fastkd.ops.token_relation: the math is stated in fastkd/ops/token_relation.py's module docstring.
+// Statistics in float32 (float64 for float64 inputs); G = H_t / H_s, logit scales c_s, c_t. The
+// backward, given the upstream per-row gradient g, computes
 //   ds = g * (P_s - P_t)  |  g * P_s * (a_s - a_t - kl);  dq_s = c_s ds @ k_s, dk_s = c_s ds^T @ q_s.
 //
 // One parallel region per call (at::parallel_for over tiles of student heads x query rows): a tile

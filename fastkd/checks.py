@@ -67,3 +67,31 @@ def check_features(name: str, features, labels_name: str, labels) -> None:
                                or labels.dtype != torch.int64):
         raise ValueError(f"{labels_name} must be an int64 tensor [{features.shape[0]}], got "
                          f"{type(labels).__name__} {tuple(getattr(labels, 'shape', ()))} {getattr(labels, 'dtype', '')}")
+
+
+def check_train_test_features(train_features, train_labels, test_features, test_labels) -> None:
+    """:func:`check_features` on the train and the test side, and both feature sets of one width."""
+    check_features("train_features", train_features, "train_labels", train_labels)
+    check_features("test_features", test_features, "test_labels", test_labels)
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"train_features and test_features differ in width: {train_features.shape[1]} vs "
+                         f"{test_features.shape[1]}")
+
+
+def check_embedding_pair(first_name: str, first: Any, second_name: str, second: Any) -> None:
+    """Two non-empty floating-point ``[B, C]`` tensors of one shape on one device (e.g. a loss's
+    query and key embeddings): ``TypeError`` for a non-tensor or an integer dtype, ``ValueError``
+    for the shapes or devices."""
+    for name, t in ((first_name, first), (second_name, second)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[0] == 0:
+            raise ValueError(f"{name} must be a non-empty [B, C] tensor, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if first.shape != second.shape:
+        raise ValueError(f"{first_name} and {second_name} must have the same shape, got {tuple(first.shape)} and "
+                         f"{tuple(second.shape)}")
+    if first.device != second.device:
+        raise ValueError(f"{first_name} and {second_name} must be on one device, got {first.device} and "
+                         f"{second.device}")

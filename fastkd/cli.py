@@ -2,7 +2,10 @@
 
     fastkd pretrain CONFIG [key=value ...] [--resume]     teacher pre-training (methods with role "pretrain")
     fastkd distill  CONFIG [key=value ...] [--resume]     distillation (methods with role "distill")
-    fastkd eval knn|linear MODEL --train DIR --val DIR    k-NN / linear probe of a saved model
+    fastkd eval knn|linear|finetune MODEL --train DIR --val DIR   k-NN, linear probe (cached, dino,
+                                                          mocov3) or fine-tuning of a saved model
+    fastkd launch [torchrun options] -m fastkd.cli distill CONFIG ...
+                                                          torchrun that exits 0 after a SIGTERM/SIGINT stop
     fastkd bench NAME [ARGS ...]                          run fastkd.benchmarks.bench_NAME
     fastkd data sample|scan ...                           sample dataset, dataset scan
 
@@ -99,39 +102,104 @@ def _finite_report(report: dict) -> dict:
     return cleaned
 
 
+# the cached probe's defaults; the paper protocols (dino, mocov3) take theirs from fastkd.eval.linear_protocols
+_CACHED_PROBE_DEFAULTS = {"epochs": 100, "lr": 0.1, "weight_decay": 0.0, "probe_batch_size": 256}
+
+
+def _linear_protocol_defaults(args: argparse.Namespace) -> None:
+    """Fill the cached probe's defaults, and refuse options that do not apply to the chosen protocol."""
+    if args.linear_protocol == "cached":
+        for name in ("lrs", "n_last_blocks", "avgpool_patches"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} applies to --protocol dino|mocov3, not to the cached probe")
+        for name, value in _CACHED_PROBE_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    else:
+        if args.weight_decay is not None:
+            raise ValueError("--weight-decay applies to the cached probe; the paper protocols use their own (0)")
+        if args.cache_dir is not None:
+            raise ValueError("--cache-dir applies to the cached probe: the paper protocols augment every epoch")
+        if args.lr is not None and args.lrs is not None:
+            raise ValueError("give --lr (one head) or --lrs (a sweep), not both")
+
+
 def _eval(args: argparse.Namespace) -> int:
-    from fastkd.eval import evaluate_knn, evaluate_linear, load_eval_model
-    from fastkd.eval.evaluate import check_eval_options
-    from fastkd.eval.models import native_image_size
+    from fastkd.eval import evaluate_knn, evaluate_linear
+    from fastkd.eval.evaluate import check_eval_options, default_resize
+    from fastkd.eval.models import load_eval_model_described, native_image_size
 
     numeric = ("image_size", "resize", "batch_size", "num_workers", "k", "temperature", "epochs", "lr",
                "weight_decay", "probe_batch_size")
-    check_eval_options({name: getattr(args, name) for name in numeric if hasattr(args, name)}, cli=True)
+    if args.protocol == "finetune":
+        return _finetune(args)
+    if args.protocol == "linear":
+        _linear_protocol_defaults(args)
+    check_eval_options({name: getattr(args, name) for name in numeric if getattr(args, name, None) is not None},
+                       cli=True)
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise ValueError(f"--output {args.output}: folder {str(Path(args.output).resolve().parent)!r} does not exist")
-    model = load_eval_model(args.model, arch=args.arch, module=args.module, format=args.format, device=args.device,
-                            weights=args.weights)
+    model, source = load_eval_model_described(args.model, arch=args.arch, module=args.module, format=args.format,
+                                              device=args.device, weights=args.weights)
     if args.image_size is None:
         args.image_size = native_image_size(model)
+    described = {"model": args.model, **source, "image_size": args.image_size,
+                 "resize": args.resize or default_resize(args.image_size)}
     loader_options = dict(image_size=args.image_size, resize=args.resize, batch_size=args.batch_size,
                           backend=args.backend, num_workers=args.num_workers, device=args.device)
     cache = dict(cache_dir=args.cache_dir, cache_key=args.cache_key or (_cache_key(args) if args.cache_dir else None))
     if args.protocol == "knn":
         result = evaluate_knn(model, args.train, args.val, k=args.k, temperature=args.temperature,
                               **cache, **loader_options)
-        report = {"protocol": "knn", "model": args.model, "k": result.k, "temperature": result.temperature,
+        report = {"protocol": "knn", **described, "k": result.k, "temperature": result.temperature,
                   "top1": result.top1, "top5": result.top5, "class_counts": result.class_counts}
-    else:
+    elif args.linear_protocol == "cached":
         result = evaluate_linear(model, args.train, args.val, epochs=args.epochs, lr=args.lr,
                                  weight_decay=args.weight_decay, probe_batch_size=args.probe_batch_size,
                                  **cache, **loader_options)
-        report = {"protocol": "linear", "model": args.model, "epochs": args.epochs,
+        report = {"protocol": "linear", "linear_protocol": "cached", **described, "epochs": args.epochs,
                   "top1": result.top1, "top5": result.top5, "train_loss": result.train_loss,
                   "class_counts": result.class_counts}
+    else:
+        from fastkd.eval.linear_protocols import evaluate_linear_protocol
+
+        lrs = args.lrs if args.lrs is not None else ([args.lr] if args.lr is not None else None)
+        result = evaluate_linear_protocol(
+            model, args.train, args.val, args.linear_protocol, epochs=args.epochs, lrs=lrs,
+            batch_size=args.probe_batch_size, image_size=args.image_size, resize=args.resize,
+            n_last_blocks=args.n_last_blocks, avgpool_patches=args.avgpool_patches, backend=args.backend,
+            num_workers=args.num_workers, device=args.device)
+        outcome = result.to_dict()
+        outcome.pop("protocol")
+        report = {"protocol": "linear", "linear_protocol": args.linear_protocol, **described, **outcome}
     report = _finite_report(report)
     if "non_finite" in report:
         print(f"fastkd eval: note: {', '.join(report['non_finite'])} not finite (NaN or infinite), written as null",
               file=sys.stderr)
+    print(json.dumps(report, allow_nan=False))
+    if args.output:
+        atomic_write_json(args.output, report)
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    """``fastkd eval finetune``: the DeiT / MAE fine-tuning recipe end to end (see fastkd.eval.finetune)."""
+    from fastkd.eval.finetune import finetune, resolve_finetune_recipe
+    from fastkd.eval.models import load_eval_model_described
+
+    resolve_finetune_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, blr=args.blr,
+                            layer_decay=args.layer_decay, drop_path=args.drop_path,
+                            global_pool=args.global_pool)  # options checked before the model is read
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise ValueError(f"--output {args.output}: folder {str(Path(args.output).resolve().parent)!r} does not exist")
+    model, source = load_eval_model_described(args.model, arch=args.arch, module=args.module, format=args.format,
+                                              device=args.device, weights=args.weights)
+    result = finetune(model, args.train, args.val, args.recipe, epochs=args.epochs, batch_size=args.batch_size,
+                      blr=args.blr, layer_decay=args.layer_decay, drop_path=args.drop_path,
+                      image_size=args.image_size, global_pool=args.global_pool, precision=args.precision,
+                      device=args.device, num_workers=args.num_workers, seed=args.seed, output=args.output_dir)
+    outcome = result.to_dict()
+    report = _finite_report({"protocol": "finetune", "model": args.model, **source, **outcome})
     print(json.dumps(report, allow_nan=False))
     if args.output:
         atomic_write_json(args.output, report)
@@ -172,15 +240,18 @@ def _add_train_command(subparsers, name: str, methods: tuple[str, ...], text: st
 
 def _add_eval_command(subparsers) -> None:
     from fastkd.data.loader import BACKENDS
+    from fastkd.eval.linear_protocols import LINEAR_PROTOCOLS
     from fastkd.models.weights import FORMATS
 
-    parser = subparsers.add_parser("eval", help="k-NN or linear-probe evaluation of a saved model",
+    LINEAR_CHOICES = ("cached", *LINEAR_PROTOCOLS)
+
+    parser = subparsers.add_parser("eval", help="k-NN, linear-probe or fine-tuning evaluation of a saved model",
                                    description="Evaluate frozen features of a saved student or teacher.")
     protocols = parser.add_subparsers(dest="protocol", required=True)
     for protocol, text in (("knn", "weighted k-NN (cosine, chunked)"), ("linear", "linear probe on cached features")):
         sub = protocols.add_parser(protocol, help=text, description=f"{text} on ImageFolder splits.")
         sub.add_argument("model", help="run directory, training checkpoint, student.pt, or an official "
-                                       "MoCo v3 / MAE / timm checkpoint (with --arch)")
+                                       "MoCo v3 / MAE / DeiT / CLIP / timm checkpoint (with --arch)")
         sub.add_argument("--train", required=True, help="ImageFolder of the memory bank / probe training set")
         sub.add_argument("--val", required=True, help="ImageFolder of the evaluated images")
         sub.add_argument("--arch", help="timm architecture (official checkpoints only)")
@@ -206,11 +277,61 @@ def _add_eval_command(subparsers) -> None:
             sub.add_argument("--k", type=int, default=20)
             sub.add_argument("--temperature", type=float, default=0.07)
         else:
-            sub.add_argument("--epochs", type=int, default=100)
-            sub.add_argument("--lr", type=float, default=0.1)
-            sub.add_argument("--weight-decay", type=float, default=0.0)
-            sub.add_argument("--probe-batch-size", type=int, default=256)
+            sub.add_argument("--protocol", dest="linear_protocol", default="cached", choices=LINEAR_CHOICES,
+                             help="cached: fast probe on cached centre-crop features (default); dino / mocov3: the "
+                                  "papers' protocols (augmented crops every epoch, their optimiser, epochs and lr, "
+                                  "an lr sweep with --lrs)")
+            sub.add_argument("--epochs", type=int, default=None, help="default: 100 (cached), the protocol's")
+            sub.add_argument("--lr", type=float, default=None,
+                             help="cached: the lr (default 0.1); dino / mocov3: one base lr per 256 images")
+            sub.add_argument("--lrs", type=float, nargs="+", default=None,
+                             help="dino / mocov3: base lrs to sweep, one head each (default: the protocol's)")
+            sub.add_argument("--weight-decay", type=float, default=None, help="cached probe only (default 0)")
+            sub.add_argument("--probe-batch-size", type=int, default=None,
+                             help="probe training batch (default: 256 cached, the protocol's: 1024)")
+            sub.add_argument("--n-last-blocks", type=int, default=None,
+                             help="dino / mocov3: concatenate the CLS of the last N blocks (default: DINO 4 for "
+                                  "ViTs narrower than 768, else 1; MoCo v3 1)")
+            sub.add_argument("--avgpool-patches", action=argparse.BooleanOptionalAction, default=None,
+                             help="dino / mocov3: append the average patch token (default: DINO on for ViTs "
+                                  "768 wide and more)")
         sub.set_defaults(func=_eval)
+    _add_finetune_command(protocols, FORMATS)
+
+
+def _add_finetune_command(protocols, formats) -> None:
+    from fastkd.eval.finetune import FINETUNE_RECIPES
+
+    sub = protocols.add_parser("finetune", help="end-to-end fine-tuning (DeiT / MAE recipe)",
+                               description="Fine-tune a saved backbone with a classifier on ImageFolder splits: "
+                                           "AdamW, layer-wise lr decay, RandAugment, mixup / cutmix, drop path, "
+                                           "label smoothing (timm's implementations). Options left out take the "
+                                           "recipe's values.")
+    sub.add_argument("model", help="run directory, training checkpoint, student.pt, or an official checkpoint "
+                                   "(with --arch)")
+    sub.add_argument("--train", required=True, help="ImageFolder of the fine-tuning training set")
+    sub.add_argument("--val", required=True, help="ImageFolder of the evaluated images")
+    sub.add_argument("--recipe", default="mae", choices=tuple(FINETUNE_RECIPES),
+                     help="mae: ViT-B MAE fine-tuning (100 epochs, layer decay 0.65); deit: DeiT (300 epochs)")
+    sub.add_argument("--arch", help="timm architecture (official checkpoints only)")
+    sub.add_argument("--format", default="auto", choices=formats)
+    sub.add_argument("--module", default="student", help="dotted submodule of the method (training checkpoints)")
+    sub.add_argument("--weights", default="student", choices=("student", "teacher"),
+                     help="run directories: student.pt (default) or teacher.pt")
+    sub.add_argument("--epochs", type=int)
+    sub.add_argument("--batch-size", type=int, help="global batch (the lr scales with it; default the recipe's 1024)")
+    sub.add_argument("--blr", type=float, help="base lr per 256 images")
+    sub.add_argument("--layer-decay", type=float)
+    sub.add_argument("--drop-path", type=float)
+    sub.add_argument("--image-size", type=int, help="default: the size the model was built for")
+    sub.add_argument("--global-pool", choices=("avg", "token"), help="default: avg (mae), token (deit)")
+    sub.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    sub.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    sub.add_argument("--num-workers", type=int, default=2)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--output-dir", help="write finetuned.pt and finetune.json here")
+    sub.add_argument("--output", help="also write the result as JSON to this file")
+    sub.set_defaults(func=_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(subparsers, "pretrain", _method_names("pretrain"), "pre-train a teacher")
     _add_train_command(subparsers, "distill", _method_names("distill"), "distill a student from teachers")
     _add_eval_command(subparsers)
+    subparsers.add_parser("launch", help="torchrun that exits 0 after a SIGTERM/SIGINT stop (python -m fastkd.launch)",
+                          description="fastkd launch [torchrun options] -m fastkd.cli distill CONFIG ...: torchrun's "
+                                      "command line; the first SIGTERM/SIGINT is passed to every worker, which write "
+                                      "their stop checkpoint, and the launcher exits 0.", add_help=False)
     bench = subparsers.add_parser("bench", help="run a benchmark (fastkd bench list)",
                                   description="Run fastkd.benchmarks.bench_NAME.main(ARGS); `fastkd bench list` "
                                               "lists them. Common ARGS: --quick, --device cpu|cuda, --out DIR "
@@ -237,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:  # torchrun's own command line, parsed by torch.distributed.run
+        from fastkd.launch import main as launch
+
+        return launch(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

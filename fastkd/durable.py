@@ -14,8 +14,9 @@ import errno
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
            "read_torch_file", "UnreadableFileError"]
@@ -100,15 +101,34 @@ def _torch_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0].strip()}" if lines else type(error).__name__
 
 
+@contextmanager
+def _allowed_globals(serialization: Any, allowed: list) -> Iterator[None]:
+    """``allowed`` added to ``weights_only`` loading for the block: ``torch.serialization.safe_globals``
+    (torch >= 2.5); on torch 2.4, which has only the global ``add_safe_globals`` list, the list is
+    extended for the block and restored after it."""
+    if hasattr(serialization, "safe_globals"):
+        with serialization.safe_globals(allowed):
+            yield
+        return
+    previous = serialization.get_safe_globals()
+    serialization.add_safe_globals(allowed)
+    try:
+        yield
+    finally:
+        serialization.clear_safe_globals()
+        serialization.add_safe_globals(previous)
+
+
 def read_torch_file(path: str | os.PathLike, *, safe_globals: tuple = (), map_location: Any = "cpu") -> Any:
-    """``torch.load(path, map_location=map_location, weights_only=True)``; a file that cannot be read
-    raises :class:`UnreadableFileError` naming it and why, in one line."""
+    """``torch.load(path, map_location=map_location, weights_only=True)`` with ``safe_globals`` also
+    allowed while it reads; a file that cannot be read raises :class:`UnreadableFileError` naming it
+    and why, in one line."""
     import torch
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{os.fspath(path)!r} does not exist")
     try:
-        with torch.serialization.safe_globals(list(safe_globals)):
+        with _allowed_globals(torch.serialization, list(safe_globals)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - every failure of a corrupt file is reported alike
         raise UnreadableFileError(f"{os.fspath(path)!r} is not a readable PyTorch checkpoint "

@@ -63,12 +63,38 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    for module in ("triton", "nvidia.dali", "timm"):
-        try:
-            info[module.split(".")[-1]] = __import__(module, fromlist=["__version__"]).__version__
-        except Exception:  # noqa: BLE001 - a missing optional library is recorded as None
-            info[module.split(".")[-1]] = None
+    info.update(triton=_imported_version("triton"), dali=dali_version(), timm=_imported_version("timm"))
     return info
+
+
+def _imported_version(module: str) -> str | None:
+    """``module.__version__`` (importing it), or None when it is missing or broken."""
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - a missing optional library is recorded as None
+        return None
+
+
+# the pip distributions DALI ships under (one per CUDA major version); the module is ``nvidia.dali``
+DALI_DISTRIBUTIONS = ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110", "nvidia-dali")
+
+
+def dali_version() -> str | None:
+    """The installed DALI's version, read from its distribution's metadata without importing DALI
+    (only :mod:`fastkd.data`'s DALI backend imports it); ``"installed, version unknown"`` when
+    ``nvidia.dali`` is importable under another distribution name; None when DALI is absent."""
+    from importlib import metadata, util
+
+    for name in DALI_DISTRIBUTIONS:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        found = util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):  # no ``nvidia`` namespace package at all
+        found = False
+    return "installed, version unknown" if found else None
 
 
 def markdown_table(rows: Iterable[dict], columns: list[str]) -> str:

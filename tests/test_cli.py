@@ -1,8 +1,10 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fastkd.cli import build_parser, main
 
@@ -82,7 +84,39 @@ def test_pretrain_then_eval_from_the_run_directory(tmp_path, capsys):
     assert (out / "student.pt").is_file() and (out / "checkpoints" / "checkpoint_000000002.pt").is_file()
     assert main(["eval", "knn", str(out), "--train", str(data), "--val", str(data), "--image-size", "32",
                  "--backend", "torch", "--num-workers", "0", "--k", "1"]) == 0
-    assert '"top1": 100.0' in capsys.readouterr().out
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["top1"] == 100.0
+    # the JSON says what was evaluated and how: protocol, file and key read, crop
+    assert report["protocol"] == "knn" and report["checkpoint"] == str(out / "student.pt")
+    arch = yaml.safe_load((ROOT / "configs/demo/mae_teacher.yaml").read_text())["method"]["arch"]
+    assert report["checkpoint_key"] == f"fastkd:{arch}"
+    assert report["image_size"] == 32 and report["resize"] == 37
+    # DINO's linear protocol: augmented crops, an lr sweep, its features named in the JSON
+    assert main(["eval", "linear", str(out), "--protocol", "dino", "--train", str(data), "--val", str(data),
+                 "--backend", "torch", "--num-workers", "0", "--epochs", "1", "--probe-batch-size", "8",
+                 "--lrs", "0.01", "0.1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["protocol"] == "linear" and report["linear_protocol"] == "dino"
+    assert [entry["lr"] for entry in report["sweep"]] == [0.01, 0.1] and report["image_size"] == 32
+    assert report["checkpoint_key"] == f"fastkd:{arch}" and report["epochs"] == 1
+    # fine-tuning, the papers' headline protocol, at CPU size: a fine-tuned model file and its report
+    assert main(["eval", "finetune", str(out), "--train", str(data), "--val", str(data), "--epochs", "1",
+                 "--batch-size", "8", "--num-workers", "0", "--output-dir", str(tmp_path / "ft"),
+                 "--output", str(tmp_path / "ft.json")]) == 0
+    report = json.loads((tmp_path / "ft.json").read_text())
+    assert report["protocol"] == "finetune" and report["recipe"] == "mae" and report["image_size"] == 32
+    assert report["checkpoint_key"] == f"fastkd:{arch}" and len(report["history"]) == 1
+    assert (tmp_path / "ft" / "finetuned.pt").is_file()
+    with pytest.raises(SystemExit) as stop:  # options checked before the model is read
+        main(["eval", "finetune", str(tmp_path / "missing"), "--train", str(data), "--val", str(data),
+              "--layer-decay", "1.5"])
+    assert stop.value.code == 2 and "layer_decay" in capsys.readouterr().err
+    for bad, message in ((["--protocol", "dino", "--weight-decay", "0.1"], "--weight-decay applies"),
+                         (["--n-last-blocks", "2"], "--n-last-blocks applies"),
+                         (["--protocol", "mocov3", "--lr", "0.1", "--lrs", "0.2"], "not both")):
+        with pytest.raises(SystemExit) as stop:  # refused before the model (here a missing path) is read
+            main(["eval", "linear", str(tmp_path / "missing"), "--train", str(data), "--val", str(data), *bad])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_train_commands_list_the_methods_of_their_role(capsys):
@@ -177,3 +211,12 @@ def test_undecodable_image_during_training_names_the_file_and_exits_2(tmp_path, 
                               f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1"])
     assert str(bad) in err and "fastkd data scan" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 2  # the message and the FASTKD_TRACEBACK hint
+
+
+def test_launch_takes_torchruns_command_line(capsys):
+    """`fastkd launch` hands its arguments to torchrun's parser (fastkd.launch): its help is torchrun's."""
+    try:
+        code = main(["launch", "--help"])
+    except SystemExit as stop:  # torch versions differ in how their parser ends after --help
+        code = stop.code or 0
+    assert code == 0 and "--nproc-per-node" in capsys.readouterr().out.replace("_", "-")

@@ -52,3 +52,18 @@ def test_unreadable_torch_files_are_one_clean_error(tmp_path):
         read_torch_file(tmp_path / "junk.pt")
     assert "weights_only" not in str(error.value)
     assert isinstance(error.value, ValueError)
+
+
+def test_allowed_globals_are_read_without_the_safe_globals_context_manager(tmp_path, monkeypatch):
+    """torch 2.4 has only the global ``add_safe_globals`` list (``safe_globals`` came in 2.5): the
+    reader extends that list while it reads and restores it after."""
+    import argparse
+
+    atomic_torch_save({"args": argparse.Namespace(arch="vit_small"), "w": torch.ones(2)}, tmp_path / "ckpt.pt")
+    before = set(torch.serialization.get_safe_globals())  # a set in torch: its list order is arbitrary
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    state = read_torch_file(tmp_path / "ckpt.pt", safe_globals=(argparse.Namespace,))
+    assert state["args"].arch == "vit_small" and torch.equal(state["w"], torch.ones(2))
+    assert set(torch.serialization.get_safe_globals()) == before
+    with pytest.raises(UnreadableFileError, match="Namespace"):
+        read_torch_file(tmp_path / "ckpt.pt")

@@ -1,6 +1,8 @@
 """fastkd.reporting: result files and where benchmark results go."""
 
 import json
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -16,6 +18,26 @@ def test_write_results_writes_json_and_markdown(tmp_path):
     assert payload["machine"]["torch"] and payload["machine"]["cores"]
     assert (tmp_path / "new" / "toy.md").read_text() == "# toy\n"
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["toy.json", "toy.md"]  # no temporary files
+
+
+def test_machine_info_reads_the_dali_version_without_importing_dali():
+    code = ("import sys; from fastkd.reporting import machine_info; info = machine_info(); "
+            "print(info['dali']); print('nvidia.dali' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    dali, imported = done.stdout.strip().splitlines()[-2:]
+    assert imported == "False"
+    assert dali == str(reporting.dali_version())
+
+
+def test_dali_version_falls_back_to_the_module_then_none(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(reporting, "DALI_DISTRIBUTIONS", ("no-such-distribution-of-dali",))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "nvidia.dali" else None)
+    assert reporting.dali_version() == "installed, version unknown"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert reporting.dali_version() is None
 
 
 def test_markdown_table():

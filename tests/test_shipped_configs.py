@@ -22,7 +22,7 @@ SIZE = 32
 
 def _reduced_kwargs(arch: str, kwargs: dict) -> dict:
     """``kwargs`` with the image size, and for ViTs 8 dims per head and 2 blocks."""
-    if not arch.startswith("vit"):
+    if not arch.startswith(("vit", "deit")):
         return dict(kwargs)
     heads = kwargs.get("num_heads") or build_backbone(arch, img_size=SIZE, depth=1).num_heads
     return {**kwargs, "img_size": SIZE, "embed_dim": 8 * heads, "depth": 2}
@@ -53,6 +53,10 @@ def test_shipped_config_runs_steps(config_path, images, tmp_path):
             if path_key and method.get(path_key):
                 checkpoint = save_backbone(build_backbone(method[key], **kwargs), tmp_path / f"{path_key}.pt")
                 overrides.append(f"method.{path_key}={checkpoint}")
+    for key in [k for k in method if k.endswith("_format") and method[k] is not None]:
+        overrides.append(f"method.{key}=fastkd")  # the checkpoints made above are in fastkd's format
+    if method.get("feature_teacher_input_size"):
+        overrides.append(f"method.feature_teacher_input_size={SIZE}")  # an image size, reduced like the rest
     recipe = dict(raw.get("data", {}).get("recipe_options") or {})
     if method["name"] == "mokd":
         # MOKD trains a ResNet-50: its crops stay >= 32 px so that no padded 3x3 convolution is

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-import fastkd.eval
 from fastkd.cli import main
 from fastkd.eval import load_eval_model
 from fastkd.methods import build_method
@@ -37,23 +36,17 @@ def test_mocov3_run_writes_the_ema_teacher(mocov3_run):
     torch.testing.assert_close(s["pos_embed"], t["pos_embed"])  # frozen in both
 
 
-def test_eval_cli_picks_the_teacher_file(mocov3_run, monkeypatch, capsys):
+def test_eval_cli_picks_the_teacher_file(mocov3_run, capsys):
     data, run = mocov3_run
-    loaded = []
-    original = fastkd.eval.load_eval_model
-
-    def spy(path, **kwargs):
-        loaded.append(kwargs.get("weights"))
-        return original(path, **kwargs)
-
-    monkeypatch.setattr(fastkd.eval, "load_eval_model", spy)
     common = ["--train", str(data), "--val", str(data), "--batch-size", "8", "--backend", "torch",
               "--num-workers", "0", "--k", "1"]
     assert main(["eval", "knn", str(run), "--weights", "teacher", *common]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["top1"] == 100.0  # k=1 on the memory bank itself
+    assert report["checkpoint"] == str(run / TEACHER_FILE) and report["checkpoint_key"].startswith("fastkd:")
     assert main(["eval", "knn", str(run), *common]) == 0
-    assert loaded == ["teacher", "student"]
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["checkpoint"] == str(run / STUDENT_FILE)
 
 
 def test_teacher_weights_need_a_run_directory_with_the_file(mocov3_run, tmp_path):

@@ -222,3 +222,13 @@ def eval_recipe(size: int = 224, resize: int = 256) -> Recipe:
     return Recipe(
         "eval", (ViewSpec(size=size, scale=None, resize=resize, interpolation="bicubic", flip_p=0.0),), shuffle=False
     )
+
+
+@register_recipe("linear")
+def linear(size: int = 224, scale=(0.08, 1.0), interpolation: str = "bicubic") -> Recipe:
+    """Linear-probe training (DINO ``eval_linear.py``, MoCo v3 ``main_lincls.py``): one
+    ``RandomResizedCrop(size, scale)`` (aspect ratio 3/4-4/3) and a horizontal flip (p 0.5), nothing
+    else. ``interpolation``: bicubic by default; both official scripts use torchvision's default
+    (bilinear), which :mod:`fastkd.eval.linear_protocols` passes."""
+    interpolation = _check_interpolation(interpolation)
+    return Recipe("linear", (ViewSpec(size=size, scale=tuple(scale), interpolation=interpolation, flip_p=0.5),))

@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fastkd.durable import atomic_write_text
+from fastkd.progress import progress_disable
 
 from .datasets import check_readable_dir, file_list, is_image_file
 
@@ -49,23 +50,19 @@ def _dataset_files(root: Path) -> tuple[Path, list[str]]:
     return root.resolve(), files
 
 
-def _tqdm_disabled_by_env() -> bool:
-    """Whether ``TQDM_DISABLE`` asks for no progress bars (any value but empty, 0, false, no)."""
-    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def scan_dataset(
     root: str | os.PathLike, workers: int = 4, *, out: str | os.PathLike | None = None, progress: bool = True
 ) -> ScanResult:
     """Decode every image under ``root`` (ImageFolder tree, or a file list) with ``workers``
     threads; if ``out`` is given, write the exclusion list there (``path<TAB>reason`` lines).
-    ``progress``: a progress bar on stderr (never when the ``TQDM_DISABLE`` environment variable is set)."""
+    ``progress``: a progress bar on stderr when it is a terminal (never when the ``TQDM_DISABLE``
+    environment variable is set; see :func:`fastkd.progress.progress_disable`)."""
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     base, files = _dataset_files(Path(root))
     with ThreadPoolExecutor(workers) as pool:
         reasons = list(tqdm(pool.map(check_image, files), total=len(files), desc="scan", unit="img",
-                            disable=not progress or _tqdm_disabled_by_env()))
+                            disable=progress_disable(progress)))
     bad = tuple(sorted((os.path.relpath(f, base), r) for f, r in zip(files, reasons) if r is not None))
     result = ScanResult(str(base), len(files), bad)
     if out is not None:

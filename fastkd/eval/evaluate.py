@@ -57,6 +57,11 @@ def check_eval_options(options: dict, *, cli: bool = False) -> None:
             raise ValueError(f"{label} must be {expected}, got {value!r}")
 
 
+def default_resize(image_size: int) -> int:
+    """The shorter-side resize before a centre crop of ``image_size``: ``round(image_size * 256 / 224)``."""
+    return round(image_size * 256 / 224)
+
+
 def split_features(model: nn.Module, source, *, image_size: int = 224, resize: int | None = None,
                    batch_size: int = 64, backend: str = "auto", num_workers: int = 2,
                    device: str | torch.device = "cpu", cache: str | os.PathLike | None = None,
@@ -67,7 +72,7 @@ def split_features(model: nn.Module, source, *, image_size: int = 224, resize: i
 
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    resize = resize if resize is not None else round(image_size * 256 / 224)
+    resize = resize if resize is not None else default_resize(image_size)
 
     def compute() -> FeatureSet:
         loader = build_loader(source, "eval", batch_size=batch_size, backend=backend, device=str(device),
@@ -94,7 +99,7 @@ def aligned_splits(train_source, val_source):
     if missing:
         shown = ", ".join(repr(m) for m in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise ValueError(f"the val split {str(val_source)!r} has classes the train split {str(train_source)!r} "
-                         f"lacks: {shown}; k-NN and linear probes can only score classes they were given")
+                         f"lacks: {shown}; an evaluation can only score classes it was trained or indexed on")
     val = ImageList(val.files, tuple(index[name] for name in val_names), train.classes, val.root)
     counts = {split: dict(sorted(Counter(images.classes[label] for label in images.labels).items()))
               for split, images in (("train", train), ("val", val))}

@@ -3,7 +3,7 @@
 ``extract_features(model, loader)`` runs ``model(batch.views[0])`` (a backbone's global feature
 ``[B, D]``: CLS after the final norm for ViTs, pooled for ResNets) over every batch under
 ``torch.no_grad`` in eval mode and returns the features in dataset-index order, with a progress
-bar on stderr when it is a terminal (see :func:`progress_disable`).
+bar on stderr when it is a terminal (see :func:`fastkd.progress.progress_disable`).
 """
 
 from __future__ import annotations
@@ -17,15 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastkd.durable import atomic_torch_save
-
-
-def progress_disable(progress: bool = True) -> bool | None:
-    """tqdm's ``disable`` for the evaluation progress bars: ``True`` when ``progress`` is false or
-    the ``TQDM_DISABLE`` environment variable is set (any value but empty, 0, false, no), else
-    ``None`` (shown only when stderr is a terminal)."""
-    if not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no"):
-        return True
-    return None
+from fastkd.progress import progress_disable  # also imported from here (fastkd.eval.features.progress_disable)
 
 
 @dataclass
@@ -46,7 +38,7 @@ def extract_features(model: nn.Module, loader, *, device: str | torch.device | N
                      autocast_dtype: torch.dtype | None = None, progress: bool = True,
                      desc: str = "features") -> FeatureSet:
     """Features of every image the loader yields (one pass, ``model.eval()``; the mode is restored).
-    ``progress``, ``desc``: the progress bar (see :func:`progress_disable`)."""
+    ``progress``, ``desc``: the progress bar (see :func:`fastkd.progress.progress_disable`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not hasattr(loader, "__iter__"):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastkd.checks import check_features
+from fastkd.checks import check_train_test_features
 
 MAX_SIMILARITIES = 2**26
 
@@ -43,11 +43,7 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                  temperature: float = 0.07, chunk_size: int | None = None) -> KNNResult:
     """Weighted k-NN predictions (and accuracies when ``test_labels`` is given; else NaN).
     ``num_classes`` defaults to ``max(train_labels) + 1``; ``k`` is capped at the train size."""
-    check_features("train_features", train_features, "train_labels", train_labels)
-    check_features("test_features", test_features, "test_labels", test_labels)
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"train_features and test_features differ in width: {train_features.shape[1]} vs "
-                         f"{test_features.shape[1]}")
+    check_train_test_features(train_features, train_labels, test_features, test_labels)
     if train_features.shape[0] == 0:
         raise ValueError("train_features is empty")
     if not isinstance(k, int) or k < 1:

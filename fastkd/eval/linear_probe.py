@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from fastkd.checks import check_features
-from fastkd.eval.features import progress_disable
+from fastkd.checks import check_train_test_features
+from fastkd.progress import progress_disable
 
 
 @dataclass
@@ -38,12 +38,8 @@ def train_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor,
                        lr: float = 0.1, weight_decay: float = 0.0, batch_size: int = 256,
                        seed: int = 0, progress: bool = True) -> LinearProbeResult:
     """Train a linear classifier on ``train_features`` and report accuracy on ``test_features``
-    (``progress``: a bar over the epochs, see :func:`fastkd.eval.features.progress_disable`)."""
-    check_features("train_features", train_features, "train_labels", train_labels)
-    check_features("test_features", test_features, "test_labels", test_labels)
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"train_features and test_features differ in width: {train_features.shape[1]} vs "
-                         f"{test_features.shape[1]}")
+    (``progress``: a bar over the epochs, see :func:`fastkd.progress.progress_disable`)."""
+    check_train_test_features(train_features, train_labels, test_features, test_labels)
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")

@@ -12,7 +12,7 @@
   returned;
 - a backbone file in fastkd's format (``student.pt`` written at the end of a run by
   :func:`fastkd.models.save_backbone`): its architecture is read from the file;
-- an official MoCo v3 / MAE checkpoint or a timm state dict: needs ``arch`` (see
+- an official MoCo v3 / MAE / DeiT / CLIP checkpoint or a timm state dict: needs ``arch`` (see
   :func:`fastkd.models.load_teacher`).
 """
 
@@ -55,11 +55,9 @@ def _from_training_checkpoint(state: dict, module: str) -> nn.Module:
     return _submodule(method, module)
 
 
-def load_eval_model(path: str | os.PathLike, *, arch: str | None = None, module: str = "student",
-                    format: str = "auto", device: str | torch.device = "cpu", weights: str = "student",
-                    **timm_kwargs) -> nn.Module:
-    """The frozen (eval mode, no grad) model saved at ``path``, on ``device``. ``weights``
-    (``student`` | ``teacher``) picks a run directory's ``student.pt`` or ``teacher.pt``."""
+def resolve_eval_source(path: str | os.PathLike, *, module: str = "student", weights: str = "student") -> Path:
+    """The file or run directory :func:`load_eval_model` reads for ``path``: a run directory's
+    ``teacher.pt`` (``weights="teacher"``) or ``student.pt`` (``module="student"``), else ``path``."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if weights not in WEIGHTS:
@@ -72,32 +70,55 @@ def load_eval_model(path: str | os.PathLike, *, arch: str | None = None, module:
         if not (path / TEACHER_FILE).is_file():
             raise ValueError(f"run directory {str(path)!r} has no {TEACHER_FILE}: only finished runs of methods "
                              "with an EMA teacher (mocov3, resmoco, mokd) write one")
-        path = path / TEACHER_FILE
+        return path / TEACHER_FILE
     if path.is_dir() and module == "student" and (path / STUDENT_FILE).is_file():
-        path = path / STUDENT_FILE
+        return path / STUDENT_FILE
+    return path
+
+
+def load_eval_model_described(path: str | os.PathLike, *, arch: str | None = None, module: str = "student",
+                              format: str = "auto", device: str | torch.device = "cpu", weights: str = "student",
+                              **timm_kwargs) -> tuple[nn.Module, dict]:
+    """:func:`load_eval_model` and what it evaluated, for result files: ``{"checkpoint": file or
+    directory read, "checkpoint_key": ...}``; the key is ``fastkd:<arch>`` for a fastkd backbone
+    file (``student.pt``, ``teacher.pt``), ``method.<module>`` for a training checkpoint (or a run
+    directory without ``student.pt``), and the checkpoint format (given, or detected: ``mocov3``,
+    ``mae``, ``deit``, ``clip``, ``timm``) for other checkpoints."""
+    path = resolve_eval_source(path, module=module, weights=weights)
     if path.is_dir():
         run_checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         loaded = CheckpointManager(run_checkpoints).load_latest()
         if loaded is None:
             raise ValueError(f"{str(path)!r} is a directory without training checkpoints")
-        model = _from_training_checkpoint(loaded[0], module)
+        model, key = _from_training_checkpoint(loaded[0], module), f"method.{module}"
     elif not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     else:
         state = read_torch_file(path)
         if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-            model = _from_training_checkpoint(state, module)
+            model, key = _from_training_checkpoint(state, module), f"method.{module}"
         else:
             from fastkd.models import load_teacher
-            from fastkd.models.weights import FASTKD_FORMAT
+            from fastkd.models.weights import FASTKD_FORMAT, detect_format
 
             if isinstance(state, dict) and state.get("format") == FASTKD_FORMAT and arch is None:
                 arch = state.get("arch")
             if arch is None:
                 raise ValueError(f"{str(path)!r} is not a fastkd checkpoint: give arch (the timm architecture) "
-                                 "to load it as a MoCo v3 / MAE / timm checkpoint")
+                                 "to load it as a MoCo v3 / MAE / DeiT / CLIP / timm checkpoint")
             model = load_teacher(arch, path, format=format, **timm_kwargs)
-    return model.to(device).eval().requires_grad_(False)
+            detected = detect_format(state) if format == "auto" else format
+            key = f"{detected}:{arch}" if detected == FASTKD_FORMAT else detected
+    return model.to(device).eval().requires_grad_(False), {"checkpoint": str(path), "checkpoint_key": key}
+
+
+def load_eval_model(path: str | os.PathLike, *, arch: str | None = None, module: str = "student",
+                    format: str = "auto", device: str | torch.device = "cpu", weights: str = "student",
+                    **timm_kwargs) -> nn.Module:
+    """The frozen (eval mode, no grad) model saved at ``path``, on ``device``. ``weights``
+    (``student`` | ``teacher``) picks a run directory's ``student.pt`` or ``teacher.pt``."""
+    return load_eval_model_described(path, arch=arch, module=module, format=format, device=device, weights=weights,
+                                     **timm_kwargs)[0]
 
 
 def native_image_size(model: nn.Module, default: int = 224) -> int:

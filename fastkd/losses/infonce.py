@@ -7,19 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _check_pair(q: torch.Tensor, k: torch.Tensor, q_name: str, k_name: str) -> None:
-    for name, t in ((q_name, q), (k_name, k)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-        if t.dim() != 2 or t.shape[0] == 0:
-            raise ValueError(f"{name} must be a non-empty [B, C] tensor, got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {t.dtype}")
-    if q.shape != k.shape:
-        raise ValueError(f"{q_name} and {k_name} must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.device != k.device:
-        raise ValueError(f"{q_name} and {k_name} must be on one device, got {q.device} and {k.device}")
+from fastkd.checks import check_embedding_pair
 
 
 def _check_temperature(temperature) -> float:
@@ -52,7 +40,7 @@ def infonce(q: torch.Tensor, k: torch.Tensor, temperature: float,
         loss = F.cross_entropy(logits, arange(B) + rank * B) * 2 * temperature
 
     The keys receive no gradient (they come from the momentum encoder)."""
-    _check_pair(q, k, "q", "k")
+    check_embedding_pair("q", q, "k", k)
     temperature = _check_temperature(temperature)
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.detach().float(), dim=1)
@@ -78,8 +66,8 @@ class InfoNCELoss(nn.Module):
         self.group = group
 
     def forward(self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
-        _check_pair(q1, k2, "q1", "k2")
-        _check_pair(q2, k1, "q2", "k1")
+        check_embedding_pair("q1", q1, "k2", k2)
+        check_embedding_pair("q2", q2, "k1", k1)
         return infonce(q1, k2, self.temperature, self.group) + infonce(q2, k1, self.temperature, self.group)
 
     def extra_repr(self) -> str:

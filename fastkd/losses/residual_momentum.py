@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastkd.checks import check_embedding_pair
 from fastkd.losses.feature_align import FeatureAlignLoss
 
 
@@ -26,13 +27,5 @@ class ResidualMomentumLoss(nn.Module):
         self.one_minus_cos = FeatureAlignLoss(target_norm="none", loss="cosine", reduction="mean", eps=self.eps)
 
     def forward(self, online: torch.Tensor, momentum: torch.Tensor) -> torch.Tensor:
-        for name, t in (("online", online), ("momentum", momentum)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-            if t.dim() != 2 or t.shape[0] == 0:
-                raise ValueError(f"{name} must be a non-empty [B, C] tensor, got shape {tuple(t.shape)}")
-        if online.shape != momentum.shape:
-            raise ValueError(
-                f"online and momentum must have the same shape, got {tuple(online.shape)} and {tuple(momentum.shape)}"
-            )
+        check_embedding_pair("online", online, "momentum", momentum)
         return 2.0 * self.one_minus_cos(online, momentum.detach())

@@ -19,6 +19,7 @@ from fastkd.checks import check_number
 from fastkd.data.batch import Batch
 from fastkd.deprecation import renamed
 from fastkd.models.ema_teacher import EMATeacher
+from fastkd.ops import random_keep
 from fastkd.suggest import did_you_mean
 
 ROLES = ("pretrain", "distill")
@@ -64,6 +65,15 @@ def loss_dict(parts: Mapping[str, torch.Tensor], weights: Mapping[str, float],
     out.update({name: value.detach() for name, value in parts.items()})
     out.update({name: torch.as_tensor(value).detach() for name, value in (metrics or {}).items()})
     return out
+
+
+def masked_forward(backbone: nn.Module, images: torch.Tensor, num_visible: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked student forward (MAE, MOMA): ``num_visible`` random patches per image
+    (:func:`fastkd.ops.random_keep`) through the ViT ``backbone``'s ``forward_features(keep=...)``.
+    Returns ``(tokens, keep_idx)``: the prefix tokens followed by the visible patches' tokens, and
+    the kept patch indices ``[B, num_visible]``. How many patches stay visible is each method's rule."""
+    keep_idx, _ = random_keep(images.shape[0], backbone.num_patches, num_visible, device=images.device)
+    return backbone.forward_features(images, keep=keep_idx).tokens, keep_idx
 
 
 class Method(nn.Module):

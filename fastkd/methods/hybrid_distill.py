@@ -16,13 +16,22 @@ highest-scoring patches (``topk_keep``; ``keep_ratio`` steps down over training 
 
 ``kept`` selects the teacher's ``q, k`` rows of the CLS token and the kept patches; the relation
 term never materialises an ``N x N`` map (fastkd's streaming ``token_relation`` op).
+
+Teachers as published: the feature teacher is supervised (DeiT: ``deit`` checkpoint format) or
+contrastive (CLIP image tower: ``clip`` format; MoCo v3 also loads), the relation teacher is MAE.
+``relation_layers: intermediate`` (the default) imitates the relation teacher at intermediate
+blocks (:func:`intermediate_layer_pairs`). A feature teacher with another patch size than the
+student (CLIP ViT-L/14 for a ViT-L/16 student) sees the image resized to
+``feature_teacher_input_size`` so that both have one patch grid.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastkd.checks import check_bool, check_choice, check_kwargs, check_number, check_str
@@ -38,6 +47,27 @@ TARGETS = ("cls", "patch", "both")
 TARGET_NORMS = tuple(n for n in OP_TARGET_NORMS if n != "none")  # the papers normalise the target
 PROJECTORS = ("linear", "mlp")
 SCORE_TEACHERS = ("feature", "relation")
+LAYER_PRESETS = ("intermediate", "last")  # relation_layers given by name instead of block pairs
+INTERMEDIATE_FRACTIONS = (0.25, 0.5, 0.75)  # student blocks of the "intermediate" preset, as depth fractions
+
+
+def intermediate_layer_pairs(student_depth: int, teacher_depth: int,
+                             fractions: tuple[float, ...] = INTERMEDIATE_FRACTIONS) -> list[list[int]]:
+    """``[student_block, teacher_block]`` pairs of the ``intermediate`` preset: student block
+    ``s = ceil(f * D_s) - 1`` for each depth fraction ``f`` (0-based; ViT-B, depth 12: blocks 2, 5, 8),
+    paired with the teacher block at the same relative depth, ``t = ceil((s + 1) * D_t / D_s) - 1``.
+    Duplicates (shallow students) are dropped. The paper distils relations "at intermediate layers"
+    without a list we could confirm: these three blocks are chosen here."""
+    for name, depth in (("student_depth", student_depth), ("teacher_depth", teacher_depth)):
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {depth!r}")
+    pairs = []
+    for fraction in fractions:
+        s = max(0, math.ceil(fraction * student_depth) - 1)
+        t = max(0, math.ceil((s + 1) * teacher_depth / student_depth) - 1)
+        if [s, t] not in pairs:
+            pairs.append([s, t])
+    return pairs
 
 
 def cls_attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int = 1) -> torch.Tensor:
@@ -57,9 +87,15 @@ def cls_attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_pre
     return logits.softmax(dim=-1)[:, :, num_prefix_tokens:].mean(dim=1)
 
 
-def _check_layer_pairs(pairs) -> tuple[tuple[int, int], ...]:
+def _check_layer_pairs(pairs) -> tuple[tuple[int, int], ...] | str:
+    """``pairs`` as int pairs, or a preset name of :data:`LAYER_PRESETS` unchanged."""
+    if isinstance(pairs, str):
+        if pairs not in LAYER_PRESETS:
+            raise ValueError(f"relation_layers must be one of {LAYER_PRESETS} or a list of [student_block, "
+                             f"teacher_block] pairs, got {pairs!r}")
+        return pairs
     out = []
-    if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
+    if isinstance(pairs, bytes) or not hasattr(pairs, "__iter__"):
         raise TypeError(f"relation_layers must be a list of [student_block, teacher_block] pairs, got {pairs!r}")
     for pair in pairs:
         if (isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2
@@ -95,7 +131,12 @@ class HybridDistillConfig:
     """``keep_schedule``: stages ``[start_fraction_of_training, keep_ratio]`` (the default keeps all
     tokens for the first 30%, then 85%, then 70% from 60% of training on; an unconfirmed choice).
     ``relation_layers``: ``[student_block, teacher_block]`` pairs (negative indices count from the
-    end). ``mask_score_teacher``: whose last-block CLS attention ranks the tokens."""
+    end), or ``"intermediate"`` (default: :func:`intermediate_layer_pairs`) or ``"last"`` (``[[-1, -1]]``).
+    ``mask_score_teacher``: whose last-block CLS attention ranks the tokens.
+    ``feature_teacher_format`` / ``relation_teacher_format``: each teacher's checkpoint format
+    (``None``: ``teacher_format``), e.g. ``clip`` or ``deit`` beside ``mae``.
+    ``feature_teacher_input_size``: side length the image is resized to (bicubic) for the feature
+    teacher only (``None``: as given), for teachers of another patch size than the student."""
 
     student_arch: str = "vit_base_patch16_224"
     student_kwargs: dict = field(default_factory=dict)
@@ -108,6 +149,9 @@ class HybridDistillConfig:
     relation_teacher_kwargs: dict = field(default_factory=dict)
     relation_teacher_path: str | None = None
     teacher_format: str = "auto"
+    feature_teacher_format: str | None = None
+    relation_teacher_format: str | None = None
+    feature_teacher_input_size: int | None = None
     attention: str | None = None
     checkpointing: bool = False
     alpha: float = 1.0
@@ -118,7 +162,7 @@ class HybridDistillConfig:
     smooth_l1_beta: float = 2.0
     projector: str = "linear"
     projector_hidden_dim: int = 2048
-    relation_layers: list = field(default_factory=lambda: [[-1, -1]])
+    relation_layers: list | str = "intermediate"
     relation_temperature: float = 1.0
     relation_direction: str = "teacher_to_student"
     head_map: str | None = None
@@ -129,7 +173,8 @@ class HybridDistillConfig:
         for name in ("student_arch", "feature_teacher_arch", "relation_teacher_arch", "student_init_format",
                      "teacher_format"):
             check_str(name, getattr(self, name))
-        for name in ("student_init", "feature_teacher_path", "relation_teacher_path", "attention"):
+        for name in ("student_init", "feature_teacher_path", "relation_teacher_path", "attention",
+                     "feature_teacher_format", "relation_teacher_format"):
             check_str(name, getattr(self, name), optional=True)
         for name in ("student_kwargs", "feature_teacher_kwargs", "relation_teacher_kwargs"):
             check_kwargs(name, getattr(self, name))
@@ -142,7 +187,10 @@ class HybridDistillConfig:
         check_number("smooth_l1_beta", self.smooth_l1_beta, low=0.0, low_open=True)
         check_choice("projector", self.projector, PROJECTORS)
         check_number("projector_hidden_dim", self.projector_hidden_dim, low=1, integer=True)
-        self.relation_layers = [list(p) for p in _check_layer_pairs(self.relation_layers)]
+        layers = _check_layer_pairs(self.relation_layers)
+        self.relation_layers = layers if isinstance(layers, str) else [list(p) for p in layers]
+        if self.feature_teacher_input_size is not None:
+            check_number("feature_teacher_input_size", self.feature_teacher_input_size, low=1, integer=True)
         check_number("relation_temperature", self.relation_temperature, low=0.0, low_open=True)
         check_choice("relation_direction", self.relation_direction, DIRECTIONS)
         check_choice("head_map", self.head_map, (None, "mean"))
@@ -165,8 +213,9 @@ class HybridDistill(Method):
                                       init_format=config.student_init_format, attention=config.attention,
                                       checkpointing=config.checkpointing)
         for role in ("feature_teacher", "relation_teacher"):
+            teacher_format = getattr(config, f"{role}_format") or config.teacher_format
             teacher = load_frozen_teacher(role, getattr(config, f"{role}_arch"), getattr(config, f"{role}_kwargs"),
-                                          getattr(config, f"{role}_path"), format=config.teacher_format,
+                                          getattr(config, f"{role}_path"), format=teacher_format,
                                           attention=config.attention)
             setattr(self, role, teacher)
         student = self.backbone
@@ -175,12 +224,13 @@ class HybridDistill(Method):
             if not model.is_vit or model.num_patches != student.num_patches:
                 raise ValueError(f"the {name} must be a ViT with {student.num_patches} patches, got {model.name} "
                                  f"with {model.num_patches}")
+        self._check_feature_teacher_size(config.feature_teacher_input_size)
         if self.relation_teacher.num_prefix_tokens != student.num_prefix_tokens:
             raise ValueError(f"student and relation teacher must have as many prefix tokens, got "
                              f"{student.num_prefix_tokens} and {self.relation_teacher.num_prefix_tokens}")
         self.layer_pairs = [
             (self._block(student, s, "student"), self._block(self.relation_teacher, t, "relation teacher"))
-            for s, t in config.relation_layers
+            for s, t in self._layer_pairs(config.relation_layers, student.depth, self.relation_teacher.depth)
         ]
         teacher_dim = self.feature_teacher.embed_dim
         self.projector = (LinearProjector(student.embed_dim, teacher_dim) if config.projector == "linear"
@@ -191,6 +241,28 @@ class HybridDistill(Method):
                                           direction=config.relation_direction, head_map=config.head_map)
         self.keep_stages = _check_keep_schedule(config.keep_schedule)
         self.register_buffer("keep_ratio", torch.tensor(self.keep_stages[0][1], dtype=torch.float64))
+
+    def _check_feature_teacher_size(self, size: int | None) -> None:
+        """The feature teacher must be built for the size it is fed: ``size`` or else the student's."""
+        teacher, student = self.feature_teacher.model, self.backbone.model
+        fed = (size, size) if size is not None else getattr(student.patch_embed, "img_size", None)
+        built = getattr(teacher.patch_embed, "img_size", None)
+        if getattr(teacher, "dynamic_img_size", False) or fed is None or built is None or tuple(built) == tuple(fed):
+            return
+        if size is not None:
+            raise ValueError(f"feature_teacher_input_size={size} but the feature teacher is built for "
+                             f"{tuple(built)} px: give feature_teacher_kwargs img_size: {size}")
+        raise ValueError(f"the feature teacher is built for {tuple(built)} px images but would see the student's "
+                         f"{tuple(fed)} px: set feature_teacher_input_size: {built[0]} (its patch grid must match "
+                         "the student's)")
+
+    @staticmethod
+    def _layer_pairs(layers, student_depth: int, teacher_depth: int) -> list:
+        if layers == "intermediate":
+            return intermediate_layer_pairs(student_depth, teacher_depth)
+        if layers == "last":
+            return [[-1, -1]]
+        return layers
 
     @staticmethod
     def _block(model, index: int, name: str) -> int:
@@ -220,8 +292,11 @@ class HybridDistill(Method):
         last = score_teacher.depth - 1
         relation_blocks = {t for _, t in self.layer_pairs}
         with torch.no_grad():
-            feat = self.feature_teacher.forward_features(x, return_qk=(last,) if score_teacher is self.feature_teacher
-                                                         else ())
+            size = self.config.feature_teacher_input_size
+            x_feat = x if size is None or tuple(x.shape[-2:]) == (size, size) else F.interpolate(
+                x, size=(size, size), mode="bicubic", align_corners=False)
+            feat = self.feature_teacher.forward_features(x_feat, return_qk=(last,) if score_teacher is
+                                                         self.feature_teacher else ())
             rel = self.relation_teacher.forward_features(
                 x, return_qk=relation_blocks | ({last} if score_teacher is self.relation_teacher else set()))
             K = self.num_kept()

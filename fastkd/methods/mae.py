@@ -17,9 +17,8 @@ from torch import nn
 
 from fastkd.checks import check_bool, check_kwargs, check_number, check_str
 from fastkd.data.batch import Batch
-from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
+from fastkd.methods.base import Method, check_batch, check_progress, loss_dict, masked_forward
 from fastkd.models import MAEDecoder, build_backbone, masked_pixel_loss
-from fastkd.ops import random_keep
 
 
 @dataclass
@@ -71,8 +70,7 @@ class MAE(Method):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = check_batch(batch, 1, type(self).__name__)[0]
-        keep_idx, _ = random_keep(x.shape[0], self.backbone.num_patches, self.num_visible, device=x.device)
-        tokens = self.backbone.forward_features(x, keep=keep_idx).tokens
+        tokens, keep_idx = masked_forward(self.backbone, x, self.num_visible)
         pred = self.decoder(tokens, keep_idx)
         loss = masked_pixel_loss(pred, x, keep_idx, self.backbone.patch_size, norm_pix=self.config.norm_pix_loss)
         return loss_dict({"reconstruction": loss}, {"reconstruction": 1.0},

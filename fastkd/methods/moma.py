@@ -27,10 +27,10 @@ from fastkd.checks import check_bool, check_choice, check_kwargs, check_number, 
 from fastkd.data.batch import Batch
 from fastkd.losses import FeatureAlignLoss
 from fastkd.methods.backbones import build_student, load_frozen_teacher
-from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
+from fastkd.methods.base import Method, check_batch, check_progress, loss_dict, masked_forward
 from fastkd.models import LinearProjector, MLPProjector
 from fastkd.ops import TARGET_NORMS as OP_TARGET_NORMS
-from fastkd.ops import LOSSES, gather_tokens, random_keep
+from fastkd.ops import LOSSES, gather_tokens
 
 MODES = {"mocov3_to_mae": ("mocov3",), "mae_to_mocov3": ("mae",), "both_to_random": ("mocov3", "mae")}
 TARGETS = ("cls", "patch", "both")
@@ -140,8 +140,7 @@ class MOMA(Method):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = check_batch(batch, 1, type(self).__name__)[0]
-        keep_idx, _ = random_keep(x.shape[0], self.backbone.num_patches, self.num_visible, device=x.device)
-        student_tokens = self.backbone.forward_features(x, keep=keep_idx).tokens
+        student_tokens, keep_idx = masked_forward(self.backbone, x, self.num_visible)
         prefix = self.backbone.num_prefix_tokens
         parts, weights = {}, {}
         for name in self.teacher_names:

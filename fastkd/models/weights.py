@@ -1,5 +1,5 @@
-"""Backbone weights: loading teachers (official MoCo v3 / MAE files, timm state dicts, fastkd's own
-format) and saving backbones in fastkd's format. The one home of the weight-file format names.
+"""Backbone weights: loading teachers (official MoCo v3 / MAE / DeiT / CLIP files, timm state dicts,
+fastkd's own format) and saving backbones in fastkd's format. The one home of the weight-file format names.
 
 Formats (``format="auto"`` detects them in this order):
 
@@ -9,8 +9,31 @@ Formats (``format="auto"`` detects them in this order):
   "module.predictor.*"}, ...}``; ``encoder`` picks ``base`` (default) or ``momentum``; the projector
   (``head.*`` for ViTs, ``fc.*`` for ResNets) and the predictor are ignored. MoCo v3's ViT-S has
   12 heads: build it with ``num_heads=12``;
-- ``mae``: ``{"model": {<timm name>, "decoder_*", "mask_token"}, ...}``; decoder keys are ignored;
-- ``timm``: a flat ``{<timm name>: tensor}`` state dict; the classifier is ignored.
+- ``clip``: an OpenAI CLIP / open_clip ViT image tower: a flat state dict ``{"visual.conv1.weight",
+  "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.*",
+  "visual.transformer.resblocks.<i>.{ln_1, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj,
+  ln_2, mlp.c_fc, mlp.c_proj}.*", "visual.ln_post.*", "visual.proj", <text tower>}``, the same under
+  ``"state_dict"`` (open_clip training checkpoints, keys possibly prefixed ``module.``), or the image
+  tower alone without the ``visual.`` prefix. Keys outside the image tower (text tower,
+  ``logit_scale``) are ignored. timm's converter renames the tower (``ln_pre`` -> ``norm_pre``,
+  ``ln_post`` -> ``norm``, ``visual.proj`` -> ``head``); the projection is dropped like a classifier
+  (fastkd backbones have ``num_classes=0``): teachers give the tokens after ``ln_post`` (timm's final
+  ``norm``), before the projection. Build the matching timm CLIP arch: ``pre_norm`` (``ln_pre``, no
+  patch-embedding bias) comes with the ``*_clip_*`` names, and OpenAI's weights need QuickGELU, which
+  the keys cannot reveal: e.g. ``vit_base_patch16_clip_quickgelu_224`` for OpenAI ViT-B/16 (or
+  ``act_layer="quick_gelu"``), ``vit_base_patch16_clip_224`` for open_clip's GELU towers. OpenAI's
+  original ``.pt`` files are TorchScript archives, which are not read: save ``model.state_dict()``
+  with ``torch.save`` and load that file;
+- ``mae``: ``{"model": {<timm name>, "decoder_*", "mask_token"}, ...}``; decoder keys are ignored.
+  MAE's encoder-only releases (``mae_pretrain_vit_*.pth``) have no decoder keys: they detect as
+  ``deit`` (same tensors) and ``format="mae"`` reads them too;
+- ``deit``: DeiT / timm training checkpoints ``{"model": {<timm name>}, "optimizer", "epoch", ...}``
+  without MAE decoder keys; the classifiers ``head.*`` and ``head_dist.*`` are ignored. A distilled
+  DeiT's ``dist_token`` (CLS, distillation token, patches, a positional embedding for each) loads
+  into the plain ViT arch built with ``reg_tokens=1`` as its register token: timm's
+  ``deit_*_distilled_*`` archs override the token embedding and are not fastkd backbones;
+- ``timm``: a flat ``{<timm name>: tensor}`` state dict; the classifier is ignored (and a
+  ``dist_token`` loads as for ``deit``).
 
 Files are read with ``torch.load(weights_only=True)``. A positional embedding whose grid differs
 from the model's is resampled (bicubic, prefix tokens kept). Every backbone key must be matched:
@@ -22,22 +45,30 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import zipfile
 from pathlib import Path
 
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import _convert_openai_clip
 
 from fastkd.durable import UnreadableFileError, atomic_torch_save, read_torch_file
 from fastkd.models.backbone import Backbone, build_backbone
 
 FASTKD_FORMAT = "fastkd"  # the ``format`` entry of a file written by save_backbone
-FORMATS = ("auto", "mocov3", "mae", "timm", FASTKD_FORMAT)
+FORMATS = ("auto", FASTKD_FORMAT, "mocov3", "clip", "mae", "deit", "timm")  # after auto: detection order
 STUDENT_FILE = "student.pt"  # the backbone a finished training run writes into its output folder
 TEACHER_FILE = "teacher.pt"  # beside it: the EMA teacher's copy of that backbone (methods with one)
 ENCODERS = ("base", "momentum")
 FASTKD_FORMAT_VERSION = 1
 _MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
+# (requested, detected) formats of one layout: MAE's encoder-only releases hold no decoder keys
+_SAME_LAYOUT = {("mae", "deit")}
+_CLIP_PREFIX = "visual."  # the image tower of a full CLIP state dict
+_CLIP_TOWER_KEYS = ("class_embedding", "positional_embedding", "conv1.weight")  # OpenAI names, unlike timm's
+_DIST_TOKEN = "dist_token"  # a distilled DeiT's distillation token
+_DISTILLED_CLASSIFIER = "head_dist"  # and its classifier
 _SHOWN_KEYS = 20
 
 
@@ -50,6 +81,12 @@ def _read(path: str | os.PathLike) -> dict:
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
+    if _is_torchscript(path):
+        raise CheckpointError(
+            f"{os.fspath(path)!r} is a TorchScript archive (such as OpenAI CLIP's original .pt files), which "
+            "fastkd does not read because loading it runs code from the file: load it with torch.jit.load where "
+            "you trust it, torch.save(model.state_dict(), ...) and pass that file"
+        )
     try:
         obj = read_torch_file(path, safe_globals=(argparse.Namespace,))
     except UnreadableFileError as error:
@@ -57,6 +94,19 @@ def _read(path: str | os.PathLike) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{os.fspath(path)!r} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
+
+
+def _is_torchscript(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a TorchScript zip archive (it holds ``constants.pkl`` and ``code/``, unlike
+    the zip files of ``torch.save``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(name.endswith("/constants.pkl") for name in names) and any("/code/" in name for name in names)
 
 
 def _is_state_dict(obj: object) -> bool:
@@ -67,6 +117,21 @@ def _strip_module(state: dict) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def _clip_tower(obj: dict) -> tuple[dict, str] | None:
+    """``(state, prefix)``: the CLIP state dict in ``obj`` (flat or under ``"state_dict"``, without
+    ``module.``) and its image tower's key prefix (``visual.``, or ``""`` for a tower saved alone);
+    ``None`` when ``obj`` holds no CLIP image tower."""
+    state = obj.get("state_dict") if _is_state_dict(obj.get("state_dict")) else obj
+    if not _is_state_dict(state):
+        return None
+    state = _strip_module(state)
+    if all(_CLIP_PREFIX + k in state for k in _CLIP_TOWER_KEYS):
+        return state, _CLIP_PREFIX
+    if all(k in state for k in _CLIP_TOWER_KEYS) and not any(k.startswith(_CLIP_PREFIX) for k in state):
+        return state, ""
+    return None
+
+
 def detect_format(obj: dict) -> str:
     """The format of a loaded checkpoint dict (see module doc); ``CheckpointError`` if unknown."""
     if obj.get("format") == FASTKD_FORMAT:
@@ -75,15 +140,18 @@ def detect_format(obj: dict) -> str:
         k.startswith("base_encoder.") for k in _strip_module(obj["state_dict"])
     ):
         return "mocov3"
+    if _clip_tower(obj) is not None:
+        return "clip"
     if _is_state_dict(obj.get("model")):
-        return "mae"
+        return "mae" if any(k.startswith(_MAE_DECODER_PREFIXES) for k in obj["model"]) else "deit"
     if _is_state_dict(obj):
         return "timm"
     raise CheckpointError(f"unrecognised checkpoint layout with top-level keys {sorted(map(str, obj))[:_SHOWN_KEYS]}")
 
 
-def _backbone_state(obj: dict, fmt: str, encoder: str) -> dict:
-    """The backbone's tensors under timm names (classifier / projector keys still included)."""
+def _backbone_state(obj: dict, fmt: str, encoder: str, model: torch.nn.Module) -> dict:
+    """The backbone's tensors under timm names (classifier / projector keys still included) of a
+    checkpoint of format ``fmt`` (layouts in the module doc) for ``model``."""
     if fmt == FASTKD_FORMAT:
         if not _is_state_dict(obj.get("state_dict")):
             raise CheckpointError("fastkd checkpoint without a 'state_dict' of tensors")
@@ -96,9 +164,16 @@ def _backbone_state(obj: dict, fmt: str, encoder: str) -> dict:
         if not state:
             raise CheckpointError(f"mocov3 checkpoint has no 'module.{prefix}*' keys")
         return state
-    if fmt == "mae":
+    if fmt == "clip":
+        tower = _clip_tower(obj)
+        if tower is None:
+            raise CheckpointError(f"clip checkpoint without the image tower keys "
+                                  f"{[_CLIP_PREFIX + k for k in _CLIP_TOWER_KEYS]}")
+        state, prefix = tower
+        return _convert_openai_clip(state, model, prefix=prefix)
+    if fmt in ("mae", "deit"):
         if not _is_state_dict(obj.get("model")):
-            raise CheckpointError("mae checkpoint without a 'model' dict of tensors")
+            raise CheckpointError(f"{fmt} checkpoint without a 'model' dict of tensors")
         return {k: v for k, v in obj["model"].items() if not k.startswith(_MAE_DECODER_PREFIXES)}
     if not _is_state_dict(obj):
         raise CheckpointError("timm checkpoint must be a flat dict of tensors")
@@ -106,12 +181,33 @@ def _backbone_state(obj: dict, fmt: str, encoder: str) -> dict:
 
 
 def _drop_classifier(state: dict, model: torch.nn.Module) -> dict:
-    """Drop the classifier / MoCo projector (``head.*`` or ``fc.*``) when the backbone has none."""
+    """Drop the classifiers / MoCo projector (``head.*`` or ``fc.*``, a distilled DeiT's
+    ``head_dist.*``, a CLIP projection converted to ``head.*``) that the backbone does not have."""
     classifier = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     model_keys = model.state_dict().keys()
-    if any(k.startswith(f"{classifier}.") for k in model_keys):
+    for name in dict.fromkeys((*names, _DISTILLED_CLASSIFIER)):
+        if not any(k.startswith(f"{name}.") for k in model_keys):
+            state = {k: v for k, v in state.items() if not k.startswith(f"{name}.")}
+    return state
+
+
+def _distillation_token(state: dict, model: torch.nn.Module) -> dict:
+    """A distilled DeiT's ``dist_token`` as the register token of a ViT built with ``reg_tokens=1``
+    (the same token layout); kept for a model with a ``dist_token``, else a ``CheckpointError``."""
+    if _DIST_TOKEN not in state:
         return state
-    return {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
+    model_keys = model.state_dict().keys()
+    if _DIST_TOKEN in model_keys:
+        return state
+    reg_token = getattr(model, "reg_token", None)
+    registers = 0 if reg_token is None else reg_token.shape[1]
+    if registers != 1 or "reg_token" in state:
+        raise CheckpointError(
+            f"the checkpoint holds a distilled DeiT's distillation token {_DIST_TOKEN!r}: load it into a ViT built "
+            f"with reg_tokens=1 (this one has {registers}; timm's deit_*_distilled_* archs are not fastkd backbones)"
+        )
+    return {("reg_token" if k == _DIST_TOKEN else k): v for k, v in state.items()}
 
 
 def _resize_pos_embed(state: dict, backbone: Backbone) -> dict:
@@ -187,11 +283,12 @@ def load_teacher(
         raise TypeError(f"frozen must be a bool, got {type(frozen).__name__}")
     obj = _read(path)
     detected = detect_format(obj)
-    if format != "auto" and format != detected:
+    if format != "auto" and format != detected and (format, detected) not in _SAME_LAYOUT:
         raise CheckpointError(f"{os.fspath(path)!r} was requested as format {format!r} but looks like {detected!r}")
-    if encoder != "base" and detected != "mocov3":
-        raise ValueError(f"encoder={encoder!r} applies to mocov3 checkpoints only; {os.fspath(path)!r} is {detected!r}")
-    if detected == FASTKD_FORMAT:
+    fmt = detected if format == "auto" else format  # a requested name may differ by _SAME_LAYOUT
+    if encoder != "base" and fmt != "mocov3":
+        raise ValueError(f"encoder={encoder!r} applies to mocov3 checkpoints only; {os.fspath(path)!r} is {fmt!r}")
+    if fmt == FASTKD_FORMAT:
         if obj.get("arch") != arch:
             raise CheckpointError(f"{os.fspath(path)!r} holds a {obj.get('arch')!r} backbone, not {arch!r}")
         timm_kwargs = {**obj.get("timm_kwargs", {}), **timm_kwargs}
@@ -200,10 +297,11 @@ def load_teacher(
                               **({"weight_init": "skip"} if skip_init else {}), **timm_kwargs)
     if skip_init:  # every weight comes from the file; a model rebuilt from these kwargs must initialise
         backbone.timm_kwargs.pop("weight_init")
-    state = _drop_classifier(_backbone_state(obj, detected, encoder), backbone.model)
+    state = _backbone_state(obj, fmt, encoder, backbone.model)
+    state = _drop_classifier(_distillation_token(state, backbone.model), backbone.model)
     state = _resize_pos_embed(state, backbone)
-    encoder_note = f", {encoder} encoder" if detected == "mocov3" else ""
-    _check_keys(state, backbone, f"{os.fspath(path)!r} (detected format {detected!r}{encoder_note})")
+    encoder_note = f", {encoder} encoder" if fmt == "mocov3" else ""
+    _check_keys(state, backbone, f"{os.fspath(path)!r} (format {fmt!r}{encoder_note})")
     backbone.model.load_state_dict(state, strict=True)
     if frozen:
         backbone.requires_grad_(False).eval()

@@ -75,7 +75,12 @@ class LARS(torch.optim.Optimizer):
 def _fused_or_foreach(cls, groups: list[dict], **kwargs) -> torch.optim.Optimizer:
     """``cls(groups, fused=True)`` where torch has a fused kernel for these parameters' device and
     dtype, else ``cls(groups, foreach=True)`` (one multi-tensor launch per op instead of a Python
-    loop over parameters)."""
+    loop over parameters). SGD with momentum is always ``foreach``: torch's fused SGD decides "first
+    step" from the first parameter's momentum buffer alone, so a parameter whose first gradient
+    comes later (MOKD's last layer, frozen for its first epoch) crashes it (``expected Tensor ...
+    but got NoneType``); the ``foreach`` SGD creates each buffer when its gradient first appears."""
+    if cls is torch.optim.SGD and kwargs.get("momentum", 0.0) > 0:
+        return cls(groups, foreach=True, **kwargs)
     try:
         return cls(groups, fused=True, **kwargs)
     except (RuntimeError, ValueError, TypeError):

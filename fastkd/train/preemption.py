@@ -25,7 +25,8 @@ class StopRequest:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.request(signal.Signals(signum).name)
+        if not self.requested:  # a repeated signal (a launcher passing on the group's) keeps the first name
+            self.request(signal.Signals(signum).name)
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():

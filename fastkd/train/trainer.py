@@ -450,8 +450,8 @@ class Trainer:
                 try:
                     nonfinite, parts, images = self._forward_backward(batches, step)
                 except Exception:
-                    if not stop.requested:
-                        raise
+                    if not stop.requested or env.world_size > 1:
+                        raise  # under DDP the other ranks would wait in this step's collectives
                     # the signal also killed data workers: stop at the last completed step (single process;
                     # under DDP the other ranks would wait in the step's collectives)
                     self._clear_grads()

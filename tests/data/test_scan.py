@@ -1,4 +1,5 @@
 import argparse
+import io
 
 import pytest
 
@@ -22,6 +23,14 @@ def test_scan_finds_and_excludes_corrupt_files(tiny_folder, tmp_path):
     assert read_exclusions(out) == ["class1/truncated.png", "class2/fake.jpg"]
     kept = load_images(tiny_folder, exclude=out)
     assert len(kept) == 15 and not any("truncated" in f or "fake" in f for f in kept.files)
+
+
+def test_scan_shows_no_bar_when_stderr_is_not_a_terminal(tiny_folder, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    log_file = io.StringIO()  # stderr redirected to a file: no carriage-return stream
+    monkeypatch.setattr("sys.stderr", log_file)
+    assert scan_dataset(tiny_folder, workers=1, progress=True).checked == 15
+    assert log_file.getvalue() == ""
 
 
 def test_scan_errors(tmp_path):

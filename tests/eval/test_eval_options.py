@@ -93,14 +93,16 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(monkeypatch):
 
 
 @pytest.mark.parametrize("env", [None, "1"])
-def test_data_scan_honours_tqdm_disable(tmp_path, monkeypatch, capsys, env):
+def test_data_scan_honours_tqdm_disable(tmp_path, monkeypatch, env):
     from fastkd.data import write_sample_dataset
     from fastkd.data.scan import scan_dataset
 
+    terminal = _Terminal()  # the scan bar shows on a terminal only
+    monkeypatch.setattr("sys.stderr", terminal)
     data = write_sample_dataset(tmp_path / "data", images=12)
     if env is None:
         monkeypatch.delenv("TQDM_DISABLE", raising=False)
     else:
         monkeypatch.setenv("TQDM_DISABLE", env)
     scan_dataset(data, workers=1, progress=True)
-    assert ("scan:" in capsys.readouterr().err) == (env is None)
+    assert ("scan:" in terminal.getvalue()) == (env is None)

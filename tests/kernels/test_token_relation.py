@@ -14,13 +14,9 @@ from fastkd.kernels.token_relation import (
     launch_token_relation_fwd,
     row_block_grid,
 )
-from fastkd.ops import token_relation_reference
+from fastkd.ops import DIRECTIONS, token_relation_reference
+from tests.ops.test_token_relation import _assert_close, _inputs  # shared cases
 
-DIRECTIONS = ("teacher_to_student", "student_to_teacher")
-TOLERANCES = {  # dtype: (kl atol, grad tolerance relative to the largest reference gradient)
-    torch.float32: (2e-5, 1e-4),
-    torch.float16: (1e-4, 4e-3),
-}
 # B, H_s, H_t, N, d_s, d_t
 KERNEL_CASES = [
     (2, 2, 2, 7, 32, 32),
@@ -28,12 +24,6 @@ KERNEL_CASES = [
     (1, 1, 1, 1, 32, 32),
     (1, 1, 2, 37, 32, 80),
 ]
-
-
-def _inputs(B, H_s, H_t, N, d_s, d_t, dtype=torch.float32, spread=2.0):
-    q_s, k_s = (torch.randn(B, H_s, N, d_s) * spread for _ in range(2))
-    q_t, k_t = (torch.randn(B, H_t, N, d_t) * spread for _ in range(2))
-    return [x.to(dtype) for x in (q_s, k_s, q_t, k_t)]
 
 
 def _scales(d_s, d_t, temperature=0.7):
@@ -57,15 +47,6 @@ def _kernels(q_s, k_s, q_t, k_t, grad, direction, **blocks):
     kl, lse_s, lse_t, lse_heads = launch_token_relation_fwd(q_s, k_s, q_t, k_t, c_s, c_t, t2s, **blocks)
     dq, dk = launch_token_relation_bwd(grad, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, lse_heads, c_s, c_t, t2s, **blocks)
     return (kl, dq, dk), (lse_s, lse_t, lse_heads)
-
-
-def _assert_close(ours, ref, dtype):
-    kl_atol, grad_rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(ours[0].float(), ref[0].float(), atol=kl_atol, rtol=1e-4)
-    for got, want in zip(ours[1:], ref[1:]):
-        assert got.shape == want.shape
-        scale = max(want.float().abs().max().item(), 0.05)
-        torch.testing.assert_close(got.float(), want.float(), atol=grad_rtol * scale, rtol=grad_rtol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -162,3 +162,55 @@ def test_relation_switches_reach_the_loss(paths):
     assert method.relation.temperature == 4.0
     assert values["reverse"] != pytest.approx(values["default"], rel=1e-3)
     assert values["warm"] < values["default"]  # a higher temperature flattens both maps
+
+
+@pytest.mark.parametrize("student_depth,teacher_depth,expected", [
+    (12, 12, [[2, 2], [5, 5], [8, 8]]),       # ViT-B from MAE ViT-B
+    (24, 24, [[5, 5], [11, 11], [17, 17]]),   # ViT-L from MAE ViT-L
+    (12, 24, [[2, 5], [5, 11], [8, 17]]),     # same relative depth in a deeper teacher
+    (2, 2, [[0, 0], [1, 1]]),                 # shallow students: duplicates dropped
+])
+def test_intermediate_layer_pairs(student_depth, teacher_depth, expected):
+    from fastkd.methods.hybrid_distill import intermediate_layer_pairs
+
+    assert intermediate_layer_pairs(student_depth, teacher_depth) == expected
+
+
+def test_relation_layer_presets_resolve_at_build(paths):
+    method = build_method("hybrid_distill", config(paths, relation_layers="intermediate"))
+    assert method.layer_pairs == [(0, 0), (1, 1)]
+    assert build_method("hybrid_distill", config(paths, relation_layers="last")).layer_pairs == [(1, 1)]
+    assert HybridDistillConfig().relation_layers == "intermediate"  # the default: intermediate blocks
+    with pytest.raises(ValueError, match="relation_layers must be one of"):
+        HybridDistillConfig(relation_layers="middle")
+
+
+def test_per_teacher_formats(paths):
+    """Each teacher can name its own checkpoint format; a wrong one is refused for that teacher."""
+    method = build_method("hybrid_distill", config(paths, feature_teacher_format="fastkd",
+                                                   relation_teacher_format="fastkd", teacher_format="mae"))
+    assert method.feature_teacher.embed_dim == 48
+    with pytest.raises(ValueError, match="looks like 'fastkd'"):
+        build_method("hybrid_distill", config(paths, feature_teacher_format="mae"))
+
+
+def test_feature_teacher_input_size(paths, tmp_path):
+    """A feature teacher of another patch size sees the image resized so both grids match: here
+    patch 4 at 16 px (4 x 4 patches) for a student of patch 8 at 32 px (4 x 4 patches)."""
+    small = dict(TINY_VIT, img_size=16, patch_size=4, embed_dim=48)
+    path = write_tiny_teacher(tmp_path / "small_patch.pt", 13, **small)
+    method = build_method("hybrid_distill", config(paths, feature_teacher_kwargs=small, feature_teacher_path=path,
+                                                   feature_teacher_input_size=16))
+    batch = tiny_batch(B=2)
+    parts = method(batch)
+    x = batch.views[0]
+    with torch.no_grad():
+        resized = torch.nn.functional.interpolate(x, size=(16, 16), mode="bicubic", align_corners=False)
+        target = method.feature_teacher.forward_features(resized).tokens[:, 0]
+    student = method.projector(method.backbone.forward_features(x).tokens)[:, 0]
+    torch.testing.assert_close(parts["feature_cls"], method.feature_align(student, target))
+    with pytest.raises(ValueError, match="feature_teacher_input_size=24"):
+        build_method("hybrid_distill", config(paths, feature_teacher_kwargs=small, feature_teacher_path=path,
+                                              feature_teacher_input_size=24))
+    with pytest.raises(ValueError, match="set feature_teacher_input_size: 16"):
+        build_method("hybrid_distill", config(paths, feature_teacher_kwargs=small, feature_teacher_path=path))

@@ -6,14 +6,13 @@ import importlib
 import pytest
 import torch
 
-from fastkd.ops import token_relation, token_relation_reference
+from fastkd.ops import DIRECTIONS, token_relation, token_relation_reference
 from fastkd.ops._dispatch import native_op
 from tests.ops.conftest import force_torch_path
 
 # the package attribute fastkd.ops.token_relation is the function; the module holds the CPU switches
 token_relation_module = importlib.import_module("fastkd.ops.token_relation")
 
-DIRECTIONS = ("teacher_to_student", "student_to_teacher")
 # B, H_s, H_t, N, d_s, d_t, head_map
 CASES = [
     (2, 2, 2, 7, 32, 32, None),
@@ -22,6 +21,7 @@ CASES = [
     (1, 1, 1, 1, 32, 32, None),
     (3, 1, 3, 13, 64, 32, "mean"),
 ]
+# shared with the Triton-kernel tests (tests/kernels/test_token_relation.py)
 TOLERANCES = {  # dtype: (kl atol, grad tolerance relative to the largest reference gradient)
     torch.float32: (2e-5, 1e-4),
     torch.bfloat16: (2e-4, 2e-2),

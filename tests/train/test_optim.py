@@ -107,6 +107,31 @@ def test_fused_or_foreach_equals_single_tensor_form(name):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lars"])
+def test_a_parameter_whose_first_gradient_comes_later(name):
+    """MOKD freezes its last layer for the first epoch (no gradient), then trains it: every
+    optimiser must start that parameter's state late, as the single-tensor form does (torch's fused
+    SGD with momentum crashed here)."""
+    model, batches = _model_and_batches()
+    reference, _ = _model_and_batches()
+    opt = build_optimizer(_groups(model), name)
+    ref_groups = [{**g, "lr": 0.0, "weight_decay": 0.0, "wd_scale": g["weight_decay"], "lr_scale": 1.0}
+                  for g in _groups(reference)]
+    ref_opt = (opt.__class__(ref_groups, momentum=0.9) if name == "lars" else
+               torch.optim.AdamW(ref_groups, lr=0.0, foreach=False) if name == "adamw" else
+               torch.optim.SGD(ref_groups, lr=0.0, momentum=0.9, foreach=False))
+    for step, x in enumerate(batches):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            apply_schedules(o, lr=0.05, weight_decay=0.1)
+            o.zero_grad()
+            m(x).square().mean().backward()
+            if step < 2:  # the first layer's weight is "frozen": no gradient for two steps
+                m[0].weight.grad = None
+            o.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_foreach_lars_equals_per_parameter_loop():
     model, batches = _model_and_batches()
     reference, _ = _model_and_batches()

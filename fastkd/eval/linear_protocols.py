@@ -1,0 +1,555 @@
+"""The papers' linear-probe protocols: DINO's ``eval_linear.py`` and MoCo v3's ``main_lincls.py``.
+
+Unlike the fast probe of :mod:`fastkd.eval.linear_probe` (one pass of centre crops, features
+cached, standardised), these run the frozen backbone on freshly augmented images every step, as
+the papers did. For a train batch ``x`` (``RandomResizedCrop`` + horizontal flip, the ``linear``
+recipe) with labels ``y`` and a ViT with blocks ``1..L``, final norm ``norm`` and ``P`` prefix
+tokens (CLS first, then registers)::
+
+    h_l = block_l(h_{l-1})                                      # [B, P + N, D], h_0 = embedded tokens
+    f   = concat(norm(h_{L-n+1})[:, 0], ..., norm(h_L)[:, 0])   # CLS of the last n blocks, [B, n D]
+    f   = concat(f, mean_{i >= P} norm(h_L)[:, i])              # when avgpool_patches: [B, (n + 1) D]
+    f   = (f - mean_B f) / sqrt(var_B f + 1e-6)                 # only when batchnorm (MAE; off for both)
+    logits_h = W_h f + b_h                                      # one head per swept base lr  lr_h
+    loss     = sum_h CE(logits_h, y)                            # dloss/dW_h = dCE_h/dW_h: heads are independent
+    lr_h(t)  = lr_h * B / 256 * 0.5 * (1 + cos(pi * t / T))     # t = step, T = epochs * batches per epoch
+
+with ``W_h ~ N(0, 0.01^2)``, ``b_h = 0`` and SGD (momentum ``m``, weight decay ``wd``) or LARS
+(:class:`fastkd.train.optim.LARS`). A ResNet's feature is its pooled last stage; any other
+``nn.Module`` is used as ``f = model(x)`` (``n = 1``, no patch average). The backbone runs in
+eval mode under ``torch.no_grad``; only the heads get gradients, so every lr of a sweep costs one
+extra matrix product per step, not one more pass of the backbone.
+
+Evaluation: ``f`` of the val images (shorter side resized to ``resize``, centre crop
+``image_size``, the ``eval`` recipe), ``top1`` / ``top5`` of ``argmax_c (W_h f + b_h)_c``; the
+result reports the head with the best top-1 and every head's accuracy. Val classes are mapped
+onto the train classes by name (:func:`fastkd.eval.evaluate.aligned_splits`).
+
+Where this differs from the official scripts (each also noted in the protocol's ``sources``): the
+lr follows the cosine per step (both scripts set it once per epoch); the reported accuracy is that
+of the last epoch (both scripts print the best over epochs); with ``avgpool_patches`` the patch
+average is appended after the CLS tokens (DINO interleaves the two, a permutation of the inputs of
+a linear layer, and allows it with ``n = 1`` only) and skips register tokens as well as CLS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from fastkd.checks import check_choice
+from fastkd.eval.features import extract_features, progress_disable
+
+OPTIMIZERS = ("sgd", "lars")
+SCHEDULES = ("cosine",)
+# DINO's rule: below this width (ViT-S) 4 blocks without patch average, from it on (ViT-B) 1 block with it
+WIDE_EMBED_DIM = 768
+REFERENCE_BATCH = 256  # lr = base_lr * batch_size / 256 (linear scaling rule)
+BN_EPS = 1e-6  # MAE's BatchNorm1d(affine=False, eps=1e-6) in front of its linear head
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+def _check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_real(name: str, value, low: float, *, open_low: bool = False) -> None:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if open_low else value >= low))
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>' if open_low else '>='} {low:g}, got {value!r}")
+
+
+def _check_lrs(name: str, lrs, *, allow_empty: bool = False) -> tuple[float, ...]:
+    """``lrs`` as a tuple of distinct finite base lrs > 0."""
+    if isinstance(lrs, (str, bytes)) or not isinstance(lrs, Sequence):
+        raise ValueError(f"{name} must be a list of base learning rates, got {lrs!r}")
+    if not lrs and not allow_empty:
+        raise ValueError(f"{name} must hold at least one learning rate, got {lrs!r}")
+    for index, lr in enumerate(lrs):
+        _check_real(f"{name}[{index}]", lr, 0.0, open_low=True)
+    if len(set(lrs)) != len(lrs):
+        raise ValueError(f"{name} must not repeat a learning rate, got {list(lrs)!r}")
+    return tuple(float(lr) for lr in lrs)
+
+
+@dataclass(frozen=True)
+class LinearProtocol:
+    """One linear-probe protocol; ``sources`` says where each value comes from.
+
+    ``base_lr``: per 256 images, for ViTs and other models; ``resnet_base_lr`` for ResNets (None:
+    ``base_lr``). ``lrs``: the base lrs trained side by side (empty: the one base lr).
+    ``n_last_blocks`` / ``avgpool_patches``: None means DINO's width rule (embed_dim < 768: 4 blocks,
+    no patch average; else 1 block with it; at most the model's depth). ``batchnorm``: MAE's
+    BatchNorm without affine in front of the linear layer. ``train_interpolation`` of the random
+    resized crop, ``val_interpolation`` of the val resize."""
+
+    name: str
+    epochs: int
+    base_lr: float
+    lrs: tuple[float, ...] = ()
+    resnet_base_lr: float | None = None
+    batch_size: int = 1024
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    n_last_blocks: int | None = 1
+    avgpool_patches: bool | None = False
+    batchnorm: bool = False
+    image_size: int = 224
+    resize: int = 256
+    train_interpolation: str = "bilinear"
+    val_interpolation: str = "bicubic"
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        from fastkd.data.recipes import INTERPOLATIONS
+
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"LinearProtocol.name must be a non-empty string, got {self.name!r}")
+        _check_int("LinearProtocol.epochs", self.epochs, 1)
+        _check_int("LinearProtocol.batch_size", self.batch_size, 1)
+        _check_int("LinearProtocol.image_size", self.image_size, 1)
+        _check_int("LinearProtocol.resize", self.resize, self.image_size)
+        _check_real("LinearProtocol.base_lr", self.base_lr, 0.0, open_low=True)
+        if self.resnet_base_lr is not None:
+            _check_real("LinearProtocol.resnet_base_lr", self.resnet_base_lr, 0.0, open_low=True)
+        object.__setattr__(self, "lrs", _check_lrs("LinearProtocol.lrs", self.lrs, allow_empty=True))
+        check_choice("LinearProtocol.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("LinearProtocol.schedule", self.schedule, SCHEDULES)
+        _check_real("LinearProtocol.momentum", self.momentum, 0.0)
+        if self.momentum >= 1:
+            raise ValueError(f"LinearProtocol.momentum must be < 1, got {self.momentum!r}")
+        _check_real("LinearProtocol.weight_decay", self.weight_decay, 0.0)
+        if self.n_last_blocks is not None:
+            _check_int("LinearProtocol.n_last_blocks", self.n_last_blocks, 1)
+        for name in ("avgpool_patches", "batchnorm"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name == "avgpool_patches"):
+                raise ValueError(f"LinearProtocol.{name} must be true or false, got {value!r}")
+        check_choice("LinearProtocol.train_interpolation", self.train_interpolation, INTERPOLATIONS)
+        check_choice("LinearProtocol.val_interpolation", self.val_interpolation, INTERPOLATIONS)
+
+    def base_lrs(self, is_resnet: bool = False) -> tuple[float, ...]:
+        """The base lrs (per 256 images) to train: ``lrs``, else the architecture's base lr."""
+        if self.lrs:
+            return self.lrs
+        return (self.resnet_base_lr if is_resnet and self.resnet_base_lr is not None else self.base_lr,)
+
+
+_AUGMENT = ("official code: RandomResizedCrop(224) (torchvision defaults: scale 0.08-1, ratio 3/4-4/3, "
+            "bilinear) + RandomHorizontalFlip, nothing else")
+_PER_EPOCH = "once per epoch; here per step (chosen here)"
+
+LINEAR_PROTOCOLS: dict[str, LinearProtocol] = {
+    "dino": LinearProtocol(
+        name="dino", epochs=100, base_lr=0.001, batch_size=1024, optimizer="sgd", momentum=0.9, weight_decay=0.0,
+        n_last_blocks=None, avgpool_patches=None, batchnorm=False, train_interpolation="bilinear",
+        val_interpolation="bicubic",
+        sources={
+            "epochs": "official code: eval_linear.py --epochs default 100",
+            "base_lr": "official code: --lr default 0.001 'for a reference batch size of 256' (linear scaling); "
+                       "its help recommends tweaking it per checkpoint: pass lrs= to sweep (the paper's own grid: "
+                       "unconfirmed)",
+            "batch_size": "official code: --batch_size_per_gpu 128 x the README's 8 GPUs = 1024",
+            "optimizer": "official code: SGD, momentum 0.9, weight_decay 0",
+            "schedule": "official code: CosineAnnealingLR(T_max=epochs, eta_min=0) stepped " + _PER_EPOCH,
+            "n_last_blocks": "official code help: n=4 for ViT-S, n=1 for ViT-B; the width threshold (embed_dim < 768, "
+                             "at most the depth) is chosen here",
+            "avgpool_patches": "official code help: false for ViT-S, true for ViT-B (README's ViT-B commands)",
+            "features": "official code: get_intermediate_layers = norm(output of each of the last n blocks), "
+                        "CLS = [:, 0], patch average over [:, 1:]; ResNets: model(x) with fc = Identity",
+            "init": "official code: LinearClassifier weight normal(0, 0.01), bias 0",
+            "batchnorm": "official code: none",
+            "train_augmentation": _AUGMENT,
+            "val_augmentation": "official code: Resize(256, bicubic) + CenterCrop(224)",
+            "evaluation": "official code prints the best val top-1 over epochs; here the last epoch's (chosen here)",
+        },
+    ),
+    "mocov3": LinearProtocol(
+        name="mocov3", epochs=90, base_lr=3.0, resnet_base_lr=0.1, batch_size=1024, optimizer="sgd", momentum=0.9,
+        weight_decay=0.0, n_last_blocks=1, avgpool_patches=False, batchnorm=False, train_interpolation="bilinear",
+        val_interpolation="bilinear",
+        sources={
+            "epochs": "official code: main_lincls.py --epochs default 90",
+            "base_lr": "official CONFIG.md: ViT-S and ViT-B linear classification use --lr=3, a base lr that the code "
+                       "scales (init_lr = lr * batch_size / 256): 12 at the default batch 1024, not 3",
+            "resnet_base_lr": "official code: --lr default 0.1 (CONFIG.md's ResNet-50 command passes none)",
+            "batch_size": "official code: -b default 1024; README: 'momentum-SGD and a batch size of 1024'",
+            "optimizer": "official code: SGD for every architecture, momentum 0.9, --wd default 0. main_lincls.py has "
+                         "no LARS; optimizer='lars' (fastkd.train.optim.LARS, trust 0.001, biases excluded) is "
+                         "offered for ResNet-50 probes reported with LARS: unconfirmed for MoCo v3",
+            "schedule": "official code: adjust_learning_rate, cosine to 0, set " + _PER_EPOCH,
+            "n_last_blocks": "official code: the model's own head input, CLS after the final norm (1 block)",
+            "avgpool_patches": "official code: no patch average",
+            "features": "official code: ViT head on norm(tokens)[:, 0]; ResNet fc on the pooled last stage",
+            "init": "official code: fc / head weight normal(0, 0.01), bias 0",
+            "batchnorm": "official code: none",
+            "train_augmentation": _AUGMENT,
+            "val_augmentation": "official code: Resize(256) + CenterCrop(224), bilinear (torchvision default)",
+            "evaluation": "official code keeps the best val top-1 over epochs; here the last epoch's (chosen here)",
+        },
+    ),
+}
+
+
+@dataclass
+class LinearProtocolResult:
+    """``top1`` / ``top5`` (percent) and ``train_loss`` (last epoch's mean CE) of the head whose base
+    lr ``lr`` (``scaled_lr`` after the batch scaling) scored the best val top-1; ``sweep``: one dict
+    per trained lr, in the order given (``lr``, ``scaled_lr``, ``top1``, ``top5``, ``train_loss``);
+    ``classifiers``: the heads in that order (``nn.Linear`` on raw features, a BatchNorm folded in),
+    ``classifier`` the best one. The other fields are the settings that ran."""
+
+    protocol: str
+    top1: float
+    top5: float
+    lr: float
+    scaled_lr: float
+    train_loss: float
+    sweep: list[dict]
+    feature_dim: int
+    n_last_blocks: int
+    avgpool_patches: bool
+    features: str  # what the feature is, in words (says when model(x) stood in for the last blocks)
+    epochs: int
+    batch_size: int
+    image_size: int
+    resize: int
+    optimizer: str
+    num_classes: int
+    class_counts: dict
+    classifier: nn.Linear
+    classifiers: list[nn.Linear]
+
+    @property
+    def top1_per_lr(self) -> dict[float, float]:
+        """``{base lr: top-1}`` of every trained head."""
+        return {entry["lr"]: entry["top1"] for entry in self.sweep}
+
+    def to_dict(self) -> dict:
+        """Every field but the classifiers (JSON-ready: numbers, strings, lists, dicts)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__
+                if name not in ("classifier", "classifiers")}
+
+
+def resolve_protocol(protocol: str | LinearProtocol) -> LinearProtocol:
+    """A registered protocol by name (see :data:`LINEAR_PROTOCOLS`), or ``protocol`` itself."""
+    if isinstance(protocol, LinearProtocol):
+        return protocol
+    if not isinstance(protocol, str) or protocol not in LINEAR_PROTOCOLS:
+        raise ValueError(f"protocol must be one of {sorted(LINEAR_PROTOCOLS)} or a LinearProtocol, got {protocol!r}")
+    return LINEAR_PROTOCOLS[protocol]
+
+
+def _vit_backbone(model: nn.Module):
+    """``model`` when it is a fastkd ViT :class:`~fastkd.models.backbone.Backbone`, else None."""
+    from fastkd.models.backbone import Backbone
+
+    return model if isinstance(model, Backbone) and model.is_vit else None
+
+
+def feature_layout(model: nn.Module, protocol: str | LinearProtocol = "dino", *, n_last_blocks: int | None = None,
+                   avgpool_patches: bool | None = None) -> tuple[int, bool]:
+    """``(n_last_blocks, avgpool_patches)`` for ``model``: the arguments, else the protocol's values,
+    else DINO's width rule (``embed_dim < 768``: ``(min(4, depth), False)``, else ``(1, True)``).
+    Models other than fastkd ViT backbones give ``(1, False)`` (their ``model(x)`` is the feature);
+    asking them for more blocks or the patch average is a ValueError, as is ``n_last_blocks > depth``."""
+    protocol = resolve_protocol(protocol)
+    if n_last_blocks is not None:
+        _check_int("n_last_blocks", n_last_blocks, 1)
+    if avgpool_patches is not None and not isinstance(avgpool_patches, bool):
+        raise ValueError(f"avgpool_patches must be true, false or None, got {avgpool_patches!r}")
+    vit = _vit_backbone(model)
+    if vit is None:
+        if (n_last_blocks or 1) != 1 or avgpool_patches:
+            kind = ("a ResNet backbone" if hasattr(model, "is_vit")
+                    else f"a {type(model).__name__}, not a fastkd Backbone")
+            raise ValueError(f"n_last_blocks={n_last_blocks!r} / avgpool_patches={avgpool_patches!r} need a fastkd ViT "
+                             f"backbone; the model is {kind}, whose model(x) is the feature (n_last_blocks=1, no "
+                             f"patch average)")
+        return 1, False
+    wide = vit.embed_dim >= WIDE_EMBED_DIM
+    if n_last_blocks is None:
+        n_last_blocks, name = protocol.n_last_blocks, "LinearProtocol.n_last_blocks"
+        if n_last_blocks is None:
+            n_last_blocks = 1 if wide else min(4, vit.depth)
+    else:
+        name = "n_last_blocks"
+    if n_last_blocks > vit.depth:
+        raise ValueError(f"{name} must be at most the model's depth {vit.depth}, got {n_last_blocks}")
+    if avgpool_patches is None:
+        avgpool_patches = protocol.avgpool_patches if protocol.avgpool_patches is not None else wide
+    return n_last_blocks, avgpool_patches
+
+
+# --- features ---------------------------------------------------------------------------------
+
+def protocol_features(model: nn.Module, images: torch.Tensor, *, n_last_blocks: int = 1,
+                      avgpool_patches: bool = False) -> torch.Tensor:
+    """The probe's input ``f [B, D']`` for ``images`` (module docstring): for a fastkd ViT backbone
+    the CLS token after the final norm of each of the last ``n_last_blocks`` blocks, then (when
+    ``avgpool_patches``) the mean of the last block's normed patch tokens (prefix tokens excluded);
+    for any other model ``model(images)``. No grad mode or eval mode is set here."""
+    vit = _vit_backbone(model)
+    if vit is None:
+        if n_last_blocks != 1 or avgpool_patches:
+            raise ValueError("n_last_blocks > 1 and avgpool_patches need a fastkd ViT backbone")
+        output = model(images)
+        if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != images.shape[0]:
+            raise ValueError(f"model(images) must return features [B, D] for images {tuple(images.shape)}, "
+                             f"got {type(output).__name__} {tuple(getattr(output, 'shape', ()))}")
+        return output
+    last = vit.depth - 1
+    out = vit.forward_features(images, return_layers=range(vit.depth - n_last_blocks, last))
+    normed = [vit.model.norm(out.layers[index]) for index in sorted(out.layers)] + [out.tokens]  # tokens = norm(h_L)
+    parts = [tokens[:, 0] for tokens in normed]
+    if avgpool_patches:
+        parts.append(out.tokens[:, vit.num_prefix_tokens:].mean(dim=1))
+    return torch.cat(parts, dim=1)
+
+
+class ProtocolFeatures(nn.Module):
+    """``model`` wrapped so that ``forward(x)`` is :func:`protocol_features` (for
+    :func:`fastkd.eval.features.extract_features`)."""
+
+    def __init__(self, model: nn.Module, n_last_blocks: int, avgpool_patches: bool):
+        super().__init__()
+        self.model, self.n_last_blocks, self.avgpool_patches = model, n_last_blocks, avgpool_patches
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return protocol_features(self.model, images, n_last_blocks=self.n_last_blocks,
+                                 avgpool_patches=self.avgpool_patches)
+
+
+# --- heads ------------------------------------------------------------------------------------
+
+class _Head(nn.Module):
+    """``W BN(f) + b`` (BN only when ``batchnorm``), ``W ~ N(0, 0.01^2)`` from a generator seeded
+    with ``seed`` (every head of a sweep starts from the same weights as a single-lr run)."""
+
+    def __init__(self, dim: int, num_classes: int, batchnorm: bool, seed: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=BN_EPS) if batchnorm else nn.Identity()
+        self.linear = nn.Linear(dim, num_classes)
+        with torch.no_grad():
+            self.linear.weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(seed))
+            self.linear.bias.zero_()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(features))
+
+    @torch.no_grad()
+    def folded(self) -> nn.Linear:
+        """One frozen CPU ``nn.Linear`` equal to the eval-mode head: ``W / s`` and ``b - W (m / s)``
+        with the BatchNorm's running mean ``m`` and ``s = sqrt(running var + eps)``."""
+        weight, bias = self.linear.weight.detach().float().cpu(), self.linear.bias.detach().float().cpu()
+        if isinstance(self.norm, nn.BatchNorm1d):
+            std = (self.norm.running_var.float().cpu() + self.norm.eps).sqrt()
+            mean = self.norm.running_mean.float().cpu()
+            weight, bias = weight / std, bias - (weight * (mean / std)).sum(1)
+        linear = nn.Linear(weight.shape[1], weight.shape[0])
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+        return linear.requires_grad_(False)
+
+
+def _optimizer(heads: Sequence[_Head], peak_lrs: Sequence[float], protocol: LinearProtocol) -> torch.optim.Optimizer:
+    """fastkd's SGD / LARS over one group per head and tensor; ``lr_scale`` is the head's peak lr,
+    so :func:`fastkd.train.optim.apply_schedules` with the cosine factor sets every head's lr. SGD
+    decays biases too (torch's ``SGD(weight_decay=...)`` as both scripts); LARS leaves biases
+    without decay or trust ratio (fastkd's LARS)."""
+    from fastkd.train.optim import build_optimizer
+
+    groups = []
+    for head, peak in zip(heads, peak_lrs):
+        groups.append({"params": [head.linear.weight], "weight_decay": 1.0, "lr_scale": peak})
+        groups.append({"params": [head.linear.bias], "weight_decay": 1.0 if protocol.optimizer == "sgd" else 0.0,
+                       "lr_scale": peak})
+    return build_optimizer(groups, protocol.optimizer, momentum=protocol.momentum)
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy in percent (top-5 = top-k with k = min(5, classes))."""
+    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    truth = labels[:, None]
+    count = max(1, labels.shape[0])
+    return (100.0 * float((ranked[:, :1] == truth).sum()) / count,
+            100.0 * float((ranked == truth).any(dim=1).sum()) / count)
+
+
+def _train_heads(features: ProtocolFeatures, loader, heads: nn.ModuleList, optimizer: torch.optim.Optimizer,
+                 protocol: LinearProtocol, epochs: int, device: torch.device, bar) -> list[float]:
+    """Trains every head on the same features each step (module docstring); returns each head's
+    mean train CE over the last epoch."""
+    from fastkd.train.optim import apply_schedules
+    from fastkd.train.schedules import WarmupCosine
+
+    cosine = WarmupCosine(peak=1.0, total_steps=max(1, epochs * len(loader)))
+    step, last = 0, [math.nan] * len(heads)
+    heads.train()
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        losses = []
+        for batch in loader:
+            images = batch.views[0].to(device, non_blocking=True)
+            labels = batch.labels.to(device, non_blocking=True)
+            with torch.no_grad():
+                f = features(images).float()
+            apply_schedules(optimizer, cosine(step), protocol.weight_decay)
+            per_head = torch.stack([F.cross_entropy(head(f), labels) for head in heads])
+            optimizer.zero_grad(set_to_none=True)
+            per_head.sum().backward()
+            optimizer.step()
+            losses.append(per_head.detach())
+            step += 1
+            bar.update(1)
+        if losses:
+            last = torch.stack(losses).mean(0).tolist()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{min(last):.4g}", refresh=False)
+    return last
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+def _check_run_options(model, *, epochs, batch_size, image_size, resize, backend, num_workers, device, seed,
+                       progress) -> None:
+    """ValueError naming the first bad option (``image_size`` / ``resize`` may be None)."""
+    from fastkd.data.loader import BACKENDS
+    from fastkd.eval.evaluate import check_eval_options
+
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_eval_options(dict(epochs=epochs, batch_size=batch_size, num_workers=num_workers, image_size=image_size,
+                            resize=resize))
+    check_choice("backend", backend, BACKENDS)
+    _check_int("seed", seed, 0)
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress must be true or false, got {progress!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(f"device must be cpu or an available cuda device, got {str(device)!r}")
+
+
+def _describe_features(model: nn.Module, n_last_blocks: int, avgpool_patches: bool) -> str:
+    vit = _vit_backbone(model)
+    if vit is None:
+        kind = "ResNet backbone: pooled last stage" if hasattr(model, "is_vit") else \
+            f"{type(model).__name__} is not a fastkd Backbone: its output"
+        return f"model(x) ({kind}; n_last_blocks=1, no patch average)"
+    text = f"CLS after the final norm of the last {n_last_blocks} block{'s' if n_last_blocks > 1 else ''}"
+    return text + (" + mean of the last block's normed patch tokens" if avgpool_patches else "")
+
+
+def _val_recipe(image_size: int, resize: int, interpolation: str):
+    """The ``eval`` recipe (resize + centre crop), its resize done with ``interpolation``."""
+    from fastkd.data.recipes import Recipe, build_recipe
+
+    recipe = build_recipe("eval", size=image_size, resize=resize)
+    if recipe.views[0].interpolation == interpolation:
+        return recipe
+    return Recipe(recipe.name, (replace(recipe.views[0], interpolation=interpolation),), shuffle=recipe.shuffle)
+
+
+def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str | LinearProtocol = "dino", *,
+                             epochs: int | None = None, lrs: Sequence[float] | None = None,
+                             batch_size: int | None = None, image_size: int | None = None, resize: int | None = None,
+                             n_last_blocks: int | None = None, avgpool_patches: bool | None = None,
+                             backend: str = "auto", num_workers: int = 2, device: str | torch.device = "cpu",
+                             seed: int = 0, progress: bool = True) -> LinearProtocolResult:
+    """Linear probe of the frozen ``model`` by ``protocol`` (``dino`` | ``mocov3`` | a
+    :class:`LinearProtocol`) on ImageFolder splits ``train_dir`` / ``val_dir`` (see the module doc).
+
+    Arguments left None take the protocol's values: ``epochs``, ``lrs`` (base lrs per 256 images,
+    one head each), ``batch_size`` (the lrs are scaled by ``batch_size / 256``), ``n_last_blocks``,
+    ``avgpool_patches`` (see :func:`feature_layout`); ``image_size`` defaults to the size the model
+    was built for (a ViT's ``img_size``, else the protocol's 224) and ``resize`` to
+    ``image_size * 256 / 224``. ``model`` must already be on ``device``; it runs in eval mode (its
+    mode is restored). ``seed`` fixes the crops, the order and the heads' initial weights (all
+    heads start equal, so each head of a sweep trains exactly as it would alone). Every option is
+    checked (ValueError naming it) before any image is read."""
+    from fastkd.eval.models import native_image_size
+
+    protocol = resolve_protocol(protocol)
+    epochs = protocol.epochs if epochs is None else epochs
+    batch_size = protocol.batch_size if batch_size is None else batch_size
+    _check_run_options(model, epochs=epochs, batch_size=batch_size, image_size=image_size, resize=resize,
+                       backend=backend, num_workers=num_workers, device=device, seed=seed, progress=progress)
+    base_lrs = _check_lrs("lrs", protocol.base_lrs(getattr(model, "is_vit", True) is False) if lrs is None else lrs)
+    n_last_blocks, avgpool_patches = feature_layout(model, protocol, n_last_blocks=n_last_blocks,
+                                                    avgpool_patches=avgpool_patches)
+    if image_size is None:
+        image_size = native_image_size(model, default=protocol.image_size)
+    if resize is None:
+        resize = max(image_size, round(image_size * protocol.resize / protocol.image_size))
+    if resize < image_size:
+        raise ValueError(f"resize must be >= image_size ({image_size}), got {resize!r}")
+    return _run(model, train_dir, val_dir, protocol, epochs=epochs, base_lrs=base_lrs, batch_size=batch_size,
+                image_size=image_size, resize=resize, n_last_blocks=n_last_blocks, avgpool_patches=avgpool_patches,
+                backend=backend, num_workers=num_workers, device=torch.device(device), seed=seed, progress=progress)
+
+
+def _run(model: nn.Module, train_dir, val_dir, protocol: LinearProtocol, *, epochs: int, base_lrs: tuple[float, ...],
+         batch_size: int, image_size: int, resize: int, n_last_blocks: int, avgpool_patches: bool, backend: str,
+         num_workers: int, device: torch.device, seed: int, progress: bool) -> LinearProtocolResult:
+    """:func:`evaluate_linear_protocol` with checked, filled-in options."""
+    from fastkd.data import build_loader
+    from fastkd.eval.evaluate import aligned_splits
+    from fastkd.train.schedules import scaled_lr
+
+    train_images, val_images, class_counts = aligned_splits(train_dir, val_dir)
+    num_classes = len(train_images.classes)
+    options = dict(batch_size=batch_size, backend=backend, device=str(device), num_workers=num_workers, seed=seed)
+    was_training = model.training
+    features = ProtocolFeatures(model, n_last_blocks, avgpool_patches).eval()  # the backbone too
+    train_loader = val_loader = None
+    try:
+        # a BatchNorm head cannot train on a last batch of one image: drop the incomplete batch then (MAE does)
+        train_loader = build_loader(train_images, "linear", shuffle=True, drop_last=protocol.batchnorm,
+                                    size=image_size, interpolation=protocol.train_interpolation, **options)
+        if len(train_loader) == 0:
+            raise ValueError(f"the train split has {len(train_images)} images, fewer than one batch of {batch_size}: "
+                             "lower batch_size")
+        val_loader = build_loader(val_images, _val_recipe(image_size, resize, protocol.val_interpolation),
+                                  shuffle=False, drop_last=False, **options)
+        with torch.no_grad():
+            dim = features(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1]
+        peak_lrs = [scaled_lr(lr, batch_size, REFERENCE_BATCH) for lr in base_lrs]
+        heads = nn.ModuleList(_Head(dim, num_classes, protocol.batchnorm, seed) for _ in base_lrs).to(device)
+        optimizer = _optimizer(heads, peak_lrs, protocol)
+        with tqdm(total=epochs * len(train_loader), desc=f"linear {protocol.name}", unit="batch",
+                  disable=progress_disable(progress)) as bar:
+            train_losses = _train_heads(features, train_loader, heads, optimizer, protocol, epochs, device, bar)
+        val = extract_features(features, val_loader, device=device, progress=progress, desc="val features")
+    finally:
+        for loader in (train_loader, val_loader):
+            if loader is not None:
+                loader.close()
+        model.train(was_training)
+    classifiers = [head.eval().folded() for head in heads]
+    sweep = []
+    with torch.no_grad():
+        for lr, peak, classifier, loss in zip(base_lrs, peak_lrs, classifiers, train_losses):
+            top1, top5 = _accuracy(classifier(val.features), val.labels)
+            sweep.append({"lr": lr, "scaled_lr": peak, "top1": top1, "top5": top5, "train_loss": loss})
+    best = max(range(len(sweep)), key=lambda i: (sweep[i]["top1"], sweep[i]["top5"], -i))
+    return LinearProtocolResult(
+        protocol=protocol.name, top1=sweep[best]["top1"], top5=sweep[best]["top5"], lr=sweep[best]["lr"],
+        scaled_lr=sweep[best]["scaled_lr"], train_loss=sweep[best]["train_loss"], sweep=sweep, feature_dim=dim,
+        n_last_blocks=n_last_blocks, avgpool_patches=avgpool_patches,
+        features=_describe_features(model, n_last_blocks, avgpool_patches), epochs=epochs, batch_size=batch_size,
+        image_size=image_size, resize=resize, optimizer=protocol.optimizer, num_classes=num_classes,
+        class_counts=class_counts, classifier=classifiers[best], classifiers=classifiers,
+    )
