@@ -6,6 +6,7 @@ module sits below every package: it imports nothing from fastkd.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Iterable, Mapping
 
@@ -27,16 +28,20 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
 
 
 def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, integer: bool = False) -> None:
+                 low_open: bool = False, high_open: bool = False, integer: bool = False,
+                 finite: bool = False) -> None:
     """``value`` is a real number (an int when ``integer``) with ``low <= value <= high`` (``low < value``
-    when ``low_open``): ``TypeError`` for the kind, ``ValueError`` for the range."""
+    when ``low_open``, ``value < high`` when ``high_open``), never NaN, and finite when ``finite``:
+    ``TypeError`` for the kind, ``ValueError`` for the range."""
     kinds = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
 
 
 def check_bool(name: str, value: Any) -> None:

@@ -97,16 +97,6 @@ MODEL_FILE = "finetuned.pt"  # what finetune(output=DIR) writes into DIR (save_b
 HISTORY_FILE = "finetune.json"
 
 
-def _check_real(name: str, value, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False, high_open: bool = False) -> None:
-    """A finite real number in ``[low, high]`` (``(low`` / ``high)`` when open), else an error naming ``name``."""
-    check_number(name, value, low=low, high=high, low_open=low_open)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if high_open and high is not None and value >= high:
-        raise ValueError(f"{name} must be < {high}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class FinetuneRecipe:
     """One fine-tuning recipe; every field is checked on construction (``dataclasses.replace``
@@ -143,31 +133,31 @@ class FinetuneRecipe:
         if not isinstance(self.name, str) or not self.name:
             raise TypeError(f"name must be a non-empty string, got {self.name!r}")
         check_positive_ints(epochs=self.epochs, batch_size=self.batch_size, lr_batch_divisor=self.lr_batch_divisor)
-        _check_real("blr", self.blr, low=0, low_open=True)
-        _check_real("min_lr", self.min_lr, low=0)
-        _check_real("warmup_epochs", self.warmup_epochs, low=0)
-        _check_real("warmup_lr", self.warmup_lr, low=0)
-        _check_real("weight_decay", self.weight_decay, low=0)
+        check_number("blr", self.blr, low=0, low_open=True, finite=True)
+        check_number("min_lr", self.min_lr, low=0, finite=True)
+        check_number("warmup_epochs", self.warmup_epochs, low=0, finite=True)
+        check_number("warmup_lr", self.warmup_lr, low=0, finite=True)
+        check_number("weight_decay", self.weight_decay, low=0, finite=True)
         if not isinstance(self.betas, tuple) or len(self.betas) != 2:
             raise TypeError(f"betas must be a tuple (beta1, beta2), got {self.betas!r}")
         for index, beta in enumerate(self.betas):
-            _check_real(f"betas[{index}]", beta, low=0, high=1, high_open=True)
-        _check_real("eps", self.eps, low=0, low_open=True)
-        _check_real("layer_decay", self.layer_decay, low=0, high=1, low_open=True)
-        _check_real("drop_path", self.drop_path, low=0, high=1, high_open=True)
+            check_number(f"betas[{index}]", beta, low=0, high=1, high_open=True, finite=True)
+        check_number("eps", self.eps, low=0, low_open=True, finite=True)
+        check_number("layer_decay", self.layer_decay, low=0, high=1, low_open=True, finite=True)
+        check_number("drop_path", self.drop_path, low=0, high=1, high_open=True, finite=True)
         check_choice("global_pool", self.global_pool, GLOBAL_POOLS)
-        _check_real("head_init_std", self.head_init_std, low=0, low_open=True)
+        check_number("head_init_std", self.head_init_std, low=0, low_open=True, finite=True)
         if self.auto_augment is not None and (not isinstance(self.auto_augment, str) or not self.auto_augment):
             raise TypeError(f"auto_augment must be a timm policy string or None, got {self.auto_augment!r}")
         if self.color_jitter is not None:
-            _check_real("color_jitter", self.color_jitter, low=0)
-        _check_real("re_prob", self.re_prob, low=0, high=1)
-        _check_real("mixup", self.mixup, low=0)
-        _check_real("cutmix", self.cutmix, low=0)
-        _check_real("mixup_prob", self.mixup_prob, low=0, high=1)
-        _check_real("switch_prob", self.switch_prob, low=0, high=1)
-        _check_real("label_smoothing", self.label_smoothing, low=0, high=1, high_open=True)
-        _check_real("crop_pct", self.crop_pct, low=0, high=1, low_open=True)
+            check_number("color_jitter", self.color_jitter, low=0, finite=True)
+        check_number("re_prob", self.re_prob, low=0, high=1, finite=True)
+        check_number("mixup", self.mixup, low=0, finite=True)
+        check_number("cutmix", self.cutmix, low=0, finite=True)
+        check_number("mixup_prob", self.mixup_prob, low=0, high=1, finite=True)
+        check_number("switch_prob", self.switch_prob, low=0, high=1, finite=True)
+        check_number("label_smoothing", self.label_smoothing, low=0, high=1, high_open=True, finite=True)
+        check_number("crop_pct", self.crop_pct, low=0, high=1, low_open=True, finite=True)
         check_choice("interpolation", self.interpolation, INTERPOLATIONS)
         if self.mixes and self.batch_size % 2:
             raise ValueError(f"batch_size must be even with mixup / cutmix (timm's Mixup pairs each sample with "
@@ -288,8 +278,8 @@ def build_finetune_model(model: nn.Module, num_classes: int, *, global_pool: str
     ``trunc_normal(0, head_init_std)`` (bias 0) from torch's global generator. ``model`` is unchanged."""
     _check_model(model, image_size=image_size, global_pool=global_pool)
     check_positive_ints(num_classes=num_classes)
-    _check_real("drop_path", drop_path, low=0, high=1, high_open=True)
-    _check_real("head_init_std", head_init_std, low=0, low_open=True)
+    check_number("drop_path", drop_path, low=0, high=1, high_open=True, finite=True)
+    check_number("head_init_std", head_init_std, low=0, low_open=True, finite=True)
     kwargs = {**model.timm_kwargs, "drop_path_rate": float(drop_path)}
     if model.is_vit:
         kwargs.update(global_pool=global_pool, img_size=image_size or native_image_size(model))
@@ -308,8 +298,8 @@ def layer_decay_param_groups(model: nn.Module, *, weight_decay: float, layer_dec
     (embeddings layer 0, block ``i`` layer ``i`` (1-based), fc_norm / head layer ``L+1``, a ViT's
     final norm layer ``L`` with the last block),
     ``weight_decay`` except for 1-D parameters and the model's ``no_weight_decay()`` names."""
-    _check_real("weight_decay", weight_decay, low=0)
-    _check_real("layer_decay", layer_decay, low=0, high=1, low_open=True)
+    check_number("weight_decay", weight_decay, low=0, finite=True)
+    check_number("layer_decay", layer_decay, low=0, high=1, low_open=True, finite=True)
     net = model.model if isinstance(model, Backbone) else model
     no_decay = tuple(net.no_weight_decay()) if hasattr(net, "no_weight_decay") else ()
     return param_groups_layer_decay(net, weight_decay=weight_decay, no_weight_decay_list=no_decay,

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from fastkd.checks import check_choice
+from fastkd.checks import check_choice, check_number
 from fastkd.eval.features import extract_features, progress_disable
 
 OPTIMIZERS = ("sgd", "lars")
@@ -56,18 +56,6 @@ BN_EPS = 1e-6  # MAE's BatchNorm1d(affine=False, eps=1e-6) in front of its linea
 
 # --- checks -----------------------------------------------------------------------------------
 
-def _check_int(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_real(name: str, value, low: float, *, open_low: bool = False) -> None:
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (value > low if open_low else value >= low))
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>' if open_low else '>='} {low:g}, got {value!r}")
-
-
 def _check_lrs(name: str, lrs, *, allow_empty: bool = False) -> tuple[float, ...]:
     """``lrs`` as a tuple of distinct finite base lrs > 0."""
     if isinstance(lrs, (str, bytes)) or not isinstance(lrs, Sequence):
@@ -75,7 +63,7 @@ def _check_lrs(name: str, lrs, *, allow_empty: bool = False) -> tuple[float, ...
     if not lrs and not allow_empty:
         raise ValueError(f"{name} must hold at least one learning rate, got {lrs!r}")
     for index, lr in enumerate(lrs):
-        _check_real(f"{name}[{index}]", lr, 0.0, open_low=True)
+        check_number(f"{name}[{index}]", lr, low=0.0, low_open=True, finite=True)
     if len(set(lrs)) != len(lrs):
         raise ValueError(f"{name} must not repeat a learning rate, got {list(lrs)!r}")
     return tuple(float(lr) for lr in lrs)
@@ -116,22 +104,22 @@ class LinearProtocol:
 
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"LinearProtocol.name must be a non-empty string, got {self.name!r}")
-        _check_int("LinearProtocol.epochs", self.epochs, 1)
-        _check_int("LinearProtocol.batch_size", self.batch_size, 1)
-        _check_int("LinearProtocol.image_size", self.image_size, 1)
-        _check_int("LinearProtocol.resize", self.resize, self.image_size)
-        _check_real("LinearProtocol.base_lr", self.base_lr, 0.0, open_low=True)
+        check_number("LinearProtocol.epochs", self.epochs, low=1, integer=True)
+        check_number("LinearProtocol.batch_size", self.batch_size, low=1, integer=True)
+        check_number("LinearProtocol.image_size", self.image_size, low=1, integer=True)
+        check_number("LinearProtocol.resize", self.resize, low=self.image_size, integer=True)
+        check_number("LinearProtocol.base_lr", self.base_lr, low=0.0, low_open=True, finite=True)
         if self.resnet_base_lr is not None:
-            _check_real("LinearProtocol.resnet_base_lr", self.resnet_base_lr, 0.0, open_low=True)
+            check_number("LinearProtocol.resnet_base_lr", self.resnet_base_lr, low=0.0, low_open=True, finite=True)
         object.__setattr__(self, "lrs", _check_lrs("LinearProtocol.lrs", self.lrs, allow_empty=True))
         check_choice("LinearProtocol.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("LinearProtocol.schedule", self.schedule, SCHEDULES)
-        _check_real("LinearProtocol.momentum", self.momentum, 0.0)
+        check_number("LinearProtocol.momentum", self.momentum, low=0.0, finite=True)
         if self.momentum >= 1:
             raise ValueError(f"LinearProtocol.momentum must be < 1, got {self.momentum!r}")
-        _check_real("LinearProtocol.weight_decay", self.weight_decay, 0.0)
+        check_number("LinearProtocol.weight_decay", self.weight_decay, low=0.0, finite=True)
         if self.n_last_blocks is not None:
-            _check_int("LinearProtocol.n_last_blocks", self.n_last_blocks, 1)
+            check_number("LinearProtocol.n_last_blocks", self.n_last_blocks, low=1, integer=True)
         for name in ("avgpool_patches", "batchnorm"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "avgpool_patches"):
@@ -266,7 +254,7 @@ def feature_layout(model: nn.Module, protocol: str | LinearProtocol = "dino", *,
     asking them for more blocks or the patch average is a ValueError, as is ``n_last_blocks > depth``."""
     protocol = resolve_protocol(protocol)
     if n_last_blocks is not None:
-        _check_int("n_last_blocks", n_last_blocks, 1)
+        check_number("n_last_blocks", n_last_blocks, low=1, integer=True)
     if avgpool_patches is not None and not isinstance(avgpool_patches, bool):
         raise ValueError(f"avgpool_patches must be true, false or None, got {avgpool_patches!r}")
     vit = _vit_backbone(model)
@@ -432,7 +420,7 @@ def _check_run_options(model, *, epochs, batch_size, image_size, resize, backend
     check_eval_options(dict(epochs=epochs, batch_size=batch_size, num_workers=num_workers, image_size=image_size,
                             resize=resize))
     check_choice("backend", backend, BACKENDS)
-    _check_int("seed", seed, 0)
+    check_number("seed", seed, low=0, integer=True)
     if not isinstance(progress, bool):
         raise ValueError(f"progress must be true or false, got {progress!r}")
     try:

@@ -241,3 +241,14 @@ def test_thead_positional_embedding_grids():
     assert none.branches["a"].thead.pos_embed is None and none.branches["b"].thead.l2_norm
     out = none(multicrop())
     assert torch.isfinite(out["loss"])
+
+
+def test_training_runs_past_the_end_of_the_last_layer_freeze(tmp_path):
+    """The trainer's optimisers meet the last layers' first gradients after the freeze (24 images,
+    batch 8: steps 0-2 are epoch 0, frozen; step 3 trains them): torch's fused SGD with momentum
+    crashed there, the foreach one fastkd uses does not."""
+    from tests.method_runs import make_workspace, run_method
+
+    result = run_method(make_workspace(tmp_path), "mokd", tmp_path / "out",
+                        ["train.max_steps=5", "method.freeze_last_layer_epochs=1"])
+    assert result.step == 5 and result.skipped_steps == 0

@@ -55,7 +55,7 @@ def test_compilations_stop_growing_after_warm_up(workspace, tmp_path, run):
     assert graphs[0] == graphs[1] > 0, graphs
 
 
-def test_each_backbone_compiles_under_its_own_recompile_limit(monkeypatch):
+def test_each_backbone_compiles_under_its_own_recompile_limit():
     """Dynamo keeps a graph per backbone instance, crop size and grad mode, and counts them per
     compiled code object under one limit (8): were every backbone to share
     ``Backbone._features_pass``'s code, a process that compiles several methods (a benchmark, a
@@ -63,14 +63,16 @@ def test_each_backbone_compiles_under_its_own_recompile_limit(monkeypatch):
     from fastkd.models import build_backbone
     from fastkd.train.compilation import compile_backbones
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    # dynamo's config.patch restores the limit on exit (monkeypatch.setattr on the config module
+    # left later tests in the process without the attribute)
     torch._dynamo.reset()
-    tiny = dict(img_size=16, patch_size=8, depth=1, num_heads=2, dynamic_img_size=True)
-    for widths in ((8, 16, 24, 32), (40, 48, 56, 64)):  # two methods, four backbones of their own widths
-        method = torch.nn.ModuleList(build_backbone("vit_tiny_patch16_224", embed_dim=w, **tiny) for w in widths)
-        assert len(compile_backbones(method, backend="eager")) == 4
-        for size in (16, 8):
-            for backbone in method:
-                with torch.no_grad():
-                    backbone.forward_features(torch.randn(2, 3, size, size))
-                backbone.forward_features(torch.randn(2, 3, size, size)).tokens.sum().backward()
+    with torch._dynamo.config.patch(recompile_limit=8):
+        tiny = dict(img_size=16, patch_size=8, depth=1, num_heads=2, dynamic_img_size=True)
+        for widths in ((8, 16, 24, 32), (40, 48, 56, 64)):  # two methods, four backbones of their own widths
+            method = torch.nn.ModuleList(build_backbone("vit_tiny_patch16_224", embed_dim=w, **tiny) for w in widths)
+            assert len(compile_backbones(method, backend="eager")) == 4
+            for size in (16, 8):
+                for backbone in method:
+                    with torch.no_grad():
+                        backbone.forward_features(torch.randn(2, 3, size, size))
+                    backbone.forward_features(torch.randn(2, 3, size, size)).tokens.sum().backward()

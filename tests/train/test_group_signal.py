@@ -42,15 +42,21 @@ def _start(images: Path, out: Path, backend: str, checkpoint_every: int) -> subp
                             text=True, start_new_session=True)
 
 
-def _wait_for_rows(process: subprocess.Popen, csv_path: Path, rows: int, timeout: float = 300) -> None:
+def wait_until(process: subprocess.Popen, done, what: str, timeout: float = 300) -> None:
+    """Poll ``done()`` until true; fail if ``process`` ends first or after ``timeout`` s (a hang
+    guard, not a timed assertion: the process group is killed then)."""
     deadline = time.monotonic() + timeout
-    while _rows(csv_path) < rows:
+    while not done():
         if process.poll() is not None:
-            pytest.fail(f"run ended before step {rows}: {process.communicate()[1][-3000:]}")
+            pytest.fail(f"the run ended before {what}: {process.communicate()[1][-3000:]}")
         if time.monotonic() > deadline:
             os.killpg(process.pid, signal.SIGKILL)
-            pytest.fail(f"no step {rows} within {timeout} s")
+            pytest.fail(f"no {what} within {timeout} s")
         time.sleep(0.02)
+
+
+def _wait_for_rows(process: subprocess.Popen, csv_path: Path, rows: int, timeout: float = 300) -> None:
+    wait_until(process, lambda: _rows(csv_path) >= rows, f"step {rows}", timeout)
 
 
 BACKENDS = ["torch", pytest.param("dali_cpu", marks=pytest.mark.skipif(not dali_available(), reason="no DALI"))]

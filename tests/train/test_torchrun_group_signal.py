@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from fastkd.data import write_sample_dataset
+from tests.train.test_group_signal import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "demo" / "mae_teacher.yaml"
@@ -68,14 +69,7 @@ def _logged_steps(out: Path) -> list[int]:
 
 
 def _wait_for(process: subprocess.Popen, done, what: str) -> None:
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not done():
-        if process.poll() is not None:
-            pytest.fail(f"the launcher ended before {what}: {process.communicate()[1][-3000:]}")
-        if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            pytest.fail(f"no {what} within {HANG_GUARD_S} s")
-        time.sleep(0.02)
+    wait_until(process, done, what, HANG_GUARD_S)
 
 
 def _finish(process: subprocess.Popen) -> tuple[str, str]:
