@@ -181,3 +181,19 @@ def test_e2e_demo_models_are_the_demo_configs(tmp_path):
         assert {config[k] for k in paths} <= set(teachers.values()) and recipe == demo.data.recipe_options
     for teacher in ("resmoco_teacher", "mae_teacher"):  # random teachers of the demo teachers' shape
         assert load_config(demo_config_dir() / f"{teacher}.yaml").method_config["arch_kwargs"] == DEMO_TEACHER
+
+
+def test_runs_keep_each_rows_lowest_speedup():
+    """`fastkd bench ops --runs 2`: every fastkd row takes the run with the lower speedup (a ratio that
+    survives a re-run), lists both, and rows without a speedup (baselines, errors) come from run 1."""
+    from fastkd.benchmarks.bench_ops import lowest_speedup
+
+    def rows(fast_ms, speedup):
+        return [{"op": "ema", "problem": "ViT-S", "variant": "eager", "median_ms": 10.0},
+                {"op": "ema", "problem": "ViT-S", "variant": "fastkd", "median_ms": fast_ms, "speedup": speedup},
+                {"op": "gather", "error": "RuntimeError: boom"}]
+
+    combined = lowest_speedup([rows(2.0, 5.0), rows(4.0, 2.5)])
+    assert combined[0] == rows(2.0, 5.0)[0] and combined[2] == {"op": "gather", "error": "RuntimeError: boom"}
+    assert combined[1]["speedup"] == 2.5 and combined[1]["median_ms"] == 4.0
+    assert combined[1]["speedup_runs"] == [5.0, 2.5]
