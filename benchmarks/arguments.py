@@ -11,9 +11,11 @@ from fastkd.reporting import DEFAULT_RESULTS_DIR, PUBLISHED_RESULTS_DIR, RESULTS
 
 
 def bench_parser(description: str, quick_help: str, *, rounds_help: str | None = None,
-                 device_help: str | None = None) -> argparse.ArgumentParser:
+                 device_help: str | None = None, runs_help: str | None = None) -> argparse.ArgumentParser:
     """The shared parser: ``--quick``, ``--device`` (help text ``device_help``), ``--out`` /
-    ``--publish`` and, with ``rounds_help``, ``--rounds``; extend it with the benchmark's own options."""
+    ``--publish``, with ``rounds_help`` ``--rounds`` and with ``runs_help`` ``--runs`` (repeat the
+    whole measurement, keep each ratio's lowest run; default 1); extend it with the benchmark's own
+    options."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help=device_help)
@@ -25,6 +27,8 @@ def bench_parser(description: str, quick_help: str, *, rounds_help: str | None =
                             "that is the current directory")
     if rounds_help is not None:
         parser.add_argument("--rounds", type=int, default=None, help=rounds_help)
+    if runs_help is not None:
+        parser.add_argument("--runs", type=int, default=1, help=runs_help)
     return parser
 
 
@@ -41,13 +45,14 @@ def resolve_out(parser: argparse.ArgumentParser, args: argparse.Namespace, *,
 
 def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv`` with ``args.out`` resolved (:func:`resolve_out`); exit with a clear message
-    for ``--device cuda`` without CUDA or ``--rounds`` < 1."""
+    for ``--device cuda`` without CUDA or ``--rounds`` / ``--runs`` < 1."""
     import torch
 
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no CUDA device is available")
-    if getattr(args, "rounds", None) is not None and args.rounds < 1:
-        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    for name in ("rounds", "runs"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
     resolve_out(parser, args)
     return args

@@ -66,14 +66,11 @@ def images_per_second(root: Path, recipe: str, backend: str, *, batch_size: int,
 
 
 def main(argv=None) -> None:
-    parser = bench_parser(__doc__.splitlines()[0], "fewer images and one repeat")
+    parser = bench_parser(__doc__.splitlines()[0], "fewer images and one repeat",
+                          runs_help="measure every recipe this many times and keep its lowest ratio (default 1)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers = DALI threads")
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
-    parser.add_argument("--runs", type=int, default=1,
-                        help="measure every recipe this many times and keep its lowest ratio (default 1)")
     args = parse_bench_args(parser, argv)
-    if args.runs < 1:
-        parser.error(f"--runs must be >= 1, got {args.runs}")
     load = load_average()
     images, batch_size, repeats = (64, 16, 1) if args.quick else (256, 32, 2)
     dali_backend = "dali" if args.device == "cuda" else "dali_cpu"

@@ -155,13 +155,10 @@ def _one_run(args, op_argv: list[str], peak, out_dir: Path, sections: list | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = bench_parser(__doc__, "pass --quick to every op benchmark")
+    parser = bench_parser(__doc__, "pass --quick to every op benchmark",
+                          runs_help="run every op benchmark this many times and keep each ratio's lowest (default 1)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    parser.add_argument("--runs", type=int, default=1,
-                        help="run every op benchmark this many times and keep each ratio's lowest (default 1)")
     args = parse_bench_args(parser, argv)
-    if args.runs < 1:
-        parser.error(f"--runs must be >= 1, got {args.runs}")
     op_argv = ["--device", args.device] + (["--quick"] if args.quick else [])
     peak = gpu_peak() if args.device == "cuda" else None
     load = load_average()
