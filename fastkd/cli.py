@@ -102,6 +102,25 @@ def _finite_report(report: dict) -> dict:
     return cleaned
 
 
+def _check_output_folder(output: str | None) -> None:
+    """``--output`` must go into an existing folder: checked before anything is evaluated."""
+    if output and not Path(output).resolve().parent.is_dir():
+        raise ValueError(f"--output {output}: folder {str(Path(output).resolve().parent)!r} does not exist")
+
+
+def _emit_report(report: dict, output: str | None) -> int:
+    """Print ``report`` as one line of valid JSON (non-finite numbers as null, named on stderr) and
+    write it durably to ``output`` when given."""
+    report = _finite_report(report)
+    if "non_finite" in report:
+        print(f"fastkd eval: note: {', '.join(report['non_finite'])} not finite (NaN or infinite), written as null",
+              file=sys.stderr)
+    print(json.dumps(report, allow_nan=False))
+    if output:
+        atomic_write_json(output, report)
+    return 0
+
+
 # the cached probe's defaults; the paper protocols (dino, mocov3) take theirs from fastkd.eval.linear_protocols
 _CACHED_PROBE_DEFAULTS = {"epochs": 100, "lr": 0.1, "weight_decay": 0.0, "probe_batch_size": 256}
 
@@ -137,8 +156,7 @@ def _eval(args: argparse.Namespace) -> int:
         _linear_protocol_defaults(args)
     check_eval_options({name: getattr(args, name) for name in numeric if getattr(args, name, None) is not None},
                        cli=True)
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise ValueError(f"--output {args.output}: folder {str(Path(args.output).resolve().parent)!r} does not exist")
+    _check_output_folder(args.output)
     model, source = load_eval_model_described(args.model, arch=args.arch, module=args.module, format=args.format,
                                               device=args.device, weights=args.weights)
     if args.image_size is None:
@@ -172,14 +190,7 @@ def _eval(args: argparse.Namespace) -> int:
         outcome = result.to_dict()
         outcome.pop("protocol")
         report = {"protocol": "linear", "linear_protocol": args.linear_protocol, **described, **outcome}
-    report = _finite_report(report)
-    if "non_finite" in report:
-        print(f"fastkd eval: note: {', '.join(report['non_finite'])} not finite (NaN or infinite), written as null",
-              file=sys.stderr)
-    print(json.dumps(report, allow_nan=False))
-    if args.output:
-        atomic_write_json(args.output, report)
-    return 0
+    return _emit_report(report, args.output)
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -190,20 +201,14 @@ def _finetune(args: argparse.Namespace) -> int:
     resolve_finetune_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, blr=args.blr,
                             layer_decay=args.layer_decay, drop_path=args.drop_path,
                             global_pool=args.global_pool)  # options checked before the model is read
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise ValueError(f"--output {args.output}: folder {str(Path(args.output).resolve().parent)!r} does not exist")
+    _check_output_folder(args.output)
     model, source = load_eval_model_described(args.model, arch=args.arch, module=args.module, format=args.format,
                                               device=args.device, weights=args.weights)
     result = finetune(model, args.train, args.val, args.recipe, epochs=args.epochs, batch_size=args.batch_size,
                       blr=args.blr, layer_decay=args.layer_decay, drop_path=args.drop_path,
                       image_size=args.image_size, global_pool=args.global_pool, precision=args.precision,
                       device=args.device, num_workers=args.num_workers, seed=args.seed, output=args.output_dir)
-    outcome = result.to_dict()
-    report = _finite_report({"protocol": "finetune", "model": args.model, **source, **outcome})
-    print(json.dumps(report, allow_nan=False))
-    if args.output:
-        atomic_write_json(args.output, report)
-    return 0
+    return _emit_report({"protocol": "finetune", "model": args.model, **source, **result.to_dict()}, args.output)
 
 
 def benchmark_names() -> list[str]:

@@ -67,9 +67,12 @@ def test_bad_arguments():
 
 
 def _reference_lars_step(params, bufs, lr, wd, momentum, eta, adapt):
-    """LARS as a plain per-parameter loop (the formula of the module docstring)."""
+    """LARS as a plain per-parameter loop (the formula of the module docstring); a parameter without
+    a gradient is left alone, its momentum buffer too."""
     for p, buf in zip(params, bufs):
         g = p.grad
+        if g is None:
+            continue
         if adapt:
             g = g + wd * p
             w_norm, g_norm = p.norm(), g.norm()
@@ -117,8 +120,8 @@ def test_a_parameter_whose_first_gradient_comes_later(name):
     opt = build_optimizer(_groups(model), name)
     ref_groups = [{**g, "lr": 0.0, "weight_decay": 0.0, "wd_scale": g["weight_decay"], "lr_scale": 1.0}
                   for g in _groups(reference)]
-    ref_opt = (opt.__class__(ref_groups, momentum=0.9) if name == "lars" else
-               torch.optim.AdamW(ref_groups, lr=0.0, foreach=False) if name == "adamw" else
+    bufs = [[torch.zeros_like(p) for p in g["params"]] for g in ref_groups]  # LARS's plain loop
+    ref_opt = (torch.optim.AdamW(ref_groups, lr=0.0, foreach=False) if name == "adamw" else
                torch.optim.SGD(ref_groups, lr=0.0, momentum=0.9, foreach=False))
     for step, x in enumerate(batches):
         for m, o in ((model, opt), (reference, ref_opt)):
@@ -127,7 +130,13 @@ def test_a_parameter_whose_first_gradient_comes_later(name):
             m(x).square().mean().backward()
             if step < 2:  # the first layer's weight is "frozen": no gradient for two steps
                 m[0].weight.grad = None
-            o.step()
+            if name == "lars" and o is ref_opt:
+                with torch.no_grad():
+                    for g, b in zip(ref_groups, bufs):
+                        _reference_lars_step(g["params"], b, 0.05, 0.1 * g["wd_scale"], 0.9, 0.001,
+                                             g["wd_scale"] > 0)
+            else:
+                o.step()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
