@@ -14,13 +14,17 @@ of the method's data recipe; data loading is timed by ``bench_data``):
   inductor; compilation is done in the warm-up and reported as ``compile_s``).
 - ``fastkd``: fastkd as shipped: ``fastkd.train.Trainer.train_step`` with the trainer's defaults
   (fused ops, fused AdamW where torch has it for the device, loss parts and norms kept on the device,
-  one flag read per step to skip a non-finite step, ``train.compile: auto`` = compiled backbones on
-  CUDA only).
+  ``train.skip_decision: auto`` = a non-finite step skipped on the device without a host read on
+  CUDA, one flag read per step on CPU where reading it costs nothing, ``train.teacher_precision:
+  auto`` = frozen pretrained teachers in bf16 where the device computes bf16 natively,
+  ``train.compile: auto`` = compiled backbones on CUDA only).
 - ``fastkd_compiled``: the same with ``train.compile: true`` (every backbone pass compiled with the
   fused ops inside the graph, same backend as ``plain_compiled``): on CUDA it equals ``fastkd``'s
   default, on CPU it is what ``train.compile=true`` buys.
 
-Precision is the same for all: fp32 on CPU, bf16 autocast on CUDA.
+The training precision is the same for all: fp32 on CPU, bf16 autocast on CUDA; the ``teacher_dtype``
+column says what the frozen teachers computed in (fastkd's ``teacher_precision: auto`` runs them in
+bf16 on a CPU with AVX512-BF16 / AMX, where the plain variants, like a hand-written loop, keep fp32).
 
 Models (``--model``): ``demo`` (default) builds each method exactly as ``configs/demo/`` trains it in
 ``make demo`` (32 px, patch 8; students of 64-96 dims x 4 blocks) with frozen teachers of the demo
@@ -228,6 +232,7 @@ def fastkd_step(method, batch: Batch, *, device: str, workdir: Path, compile_bac
         trainer.train_step(batches, state["step"] % trainer.total_steps)
         state["step"] += 1
 
+    step.teacher_precision = trainer.teacher_precision
     return step
 
 
@@ -385,6 +390,7 @@ def bench_method(name: str, config: dict, recipe_overrides: dict, *, model: str,
             "method": name, "variant": variant, "model": model, "recipe": recipe, "views": views,
             "batch": batch_size, "img_size": views[0], "device": device,
             "dtype": "bf16 autocast" if device == "cuda" else "fp32",
+            "teacher_dtype": getattr(steps[variant], "teacher_precision", "bf16" if device == "cuda" else "fp32"),
             "median_ms": t["median_ms"], "p10_ms": t["p10_ms"], "p90_ms": t["p90_ms"], "repeats": t["repeats"],
             "steps_per_s": 1e3 / t["median_ms"], "images_per_s": batch_size * 1e3 / t["median_ms"],
             "peak_MiB": peaks[variant] / 2**20,
@@ -481,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 records.append({"method": name, "error": f"{type(error).__name__}: {error}"})
     ok = [r for r in records if "error" not in r]
-    columns = ["method", "variant", "images_per_s", "median_ms", "p10_ms", "p90_ms", "peak_MiB", "vs_plain_eager",
+    columns = ["method", "variant", "teacher_dtype", "images_per_s", "median_ms", "p10_ms", "p90_ms", "peak_MiB", "vs_plain_eager",
                "vs_plain_compiled", "memory_ratio", "warmup_s", "achieved_GFLOPs", "vs_peak_bf16", "fused_ops_share",
                "target", "meets_target", "error"]
     shapes = ("the demo's models (configs/demo/: 32 px, patch 8, 64-96-d x 4 blocks)" if model == "demo"

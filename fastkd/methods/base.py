@@ -9,6 +9,7 @@ EMA teacher's copy of that backbone, saved beside it; None for methods without o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Iterable, Mapping
 
@@ -18,6 +19,7 @@ from torch import nn
 from fastkd.checks import check_number
 from fastkd.data.batch import Batch
 from fastkd.deprecation import renamed
+from fastkd.models.backbone import Features
 from fastkd.models.ema_teacher import EMATeacher
 from fastkd.ops import random_keep
 from fastkd.suggest import did_you_mean
@@ -89,6 +91,9 @@ class Method(nn.Module):
     config_class: type = object
     role: str = ""
     frozen_teachers: tuple[str, ...] = ()
+    # dtype the frozen teachers compute in (the trainer sets it from train.teacher_precision);
+    # None: the caller's autocast state
+    frozen_teacher_dtype: torch.dtype | None = None
 
     def __init__(self, config):
         super().__init__()
@@ -115,6 +120,27 @@ class Method(nn.Module):
                     if candidate is student:
                         return module.module.get_submodule(name)
         return None
+
+    def frozen_teacher_features(self, teacher: nn.Module, images: torch.Tensor, **kwargs) -> Features:
+        """``teacher.forward_features(images, **kwargs)`` of a frozen teacher, without autograd, in
+        :attr:`frozen_teacher_dtype` (autocast to it; fp32: autocast off) when set. Outside autocast
+        the outputs come back in ``images``' dtype, so a bf16 teacher feeds an fp32 student's losses.
+
+        ``no_grad``, not ``inference_mode``: the outputs are loss targets that the student's backward
+        saves, which inference tensors cannot be. Nothing of the teacher's pass outlives its outputs."""
+        dtype = self.frozen_teacher_dtype
+        device_type = images.device.type
+        if dtype is None:
+            context = contextlib.nullcontext()
+        elif dtype == torch.float32:
+            context = torch.autocast(device_type, enabled=False)
+        else:
+            context = torch.autocast(device_type, dtype=dtype)
+        with torch.no_grad(), context:
+            features = teacher.forward_features(images, **kwargs)
+        if dtype is None or torch.is_autocast_enabled(device_type):
+            return features
+        return features.to_dtype(images.dtype)
 
     def before_optimizer_step(self, epoch: float) -> None:
         """Called by the trainer after backward and gradient clipping, before the optimiser

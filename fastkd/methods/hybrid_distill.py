@@ -291,14 +291,15 @@ class HybridDistill(Method):
         score_teacher = self.feature_teacher if self.config.mask_score_teacher == "feature" else self.relation_teacher
         last = score_teacher.depth - 1
         relation_blocks = {t for _, t in self.layer_pairs}
+        size = self.config.feature_teacher_input_size
+        x_feat = x if size is None or tuple(x.shape[-2:]) == (size, size) else F.interpolate(
+            x, size=(size, size), mode="bicubic", align_corners=False)
+        feat = self.frozen_teacher_features(self.feature_teacher, x_feat, return_qk=(last,) if score_teacher is
+                                            self.feature_teacher else ())
+        rel = self.frozen_teacher_features(
+            self.relation_teacher, x,
+            return_qk=relation_blocks | ({last} if score_teacher is self.relation_teacher else set()))
         with torch.no_grad():
-            size = self.config.feature_teacher_input_size
-            x_feat = x if size is None or tuple(x.shape[-2:]) == (size, size) else F.interpolate(
-                x, size=(size, size), mode="bicubic", align_corners=False)
-            feat = self.feature_teacher.forward_features(x_feat, return_qk=(last,) if score_teacher is
-                                                         self.feature_teacher else ())
-            rel = self.relation_teacher.forward_features(
-                x, return_qk=relation_blocks | ({last} if score_teacher is self.relation_teacher else set()))
             K = self.num_kept()
             if K < N:
                 scored = feat if score_teacher is self.feature_teacher else rel
@@ -335,7 +336,8 @@ class HybridDistill(Method):
         index = rows[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
         return torch.gather(t, 2, index)
 
-    def after_step(self, step: int, total_steps: int) -> None:
-        """Moves the keep ratio to the schedule stage of the next step, ``step + 1``."""
+    def after_step(self, step: int, total_steps: int, found_inf: torch.Tensor | None = None) -> None:
+        """Moves the keep ratio to the schedule stage of the next step, ``step + 1`` (a function of the
+        step number, so it moves on a skipped step too: ``found_inf`` changes nothing)."""
         check_progress(step, total_steps)
         self.keep_ratio.fill_(self.keep_ratio_at(min(step + 1, total_steps), total_steps))

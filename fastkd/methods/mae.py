@@ -76,6 +76,6 @@ class MAE(Method):
         return loss_dict({"reconstruction": loss}, {"reconstruction": 1.0},
                          {"visible_tokens": torch.tensor(float(self.num_visible))})
 
-    def after_step(self, step: int, total_steps: int) -> None:
-        """MAE has no teacher and no schedule of its own."""
+    def after_step(self, step: int, total_steps: int, found_inf: torch.Tensor | None = None) -> None:
+        """MAE has no teacher and no schedule of its own (``found_inf`` changes nothing)."""
         check_progress(step, total_steps)

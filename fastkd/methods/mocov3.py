@@ -136,6 +136,7 @@ class MoCoV3(Method):
         return momentum_schedule(step, total_steps, self.config.base_momentum)
 
     @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> None:
-        """EMA update of the momentum encoder at the scheduled momentum."""
-        self.momentum_encoder.update(self.momentum_at(step, total_steps))
+    def after_step(self, step: int, total_steps: int, found_inf: torch.Tensor | None = None) -> None:
+        """EMA update of the momentum encoder at the scheduled momentum; with ``found_inf`` (the
+        trainer's device-side skip flag) the update is decided on the device and dropped when it is 1."""
+        self.momentum_encoder.update(self.momentum_at(step, total_steps), skip=found_inf)

@@ -316,11 +316,12 @@ class MOKD(Method):
                 branch.dino_head.cancel_last_layer_grad()
                 branch.thead.cancel_last_layer_grad()
 
-    def after_step(self, step: int, total_steps: int) -> None:
-        """EMA update of both teachers; the teacher temperature moves to that of ``step + 1``."""
+    def after_step(self, step: int, total_steps: int, found_inf: torch.Tensor | None = None) -> None:
+        """EMA update of both teachers (dropped on the device when ``found_inf`` is 1); the teacher
+        temperature moves to that of ``step + 1`` (a function of the step number, also on a skipped step)."""
         check_progress(step, total_steps)
         momentum = momentum_schedule(step, total_steps, self.config.base_momentum)
         for x in MODELS:
-            self.teachers[x].update(momentum)
+            self.teachers[x].update(momentum, skip=found_inf)
             for loss in self.losses[x].values():
                 loss.set_progress(step + 1, total_steps)

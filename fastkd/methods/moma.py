@@ -145,8 +145,7 @@ class MOMA(Method):
         parts, weights = {}, {}
         for name in self.teacher_names:
             teacher = getattr(self, f"{name}_teacher")
-            with torch.no_grad():
-                target = teacher.forward_features(x).tokens
+            target = self.frozen_teacher_features(teacher, x).tokens
             projected = self.projectors[name](student_tokens)
             weight = getattr(self.config, f"{name}_weight")
             if self.config.target in ("cls", "both"):
@@ -158,6 +157,6 @@ class MOMA(Method):
                 weights[f"{name}_patch"] = weight
         return loss_dict(parts, weights, {"visible_tokens": torch.tensor(float(keep_idx.shape[1]))})
 
-    def after_step(self, step: int, total_steps: int) -> None:
-        """MOMA's teachers are frozen: nothing moves between steps."""
+    def after_step(self, step: int, total_steps: int, found_inf: torch.Tensor | None = None) -> None:
+        """MOMA's teachers are frozen: nothing moves between steps (``found_inf`` changes nothing)."""
         check_progress(step, total_steps)

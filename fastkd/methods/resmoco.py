@@ -66,8 +66,19 @@ class ResMoCo(MoCoV3):
         )
 
     @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> None:
-        """EMA update of the momentum encoder; records the gap measured before the update."""
-        gap = self.momentum_encoder.update(self.momentum_at(step, total_steps), return_gap=True)
-        cos = gap.dot / math.sqrt(gap.teacher_sq * gap.student_sq) if gap.teacher_sq * gap.student_sq > 0 else math.nan
-        self.param_gap.copy_(torch.tensor([gap.diff_sq, cos], dtype=torch.float64))
+    def after_step(self, step: int, total_steps: int, found_inf: torch.Tensor | None = None) -> None:
+        """EMA update of the momentum encoder; records the gap measured before the update. With
+        ``found_inf`` (the trainer's device-side skip flag) both are decided on the device: when it is
+        1 the encoder and the recorded gap stay as they were, and nothing is read by the host."""
+        momentum = self.momentum_at(step, total_steps)
+        if found_inf is None:
+            gap = self.momentum_encoder.update(momentum, return_gap=True)
+            cos = gap.dot / math.sqrt(gap.teacher_sq * gap.student_sq) if gap.teacher_sq * gap.student_sq > 0 else math.nan
+            self.param_gap.copy_(torch.tensor([gap.diff_sq, cos], dtype=torch.float64))
+            return
+        diff_sq, dot, teacher_sq, student_sq = self.momentum_encoder.update(momentum, return_gap=True,
+                                                                            skip=found_inf).unbind()
+        norms = teacher_sq * student_sq
+        cos = torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(torch.float64).tiny).sqrt(), math.nan)
+        gap = torch.stack([diff_sq, cos]).to(self.param_gap.device)
+        self.param_gap.copy_(torch.where(found_inf.to(gap.device).reshape(()) > 0, self.param_gap, gap))

@@ -47,6 +47,14 @@ class Features:
     pooled: torch.Tensor | None = None
     feature_map: torch.Tensor | None = None
 
+    def to_dtype(self, dtype: torch.dtype) -> "Features":
+        """The same features with every floating-point tensor in ``dtype`` (others unchanged)."""
+        def cast(t):
+            return t.to(dtype) if t is not None and t.is_floating_point() else t
+        return Features(tokens=cast(self.tokens), qk={i: (cast(q), cast(k)) for i, (q, k) in self.qk.items()},
+                        layers={i: cast(t) for i, t in self.layers.items()}, pooled=cast(self.pooled),
+                        feature_map=cast(self.feature_map))
+
 
 class Backbone(nn.Module):
     """A timm ViT or ResNet (``self.model``, timm parameter names) with fastkd's forward paths."""

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastkd.checks import check_choice, check_number
-from fastkd.ops import EMAGap, ema_
+from fastkd.ops import EMAGap, ema_, ema_unless_
 
 BN_STATS = ("batch", "ema")  # EMATeacher's BatchNorm statistics: its own batch statistics, or an EMA of the student's
 
@@ -91,30 +91,47 @@ class EMATeacher(nn.Module):
                 names.update(f"{prefix}.{name}" if prefix else name for name, _ in module.named_buffers(recurse=False))
         return names
 
-    @torch.no_grad()
-    def update(self, momentum: float, return_gap: bool = False) -> EMAGap | None:
-        """EMA step over parameters (matched by name) and the buffers by ``bn_stats``; returns the
-        parameter-space gap measured before the update when ``return_gap``."""
+    def _matched_parameters(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Teacher and student parameters, matched by name."""
         teacher_params = dict(self.module.named_parameters())
         student_params = dict(self.student.named_parameters())
         if teacher_params.keys() != student_params.keys():
             missing = sorted(student_params.keys() - teacher_params.keys())
             extra = sorted(teacher_params.keys() - student_params.keys())
             raise ValueError(f"EMATeacher.update: parameters differ: only in student {missing}, only in teacher {extra}")
-        names = list(teacher_params)
-        gap = ema_([teacher_params[n] for n in names], [student_params[n] for n in names], momentum,
-                   return_gap=return_gap)
+        return list(teacher_params.values()), [student_params[n] for n in teacher_params]
+
+    @torch.no_grad()
+    def update(self, momentum: float, return_gap: bool = False,
+               skip: torch.Tensor | None = None) -> EMAGap | torch.Tensor | None:
+        """EMA step over parameters (matched by name) and the buffers by ``bn_stats``; returns the
+        parameter-space gap measured before the update when ``return_gap``.
+
+        ``skip`` (a 0-dim 0/1 device tensor, the trainer's ``found_inf``): the update is decided on
+        the device (:func:`fastkd.ops.ema_unless_`): with ``skip = 1`` teacher parameters and
+        buffers stay exactly as they were; the gap then comes back as a ``[4]`` float64 device
+        tensor (no host read)."""
+        def average(teacher: list, student: list, gap: bool = False):
+            if skip is None:
+                return ema_(teacher, student, momentum, return_gap=gap)
+            return ema_unless_(teacher, student, momentum, skip, return_gap=gap)
+
+        def copy(buffer: torch.Tensor, source: torch.Tensor) -> None:
+            buffer.copy_(source if skip is None else torch.where(skip.to(buffer.device).reshape(()) > 0,
+                                                                 buffer, source))
+
+        gap = average(*self._matched_parameters(), gap=return_gap)
         student_buffers = dict(self.student.named_buffers())
         batchnorm = self._batchnorm_buffers()
         averaged = []
         for name, buffer in self.module.named_buffers():
             if name not in batchnorm:
-                buffer.copy_(student_buffers[name])
+                copy(buffer, student_buffers[name])
             elif self.bn_stats == "ema":
                 if buffer.is_floating_point():
                     averaged.append((buffer, student_buffers[name]))
                 else:
-                    buffer.copy_(student_buffers[name])  # num_batches_tracked
+                    copy(buffer, student_buffers[name])  # num_batches_tracked
         if averaged:
-            ema_([t for t, _ in averaged], [s for _, s in averaged], momentum)
+            average([t for t, _ in averaged], [s for _, s in averaged])
         return gap

@@ -11,4 +11,4 @@ from .token_relation import DIRECTIONS, HEAD_MAPS, token_relation, token_relatio
 from .reduction import REDUCTIONS  # noqa: F401
 from .reference_mode import reference_ops, reference_ops_enabled  # noqa: F401
 from ._extension import build_info  # noqa: F401
-from .ema import EMAGap, ema_, ema_reference  # noqa: F401
+from .ema import EMAGap, ema_, ema_reference, ema_unless_  # noqa: F401

@@ -123,6 +123,47 @@ def ema_(
     return EMAGap(*gap.tolist()) if return_gap else None
 
 
+def ema_unless_(
+    teacher: Sequence[torch.Tensor],
+    student: Sequence[torch.Tensor],
+    momentum: float,
+    skip: torch.Tensor,
+    *,
+    return_gap: bool = False,
+) -> torch.Tensor | None:
+    """:func:`ema_` decided on the device: for every pair ``(t, s)``::
+
+        w = (1 - momentum) * (1 - skip)      # fp32; skip is a 0-dim 0/1 tensor on the tensors' device
+        t.lerp_(s, w)                        # skip = 1: w = 0 and t stays exactly as it was
+
+    so a training step can drop its EMA update on a non-finite step without the host reading the
+    flag. One ``torch._foreach_lerp_`` per teacher dtype (the weight is a device scalar, which the
+    fused kernel of :func:`ema_` does not take). With ``return_gap`` the gap of :func:`ema_`
+    (measured before the update, float64) comes back as a ``[4]`` tensor on the device
+    (``diff_sq, dot, teacher_sq, student_sq``), not as floats."""
+    _check_args(teacher, student, momentum)
+    if not isinstance(skip, torch.Tensor) or skip.numel() != 1:
+        raise TypeError(f"ema_unless_: skip must be a one-element tensor (0 or 1), got {type(skip).__name__} "
+                        f"{tuple(getattr(skip, 'shape', ()))}")
+    if not teacher:
+        return torch.zeros(4, dtype=torch.float64, device=skip.device) if return_gap else None
+    with torch.no_grad():
+        gap = _gap_pass(teacher, student) if return_gap else None
+        keep = 1.0 - skip.to(device=teacher[0].device, dtype=torch.float32).reshape(())
+        # 1 - momentum as fp32 computes it (exact for momentum in [0.5, 1]); a Python scalar, so no
+        # host-to-device copy
+        weight = keep * (1.0 - float(torch.tensor(float(momentum), dtype=torch.float32)))
+        by_dtype: dict = {}
+        for t, s in zip(teacher, student):
+            pair = by_dtype.setdefault(t.dtype, ([], []))
+            pair[0].append(t)
+            pair[1].append(s if s.dtype == t.dtype else s.to(t.dtype))
+        for dtype, (ts, ss) in by_dtype.items():
+            w = weight.to(dtype)
+            torch._foreach_lerp_(ts, ss, [w] * len(ts))
+    return gap
+
+
 def ema_reference(
     teacher: Sequence[torch.Tensor],
     student: Sequence[torch.Tensor],

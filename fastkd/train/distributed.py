@@ -73,17 +73,41 @@ def barrier() -> None:
         dist.barrier()
 
 
+_HOST_GROUPS: dict = {}
+
+
+def host_group():
+    """A gloo group over every rank for host-side flags (``None``: the default group, when it is
+    gloo already). Created on first use, which every rank reaches at the same point."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _HOST_GROUPS:
+        _HOST_GROUPS[key] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS[key]
+
+
 def any_across_ranks(flag: bool | torch.Tensor, device: torch.device) -> bool:
     """True when ``flag`` (a bool or a device bool tensor) is true on at least one rank (all ranks
-    get the same answer)."""
+    get the same answer). A bool is all-reduced on the CPU (:func:`host_group`): it never waits for
+    the GPU; a device tensor is read by the host after its all-reduce."""
     if world_size() == 1:
         return bool(flag)
     if isinstance(flag, torch.Tensor):
         value = flag.to(device=device, dtype=torch.float32).reshape(1)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
     else:
-        value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        value = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=host_group())
     return bool(value.item() > 0)
+
+
+def max_across_ranks_(value: torch.Tensor) -> torch.Tensor:
+    """``value`` all-reduced (max) across ranks in place and returned; the host does not read it
+    (on GPU the all-reduce is queued on the device like any kernel)."""
+    if world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
 
 
 def mean_across_ranks(values: dict, device: torch.device) -> dict:

@@ -130,6 +130,26 @@ def build_optimizer(
     return LARS(groups, momentum=momentum, trust_coefficient=trust_coefficient)
 
 
+def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` can skip its update on a device-side ``found_inf`` flag (torch's fused
+    Adam / AdamW / SGD: state, step counts and parameters untouched when the flag is 1)."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)) \
+        and bool(optimizer.defaults.get("fused"))
+
+
+def step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """``optimizer.step()`` that changes nothing when the 0-dim fp32 device tensor ``found_inf`` is
+    1, decided on the device (the attributes a GradScaler sets for fused optimisers)."""
+    if not takes_found_inf(optimizer):
+        raise TypeError(f"{type(optimizer).__name__} (fused={optimizer.defaults.get('fused')}) cannot skip on a "
+                        "device-side flag; only torch's fused Adam, AdamW and SGD can")
+    optimizer.grad_scale, optimizer.found_inf = None, found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+
+
 def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     """Set every group's ``lr = lr * lr_scale`` and ``weight_decay = weight_decay * wd_scale``."""
     if not isinstance(optimizer, torch.optim.Optimizer):

@@ -10,8 +10,9 @@ import torch
 
 from fastkd.suggest import did_you_mean
 from fastkd.train.optim import CLIP_MODES, OPTIMIZERS
+from fastkd.train.precision import PRECISIONS, TEACHER_PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+SKIP_DECISIONS = ("auto", "host", "device")
 
 
 def _check(condition: bool, name: str, expected: str, value) -> None:
@@ -97,12 +98,20 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     """Run length (``epochs``, optionally capped by ``max_steps`` optimiser steps), ``seed``,
-    ``precision`` (autocast dtype; ``fp16`` adds a GradScaler and needs CUDA), ``device``,
+    ``precision`` (autocast dtype; ``fp16`` adds a GradScaler and needs CUDA), ``teacher_precision``
+    (the compute dtype of frozen pretrained teachers: ``auto`` = bf16 where the device computes bf16
+    natively, else ``precision``; ``same`` = ``precision``; or ``fp32`` / ``bf16`` / ``fp16``), ``device``,
     ``compile`` (``true`` / ``false`` / ``auto`` = on for CUDA, off for CPU: ``torch.compile`` of every
     backbone pass the method runs, students and teachers, with ``compile_backend``), ``checkpointing`` (activation checkpointing
     of the student), ``sync_bn`` (SyncBatchNorm under DDP on CUDA), checkpoints every
     ``checkpoint_every`` steps into ``output_dir`` (newest ``keep_last`` kept), a log row every
     ``log_every`` steps, and a stop after ``max_nonfinite`` consecutive non-finite losses.
+    ``skip_decision``: where a non-finite step is decided: ``host`` (the flag is read every step:
+    one wait for the device), ``device`` (the fused optimisers and the method's EMA updates skip on
+    a device-side ``found_inf`` and the host reads the flags only at log and checkpoint steps, so
+    messages and the ``max_nonfinite`` stop come at the next of those), ``auto`` (the default:
+    ``device`` on CUDA where every optimiser is torch's fused one and the method's ``after_step``
+    takes ``found_inf``, else ``host``).
     ``allow_shorter_schedule``: resume a checkpoint whose step is beyond this config's total steps
     (the run then ends at once); by default that is refused as a likely mistake in ``epochs`` /
     ``max_steps``."""
@@ -111,6 +120,7 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 0
     precision: str = "bf16"
+    teacher_precision: str = "auto"
     device: str = "auto"
     compile: bool | str = "auto"
     compile_backend: str = "inductor"
@@ -122,6 +132,7 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     max_nonfinite: int = 5
+    skip_decision: str = "auto"
     progress: bool = True
     tensorboard: bool = True
     allow_shorter_schedule: bool = False
@@ -136,6 +147,10 @@ class TrainConfig:
                "train.max_steps", "None or an int >= 1", self.max_steps)
         _check(_is_int(self.seed) and self.seed >= 0, "train.seed", "an int >= 0", self.seed)
         _check(self.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", self.precision)
+        _check(self.teacher_precision in TEACHER_PRECISIONS, "train.teacher_precision",
+               f"one of {TEACHER_PRECISIONS}", self.teacher_precision)
+        _check(self.skip_decision in SKIP_DECISIONS, "train.skip_decision", f"one of {SKIP_DECISIONS}",
+               self.skip_decision)
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", "'auto', 'cpu' or 'cuda'", self.device)
         _check(isinstance(self.compile, bool) or self.compile == "auto", "train.compile", "true, false or 'auto'",
                self.compile)

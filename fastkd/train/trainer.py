@@ -16,8 +16,12 @@ Parameter groups tagged ``"model": tag`` (MOKD) get their own optimiser and sche
 
 A step whose loss (on any rank, any micro-batch) or gradient norm is not finite is skipped: its
 batches are consumed and the step counter advances (so schedules and run length do not shift) but
-neither the optimiser nor ``after_step`` runs. ``max_nonfinite`` consecutive skips raise
-:class:`NonFiniteLossError` naming the step and the loss parts.
+neither the optimiser nor ``after_step``'s teacher updates change anything. ``max_nonfinite``
+consecutive skips raise :class:`NonFiniteLossError` naming the step and the loss parts. Where the
+skip is decided is ``train.skip_decision``: on the host (the flag read every step; ``after_step``
+not called on a skipped step) or on the device (``found_inf`` handed to torch's fused optimisers
+and to ``after_step(..., found_inf=...)``; the host reads the flags at log and checkpoint steps
+only, so a step never waits for the GPU; see :meth:`Trainer._update`).
 
 Exact resume: the checkpoint holds the method's state (student, teachers, heads), optimisers,
 GradScaler, schedules, step, data position and every rank's RNG state. On resume the config's
@@ -31,6 +35,7 @@ index) the resumed run is bit-identical on CPU.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -45,8 +50,9 @@ from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
 from fastkd.train.compilation import compile_backbones
 from fastkd.train.distributed import DistEnv
 from fastkd.train.logging import TrainLogger
-from fastkd.train.optim import apply_schedules, build_optimizer, clip_grad_per_param_
+from fastkd.train.optim import apply_schedules, build_optimizer, clip_grad_per_param_, step_unless, takes_found_inf
 from fastkd.train.options import OptimConfig, TrainConfig
+from fastkd.train.precision import DTYPES, autocast, teacher_precision_for
 from fastkd.train.preemption import StopRequest
 from fastkd.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from fastkd.train.schedules import WarmupCosine, scaled_lr
@@ -153,6 +159,10 @@ class Trainer:
         self.env = env or distributed.init_distributed(self.train_cfg.device)
         if self.train_cfg.precision == "fp16" and self.env.device.type != "cuda":
             raise ValueError("train.precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
+        self.teacher_precision = teacher_precision_for(self.train_cfg.teacher_precision, self.train_cfg.precision,
+                                                       self.env.device)
+        if self.teacher_precision == "fp16" and self.env.device.type != "cuda":
+            raise ValueError("train.teacher_precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
         self.method = method
         self.loader = loader
         self.batch_size = batch_size
@@ -173,6 +183,8 @@ class Trainer:
     def _prepare_model(self) -> None:
         cfg, env = self.train_cfg, self.env
         method = self.method.to(env.device)
+        if hasattr(method, "frozen_teacher_dtype"):  # fastkd methods; optional for others
+            method.frozen_teacher_dtype = DTYPES[self.teacher_precision]
         if env.is_distributed and cfg.sync_bn:
             if env.device.type == "cuda":
                 method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
@@ -185,12 +197,35 @@ class Trainer:
         self.method = method
         self.slots = self._build_slots(method.param_groups(1.0))
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+        self.device_skip = self._resolve_skip_decision()
         self.model = method
         if env.is_distributed:
             self.model = nn.parallel.DistributedDataParallel(
                 method, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                 find_unused_parameters=cfg.find_unused_parameters,
             )
+
+    def _device_skip_blockers(self) -> list[str]:
+        """Why a non-finite step cannot be skipped on the device (empty: it can)."""
+        blockers = [f"optimiser {slot.name!r} is {type(slot.optimizer).__name__} "
+                    f"(fused={slot.optimizer.defaults.get('fused')}), not torch's fused Adam / AdamW / SGD"
+                    for slot in self.slots if not takes_found_inf(slot.optimizer)]
+        if "found_inf" not in inspect.signature(self.method.after_step).parameters:
+            blockers.append(f"{type(self.method).__name__}.after_step takes no found_inf")
+        if self.scaler.is_enabled():
+            blockers.append("precision fp16: its GradScaler decides the skips")
+        return blockers
+
+    def _resolve_skip_decision(self) -> bool:
+        """``train.skip_decision`` -> whether the skip is decided on the device."""
+        decision = self.train_cfg.skip_decision
+        if decision == "host":
+            return False
+        blockers = self._device_skip_blockers()
+        if decision == "device" and blockers:
+            raise ValueError(f"train.skip_decision='device' is not possible here: {'; '.join(blockers)}; "
+                             "use 'auto' or 'host'")
+        return not blockers and (decision == "device" or self.env.device.type == "cuda")
 
     @staticmethod
     def _enable_activation_checkpointing(method: nn.Module) -> None:
@@ -234,11 +269,7 @@ class Trainer:
         return slots
 
     def _autocast(self):
-        precision = self.train_cfg.precision
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.env.device.type, dtype=dtype)
+        return autocast(self.train_cfg.precision, self.env.device)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _state(self, step: int, skipped: int, consecutive: int, rng_states: list) -> dict:
@@ -368,11 +399,17 @@ class Trainer:
                     self.scaler.scale(loss / accum).backward()
         return nonfinite, parts_sum, images
 
-    def _update(self, step: int, nonfinite: torch.Tensor) -> tuple[bool, dict]:
+    def _update(self, step: int, nonfinite: torch.Tensor) -> tuple[bool | torch.Tensor, dict]:
         """Unscale and clip the gradients of every optimiser; when the loss and all norms are finite
         on every rank (or the fp16 GradScaler handles overflow itself) step them and call
-        ``after_step``. Returns ``(stepped, grad norms as device tensors)``. Deciding to skip is the
-        step's one wait for the device (one flag; under DDP one all-reduce of it)."""
+        ``after_step``. Returns ``(skipped, grad norms as device tensors)``.
+
+        Host decision: ``skipped`` is a bool, read from the device (one flag; under DDP one
+        all-reduce of it): the step's one wait for the device. Device decision
+        (:attr:`device_skip`): ``skipped`` is the 0-dim fp32 ``found_inf`` tensor (1 = skipped),
+        all-reduced (max) across ranks without a host read; the fused optimisers skip their update
+        when it is 1 (as under a GradScaler) and ``after_step(step, total_steps, found_inf=...)``
+        drops the EMA updates alike; nothing in the step waits for the device."""
         grad_norms = {}
         with record_function(PHASES["optimizer"]):
             for slot in self.slots:
@@ -383,30 +420,39 @@ class Trainer:
         if not self.scaler.is_enabled():
             for norm in grad_norms.values():
                 bad |= ~torch.isfinite(norm.to(bad.device))
-        if distributed.any_across_ranks(bad, self.env.device):
-            return False, grad_norms
+        if self.device_skip:
+            found_inf = distributed.max_across_ranks_(bad.to(torch.float32).reshape(()))
+        elif distributed.any_across_ranks(bad, self.env.device):
+            return True, grad_norms
         hook = getattr(self.method, "before_optimizer_step", None)  # optional for non-fastkd methods
         if hook is not None:
             hook(step / self.steps_per_epoch)
         with record_function(PHASES["optimizer"]):
             for slot in self.slots:
-                self.scaler.step(slot.optimizer)
+                if self.device_skip:
+                    step_unless(slot.optimizer, found_inf)
+                else:
+                    self.scaler.step(slot.optimizer)
             self.scaler.update()
         with record_function(PHASES["after_step"]):
+            if self.device_skip:
+                self.method.after_step(step, self.total_steps, found_inf=found_inf)
+                return found_inf, grad_norms
             self.method.after_step(step, self.total_steps)
-        return True, grad_norms
+        return False, grad_norms
 
-    def train_step(self, batches, step: int) -> tuple[bool, dict, dict]:
+    def train_step(self, batches, step: int) -> tuple[bool | torch.Tensor, dict, dict]:
         """One optimiser step as :meth:`fit` runs it (schedules, every micro-batch's forward and
         backward from the iterator ``batches``, clipping, the skip decision, the optimisers and
         ``after_step``, gradients cleared), without logging, checkpoints or stop handling: for
         benchmarks and custom loops. Returns ``(stepped, loss parts, grad norms)``, the parts and
-        norms as device tensors."""
+        norms as device tensors, ``stepped`` a bool (host decision) or a 0-dim bool device tensor
+        (device decision, see :meth:`_update`)."""
         self._apply_schedules(step)
         nonfinite, parts, _ = self._forward_backward(batches, step)
-        stepped, grad_norms = self._update(step, nonfinite)
+        skipped, grad_norms = self._update(step, nonfinite)
         self._clear_grads()
-        return stepped, parts, grad_norms
+        return (skipped == 0) if isinstance(skipped, torch.Tensor) else not skipped, parts, grad_norms
 
     def _apply_schedules(self, step: int) -> dict:
         """Set every optimiser's lr and weight decay for ``step``; returns ``{slot: (lr, wd)}``."""
@@ -419,6 +465,33 @@ class Trainer:
     def _clear_grads(self) -> None:
         for slot in self.slots:
             slot.optimizer.zero_grad(set_to_none=True)
+
+    def _settle(self, pending: list, skipped: int, consecutive: int, logger: TrainLogger) -> tuple[int, int]:
+        """Count the skipped steps among ``pending`` records ``(step, skip flag, loss parts, grad
+        norms)`` (device flags read in one transfer): a message per skipped step, and
+        :class:`NonFiniteLossError` once ``max_nonfinite`` steps in a row were skipped. Returns the
+        updated ``(skipped, consecutive)``."""
+        if not pending:
+            return skipped, consecutive
+        flags = [flag for _, flag, _, _ in pending]
+        if isinstance(flags[0], torch.Tensor):
+            flags = [value > 0 for value in torch.stack(flags).cpu().tolist()]
+        for (step, _, parts, grad_norms), bad in zip(pending, flags):
+            if not bad:
+                consecutive = 0
+                continue
+            skipped += 1
+            consecutive += 1
+            parts = distributed.mean_across_ranks(_floats(parts), self.env.device)  # NaN if any rank had one
+            what = _format_parts({**parts, **{f"grad_norm_{k}": v for k, v in _floats(grad_norms).items()}})
+            logger.message(f"step {step}: non-finite loss or gradient, step skipped ({what}); "
+                           f"{consecutive} in a row, {skipped} in total")
+            if consecutive >= self.train_cfg.max_nonfinite:
+                message = (f"stopping at step {step}: {consecutive} consecutive non-finite steps "
+                           f"(train.max_nonfinite={self.train_cfg.max_nonfinite}); last loss parts: {what}")
+                logger.close({"steps": step, "skipped_steps": skipped, "stopped": message})
+                raise NonFiniteLossError(message)
+        return skipped, consecutive
 
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to ``total_steps`` (or until SIGTERM/SIGINT); with ``resume`` continue from the
@@ -440,7 +513,7 @@ class Trainer:
         last_checkpoint, preempted = None, False
         window_images, window_start = 0, time.perf_counter()
         run_start, run_images, start_step = time.perf_counter(), 0, step
-        batches = None
+        batches, pending = None, []  # pending: steps whose device-side skip flag the host has not read yet
         with StopRequest() as stop:
             while step < self.total_steps:
                 if batches is None or step % self.steps_per_epoch == 0:
@@ -455,39 +528,35 @@ class Trainer:
                     # the signal also killed data workers: stop at the last completed step (single process;
                     # under DDP the other ranks would wait in the step's collectives)
                     self._clear_grads()
+                    skipped, consecutive = self._settle(pending, skipped, consecutive, logger)
                     last_checkpoint, preempted = self._save(step, skipped, consecutive), True
                     logger.message(f"stop requested ({stop.signal_name}) while step {step + 1} was running and it "
                                    f"failed; checkpoint at step {step} written, exiting; continue with --resume")
                     break
-                finite, grad_norms = self._update(step, nonfinite)
-                if finite:
-                    consecutive = 0
-                else:
-                    skipped += 1
-                    consecutive += 1
-                    parts = distributed.mean_across_ranks(_floats(parts), env.device)  # NaN if any rank had one
-                    what = _format_parts({**parts, **{f"grad_norm_{k}": v for k, v in _floats(grad_norms).items()}})
-                    logger.message(f"step {step}: non-finite loss or gradient, step skipped ({what}); "
-                                   f"{consecutive} in a row, {skipped} in total")
-                    if consecutive >= cfg.max_nonfinite:
-                        message = (f"stopping at step {step}: {consecutive} consecutive non-finite steps "
-                                   f"(train.max_nonfinite={cfg.max_nonfinite}); last loss parts: {what}")
-                        logger.close({"steps": step, "skipped_steps": skipped, "stopped": message})
-                        raise NonFiniteLossError(message)
+                skip_flag, grad_norms = self._update(step, nonfinite)
+                pending.append((step, skip_flag, parts, grad_norms))
+                if not self.device_skip:  # the flag is a bool already: count it now
+                    skipped, consecutive = self._settle(pending, skipped, consecutive, logger)
+                    pending = []
                 self._clear_grads()
                 step += 1
                 window_images += images * env.world_size
                 run_images += images * env.world_size
                 logger.advance()
-                if step % cfg.log_every == 0 or step == self.total_steps:
+                log_now = step % cfg.log_every == 0 or step == self.total_steps
+                stop_now = distributed.any_across_ranks(stop.requested, env.device)
+                save_now = step % cfg.checkpoint_every == 0 or step == self.total_steps or stop_now
+                if pending and (log_now or save_now):  # device decision: read the window's flags now
+                    skipped, consecutive = self._settle(pending, skipped, consecutive, logger)
+                    pending = []
+                if log_now:
                     elapsed = time.perf_counter() - window_start
                     parts = distributed.mean_across_ranks(_floats(parts), env.device)
                     logger.log({"step": step, "epoch": (step - 1) // self.steps_per_epoch, **parts,
                                 **_slot_metrics(rates, _floats(grad_norms)),
                                 "images_per_s": window_images / max(elapsed, 1e-9), "skipped_steps": skipped})
                     window_images, window_start = 0, time.perf_counter()
-                stop_now = distributed.any_across_ranks(stop.requested, env.device)
-                if step % cfg.checkpoint_every == 0 or step == self.total_steps or stop_now:
+                if save_now:
                     last_checkpoint = self._save(step, skipped, consecutive)
                 if stop_now:
                     preempted = True

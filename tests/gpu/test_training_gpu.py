@@ -101,3 +101,34 @@ def test_bench_ops_cuda_quick(fig, tmp_path):
     fig.note(f"fastkd bench ops --device cuda --quick {time.perf_counter() - start:.0f} s, exit {proc.returncode}")
     assert proc.returncode == 0, (proc.stdout[-3000:] + proc.stderr[-3000:]).strip().splitlines()[-1:]
     assert (tmp_path / "bench_ops.json").is_file()
+
+
+def test_device_skip_steps_never_wait_for_the_gpu(fig, tmp_path):
+    """``train.skip_decision: auto`` on CUDA decides on the device: three steps (the middle one with a
+    planted NaN loss) run under ``torch.cuda.set_sync_debug_mode("error")``, where any host wait
+    raises, and the NaN step alone is skipped."""
+    require_time(20, "the sync-free steps")
+    import torch
+
+    from fastkd.data.batch import Batch
+    from fastkd.train.options import OptimConfig, TrainConfig
+    from fastkd.train.trainer import Trainer
+    from tests.train.test_device_skip import DeviceSkipTinyMethod
+    from tests.train.tiny_method import TensorLoader
+
+    cpu_loader = TensorLoader(32, 8)
+    batches = [Batch([v.cuda() for v in b.views], b.labels.cuda(), b.indices.cuda()) for b in cpu_loader]
+    trainer = Trainer(DeviceSkipTinyMethod(nan_steps=(2,)), batches, batch_size=8, optim=OptimConfig(lr=1e-2),
+                      train=TrainConfig(device="cuda", precision="bf16", output_dir=str(tmp_path), progress=False,
+                                        tensorboard=False))
+    assert trainer.device_skip, trainer._device_skip_blockers()
+    stream = iter(batches)
+    trainer.train_step(stream, 0)  # warm-up: lazy optimiser state, allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stepped = [trainer.train_step(stream, step)[0] for step in (1, 2, 3)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [bool(s) for s in stepped] == [True, False, True]
+    fig.note("3 steps, no host wait; the NaN step skipped on the device")

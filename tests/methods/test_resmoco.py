@@ -86,3 +86,20 @@ def test_inherits_mocov3_vit_defaults():
     assert not method.student.model.pos_embed.requires_grad
     assert not method.predictor.mlp[-1].affine
     assert method.ema_teacher_backbone is method.momentum_encoder.module[0]
+
+
+def test_after_step_decided_on_the_device():
+    """``after_step(found_inf=1)``: encoder and recorded gap unchanged; ``found_inf=0``: as the host path."""
+    torch.manual_seed(0)
+    host, device = build_method("resmoco", CONFIG), build_method("resmoco", CONFIG)
+    _moved_teacher(host)
+    device.load_state_dict(host.state_dict())
+    before = {k: v.clone() for k, v in device.state_dict().items()}
+    device.after_step(0, 10, found_inf=torch.ones(()))
+    for name, value in device.state_dict().items():  # param_gap starts as NaN
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    device.after_step(0, 10, found_inf=torch.zeros(()))
+    host.after_step(0, 10)
+    torch.testing.assert_close(device.param_gap, host.param_gap, rtol=1e-9, atol=0)
+    for (name, a), b in zip(host.state_dict().items(), device.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)

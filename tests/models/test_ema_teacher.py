@@ -159,3 +159,26 @@ def test_train_ema_is_a_deprecated_alias():
     assert old_schedule is momentum_schedule
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         old.nope
+
+
+@pytest.mark.parametrize("bn_stats", ["batch", "ema"])
+def test_update_decided_on_the_device(bn_stats):
+    """``update(skip=1)`` leaves every teacher parameter and buffer exactly; ``update(skip=0)``
+    equals ``update()`` (the fused op) up to rounding, gap included (as a device tensor)."""
+    student = _bn_net()
+    host, device = EMATeacher(student, bn_stats=bn_stats), EMATeacher(student, bn_stats=bn_stats)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        student(torch.randn(8, 3, 6, 6) * 2 + 1)  # moves the student's BatchNorm statistics
+    before = {k: v.clone() for k, v in device.state_dict().items()}
+    gap = device.update(0.9, return_gap=True, skip=torch.ones(()))
+    assert all(torch.equal(before[k], v) for k, v in device.state_dict().items())
+    gap = device.update(0.9, return_gap=True, skip=torch.zeros(()))
+    expected = host.update(0.9, return_gap=True)
+    assert isinstance(gap, torch.Tensor) and gap.dtype == torch.float64
+    torch.testing.assert_close(gap, torch.tensor(list(expected), dtype=torch.float64), rtol=1e-9, atol=0)
+    for (name, a), b in zip(host.state_dict().items(), device.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    moved = [k for k in before if not torch.equal(before[k], device.state_dict()[k])]
+    assert moved  # skip=0 did update

@@ -27,7 +27,8 @@ def make_trainer(out, method=None, *, batch=8, accum=1, epochs=1, max_steps=None
     method = method or TinyMethod()
     optim_overrides = train.pop("optim", {})
     train_cfg = TrainConfig(epochs=epochs, max_steps=max_steps, precision=train.pop("precision", "fp32"),
-                            device="cpu", output_dir=str(out), progress=False, tensorboard=False, log_every=1, **train)
+                            device="cpu", output_dir=str(out), progress=False, tensorboard=False,
+                            log_every=train.pop("log_every", 1), **train)
     optim = OptimConfig(lr=1e-2, min_lr=1e-2 if lr_warmup == 0 else 0.0, warmup_epochs=lr_warmup,
                         accum_steps=accum, **optim_overrides)
     return Trainer(method, TensorLoader(32, batch), batch_size=batch, train=train_cfg, optim=optim, env=CPU)
