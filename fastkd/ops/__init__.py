@@ -9,6 +9,6 @@ from .gather_tokens import gather_tokens, gather_tokens_reference  # noqa: F401
 from .token_masks import random_keep, topk_keep  # noqa: F401
 from .token_relation import DIRECTIONS, HEAD_MAPS, token_relation, token_relation_reference  # noqa: F401
 from .reduction import REDUCTIONS  # noqa: F401
-from .reference_mode import reference_ops, reference_ops_enabled  # noqa: F401
+from .reference_mode import CPU_REFERENCE_BELOW, fused_kernels_always, reference_ops, reference_ops_enabled  # noqa: F401
 from ._extension import build_info  # noqa: F401
 from .ema import EMAGap, ema_, ema_reference, ema_unless_  # noqa: F401

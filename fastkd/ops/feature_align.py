@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastkd.ops._dispatch import OpImplementations
-from fastkd.ops.reference_mode import reference_ops_enabled
+from fastkd.ops.reference_mode import cpu_reference, reference_ops_enabled, small_on_cpu
 
 __all__ = ["feature_align", "feature_align_reference", "TARGET_NORMS", "LOSSES"]
 
@@ -260,12 +260,16 @@ def feature_align(
 ) -> Tensor:
     """Per-row loss ``[...]`` (float32; float64 for float64 inputs) of ``student`` against the
     normalised ``teacher``, times ``mask``: see the module docstring for the formula. Gradient flows
-    to ``student`` only (in its dtype). Inside ``reference_ops()`` it is :func:`feature_align_reference`."""
+    to ``student`` only (in its dtype). Inside ``reference_ops()``, and for a small CPU input (see
+    :mod:`fastkd.ops.reference_mode`), it is :func:`feature_align_reference`."""
     if reference_ops_enabled():
         return feature_align_reference(
             student, teacher, mask, target_norm=target_norm, student_norm=student_norm, loss=loss, beta=beta, eps=eps
         )
     _validate(student, teacher, mask, target_norm, student_norm, loss, beta, eps)
+    if small_on_cpu("feature_align", student.device, student.numel()):
+        return cpu_reference(feature_align_reference, student, teacher.detach(), mask, target_norm=target_norm,
+                             student_norm=student_norm, loss=loss, beta=beta, eps=eps)
     D = student.shape[-1]
     s = student.reshape(-1, D)
     t = teacher.detach().reshape(-1, D)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from fastkd.ops._dispatch import OpImplementations
-from fastkd.ops.reference_mode import reference_ops_enabled
+from fastkd.ops.reference_mode import cpu_reference, reference_ops_enabled, small_on_cpu
 
 __all__ = ["gather_tokens", "gather_tokens_reference"]
 
@@ -232,12 +232,14 @@ def gather_tokens(x: Tensor, keep: Tensor, pos_embed: Tensor | None = None) -> T
 
     ``x``: ``[B, N, D]`` floating point; ``keep``: ``[B, K]`` int64 token indices in ``[0, N)``
     (K <= N; duplicates allowed, their gradients add up); ``pos_embed``: ``[N, D]``, ``[1, N, D]``
-    or ``None``. Differentiable w.r.t. ``x`` and ``pos_embed``. Inside ``reference_ops()`` it is
-    :func:`gather_tokens_reference`.
+    or ``None``. Differentiable w.r.t. ``x`` and ``pos_embed``. Inside ``reference_ops()``, and for a
+    small CPU input (see :mod:`fastkd.ops.reference_mode`), it is :func:`gather_tokens_reference`.
     """
     if reference_ops_enabled():
         return gather_tokens_reference(x, keep, pos_embed)
     _validate(x, keep, pos_embed)
+    if small_on_cpu("gather_tokens", x.device, keep.numel() * x.shape[-1]):
+        return cpu_reference(gather_tokens_reference, x, keep, pos_embed)
     return _gather_tokens_op(x, keep, pos_embed)
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastkd.ops._dispatch import OpImplementations
-from fastkd.ops.reference_mode import reference_ops_enabled
+from fastkd.ops.reference_mode import cpu_reference, reference_ops_enabled, small_on_cpu
 
 __all__ = ["token_relation", "token_relation_reference", "DIRECTIONS", "HEAD_MAPS", "CPU_TILE_ELEMENTS"]
 
@@ -305,13 +305,18 @@ def token_relation(
     head_map: str | None = None,
 ) -> Tensor:
     """Per-row KL between teacher and student token relations, ``[B, H_s, N]`` (see module doc).
-    Inside ``reference_ops()`` it is the materialising :func:`token_relation_reference`."""
+    Inside ``reference_ops()``, and for a small CPU input (see :mod:`fastkd.ops.reference_mode`), it is
+    the materialising :func:`token_relation_reference`."""
     if reference_ops_enabled():
         return token_relation_reference(
             q_s, k_s, q_t, k_t, scale_s=scale_s, scale_t=scale_t, temperature=temperature,
             direction=direction, head_map=head_map,
         )
     _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map)
+    B, H, N, _ = q_s.shape
+    if small_on_cpu("token_relation", q_s.device, B * H * N * N):
+        return cpu_reference(token_relation_reference, q_s, k_s, q_t.detach(), k_t.detach(), scale_s=scale_s,
+                             scale_t=scale_t, temperature=temperature, direction=direction, head_map=head_map)
     c_s = _logit_scale(scale_s, q_s.shape[-1], temperature, "scale_s")
     c_t = _logit_scale(scale_t, q_t.shape[-1], temperature, "scale_t")
     kl, _, _, _ = _token_relation_op(

@@ -15,6 +15,7 @@ from fastkd.benchmarks.compile_check import parse_targets, selected_configs
 from fastkd.benchmarks.bench_e2e import METHODS, PHASE_COLUMNS, VARIANTS
 from fastkd.benchmarks.bench_ops import OPS, annotate
 from fastkd.benchmarks.gpu_peak import NEEDS_GPU, fraction_of_peak
+from fastkd.ops import CPU_REFERENCE_BELOW
 
 HANG_SECONDS = 900  # a hang guard, not a speed check: the suite takes ~1-2 min on 2 idle cores
 RECIPES = ("mocov3", "dino_multicrop", "mae", "eval")
@@ -105,8 +106,11 @@ def test_e2e_records_time_every_variant_of_every_method(suite):
         if r["variant"].startswith("plain"):
             assert r["fused_ops_called"] == [], f"{r['method']}: the plain assembly still runs fused ops"
         else:
-            assert FUSED_OPS_USED[r["method"]] <= set(r["fused_ops_called"]), r["fused_ops_called"]
-            assert r["data_ms"] > 0 and r["fused_ops_ms"] > 0
+            # the quick run's problems (batch 8, demo shapes) are below the CPU size rule's thresholds:
+            # those ops take their reference (tests/ops/test_reference_mode.py), ema_ has no such rule
+            expected = FUSED_OPS_USED[r["method"]] - set(CPU_REFERENCE_BELOW)
+            assert set(r["fused_ops_called"]) == expected, (r["method"], r["fused_ops_called"])
+            assert r["data_ms"] > 0 and (r["fused_ops_ms"] > 0) is bool(expected)
             assert isinstance(r["meets_target"], bool) and "vs_plain_compiled >= 1.0x" in r["target"]
             assert r["gflop_per_step"] > 0 and r["vs_peak_bf16"] == NEEDS_GPU
     assert "Machine load average at the start" in (suite[1] / "bench_e2e.md").read_text()
