@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
+from fastkd.benchmarks.common import lowest_of_runs
 from fastkd.benchmarks.gpu_peak import NEEDS_GPU, fraction_of_peak, gpu_peak
 from fastkd.benchmarks.plots import save_lines_per_op
 from fastkd.reporting import load_average, markdown_table, results_dir, write_results
@@ -117,27 +118,6 @@ def annotate(op: str, records: list[dict], device: str, peak: dict | None) -> li
     return out
 
 
-def lowest_speedup(runs: list[list[dict]]) -> list[dict]:
-    """The records of the first run, each fastkd record replaced by its run with the lowest
-    ``speedup`` (matched by op, problem and variant) and given ``speedup_runs`` (every run's)."""
-    def key(record):
-        return record.get("op"), record.get("problem"), record.get("variant")
-
-    seen: dict[tuple, list[dict]] = {}
-    for records in runs:
-        for record in records:
-            if isinstance(record.get("speedup"), (int, float)):
-                seen.setdefault(key(record), []).append(record)
-    combined = []
-    for record in runs[0]:
-        matches = seen.get(key(record))
-        if matches:
-            record = {**min(matches, key=lambda r: r["speedup"]),
-                      "speedup_runs": [round(r["speedup"], 3) for r in matches]}
-        combined.append(record)
-    return combined
-
-
 def _one_run(args, op_argv: list[str], peak, out_dir: Path, sections: list | None) -> list[dict]:
     """One pass over ``args.ops``: annotated records (a broken op benchmark is one error record);
     each op's own Markdown section is appended to ``sections`` when given."""
@@ -167,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="fastkd-bench-ops-") as scratch:
             runs.append(_one_run(args, op_argv, peak, args.out if run == 0 else Path(scratch),
                                  sections if run == 0 else None))
-    records = lowest_speedup(runs)
+    records = lowest_of_runs(runs, ("op", "problem", "variant"), "speedup")
     fastkd_rows = [r for r in records if "error" in r or str(r.get("variant", "")).startswith("fastkd")]
     peak_text = (f"device peak: {peak['gpu']}, {peak['peak_bandwidth_GBps']:.0f} GB/s, "
                  f"{peak['peak_bf16_TFLOPs'] or 'unknown'} bf16 TFLOP/s" if peak else

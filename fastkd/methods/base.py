@@ -1,8 +1,9 @@
 """What every method shares: config checking, frozen teachers, the loss dict, optimiser groups.
 
 A method is an ``nn.Module`` with ``forward(batch) -> dict`` (``loss`` = the weighted sum of the
-named parts, each part detached for logging), ``after_step(step, total_steps)`` (teacher EMA and
-schedules), ``.student`` (the backbone that is evaluated and saved), ``.ema_teacher_backbone`` (the
+named parts, each part detached for logging), ``after_step(step, total_steps, found_inf=None)``
+(teacher EMA and schedules; ``found_inf``, the trainer's device-side skip flag, makes every state
+update conditional on the device: 1 leaves the teachers as they were), ``.student`` (the backbone that is evaluated and saved), ``.ema_teacher_backbone`` (the
 EMA teacher's copy of that backbone, saved beside it; None for methods without one),
 ``param_groups(weight_decay)`` and ``recipe`` (the data recipe it needs).
 """

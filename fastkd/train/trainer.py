@@ -2,7 +2,8 @@
 
 The trainer knows a method only through its interface: ``forward(batch) -> dict`` with ``loss``
 (the scalar to backprop) and detached named parts, ``after_step(step, total_steps)`` (teacher EMA
-and method schedules; ``step`` is the 0-based index of the optimiser step just taken),
+and method schedules; ``step`` is the 0-based index of the optimiser step just taken; a method that
+also takes ``found_inf=`` can have its skips decided on the device),
 ``param_groups(weight_decay)``, ``student``, ``state_dict()`` / ``load_state_dict()``.
 
 One optimiser step = ``accum_steps`` micro-batches, each ``loss / accum_steps`` backpropagated

@@ -190,14 +190,36 @@ def test_e2e_demo_models_are_the_demo_configs(tmp_path):
 def test_runs_keep_each_rows_lowest_speedup():
     """`fastkd bench ops --runs 2`: every fastkd row takes the run with the lower speedup (a ratio that
     survives a re-run), lists both, and rows without a speedup (baselines, errors) come from run 1."""
-    from fastkd.benchmarks.bench_ops import lowest_speedup
+    from fastkd.benchmarks.common import lowest_of_runs
 
     def rows(fast_ms, speedup):
         return [{"op": "ema", "problem": "ViT-S", "variant": "eager", "median_ms": 10.0},
                 {"op": "ema", "problem": "ViT-S", "variant": "fastkd", "median_ms": fast_ms, "speedup": speedup},
                 {"op": "gather", "error": "RuntimeError: boom"}]
 
-    combined = lowest_speedup([rows(2.0, 5.0), rows(4.0, 2.5)])
+    combined = lowest_of_runs([rows(2.0, 5.0), rows(4.0, 2.5)], ("op", "problem", "variant"), "speedup")
     assert combined[0] == rows(2.0, 5.0)[0] and combined[2] == {"op": "gather", "error": "RuntimeError: boom"}
     assert combined[1]["speedup"] == 2.5 and combined[1]["median_ms"] == 4.0
     assert combined[1]["speedup_runs"] == [5.0, 2.5]
+
+
+def test_e2e_runs_keep_each_variants_lowest_ratios():
+    """`fastkd bench e2e --runs 2`: a variant's row is its run with the lower vs_plain_eager, its
+    vs_plain_compiled the lower of the runs (which may come from the other run), both runs listed,
+    and the target judged on those."""
+    from fastkd.benchmarks.bench_e2e import judge
+    from fastkd.benchmarks.common import lowest_of_runs
+
+    def run(eager, compiled, ms):
+        return [{"method": "moma", "variant": "fastkd", "model": "demo", "vs_plain_eager": eager,
+                 "vs_plain_compiled": compiled, "median_ms": ms},
+                {"method": "mokd", "error": "RuntimeError: boom"}]
+
+    combined = lowest_of_runs([run(1.3, 0.9, 30.0), run(1.25, 1.1, 31.0)], ("method", "variant"), "vs_plain_eager",
+                              also_lowest=("vs_plain_compiled",))
+    row = combined[0]
+    assert row["vs_plain_eager"] == 1.25 and row["median_ms"] == 31.0 and row["vs_plain_compiled"] == 0.9
+    assert row["vs_plain_eager_runs"] == [1.3, 1.25] and row["vs_plain_compiled_runs"] == [0.9, 1.1]
+    assert combined[1] == {"method": "mokd", "error": "RuntimeError: boom"}
+    judge(row)
+    assert row["meets_target"] is False and "vs_plain_compiled >= 1.0x" in row["target"]
