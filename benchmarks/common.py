@@ -6,7 +6,7 @@ running sum of every allocation and free the PyTorch profiler records (``profile
 i.e. the peak of memory allocated by the measured call beyond what was live before it.
 
 Reporting (machine info, Markdown tables, result files) lives in :mod:`fastkd.reporting` and the
-shared command line in :mod:`fastkd.benchmarks.arguments`; their old names here are deprecated aliases.
+shared command line in :mod:`fastkd.benchmarks.arguments`.
 """
 
 from __future__ import annotations
@@ -19,23 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from fastkd.deprecation import renamed
+from fastkd.reporting import markdown_table, write_results
 
-
-def _results_dir():
-    from fastkd.reporting import results_dir
-
-    return results_dir()
-
-
-__getattr__ = renamed(__name__, {
-    "RESULTS_DIR": ("fastkd.reporting.results_dir() or the benchmark's --out", _results_dir),
-    "machine_info": "fastkd.reporting:machine_info",
-    "markdown_table": "fastkd.reporting:markdown_table",
-    "write_results": "fastkd.reporting:write_results",
-    "bench_parser": "fastkd.benchmarks.arguments:bench_parser",
-    "parse_bench_args": "fastkd.benchmarks.arguments:parse_bench_args",
-})
 
 
 def time_fn(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, device: str = "cpu") -> dict:
@@ -105,9 +90,6 @@ def report_results(name: str, records: list[dict], columns: list[str], title: st
     <threads> threads)`` over the Markdown table of ``records`` in ``columns``) written into
     ``out_dir`` by :func:`fastkd.reporting.write_results`, ``plot(records, out_dir / "<name>.png")``,
     and the table printed; returns the table."""
-    # imported here: fastkd.reporting's names are this module's deprecated aliases (see __getattr__)
-    from fastkd.reporting import markdown_table, write_results
-
     table = markdown_table(records, columns)
     heading = f"## {title} ({device}, {torch.get_num_threads()} threads)"
     write_results(name, records, f"{heading}\n\n{table}", out_dir=out_dir)

@@ -29,21 +29,12 @@ from pathlib import Path
 
 from fastkd.durable import atomic_write_json
 
-from fastkd.deprecation import renamed
-
 
 def _method_names(role: str) -> tuple[str, ...]:
     """The methods `fastkd <role>` runs: those whose ``role`` in the method registry is ``role``."""
     from fastkd.methods import method_names
 
     return method_names(role)
-
-
-# Deprecated: the method lists come from the registry (fastkd.methods.method_names).
-__getattr__ = renamed(__name__, {
-    "PRETRAIN_METHODS": ("fastkd.methods.method_names('pretrain')", lambda: _method_names("pretrain")),
-    "DISTILL_METHODS": ("fastkd.methods.method_names('distill')", lambda: _method_names("distill")),
-})
 
 
 def _train(args: argparse.Namespace) -> int:

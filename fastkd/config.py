@@ -28,7 +28,6 @@ from pathlib import Path
 import yaml
 
 from fastkd.data.loader import BACKENDS
-from fastkd.deprecation import renamed
 from fastkd.suggest import did_you_mean
 from fastkd.train.options import OptimConfig, TrainConfig
 
@@ -219,4 +218,3 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
         raise ConfigError(f"{path}: {error}") from None
 
 
-__getattr__ = renamed(__name__, {"config_from_dict": "fastkd.config:run_config_from_dict"})

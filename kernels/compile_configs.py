@@ -4,13 +4,11 @@ Every kernel file registers the configurations it would launch with at ViT-S/B/L
 calling :func:`register_compile_config` at import time; :func:`all_compile_configs` imports every
 kernel module of ``fastkd.kernels`` and returns them all. The compile check compiles each one for
 sm_80 and sm_90 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and fails
-on any register spill. (This module was ``fastkd.kernels.registry``, which remains a deprecated alias.)
+on any register spill.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +32,6 @@ class CompileConfig:
 
 
 _CONFIGS: list[CompileConfig] = []
-# modules of fastkd.kernels that define no kernels (the deprecated alias must not be imported: it warns)
-_NOT_KERNEL_MODULES = {"compile_configs", "registry", "check"}
 
 
 def register_compile_config(
@@ -56,9 +52,8 @@ def register_compile_config(
 
 def all_compile_configs() -> list[CompileConfig]:
     """Import every kernel module (so it registers itself) and return all configurations."""
-    import fastkd.kernels as package
+    import fastkd.kernels.feature_align  # noqa: F401
+    import fastkd.kernels.gather_tokens  # noqa: F401
+    import fastkd.kernels.token_relation  # noqa: F401
 
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in _NOT_KERNEL_MODULES and not info.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{info.name}")
     return list(_CONFIGS)

@@ -143,17 +143,6 @@ def test_eval_choices_come_from_the_loader_and_weights_modules(capsys):
             parse(option, "no_such_choice")
         assert "invalid choice: 'no_such_choice'" in capsys.readouterr().err
 
-
-def test_cli_method_lists_are_deprecated_aliases():
-    import fastkd.cli
-    from fastkd.methods import method_names
-
-    with pytest.deprecated_call(match=r"method_names\('pretrain'\)"):
-        assert fastkd.cli.PRETRAIN_METHODS == method_names("pretrain")
-    with pytest.deprecated_call(match=r"method_names\('distill'\)"):
-        assert fastkd.cli.DISTILL_METHODS == method_names("distill")
-
-
 def _cli_error(capsys, argv) -> str:
     from fastkd.cli import main as cli_main
 

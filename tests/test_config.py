@@ -64,19 +64,6 @@ def test_every_loader_backend_validates(tmp_path, backend):
     with pytest.raises(ConfigError, match="'dali_cpu'"):
         DataConfig(backend="dali-cpu")
 
-
-def test_config_from_dict_is_a_deprecated_alias():
-    import fastkd.config
-    import fastkd.methods.base
-
-    with pytest.deprecated_call(match="fastkd.config.run_config_from_dict"):
-        old = fastkd.config.config_from_dict
-    assert old is run_config_from_dict and old(MINIMAL) == run_config_from_dict(MINIMAL)
-    with pytest.deprecated_call(match="method_config_from_dict"):
-        from fastkd.methods.base import config_from_dict as old_method
-    assert old_method is fastkd.methods.base.method_config_from_dict
-
-
 def test_malformed_inputs(tmp_path):
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["optim.lr"])

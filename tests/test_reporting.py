@@ -67,19 +67,3 @@ def test_results_dir_order(tmp_path, monkeypatch):
     assert reporting.results_dir() == reporting.results_dir(in_checkout="build/x") == tmp_path / "env"
     assert reporting.results_dir(publish=True) == tmp_path / "benchmarks" / "results"
     assert reporting.results_dir(tmp_path / "o") == tmp_path / "o"
-
-
-def test_old_benchmark_names_are_deprecated_aliases(tmp_path, monkeypatch):
-    from fastkd.benchmarks import arguments, common
-
-    monkeypatch.setenv(reporting.RESULTS_ENV, str(tmp_path))
-    for name, new in (("machine_info", reporting.machine_info), ("markdown_table", reporting.markdown_table),
-                      ("write_results", reporting.write_results), ("bench_parser", arguments.bench_parser),
-                      ("parse_bench_args", arguments.parse_bench_args)):
-        with pytest.warns(DeprecationWarning, match=f"fastkd.benchmarks.common.{name} is deprecated"):
-            assert getattr(common, name) is new
-    with pytest.warns(DeprecationWarning, match="RESULTS_DIR"):
-        assert common.RESULTS_DIR == tmp_path
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        from fastkd.benchmarks.common import peak_memory_bytes, time_alternating, time_fn  # noqa: F401

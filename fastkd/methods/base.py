@@ -19,7 +19,6 @@ from torch import nn
 
 from fastkd.checks import check_number
 from fastkd.data.batch import Batch
-from fastkd.deprecation import renamed
 from fastkd.models.backbone import Features
 from fastkd.models.ema_teacher import EMATeacher
 from fastkd.ops import random_keep
@@ -170,9 +169,3 @@ def grouped_parameters(named_parameters: Iterable[tuple[str, nn.Parameter]], wei
     ]
     return [g for g in groups if g["params"]]
 
-
-# Deprecated names: the generic checks live in fastkd.checks.
-__getattr__ = renamed(__name__, {
-    "config_from_dict": "fastkd.methods.base:method_config_from_dict",
-    **{name: f"fastkd.checks:{name}" for name in ("check_bool", "check_choice", "check_kwargs", "check_str")},
-})

@@ -1,2 +1,2 @@
 """Trainer, optimisers, schedules and training checkpoints (the EMA teacher is
-:class:`fastkd.models.EMATeacher`; ``fastkd.train.ema`` is its deprecated alias)."""
+:class:`fastkd.models.EMATeacher`)."""

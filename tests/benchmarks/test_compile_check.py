@@ -1,5 +1,5 @@
 """The ahead-of-time Triton compile check: ``fastkd bench compile`` (fastkd.benchmarks.bench_compile,
-fastkd.benchmarks.compile_check) and the deprecated ``fastkd.kernels.check`` alias."""
+fastkd.benchmarks.compile_check)."""
 
 import json
 import os
@@ -114,14 +114,3 @@ def test_report_goes_to_the_build_folder_of_a_checkout_unless_told(monkeypatch, 
     with pytest.raises(SystemExit):
         bench_compile.main([*args, "--publish"])
     assert "--publish writes into benchmarks/results/ of a fastkd source checkout" in capsys.readouterr().err
-
-
-def test_kernels_check_is_a_lazy_deprecated_alias():
-    code = ("import sys, warnings; import fastkd.kernels.check as check; "
-            "assert not [m for m in sys.modules if m.startswith('fastkd.benchmarks')], 'kernels imports benchmarks'; "
-            "warnings.simplefilter('error'); "
-            "from fastkd.benchmarks.compile_check import fits\n"
-            "try:\n    check.fits\nexcept DeprecationWarning as w:\n    print(w)\n")
-    result = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "fastkd.kernels.check is deprecated; use fastkd.benchmarks.compile_check" in result.stdout

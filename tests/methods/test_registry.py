@@ -33,16 +33,3 @@ def test_every_method_has_a_role_and_the_cli_lists_come_from_it():
     assert set(method_names("pretrain")) | set(method_names("distill")) == set(METHODS)
     with pytest.raises(ValueError, match="role must be one of"):
         method_names("finetune")
-
-
-def test_old_module_and_names_are_deprecated_aliases():
-    import fastkd.checks
-    import fastkd.methods.backbones as backbones
-    import fastkd.methods.base as base
-
-    with pytest.deprecated_call(match="fastkd.methods.backbones"):
-        from fastkd.methods.teachers import build_student, load_frozen_teacher
-    assert build_student is backbones.build_student and load_frozen_teacher is backbones.load_frozen_teacher
-    for name in ("check_bool", "check_choice", "check_kwargs", "check_str"):
-        with pytest.deprecated_call(match=f"fastkd.checks.{name}"):
-            assert getattr(base, name) is getattr(fastkd.checks, name)

@@ -147,20 +147,6 @@ def test_momentum_schedule():
     with pytest.raises(TypeError, match="step must be an int"):
         momentum_schedule(0.5, 10, 0.9)
 
-
-def test_train_ema_is_a_deprecated_alias():
-    import fastkd.models.ema_teacher as ema_teacher
-    import fastkd.train.ema as old
-
-    with pytest.deprecated_call(match="fastkd.models.ema_teacher"):
-        assert old.EMATeacher is EMATeacher is ema_teacher.EMATeacher
-    with pytest.deprecated_call():
-        from fastkd.train.ema import momentum_schedule as old_schedule
-    assert old_schedule is momentum_schedule
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        old.nope
-
-
 @pytest.mark.parametrize("bn_stats", ["batch", "ema"])
 def test_update_decided_on_the_device(bn_stats):
     """``update(skip=1)`` leaves every teacher parameter and buffer exactly; ``update(skip=0)``

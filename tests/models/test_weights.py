@@ -145,18 +145,6 @@ def test_save_backbone_writes_through_the_durable_writer(tmp_path, monkeypatch):
     path = save_backbone(build_backbone(TINY_NAME, **TINY), tmp_path / "student.pt")
     assert written == [path] and path.is_file()
 
-
-def test_models_checkpoints_is_a_deprecated_alias():
-    import fastkd.models.checkpoints as old
-    import fastkd.models.weights as weights
-
-    with pytest.deprecated_call(match="fastkd.models.weights"):
-        assert old.load_teacher is weights.load_teacher is load_teacher
-    with pytest.deprecated_call():
-        from fastkd.models.checkpoints import FORMATS as old_formats, save_backbone as old_save
-    assert old_save is save_backbone and old_formats == FORMATS
-
-
 def test_mismatched_checkpoint_lists_keys_and_format(tmp_path):
     path = tmp_path / "mae.pth"
     torch.save(_mae_checkpoint(_timm_state(TINY_NAME, 4, **TINY)), path)
