@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LOW_LEVEL_MODULES = ("fastkd/checks.py", "fastkd/durable.py", "fastkd/progress.py",
+LOW_LEVEL_MODULES = ("fastkd/checks.py", "fastkd/durable.py", "fastkd/method_protocol.py", "fastkd/progress.py",
                      "fastkd/suggest.py")
 FASTKD_PACKAGES = ("fastkd.data", "fastkd.eval", "fastkd.losses", "fastkd.methods", "fastkd.models", "fastkd.ops",
                    "fastkd.train", "fastkd.benchmarks", "fastkd.config", "fastkd.cli", "fastkd.runner")

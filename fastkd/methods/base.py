@@ -1,30 +1,30 @@
 """What every method shares: config checking, frozen teachers, the loss dict, optimiser groups.
 
-A method is an ``nn.Module`` with ``forward(batch) -> dict`` (``loss`` = the weighted sum of the
-named parts, each part detached for logging), ``after_step(step, total_steps, found_inf=None)``
-(teacher EMA and schedules; ``found_inf``, the trainer's device-side skip flag, makes every state
-update conditional on the device: 1 leaves the teachers as they were), ``.student`` (the backbone that is evaluated and saved), ``.ema_teacher_backbone`` (the
-EMA teacher's copy of that backbone, saved beside it; None for methods without one),
-``param_groups(weight_decay)`` and ``recipe`` (the data recipe it needs).
+A method is a :class:`Method`: the trainer's protocol (:mod:`fastkd.method_protocol`: ``forward``,
+``after_step``, ``before_optimizer_step``, ``param_groups``, ``student``, ``ema_teacher_backbone``,
+``frozen_teacher_dtype``) plus a registered ``name``, a ``role``, a ``recipe`` and a config class.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from fastkd.checks import check_number
 from fastkd.data.batch import Batch
+from fastkd.method_protocol import TrainingMethod
 from fastkd.models.backbone import Features
 from fastkd.models.ema_teacher import EMATeacher
 from fastkd.ops import random_keep
 from fastkd.suggest import did_you_mean
 
 ROLES = ("pretrain", "distill")
+# name -> class of every method class defined so far (each registers itself: Method.__init_subclass__)
+REGISTRY: dict[str, type] = {}
 
 
 def method_config_from_dict(config_class: type, config: Mapping[str, Any]):
@@ -78,22 +78,29 @@ def masked_forward(backbone: nn.Module, images: torch.Tensor, num_visible: int) 
     return backbone.forward_features(images, keep=keep_idx).tokens, keep_idx
 
 
-class Method(nn.Module):
-    """Base class: subclasses set ``recipe``, ``config_class`` and ``role`` (one of :data:`ROLES`:
-    ``"pretrain"`` trains a teacher, ``"distill"`` a student from teachers; it picks the CLI
-    command that runs the method) and implement ``forward``, ``after_step`` and the ``student``
-    property.
+class Method(TrainingMethod):
+    """Base class of fastkd's methods: the trainer's protocol (:class:`fastkd.method_protocol.
+    TrainingMethod`) plus what the registry and the CLI read. A subclass sets ``name`` (it registers
+    itself under that name when its module is imported), ``recipe`` (its data recipe),
+    ``config_class`` (its config dataclass) and ``role`` (one of :data:`ROLES`: ``"pretrain"``
+    trains a teacher, ``"distill"`` a student from teachers; it picks the CLI command), and
+    implements ``forward`` and the ``student`` property.
 
     Submodules named in ``frozen_teachers`` (e.g. pretrained teachers) stay in eval mode whatever
     ``train()`` asks and never receive gradients."""
 
+    name: str = ""
     recipe: str = ""
     config_class: type = object
     role: str = ""
     frozen_teachers: tuple[str, ...] = ()
-    # dtype the frozen teachers compute in (the trainer sets it from train.teacher_precision);
-    # None: the caller's autocast state
-    frozen_teacher_dtype: torch.dtype | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):  # a concrete method (subclasses that keep their parent's name don't)
+            if cls.role not in ROLES:
+                raise TypeError(f"method {cls.__name__}: role must be one of {ROLES}, got {cls.role!r}")
+            REGISTRY[cls.name] = cls
 
     def __init__(self, config):
         super().__init__()
@@ -142,30 +149,6 @@ class Method(nn.Module):
             return features
         return features.to_dtype(images.dtype)
 
-    def before_optimizer_step(self, epoch: float) -> None:
-        """Called by the trainer after backward and gradient clipping, before the optimiser
-        step(s), with the step's fractional epoch (``step / steps_per_epoch``); edits gradients
-        (e.g. MOKD's last-layer freeze). Default: nothing."""
-
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Two optimiser groups over the trainable parameters: weights with ``weight_decay``, biases
-        and norm weights (every parameter with fewer than 2 dims) with none."""
         check_number("weight_decay", weight_decay, low=0.0)
-        return grouped_parameters(self.named_parameters(), weight_decay)
-
-
-def grouped_parameters(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
-                       prefix: str = "") -> list[dict]:
-    """``[{"params": weights, "weight_decay": weight_decay, "name": prefix + "decay"},
-    {"params": biases and norm weights (< 2 dims), "weight_decay": 0.0, "name": prefix + "no_decay"}]``
-    over the parameters that require grad (empty groups dropped)."""
-    decay, no_decay = [], []
-    for _, param in named_parameters:
-        if param.requires_grad:
-            (no_decay if param.dim() < 2 else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": float(weight_decay), "name": f"{prefix}decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": f"{prefix}no_decay"},
-    ]
-    return [g for g in groups if g["params"]]
-
+        return super().param_groups(weight_decay)

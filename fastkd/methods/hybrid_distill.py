@@ -203,6 +203,7 @@ class HybridDistill(Method):
     ``feature_target``, weight ``alpha``) and ``relation`` (weight ``beta``); metric ``kept_tokens``."""
 
     recipe = "mae"
+    name = "hybrid_distill"
     role = "distill"
     config_class = HybridDistillConfig
     frozen_teachers = ("feature_teacher", "relation_teacher")

@@ -49,6 +49,7 @@ class MAE(Method):
     """MAE on one view (recipe ``mae``). Part: ``reconstruction``; metric ``visible_tokens``."""
 
     recipe = "mae"
+    name = "mae"
     role = "pretrain"
     config_class = MAEConfig
 

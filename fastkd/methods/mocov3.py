@@ -80,6 +80,7 @@ class MoCoV3(Method):
     """MoCo v3 on two augmented views (recipe ``mocov3``). Parts: ``contrastive``."""
 
     recipe = "mocov3"
+    name = "mocov3"
     role = "pretrain"
     config_class = MoCoV3Config
 

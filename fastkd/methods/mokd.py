@@ -44,7 +44,8 @@ from torch import nn
 from fastkd.checks import check_bool, check_choice, check_kwargs, check_number, check_str
 from fastkd.data.batch import Batch
 from fastkd.losses.dino import DINOLoss
-from fastkd.methods.base import Method, check_batch, check_progress, grouped_parameters, loss_dict
+from fastkd.method_protocol import grouped_parameters
+from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
 from fastkd.models import DINOHead, EMATeacher, THead, build_backbone, momentum_schedule
 
 MODELS = ("a", "b")
@@ -233,6 +234,7 @@ class MOKD(Method):
     ``X_self_mlp``, ``X_self_thead`` (weight 1), ``X_cross_mlp``, ``X_cross_search`` (weight ``lambda_X``)."""
 
     recipe = "dino_multicrop"
+    name = "mokd"
     role = "distill"
     config_class = MOKDConfig
 

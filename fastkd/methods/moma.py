@@ -103,6 +103,7 @@ class MOMA(Method):
     ``{t}_cls`` and/or ``{t}_patch`` by ``target``; metric ``visible_tokens`` (K)."""
 
     recipe = "mae"
+    name = "moma"
     role = "distill"
     config_class = MOMAConfig
 

@@ -46,6 +46,7 @@ class ResMoCo(MoCoV3):
     metrics: ``param_gap_sq``, ``param_cos`` (of the last ``after_step``; NaN before the first)."""
 
     config_class = ResMoCoConfig
+    name = "resmoco"
     role = "pretrain"
 
     def __init__(self, config: ResMoCoConfig):

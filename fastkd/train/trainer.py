@@ -1,16 +1,16 @@
 """One trainer for every method.
 
-The trainer knows a method only through its interface: ``forward(batch) -> dict`` with ``loss``
-(the scalar to backprop) and detached named parts, ``after_step(step, total_steps)`` (teacher EMA
-and method schedules; ``step`` is the 0-based index of the optimiser step just taken; a method that
-also takes ``found_inf=`` can have its skips decided on the device),
-``param_groups(weight_decay)``, ``student``, ``state_dict()`` / ``load_state_dict()``.
+The trainer knows a method only through its protocol, :class:`fastkd.method_protocol.TrainingMethod`:
+``forward(batch) -> dict`` with ``loss`` (the scalar to backprop) and detached named parts,
+``before_optimizer_step(epoch)``, ``after_step(step, total_steps, found_inf)`` (teacher EMA and
+method schedules; ``step`` is the 0-based index of the optimiser step just taken),
+``param_groups(weight_decay)``, ``frozen_teacher_dtype``, and the module's state dict.
 
 One optimiser step = ``accum_steps`` micro-batches, each ``loss / accum_steps`` backpropagated
 (under DDP only the last one all-reduces). Per step, in order: schedules -> forward/backward ->
 non-finite check (agreed across ranks) -> unscale, clip (global norm per optimiser, or per
 parameter with ``optim.clip_mode=per_param``) ->
-``before_optimizer_step(epoch)`` (optional method hook) -> optimiser
+``before_optimizer_step(epoch)`` -> optimiser
 step(s) -> ``after_step`` -> log -> checkpoint -> stop request check (SIGTERM/SIGINT).
 Parameter groups tagged ``"model": tag`` (MOKD) get their own optimiser and schedules when
 ``optim.per_model`` names the tag.
@@ -36,7 +36,6 @@ index) the resumed run is bit-identical on CPU.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from fastkd.method_protocol import TrainingMethod
 from fastkd.train import distributed
 from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
 from fastkd.train.compilation import compile_backbones
@@ -62,9 +62,6 @@ from fastkd.train.schedules import WarmupCosine, scaled_lr
 # sums them into its per-phase breakdown). ``after_step``: EMA teacher updates and schedules.
 PHASES = {"data": "fastkd/data", "forward": "fastkd/forward", "backward": "fastkd/backward",
           "optimizer": "fastkd/optimizer", "after_step": "fastkd/after_step"}
-
-_METHOD_INTERFACE = ("forward", "after_step", "param_groups", "student", "state_dict", "load_state_dict")
-
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``max_nonfinite`` consecutive steps with a non-finite loss or gradient."""
@@ -140,13 +137,11 @@ class Trainer:
     right device). ``batch_size`` is the per-rank batch size (for linear lr scaling and images/s).
     ``config`` (a plain dict, e.g. the whole run config) is stored in every checkpoint."""
 
-    def __init__(self, method: nn.Module, loader, *, batch_size: int, train: TrainConfig | None = None,
+    def __init__(self, method: TrainingMethod, loader, *, batch_size: int, train: TrainConfig | None = None,
                  optim: OptimConfig | None = None, env: DistEnv | None = None, config: dict | None = None):
-        if not isinstance(method, nn.Module):
-            raise TypeError(f"method must be an nn.Module, got {type(method).__name__}")
-        missing = [name for name in _METHOD_INTERFACE if not hasattr(method, name)]
-        if missing:
-            raise TypeError(f"method {type(method).__name__} lacks the trainer interface: missing {missing}")
+        if not isinstance(method, TrainingMethod):
+            raise TypeError(f"method must be a fastkd.method_protocol.TrainingMethod (the trainer's method "
+                            f"protocol), got {type(method).__name__}")
         if not (hasattr(loader, "__iter__") and hasattr(loader, "__len__")):
             raise TypeError(f"loader must be an iterable with len(), got {type(loader).__name__}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -184,8 +179,7 @@ class Trainer:
     def _prepare_model(self) -> None:
         cfg, env = self.train_cfg, self.env
         method = self.method.to(env.device)
-        if hasattr(method, "frozen_teacher_dtype"):  # fastkd methods; optional for others
-            method.frozen_teacher_dtype = DTYPES[self.teacher_precision]
+        method.frozen_teacher_dtype = DTYPES[self.teacher_precision]
         if env.is_distributed and cfg.sync_bn:
             if env.device.type == "cuda":
                 method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
@@ -211,8 +205,6 @@ class Trainer:
         blockers = [f"optimiser {slot.name!r} is {type(slot.optimizer).__name__} "
                     f"(fused={slot.optimizer.defaults.get('fused')}), not torch's fused Adam / AdamW / SGD"
                     for slot in self.slots if not takes_found_inf(slot.optimizer)]
-        if "found_inf" not in inspect.signature(self.method.after_step).parameters:
-            blockers.append(f"{type(self.method).__name__}.after_step takes no found_inf")
         if self.scaler.is_enabled():
             blockers.append("precision fp16: its GradScaler decides the skips")
         return blockers
@@ -425,9 +417,7 @@ class Trainer:
             found_inf = distributed.max_across_ranks_(bad.to(torch.float32).reshape(()))
         elif distributed.any_across_ranks(bad, self.env.device):
             return True, grad_norms
-        hook = getattr(self.method, "before_optimizer_step", None)  # optional for non-fastkd methods
-        if hook is not None:
-            hook(step / self.steps_per_epoch)
+        self.method.before_optimizer_step(step / self.steps_per_epoch)
         with record_function(PHASES["optimizer"]):
             for slot in self.slots:
                 if self.device_skip:

@@ -7,7 +7,7 @@ import torch
 from fastkd.train import precision
 from fastkd.train.options import TrainConfig
 from fastkd.train.precision import autocast, cpu_flags, native_bf16, teacher_precision_for
-from tests.train.test_trainer import make_trainer
+from tests.train.test_trainer import assert_same, make_trainer, params
 from tests.train.tiny_method import TinyMethod
 
 
@@ -64,6 +64,12 @@ def test_fp16_teacher_needs_cuda(tmp_path):
         make_trainer(tmp_path, WithFrozenTeacher(), teacher_precision="fp16")
 
 
-def test_a_method_without_frozen_teachers_is_left_alone(tmp_path):
-    trainer = make_trainer(tmp_path, TinyMethod(), teacher_precision="bf16")
-    assert not hasattr(trainer.method, "frozen_teacher_dtype")
+def test_a_method_without_frozen_teachers_trains_as_in_fp32(tmp_path):
+    """The teacher dtype only changes what a method computes under ``frozen_teacher_features``."""
+    states = []
+    for setting in ("bf16", "fp32"):
+        torch.manual_seed(0)
+        trainer = make_trainer(tmp_path / setting, TinyMethod(), teacher_precision=setting, max_steps=2)
+        trainer.fit()
+        states.append(params(trainer.method))
+    assert_same(*states)

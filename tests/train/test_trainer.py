@@ -128,7 +128,7 @@ def test_bf16_autocast_runs(tmp_path):
 
 
 def test_trainer_rejects_bad_inputs(tmp_path):
-    with pytest.raises(TypeError, match="lacks the trainer interface"):
+    with pytest.raises(TypeError, match="must be a fastkd.method_protocol.TrainingMethod"):
         Trainer(torch.nn.Linear(2, 2), TensorLoader(), batch_size=8, env=CPU)
     with pytest.raises(ValueError, match="fewer than optim.accum_steps=5"):
         make_trainer(tmp_path, batch=8, accum=5)

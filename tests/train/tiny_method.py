@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from fastkd.data.batch import Batch
+from fastkd.method_protocol import TrainingMethod
 
 
-class TinyMethod(nn.Module):
+class TinyMethod(TrainingMethod):
     """Student conv+linear on view 0 regresses an EMA (momentum 0.95) teacher's output on view 1.
 
     ``noise``: adds ``torch.randn`` noise from the global RNG in forward (exercises RNG restore);
@@ -26,10 +27,10 @@ class TinyMethod(nn.Module):
 
     def __init__(self, dim: int = 8, noise: bool = False, nan_steps: tuple = ()):
         super().__init__()
-        self.student = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(dim))
-        self.student(torch.zeros(1, 3, 8, 8))
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(dim))
+        self.net(torch.zeros(1, 3, 8, 8))
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.teacher = copy.deepcopy(self.net).requires_grad_(False)
         self.noise = noise
         self.nan_steps = set(nan_steps)
         self.calls = 0
@@ -50,16 +51,16 @@ class TinyMethod(nn.Module):
         self.calls += 1
         return {"loss": loss, "regression": regression.detach(), "decay": decay.detach()}
 
-    @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> None:
-        self.after_step_calls.append(step)
-        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
-            t.lerp_(s, 0.05)
+    @property
+    def student(self) -> nn.Module:
+        return self.net
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        decay = [p for n, p in self.named_parameters() if p.requires_grad and p.ndim > 1]
-        no_decay = [p for n, p in self.named_parameters() if p.requires_grad and p.ndim <= 1]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int, found_inf=None) -> None:
+        self.after_step_calls.append(step)
+        weight = 0.05 if found_inf is None else 0.05 * (1 - found_inf)  # a skipped step leaves the teacher
+        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
+            t.lerp_(s, weight)
 
 
 class TensorLoader:
@@ -120,8 +121,8 @@ def main(argv=None) -> None:
     per_rank = args.global_batch // (env.world_size * args.accum)
     loader = TensorLoader(64, per_rank, rank=env.rank, world_size=env.world_size)
 
-    def after_step(step, total, original=method.after_step):
-        original(step, total)
+    def after_step(step, total, found_inf=None, original=method.after_step):
+        original(step, total, found_inf)
         if step == args.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == args.sleep_after_step:
