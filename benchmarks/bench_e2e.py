@@ -5,7 +5,7 @@ Three variants of each method, built from the same seed (same weights) with
 of the method's data recipe; data loading is timed by ``bench_data``):
 
 - ``plain_eager``: what a user writes by hand. Every op is its plain PyTorch form
-  (``fastkd.ops.reference_mode.reference_ops()``: ``feature_align`` an unfused normalise + loss,
+  (``fastkd.ops.reference_ops()``: ``feature_align`` an unfused normalise + loss,
   ``token_relation`` materialised attention maps, ``gather_tokens`` ``torch.gather``, ``ema_`` a
   Python loop over parameters), single-tensor AdamW (``foreach=False``) and the usual per-step host
   syncs (every loss part and the gradient norm read as Python floats to log them and to skip a
@@ -82,7 +82,7 @@ from fastkd.data.batch import Batch
 from fastkd.data.recipes import build_recipe
 from fastkd.methods import build_method
 from fastkd.models import build_backbone, save_backbone
-from fastkd.ops.reference_mode import reference_ops
+from fastkd.ops import reference_ops
 from fastkd.reporting import load_average, markdown_table, write_results
 from fastkd.train.options import OptimConfig, TrainConfig
 from fastkd.train.trainer import PHASES, Trainer

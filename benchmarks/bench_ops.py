@@ -19,7 +19,13 @@ run's speedup in ``speedup_runs``: a published ratio is one that survives a re-r
 slowed by another job inflates a single run's ratio). The report states the machine's load average
 at the start.
 
+On CPU it also runs the per-size sweep of :mod:`fastkd.benchmarks.op_sweep` (every op against its
+reference at 10^3 ... 10^7 elements, fp32 and bf16; ``--quick``: up to 10^6, fp32; ``--sizes`` to
+choose; with ``--runs`` each size keeps its lowest speedup) and writes it as ``bench_ops_sweep.json``
+/ ``.md`` too, headed by the CPU model and vector ISA. ``--sweep-only`` runs just the sweep.
+
     python -m fastkd.benchmarks.bench_ops [--quick] [--device cpu|cuda] [--ops ema gather ...] [--runs 2]
+                                          [--sizes 1000 100000] [--sweep-only]
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ import torch
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
 from fastkd.benchmarks.common import lowest_of_runs
 from fastkd.benchmarks.gpu_peak import NEEDS_GPU, fraction_of_peak, gpu_peak
+from fastkd.benchmarks.op_sweep import COLUMNS as SWEEP_COLUMNS, QUICK_SIZES, SIZES, cpu_isa, sweep
 from fastkd.benchmarks.plots import save_lines_per_op
-from fastkd.reporting import load_average, markdown_table, results_dir, write_results
+from fastkd.reporting import load_average, machine_info, markdown_table, results_dir, write_results
 
 OPS = ("ema", "feature_align", "gather", "token_relation")
 PROBLEM_KEYS = ("case", "model", "shape")
@@ -138,7 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__, "pass --quick to every op benchmark",
                           runs_help="run every op benchmark this many times and keep each ratio's lowest (default 1)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=None,
+                        help="element counts of the CPU per-size sweep (default 10^3 ... 10^7, --quick to 10^6)")
+    parser.add_argument("--sweep-only", action="store_true", help="run only the CPU per-size sweep")
     args = parse_bench_args(parser, argv)
+    if args.device == "cpu":
+        sweep_section = run_sweep(args)
+    if args.sweep_only:
+        return 0
     op_argv = ["--device", args.device] + (["--quick"] if args.quick else [])
     peak = gpu_peak() if args.device == "cuda" else None
     load = load_average()
@@ -159,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 + markdown_table(fastkd_rows, SUMMARY_COLUMNS + (["speedup_runs"] if args.runs > 1 else [])
                                  + ["error"])
                 + f"\n\nspeedup = baseline time / fastkd time; memory_ratio = fastkd peak / baseline peak; {peak_text}."
+                + (f"\n\n{sweep_section}" if args.device == "cpu" else "")
                 + "".join(f"\n\n{section}" for section in sections))
     write_results("bench_ops", records, markdown, out_dir=args.out)
     plotted = [r for r in records if "error" not in r]
@@ -168,6 +183,24 @@ def main(argv: list[str] | None = None) -> int:
                           title=f"fused ops vs baselines ({args.device})")
     print(markdown)
     return 1 if any("error" in r for r in records) else 0
+
+
+def run_sweep(args) -> str:
+    """The CPU per-size sweep (module docstring) over ``args.ops``: written as ``bench_ops_sweep``,
+    printed; returns its Markdown."""
+    sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
+    dtypes = (torch.float32,) if args.quick else (torch.float32, torch.bfloat16)
+    ops = [{"ema": "ema_", "gather": "gather_tokens"}.get(op, op) for op in args.ops]
+    runs = [sweep(sizes, dtypes, ops, rounds=3 if args.quick else 5) for _ in range(args.runs)]
+    records = lowest_of_runs(runs, ("op", "dtype", "elements"), "speedup")
+    markdown = (f"## Per-size sweep: fused op against its reference, forward + backward (cpu, "
+                f"{torch.get_num_threads()} threads)\n\nCPU: {machine_info()['cpu']}; {cpu_isa()}. Machine load "
+                f"average at the start: {load_average() or 'unknown'}. speedup = reference time / fused time "
+                f"(lowest of {args.runs} run(s)); each size timed in alternating rounds, best round median.\n\n"
+                + markdown_table(records, SWEEP_COLUMNS + (["speedup_runs"] if args.runs > 1 else [])))
+    write_results("bench_ops_sweep", records, markdown, out_dir=args.out)
+    print(markdown)
+    return markdown
 
 
 if __name__ == "__main__":

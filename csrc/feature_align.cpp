@@ -4,11 +4,16 @@
 // Inputs are [M, D] with unit stride along D and a row weight w_i (1 without weights). Outputs:
 // loss_i = w_i * l_i (float32; float64 if an input is float64), grad_i = w_i * d l_i / d s_i (student dtype).
 // Each row is read once from memory; the few passes over it run in L1 in float (double for
-// double inputs). Rows with w_i == 0 are not read. Registered as fastkd::feature_align_cpu.
+// double inputs). Rows with w_i == 0 are not read. Registered as the CPU kernel of fastkd::feature_align,
+// with its autograd (any device): the backward only scales the saved gradient by the incoming
+// per-row gradient, in place unless the graph is retained. The CUDA kernel (Triton) and the fake
+// kernel are registered from fastkd/ops/feature_align.py.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include "library.h"
@@ -235,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> feature_align_cpu(const at::Tensor& student, 
     grad.zero_();
     return {out_loss, grad};
   }
-  const int64_t grain = std::max<int64_t>(1, 16384 / D);
+  const int64_t grain = grain_for(D);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "feature_align_cpu", [&] {
     using student_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, teacher.scalar_type(), "feature_align_cpu", [&] {
@@ -255,13 +260,61 @@ std::tuple<at::Tensor, at::Tensor> feature_align_cpu(const at::Tensor& student, 
   return {out_loss, grad};
 }
 
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class FeatureAlign : public torch::autograd::Function<FeatureAlign> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                               const std::optional<at::Tensor>& weight, c10::string_view target_norm,
+                               bool student_norm, c10::string_view loss, double beta, double eps, bool write_grad) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fastkd::feature_align", "")
+                               .typed<decltype(feature_align_cpu)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [rows, grad] = op.call(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad);
+    ctx->saved_data["grad"] = grad;  // not a saved variable: the backward may scale it in place
+    ctx->mark_non_differentiable({grad});
+    ctx->set_materialize_grads(false);
+    return {rows, grad};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(9);
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return out;
+    at::Tensor grad = ctx->saved_data["grad"].toTensor();
+    TORCH_CHECK(grad.numel() != 0 || grads[0].numel() == 0,
+                "fastkd::feature_align was called with write_grad=False, so it has no student gradient");
+    const at::Tensor scale = grads[0].unsqueeze(1);
+    // the graph is freed after this backward unless retained: nobody else reads the saved gradient
+    if (torch::autograd::get_current_graph_task_keep_graph()) {
+      out[0] = at::empty_like(grad);
+      at::mul_out(out[0], grad, scale);
+    } else {
+      out[0] = grad.mul_(scale);
+    }
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> feature_align_autograd(const at::Tensor& student, const at::Tensor& teacher,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          c10::string_view target_norm, bool student_norm,
+                                                          c10::string_view loss, double beta, double eps,
+                                                          bool write_grad) {
+  auto out = FeatureAlign::apply(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 }  // namespace fastkd
 
 TORCH_LIBRARY_FRAGMENT(fastkd, m) {
   m.def(
-      "feature_align_cpu(Tensor student, Tensor teacher, Tensor? weight, str target_norm, bool student_norm, "
+      "feature_align(Tensor student, Tensor teacher, Tensor? weight, str target_norm, bool student_norm, "
       "str loss, float beta, float eps, bool write_grad) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("feature_align_cpu", &fastkd::feature_align_cpu); }
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("feature_align", &fastkd::feature_align_cpu); }
+
+TORCH_LIBRARY_IMPL(fastkd, Autograd, m) { m.impl("feature_align", &fastkd::feature_align_autograd); }

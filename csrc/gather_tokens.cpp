@@ -7,12 +7,15 @@
 // Nothing of size [B, N, D] is read: the forward touches the kept rows only; the backward writes
 // grad_x once per sample (zero fill and scatter while the sample's block is in cache) and sums
 // the positional gradient from the B * K kept gradient rows, split over feature columns so that
-// threads never write the same element. Registered as fastkd::gather_tokens_cpu and
-// fastkd::gather_tokens_backward_cpu; the custom ops of fastkd/ops/gather_tokens.py call them.
+// threads never write the same element. The forward range-checks keep (one pass over the B * K
+// indices). Registered as the CPU kernels of fastkd::gather_tokens and fastkd::gather_tokens_backward,
+// with the autograd of fastkd::gather_tokens (any device); the CUDA (Triton) and fake kernels are
+// registered from fastkd/ops/gather_tokens.py.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "library.h"
@@ -79,8 +82,11 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x_in, const at::Tensor& keep_in, 
   at::Tensor out = at::empty({B, K, D}, x.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   const int64_t* idx = keep.const_data_ptr<int64_t>();
+  const auto [low, high] = std::minmax_element(idx, idx + B * K);
+  TORCH_CHECK_VALUE(*low >= 0 && *high < N, "keep indices must be in [0, ", N, ") (N = x.shape[1]), got values in [",
+                    *low, ", ", *high, "]");
   const int64_t sxb = x.stride(0), sxn = x.stride(1);
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  const int64_t grain = grain_for(D);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gather_tokens_cpu", [&] {
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "gather_tokens_cpu_out", [&] {
@@ -121,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(const at::Tensor& 
       using x_t = scalar_t;
       x_t* xp = grad_x.data_ptr<x_t>();
       // grad_x: one sample per task; zero its [N, D] block, then add the kept rows (repeats sum up).
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B, grain_for((N + K) * D), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           x_t* block = xp + b * N * D;
           std::memset(static_cast<void*>(block), 0, sizeof(x_t) * N * D);
@@ -134,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(const at::Tensor& 
       using pos_acc_t = acc_type_of<g_t>;
       pos_acc_t* pp = grad_pos.data_ptr<pos_acc_t>();
       constexpr int64_t kCols = 64;
-      at::parallel_for(0, (D + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, (D + kCols - 1) / kCols, grain_for(B * K * kCols), [&](int64_t begin, int64_t end) {
         const int64_t c0 = begin * kCols, c1 = std::min(D, end * kCols);
         for (int64_t b = 0; b < B; ++b) {
           for (int64_t k = 0; k < K; ++k) add_row<g_t, pos_acc_t>(pp + idx[b * K + k] * D, gp + b * sgb + k * sgk, c0, c1);
@@ -145,17 +151,62 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(const at::Tensor& 
   return {grad_x, grad_pos};
 }
 
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class GatherTokens : public torch::autograd::Function<GatherTokens> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& keep,
+                            const std::optional<at::Tensor>& pos) {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("fastkd::gather_tokens", "").typed<decltype(gather_tokens_cpu)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor out = op.call(x, keep, pos);
+    ctx->save_for_backward({keep});
+    ctx->saved_data["num_tokens"] = x.size(1);
+    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
+    if (pos.has_value()) {
+      ctx->saved_data["pos_sizes"] = pos->sizes().vec();
+      ctx->saved_data["pos_dtype"] = static_cast<int64_t>(pos->scalar_type());
+    }
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fastkd::gather_tokens_backward", "")
+                               .typed<decltype(gather_tokens_backward_cpu)>();
+    const bool has_pos = ctx->saved_data.count("pos_sizes") != 0;
+    const bool with_pos = has_pos && ctx->needs_input_grad(2);
+    if (!ctx->needs_input_grad(0) && !with_pos) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto x_dtype = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
+    auto [grad_x, grad_pos] =
+        op.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["num_tokens"].toInt(), x_dtype, with_pos);
+    if (with_pos) {
+      const auto pos_dtype = static_cast<at::ScalarType>(ctx->saved_data["pos_dtype"].toInt());
+      grad_pos = grad_pos.to(pos_dtype).view(ctx->saved_data["pos_sizes"].toIntVector());
+    }
+    return {ctx->needs_input_grad(0) ? grad_x : at::Tensor(), at::Tensor(), with_pos ? grad_pos : at::Tensor()};
+  }
+};
+
+at::Tensor gather_tokens_autograd(const at::Tensor& x, const at::Tensor& keep, const std::optional<at::Tensor>& pos) {
+  return GatherTokens::apply(x, keep, pos);
+}
+
 }  // namespace
 }  // namespace fastkd
 
 TORCH_LIBRARY_FRAGMENT(fastkd, m) {
-  m.def("gather_tokens_cpu(Tensor x, Tensor keep, Tensor? pos_embed) -> Tensor");
+  m.def("gather_tokens(Tensor x, Tensor keep, Tensor? pos_embed) -> Tensor");
   m.def(
-      "gather_tokens_backward_cpu(Tensor grad_out, Tensor keep, int num_tokens, ScalarType x_dtype, bool with_pos) "
+      "gather_tokens_backward(Tensor grad_out, Tensor keep, int num_tokens, ScalarType x_dtype, bool with_pos) "
       "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("gather_tokens_cpu", &fastkd::gather_tokens_cpu);
-  m.impl("gather_tokens_backward_cpu", &fastkd::gather_tokens_backward_cpu);
+  m.impl("gather_tokens", &fastkd::gather_tokens_cpu);
+  m.impl("gather_tokens_backward", &fastkd::gather_tokens_backward_cpu);
 }
+
+TORCH_LIBRARY_IMPL(fastkd, Autograd, m) { m.impl("gather_tokens", &fastkd::gather_tokens_autograd); }

@@ -17,13 +17,17 @@
 // Extra memory is O(threads * tile) plus the O(B * H * N) statistics. The backward recomputes each
 // tile from the saved lse_s, lse_t (and per-teacher-head lse when G > 1), writes ds over the student
 // logits in place and accumulates dk_s of the tile's heads in a local [heads, N, d_s] buffer.
-// Registered as fastkd::token_relation_cpu and fastkd::token_relation_backward_cpu.
+// A problem whose logits fit one GRAIN_SIZE (library.h) runs as one tile on the calling thread.
+// Registered as the CPU kernels of fastkd::token_relation and fastkd::token_relation_backward, with
+// the autograd of fastkd::token_relation (any device); the CUDA (Triton) and fake kernels are
+// registered from fastkd/ops/token_relation.py.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "library.h"
@@ -38,7 +42,7 @@ namespace fastkd {
 namespace {
 
 struct Shapes {
-  int64_t B, H_s, H_t, G, N, d_s, d_t, rows_per_tile, heads_per_tile, tiles;
+  int64_t B, H_s, H_t, G, N, d_s, d_t, rows_per_tile, heads_per_tile, tiles, grain;
   at::ScalarType compute;
 };
 
@@ -63,11 +67,14 @@ Shapes shapes_of(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor&
   s.d_t = q_t.size(3);
   const int64_t heads = s.B * s.H_s;
   s.rows_per_tile = std::max<int64_t>(1, std::min<int64_t>(s.N, tile_elements / (s.N * s.G)));
-  // at least ~4 tiles per thread (when there are enough heads) so the threads stay balanced
-  const int64_t balanced = (heads + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
+  // above one grain of logits, at least ~4 tiles per thread (when there are enough heads) so the
+  // threads stay balanced; below, as few tiles as the budget allows, on the calling thread
+  const int64_t threads = heads * s.N * s.N * (1 + s.G) > at::internal::GRAIN_SIZE ? at::get_num_threads() : 0;
+  const int64_t balanced = threads ? (heads + 4 * threads - 1) / (4 * threads) : heads;
   s.heads_per_tile =
       std::clamp<int64_t>(tile_elements / (s.rows_per_tile * s.N * s.G), 1, std::max<int64_t>(1, balanced));
   s.tiles = (heads + s.heads_per_tile - 1) / s.heads_per_tile;
+  s.grain = grain_for(s.heads_per_tile * s.N * s.N * (1 + s.G));
   const bool f64 = q_s.scalar_type() == at::kDouble || q_t.scalar_type() == at::kDouble;
   s.compute = f64 ? at::kDouble : at::kFloat;
   return s;
@@ -223,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const Sh
   const T cs = static_cast<T>(c_s), ct = static_cast<T>(c_t);
   const int64_t N = sh.N, G = sh.G;
 
-  at::parallel_for(0, sh.tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, sh.tiles, sh.grain, [&](int64_t begin, int64_t end) {
     std::vector<T> lse_g(G);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t h0 = tile * sh.heads_per_tile;
@@ -283,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Shapes& sh, const Flat& f
   const T cs = static_cast<T>(c_s), ct = static_cast<T>(c_t);
   const int64_t N = sh.N, G = sh.G;
 
-  at::parallel_for(0, sh.tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, sh.tiles, sh.grain, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t h0 = tile * sh.heads_per_tile;
       const int64_t heads = std::min(sh.heads_per_tile, sh.B * sh.H_s - h0);
@@ -352,20 +359,64 @@ std::tuple<at::Tensor, at::Tensor> token_relation_backward_cpu(
              : backward_impl<float>(sh, f, grad_kl, kl, lse_s, lse_t, lse_heads, c_s, c_t, teacher_to_student);
 }
 
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class TokenRelation : public torch::autograd::Function<TokenRelation> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q_s, const at::Tensor& k_s,
+                               const at::Tensor& q_t, const at::Tensor& k_t, double c_s, double c_t,
+                               bool teacher_to_student, int64_t tile_elements) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fastkd::token_relation", "")
+                               .typed<decltype(token_relation_cpu)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [kl, lse_s, lse_t, lse_heads] = op.call(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student, tile_elements);
+    ctx->save_for_backward({q_s, k_s, q_t, k_t, kl, lse_s, lse_t, lse_heads});
+    ctx->mark_non_differentiable({lse_s, lse_t, lse_heads});
+    ctx->saved_data["c_s"] = c_s;
+    ctx->saved_data["c_t"] = c_t;
+    ctx->saved_data["teacher_to_student"] = teacher_to_student;
+    ctx->saved_data["tile_elements"] = tile_elements;
+    return {kl, lse_s, lse_t, lse_heads};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fastkd::token_relation_backward", "")
+                               .typed<decltype(token_relation_backward_cpu)>();
+    const variable_list saved = ctx->get_saved_variables();
+    auto [dq, dk] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7],
+                            ctx->saved_data["c_s"].toDouble(), ctx->saved_data["c_t"].toDouble(),
+                            ctx->saved_data["teacher_to_student"].toBool(), ctx->saved_data["tile_elements"].toInt());
+    return {dq, dk, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_relation_autograd(
+    const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t, double c_s,
+    double c_t, bool teacher_to_student, int64_t tile_elements) {
+  auto out = TokenRelation::apply(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student, tile_elements);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 }  // namespace fastkd
 
 TORCH_LIBRARY_FRAGMENT(fastkd, m) {
+  // tile_elements: the CPU kernels' tile budget (teacher logits per tile); the CUDA kernels ignore it
   m.def(
-      "token_relation_cpu(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, float c_s, float c_t, "
-      "bool teacher_to_student, int tile_elements) -> (Tensor, Tensor, Tensor, Tensor)");
+      "token_relation(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, float c_s, float c_t, "
+      "bool teacher_to_student, int tile_elements=131072) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "token_relation_backward_cpu(Tensor grad_kl, Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor kl, "
+      "token_relation_backward(Tensor grad_kl, Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor kl, "
       "Tensor lse_s, Tensor lse_t, Tensor lse_heads, float c_s, float c_t, bool teacher_to_student, "
-      "int tile_elements) -> (Tensor, Tensor)");
+      "int tile_elements=131072) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("token_relation_cpu", &fastkd::token_relation_cpu);
-  m.impl("token_relation_backward_cpu", &fastkd::token_relation_backward_cpu);
+  m.impl("token_relation", &fastkd::token_relation_cpu);
+  m.impl("token_relation_backward", &fastkd::token_relation_backward_cpu);
 }
+
+TORCH_LIBRARY_IMPL(fastkd, Autograd, m) { m.impl("token_relation", &fastkd::token_relation_autograd); }

@@ -1,36 +1,36 @@
-"""The one place where every fastkd op enters its implementation.
+"""The one place where a fastkd op decides what runs: its kernel or its reference.
 
-Each op (``feature_align``, ``gather_tokens``, ``token_relation``, ``ema_`` and their backwards)
-describes its implementations once with :class:`OpImplementations` and calls it from the body of
-its ``torch.library.custom_op`` (or, for ``ema_``, from its Python entry point). This module decides
-which implementation runs, by one rule for all ops:
+Every op (``feature_align``, ``gather_tokens``, ``token_relation``, ``ema_``) has exactly two
+implementations: the kernel ``torch.ops.fastkd.<op>`` of the native extension ``fastkd._C`` (schema,
+C++ CPU kernel and autograd in ``csrc/``; its CUDA kernel launches the op's Triton kernel, registered
+from the op's module with :func:`register`; for ``ema_`` it is ``fastkd._C``'s CUDA kernel) and the
+op's plain PyTorch ``*_reference`` formula. The public op function validates its arguments once and
+calls :meth:`Route.run`, which applies one rule to all ops:
 
-================  =====================================================================================
-inputs            implementation
-================  =====================================================================================
-CUDA, fp16/bf16/  the Triton kernel (or the native CUDA kernel of ``fastkd._C`` for ``ema_``), unless
-fp32              the op reports a size its kernel does not take (e.g. ``feature_align`` with
-                  ``D > 4096``): then the op's PyTorch path, silently (a documented limit)
-CUDA, float64     the op's PyTorch path, computed in float64, for every op: the GPU kernels are built
-                  for training dtypes, float64 is for gradient checks
-CPU               the C++ kernel of the native extension ``fastkd._C``
-anything else     the op's PyTorch path (which works on any device)
-================  =====================================================================================
+=======================  ==============================================================================
+inputs                   what runs
+=======================  ==============================================================================
+CUDA, fp16/bf16/fp32     the kernel (Triton), unless the op reports a size its GPU kernel does not take
+                         (``feature_align`` with ``D > 4096``): then the reference, silently
+CUDA, float64            the reference (the GPU kernels are built for training dtypes)
+CPU                      the kernel (C++), at every size
+anything else            the reference
+``reference_ops()``      the reference, for every input
+=======================  ==============================================================================
 
-When the native kernel an input needs is missing (the extension is not built, was built without
-CUDA, or was compiled for a CPU vector ISA this CPU lacks), the op runs its PyTorch path and says so
-with one ``RuntimeWarning`` per op and reason.
-
-Every implementation runs with autocast disabled (the op decides its own dtypes by its documented
-contract: an ATen matmul inside a CPU kernel would otherwise return bf16 under
-``torch.autocast``) and, for CUDA tensors, with the current CUDA device set to the inputs' device
-(Triton launches on the current device).
+When the kernel is missing (the extension is not built, ``ema_``'s was built without CUDA, or it was
+compiled for a CPU vector ISA this CPU lacks), the reference runs and says so with one
+``RuntimeWarning`` per op and reason. As a fallback the reference runs with autocast off (the op keeps
+its dtype contract: an ATen matmul would otherwise return bf16 under ``torch.autocast``); inside
+``reference_ops()`` it runs as a user's plain code would, under whatever autocast is active. CUDA
+kernels run with autocast off and the inputs' device current (Triton launches on the current device).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -39,15 +39,37 @@ import torch
 
 from fastkd.ops._extension import build_info, load
 
-__all__ = ["OpImplementations", "implementation_context", "native_op"]
+__all__ = ["Route", "implementation_context", "native_op", "reference_ops", "reference_ops_enabled", "register"]
 
+class _State(threading.local):
+    enabled = False  # inside reference_ops() on this thread
+
+
+_state = _State()
 _warned: set[tuple[str, str]] = set()
+
+
+def reference_ops_enabled() -> bool:
+    """True inside a ``reference_ops()`` block on this thread."""
+    return _state.enabled
+
+
+@contextlib.contextmanager
+def reference_ops(enabled: bool = True):
+    """Route fastkd's public ops to their plain PyTorch references while the block runs (the
+    end-to-end benchmark times whole methods assembled from plain PyTorch parts with it)."""
+    previous = reference_ops_enabled()
+    _state.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _state.enabled = previous
 
 
 def _warn_once(op: str, reason: str) -> None:
     if (op, reason) not in _warned:
         _warned.add((op, reason))
-        warnings.warn(f"fastkd.ops.{op}: {reason}; using its PyTorch path", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"fastkd.ops.{op}: {reason}; using its PyTorch reference", RuntimeWarning, stacklevel=4)
 
 
 @torch.compiler.assume_constant_result
@@ -64,7 +86,7 @@ def _missing_native_cached(name: str, device_type: str) -> str | None:
     info = build_info()
     if not hasattr(torch.ops.fastkd, name):
         return f"fastkd._C has no kernel {name}"
-    if device_type == "cuda" and not info["cuda"]:
+    if device_type == "cuda" and name == "ema_" and not info["cuda"]:
         return "fastkd._C was built without its CUDA sources"
     if device_type == "cpu" and not info["cpu_isa_supported"]:
         return (f"fastkd._C was compiled for the {info['cpu_isa']} instruction set, which this CPU lacks "
@@ -79,72 +101,73 @@ def native_op(name: str, device_type: str = "cpu") -> Callable | None:
 
 
 @contextlib.contextmanager
-def implementation_context(device: torch.device) -> Iterator[None]:
-    """Autocast off (for CPU and the inputs' device type) and, on CUDA, the inputs' device current."""
+def implementation_context(device: torch.device, *, set_device: bool = True) -> Iterator[None]:
+    """Autocast off (for CPU and the inputs' device type) and, on CUDA with ``set_device``, the inputs'
+    device current."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.autocast("cpu", enabled=False))
-        if device.type == "cuda":
-            stack.enter_context(torch.autocast("cuda", enabled=False))
-            stack.enter_context(torch.cuda.device(device))
-        elif device.type != "cpu" and torch.amp.is_autocast_available(device.type):
+        if device.type != "cpu" and torch.amp.is_autocast_available(device.type):
             stack.enter_context(torch.autocast(device.type, enabled=False))
+        if device.type == "cuda" and set_device:
+            stack.enter_context(torch.cuda.device(device))
         yield
 
 
-@dataclass(frozen=True)
-class OpImplementations:
-    """The implementations of one op (see the module docstring for how one is chosen).
+def register(name: str, fake: Callable, cuda: Callable | None = None) -> None:
+    """Register ``fake`` as the fake (meta) kernel of ``torch.ops.fastkd.<name>`` and ``cuda`` (a
+    function of the op's arguments that launches its Triton kernel) as its CUDA kernel, run in the
+    :func:`implementation_context` of its first tensor argument; nothing when fastkd._C is not built
+    (the op then always runs its reference)."""
+    if load() is None:
+        return
+    torch.library.register_fake(f"fastkd::{name}", fake)
+    if cuda is not None:
+        @functools.wraps(cuda)
+        def on_device(*args):
+            with implementation_context(next(a for a in args if isinstance(a, torch.Tensor)).device):
+                return cuda(*args)
 
-    ``torch``: the PyTorch path, any device and floating dtype (required). ``native``: name of the
-    ``torch.ops.fastkd`` kernel for CPU (and for CUDA when ``native_cuda``), called with the op's
-    arguments, or through ``call_native`` when its schema takes more. ``triton``: the CUDA
-    implementation (a function that imports and launches the Triton kernel). ``gpu_limit``: called
-    with the op's arguments, returns why the GPU kernel cannot take them (a documented size limit)
-    or None. All implementations take the same arguments.
-    """
+        torch.library.register_kernel(f"fastkd::{name}", "cuda", on_device)
+
+
+@dataclass(frozen=True)
+class Route:
+    """How op ``op`` chooses between ``torch.ops.fastkd.<op>`` and its reference (the module
+    docstring's rule). ``gpu_limit``: called with the op's arguments, returns why its GPU kernel
+    cannot take them (a documented size limit) or None."""
 
     op: str
-    torch: Callable[..., Any]
-    native: str | None = None
-    native_cuda: bool = False
-    call_native: Callable[..., Any] | None = None
-    triton: Callable[..., Any] | None = None
     gpu_limit: Callable[..., str | None] | None = None
 
-    def select(self, device: torch.device, dtypes: tuple[torch.dtype, ...], args: tuple) -> Callable[..., Any]:
-        """The implementation these inputs run (warns once when a native kernel is missing)."""
+    @functools.cached_property
+    def native(self) -> Callable:
+        """``torch.ops.fastkd.<op>`` (looked up once)."""
+        return getattr(torch.ops.fastkd, self.op).default
+
+    def fallback_reason(self, device: torch.device, dtypes: tuple[torch.dtype, ...], args: tuple) -> str | None:
+        """Why these inputs run the reference (warns once when the kernel is missing), None when they
+        run the kernel; ``reference_ops()`` aside."""
         if device.type == "cuda":
             if torch.float64 in dtypes:
-                return self.torch
-            if self.gpu_limit is not None and self.gpu_limit(*args) is not None:
-                return self.torch
-            if self.native_cuda:
-                return self._native_or_torch("cuda")
-            if self.triton is not None:
-                return self.triton
-            return self.torch
-        if device.type == "cpu" and self.native is not None:
-            return self._native_or_torch("cpu")
-        return self.torch
+                return "float64 on CUDA"
+            limit = self.gpu_limit and self.gpu_limit(*args)
+            if limit:
+                return limit
+        elif device.type != "cpu":
+            return f"no kernel for {device.type}"
+        missing = _missing_native(self.op, device.type)
+        if missing is not None:
+            _warn_once(self.op, missing)
+        return missing
 
-    def _native_or_torch(self, device_type: str) -> Callable[..., Any]:
-        reason = _missing_native(self.native, device_type)
-        if reason is None:
-            return self.call_native or getattr(torch.ops.fastkd, self.native)
-        _warn_once(self.op, reason)
-        return self.torch
-
-    def __call__(self, *args: Any) -> Any:
-        """Run the selected implementation on ``args`` (the first tensor among them, or the first
-        tensor of a leading list, decides the device) with autocast off and the CUDA device set."""
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if not tensors:
-            tensors = [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
-        device = tensors[0].device
-        implementation = self.select(device, tuple(t.dtype for t in tensors), args)
-        if torch.compiler.is_compiling():
-            # Only ema_ is entered while tracing (the custom ops' bodies run at run time): its native
-            # op goes into the graph as one opaque call that guards its own CUDA device.
-            return implementation(*args)
-        with implementation_context(device):
-            return implementation(*args)
+    def run(self, reference: Callable, args: tuple, device: torch.device, dtypes: tuple[torch.dtype, ...],
+            kernel: Callable | None = None) -> Any:
+        """``kernel(*args)`` (default ``torch.ops.fastkd.<op>``) or ``reference(*args)`` by the rule (the
+        fallback with autocast off)."""
+        if _state.enabled:
+            return reference(*args)
+        if (device.type == "cpu" and _missing_native(self.op, "cpu") is None) or \
+                self.fallback_reason(device, dtypes, args) is None:  # the CPU kernel first: the cheapest test
+            return (kernel or self.native)(*args)
+        with implementation_context(device, set_device=False):
+            return reference(*args)

@@ -10,9 +10,10 @@ With ``return_gap=True``, measured before the update and accumulated in float64:
 
     EMAGap(diff_sq=sum ||s - t||^2, dot=sum <s, t>, teacher_sq=sum ||t||^2, student_sq=sum ||s||^2)
 
-Implementations are chosen by the rule of ``fastkd.ops._dispatch`` (the same for every op): the C++
-(CPU) or CUDA kernel of ``fastkd._C``; float64 on CUDA, other devices or a missing extension (then
-with one warning) -> ``torch._foreach_lerp_`` plus a separate gap pass.
+Routing (``fastkd.ops._dispatch``, the same for every op): CPU -> the C++ kernel of ``fastkd._C``
+(``csrc/ema.cpp``); CUDA -> its CUDA kernel (``csrc/cuda/ema_cuda.cu``); else (float64 on CUDA, other
+devices, no ``fastkd._C``) -> the per-tensor Python loop of ``mul_`` / ``add_`` plus a separate gap
+pass, which is also what it runs inside ``reference_ops()``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from fastkd.ops._dispatch import OpImplementations
-from fastkd.ops.reference_mode import reference_ops_enabled
+from fastkd.ops._dispatch import Route
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -82,16 +82,15 @@ def _gap_pass(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) 
     return gap
 
 
-def _foreach_ema(teacher, student, momentum: float, return_gap: bool) -> torch.Tensor | None:
+def _python_loop(teacher, student, momentum: float, return_gap: bool) -> torch.Tensor | None:
+    """The per-tensor ``mul_`` / ``add_`` loop many SSL codebases use, plus a separate gap pass."""
     gap = _gap_pass(teacher, student) if return_gap else None
-    if teacher:
-        student = [s if s.dtype == t.dtype else s.to(t.dtype) for t, s in zip(teacher, student)]
-        torch._foreach_lerp_(list(teacher), student, 1.0 - momentum)
+    for t, s in zip(teacher, student):
+        t.mul_(momentum).add_(s.to(t.dtype), alpha=1.0 - momentum)
     return gap
 
 
-# The native op takes (and mutates) the teacher list itself; the same signature for every path.
-_IMPLEMENTATIONS = OpImplementations("ema_", torch=_foreach_ema, native="ema_", native_cuda=True)
+_ROUTE = Route("ema_")
 
 
 def ema_(
@@ -106,20 +105,16 @@ def ema_(
     Teachers must be contiguous floating tensors; students have the same shapes and any floating
     dtype (a bf16 student into an fp32 teacher is cast inside the kernel). All tensors share one
     device. Nothing is modified when validation fails. Returns :class:`EMAGap` (measured before
-    the update) when ``return_gap``, else None. Inside ``reference_ops()`` it is the per-tensor
-    Python loop of ``mul_``/``add_`` (plus a separate gap pass) that many SSL codebases use.
+    the update) when ``return_gap``, else None. Routing: see the module docstring.
     """
     _check_args(teacher, student, momentum)
     momentum = float(momentum)
     if len(teacher) == 0:  # no tensor to dispatch on
         return EMAGap(0.0, 0.0, 0.0, 0.0) if return_gap else None
+    dtypes = tuple({x.dtype for x in (*teacher, *student)})
     with torch.no_grad():
-        if reference_ops_enabled():
-            gap = _gap_pass(teacher, student) if return_gap else None
-            for t, s in zip(teacher, student):
-                t.mul_(momentum).add_(s.to(t.dtype), alpha=1.0 - momentum)
-        else:
-            gap = _IMPLEMENTATIONS(list(teacher), list(student), momentum, return_gap)
+        gap = _ROUTE.run(_python_loop, (list(teacher), list(student), momentum, return_gap), teacher[0].device,
+                         dtypes)
     return EMAGap(*gap.tolist()) if return_gap else None
 
 

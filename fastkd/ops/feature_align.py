@@ -13,15 +13,13 @@ weights, no gradient), ``eps``; the teacher never receives a gradient)::
 
 (``1 - cos`` equals ``1 - F.cosine_similarity(x, y)`` whenever both norms exceed ``eps``.)
 
-Registered as ``fastkd::feature_align`` with ``torch.library.custom_op``. One pass over each row
-computes the loss and ``d loss / d student`` together (in fp32, fp64 for fp64 inputs); the backward
-only scales that saved gradient by the incoming per-row gradient: in place when the graph is not
-retained, skipped on CPU when the incoming gradient is exactly one. No normalised copy of either
-input is stored. Implementations (chosen by the rule of ``fastkd.ops._dispatch``, the same for every op):
-CUDA -> the Triton kernel of ``fastkd.kernels.feature_align`` (D <= 4096); CPU -> the C++ kernel
-``fastkd::feature_align_cpu`` of the ``fastkd._C`` extension; float64 on CUDA, D > 4096 on CUDA, other
-devices, or a missing extension -> a PyTorch path chunked over rows whose temporaries are one chunk
-large. The op is once differentiable.
+The kernel ``fastkd::feature_align`` computes the loss and ``d loss / d student`` in one pass over each
+row (in fp32, fp64 for fp64 inputs); its backward only scales that saved gradient by the incoming
+per-row gradient (in place unless the graph is retained). No normalised copy of either input is
+stored. Routing (``fastkd.ops._dispatch``, the same for every op): CUDA -> the Triton kernel of
+``fastkd.kernels.feature_align`` (D <= 4096); CPU -> the C++ kernel (``csrc/feature_align.cpp``); else
+(float64 or D > 4096 on CUDA, other devices, no ``fastkd._C``) -> :func:`feature_align_reference`.
+The op is once differentiable.
 """
 
 from __future__ import annotations
@@ -30,16 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastkd.ops._dispatch import OpImplementations
-from fastkd.ops.reference_mode import cpu_reference, reference_ops_enabled, small_on_cpu
+from fastkd.ops._dispatch import Route, register
 
 __all__ = ["feature_align", "feature_align_reference", "TARGET_NORMS", "LOSSES"]
 
 TARGET_NORMS = ("layernorm", "l2", "none")
 LOSSES = ("smooth_l1", "mse", "cosine")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Elements per chunk of the PyTorch path: its ~10 temporaries stay a few MiB.
-_CHUNK_ELEMENTS = 1 << 17
 
 
 def check_options(target_norm, student_norm, loss, beta, eps) -> None:
@@ -92,8 +87,12 @@ def feature_align_reference(
     eps: float = 1e-6,
 ) -> Tensor:
     """The plain PyTorch formula of :func:`feature_align` (fp32, fp64 for fp64 inputs), materialising
-    every intermediate; the test oracle and benchmark baseline."""
+    every intermediate; the test oracle, the benchmark baseline and the op's fallback."""
     _validate(student, teacher, mask, target_norm, student_norm, loss, beta, eps)
+    return _reference(student, teacher, mask, target_norm, student_norm, loss, beta, eps)
+
+
+def _reference(student, teacher, mask, target_norm, student_norm, loss, beta, eps) -> Tensor:
     acc = _loss_dtype(student, teacher)
     s, t = student.to(acc), teacher.detach().to(acc)
     if target_norm == "layernorm":
@@ -118,68 +117,6 @@ def _loss_dtype(s: Tensor, t: Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
 
 
-def _align_rows_torch(s, t, w, target_norm, student_norm, loss, beta, eps):
-    """Loss ``[R]`` and weighted ``d loss / d s`` ``[R, D]`` of a chunk of rows, in closed form
-    (the same formulas as the kernels), in fp32 (fp64 for fp64 inputs)."""
-    acc = _loss_dtype(s, t)
-    s, t = s.to(acc), t.to(acc)
-    D = s.shape[-1]
-    if target_norm == "layernorm":
-        y = F.layer_norm(t, (D,), eps=eps)
-    elif target_norm == "l2":
-        y = t / torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(eps)
-    else:
-        y = t
-    if student_norm:
-        s_norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
-        s_den = s_norm.clamp_min(eps)
-        x = s / s_den
-    else:
-        x = s
-    if loss == "cosine":
-        x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        x_den = x_norm.clamp_min(eps)
-        x_hat = x / x_den
-        y_hat = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(eps)
-        cos = (x_hat * y_hat).sum(-1, keepdim=True)
-        rows = (1 - cos).squeeze(-1)
-        gx = (x_hat * torch.where(x_norm > eps, cos, 0.0) - y_hat) / x_den
-    else:
-        d = x - y
-        if loss == "mse":
-            rows = (d * d).mean(-1)
-            gx = d * (2.0 / D)
-        else:
-            ad = d.abs()
-            quadratic = ad < beta
-            rows = torch.where(quadratic, 0.5 * d * d / beta, ad - 0.5 * beta).mean(-1)
-            gx = torch.where(quadratic, d / beta, d.sign()) / D
-    if student_norm:
-        radial = torch.where(s_norm > eps, (x * gx).sum(-1, keepdim=True), 0.0)
-        gx = (gx - x * radial) / s_den
-    if w is not None:
-        rows = rows * w
-        gx = gx * w[:, None]
-    return rows, gx
-
-
-def _feature_align_chunked(s, t, w, target_norm, student_norm, loss, beta, eps, write_grad):
-    """Any-device PyTorch path of the op, chunked over rows."""
-    M, D = s.shape
-    out_loss = s.new_empty(M, dtype=_loss_dtype(s, t))
-    grad = torch.empty_like(s, memory_format=torch.contiguous_format) if write_grad else s.new_empty(0)
-    step = max(1, _CHUNK_ELEMENTS // D)
-    for start in range(0, M, step):
-        rows = slice(start, start + step)
-        chunk_loss, chunk_grad = _align_rows_torch(
-            s[rows], t[rows], None if w is None else w[rows], target_norm, student_norm, loss, beta, eps
-        )
-        out_loss[rows] = chunk_loss
-        if write_grad:
-            grad[rows] = chunk_grad
-    return out_loss, grad
-
-
 def _feature_align_triton(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad):
     from fastkd.kernels.feature_align import launch_feature_align_fwd
 
@@ -192,59 +129,32 @@ def _feature_align_triton(student, teacher, weight, target_norm, student_norm, l
 def _feature_align_gpu_limit(student, *args) -> str | None:
     from fastkd.kernels.feature_align import MAX_D
 
-    return f"D = {student.shape[1]} > {MAX_D}" if student.shape[1] > MAX_D else None
+    return f"D = {student.shape[-1]} > {MAX_D}" if student.shape[-1] > MAX_D else None
 
 
-_IMPLEMENTATIONS = OpImplementations(
-    "feature_align", torch=_feature_align_chunked, native="feature_align_cpu", triton=_feature_align_triton,
-    gpu_limit=_feature_align_gpu_limit,
-)
-
-
-@torch.library.custom_op("fastkd::feature_align", mutates_args=())
-def _feature_align_op(
-    student: Tensor,
-    teacher: Tensor,
-    weight: Tensor | None,
-    target_norm: str,
-    student_norm: bool,
-    loss: str,
-    beta: float,
-    eps: float,
-    write_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    return _IMPLEMENTATIONS(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad)
-
-
-@_feature_align_op.register_fake
-def _(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad):
+def _fake(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad):
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if write_grad else student.new_empty(0)
     return student.new_empty(student.shape[0], dtype=_loss_dtype(student, teacher)), grad
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.set_materialize_grads(False)  # the gradient output never gets a gradient: no [M, D] of zeros
+register("feature_align", _fake, cuda=_feature_align_triton)
+_ROUTE = Route("feature_align", gpu_limit=_feature_align_gpu_limit)
 
 
-def _backward(ctx, grad_rows, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    if grad_rows is None or not ctx.needs_input_grad[0]:
-        return (None,) * 9
-    if grad.numel() == 0 and grad_rows.numel() != 0:
-        raise RuntimeError("fastkd::feature_align was called with write_grad=False, so it has no student gradient")
-    scale = grad_rows[:, None]
-    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
-        return ((grad * scale).to(grad.dtype),) + (None,) * 8
-    if grad.device.type == "cpu" and bool((grad_rows == 1).all()):
-        return (grad,) + (None,) * 8
-    if torch._C._autograd._get_current_graph_task_keep_graph():
-        return (torch.mul(grad, scale, out=torch.empty_like(grad)),) + (None,) * 8
-    # The graph is freed after this backward: nobody else reads the saved gradient, reuse it.
-    return (grad.mul_(scale),) + (None,) * 8
-
-
-_feature_align_op.register_autograd(_backward, setup_context=_setup_context)
+def _kernel(student, teacher, mask, target_norm, student_norm, loss, beta, eps) -> Tensor:
+    """``torch.ops.fastkd.feature_align`` on the rows of the (validated) inputs."""
+    D = student.shape[-1]
+    s = student if student.dim() == 2 else student.reshape(-1, D)
+    t = teacher if teacher.dim() == 2 else teacher.reshape(-1, D)
+    if s.stride(-1) != 1:
+        s = s.contiguous()
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    weight = None if mask is None else mask.detach().reshape(-1).to(torch.float32).contiguous()
+    write_grad = student.requires_grad and torch.is_grad_enabled()
+    rows, _ = torch.ops.fastkd.feature_align.default(s, t, weight, target_norm, student_norm, loss, beta, eps,
+                                                     write_grad)
+    return rows if student.dim() == 2 else rows.reshape(student.shape[:-1])
 
 
 def feature_align(
@@ -259,25 +169,8 @@ def feature_align(
     eps: float = 1e-6,
 ) -> Tensor:
     """Per-row loss ``[...]`` (float32; float64 for float64 inputs) of ``student`` against the
-    normalised ``teacher``, times ``mask``: see the module docstring for the formula. Gradient flows
-    to ``student`` only (in its dtype). Inside ``reference_ops()``, and for a small CPU input (see
-    :mod:`fastkd.ops.reference_mode`), it is :func:`feature_align_reference`."""
-    if reference_ops_enabled():
-        return feature_align_reference(
-            student, teacher, mask, target_norm=target_norm, student_norm=student_norm, loss=loss, beta=beta, eps=eps
-        )
+    normalised ``teacher``, times ``mask``: see the module docstring for the formula and the routing.
+    Gradient flows to ``student`` only (in its dtype)."""
     _validate(student, teacher, mask, target_norm, student_norm, loss, beta, eps)
-    if small_on_cpu("feature_align", student.device, student.numel()):
-        return cpu_reference(feature_align_reference, student, teacher.detach(), mask, target_norm=target_norm,
-                             student_norm=student_norm, loss=loss, beta=beta, eps=eps)
-    D = student.shape[-1]
-    s = student.reshape(-1, D)
-    t = teacher.detach().reshape(-1, D)
-    if s.stride(-1) != 1:
-        s = s.contiguous()
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    weight = None if mask is None else mask.detach().reshape(-1).to(torch.float32).contiguous()
-    write_grad = student.requires_grad and torch.is_grad_enabled()
-    rows, _ = _feature_align_op(s, t, weight, target_norm, student_norm, loss, float(beta), float(eps), write_grad)
-    return rows.reshape(student.shape[:-1])
+    args = (student, teacher.detach(), mask, target_norm, student_norm, loss, float(beta), float(eps))
+    return _ROUTE.run(_reference, args, student.device, (student.dtype, teacher.dtype), _kernel)

@@ -13,14 +13,12 @@ Neither ``x + pos_embed`` nor any ``[B, N, D]`` temporary is materialised: the f
 kept rows of ``x`` and ``pos_embed``; the backward writes ``grad_x`` once and accumulates the
 positional gradient (in fp32) from the ``B * K`` kept rows only, never from ``grad_x``.
 
-Registered as ``fastkd::gather_tokens`` (+ ``fastkd::gather_tokens_backward``) with
-``torch.library.custom_op``; implementations are chosen by the rule of ``fastkd.ops._dispatch`` (the
-same for every op): CUDA -> the Triton kernels of ``fastkd.kernels.gather_tokens``; CPU -> the C++
-kernels ``torch.ops.fastkd.gather_tokens_cpu`` / ``gather_tokens_backward_cpu`` of ``fastkd._C``
-(parallel over rows, one write of ``grad_x``); float64 on CUDA, other devices or a missing extension
--> an ``index_select`` / ``index_put_`` PyTorch path over flattened rows.
-Indices are checked (range) on CPU always and on CUDA when the
-environment variable ``FASTKD_DEBUG=1`` is set (the check synchronises the device).
+Kernels ``fastkd::gather_tokens`` (+ ``fastkd::gather_tokens_backward``). Routing
+(``fastkd.ops._dispatch``, the same for every op): CUDA -> the Triton kernels of
+``fastkd.kernels.gather_tokens``; CPU -> the C++ kernels (``csrc/gather_tokens.cpp``: parallel over
+rows, one write of ``grad_x``); else (float64 on CUDA, other devices, no ``fastkd._C``) ->
+:func:`gather_tokens_reference`. Indices are range-checked by the CPU kernel always and on CUDA when
+the environment variable ``FASTKD_DEBUG=1`` is set (the check synchronises the device).
 """
 
 from __future__ import annotations
@@ -30,8 +28,7 @@ import os
 import torch
 from torch import Tensor
 
-from fastkd.ops._dispatch import OpImplementations
-from fastkd.ops.reference_mode import cpu_reference, reference_ops_enabled, small_on_cpu
+from fastkd.ops._dispatch import Route, register
 
 __all__ = ["gather_tokens", "gather_tokens_reference"]
 
@@ -47,7 +44,8 @@ def _check_indices(keep: Tensor, N: int) -> None:
 
 
 def _checks_indices(device: torch.device) -> bool:
-    """Indices are range-checked on CPU always, elsewhere (a device sync) only with FASTKD_DEBUG=1."""
+    """Indices are range-checked on CPU always (by the C++ kernel), elsewhere (a device sync) only with
+    FASTKD_DEBUG=1."""
     return device.type == "cpu" or os.environ.get("FASTKD_DEBUG", "0") not in ("", "0")
 
 
@@ -59,24 +57,12 @@ def _pos_grad_dtype(grad_dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------- forward op
 
 
-def _gather_tokens_torch(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
-    """PyTorch path (any device): ``index_select`` of the kept rows of x and of pos_embed, then add."""
-    B, N, D = x.shape
-    K = keep.shape[1]
-    rows = (keep + torch.arange(B, dtype=keep.dtype, device=keep.device).mul_(N)[:, None]).view(-1)
-    out = x.reshape(B * N, D).index_select(0, rows).view(B, K, D)
-    if pos_embed is None:
-        return out
-    pos_rows = pos_embed.reshape(N, D).index_select(0, keep.reshape(-1)).view(B, K, D)
-    if out.dtype == pos_rows.dtype:
-        return out.add_(pos_rows)
-    return torch.add(out, pos_rows)
-
-
 def _gather_tokens_triton(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
     from fastkd.kernels.gather_tokens import launch_gather_tokens_fwd
 
     B, N, D = x.shape
+    if _checks_indices(x.device):
+        _check_indices(keep, N)
     x = x if x.stride(-1) == 1 else x.contiguous()
     keep = keep.contiguous()
     pos = None if pos_embed is None else pos_embed.reshape(N, D)
@@ -88,43 +74,15 @@ def _gather_tokens_triton(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> 
     return out
 
 
-_FORWARD = OpImplementations(
-    "gather_tokens", torch=_gather_tokens_torch, native="gather_tokens_cpu", triton=_gather_tokens_triton
-)
-
-
-@torch.library.custom_op("fastkd::gather_tokens", mutates_args=())
-def _gather_tokens_op(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
-    if _checks_indices(x.device):
-        _check_indices(keep, x.shape[1])
-    return _FORWARD(x, keep, pos_embed)
-
-
-@_gather_tokens_op.register_fake
-def _(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
+def _fake(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
     dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
     return x.new_empty((x.shape[0], keep.shape[1], x.shape[2]), dtype=dtype)
 
 
+register("gather_tokens", _fake, cuda=_gather_tokens_triton)
+
+
 # ----------------------------------------------------------------------------- backward op
-
-
-def _gather_tokens_backward_torch(
-    grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: torch.dtype, with_pos: bool
-) -> tuple[Tensor, Tensor]:
-    """PyTorch path (any device): accumulate the gradient rows into zeros (grad_x, and grad_pos in
-    the accumulation dtype straight from grad_out)."""
-    B, K, D = grad_out.shape
-    N = num_tokens
-    flat_grad = grad_out.reshape(B * K, D)
-    rows = (keep + torch.arange(B, dtype=keep.dtype, device=keep.device).mul_(N)[:, None]).view(-1)
-    grad_x = grad_out.new_zeros((B * N, D), dtype=x_dtype)
-    grad_x.index_put_((rows,), flat_grad.to(x_dtype), accumulate=True)
-    acc = _pos_grad_dtype(grad_out.dtype)
-    grad_pos = grad_out.new_zeros((N if with_pos else 0, D), dtype=acc)
-    if with_pos:
-        grad_pos.index_add_(0, keep.reshape(-1), flat_grad.to(acc))
-    return grad_x.view(B, N, D), grad_pos
 
 
 def _gather_tokens_backward_triton(
@@ -141,54 +99,20 @@ def _gather_tokens_backward_triton(
     return grad_x, grad_pos
 
 
-_BACKWARD = OpImplementations(
-    "gather_tokens_backward", torch=_gather_tokens_backward_torch, native="gather_tokens_backward_cpu",
-    triton=_gather_tokens_backward_triton,
-)
-
-
-@torch.library.custom_op("fastkd::gather_tokens_backward", mutates_args=())
-def _gather_tokens_backward_op(
-    grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: torch.dtype, with_pos: bool
-) -> tuple[Tensor, Tensor]:
-    """Returns ``(grad_x [B, N, D] in x_dtype, grad_pos [N, D])`` with ``grad_pos`` in float32
-    (float64 for float64 gradients); ``grad_pos`` is ``[0, D]`` when ``with_pos`` is False
-    (custom ops cannot return None)."""
-    return _BACKWARD(grad_out, keep, num_tokens, x_dtype, with_pos)
-
-
-@_gather_tokens_backward_op.register_fake
-def _(grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: torch.dtype, with_pos: bool) -> tuple[Tensor, Tensor]:
+def _fake_backward(grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: torch.dtype,
+                   with_pos: bool) -> tuple[Tensor, Tensor]:
+    """``(grad_x [B, N, D] in x_dtype, grad_pos [N, D])`` with ``grad_pos`` in float32 (float64 for
+    float64 gradients); ``grad_pos`` is ``[0, D]`` when ``with_pos`` is False."""
     B, _, D = grad_out.shape
     grad_x = grad_out.new_empty((B, num_tokens, D), dtype=x_dtype)
     grad_pos = grad_out.new_empty((num_tokens if with_pos else 0, D), dtype=_pos_grad_dtype(grad_out.dtype))
     return grad_x, grad_pos
 
 
-# ----------------------------------------------------------------------------- autograd
+register("gather_tokens_backward", _fake_backward, cuda=_gather_tokens_backward_triton)
+_ROUTE = Route("gather_tokens")
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, keep, pos_embed = inputs
-    ctx.save_for_backward(keep)
-    ctx.num_tokens = x.shape[1]
-    ctx.x_dtype = x.dtype
-    ctx.pos_shape = None if pos_embed is None else tuple(pos_embed.shape)
-    ctx.pos_dtype = None if pos_embed is None else pos_embed.dtype
-
-
-def _backward(ctx, grad_out: Tensor):
-    (keep,) = ctx.saved_tensors
-    with_pos = ctx.pos_shape is not None and ctx.needs_input_grad[2]
-    if not (ctx.needs_input_grad[0] or with_pos):
-        return None, None, None
-    grad_x, grad_pos = _gather_tokens_backward_op(grad_out, keep, ctx.num_tokens, ctx.x_dtype, with_pos)
-    grad_x = grad_x if ctx.needs_input_grad[0] else None
-    grad_pos = grad_pos.to(ctx.pos_dtype).view(ctx.pos_shape) if with_pos else None
-    return grad_x, None, grad_pos
-
-
-_gather_tokens_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -232,20 +156,21 @@ def gather_tokens(x: Tensor, keep: Tensor, pos_embed: Tensor | None = None) -> T
 
     ``x``: ``[B, N, D]`` floating point; ``keep``: ``[B, K]`` int64 token indices in ``[0, N)``
     (K <= N; duplicates allowed, their gradients add up); ``pos_embed``: ``[N, D]``, ``[1, N, D]``
-    or ``None``. Differentiable w.r.t. ``x`` and ``pos_embed``. Inside ``reference_ops()``, and for a
-    small CPU input (see :mod:`fastkd.ops.reference_mode`), it is :func:`gather_tokens_reference`.
+    or ``None``. Differentiable w.r.t. ``x`` and ``pos_embed``. Routing: see the module docstring.
     """
-    if reference_ops_enabled():
-        return gather_tokens_reference(x, keep, pos_embed)
     _validate(x, keep, pos_embed)
-    if small_on_cpu("gather_tokens", x.device, keep.numel() * x.shape[-1]):
-        return cpu_reference(gather_tokens_reference, x, keep, pos_embed)
-    return _gather_tokens_op(x, keep, pos_embed)
+    dtypes = (x.dtype,) if pos_embed is None else (x.dtype, pos_embed.dtype)
+    return _ROUTE.run(_reference, (x, keep, pos_embed), x.device, dtypes)
 
 
 def gather_tokens_reference(x: Tensor, keep: Tensor, pos_embed: Tensor | None = None) -> Tensor:
-    """The plain PyTorch formula (materialises ``x + pos_embed``): oracle for tests and benchmark baseline."""
+    """The plain PyTorch formula (materialises ``x + pos_embed``): the test oracle, the benchmark
+    baseline and the op's fallback."""
     _validate(x, keep, pos_embed)
+    return _reference(x, keep, pos_embed)
+
+
+def _reference(x: Tensor, keep: Tensor, pos_embed: Tensor | None) -> Tensor:
     if pos_embed is not None:
         x = x + pos_embed
     return torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[2]))

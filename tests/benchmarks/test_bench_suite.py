@@ -15,7 +15,6 @@ from fastkd.benchmarks.compile_check import parse_targets, selected_configs
 from fastkd.benchmarks.bench_e2e import METHODS, PHASE_COLUMNS, VARIANTS
 from fastkd.benchmarks.bench_ops import OPS, annotate
 from fastkd.benchmarks.gpu_peak import NEEDS_GPU, fraction_of_peak
-from fastkd.ops import CPU_REFERENCE_BELOW
 
 HANG_SECONDS = 900  # a hang guard, not a speed check: the suite takes ~1-2 min on 2 idle cores
 RECIPES = ("mocov3", "dino_multicrop", "mae", "eval")
@@ -106,9 +105,8 @@ def test_e2e_records_time_every_variant_of_every_method(suite):
         if r["variant"].startswith("plain"):
             assert r["fused_ops_called"] == [], f"{r['method']}: the plain assembly still runs fused ops"
         else:
-            # the quick run's problems (batch 8, demo shapes) are below the CPU size rule's thresholds:
-            # those ops take their reference (tests/ops/test_reference_mode.py), ema_ has no such rule
-            expected = FUSED_OPS_USED[r["method"]] - set(CPU_REFERENCE_BELOW)
+            # no size rule: the quick run's small problems (batch 8, demo shapes) take the kernels too
+            expected = FUSED_OPS_USED[r["method"]]
             assert set(r["fused_ops_called"]) == expected, (r["method"], r["fused_ops_called"])
             assert r["data_ms"] > 0 and (r["fused_ops_ms"] > 0) is bool(expected)
             assert isinstance(r["meets_target"], bool) and "vs_plain_compiled >= 1.0x" in r["target"]
@@ -223,3 +221,14 @@ def test_e2e_runs_keep_each_variants_lowest_ratios():
     assert combined[1] == {"method": "mokd", "error": "RuntimeError: boom"}
     judge(row)
     assert row["meets_target"] is False and "vs_plain_compiled >= 1.0x" in row["target"]
+
+
+def test_op_sweep_records_on_tiny_sizes():
+    """The per-size sweep of `fastkd bench ops`: one record per op and size, both times and their ratio."""
+    from fastkd.benchmarks.op_sweep import CASES, sweep
+
+    records = sweep(sizes=(1000, 3000), rounds=1, budget_s=0.001)
+    assert [(r["op"], r["elements"] > 0) for r in records] == [(op, True) for op in CASES for _ in range(2)]
+    for r in records:
+        assert r["dtype"] == "float32" and r["fused_ms"] > 0 and r["reference_ms"] > 0 and r["repeats"] >= 1
+        assert r["speedup"] == pytest.approx(r["reference_ms"] / r["fused_ms"])

@@ -35,12 +35,3 @@ def huge_strided(tmp_path):
     for path in paths:
         path.unlink(missing_ok=True)
 
-
-@pytest.fixture(autouse=True)
-def _fused_kernels_at_every_size():
-    """The op tests exercise the fused kernels on small inputs too: the CPU size rule (small CPU
-    problems take the reference) is off here, and tested on its own in tests/ops/test_reference_mode.py."""
-    from fastkd.ops import fused_kernels_always
-
-    with fused_kernels_always():
-        yield

@@ -1,5 +1,5 @@
-"""The one dispatch rule of the ops: which implementation runs, the one warning, autocast off and
-the inputs' CUDA device around every implementation."""
+"""The one dispatch rule of the ops: kernel or reference, the one warning, autocast off around the
+fallback and the CUDA kernels, the inputs' CUDA device around every CUDA kernel."""
 
 import contextlib
 import warnings
@@ -9,13 +9,14 @@ import torch
 
 from fastkd.ops import _dispatch, ema_, feature_align, gather_tokens, random_keep, token_relation
 from fastkd.ops import feature_align_reference, gather_tokens_reference, token_relation_reference
-from fastkd.ops._dispatch import OpImplementations, implementation_context
+from fastkd.ops._dispatch import Route, implementation_context
 from tests.ops.conftest import force_torch_path
 
 
-def _impls(**kwargs):
-    marks = {name: (lambda *a, name=name: name) for name in ("torch", "triton")}
-    return OpImplementations("demo", torch=marks["torch"], triton=marks["triton"], native="ema_", **kwargs)
+def _run(route=None, device=torch.device("cpu"), dtypes=(torch.float32,), args=()):
+    """What ``route`` (default: the ema_ route) runs for these inputs: "kernel" or "reference"."""
+    route = route or Route("ema_")
+    return route.run(lambda *a: "reference", args, device, dtypes, lambda *a: "kernel")
 
 
 CUDA, CPU, META = torch.device("cuda", 0), torch.device("cpu"), torch.device("meta")
@@ -23,37 +24,53 @@ CUDA, CPU, META = torch.device("cuda", 0), torch.device("cpu"), torch.device("me
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_training_dtypes_run_the_triton_kernel(dtype):
-    assert _impls().select(CUDA, (dtype,), ())() == "triton"
+    assert _run(device=CUDA, dtypes=(dtype,)) == "kernel"
 
 
-def test_float64_on_cuda_runs_the_pytorch_path_for_every_op():
-    assert _impls().select(CUDA, (torch.float32, torch.float64), ())() == "torch"
-    native_cuda = OpImplementations("demo", torch=lambda: "torch", native="ema_", native_cuda=True)
-    assert native_cuda.select(CUDA, (torch.float64,), ())() == "torch"
+def test_float64_on_cuda_runs_the_reference_for_every_op():
+    assert _run(device=CUDA, dtypes=(torch.float32, torch.float64)) == "reference"
+    assert _run(Route("feature_align"), CUDA, (torch.float64,)) == "reference"
 
 
-def test_gpu_size_limit_runs_the_pytorch_path_silently():
-    impls = _impls(gpu_limit=lambda n: "too wide" if n > 4 else None)
+def test_gpu_size_limit_runs_the_reference_silently():
+    route = Route("ema_", gpu_limit=lambda n: "too wide" if n > 4 else None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert impls.select(CUDA, (torch.float32,), (5,))() == "torch"
-    assert impls.select(CUDA, (torch.float32,), (4,))() == "triton"
+        assert _run(route, CUDA, args=(5,)) == "reference"
+    assert _run(route, CUDA, args=(4,)) == "kernel"
 
 
-def test_cpu_runs_the_native_kernel_and_other_devices_the_pytorch_path():
-    assert _impls().select(CPU, (torch.float32,), ()) is torch.ops.fastkd.ema_
-    assert _impls().select(META, (torch.float32,), ())() == "torch"
+def test_cpu_runs_the_native_kernel_and_other_devices_the_reference():
+    assert _run(device=CPU) == "kernel"
+    assert _run(device=META) == "reference"
+    assert Route("ema_").native is torch.ops.fastkd.ema_.default
+
+
+def test_reference_ops_route_every_device_to_the_reference():
+    with _dispatch.reference_ops():
+        assert _run(device=CPU) == _run(device=CUDA) == "reference"
 
 
 def test_missing_native_kernel_warns_once_per_op_and_reason(monkeypatch):
     force_torch_path(monkeypatch, reason="fastkd._C is missing (test)")
-    with pytest.warns(RuntimeWarning, match=r"fastkd.ops.demo: fastkd._C is missing \(test\); using its PyTorch path"):
-        assert _impls().select(CPU, (torch.float32,), ())() == "torch"
+    with pytest.warns(RuntimeWarning, match=r"fastkd.ops.ema_: fastkd._C is missing \(test\); using its PyTorch reference"):
+        assert _run() == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _impls().select(CPU, (torch.float32,), ())
+        assert _run() == "reference"
     with pytest.warns(RuntimeWarning, match="fastkd.ops.other"):
-        OpImplementations("other", torch=lambda: None, native="ema_").select(CPU, (torch.float32,), ())
+        assert _run(Route("other")) == "reference"
+
+
+def test_the_fallback_runs_with_autocast_off(monkeypatch):
+    force_torch_path(monkeypatch)
+    monkeypatch.setattr(_dispatch, "_warn_once", lambda op, reason: None)
+    seen = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        Route("ema_").run(lambda: seen.append(torch.is_autocast_enabled("cpu")), (), CPU, (torch.float32,))
+        with _dispatch.reference_ops():  # a user's plain code: under the autocast the user chose
+            Route("ema_").run(lambda: seen.append(torch.is_autocast_enabled("cpu")), (), CPU, (torch.float32,))
+    assert seen == [False, True]
 
 
 def _run_all_ops():
@@ -74,9 +91,7 @@ def test_every_op_warns_once_without_the_extension(monkeypatch):
         _run_all_ops()
         _run_all_ops()
     ops = sorted(str(w.message).split(":")[0] for w in caught if issubclass(w.category, RuntimeWarning))
-    assert ops == sorted(f"fastkd.ops.{op}" for op in (
-        "feature_align", "gather_tokens", "gather_tokens_backward", "token_relation", "token_relation_backward",
-        "ema_"))
+    assert ops == sorted(f"fastkd.ops.{op}" for op in ("feature_align", "gather_tokens", "token_relation", "ema_"))
 
 
 def test_implementation_context_disables_autocast():
@@ -110,8 +125,11 @@ def path(request, monkeypatch):
     return request.param
 
 
-def _grads(fn, *inputs):
-    out = fn(*inputs)
+def _grads(fn, *inputs, autocast=False):
+    """Forward (under CPU bf16 autocast with ``autocast``) and backward outside it, as torch
+    recommends (the fallback's own backward would otherwise run under the caller's autocast)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = fn(*inputs)
     out.backward(torch.ones_like(out))
     return out.detach(), [x.grad.clone() for x in inputs]
 
@@ -132,8 +150,7 @@ def test_ops_under_cpu_autocast_match_their_reference(path, dtype):
         (lambda a, p: gather_tokens(a, keep, p), lambda a, p: gather_tokens_reference(a, keep, p), (x, pos)),
     ]
     for ours, reference, inputs in cases:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, grads = _grads(ours, *inputs)
+        out, grads = _grads(ours, *inputs, autocast=True)
         for x_ in inputs:
             x_.grad = None
         ref_out, ref_grads = _grads(reference, *inputs)

@@ -1,4 +1,4 @@
-"""fastkd.ops.ema_ (C++ op torch.ops.fastkd.ema_ and the foreach fallback) against ema_reference."""
+"""fastkd.ops.ema_ (C++ op torch.ops.fastkd.ema_ and its fallback, the mul_ / add_ loop) against ema_reference."""
 
 import math
 import warnings

@@ -1,7 +1,7 @@
-"""fastkd.ops.feature_align against feature_align_reference: C++ CPU kernel and chunked PyTorch path,
-forward and gradients, fp32 / bf16 / fp64 (the Triton kernel: tests/kernels/test_feature_align.py)."""
+"""fastkd.ops.feature_align against feature_align_reference: C++ CPU kernel and the fallback (the
+reference through the dispatch), forward and gradients, fp32 / bf16 / fp64 (the Triton kernel:
+tests/kernels/test_feature_align.py)."""
 
-import importlib
 import itertools
 
 import pytest
@@ -9,9 +9,8 @@ import torch
 
 from fastkd.ops import feature_align, feature_align_reference
 from fastkd.ops._dispatch import native_op
-from fastkd.ops.feature_align import LOSSES, TARGET_NORMS, _feature_align_chunked
-
-feature_align_module = importlib.import_module("fastkd.ops.feature_align")
+from fastkd.ops.feature_align import LOSSES, TARGET_NORMS
+from tests.ops.conftest import force_torch_path
 MODES = list(itertools.product(TARGET_NORMS, (False, True), LOSSES))
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=1e-2)}
 
@@ -53,12 +52,14 @@ def test_cpu_op_matches_reference(mode, dtype):
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(map(str, m)))
-def test_chunked_path_matches_reference(mode, monkeypatch):
-    monkeypatch.setattr(feature_align_module, "_CHUNK_ELEMENTS", 64)  # several chunks of 1 row
+def test_fallback_matches_reference(mode, monkeypatch):
+    force_torch_path(monkeypatch)
     student, teacher = _inputs((5, 33), torch.float32)
     weight = torch.rand(5)
-    rows, grad = _feature_align_chunked(student.detach(), teacher, weight, *_kw(mode).values(), True)
-    _assert_close(rows, grad, *_reference(student, teacher, weight, _kw(mode), 1.0), torch.float32)
+    with pytest.warns(RuntimeWarning, match="fastkd.ops.feature_align: .*using its PyTorch reference"):
+        rows = feature_align(student, teacher, weight, **_kw(mode))
+    (grad,) = torch.autograd.grad(rows.sum(), student)
+    _assert_close(rows.detach(), grad, *_reference(student, teacher, weight, _kw(mode), 1.0), torch.float32)
 
 
 @pytest.mark.parametrize("D", [1, 3, 384, 768, 1000])
@@ -110,7 +111,7 @@ def test_gradcheck_float64():
 
 
 def test_cpu_path_is_the_cpp_kernel():
-    assert native_op("feature_align_cpu") is not None, "fastkd._C must be built with feature_align_cpu"
+    assert native_op("feature_align") is not None, "fastkd._C must be built with feature_align"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -1,4 +1,6 @@
-"""``reference_ops()`` routes every public fused op to its plain reference, with equal results."""
+"""``reference_ops()`` routes every public fused op to its plain reference, with equal results; the
+reference is also each op's fallback (here: the native kernel reported missing), and the kernel runs
+at every CPU size."""
 
 import importlib
 
@@ -6,7 +8,8 @@ import pytest
 import torch
 
 import fastkd.ops as ops
-from fastkd.ops.reference_mode import reference_ops, reference_ops_enabled
+from fastkd.ops._dispatch import reference_ops, reference_ops_enabled
+from tests.ops.conftest import force_torch_path
 
 
 def _spy(monkeypatch, module_name, function_name):
@@ -35,10 +38,10 @@ def test_switch_nests_and_restores():
 def test_feature_align_routes_to_reference(monkeypatch):
     s, t = torch.randn(5, 7, requires_grad=True), torch.randn(5, 7)
     fast = ops.feature_align(s, t)
-    calls = _spy(monkeypatch, "fastkd.ops.feature_align", "feature_align_reference")
+    calls = _spy(monkeypatch, "fastkd.ops.feature_align", "_reference")  # feature_align_reference, validated once
     with reference_ops():
         plain = ops.feature_align(s, t)
-    assert calls == ["feature_align_reference"]
+    assert calls == ["_reference"]
     torch.testing.assert_close(plain, fast)
 
 
@@ -46,20 +49,20 @@ def test_gather_tokens_routes_to_reference(monkeypatch):
     x, pos = torch.randn(2, 9, 4), torch.randn(9, 4)
     keep = torch.tensor([[0, 3, 8], [1, 2, 5]])
     fast = ops.gather_tokens(x, keep, pos)
-    calls = _spy(monkeypatch, "fastkd.ops.gather_tokens", "gather_tokens_reference")
+    calls = _spy(monkeypatch, "fastkd.ops.gather_tokens", "_reference")  # gather_tokens_reference, validated once
     with reference_ops():
         plain = ops.gather_tokens(x, keep, pos)
-    assert calls == ["gather_tokens_reference"]
+    assert calls == ["_reference"]
     torch.testing.assert_close(plain, fast)
 
 
 def test_token_relation_routes_to_reference(monkeypatch):
     q_s, k_s, q_t, k_t = (torch.randn(1, 2, 7, 8) for _ in range(4))
     fast = ops.token_relation(q_s, k_s, q_t, k_t)
-    calls = _spy(monkeypatch, "fastkd.ops.token_relation", "token_relation_reference")
+    calls = _spy(monkeypatch, "fastkd.ops.token_relation", "_reference")  # token_relation_reference, validated once
     with reference_ops():
         plain = ops.token_relation(q_s, k_s, q_t, k_t)
-    assert calls == ["token_relation_reference"]
+    assert calls == ["_reference"]
     torch.testing.assert_close(plain, fast, rtol=1e-4, atol=1e-5)
 
 
@@ -80,14 +83,7 @@ def test_ema_python_loop_matches_fused(return_gap):
         assert plain_gap is None and fast_gap is None
 
 
-# ---------------------------------------------------------------- the CPU size rule
-
-from fastkd.ops import CPU_REFERENCE_BELOW, fused_kernels_always  # noqa: E402
-feature_align_module = importlib.import_module("fastkd.ops.feature_align")
-gather_tokens_module = importlib.import_module("fastkd.ops.gather_tokens")
-token_relation_module = importlib.import_module("fastkd.ops.token_relation")
-from fastkd.ops.reference_mode import small_on_cpu  # noqa: E402
-
+# ---------------------------------------------------------------- the fallback, and no size rule
 
 def _feature_align_case(rows):
     s = torch.randn(rows, 96, requires_grad=True)
@@ -106,58 +102,42 @@ def _relation_case(batch):
     return q_s, lambda: ops.token_relation(q_s, t[0], t[1], t[2])
 
 
-# (op module, its custom op's attribute, case, (a size below the threshold, one above))
-RULE_CASES = {
-    "feature_align": (feature_align_module, "_feature_align_op", _feature_align_case, (64, 4096)),
-    "gather_tokens": (gather_tokens_module, "_gather_tokens_op", _gather_case, (16, 256)),
-    "token_relation": (token_relation_module, "_token_relation_op", _relation_case, (8, 1024)),
+# case, (a small size, a large one)
+CASES = {
+    "feature_align": (_feature_align_case, (64, 4096)),
+    "gather_tokens": (_gather_case, (16, 256)),
+    "token_relation": (_relation_case, (8, 1024)),
 }
 
 
-@pytest.mark.parametrize("op", sorted(RULE_CASES))
-def test_small_cpu_problems_take_the_reference_and_match_the_kernel(op, monkeypatch):
-    module, attribute, case, sizes = RULE_CASES[op]
-    calls = []
-    kernel = getattr(module, attribute)
-
-    def counting(*args):
-        calls.append(1)
-        return kernel(*args)
-
-    monkeypatch.setattr(module, attribute, counting)
-    for size, fused in zip(sizes, (False, True)):
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_every_cpu_size_takes_the_kernel_and_the_fallback_matches_it(op, monkeypatch):
+    case, sizes = CASES[op]
+    references = _spy(monkeypatch, f"fastkd.ops.{op}", "_reference")
+    for size in sizes:
         leaf, run = case(size)
-        with fused_kernels_always(False):
-            calls.clear()
-            out = run()
-            assert bool(calls) is fused, (op, size)
-            out.sum().backward()
+        expected = run()
+        assert references == [], (op, size)  # no size rule: the kernel at every size
+        expected.sum().backward()
         grad, leaf.grad = leaf.grad.clone(), None
-        with fused_kernels_always():
-            calls.clear()
-            expected = run()
-            assert calls
-            expected.sum().backward()
+        with monkeypatch.context() as patch:
+            force_torch_path(patch)
+            with pytest.warns(RuntimeWarning, match=f"fastkd.ops.{op}: .*using its PyTorch reference"):
+                out = run()
+            assert references == ["_reference"]
+            out.sum().backward()
+        references.clear()
         assert out.dtype == expected.dtype
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(grad, leaf.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_the_rule_keeps_the_op_dtype_contract_under_cpu_autocast():
+def test_the_fallback_keeps_the_op_dtype_contract_under_cpu_autocast(monkeypatch):
     q_s, run = _relation_case(8)
-    with fused_kernels_always(False), torch.autocast("cpu", dtype=torch.bfloat16):
-        small = run()
-    with fused_kernels_always():
-        kernel = run()
-    assert small.dtype == kernel.dtype == torch.float32
-    torch.testing.assert_close(small, kernel, rtol=1e-4, atol=1e-5)  # no bf16 matmul inside
-
-
-def test_the_rule_is_for_cpu_below_the_threshold_only():
-    cpu, meta = torch.device("cpu"), torch.device("cuda")
-    for op, threshold in CPU_REFERENCE_BELOW.items():
-        with fused_kernels_always(False):
-            assert small_on_cpu(op, cpu, threshold - 1) and not small_on_cpu(op, cpu, threshold)
-            assert not small_on_cpu(op, meta, 1)
-        with fused_kernels_always():
-            assert not small_on_cpu(op, cpu, 1)
+    kernel = run()
+    force_torch_path(monkeypatch)
+    monkeypatch.setattr(ops._dispatch, "_warn_once", lambda op, reason: None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fallback = run()
+    assert fallback.dtype == kernel.dtype == torch.float32
+    torch.testing.assert_close(fallback, kernel, rtol=1e-4, atol=1e-5)  # no bf16 matmul inside

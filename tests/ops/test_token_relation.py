@@ -1,5 +1,5 @@
 """fastkd.ops.token_relation against the materialised reference: CPU paths (C++ kernel and the
-PyTorch fallback), gradcheck, torch.compile, errors (the Triton kernels: tests/kernels/test_token_relation.py)."""
+fallback, the reference through the dispatch), gradcheck, torch.compile, errors (the Triton kernels: tests/kernels/test_token_relation.py)."""
 
 import importlib
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastkd.ops import DIRECTIONS, token_relation, token_relation_reference
+from fastkd.ops import _dispatch
 from fastkd.ops._dispatch import native_op
 from tests.ops.conftest import force_torch_path
 
@@ -67,16 +68,18 @@ def test_cpu_matches_reference(case, direction, dtype):
 
 @pytest.mark.parametrize(
     "use_cpp,tile_elements,direction",
-    [(True, 600, "teacher_to_student"), (False, 600, "student_to_teacher"), (False, 10_000, "teacher_to_student")],
+    [(True, 600, "teacher_to_student"), (False, 600, "student_to_teacher"), (True, 10_000, "teacher_to_student")],
 )
 def test_cpu_paths_with_many_tiles(monkeypatch, use_cpp, tile_elements, direction):
-    """Small tile budgets: many row blocks (600) or chunks of whole heads (10_000, PyTorch path);
-    custom scales and a head-mapped teacher with a different head dim."""
-    if use_cpp and native_op("token_relation_cpu") is None:
+    """Small tile budgets of the C++ kernel: many row blocks (600) or chunks of whole heads (10_000),
+    and the fallback (the reference through the dispatch); custom scales and a head-mapped teacher
+    with a different head dim."""
+    if use_cpp and native_op("token_relation") is None:
         pytest.skip("fastkd._C is not built")
     monkeypatch.setattr(token_relation_module, "CPU_TILE_ELEMENTS", tile_elements)
     if not use_cpp:
         force_torch_path(monkeypatch)
+        monkeypatch.setattr(_dispatch, "_warn_once", lambda op, reason: None)
     q_s, k_s, q_t, k_t = _inputs(3, 2, 4, 50, 16, 24)
     grad = torch.randn(3, 2, 50)
     kwargs = dict(direction=direction, head_map="mean", scale_s=0.3, scale_t=0.2, temperature=1.5)
