@@ -1,0 +1,58 @@
+"""The compiled side of every Triton kernel: the first registered configuration of each kernel lowered
+to Triton IR and PTX for sm_90 (no GPU needed) by the installed triton, in a subprocess without
+``TRITON_INTERPRET``. `make test` runs it on triton 3.8, `make test-compat` on triton 3.6. The kernels'
+runtime-bounded loops (``range(..., loop_bound(x), ...)``, see ``fastkd.kernels.loop_bounds``) must stay
+``scf.for`` loops, which Triton's software pipeliner works on, never ``scf.while``."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+LOWER = r"""
+import json, sys
+from fastkd.benchmarks.compile_check import compile_config, selected_configs
+lowered = {}
+for config in selected_configs(quick=True):
+    compiled = compile_config(config, 90)
+    lowered[config.name] = {"fn": config.kernel.fn.__name__, "ttir": compiled.asm["ttir"], "ptx": compiled.asm["ptx"]}
+json.dump(lowered, open(sys.argv[1], "w"))
+"""
+
+# scf.for loops of each kernel's Triton IR: its range() loops over runtime bounds
+FOR_LOOPS = {
+    "feature_align_fwd": 0,
+    "gather_tokens_fwd": 0,
+    "gather_tokens_bwd": 2,  # batches of the group, rows that picked the position
+    "token_relation_row_lse": 1,  # key blocks
+    "token_relation_fwd": 1,  # key blocks
+    "token_relation_bwd_dq": 1,  # key blocks
+    "token_relation_bwd_dk": 2,  # query blocks for g_max, query blocks
+}
+
+
+@pytest.fixture(scope="module")
+def lowered(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lowering") / "lowered.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
+    result = subprocess.run([sys.executable, "-c", LOWER, str(path)], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(path.read_text())
+
+
+def test_every_kernel_lowers_to_ptx_for_sm90(lowered):
+    assert set(FOR_LOOPS) <= set(lowered), sorted(lowered)
+    for name, asm in lowered.items():
+        assert re.search(r"^\.target sm_90a?\b", asm["ptx"], re.M), f"{name}: no sm_90 target in its PTX"
+        assert re.search(rf"\.entry {asm['fn']}\b", asm["ptx"]), f"{name}: no entry {asm['fn']} in its PTX"
+
+
+@pytest.mark.parametrize("name", sorted(FOR_LOOPS))
+def test_runtime_bounded_loops_stay_for_loops(lowered, name):
+    ttir = lowered[name]["ttir"]
+    assert "scf.while" not in ttir
+    assert len(re.findall(r"\bscf\.for\b", ttir)) == FOR_LOOPS[name], ttir
