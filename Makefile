@@ -70,7 +70,6 @@ COMPAT_PY     := $(COMPAT_VENV)/bin/python
 COMPAT_STAMP  := $(COMPAT_VENV)/.fastkd-installed
 COMPAT_PYVER  ?= 3.12
 COMPAT_PINS   ?= torch==2.11.0 torchvision==0.26.0 triton==3.6.0 timm==1.0.31 numpy
-COMPAT_BUILD  ?=
 COMPAT_TESTS  ?= tests/ops tests/kernels tests/losses tests/methods tests/models tests/train
 COMPAT_REPORT := build/$(COMPAT_VENV:.%=%)
 # The first interpreter that really is Python $(1) (a pyenv shim named python3.12 may not run).
@@ -92,7 +91,7 @@ $(COMPAT_STAMP): $(SOURCES) tests/gpu/run_gpu_suite.sh
 	$(COMPAT_PY) -m pip install --quiet --upgrade pip setuptools wheel ninja
 	$(COMPAT_PY) -m pip install --quiet $(COMPAT_PINS) pytest pyyaml pillow tqdm matplotlib tensorboard scikit-image
 	mkdir -p $(COMPAT_REPORT)
-	$(COMPAT_BUILD) PYTHON=$(COMPAT_PY) OUT=$(COMPAT_REPORT) bash tests/gpu/run_gpu_suite.sh > $(COMPAT_REPORT)/install.log 2>&1 \
+	PYTHON=$(COMPAT_PY) OUT=$(COMPAT_REPORT) bash tests/gpu/run_gpu_suite.sh > $(COMPAT_REPORT)/install.log 2>&1 \
 		|| { tail -n 40 $(COMPAT_REPORT)/install.log; exit 1; }
 	tail -n 2 $(COMPAT_REPORT)/gpu_suite.txt
 	touch $(COMPAT_STAMP)

@@ -2,13 +2,16 @@
 to Triton IR and PTX for sm_90 (no GPU needed) by the installed triton, in a subprocess without
 ``TRITON_INTERPRET``. `make test` runs it on triton 3.8, `make test-compat` on triton 3.6. The kernels'
 runtime-bounded loops (``range(..., loop_bound(x), ...)``, see ``fastkd.kernels.loop_bounds``) must stay
-``scf.for`` loops, which Triton's software pipeliner works on, never ``scf.while``."""
+``scf.for`` loops, which Triton's software pipeliner works on, never ``scf.while``; and (read from the
+sources) every runtime ``range`` bound of a kernel goes through ``loop_bound``."""
 
+import ast
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +59,36 @@ def test_runtime_bounded_loops_stay_for_loops(lowered, name):
     ttir = lowered[name]["ttir"]
     assert "scf.while" not in ttir
     assert len(re.findall(r"\bscf\.for\b", ttir)) == FOR_LOOPS[name], ttir
+
+
+def _is_constexpr(annotation) -> bool:
+    return annotation is not None and ast.unparse(annotation) in ("tl.constexpr", "triton.language.constexpr")
+
+
+def _unwrapped_loop_bounds(path):
+    """``(function, line, bound)`` of every ``range(...)`` loop bound of a ``@triton.jit`` function in
+    ``path`` that is neither a literal, a ``tl.constexpr`` parameter nor a ``loop_bound(...)`` call."""
+    found = []
+    for fn in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(fn, ast.FunctionDef) or not any("jit" in ast.unparse(d) for d in fn.decorator_list):
+            continue
+        constexprs = {a.arg for a in fn.args.args if _is_constexpr(a.annotation)}
+        for loop in ast.walk(fn):
+            call = loop.iter if isinstance(loop, ast.For) else None
+            if not (isinstance(call, ast.Call) and ast.unparse(call.func) in ("range", "tl.range")):
+                continue
+            for bound in call.args:
+                if isinstance(bound, ast.Constant) or (isinstance(bound, ast.Name) and bound.id in constexprs):
+                    continue
+                if isinstance(bound, ast.Call) and ast.unparse(bound.func) == "loop_bound":
+                    continue
+                found.append((fn.name, loop.lineno, ast.unparse(bound)))
+    return found
+
+
+def test_runtime_loop_bounds_go_through_loop_bound():
+    """Under NumPy >= 2.5 the interpreters of triton 3.0-3.6 reject a runtime ``range`` bound (make test
+    runs triton 3.8, which accepts it): every kernel in kernels/ writes it as ``loop_bound(x)``."""
+    kernels = Path(__file__).resolve().parents[2] / "kernels"
+    found = [(path.name, *hit) for path in sorted(kernels.glob("*.py")) for hit in _unwrapped_loop_bounds(path)]
+    assert not found, found
