@@ -10,7 +10,7 @@ CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
 export CUDA_HOME
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: venv test pytest ctest kernel-check demo bench clean
+.PHONY: venv test pytest ctest kernel-check demo bench clean test-compat compat-venv test-oldest
 
 venv: $(STAMP)
 
@@ -55,6 +55,66 @@ gpu-test:
 kernel-check: venv
 	$(VENV)/bin/fastkd bench compile
 
+# Second environment with the lent GPU machine's software: Python 3.12, torch 2.11 / torchvision 0.26 /
+# triton 3.6 from PyPI (torch's CUDA 13 wheels: on this CPU-only machine too they need their nvidia-*
+# libraries to import), the newest numpy, timm 1.0.31, no DALI, no xformers. The environment is built
+# once per clone (stamp file; pip's cache makes a rebuild mostly a re-install): fastkd is installed by
+# `bash tests/gpu/run_gpu_suite.sh`, i.e. with the lent machine's install line
+# (`pip install --no-build-isolation --no-deps -e .`, CUDA sources included), followed by the GPU suite,
+# whose every check must skip without CUDA. `make test-compat` then runs the op, kernel, loss, method,
+# model and trainer tests there (Triton interpreter), the GPU suite's collection and skips, and the
+# ahead-of-time compile check (sm_80 / sm_90) with triton 3.6. Not included: tests/data (DALI), eval,
+# the CLI and benchmark tests.
+COMPAT_VENV   ?= .venv-compat
+COMPAT_PY     := $(COMPAT_VENV)/bin/python
+COMPAT_STAMP  := $(COMPAT_VENV)/.fastkd-installed
+COMPAT_PYVER  ?= 3.12
+COMPAT_PINS   ?= torch==2.11.0 torchvision==0.26.0 triton==3.6.0 timm==1.0.31 numpy
+COMPAT_TESTS  ?= tests/ops tests/kernels tests/losses tests/methods tests/models tests/train
+COMPAT_REPORT := build/$(COMPAT_VENV:.%=%)
+# The first interpreter that really is Python $(1) (a pyenv shim named python3.12 may not run).
+find_python = $(firstword $(foreach p,python$(1) $(wildcard $(shell pyenv root 2>/dev/null)/versions/$(1).*/bin/python$(1)),\
+	$(if $(shell $(p) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null | grep -x '$(1)'),$(p))))
+COMPAT_PYTHON ?= $(call find_python,$(COMPAT_PYVER))
+# fastkd._C is built in place (fastkd/_C<EXT_SUFFIX>): two environments of one Python version would
+# overwrite each other's extension.
+EXT_SUFFIX = $(shell $(1) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
+
+compat-venv: $(COMPAT_STAMP)
+
+$(COMPAT_STAMP): $(SOURCES) tests/gpu/run_gpu_suite.sh
+	@test -n "$(COMPAT_PYTHON)" || { echo "$(COMPAT_VENV) needs Python $(COMPAT_PYVER) (none found; set COMPAT_PYTHON)"; exit 1; }
+	@for other in $(filter-out $(COMPAT_VENV),$(wildcard .venv .venv-*)); do \
+		if [ -x $$other/bin/python ] && [ "$$($$other/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" = "$(call EXT_SUFFIX,$(COMPAT_PYTHON))" ]; then \
+			echo "$(COMPAT_PYTHON) has the Python version of $$other: their in-place fastkd._C would clash"; exit 1; fi; done
+	test -x $(COMPAT_PY) || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install --quiet --upgrade pip setuptools wheel ninja
+	$(COMPAT_PY) -m pip install --quiet $(COMPAT_PINS) pytest pyyaml pillow tqdm matplotlib tensorboard scikit-image
+	mkdir -p $(COMPAT_REPORT)
+	PYTHON=$(COMPAT_PY) OUT=$(COMPAT_REPORT) bash tests/gpu/run_gpu_suite.sh > $(COMPAT_REPORT)/install.log 2>&1 \
+		|| { tail -n 40 $(COMPAT_REPORT)/install.log; exit 1; }
+	tail -n 2 $(COMPAT_REPORT)/gpu_suite.txt
+	touch $(COMPAT_STAMP)
+
+test-compat: compat-venv
+	mkdir -p $(COMPAT_REPORT)
+	@$(COMPAT_PY) -c 'import sys, numpy, torch, torchvision, triton, timm; print("$(COMPAT_VENV): python", sys.version.split()[0], "torch", torch.__version__, "torchvision", torchvision.__version__, "triton", triton.__version__, "numpy", numpy.__version__, "timm", timm.__version__)'
+	$(COMPAT_PY) -m pytest -q -p no:cacheprovider -rs $(COMPAT_TESTS)
+	FASTKD_GPU_TESTS=1 $(COMPAT_PY) -m pytest -m gpu -q -p no:cacheprovider tests/gpu > $(COMPAT_REPORT)/gpu_collect.log 2>&1 \
+		|| { tail -n 40 $(COMPAT_REPORT)/gpu_collect.log; exit 1; }
+	tail -n 2 $(COMPAT_REPORT)/gpu_collect.log
+	$(COMPAT_VENV)/bin/fastkd bench compile --out $(COMPAT_REPORT)/kernel_check > $(COMPAT_REPORT)/kernel_check.log 2>&1 \
+		|| { tail -n 40 $(COMPAT_REPORT)/kernel_check.log; exit 1; }
+	tail -n 2 $(COMPAT_REPORT)/kernel_check.log
+
+# The oldest supported versions (setup.py's floor), tested the same way in .venv-oldest, on demand (not
+# in CI): Python 3.10, torch 2.11 / torchvision 0.26 / triton 3.6, timm 1.0.23, the newest numpy for
+# Python 3.10. (torch 2.4 / triton 3.0, the floor stated before, fail: fastkd._C needs at::vec::fnmadd
+# and the ops' schemas are inferred from string annotations, which torch 2.4's custom_op rejects.)
+test-oldest:
+	$(MAKE) --no-print-directory test-compat COMPAT_VENV=.venv-oldest COMPAT_PYVER=3.10 \
+		COMPAT_PINS="torch==2.11.0 torchvision==0.26.0 triton==3.6.0 timm==1.0.23 numpy"
+
 demo: venv
 	$(PY) -m fastkd.demo
 
@@ -65,4 +125,4 @@ bench: venv
 	$(VENV)/bin/fastkd bench knn --publish
 
 clean:
-	rm -rf build $(VENV) fastkd/_C*.so *.egg-info
+	rm -rf build $(VENV) $(COMPAT_VENV) fastkd/_C*.so *.egg-info

@@ -128,12 +128,13 @@ setup(
     include_package_data=True,
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
-    # minimums: torch.library.custom_op / register_fake / register_autograd (torch 2.4), Triton 3.0
-    # (the triton.compile(ASTSource, target=GPUTarget) API of the kernel check; ships with torch 2.4),
-    # timm 1.0.23 (the oldest timm whose Attention layout, read by fastkd.models.vit_block, was checked)
+    # minimums: the oldest versions tested (`make test-oldest`: Python 3.10, torch 2.11, triton 3.6,
+    # timm 1.0.23, the oldest timm whose Attention layout, read by fastkd.models.vit_block, was checked).
+    # torch 2.4 / triton 3.0 do not work: fastkd._C needs at::vec::fnmadd, and torch 2.4's custom_op
+    # rejects the ops' string annotations.
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        "torch>=2.11",
+        "triton>=3.6; platform_system == 'Linux'",
         "torchvision",
         "timm>=1.0.23",
         "numpy",

@@ -58,6 +58,20 @@ def fits(row: dict) -> bool:
     return row["stack_bytes"] == 0 and row["local_bytes"] == 0 and row["shared_bytes"] <= row["shared_limit"]
 
 
+def compile_config(config: CompileConfig, cc: int):
+    """Triton's compiled kernel of one configuration for compute capability ``cc`` (its ``asm`` holds
+    the ``ttir``, ``ptx`` and ``cubin`` of every stage)."""
+    if isinstance(config.kernel, InterpretedFunction):
+        raise RuntimeError("kernels were defined under TRITON_INTERPRET=1; run the compile check without it")
+    signature = dict(config.signature)
+    signature.update({name: "constexpr" for name in config.constexprs})
+    return triton.compile(
+        ASTSource(config.kernel, signature, config.constexprs),
+        target=GPUTarget("cuda", cc, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
+
+
 def check_config(config: CompileConfig, cc: int, workdir: Path) -> dict:
     """Compile one configuration for compute capability ``cc``; returns one table row (``ok``
     False with an ``error`` when it does not compile)."""
@@ -67,14 +81,8 @@ def check_config(config: CompileConfig, cc: int, workdir: Path) -> dict:
         raise RuntimeError("kernels were defined under TRITON_INTERPRET=1; run the compile check without it")
     row = {"kernel": config.name, "config": config.label, "target": f"sm_{cc}", "warps": config.num_warps,
            "shared_limit": SHARED_LIMIT_BYTES[cc]}
-    signature = dict(config.signature)
-    signature.update({name: "constexpr" for name in config.constexprs})
     try:
-        compiled = triton.compile(
-            ASTSource(config.kernel, signature, config.constexprs),
-            target=GPUTarget("cuda", cc, 32),
-            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-        )
+        compiled = compile_config(config, cc)
         cubin = workdir / f"{config.name}_sm{cc}.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         listing = subprocess.run(

@@ -7,5 +7,6 @@ launch helpers take plain tensors, so the tests can run them on CPU tensors unde
 ``TRITON_INTERPRET=1`` (which must be set before import). Every launch keeps batch- and head-sized
 extents on grid axis 0 and computes pointer offsets that multiply a batch, head or sequence stride in
 int64. ``compile_configs`` holds the configurations each module registers for the ahead-of-time
-compile check.
+compile check; ``loop_bounds`` the ``loop_bound`` helper that every
+runtime bound of a kernel's ``range`` loop goes through.
 """

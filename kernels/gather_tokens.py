@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .compile_configs import register_compile_config
+from .loop_bounds import loop_bound
 
 MAX_BLOCK_D = 1024
 # Batch groups of the backward with a positional embedding: at least this many (one batch each while
@@ -104,12 +105,12 @@ def gather_tokens_bwd_kernel(
     b_begin = group * batches_per_group
     num_batches = tl.minimum(b_begin + batches_per_group, B) - b_begin
     pos_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(0, num_batches):
+    for i in range(0, loop_bound(num_batches)):
         b64 = b_begin + i
         lo = tl.load(starts_ptr + b64 * (N + 1) + n)
         hi = tl.load(starts_ptr + b64 * (N + 1) + n + 1)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for j in range(lo, hi):
+        for j in range(loop_bound(lo), loop_bound(hi)):
             k = tl.load(order_ptr + b64 * K + j).to(tl.int64)
             acc += tl.load(grad_out_ptr + b64 * stride_go_b + k * stride_go_k + offs, mask=mask, other=0.0).to(
                 tl.float32

@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from .compile_configs import register_compile_config
+from .loop_bounds import loop_bound
 
 __all__ = [
     "launch_token_relation_fwd",
@@ -207,7 +208,7 @@ def row_lse_kernel(
     k_base = k_ptr + b * stride_kb + h * stride_kh
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, loop_bound(N), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, stride_kn, offs_n, N, offs_d, D)
         x = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * c
@@ -244,7 +245,7 @@ def token_relation_fwd_kernel(
     l_s = tl.zeros([BLOCK_M], tl.float32)
     l_t = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, loop_bound(N), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = (offs_n < N)[None, :]
         k_s = _load_rows(ks_base, stride_ks_n, offs_n, N, offs_ds, D_S)
@@ -307,7 +308,7 @@ def token_relation_bwd_dq_kernel(
     lse_s, lse_t, kl, grad = _load_row_stats(kl_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, stats_base, offs_m, N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, loop_bound(N), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_s = _load_rows(ks_base, stride_ks_n, offs_n, N, offs_ds, D_S)
         ds = _ds_tile(q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
@@ -344,14 +345,14 @@ def token_relation_bwd_dk_kernel(
     k_s = _load_rows(ks_base, stride_ks_n, offs_n, N, offs_ds, D_S)
     stats_base = pid_bh.to(tl.int64) * N
     g_max = tl.zeros([BLOCK_M], tl.float32)
-    for start_m in range(0, N, BLOCK_M):
+    for start_m in range(0, loop_bound(N), BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         g_max = tl.maximum(g_max, tl.abs(tl.load(grad_ptr + stats_base + offs_m, mask=offs_m < N, other=0.0)))
     g_max = tl.max(g_max, 0)
     g_inv = tl.where(g_max > 0.0, 1.0 / g_max, 1.0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
-    for start_m in range(0, N, BLOCK_M):
+    for start_m in range(0, loop_bound(N), BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_s = _load_rows(qs_base, stride_qs_n, offs_m, N, offs_ds, D_S)
         q_t0 = _load_rows(qt_base, stride_qt_n, offs_m, N, offs_dt, D_T)
