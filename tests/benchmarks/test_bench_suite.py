@@ -21,7 +21,7 @@ RECIPES = ("mocov3", "dino_multicrop", "mae", "eval")
 FUSED_OPS_USED = {  # fastkd ops each method's fused training step must call
     "moma": {"feature_align", "gather_tokens"},
     "hybrid_distill": {"feature_align", "gather_tokens", "token_relation"},
-    "resmoco": {"ema_"},
+    "resmoco": {"ema_", "feature_align"},  # the residual term runs through feature_align
     "mokd": {"ema_"},
 }
 
