@@ -78,8 +78,11 @@ from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
 from fastkd.benchmarks.common import lowest_of_runs, peak_memory_bytes, time_alternating
 from fastkd.benchmarks.gpu_peak import fraction_of_peak, gpu_peak
 from fastkd.benchmarks.plots import save_grouped_bars
+from fastkd.config import load_config
+from fastkd.configs import demo_config_dir
 from fastkd.data.batch import Batch
 from fastkd.data.recipes import build_recipe
+from fastkd.methods import METHODS as REGISTERED
 from fastkd.methods import build_method
 from fastkd.models import build_backbone, save_backbone
 from fastkd.ops import reference_ops
@@ -87,7 +90,7 @@ from fastkd.reporting import load_average, markdown_table, write_results
 from fastkd.train.options import OptimConfig, TrainConfig
 from fastkd.train.trainer import PHASES, Trainer
 
-METHODS = ("moma", "hybrid_distill", "resmoco", "mokd")
+METHODS = ("moma", "hybrid_distill", "resmoco", "mokd")  # the default set; --methods takes any of demo_methods()
 VARIANTS = ("plain_eager", "plain_compiled", "fastkd", "fastkd_compiled")
 BASELINE = "plain_eager"
 # (model, method) -> {"vs_plain_eager": min ratio, "vs_plain_compiled": min ratio, "memory_ratio": max ratio};
@@ -103,15 +106,12 @@ PHASE_COLUMNS = ("teacher_fwd", "student_fwd", "backward", "optimizer", "after_s
 TEACHER_RANGE = "fastkd/teacher_forward"
 VIT = "vit_tiny_patch16_224"
 IMG_SIZE = 64
-HYBRID_KEEP_RATIO = 0.7  # the last (longest) stage of Hybrid Distill's default keep schedule
 TOTAL_STEPS = 1000
 TOP_OPS = 5
 PROFILED_STEPS = 3
 
 
-DEMO_CONFIGS = {"moma": "moma_both", "hybrid_distill": "hybrid_distill", "resmoco": "resmoco_teacher",
-                "mokd": "mokd"}
-# The demo's teachers (configs/demo/resmoco_teacher.yaml, mae_teacher.yaml): 32 px, patch 8, 96-d x 4 blocks.
+# The demo's teachers (configs/demo/resmoco.yaml, mae.yaml): 32 px, patch 8, 96-d x 4 blocks.
 DEMO_TEACHER = dict(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=3)
 # model -> (student / teacher arch, its kwargs, image size, default batch)
 VIT_MODELS = {
@@ -120,63 +120,57 @@ VIT_MODELS = {
     "vitb224": ("vit_base_patch16_224", {}, 224, 128),
 }
 MODELS = ("demo", *VIT_MODELS)
+SHAPE_KWARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")  # replaced by --model's
+SPEC_FIELDS = ("backbone", "student")  # a method config's backbone specs; "teachers", "models": role -> spec
 
 
-def write_teachers(root: Path, arch: str, teacher_kwargs: dict) -> dict[str, str]:
-    """Two randomly initialised teachers in fastkd's checkpoint format; name -> path."""
-    paths = {}
+def demo_methods() -> list[str]:
+    """Every registered method with a ``configs/demo/<name>.yaml`` (what :func:`method_config` builds)."""
+    return [name for name in sorted(REGISTERED) if (demo_config_dir() / f"{name}.yaml").is_file()]
+
+
+def write_teachers(root: Path, arch: str, teacher_kwargs: dict) -> list[str]:
+    """Two randomly initialised teachers in fastkd's checkpoint format (a contrastive and a masked
+    image modelling stand-in); their paths."""
+    paths = []
     for seed, name in enumerate(("contrastive", "mim")):
         torch.manual_seed(100 + seed)
-        paths[name] = str(save_backbone(build_backbone(arch, **teacher_kwargs), root / f"{name}.pt"))
+        paths.append(str(save_backbone(build_backbone(arch, **teacher_kwargs), root / f"{name}.pt")))
     return paths
 
 
-def demo_method_config(name: str, teachers: dict[str, str], batch_size: int) -> tuple[dict, dict]:
-    """``(method config, recipe overrides)`` of method ``name`` exactly as ``configs/demo/`` trains
-    it in ``make demo`` (student, heads, keep schedule, recipe options), with the teacher files
-    replaced by ``teachers`` (random weights of the demo teachers' shape)."""
-    from fastkd.config import load_config
-    from fastkd.configs import demo_config_dir
-
-    path = demo_config_dir() / f"{DEMO_CONFIGS[name]}.yaml"
+def method_config(name: str, teachers: list[str], model: str, batch_size: int) -> tuple[dict, dict]:
+    """``(method config, recipe overrides)`` of method ``name`` as ``configs/demo/<name>.yaml``
+    trains it in ``make demo`` (heads, schedules, recipe options), its frozen teachers replaced by
+    ``teachers`` (random weights, one each in turn). For a ``--model`` of :data:`VIT_MODELS`
+    every backbone spec of the config takes that ViT's architecture and shape, and the recipe's
+    image sizes scale to its input size."""
+    path = demo_config_dir() / f"{name}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"the demo config {path} is missing from the fastkd installation (use --model vit64)")
-    overrides = {"moma": {"mocov3_teacher_path": "contrastive", "mae_teacher_path": "mim"},
-                 "hybrid_distill": {"feature_teacher_path": "contrastive", "relation_teacher_path": "mim"}}
-    config = load_config(path, [f"method.{key}={teachers[teacher]}" for key, teacher in overrides.get(name, {}).items()]
-                         + [f"data.batch_size={batch_size}"])
-    return config.method_config, dict(config.data.recipe_options)
+        raise FileNotFoundError(f"the demo config {path} is missing from the fastkd installation")
+    run = load_config(path, [f"data.batch_size={batch_size}"])
+    config, recipe = run.method_config, dict(run.data.recipe_options)
+    config = {**config, **{key: dict(config[key]) for key in ("teachers", "models") if key in config}}
+    for i, role in enumerate(config.get("teachers", {})):
+        config["teachers"][role] = {**config["teachers"][role], "path": teachers[i % len(teachers)], "format": "fastkd"}
+    if model == "demo":
+        return config, recipe
+    arch, shape, img_size, _ = VIT_MODELS[model]
 
+    def resized(spec: dict) -> dict:
+        kept = {k: v for k, v in spec.get("kwargs", {}).items() if k not in SHAPE_KWARGS}
+        return {**spec, "arch": arch, "kwargs": {**shape, **kept}}
 
-def vit_method_config(name: str, teachers: dict[str, str], model: str) -> tuple[dict, dict]:
-    """``(method config, recipe overrides)`` of method ``name`` for the ViT ``model`` of
-    ``VIT_MODELS`` (students and teachers of that shape)."""
-    arch, vit, img_size, _ = VIT_MODELS[model]
-    contrastive = dict(arch=arch, kwargs=vit, path=teachers["contrastive"])
-    mim = dict(arch=arch, kwargs=vit, path=teachers["mim"])
-    if name == "moma":
-        config = dict(mode="both_to_random", student_arch=arch, student_kwargs=vit, teacher_format="fastkd")
-        for role, teacher in (("mocov3", contrastive), ("mae", mim)):
-            config.update({f"{role}_teacher_{key}": value for key, value in teacher.items()})
-        return config, dict(size=img_size)
-    if name == "hybrid_distill":
-        config = dict(student_arch=arch, student_kwargs=vit, teacher_format="fastkd",
-                      keep_schedule=[[0.0, HYBRID_KEEP_RATIO]])
-        for role, teacher in (("feature_teacher", contrastive), ("relation_teacher", mim)):
-            config.update({f"{role}_{key}": value for key, value in teacher.items()})
-        return config, dict(size=img_size)
-    if name == "resmoco":
-        return dict(arch=arch, arch_kwargs=vit, proj_hidden_dim=1024, pred_hidden_dim=1024, out_dim=256), \
-            dict(size=img_size)
-    if name == "mokd":
-        small = {**vit, "embed_dim": 96, "num_heads": 3} if model == "vit64" else {}
-        return dict(model_a_arch=arch, model_a_kwargs={**vit, "dynamic_img_size": True},
-                    model_b_arch=VIT if model == "vit64" else "vit_tiny_patch16_224",
-                    model_b_kwargs={**small, "dynamic_img_size": True},
-                    out_dim=4096, dino_hidden_dim=512, bottleneck_dim=128, thead_dim=192, thead_depth=1,
-                    thead_heads=3), \
-            dict(global_size=img_size, local_size=img_size // 2, local_crops=4)
-    raise ValueError(f"method must be one of {METHODS}, got {name!r}")
+    for key in SPEC_FIELDS:
+        if key in config:
+            config[key] = resized(config[key])
+    for key in ("teachers", "models"):
+        for role, spec in config.get(key, {}).items():
+            config[key][role] = resized(spec)
+    base = recipe.get("size", recipe.get("global_size"))
+    if base:
+        recipe = {k: (round(v * img_size / base) if k.endswith("size") else v) for k, v in recipe.items()}
+    return config, recipe
 
 
 def synthetic_batch(recipe: str, overrides: dict, batch_size: int, device: str, seed: int = 0) -> Batch:
@@ -463,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                           rounds_help="alternating timing rounds (default 5, --quick 1)",
                           runs_help="measure everything this many times; each variant keeps the run with its "
                                     "lowest vs_plain_eager and its lowest vs_plain_compiled (default 1)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+    parser.add_argument("--methods", nargs="+", choices=demo_methods(), default=None,
                         help="default: every method (vits224 / vitb224: moma and hybrid_distill, the targets)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--batch", type=int, default=None, help="images per batch (default: the model's)")
@@ -491,8 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             teachers = write_teachers(Path(tmp), arch, teacher_kwargs)
             for name in methods:
                 try:
-                    config, recipe_overrides = (demo_method_config(name, teachers, batch_size) if model == "demo"
-                                                else vit_method_config(name, teachers, model))
+                    config, recipe_overrides = method_config(name, teachers, model, batch_size)
                     records += bench_method(name, config, recipe_overrides, model=model, batch_size=batch_size,
                                             device=args.device, repeats=3, rounds=rounds, variants=variants,
                                             compile_backend=compile_backend, workdir=Path(tmp) / str(run))

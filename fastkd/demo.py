@@ -44,10 +44,11 @@ QUICK_OVERRIDES = ("train.max_steps=2", "data.batch_size=16", "data.num_workers=
 
 @dataclass(frozen=True)
 class Stage:
-    """One training run: ``configs/demo/<name>.yaml`` into ``<out>/<name>``; ``teachers`` maps a
-    method config key to the stage whose ``student.pt`` it loads."""
+    """One training run: ``configs/demo/<method>.yaml`` into ``<out>/<name>``; ``teachers`` maps a
+    teacher of the method (``method.teachers.<role>``) to the stage whose ``student.pt`` it loads."""
 
     name: str
+    method: str
     label: str
     short: str
     role: str
@@ -55,12 +56,12 @@ class Stage:
 
 
 STAGES = (
-    Stage("resmoco_teacher", "resmoco teacher", "resmoco", "teacher"),
-    Stage("mae_teacher", "MAE teacher", "MAE", "teacher"),
-    Stage("moma_both", "MOMA student (both teachers)", "MOMA", "student",
-          {"mocov3_teacher_path": "resmoco_teacher", "mae_teacher_path": "mae_teacher"}),
-    Stage("hybrid_distill", "Hybrid Distill student", "Hybrid Distill", "student",
-          {"feature_teacher_path": "resmoco_teacher", "relation_teacher_path": "mae_teacher"}),
+    Stage("resmoco_teacher", "resmoco", "resmoco teacher", "resmoco", "teacher"),
+    Stage("mae_teacher", "mae", "MAE teacher", "MAE", "teacher"),
+    Stage("moma_both", "moma", "MOMA student (both teachers)", "MOMA", "student",
+          {"mocov3": "resmoco_teacher", "mae": "mae_teacher"}),
+    Stage("hybrid_distill", "hybrid_distill", "Hybrid Distill student", "Hybrid Distill", "student",
+          {"feature": "resmoco_teacher", "relation": "mae_teacher"}),
 )
 # The margin the demo promises: every distilled student's k-NN top-1 at least this many points
 # above its random initialisation's. With 600 held-out images the standard error of one accuracy
@@ -102,8 +103,9 @@ def stage_config(stage: Stage, config_dir: Path, out: Path, train_dir: Path, ext
     from fastkd.config import load_config
 
     overrides = [f"data.source={train_dir}", f"train.output_dir={out / stage.name}"]
-    overrides += [f"method.{key}={out / teacher / 'student.pt'}" for key, teacher in stage.teachers.items()]
-    return load_config(config_dir / f"{stage.name}.yaml", overrides + list(extra))
+    overrides += [f"method.teachers.{role}.path={out / teacher / 'student.pt'}"
+                  for role, teacher in stage.teachers.items()]
+    return load_config(config_dir / f"{stage.method}.yaml", overrides + list(extra))
 
 
 def random_init_student(config) -> torch.nn.Module:
@@ -166,9 +168,9 @@ def run_demo(out: str | Path = "demo_out", *, images: int = 2000, val_images: in
     if not isinstance(quick, bool):
         raise TypeError(f"quick must be a bool, got {quick!r}")
     out, config_dir = Path(out), Path(config_dir)
-    missing = [stage.name for stage in STAGES if not (config_dir / f"{stage.name}.yaml").is_file()]
+    missing = [f"{stage.method}.yaml" for stage in STAGES if not (config_dir / f"{stage.method}.yaml").is_file()]
     if missing:
-        raise ValueError(f"config_dir {str(config_dir)!r} lacks the demo configs {', '.join(missing)} (*.yaml)")
+        raise ValueError(f"config_dir {str(config_dir)!r} lacks the demo configs {', '.join(missing)}")
     extra = QUICK_OVERRIDES if quick else ()
     total, timings = _Clock(), {}
 
@@ -183,7 +185,7 @@ def run_demo(out: str | Path = "demo_out", *, images: int = 2000, val_images: in
         shutil.rmtree(out / stage.name, ignore_errors=True)  # the demo starts every run afresh
         configs[stage.name] = stage_config(stage, config_dir, out, train_dir, extra)
         print(f"[demo] training {stage.label} ({configs[stage.name].method_name}, "
-              f"{config_dir / (stage.name + '.yaml')})", flush=True)
+              f"{config_dir / (stage.method + '.yaml')})", flush=True)
         clock = _Clock()
         results[stage.name] = train_from_config(configs[stage.name])
         timings[stage.name] = clock.elapsed()

@@ -16,14 +16,14 @@ _KWARGS = "{" + ", ".join(f"{k}: {v}" for k, v in TEACHER_KWARGS.items()) + "}"
 
 # name -> (demo config, extra overrides): every method, MOMA in its three modes.
 RUNS = {
-    "mocov3": ("mocov3_teacher.yaml", []),
-    "mae": ("mae_teacher.yaml", []),
-    "resmoco": ("resmoco_teacher.yaml", []),
-    "moma_mocov3_to_mae": ("moma_both.yaml", ["method.mode=mocov3_to_mae", "method.student_init={mae}",
-                                              f"method.student_kwargs={_KWARGS}"]),
-    "moma_mae_to_mocov3": ("moma_both.yaml", ["method.mode=mae_to_mocov3", "method.student_init={moco}",
-                                              f"method.student_kwargs={_KWARGS}"]),
-    "moma_both_to_random": ("moma_both.yaml", []),
+    "mocov3": ("mocov3.yaml", []),
+    "mae": ("mae.yaml", []),
+    "resmoco": ("resmoco.yaml", []),
+    "moma_mocov3_to_mae": ("moma.yaml", ["method.mode=mocov3_to_mae", "method.student.path={mae}",
+                                         f"method.student.kwargs={_KWARGS}"]),
+    "moma_mae_to_mocov3": ("moma.yaml", ["method.mode=mae_to_mocov3", "method.student.path={moco}",
+                                         f"method.student.kwargs={_KWARGS}"]),
+    "moma_both_to_random": ("moma.yaml", []),
     "hybrid_distill": ("hybrid_distill.yaml", []),
     "mokd": ("mokd.yaml", []),
 }
@@ -43,10 +43,8 @@ def run_method(workspace, run: str, out: Path, overrides: list[str]):
     root, teachers = workspace
     config_name, extra = RUNS[run]
     text = (DEMO / config_name).read_text()
-    for key in ("mocov3_teacher_path", "feature_teacher_path"):
-        text = text.replace(f"{key}: demo_out/resmoco_teacher/student.pt", f"{key}: {teachers['moco']}")
-    for key in ("mae_teacher_path", "relation_teacher_path"):
-        text = text.replace(f"{key}: demo_out/mae_teacher/student.pt", f"{key}: {teachers['mae']}")
+    text = text.replace("path: demo_out/resmoco_teacher/student.pt", f"path: {teachers['moco']}")
+    text = text.replace("path: demo_out/mae_teacher/student.pt", f"path: {teachers['mae']}")
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     config_path.write_text(text)

@@ -76,7 +76,7 @@ def test_pretrain_then_eval_from_the_run_directory(tmp_path, capsys):
 
     data = write_sample_dataset(tmp_path / "train", images=24)
     out = tmp_path / "run"
-    code = main(["pretrain", str(ROOT / "configs/demo/mae_teacher.yaml"), f"data.source={data}", "data.batch_size=12",
+    code = main(["pretrain", str(ROOT / "configs/demo/mae.yaml"), f"data.source={data}", "data.batch_size=12",
                  "data.backend=torch", "data.num_workers=0", "train.max_steps=2", "train.progress=false", "train.tensorboard=false",
                  f"train.output_dir={out}"])
     assert code == 0
@@ -88,7 +88,7 @@ def test_pretrain_then_eval_from_the_run_directory(tmp_path, capsys):
     assert report["top1"] == 100.0
     # the JSON says what was evaluated and how: protocol, file and key read, crop
     assert report["protocol"] == "knn" and report["checkpoint"] == str(out / "student.pt")
-    arch = yaml.safe_load((ROOT / "configs/demo/mae_teacher.yaml").read_text())["method"]["arch"]
+    arch = yaml.safe_load((ROOT / "configs/demo/mae.yaml").read_text())["method"]["backbone"]["arch"]
     assert report["checkpoint_key"] == f"fastkd:{arch}"
     assert report["image_size"] == 32 and report["resize"] == 37
     # DINO's linear protocol: augmented crops, an lr sweep, its features named in the JSON
@@ -163,15 +163,15 @@ def test_user_errors_are_one_message_and_exit_2(tmp_path, capsys):
     data = write_sample_dataset(tmp_path / "data", images=12)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file at all")
-    err = _cli_error(capsys, ["distill", str(DEMO_CONFIGS / "moma_both.yaml"), f"data.source={data}",
-                              f"method.mocov3_teacher_path={tmp_path / 'missing.pt'}"])
+    err = _cli_error(capsys, ["distill", str(DEMO_CONFIGS / "moma.yaml"), f"data.source={data}",
+                              f"method.teachers.mocov3.path={tmp_path / 'missing.pt'}"])
     assert "missing.pt" in err and "does not exist" in err
-    err = _cli_error(capsys, ["pretrain", str(DEMO_CONFIGS / "mae_teacher.yaml"), f"data.source={data}",
-                              "method.arch_kwargs={embed_dim: 10, num_heads: 3}"])
+    err = _cli_error(capsys, ["pretrain", str(DEMO_CONFIGS / "mae.yaml"), f"data.source={data}",
+                              "method.backbone.kwargs={embed_dim: 10, num_heads: 3}"])
     assert "timm rejected the arguments" in err and "divisible" in err
     err = _cli_error(capsys, ["eval", "knn", str(garbage), "--train", str(data), "--val", str(data)])
     assert "garbage.pt" in err and "not a readable PyTorch checkpoint" in err
-    err = _cli_error(capsys, ["pretrain", str(DEMO_CONFIGS / "mae_teacher.yaml"), f"data.source={data}",
+    err = _cli_error(capsys, ["pretrain", str(DEMO_CONFIGS / "mae.yaml"), f"data.source={data}",
                               f"data.exclude={tmp_path / 'no_such_list.txt'}"])
     assert "no_such_list.txt" in err
 
@@ -182,7 +182,7 @@ def test_resume_with_only_corrupt_checkpoints_is_one_message(tmp_path, capsys):
     data = write_sample_dataset(tmp_path / "data", images=12)
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "checkpoint_000000005.pt").write_bytes(b"truncated")
-    err = _cli_error(capsys, ["pretrain", str(DEMO_CONFIGS / "mae_teacher.yaml"), f"data.source={data}",
+    err = _cli_error(capsys, ["pretrain", str(DEMO_CONFIGS / "mae.yaml"), f"data.source={data}",
                               f"train.output_dir={tmp_path / 'run'}", "data.num_workers=0", "data.batch_size=4",
                               "--resume"])
     assert "no checkpoint in" in err and "checkpoint_000000005.pt" in err
@@ -195,7 +195,7 @@ def test_undecodable_image_during_training_names_the_file_and_exits_2(tmp_path, 
     data = write_sample_dataset(tmp_path / "data", images=12)
     bad = sorted(data.rglob("*.jpg"))[3]
     bad.write_bytes(b"this is not a jpeg")
-    err = _cli_error(capsys, ["pretrain", str(DEMO_CONFIGS / "mae_teacher.yaml"), f"data.source={data}",
+    err = _cli_error(capsys, ["pretrain", str(DEMO_CONFIGS / "mae.yaml"), f"data.source={data}",
                               "data.backend=torch", f"data.num_workers={workers}", "data.batch_size=12",
                               f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1"])
     assert str(bad) in err and "fastkd data scan" in err and "Traceback" not in err

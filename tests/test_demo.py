@@ -63,4 +63,4 @@ def test_demo_configs_are_package_data():
     from fastkd.configs import demo_config_dir
 
     assert demo.DEFAULT_CONFIG_DIR == demo_config_dir()
-    assert all((demo.DEFAULT_CONFIG_DIR / f"{stage.name}.yaml").is_file() for stage in demo.STAGES)
+    assert all((demo.DEFAULT_CONFIG_DIR / f"{stage.method}.yaml").is_file() for stage in demo.STAGES)

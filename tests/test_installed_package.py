@@ -97,7 +97,7 @@ def test_installed_package_runs_outside_the_checkout(installed, tmp_path):
     where = _run([str(bin_dir / "python"), "-c", "import torch, fastkd, fastkd._C, fastkd.configs as c; "
                   "print(fastkd.__file__); print(c.demo_config_dir())"], work, env).stdout.split()
     assert all(Path(path).is_relative_to(purelib) for path in where), where  # the installed copy, not the checkout
-    assert (purelib / "fastkd" / "configs" / "demo" / "moma_both.yaml").is_file()
+    assert (purelib / "fastkd" / "configs" / "demo" / "moma.yaml").is_file()
     assert (purelib / "fastkd" / "configs" / "mae_vits.yaml").is_file()
     before = _files(purelib)
 

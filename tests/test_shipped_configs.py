@@ -28,6 +28,16 @@ def _reduced_kwargs(arch: str, kwargs: dict) -> dict:
     return {**kwargs, "img_size": SIZE, "embed_dim": 8 * heads, "depth": 2}
 
 
+def _specs(method: dict):
+    """``(dotted key, spec mapping)`` of every backbone a recipe names."""
+    for key in ("backbone", "student"):
+        if key in method:
+            yield key, method[key]
+    for key in ("teachers", "models"):
+        for role, spec in (method.get(key) or {}).items():
+            yield f"{key}.{role}", spec
+
+
 def _flow(mapping: dict) -> str:
     return yaml.safe_dump(mapping, default_flow_style=True, width=10_000).strip()
 
@@ -44,19 +54,14 @@ def test_shipped_config_runs_steps(config_path, images, tmp_path):
     overrides = [f"data.source={images}", "data.batch_size=4", "data.num_workers=0", "train.device=cpu",
                  "train.max_steps=2", f"train.output_dir={tmp_path / 'run'}", "train.progress=false",
                  "train.tensorboard=false"]
-    for key in [k for k in method if k == "arch" or k.endswith("_arch")]:
-        kwargs_key = key[: -len("arch")] + "kwargs" if key != "arch" else "arch_kwargs"
-        kwargs = _reduced_kwargs(method[key], method.get(kwargs_key) or {})
-        overrides.append(f"method.{kwargs_key}={_flow(kwargs)}")
-        prefix = key[: -len("_arch")] if key != "arch" else ""
-        for path_key in (f"{prefix}_path", "student_init" if prefix == "student" else None):
-            if path_key and method.get(path_key):
-                checkpoint = save_backbone(build_backbone(method[key], **kwargs), tmp_path / f"{path_key}.pt")
-                overrides.append(f"method.{path_key}={checkpoint}")
-    for key in [k for k in method if k.endswith("_format") and method[k] is not None]:
-        overrides.append(f"method.{key}=fastkd")  # the checkpoints made above are in fastkd's format
-    if method.get("feature_teacher_input_size"):
-        overrides.append(f"method.feature_teacher_input_size={SIZE}")  # an image size, reduced like the rest
+    for where, spec in _specs(method):
+        kwargs = _reduced_kwargs(spec["arch"], spec.get("kwargs") or {})
+        overrides.append(f"method.{where}.kwargs={_flow(kwargs)}")
+        if spec.get("path"):  # a teacher's weights or a student's init: made here, in fastkd's format
+            checkpoint = save_backbone(build_backbone(spec["arch"], **kwargs), tmp_path / f"{where}.pt")
+            overrides += [f"method.{where}.path={checkpoint}", f"method.{where}.format=fastkd"]
+        if spec.get("input_size"):
+            overrides.append(f"method.{where}.input_size={SIZE}")  # an image size, reduced like the rest
     recipe = dict(raw.get("data", {}).get("recipe_options") or {})
     if method["name"] == "mokd":
         # MOKD trains a ResNet-50: its crops stay >= 32 px so that no padded 3x3 convolution is

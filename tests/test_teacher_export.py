@@ -65,7 +65,7 @@ def test_teacher_weights_need_a_run_directory_with_the_file(mocov3_run, tmp_path
 def test_ema_teacher_backbone_of_each_method():
     mokd = build_method("mokd", MOKD_CONFIG)
     assert mokd.ema_teacher_backbone is mokd.teachers[mokd.config.evaluate].module.backbone
-    mae = build_method("mae", {"arch": "vit_tiny_patch16_224",
-                               "arch_kwargs": dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3),
+    mae = build_method("mae", {"backbone": {"arch": "vit_tiny_patch16_224",
+                                            "kwargs": dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3)},
                                "decoder_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2})
     assert mae.ema_teacher_backbone is None

@@ -22,7 +22,7 @@ contrastive (CLIP image tower: ``clip`` format; MoCo v3 also loads), the relatio
 ``relation_layers: intermediate`` (the default) imitates the relation teacher at intermediate
 blocks (:func:`intermediate_layer_pairs`). A feature teacher with another patch size than the
 student (CLIP ViT-L/14 for a ViT-L/16 student) sees the image resized to
-``feature_teacher_input_size`` so that both have one patch grid.
+``teachers.feature.input_size`` so that both have one patch grid.
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastkd.checks import check_bool, check_choice, check_kwargs, check_number, check_str
+from fastkd.checks import check_bool, check_choice, check_number, check_str
 from fastkd.data.batch import Batch
 from fastkd.losses import FeatureAlignLoss, TokenRelationLoss
-from fastkd.methods.backbones import build_student, load_frozen_teacher
+from fastkd.methods.backbones import BackboneSpec, backbone_spec, backbone_specs
 from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
 from fastkd.models import LinearProjector, MLPProjector
 from fastkd.ops import TARGET_NORMS as OP_TARGET_NORMS
@@ -133,25 +132,14 @@ class HybridDistillConfig:
     ``relation_layers``: ``[student_block, teacher_block]`` pairs (negative indices count from the
     end), or ``"intermediate"`` (default: :func:`intermediate_layer_pairs`) or ``"last"`` (``[[-1, -1]]``).
     ``mask_score_teacher``: whose last-block CLS attention ranks the tokens.
-    ``feature_teacher_format`` / ``relation_teacher_format``: each teacher's checkpoint format
-    (``None``: ``teacher_format``), e.g. ``clip`` or ``deit`` beside ``mae``.
-    ``feature_teacher_input_size``: side length the image is resized to (bicubic) for the feature
-    teacher only (``None``: as given), for teachers of another patch size than the student."""
+    ``student``: the ViT student (:class:`BackboneSpec`; ``path``: optional initial weights).
+    ``teachers``: ``{"feature": spec, "relation": spec}`` (``path`` required; ``format`` e.g.
+    ``clip`` or ``deit`` beside ``mae``); the feature teacher's ``input_size`` resizes the image
+    (bicubic) for it only, for teachers of another patch size than the student. The relation
+    teacher sees the student's input."""
 
-    student_arch: str = "vit_base_patch16_224"
-    student_kwargs: dict = field(default_factory=dict)
-    student_init: str | None = None
-    student_init_format: str = "auto"
-    feature_teacher_arch: str = "vit_base_patch16_224"
-    feature_teacher_kwargs: dict = field(default_factory=dict)
-    feature_teacher_path: str | None = None
-    relation_teacher_arch: str = "vit_base_patch16_224"
-    relation_teacher_kwargs: dict = field(default_factory=dict)
-    relation_teacher_path: str | None = None
-    teacher_format: str = "auto"
-    feature_teacher_format: str | None = None
-    relation_teacher_format: str | None = None
-    feature_teacher_input_size: int | None = None
+    student: BackboneSpec = BackboneSpec()
+    teachers: dict = field(default_factory=dict)
     attention: str | None = None
     checkpointing: bool = False
     alpha: float = 1.0
@@ -170,14 +158,12 @@ class HybridDistillConfig:
     mask_score_teacher: str = "feature"
 
     def __post_init__(self):
-        for name in ("student_arch", "feature_teacher_arch", "relation_teacher_arch", "student_init_format",
-                     "teacher_format"):
-            check_str(name, getattr(self, name))
-        for name in ("student_init", "feature_teacher_path", "relation_teacher_path", "attention",
-                     "feature_teacher_format", "relation_teacher_format"):
-            check_str(name, getattr(self, name), optional=True)
-        for name in ("student_kwargs", "feature_teacher_kwargs", "relation_teacher_kwargs"):
-            check_kwargs(name, getattr(self, name))
+        self.student = backbone_spec("student", self.student, BackboneSpec())
+        self.teachers = backbone_specs("teachers", self.teachers, {"feature": BackboneSpec(), "relation": BackboneSpec()})
+        if self.teachers["relation"].input_size is not None:
+            raise ValueError("teachers.relation.input_size must be None: the relation teacher's tokens are "
+                             "matched to the student's, so it sees the student's input")
+        check_str("attention", self.attention, optional=True)
         check_bool("checkpointing", self.checkpointing)
         check_number("alpha", self.alpha, low=0.0)
         check_number("beta", self.beta, low=0.0)
@@ -189,8 +175,6 @@ class HybridDistillConfig:
         check_number("projector_hidden_dim", self.projector_hidden_dim, low=1, integer=True)
         layers = _check_layer_pairs(self.relation_layers)
         self.relation_layers = layers if isinstance(layers, str) else [list(p) for p in layers]
-        if self.feature_teacher_input_size is not None:
-            check_number("feature_teacher_input_size", self.feature_teacher_input_size, low=1, integer=True)
         check_number("relation_temperature", self.relation_temperature, low=0.0, low_open=True)
         check_choice("relation_direction", self.relation_direction, DIRECTIONS)
         check_choice("head_map", self.head_map, (None, "mean"))
@@ -210,22 +194,17 @@ class HybridDistill(Method):
 
     def __init__(self, config: HybridDistillConfig):
         super().__init__(config)
-        self.backbone = build_student(config.student_arch, config.student_kwargs, init_path=config.student_init,
-                                      init_format=config.student_init_format, attention=config.attention,
-                                      checkpointing=config.checkpointing)
-        for role in ("feature_teacher", "relation_teacher"):
-            teacher_format = getattr(config, f"{role}_format") or config.teacher_format
-            teacher = load_frozen_teacher(role, getattr(config, f"{role}_arch"), getattr(config, f"{role}_kwargs"),
-                                          getattr(config, f"{role}_path"), format=teacher_format,
-                                          attention=config.attention)
-            setattr(self, role, teacher)
+        self.backbone = config.student.build(attention=config.attention, checkpointing=config.checkpointing)
+        for role in ("feature", "relation"):
+            setattr(self, f"{role}_teacher", config.teachers[role].load_frozen(f"teachers.{role}",
+                                                                               attention=config.attention))
         student = self.backbone
         for name, model in (("student", student), ("feature teacher", self.feature_teacher),
                             ("relation teacher", self.relation_teacher)):
             if not model.is_vit or model.num_patches != student.num_patches:
                 raise ValueError(f"the {name} must be a ViT with {student.num_patches} patches, got {model.name} "
                                  f"with {model.num_patches}")
-        self._check_feature_teacher_size(config.feature_teacher_input_size)
+        self._check_feature_teacher_size(config.teachers["feature"].input_size)
         if self.relation_teacher.num_prefix_tokens != student.num_prefix_tokens:
             raise ValueError(f"student and relation teacher must have as many prefix tokens, got "
                              f"{student.num_prefix_tokens} and {self.relation_teacher.num_prefix_tokens}")
@@ -251,10 +230,10 @@ class HybridDistill(Method):
         if getattr(teacher, "dynamic_img_size", False) or fed is None or built is None or tuple(built) == tuple(fed):
             return
         if size is not None:
-            raise ValueError(f"feature_teacher_input_size={size} but the feature teacher is built for "
-                             f"{tuple(built)} px: give feature_teacher_kwargs img_size: {size}")
+            raise ValueError(f"teachers.feature.input_size={size} but the feature teacher is built for "
+                             f"{tuple(built)} px: give teachers.feature.kwargs img_size: {size}")
         raise ValueError(f"the feature teacher is built for {tuple(built)} px images but would see the student's "
-                         f"{tuple(fed)} px: set feature_teacher_input_size: {built[0]} (its patch grid must match "
+                         f"{tuple(fed)} px: set teachers.feature.input_size: {built[0]} (its patch grid must match "
                          "the student's)")
 
     @staticmethod
@@ -292,9 +271,7 @@ class HybridDistill(Method):
         score_teacher = self.feature_teacher if self.config.mask_score_teacher == "feature" else self.relation_teacher
         last = score_teacher.depth - 1
         relation_blocks = {t for _, t in self.layer_pairs}
-        size = self.config.feature_teacher_input_size
-        x_feat = x if size is None or tuple(x.shape[-2:]) == (size, size) else F.interpolate(
-            x, size=(size, size), mode="bicubic", align_corners=False)
+        x_feat = self.config.teachers["feature"].resize(x)
         feat = self.frozen_teacher_features(self.feature_teacher, x_feat, return_qk=(last,) if score_teacher is
                                             self.feature_teacher else ())
         rel = self.frozen_teacher_features(

@@ -10,21 +10,21 @@ the backbone's ``gather_tokens`` path); the decoder predicts every patch's pixel
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fastkd.checks import check_bool, check_kwargs, check_number, check_str
+from fastkd.checks import check_bool, check_number, check_str
 from fastkd.data.batch import Batch
+from fastkd.methods.backbones import TRAINED_KEYS, BackboneSpec, backbone_spec
 from fastkd.methods.base import Method, check_batch, check_progress, loss_dict, masked_forward
-from fastkd.models import MAEDecoder, build_backbone, masked_pixel_loss
+from fastkd.models import MAEDecoder, masked_pixel_loss
 
 
 @dataclass
 class MAEConfig:
-    arch: str = "vit_base_patch16_224"
-    arch_kwargs: dict = field(default_factory=dict)
+    backbone: BackboneSpec = BackboneSpec("vit_base_patch16_224")
     attention: str | None = None
     checkpointing: bool = False
     mask_ratio: float = 0.75
@@ -34,8 +34,7 @@ class MAEConfig:
     norm_pix_loss: bool = True
 
     def __post_init__(self):
-        check_str("arch", self.arch)
-        check_kwargs("arch_kwargs", self.arch_kwargs)
+        self.backbone = backbone_spec("backbone", self.backbone, BackboneSpec("vit_base_patch16_224"), TRAINED_KEYS)
         check_str("attention", self.attention, optional=True)
         check_bool("checkpointing", self.checkpointing)
         check_number("mask_ratio", self.mask_ratio, low=0.0, high=1.0, low_open=True)
@@ -55,10 +54,9 @@ class MAE(Method):
 
     def __init__(self, config: MAEConfig):
         super().__init__(config)
-        self.backbone = build_backbone(config.arch, attention=config.attention, checkpointing=config.checkpointing,
-                                       **config.arch_kwargs)
+        self.backbone = config.backbone.build(attention=config.attention, checkpointing=config.checkpointing)
         if not self.backbone.is_vit:
-            raise ValueError(f"MAE needs a ViT encoder, got {config.arch!r}")
+            raise ValueError(f"MAE needs a ViT encoder, got {config.backbone.arch!r}")
         self.decoder = MAEDecoder.for_backbone(self.backbone, decoder_dim=config.decoder_dim,
                                                depth=config.decoder_depth, num_heads=config.decoder_num_heads,
                                                attention=config.attention)

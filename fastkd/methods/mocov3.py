@@ -12,16 +12,17 @@ but for its BatchNorm layers, see :class:`fastkd.models.EMATeacher`)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fastkd.checks import check_bool, check_choice, check_kwargs, check_number, check_str
+from fastkd.checks import check_bool, check_choice, check_number, check_str
 from fastkd.data.batch import Batch
 from fastkd.losses.infonce import InfoNCELoss
+from fastkd.methods.backbones import TRAINED_KEYS, BackboneSpec, backbone_spec
 from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
-from fastkd.models import EMATeacher, MoCoPredictor, MoCoProjector, build_backbone, momentum_schedule
+from fastkd.models import EMATeacher, MoCoPredictor, MoCoProjector, momentum_schedule
 from fastkd.models.ema_teacher import BN_STATS
 from fastkd.models.position_embedding import set_sincos_pos_embed
 
@@ -42,8 +43,7 @@ class MoCoV3Config:
       the official code) or ``"ema"`` (EMA of the student's); see :class:`fastkd.models.EMATeacher`.
     """
 
-    arch: str = "vit_small_patch16_224"
-    arch_kwargs: dict = field(default_factory=dict)
+    backbone: BackboneSpec = BackboneSpec("vit_small_patch16_224")
     attention: str | None = None
     checkpointing: bool = False
     proj_layers: int | None = None
@@ -58,8 +58,7 @@ class MoCoV3Config:
     momentum_bn_stats: str = "batch"
 
     def __post_init__(self):
-        check_str("arch", self.arch)
-        check_kwargs("arch_kwargs", self.arch_kwargs)
+        self.backbone = backbone_spec("backbone", self.backbone, BackboneSpec("vit_small_patch16_224"), TRAINED_KEYS)
         check_str("attention", self.attention, optional=True)
         if self.proj_layers is not None:
             check_number("proj_layers", self.proj_layers, low=1, integer=True)
@@ -86,11 +85,10 @@ class MoCoV3(Method):
 
     def __init__(self, config: MoCoV3Config):
         super().__init__(config)
-        backbone = build_backbone(config.arch, attention=config.attention, checkpointing=config.checkpointing,
-                                  **config.arch_kwargs)
+        backbone = config.backbone.build(attention=config.attention, checkpointing=config.checkpointing)
         for name in ("freeze_patch_embed", "sincos_pos_embed"):
             if getattr(config, name) and not backbone.is_vit:
-                raise ValueError(f"{name} applies to ViTs only, {config.arch!r} is not one: leave it unset")
+                raise ValueError(f"{name} applies to ViTs only, {config.backbone.arch!r} is not one: leave it unset")
         if backbone.is_vit and config.sincos_pos_embed is not False:
             set_sincos_pos_embed(backbone)
         if backbone.is_vit and config.freeze_patch_embed is not False:

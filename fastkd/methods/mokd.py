@@ -21,10 +21,9 @@ for the cross term too). T-head (``fastkd.models.THead``): adapter to ``thead_di
 ResNet map), + a learnable positional embedding (bicubically resized for the smaller maps of local
 crops), ``thead_depth`` blocks, mean over tokens, weight-normalised last layer with a trainable
 gain and no l2 normalisation. The search query ``q_X[v]`` of local crop ``v``
-(``search_query="backbone"``, official) is X's student CLS token for a ViT (through X's T-head
+(as the official code) is X's student CLS token for a ViT (through X's T-head
 adapter, the identity when the widths agree) and, for a ResNet, the average-pooled output of X's
-T-head 1x1 conv (before the positional embedding and the blocks); ``"thead"`` uses X's own T-head
-embedding instead (earlier versions). It is prepended to Y's teacher patch tokens of global view 0
+T-head 1x1 conv (before the positional embedding and the blocks). It is prepended to Y's teacher patch tokens of global view 0
 (cross-attention feature search). Nothing carries a gradient from one model into the other: every
 cross term uses the other model's teacher (no gradient) and a detached query.
 
@@ -38,20 +37,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastkd.checks import check_bool, check_choice, check_kwargs, check_number, check_str
+from fastkd.checks import check_bool, check_choice, check_number, check_str
 from fastkd.data.batch import Batch
 from fastkd.losses.dino import DINOLoss
 from fastkd.method_protocol import grouped_parameters
+from fastkd.methods.backbones import TRAINED_KEYS, BackboneSpec, backbone_specs
 from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
-from fastkd.models import DINOHead, EMATeacher, THead, build_backbone, momentum_schedule
+from fastkd.models import DINOHead, EMATeacher, THead, momentum_schedule
 
 MODELS = ("a", "b")
 SELF_TERMS = ("self_mlp", "self_thead")
 CROSS_TERMS = ("cross_mlp", "cross_search")
-SEARCH_QUERIES = ("backbone", "thead")
+MODEL_DEFAULTS = {"a": BackboneSpec("resnet50"), "b": BackboneSpec("vit_small_patch16_224")}
 RESNET_POS_GRID = 224 // 32  # the official featuremap_size = input_size // 32 for the CNN's T-head
 
 
@@ -62,29 +61,21 @@ class MOKDConfig:
 
     Heads (official values by default): ``norm_last_layer_a`` / ``_b`` freeze the weight-norm gain
     of model a's / b's DINO head (the official CNN head keeps it frozen, the ViT head trains it);
-    ``thead_norm_last_layer`` does the same for both T-heads (official: trainable); ``norm_last_layer``,
-    when set, overrides all three (the single switch of earlier versions). ``thead_pos_embed``: the
-    T-heads' learnable positional embedding, on a ``thead_pos_grid_a`` / ``_b`` grid (``None``: a
-    ViT's own patch grid, ``img_size / patch_size``; a ResNet's ``224 // 32 = 7``); ``thead_l2_norm``
-    l2-normalises the T-head embedding before its last layer (earlier versions; official: no).
-    ``search_query``: ``"backbone"`` (official: ViT CLS / pooled T-head 1x1-conv output of a ResNet)
-    or ``"thead"`` (the student's own T-head embedding, earlier versions).
+    ``thead_norm_last_layer`` does the same for both T-heads (official: trainable). ``thead_pos_embed``:
+    the T-heads' learnable positional embedding, on a ``thead_pos_grid_a`` / ``_b`` grid (``None``: a
+    ViT's own patch grid, ``img_size / patch_size``; a ResNet's ``224 // 32 = 7``).
 
     Teacher temperature: ``warmup_teacher_temp -> teacher_temp`` linearly over a fraction of
     training, per model and kind of term: ``warmup_fraction_self_a`` / ``_b`` (``self_mlp``,
     ``self_thead``) and ``warmup_fraction_cross_a`` / ``_b`` (``cross_mlp``, ``cross_search``);
     defaults = the official 50 (CNN self terms) and 30 (everything else) of 100 epochs.
-    ``warmup_fraction``, when set, overrides all four (earlier versions: one fraction, 0.3).
 
     ``thead_tag_a`` / ``_b``: the ``"model"`` tag of each T-head's parameter groups. The official
     code trains the CNN's T-head with the ViT's lr and weight-decay schedules (inside the CNN's SGD),
     so model a's T-head is tagged ``a_thead`` for its own ``optim.per_model.a_thead`` settings;
     ``"a"`` puts it back with the rest of model a (earlier versions)."""
 
-    model_a_arch: str = "resnet50"
-    model_a_kwargs: dict = field(default_factory=dict)
-    model_b_arch: str = "vit_small_patch16_224"
-    model_b_kwargs: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
     attention: str | None = None
     checkpointing: bool = False
     out_dim: int = 65536
@@ -93,17 +84,14 @@ class MOKDConfig:
     norm_last_layer_a: bool = True
     norm_last_layer_b: bool = False
     thead_norm_last_layer: bool = False
-    norm_last_layer: bool | None = None
     thead_dim: int = 384
     thead_depth: int = 3
     thead_heads: int = 6
     thead_pos_embed: bool = True
     thead_pos_grid_a: int | None = None
     thead_pos_grid_b: int | None = None
-    thead_l2_norm: bool = False
     thead_tag_a: str = "a_thead"
     thead_tag_b: str = "b"
-    search_query: str = "backbone"
     lambda_a: float = 1.0
     lambda_b: float = 0.1
     student_temp: float = 0.1
@@ -113,7 +101,6 @@ class MOKDConfig:
     warmup_fraction_self_b: float = 0.3
     warmup_fraction_cross_a: float = 0.3
     warmup_fraction_cross_b: float = 0.3
-    warmup_fraction: float | None = None
     center_momentum: float = 0.9
     base_momentum: float = 0.996
     num_global_views: int = 2
@@ -121,23 +108,19 @@ class MOKDConfig:
     freeze_last_layer_epochs: float = 1.0
 
     def __post_init__(self):
-        for name in ("model_a_arch", "model_b_arch", "thead_tag_a", "thead_tag_b"):
+        self.models = backbone_specs("models", self.models, MODEL_DEFAULTS, TRAINED_KEYS)
+        for name in ("thead_tag_a", "thead_tag_b"):
             check_str(name, getattr(self, name))
-        for name in ("model_a_kwargs", "model_b_kwargs"):
-            check_kwargs(name, getattr(self, name))
         check_str("attention", self.attention, optional=True)
         for name in ("checkpointing", "norm_last_layer_a", "norm_last_layer_b", "thead_norm_last_layer",
-                     "thead_pos_embed", "thead_l2_norm"):
+                     "thead_pos_embed"):
             check_bool(name, getattr(self, name))
-        if self.norm_last_layer is not None:
-            check_bool("norm_last_layer", self.norm_last_layer)
         for name in ("out_dim", "dino_hidden_dim", "bottleneck_dim", "thead_dim", "thead_depth", "thead_heads",
                      "num_global_views"):
             check_number(name, getattr(self, name), low=1, integer=True)
         for name in ("thead_pos_grid_a", "thead_pos_grid_b"):
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name), low=1, integer=True)
-        check_choice("search_query", self.search_query, SEARCH_QUERIES)
         for name in ("lambda_a", "lambda_b"):
             check_number(name, getattr(self, name), low=0.0)
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
@@ -145,23 +128,11 @@ class MOKDConfig:
         for name in ("warmup_fraction_self_a", "warmup_fraction_self_b", "warmup_fraction_cross_a",
                      "warmup_fraction_cross_b", "center_momentum", "base_momentum"):
             check_number(name, getattr(self, name), low=0.0, high=1.0)
-        if self.warmup_fraction is not None:
-            check_number("warmup_fraction", self.warmup_fraction, low=0.0, high=1.0)
         check_choice("evaluate", self.evaluate, MODELS)
         check_number("freeze_last_layer_epochs", self.freeze_last_layer_epochs, low=0.0)
 
-    def dino_norm_last_layer(self, x: str) -> bool:
-        """Whether model ``x``'s DINO head keeps its weight-norm gain frozen."""
-        return getattr(self, f"norm_last_layer_{x}") if self.norm_last_layer is None else self.norm_last_layer
-
-    def thead_frozen_gain(self) -> bool:
-        """Whether the T-heads keep their weight-norm gain frozen."""
-        return self.thead_norm_last_layer if self.norm_last_layer is None else self.norm_last_layer
-
     def warmup_fraction_of(self, x: str, term: str) -> float:
         """The teacher-temperature warm-up fraction of model ``x``'s ``term``."""
-        if self.warmup_fraction is not None:
-            return self.warmup_fraction
         kind = "self" if term in SELF_TERMS else "cross"
         return getattr(self, f"warmup_fraction_{kind}_{x}")
 
@@ -174,9 +145,8 @@ class MOKDBranch(nn.Module):
         super().__init__()
         check_choice("name", name, MODELS)
         self.backbone = backbone
-        self.search_query = config.search_query
         self.dino_head = DINOHead(backbone.embed_dim, config.out_dim, config.dino_hidden_dim, config.bottleneck_dim,
-                                  norm_last_layer=config.dino_norm_last_layer(name))
+                                  norm_last_layer=getattr(config, f"norm_last_layer_{name}"))
         pos_grid = None
         if config.thead_pos_embed:
             pos_grid = getattr(config, f"thead_pos_grid_{name}")
@@ -184,7 +154,7 @@ class MOKDBranch(nn.Module):
                 pos_grid = tuple(backbone.model.patch_embed.grid_size) if backbone.is_vit else RESNET_POS_GRID
         self.thead = THead(backbone.embed_dim, config.out_dim, config.thead_dim, config.thead_depth,
                            config.thead_heads, input="tokens" if backbone.is_vit else "feature_map",
-                           norm_last_layer=config.thead_frozen_gain(), l2_norm=config.thead_l2_norm,
+                           norm_last_layer=config.thead_norm_last_layer,
                            pos_grid=pos_grid, attention=config.attention)
 
     def grid(self, crop: torch.Tensor) -> tuple[int, int] | None:
@@ -210,10 +180,7 @@ class MOKDBranch(nn.Module):
             else:
                 pooled, patches = features.pooled, features.feature_map
             embed, input_mean = self.thead.embed(patches, grid=grid, return_input_mean=True)
-            if self.search_query == "thead":
-                query = embed
-            else:
-                query = self.thead.project(pooled) if self.backbone.is_vit else input_mean
+            query = self.thead.project(pooled) if self.backbone.is_vit else input_mean
             values = {
                 "dino": self.dino_head(pooled),
                 "embed": embed,
@@ -244,8 +211,7 @@ class MOKD(Method):
         self.teachers = nn.ModuleDict()
         self.losses = nn.ModuleDict()
         for x in MODELS:
-            backbone = build_backbone(getattr(config, f"model_{x}_arch"), attention=config.attention,
-                                      checkpointing=config.checkpointing, **getattr(config, f"model_{x}_kwargs"))
+            backbone = config.models[x].build(attention=config.attention, checkpointing=config.checkpointing)
             self.branches[x] = MOKDBranch(backbone, config, x)
             self.teachers[x] = EMATeacher(self.branches[x])
             dino = dict(student_temp=config.student_temp, teacher_temp=config.teacher_temp,

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastkd.checks import check_bool, check_choice, check_kwargs, check_number, check_str
+from fastkd.checks import check_bool, check_choice, check_number, check_str
 from fastkd.data.batch import Batch
 from fastkd.losses import FeatureAlignLoss
-from fastkd.methods.backbones import build_student, load_frozen_teacher
+from fastkd.methods.backbones import BackboneSpec, backbone_spec, backbone_specs
 from fastkd.methods.base import Method, check_batch, check_progress, loss_dict, masked_forward
 from fastkd.models import LinearProjector, MLPProjector
 from fastkd.ops import TARGET_NORMS as OP_TARGET_NORMS
@@ -36,29 +36,23 @@ MODES = {"mocov3_to_mae": ("mocov3",), "mae_to_mocov3": ("mae",), "both_to_rando
 TARGETS = ("cls", "patch", "both")
 TARGET_NORMS = tuple(n for n in OP_TARGET_NORMS if n != "none")  # the papers normalise the target
 PROJECTORS = ("linear", "mlp")
+STUDENT = BackboneSpec("vit_small_patch16_224")
+TEACHER = BackboneSpec("vit_base_patch16_224")
 STUDENT_INITS = {"mocov3_to_mae": "MAE", "mae_to_mocov3": "MoCo v3"}  # modes 1 and 2: the student's init
 
 
 @dataclass
 class MOMAConfig:
-    """``student_init``: checkpoint the student starts from, required by the single-teacher modes
-    (MAE for ``mocov3_to_mae``, MoCo v3 for ``mae_to_mocov3``: their student is the other
-    pre-trained model, so a missing one is an error rather than a silently random student) and
-    refused by ``both_to_random`` (random init). Teacher paths are read by
-    ``fastkd.models.load_teacher`` (``teacher_format``)."""
+    """``student``: the masked ViT student (:class:`BackboneSpec`); its ``path`` is the checkpoint it
+    starts from, required by the single-teacher modes (MAE for ``mocov3_to_mae``, MoCo v3 for
+    ``mae_to_mocov3``: their student is the other pre-trained model, so a missing one is an error
+    rather than a silently random student) and refused by ``both_to_random`` (random init).
+    ``teachers``: ``{"mocov3": spec, "mae": spec}``, each read onto :data:`TEACHER`; only the
+    mode's teachers are loaded (``path`` required)."""
 
     mode: str = "mocov3_to_mae"
-    student_arch: str = "vit_small_patch16_224"
-    student_kwargs: dict = field(default_factory=dict)
-    student_init: str | None = None
-    student_init_format: str = "auto"
-    mocov3_teacher_arch: str = "vit_base_patch16_224"
-    mocov3_teacher_kwargs: dict = field(default_factory=dict)
-    mocov3_teacher_path: str | None = None
-    mae_teacher_arch: str = "vit_base_patch16_224"
-    mae_teacher_kwargs: dict = field(default_factory=dict)
-    mae_teacher_path: str | None = None
-    teacher_format: str = "auto"
+    student: BackboneSpec = STUDENT
+    teachers: dict = field(default_factory=dict)
     attention: str | None = None
     checkpointing: bool = False
     target: str = "both"
@@ -73,13 +67,9 @@ class MOMAConfig:
 
     def __post_init__(self):
         check_choice("mode", self.mode, MODES)
-        for name in ("student_arch", "mocov3_teacher_arch", "mae_teacher_arch", "student_init_format",
-                     "teacher_format"):
-            check_str(name, getattr(self, name))
-        for name in ("student_init", "mocov3_teacher_path", "mae_teacher_path", "attention"):
-            check_str(name, getattr(self, name), optional=True)
-        for name in ("student_kwargs", "mocov3_teacher_kwargs", "mae_teacher_kwargs"):
-            check_kwargs(name, getattr(self, name))
+        self.student = backbone_spec("student", self.student, STUDENT)
+        self.teachers = backbone_specs("teachers", self.teachers, {name: TEACHER for name in ("mocov3", "mae")})
+        check_str("attention", self.attention, optional=True)
         check_bool("checkpointing", self.checkpointing)
         check_choice("target", self.target, TARGETS)
         check_choice("target_norm", self.target_norm, TARGET_NORMS)
@@ -90,11 +80,11 @@ class MOMAConfig:
         check_number("mask_ratio", self.mask_ratio, low=0.0, high=1.0)
         check_number("mocov3_weight", self.mocov3_weight, low=0.0)
         check_number("mae_weight", self.mae_weight, low=0.0)
-        if self.mode == "both_to_random" and self.student_init is not None:
-            raise ValueError("mode 'both_to_random' trains a randomly initialised student: student_init must be None, "
-                             f"got {self.student_init!r}")
-        if self.mode in STUDENT_INITS and self.student_init is None:
-            raise ValueError(f"mode {self.mode!r} distils into a pre-trained student: student_init is required "
+        if self.mode == "both_to_random" and self.student.path is not None:
+            raise ValueError("mode 'both_to_random' trains a randomly initialised student: student.path must be "
+                             f"None, got {self.student.path!r}")
+        if self.mode in STUDENT_INITS and self.student.path is None:
+            raise ValueError(f"mode {self.mode!r} distils into a pre-trained student: student.path is required "
                              f"(the {STUDENT_INITS[self.mode]} checkpoint the student starts from), got None")
 
 
@@ -111,17 +101,12 @@ class MOMA(Method):
         super().__init__(config)
         self.teacher_names = MODES[config.mode]
         self.frozen_teachers = tuple(f"{name}_teacher" for name in self.teacher_names)
-        self.backbone = build_student(config.student_arch, config.student_kwargs, init_path=config.student_init,
-                                      init_format=config.student_init_format, attention=config.attention,
-                                      checkpointing=config.checkpointing)
+        self.backbone = config.student.build(attention=config.attention, checkpointing=config.checkpointing)
         if not self.backbone.is_vit:
-            raise ValueError(f"MOMA's masked student must be a ViT, got {config.student_arch!r}")
+            raise ValueError(f"MOMA's masked student must be a ViT, got {config.student.arch!r}")
         self.projectors = nn.ModuleDict()
         for name in self.teacher_names:
-            teacher = load_frozen_teacher(
-                f"{name}_teacher", getattr(config, f"{name}_teacher_arch"), getattr(config, f"{name}_teacher_kwargs"),
-                getattr(config, f"{name}_teacher_path"), format=config.teacher_format, attention=config.attention,
-            )
+            teacher = config.teachers[name].load_frozen(f"teachers.{name}", attention=config.attention)
             if not teacher.is_vit or teacher.num_patches != self.backbone.num_patches:
                 raise ValueError(
                     f"the {name} teacher must be a ViT with the student's {self.backbone.num_patches} patches, got "
@@ -146,7 +131,7 @@ class MOMA(Method):
         parts, weights = {}, {}
         for name in self.teacher_names:
             teacher = getattr(self, f"{name}_teacher")
-            target = self.frozen_teacher_features(teacher, x).tokens
+            target = self.frozen_teacher_features(teacher, self.config.teachers[name].resize(x)).tokens
             projected = self.projectors[name](student_tokens)
             weight = getattr(self.config, f"{name}_weight")
             if self.config.target in ("cls", "both"):

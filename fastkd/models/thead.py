@@ -10,14 +10,13 @@ an optional prepended query token::
     t = LayerNorm(blocks(t))             # ``depth`` timm ViT blocks (LayerNorm eps 1e-6), attention via
                                          # fastkd.models.attention
     e = mean(t[:, 1:] if query else t)   # embed(): [B, dim]
-    logits = WeightNormLinear(e)         # forward(): [B, out_dim]; e / ||e|| with l2_norm=True
+    logits = WeightNormLinear(e)         # forward(): [B, out_dim]
 
 As in the official MOKD code (``backbones/vision_transformer.py``: ``THead_CNN`` / ``THead_ViT``):
 the positional embedding (trunc-normal std 0.02) is resized with DINO's bicubic interpolation
 (scale factor ``(h + 0.1) / gh``) for the smaller maps of local crops, the mean-pooled tokens go
 to the weight-normalised last layer without l2 normalisation, and its gain is trainable
-(``norm_last_layer=False``). ``pos_grid=None`` and ``l2_norm=True`` give the earlier head (no
-positional embedding, l2-normalised embedding).
+(``norm_last_layer=False``); ``pos_grid=None``: no positional embedding.
 """
 
 from __future__ import annotations
@@ -75,12 +74,11 @@ class THead(nn.Module):
     """Transformer head over tokens ``[B, N, in_dim]`` or (``input="feature_map"``) maps ``[B, in_dim, h, w]``.
 
     ``pos_grid`` (an int or ``(gh, gw)``): the grid of the learnable positional embedding
-    (``None``: none); ``norm_last_layer``: freeze the last layer's weight-norm gain at 1;
-    ``l2_norm``: l2-normalise the embedding before the last layer."""
+    (``None``: none); ``norm_last_layer``: freeze the last layer's weight-norm gain at 1."""
 
     def __init__(self, in_dim: int, out_dim: int = 65536, dim: int = 384, depth: int = 3, num_heads: int = 6, *,
                  input: str = "tokens", mlp_ratio: float = 4.0, norm_last_layer: bool = False,
-                 l2_norm: bool = False, pos_grid: int | tuple[int, int] | None = None, norm_eps: float = 1e-6,
+                 pos_grid: int | tuple[int, int] | None = None, norm_eps: float = 1e-6,
                  attention: str | None = None):
         super().__init__()
         check_positive_ints(in_dim=in_dim, dim=dim, depth=depth, num_heads=num_heads)
@@ -88,10 +86,9 @@ class THead(nn.Module):
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if input not in INPUT_KINDS:
             raise ValueError(f"input must be one of {INPUT_KINDS}, got {input!r}")
-        for name, value in (("norm_last_layer", norm_last_layer), ("l2_norm", l2_norm)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
-        self.in_dim, self.dim, self.input, self.l2_norm = in_dim, dim, input, l2_norm
+        if not isinstance(norm_last_layer, bool):
+            raise TypeError(f"norm_last_layer must be a bool, got {norm_last_layer!r}")
+        self.in_dim, self.dim, self.input = in_dim, dim, input
         self.attention = check_backend(attention)
         if input == "feature_map":
             self.adapter = nn.Conv2d(in_dim, dim, kernel_size=1)
@@ -172,8 +169,8 @@ class THead(nn.Module):
         return (embed, input_mean) if return_input_mean else embed
 
     def logits(self, embed: torch.Tensor) -> torch.Tensor:
-        """The last layer on an embedding (l2-normalised first when ``l2_norm``)."""
-        return self.last_layer(F.normalize(embed, dim=-1) if self.l2_norm else embed)
+        """The last layer on an embedding (as it is: no l2 normalisation)."""
+        return self.last_layer(embed)
 
     def forward(self, tokens: torch.Tensor, query: torch.Tensor | None = None, *, grid=None) -> torch.Tensor:
         """Logits ``[B, out_dim]`` of the weight-normalised last layer on the embedding."""

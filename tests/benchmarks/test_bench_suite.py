@@ -168,21 +168,31 @@ def test_fraction_of_peak_and_targets_validate():
 
 
 def test_e2e_demo_models_are_the_demo_configs(tmp_path):
-    from fastkd.benchmarks.bench_e2e import DEMO_TEACHER, demo_method_config
+    """bench e2e builds every method from its configs/demo/<name>.yaml: the same config, with the
+    frozen teachers replaced by the benchmark's random ones (in fastkd's format)."""
+    from fastkd.benchmarks.bench_e2e import DEMO_TEACHER, demo_methods, method_config
     from fastkd.config import load_config
     from fastkd.configs import demo_config_dir
 
-    teachers = {"contrastive": str(tmp_path / "c.pt"), "mim": str(tmp_path / "m.pt")}
-    for name, stage in (("moma", "moma_both"), ("hybrid_distill", "hybrid_distill"), ("resmoco", "resmoco_teacher"),
-                        ("mokd", "mokd")):
-        config, recipe = demo_method_config(name, teachers, 64)
-        demo = load_config(demo_config_dir() / f"{stage}.yaml")
-        paths = {k for k in config if k.endswith("_path")}
-        assert {k: v for k, v in config.items() if k not in paths} == \
-            {k: v for k, v in demo.method_config.items() if k not in paths}
-        assert {config[k] for k in paths} <= set(teachers.values()) and recipe == demo.data.recipe_options
-    for teacher in ("resmoco_teacher", "mae_teacher"):  # random teachers of the demo teachers' shape
-        assert load_config(demo_config_dir() / f"{teacher}.yaml").method_config["arch_kwargs"] == DEMO_TEACHER
+    assert set(METHODS) <= set(demo_methods())
+    teachers = [str(tmp_path / "c.pt"), str(tmp_path / "m.pt")]
+    for name in METHODS:
+        config, recipe = method_config(name, teachers, "demo", 64)
+        demo = load_config(demo_config_dir() / f"{name}.yaml")
+        given = {role: spec for role, spec in config.pop("teachers", {}).items()}
+        method = dict(demo.method_config)
+        shipped = method.pop("teachers", {})
+        assert config == method and recipe == demo.data.recipe_options
+        assert given.keys() == shipped.keys()
+        for role, spec in given.items():
+            assert spec["path"] in teachers and spec["format"] == "fastkd"
+            assert {k: v for k, v in spec.items() if k not in ("path", "format")} == \
+                {k: v for k, v in shipped[role].items() if k not in ("path", "format")}
+    for teacher in ("resmoco", "mae"):  # random teachers of the demo teachers' shape
+        assert load_config(demo_config_dir() / f"{teacher}.yaml").method_config["backbone"]["kwargs"] == DEMO_TEACHER
+    vit, _ = method_config("mokd", teachers, "vit64", 64)  # --model: every spec takes that ViT's shape
+    assert {spec["kwargs"]["embed_dim"] for spec in vit["models"].values()} == {192}
+    assert all(spec["kwargs"]["dynamic_img_size"] for spec in vit["models"].values())
 
 
 def test_runs_keep_each_rows_lowest_speedup():

@@ -71,7 +71,7 @@ def test_training_over_a_corrupt_file(tiny_folder, tmp_path, skip):
     overrides = [f"data.source={tiny_folder}", "data.batch_size=8", "data.num_workers=0", "data.backend=torch",
                  f"data.skip_bad_images={'true' if skip else 'false'}", "train.epochs=1",
                  f"train.output_dir={tmp_path / 'run'}", "train.progress=false", "train.tensorboard=false"]
-    config = load_config(DEMO / "mae_teacher.yaml", overrides)
+    config = load_config(DEMO / "mae.yaml", overrides)
     if not skip:
         with pytest.raises(BadImageError, match="broken.jpg"):
             train_from_config(config)

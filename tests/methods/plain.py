@@ -10,7 +10,7 @@ from fastkd.models import build_backbone, save_backbone
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 TINY_VIT_ARCH = "vit_tiny_patch16_224"
-TINY_MOCO = dict(arch=TINY_VIT_ARCH, arch_kwargs=TINY_VIT, proj_hidden_dim=32, pred_hidden_dim=32, out_dim=16)
+TINY_MOCO = dict(backbone=dict(arch=TINY_VIT_ARCH, kwargs=TINY_VIT), proj_hidden_dim=32, pred_hidden_dim=32, out_dim=16)
 
 
 def tiny_batch(views: int = 1, B: int = 3, size: int = 32, seed: int = 0) -> Batch:

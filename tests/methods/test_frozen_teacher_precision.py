@@ -17,19 +17,20 @@ def paths(tmp_path_factory):
             "b": write_tiny_teacher(root / "b.pt", 2, embed_dim=48)}
 
 
+def _teachers(paths, roles):
+    return {role: {"arch": TINY_VIT_ARCH, "kwargs": TEACHER, "path": paths[key], "format": "fastkd"}
+            for role, key in zip(roles, "ab")}
+
+
 def moma(paths):
-    return build_method("moma", {
-        "mode": "both_to_random", "student_arch": TINY_VIT_ARCH, "student_kwargs": TINY_VIT,
-        "mocov3_teacher_arch": TINY_VIT_ARCH, "mocov3_teacher_kwargs": TEACHER, "mocov3_teacher_path": paths["a"],
-        "mae_teacher_arch": TINY_VIT_ARCH, "mae_teacher_kwargs": TEACHER, "mae_teacher_path": paths["b"]})
+    return build_method("moma", {"mode": "both_to_random", "student": {"arch": TINY_VIT_ARCH, "kwargs": TINY_VIT},
+                                 "teachers": _teachers(paths, ("mocov3", "mae"))})
 
 
 def hybrid(paths):
-    return build_method("hybrid_distill", {
-        "student_arch": TINY_VIT_ARCH, "student_kwargs": TINY_VIT, "keep_schedule": [[0.0, 0.75]],
-        "feature_teacher_arch": TINY_VIT_ARCH, "feature_teacher_kwargs": TEACHER, "feature_teacher_path": paths["a"],
-        "relation_teacher_arch": TINY_VIT_ARCH, "relation_teacher_kwargs": TEACHER,
-        "relation_teacher_path": paths["b"], "teacher_format": "fastkd"})
+    return build_method("hybrid_distill", {"student": {"arch": TINY_VIT_ARCH, "kwargs": TINY_VIT},
+                                           "keep_schedule": [[0.0, 0.75]],
+                                           "teachers": _teachers(paths, ("feature", "relation"))})
 
 
 def test_default_is_the_callers_autocast_state(paths):

@@ -28,13 +28,16 @@ def sharpened(method, factor=6.0):
     return method
 
 
-def config(paths, **overrides):
+def config(paths, feature=None, relation=None, **overrides):
+    """The tiny Hybrid Distill config; ``feature`` / ``relation``: keys over that teacher's spec."""
     return {
-        "student_arch": TINY_VIT_ARCH, "student_kwargs": TINY_VIT,
-        "feature_teacher_arch": TINY_VIT_ARCH, "feature_teacher_kwargs": dict(TINY_VIT, embed_dim=48),
-        "feature_teacher_path": paths["feature"],
-        "relation_teacher_arch": TINY_VIT_ARCH, "relation_teacher_kwargs": dict(TINY_VIT, num_heads=4),
-        "relation_teacher_path": paths["relation"],
+        "student": {"arch": TINY_VIT_ARCH, "kwargs": TINY_VIT},
+        "teachers": {
+            "feature": {"arch": TINY_VIT_ARCH, "kwargs": dict(TINY_VIT, embed_dim=48), "path": paths["feature"],
+                        **(feature or {})},
+            "relation": {"arch": TINY_VIT_ARCH, "kwargs": dict(TINY_VIT, num_heads=4), "path": paths["relation"],
+                         **(relation or {})},
+        },
         "relation_layers": [[0, 1], [1, -1]], "head_map": "mean", "alpha": 0.5, "beta": 2.0,
         "keep_schedule": [[0.0, 1.0], [0.5, 0.5]],
         **overrides,
@@ -187,11 +190,11 @@ def test_relation_layer_presets_resolve_at_build(paths):
 
 def test_per_teacher_formats(paths):
     """Each teacher can name its own checkpoint format; a wrong one is refused for that teacher."""
-    method = build_method("hybrid_distill", config(paths, feature_teacher_format="fastkd",
-                                                   relation_teacher_format="fastkd", teacher_format="mae"))
+    method = build_method("hybrid_distill", config(paths, feature={"format": "fastkd"},
+                                                   relation={"format": "fastkd"}))
     assert method.feature_teacher.embed_dim == 48
     with pytest.raises(ValueError, match="looks like 'fastkd'"):
-        build_method("hybrid_distill", config(paths, feature_teacher_format="mae"))
+        build_method("hybrid_distill", config(paths, feature={"format": "mae"}))
 
 
 def test_feature_teacher_input_size(paths, tmp_path):
@@ -199,8 +202,8 @@ def test_feature_teacher_input_size(paths, tmp_path):
     patch 4 at 16 px (4 x 4 patches) for a student of patch 8 at 32 px (4 x 4 patches)."""
     small = dict(TINY_VIT, img_size=16, patch_size=4, embed_dim=48)
     path = write_tiny_teacher(tmp_path / "small_patch.pt", 13, **small)
-    method = build_method("hybrid_distill", config(paths, feature_teacher_kwargs=small, feature_teacher_path=path,
-                                                   feature_teacher_input_size=16))
+    method = build_method("hybrid_distill", config(paths, feature={"kwargs": small, "path": path,
+                                                                         "input_size": 16}))
     batch = tiny_batch(B=2)
     parts = method(batch)
     x = batch.views[0]
@@ -209,8 +212,7 @@ def test_feature_teacher_input_size(paths, tmp_path):
         target = method.feature_teacher.forward_features(resized).tokens[:, 0]
     student = method.projector(method.backbone.forward_features(x).tokens)[:, 0]
     torch.testing.assert_close(parts["feature_cls"], method.feature_align(student, target))
-    with pytest.raises(ValueError, match="feature_teacher_input_size=24"):
-        build_method("hybrid_distill", config(paths, feature_teacher_kwargs=small, feature_teacher_path=path,
-                                              feature_teacher_input_size=24))
-    with pytest.raises(ValueError, match="set feature_teacher_input_size: 16"):
-        build_method("hybrid_distill", config(paths, feature_teacher_kwargs=small, feature_teacher_path=path))
+    with pytest.raises(ValueError, match="teachers.feature.input_size=24"):
+        build_method("hybrid_distill", config(paths, feature={"kwargs": small, "path": path, "input_size": 24}))
+    with pytest.raises(ValueError, match="set teachers.feature.input_size: 16"):
+        build_method("hybrid_distill", config(paths, feature={"kwargs": small, "path": path}))

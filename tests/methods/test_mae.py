@@ -5,7 +5,7 @@ from fastkd.methods import MAE, MAEConfig, build_method
 from tests.methods.common import check_gradients, check_parts_and_total, steps_lower_loss
 from tests.methods.plain import TINY_VIT, TINY_VIT_ARCH, tiny_batch
 
-CONFIG = dict(arch=TINY_VIT_ARCH, arch_kwargs=TINY_VIT, decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
+CONFIG = dict(backbone=dict(arch=TINY_VIT_ARCH, kwargs=TINY_VIT), decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
 
 
 def _plain_mae(method, x, seed):
@@ -66,4 +66,4 @@ def test_bad_config_and_batch():
     with pytest.raises(TypeError, match="Batch"):
         build_method("mae", CONFIG)([torch.randn(2, 3, 32, 32)])
     with pytest.raises(TypeError, match="MAEConfig"):
-        MAE({"arch": TINY_VIT_ARCH})
+        MAE({"backbone": {"arch": TINY_VIT_ARCH}})

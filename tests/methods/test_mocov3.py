@@ -95,7 +95,7 @@ def test_vit_defaults_follow_the_paper():
 
 
 def test_resnet_choices_and_vit_only_switches():
-    resnet = dict(CONFIG, arch="resnet18", arch_kwargs={})
+    resnet = dict(CONFIG, backbone={"arch": "resnet18"})
     method = build_method("mocov3", resnet)
     assert isinstance(method.predictor.mlp[-1], torch.nn.Linear)  # MoCo v3's ResNet predictor
     assert method.contrastive.temperature == 1.0
@@ -106,7 +106,7 @@ def test_resnet_choices_and_vit_only_switches():
 
 
 def test_momentum_encoder_targets_are_deterministic_with_drop_path():
-    method = build_method("mocov3", {**CONFIG, "arch_kwargs": {**CONFIG["arch_kwargs"], "drop_path_rate": 0.5}})
+    method = build_method("mocov3", {**CONFIG, "backbone": {**CONFIG["backbone"], "kwargs": {**CONFIG["backbone"]["kwargs"], "drop_path_rate": 0.5}}})
     method.train()
     assert method.base_encoder.training and not method.momentum_encoder.module[0].training
     views = tiny_batch(views=2, B=4).views

@@ -18,11 +18,14 @@ def paths(tmp_path_factory):
     }
 
 
-def config(paths, **overrides):
+def config(paths, student=None, teachers=None, **overrides):
+    """The tiny MOMA config; ``student``: keys over the student's spec; ``teachers``: role -> keys
+    over that teacher's spec."""
+    teachers = teachers or {}
     return {
-        "mode": "both_to_random", "student_arch": TINY_VIT_ARCH, "student_kwargs": TINY_VIT,
-        "mocov3_teacher_arch": TINY_VIT_ARCH, "mocov3_teacher_kwargs": TEACHER, "mocov3_teacher_path": paths["mocov3"],
-        "mae_teacher_arch": TINY_VIT_ARCH, "mae_teacher_kwargs": TEACHER, "mae_teacher_path": paths["mae"],
+        "mode": "both_to_random", "student": {"arch": TINY_VIT_ARCH, "kwargs": TINY_VIT, **(student or {})},
+        "teachers": {role: {"arch": TINY_VIT_ARCH, "kwargs": TEACHER, "path": paths[role], **teachers.get(role, {})}
+                     for role in ("mocov3", "mae")},
         **overrides,
     }
 
@@ -73,7 +76,7 @@ def test_student_sees_exactly_the_visible_tokens(paths):
 @pytest.mark.parametrize("mode,teacher,init", [("mocov3_to_mae", "mocov3", "student_init"),
                                                ("mae_to_mocov3", "mae", "student_init")])
 def test_single_teacher_modes_and_switches(paths, mode, teacher, init):
-    cfg = config(paths, mode=mode, student_init=paths[init], target="patch", target_norm="l2", loss="cosine",
+    cfg = config(paths, student={"path": paths[init]}, mode=mode, target="patch", target_norm="l2", loss="cosine",
                  projector="mlp", projector_hidden_dim=24, **{f"{teacher}_weight": 0.5})
     method = build_method("moma", cfg)
     assert not hasattr(method, f"{'mae' if teacher == 'mocov3' else 'mocov3'}_teacher")
@@ -95,16 +98,16 @@ def test_steps_lower_loss(paths):
 
 
 def test_bad_configs(paths):
-    with pytest.raises(ValueError, match="mae_teacher_path is required"):
-        build_method("moma", config(paths, mae_teacher_path=None))
-    with pytest.raises(ValueError, match="student_init must be None"):
-        MOMAConfig(mode="both_to_random", student_init="x.pt")
+    with pytest.raises(ValueError, match="teachers.mae.path is required"):
+        build_method("moma", config(paths, teachers={"mae": {"path": None}}))
+    with pytest.raises(ValueError, match="student.path must be None"):
+        MOMAConfig(mode="both_to_random", student={"path": "x.pt"})
     for mode in ("mocov3_to_mae", "mae_to_mocov3"):  # modes 1 and 2 never train a random student
-        with pytest.raises(ValueError, match=f"mode '{mode}'.*student_init is required"):
+        with pytest.raises(ValueError, match=f"mode '{mode}'.*student.path is required"):
             build_method("moma", config(paths, mode=mode))
     with pytest.raises(ValueError, match="target"):
         MOMAConfig(target="tokens")
     with pytest.raises(ValueError, match="did you mean 'mask_ratio'"):
         build_method("moma", config(paths, mask_ration=0.5))
     with pytest.raises(ValueError, match="patches"):
-        build_method("moma", config(paths, student_kwargs=dict(TINY_VIT, patch_size=4)))
+        build_method("moma", config(paths, student={"kwargs": dict(TINY_VIT, patch_size=4)}))

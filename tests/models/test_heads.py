@@ -194,11 +194,11 @@ def _thead_by_hand(head, x, query=None, grid=None):
     return e @ (g * v / v.norm(dim=1, keepdim=True)).T
 
 
-def test_thead_positional_embedding_no_l2_norm_and_trainable_gain():
+def test_thead_positional_embedding_and_trainable_gain():
     torch.manual_seed(0)
     head = THead(24, out_dim=20, dim=16, depth=2, num_heads=2, input="feature_map", pos_grid=4)
     assert head.pos_embed.shape == (1, 16, 16) and head.pos_embed.requires_grad
-    assert head.last_layer.weight_g.requires_grad and not head.l2_norm
+    assert head.last_layer.weight_g.requires_grad
     with torch.no_grad():
         head.last_layer.weight_g.uniform_(0.5, 2.0)  # a trained gain, so the reference must apply it
     query = torch.randn(2, 16)
@@ -216,13 +216,10 @@ def test_thead_positional_embedding_no_l2_norm_and_trainable_gain():
     assert not torch.allclose(head(shuffled), head(fmap), atol=1e-4)
     head(fmap).square().sum().backward()
     assert head.pos_embed.grad is not None and head.last_layer.weight_g.grad is not None
-    # the earlier head: no positional embedding, l2-normalised embedding, frozen gain
-    old = THead(24, out_dim=20, dim=16, depth=1, num_heads=2, input="feature_map", norm_last_layer=True,
-                l2_norm=True)
-    assert old.pos_embed is None and not old.last_layer.weight_g.requires_grad
-    e = old.embed(fmap)
-    torch.testing.assert_close(old(fmap), old.last_layer(F.normalize(e, dim=-1)))
-    torch.testing.assert_close(old(shuffled), old(fmap), rtol=1e-4, atol=1e-5)
+    # without a positional embedding and with a frozen gain: order-blind
+    plain = THead(24, out_dim=20, dim=16, depth=1, num_heads=2, input="feature_map", norm_last_layer=True)
+    assert plain.pos_embed is None and not plain.last_layer.weight_g.requires_grad
+    torch.testing.assert_close(plain(shuffled), plain(fmap), rtol=1e-4, atol=1e-5)
 
 
 def test_thead_tokens_grid_project_and_input_mean():

@@ -17,7 +17,7 @@ import torch
 from fastkd.data import dali_available, write_sample_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "configs" / "demo" / "mae_teacher.yaml"
+CONFIG = ROOT / "configs" / "demo" / "mae.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def _start(images: Path, out: Path, backend: str, checkpoint_every: int) -> subp
         f"data.backend={backend}", "data.batch_size=8", "data.num_workers=2", "train.epochs=200",
         f"train.checkpoint_every={checkpoint_every}", "train.log_every=1", f"train.output_dir={out}",
         "train.tensorboard=false", "train.progress=false",
-        "method.arch_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+        "method.backbone.kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

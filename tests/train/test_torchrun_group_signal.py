@@ -30,7 +30,7 @@ from fastkd.data import write_sample_dataset
 from tests.train.test_group_signal import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "configs" / "demo" / "mae_teacher.yaml"
+CONFIG = ROOT / "configs" / "demo" / "mae.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 HANG_GUARD_S = 300  # generous: only ends a hung run, never judges speed
 
@@ -56,7 +56,7 @@ def _launch(images: Path, out: Path, num_workers: int, *extra: str) -> subproces
         "-m", "fastkd.cli", "pretrain", str(CONFIG), f"data.source={images}", "data.backend=torch",
         "data.batch_size=8", f"data.num_workers={num_workers}", "train.epochs=200", "train.checkpoint_every=1000",
         "train.log_every=1", f"train.output_dir={out}", "train.tensorboard=false", "train.progress=false",
-        "method.arch_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}", *extra,
+        "method.backbone.kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}", *extra,
     ])
 
 
