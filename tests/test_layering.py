@@ -5,6 +5,7 @@ imports inside functions included) and, for ``fastkd.methods``, on what importin
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,27 +13,60 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LOW_LEVEL_MODULES = ("fastkd/checks.py", "fastkd/durable.py", "fastkd/method_protocol.py", "fastkd/progress.py",
-                     "fastkd/suggest.py")
-FASTKD_PACKAGES = ("fastkd.data", "fastkd.eval", "fastkd.losses", "fastkd.methods", "fastkd.models", "fastkd.ops",
-                   "fastkd.train", "fastkd.benchmarks", "fastkd.config", "fastkd.cli", "fastkd.runner")
-
-# (files, forbidden module prefixes)
+README = ROOT / "README.md"
+# The helpers at the bottom: they import no other fastkd module, and every module may import them.
+LOW_LEVEL = ("checks", "durable", "method_protocol", "progress", "suggest")
+# Every unit of the library (a package of fastkd, a top-level module, kernels/, benchmarks/, configs/)
+# -> the fastkd units it may import besides LOW_LEVEL. The README's architecture table says the same
+# (test_readme_states_these_rules); a unit missing here fails test_every_unit_has_a_rule.
+ALLOWED = {
+    **{name: () for name in LOW_LEVEL},
+    "kernels": (),
+    "configs": (),
+    "reporting": (),
+    "launch": (),
+    "ops": ("kernels", "_C"),
+    "losses": ("ops",),
+    "models": ("ops",),
+    "data": (),
+    "methods": ("data", "losses", "models", "ops"),
+    "train": ("models",),
+    "config": ("data", "train"),
+    "eval": ("config", "data", "methods", "models", "train"),
+    "runner": ("config", "data", "methods", "models", "train"),
+    "demo": ("config", "configs", "data", "eval", "methods", "reporting", "runner", "train"),
+    "benchmarks": ("config", "configs", "data", "eval", "kernels", "losses", "methods", "models", "ops",
+                   "reporting", "train"),
+    "cli": ("benchmarks", "config", "data", "eval", "launch", "methods", "models", "runner", "train"),
+}
+# Finer rules inside the table: (files, forbidden module prefixes).
 RULES = [
-    ("fastkd/methods", ("fastkd.train",)),
-    ("fastkd/models", ("fastkd.methods", "fastkd.train", "fastkd.eval", "fastkd.data")),
-    ("fastkd/losses", ("fastkd.methods", "fastkd.train", "fastkd.eval", "fastkd.data")),
-    ("fastkd/ops", ("fastkd.methods", "fastkd.train", "fastkd.eval", "fastkd.data")),
-    ("fastkd/eval", ("fastkd.train.trainer",)),
-    # data is at the bottom: besides itself, only the low-level modules (durable files, progress bars)
-    ("fastkd/data", (*(p for p in FASTKD_PACKAGES if p != "fastkd.data"), "fastkd.demo", "fastkd.launch",
-                     "fastkd.kernels", "fastkd.reporting")),
-    # train drives a method through forward/after_step without importing it; it may use models below
-    ("fastkd/train", ("fastkd.methods", "fastkd.eval", "fastkd.benchmarks", "fastkd.config", "fastkd.cli",
-                      "fastkd.runner", "fastkd.demo", "fastkd.launch")),
-    ("kernels", ("fastkd.benchmarks", "benchmarks")),
-    *((path, FASTKD_PACKAGES) for path in LOW_LEVEL_MODULES),
+    ("fastkd/eval", ("fastkd.train.trainer",)),  # eval reads the checkpoint format, never the trainer
 ]
+
+
+def unit_of_file(path: Path) -> str:
+    """The unit a library file belongs to: ``fastkd/ops/ema.py`` -> ``ops``, ``fastkd/cli.py`` ->
+    ``cli``, ``kernels/ema.py`` -> ``kernels``."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    if parts[0] != "fastkd":
+        return parts[0]
+    return parts[1]
+
+
+def unit_of_module(module: str) -> str | None:
+    """The unit an imported module name belongs to (None: not fastkd; ``""``: the package itself)."""
+    parts = module.split(".")
+    if parts[0] in ("kernels", "benchmarks", "configs"):
+        return parts[0]
+    if parts[0] != "fastkd":
+        return None
+    return "" if len(parts) == 1 or parts[1].startswith("__") else parts[1]
+
+
+def library_files() -> list[Path]:
+    return sorted([*(ROOT / "fastkd").rglob("*.py"), *(ROOT / "kernels").rglob("*.py"),
+                   *(ROOT / "benchmarks").rglob("*.py"), *(ROOT / "configs").glob("*.py")])
 
 
 def _module_name(path: Path) -> str:
@@ -70,15 +104,41 @@ def test_imported_modules_resolves_relative_and_from_imports():
     assert "fastkd.data.recipes" in found and "fastkd.data.recipes.build_recipe" in found
 
 
-@pytest.mark.parametrize("where, forbidden", RULES, ids=[rule[0] for rule in RULES])
-def test_no_module_imports_a_layer_above_it(where, forbidden):
-    files = _files(where)
-    assert files, f"{where} has no Python files"
+def test_every_unit_has_a_rule():
+    units = {unit_of_file(path) for path in library_files()} - {"__init__"}  # fastkd/__init__.py imports nothing
+    assert units <= set(ALLOWED), sorted(units - set(ALLOWED))
+
+
+def test_no_unit_imports_what_its_rule_does_not_allow():
     offending = []
-    for path in files:
-        bad = {m for m in imported_modules(path) if any(m == p or m.startswith(p + ".") for p in forbidden)}
-        offending += [f"{path.relative_to(ROOT)} imports {m}" for m in sorted(bad) if m.rpartition(".")[0] not in bad]
+    for path in library_files():
+        unit = unit_of_file(path)
+        allowed = {unit, "", *LOW_LEVEL, *ALLOWED.get(unit, ())} if unit not in LOW_LEVEL else {unit, ""}
+        for module in sorted(imported_modules(path)):
+            target = unit_of_module(module)
+            if target is not None and target not in allowed:
+                offending.append(f"{path.relative_to(ROOT)} imports {module}")
     assert not offending, "\n".join(offending)
+
+
+@pytest.mark.parametrize("where, forbidden", RULES, ids=[rule[0] for rule in RULES])
+def test_finer_rules(where, forbidden):
+    offending = [f"{path.relative_to(ROOT)} imports {m}" for path in _files(where) for m in sorted(imported_modules(path))
+                 if any(m == p or m.startswith(p + ".") for p in forbidden)]
+    assert not offending, "\n".join(offending)
+
+
+def test_readme_states_these_rules():
+    """The README's import table (under "## Architecture") lists the same rule for every unit."""
+    text = README.read_text().split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) >= 2:
+            names = re.findall(r"`([^`]+)`", cells[0].split("(")[0])
+            imports = tuple(sorted(re.findall(r"`([^`]+)`", cells[1])))
+            rows.update({name: imports for name in names})
+    assert rows == {unit: tuple(sorted(allowed)) for unit, allowed in ALLOWED.items()}
 
 
 def test_importing_methods_loads_no_trainer():
