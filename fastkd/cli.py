@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import math
 import os
-import pkgutil
 import sys
 from pathlib import Path
 
@@ -202,22 +200,24 @@ def _finetune(args: argparse.Namespace) -> int:
     return _emit_report({"protocol": "finetune", "model": args.model, **source, **result.to_dict()}, args.output)
 
 
-def benchmark_names() -> list[str]:
-    """Names ``X`` of the modules ``fastkd.benchmarks.bench_X``."""
-    import fastkd.benchmarks as package
+def benchmarks() -> dict:
+    """``X`` -> the ``main(argv)`` of ``fastkd.benchmarks.bench_X``, every benchmark of ``fastkd bench``."""
+    from fastkd.benchmarks import (bench_all, bench_backbone, bench_compile, bench_data, bench_e2e, bench_ema,
+                                   bench_feature_align, bench_gather, bench_knn, bench_ops, bench_token_relation)
 
-    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules(package.__path__) if m.name.startswith("bench_"))
+    modules = (bench_all, bench_backbone, bench_compile, bench_data, bench_e2e, bench_ema, bench_feature_align,
+               bench_gather, bench_knn, bench_ops, bench_token_relation)
+    return {module.__name__.rpartition(".bench_")[2]: module.main for module in modules}
 
 
 def _bench(args: argparse.Namespace) -> int:
-    names = benchmark_names()
+    mains = benchmarks()
     if args.name is None or args.name == "list":
-        print("benchmarks: " + ", ".join(names))
+        print("benchmarks: " + ", ".join(sorted(mains)))
         return 0
-    if args.name not in names:
-        raise ValueError(f"unknown benchmark {args.name!r}; available: {', '.join(names)}")
-    module = importlib.import_module(f"fastkd.benchmarks.bench_{args.name}")
-    result = module.main(list(args.args))
+    if args.name not in mains:
+        raise ValueError(f"unknown benchmark {args.name!r}; available: {', '.join(sorted(mains))}")
+    result = mains[args.name](list(args.args))
     return result if isinstance(result, int) else 0
 
 
