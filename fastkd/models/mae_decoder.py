@@ -24,6 +24,11 @@ from fastkd.models.attention import check_backend, resolve_backend
 from fastkd.models.vit_block import vit_block_forward
 
 
+def _layer_norm(dim: int, **factory_kwargs) -> nn.LayerNorm:
+    """The decoder's LayerNorm: eps 1e-6, as the official MAE decoder (models_mae.py, partial(nn.LayerNorm, eps=1e-6))."""
+    return nn.LayerNorm(dim, eps=1e-6, **factory_kwargs)
+
+
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """``[B, C, H, W]`` -> ``[B, (H/p)(W/p), p*p*C]``, patches row-major, pixels ``(p, p, C)`` (MAE order)."""
     check_positive_ints(patch_size=patch_size)
@@ -81,10 +86,10 @@ class MAEDecoder(nn.Module):
         pos = torch.cat([torch.zeros(num_prefix_tokens, decoder_dim), pos])[None]
         self.register_buffer("pos_embed", pos, persistent=False)
         self.blocks = nn.ModuleList(
-            Block(decoder_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
+            Block(decoder_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=_layer_norm)
             for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(decoder_dim)
+        self.norm = _layer_norm(decoder_dim)
         self.pred = nn.Linear(decoder_dim, patch_size * patch_size * in_chans)
 
     @classmethod

@@ -243,3 +243,11 @@ def test_thead_tokens_grid_project_and_input_mean():
     _, mean = conv.embed(fmap, return_input_mean=True)
     torch.testing.assert_close(mean, conv.adapter(fmap).mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(conv.project(fmap.mean(dim=(2, 3))), mean, rtol=1e-5, atol=1e-6)
+
+
+def test_mae_decoder_layer_norms_use_the_official_eps():
+    """Every LayerNorm of the decoder (each block's two and the final one) has eps 1e-6, as MAE's decoder."""
+    decoder = MAEDecoder(encoder_dim=32, grid_size=(2, 2), patch_size=4, decoder_dim=16, depth=2, num_heads=2)
+    norms = [m for m in decoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 2 + 1
+    assert all(m.eps == 1e-6 for m in norms)
