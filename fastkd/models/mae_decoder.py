@@ -14,6 +14,8 @@ where the masked patches are those not in ``keep``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
@@ -24,9 +26,8 @@ from fastkd.models.attention import check_backend, resolve_backend
 from fastkd.models.vit_block import vit_block_forward
 
 
-def _layer_norm(dim: int, **factory_kwargs) -> nn.LayerNorm:
-    """The decoder's LayerNorm: eps 1e-6, as the official MAE decoder (models_mae.py, partial(nn.LayerNorm, eps=1e-6))."""
-    return nn.LayerNorm(dim, eps=1e-6, **factory_kwargs)
+# The decoder's LayerNorm, in its blocks and at its end: eps 1e-6, as the official MAE decoder (models_mae.py).
+_layer_norm = partial(nn.LayerNorm, eps=1e-6)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
