@@ -23,14 +23,15 @@ from torch import nn
 
 
 def grouped_parameters(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
-                       prefix: str = "") -> list[dict]:
+                       prefix: str = "", *, decay_all: bool = False) -> list[dict]:
     """``[{"params": weights, "weight_decay": weight_decay, "name": prefix + "decay"},
     {"params": biases and norm weights (< 2 dims), "weight_decay": 0.0, "name": prefix + "no_decay"}]``
-    over the parameters that require grad (empty groups dropped)."""
+    over the parameters that require grad (empty groups dropped); ``decay_all``: every parameter
+    in the decayed group (as MoCo v3's ``model.parameters()``)."""
     decay, no_decay = [], []
     for _, param in named_parameters:
         if param.requires_grad:
-            (no_decay if param.dim() < 2 else decay).append(param)
+            (no_decay if param.dim() < 2 and not decay_all else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": float(weight_decay), "name": f"{prefix}decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": f"{prefix}no_decay"},

@@ -20,10 +20,14 @@ from fastkd.data.batch import Batch
 from fastkd.methods.backbones import TRAINED_KEYS, BackboneSpec, backbone_spec
 from fastkd.methods.base import Method, check_batch, check_progress, loss_dict, masked_forward
 from fastkd.models import MAEDecoder, masked_pixel_loss
+from fastkd.models.position_embedding import set_sincos_pos_embed
 
 
 @dataclass
 class MAEConfig:
+    """``sincos_pos_embed``: the encoder's position embedding is MAE's fixed (frozen) 2-D sin-cos
+    table, column coordinate first (the official ``models_mae.py``); False: timm's learned one."""
+
     backbone: BackboneSpec = BackboneSpec("vit_base_patch16_224")
     attention: str | None = None
     checkpointing: bool = False
@@ -32,6 +36,7 @@ class MAEConfig:
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     norm_pix_loss: bool = True
+    sincos_pos_embed: bool = True
 
     def __post_init__(self):
         self.backbone = backbone_spec("backbone", self.backbone, BackboneSpec("vit_base_patch16_224"), TRAINED_KEYS)
@@ -42,6 +47,7 @@ class MAEConfig:
         check_number("decoder_depth", self.decoder_depth, low=1, integer=True)
         check_number("decoder_num_heads", self.decoder_num_heads, low=1, integer=True)
         check_bool("norm_pix_loss", self.norm_pix_loss)
+        check_bool("sincos_pos_embed", self.sincos_pos_embed)
 
 
 class MAE(Method):
@@ -57,6 +63,8 @@ class MAE(Method):
         self.backbone = config.backbone.build(attention=config.attention, checkpointing=config.checkpointing)
         if not self.backbone.is_vit:
             raise ValueError(f"MAE needs a ViT encoder, got {config.backbone.arch!r}")
+        if config.sincos_pos_embed:
+            set_sincos_pos_embed(self.backbone, columns_first=True)
         self.decoder = MAEDecoder.for_backbone(self.backbone, decoder_dim=config.decoder_dim,
                                                depth=config.decoder_depth, num_heads=config.decoder_num_heads,
                                                attention=config.attention)

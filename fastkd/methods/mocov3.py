@@ -24,20 +24,28 @@ from fastkd.methods.backbones import TRAINED_KEYS, BackboneSpec, backbone_spec
 from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
 from fastkd.models import EMATeacher, MoCoPredictor, MoCoProjector, momentum_schedule
 from fastkd.models.ema_teacher import BN_STATS
+from fastkd.method_protocol import grouped_parameters
+from fastkd.models.mocov3_init import init_mocov3_vit
 from fastkd.models.position_embedding import set_sincos_pos_embed
 
 
 @dataclass
 class MoCoV3Config:
     """``proj_layers`` / ``temperature`` / ``pred_last_bn`` / ``freeze_patch_embed`` /
-    ``sincos_pos_embed`` None: MoCo v3's choice for the architecture (ViTs: 3 projector layers,
+    ``sincos_pos_embed`` / ``mocov3_init`` None: MoCo v3's choice for the architecture (ViTs: 3 projector layers,
     T = 0.2, a predictor ending in ``BatchNorm1d(affine=False)``, the frozen random patch projection
-    and the fixed 2-D sin-cos position embedding; ResNets: 2 layers, T = 1.0, no last predictor BN).
+    the fixed 2-D sin-cos position embedding and MoCo v3's init; ResNets: 2 layers, T = 1.0, no last predictor BN).
 
     - ``freeze_patch_embed``: MoCo v3's frozen random patch projection (ViTs only; True on a ResNet
       is an error).
     - ``sincos_pos_embed``: the fixed (frozen) 2-D sin-cos position embedding of MoCo v3's ViTs
       (:mod:`fastkd.models.position_embedding`) instead of a learned one (ViTs only).
+    - ``mocov3_init``: MoCo v3's ViT initialisation (xavier-uniform linears with Q, K, V drawn
+      separately, the patch projection as one xavier-uniform matrix: :mod:`fastkd.models.mocov3_init`)
+      instead of timm's (ViTs only; a backbone loaded from ``backbone.path`` keeps its weights).
+    - ``decay_all_params``: weight decay on every parameter, biases and norm weights included, as
+      the official code hands ``model.parameters()`` to its optimizer (its LARS, and fastkd's, still
+      skips tensors of <= 1 dim); False: biases and norm weights are not decayed.
     - ``pred_last_bn``: the predictor ends with ``BatchNorm1d(affine=False)`` (MoCo v3's ViT predictor).
     - ``momentum_bn_stats``: BatchNorm statistics of the momentum encoder, ``"batch"`` (its own, as
       the official code) or ``"ema"`` (EMA of the student's); see :class:`fastkd.models.EMATeacher`.
@@ -54,6 +62,8 @@ class MoCoV3Config:
     base_momentum: float = 0.99
     freeze_patch_embed: bool | None = None
     sincos_pos_embed: bool | None = None
+    mocov3_init: bool | None = None
+    decay_all_params: bool = True
     pred_last_bn: bool | None = None
     momentum_bn_stats: str = "batch"
 
@@ -69,7 +79,8 @@ class MoCoV3Config:
             check_number("temperature", self.temperature, low=0.0, low_open=True)
         check_number("base_momentum", self.base_momentum, low=0.0, high=1.0)
         check_bool("checkpointing", self.checkpointing)
-        for name in ("freeze_patch_embed", "sincos_pos_embed", "pred_last_bn"):
+        check_bool("decay_all_params", self.decay_all_params)
+        for name in ("freeze_patch_embed", "sincos_pos_embed", "mocov3_init", "pred_last_bn"):
             if getattr(self, name) is not None:
                 check_bool(name, getattr(self, name))
         check_choice("momentum_bn_stats", self.momentum_bn_stats, BN_STATS)
@@ -86,9 +97,11 @@ class MoCoV3(Method):
     def __init__(self, config: MoCoV3Config):
         super().__init__(config)
         backbone = config.backbone.build(attention=config.attention, checkpointing=config.checkpointing)
-        for name in ("freeze_patch_embed", "sincos_pos_embed"):
+        for name in ("freeze_patch_embed", "sincos_pos_embed", "mocov3_init"):
             if getattr(config, name) and not backbone.is_vit:
                 raise ValueError(f"{name} applies to ViTs only, {config.backbone.arch!r} is not one: leave it unset")
+        if backbone.is_vit and config.mocov3_init is not False and config.backbone.path is None:
+            init_mocov3_vit(backbone)
         if backbone.is_vit and config.sincos_pos_embed is not False:
             set_sincos_pos_embed(backbone)
         if backbone.is_vit and config.freeze_patch_embed is not False:
@@ -129,6 +142,12 @@ class MoCoV3(Method):
         enc = self.encode(views)
         contrastive = self.contrastive(enc["q"][0], enc["q"][1], enc["k"][0], enc["k"][1])
         return loss_dict({"contrastive": contrastive}, {"contrastive": 1.0})
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """One decayed group of every trained parameter (``decay_all_params``, the official
+        recipe), else weights decayed and biases / norm weights not."""
+        check_number("weight_decay", weight_decay, low=0.0)
+        return grouped_parameters(self.named_parameters(), weight_decay, decay_all=self.config.decay_all_params)
 
     def momentum_at(self, step: int, total_steps: int) -> float:
         check_progress(step, total_steps)

@@ -46,6 +46,7 @@ from fastkd.method_protocol import grouped_parameters
 from fastkd.methods.backbones import TRAINED_KEYS, BackboneSpec, backbone_specs
 from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
 from fastkd.models import DINOHead, EMATeacher, THead, momentum_schedule
+from fastkd.models.backbone import POS_EMBED_RESIZES
 
 MODELS = ("a", "b")
 SELF_TERMS = ("self_mlp", "self_thead")
@@ -73,7 +74,15 @@ class MOKDConfig:
     ``thead_tag_a`` / ``_b``: the ``"model"`` tag of each T-head's parameter groups. The official
     code trains the CNN's T-head with the ViT's lr and weight-decay schedules (inside the CNN's SGD),
     so model a's T-head is tagged ``a_thead`` for its own ``optim.per_model.a_thead`` settings;
-    ``"a"`` puts it back with the rest of model a (earlier versions)."""
+    ``"a"`` puts it back with the rest of model a (earlier versions). ``thead_a_decay_all``: every
+    parameter of model a's T-head is decayed, biases and LayerNorms included (the official
+    ``get_params_groups2`` puts the whole ``transhead`` in one decayed group); elsewhere biases and
+    norm weights are not decayed (the official ``get_params_groups``). False: model a's T-head
+    follows that rule too.
+
+    ``pos_embed_resize``: how a ViT's position embedding meets the local crops' smaller grid:
+    ``dino`` (the official code's bicubic interpolation by scale factor, no antialiasing) or
+    ``timm`` (timm's antialiased resize); see :class:`fastkd.models.Backbone`."""
 
     models: dict = field(default_factory=dict)
     attention: str | None = None
@@ -92,6 +101,8 @@ class MOKDConfig:
     thead_pos_grid_b: int | None = None
     thead_tag_a: str = "a_thead"
     thead_tag_b: str = "b"
+    thead_a_decay_all: bool = True
+    pos_embed_resize: str = "dino"
     lambda_a: float = 1.0
     lambda_b: float = 0.1
     student_temp: float = 0.1
@@ -113,7 +124,7 @@ class MOKDConfig:
             check_str(name, getattr(self, name))
         check_str("attention", self.attention, optional=True)
         for name in ("checkpointing", "norm_last_layer_a", "norm_last_layer_b", "thead_norm_last_layer",
-                     "thead_pos_embed"):
+                     "thead_pos_embed", "thead_a_decay_all"):
             check_bool(name, getattr(self, name))
         for name in ("out_dim", "dino_hidden_dim", "bottleneck_dim", "thead_dim", "thead_depth", "thead_heads",
                      "num_global_views"):
@@ -129,6 +140,7 @@ class MOKDConfig:
                      "warmup_fraction_cross_b", "center_momentum", "base_momentum"):
             check_number(name, getattr(self, name), low=0.0, high=1.0)
         check_choice("evaluate", self.evaluate, MODELS)
+        check_choice("pos_embed_resize", self.pos_embed_resize, POS_EMBED_RESIZES)
         check_number("freeze_last_layer_epochs", self.freeze_last_layer_epochs, low=0.0)
 
     def warmup_fraction_of(self, x: str, term: str) -> float:
@@ -212,6 +224,7 @@ class MOKD(Method):
         self.losses = nn.ModuleDict()
         for x in MODELS:
             backbone = config.models[x].build(attention=config.attention, checkpointing=config.checkpointing)
+            backbone.pos_embed_resize = config.pos_embed_resize
             self.branches[x] = MOKDBranch(backbone, config, x)
             self.teachers[x] = EMATeacher(self.branches[x])
             dino = dict(student_temp=config.student_temp, teacher_temp=config.teacher_temp,
@@ -258,7 +271,8 @@ class MOKD(Method):
         return loss_dict(parts, weights)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Per model, decay / no-decay groups (biases and norm weights undecayed), each tagged with
+        """Per model, decay / no-decay groups (biases and norm weights undecayed; all of model a's
+        T-head decayed when ``thead_a_decay_all``, as the official code), each tagged with
         ``"model": "a" | "b"`` so a trainer can give the two models their own optimiser/schedule;
         each T-head's groups carry ``thead_tag_a`` / ``thead_tag_b`` instead (default ``a_thead``
         and ``b``: the official code gives the CNN's T-head the ViT's lr / weight-decay schedules)."""
@@ -269,8 +283,10 @@ class MOKD(Method):
             thead_ids = {id(p) for p in branch.thead.parameters()}
             rest = [(n, p) for n, p in branch.named_parameters() if id(p) not in thead_ids]
             tag = getattr(self.config, f"thead_tag_{x}")
-            for params, model, prefix in ((rest, x, f"{x}/"), (branch.thead.named_parameters(), tag, f"{x}/thead/")):
-                for group in grouped_parameters(params, weight_decay, prefix=prefix):
+            decay_all = x == "a" and self.config.thead_a_decay_all
+            for params, model, prefix, everything in ((rest, x, f"{x}/", False),
+                                                      (branch.thead.named_parameters(), tag, f"{x}/thead/", decay_all)):
+                for group in grouped_parameters(params, weight_decay, prefix=prefix, decay_all=everything):
                     groups.append({**group, "model": model})
         return groups
 

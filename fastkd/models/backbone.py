@@ -7,6 +7,11 @@ positional embedding ``pos``::
     tokens = cat(prefix + pos_prefix, gather(x_p + pos_patch, keep))       # keep [B, K]: visible patches only
     tokens = norm(blocks(norm_pre(tokens)))                                # -> Features.tokens [B, P+K, D]
 
+On images of another size than the ViT was built for (``dynamic_img_size=True``, e.g. multi-crop's
+local crops) ``pos_patch`` is resized to the image's patch grid: ``pos_embed_resize="timm"``
+(timm's antialiased bicubic resize, the default) or ``"dino"`` (DINO's and MOKD's bicubic
+interpolation by scale factor, no antialiasing: :func:`fastkd.models.position_embedding.resize_pos_embed_dino`).
+
 ``gather`` is the fused ``fastkd.ops.gather_tokens(x_p, keep, pos_patch)``; the blocks then run on
 the ``P + K`` visible tokens only. ``backbone(x)`` is the CLS token of ``Features.tokens`` for ViTs
 and the globally average-pooled last stage for ResNets.
@@ -27,8 +32,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastkd import ops
+from fastkd.checks import check_choice
 from fastkd.models.attention import check_backend, resolve_backend
+from fastkd.models.position_embedding import resize_pos_embed_dino
 from fastkd.models.vit_block import check_vit_block, vit_block_forward
+
+
+POS_EMBED_RESIZES = ("timm", "dino")
 
 
 @dataclass
@@ -60,7 +70,7 @@ class Backbone(nn.Module):
     """A timm ViT or ResNet (``self.model``, timm parameter names) with fastkd's forward paths."""
 
     def __init__(self, model: nn.Module, name: str, *, attention: str | None = None, checkpointing: bool = False,
-                 timm_kwargs: dict | None = None):
+                 timm_kwargs: dict | None = None, pos_embed_resize: str = "timm"):
         super().__init__()
         if not isinstance(model, (VisionTransformer, ResNet)):
             raise TypeError(f"model must be a timm VisionTransformer or ResNet, got {type(model).__name__}")
@@ -71,6 +81,8 @@ class Backbone(nn.Module):
         self.timm_kwargs = dict(timm_kwargs or {})
         self.attention = check_backend(attention)
         self.checkpointing = checkpointing
+        check_choice("pos_embed_resize", pos_embed_resize, POS_EMBED_RESIZES)
+        self.pos_embed_resize = pos_embed_resize  # see the module doc; a copy (an EMA teacher) keeps it
         self.is_vit = isinstance(model, VisionTransformer)
         self.embed_dim = model.num_features
         if self.is_vit:
@@ -185,11 +197,13 @@ class Backbone(nn.Module):
         model = self.model
         patches = model.patch_embed(x)
         pos = model.pos_embed
-        if pos is not None and model.dynamic_img_size:
-            pos = resample_abs_pos_embed(
-                pos, new_size=patches.shape[1:3], old_size=model.patch_embed.grid_size,
-                num_prefix_tokens=0 if model.no_embed_class else self.num_prefix_tokens,
-            )
+        grid, built = tuple(patches.shape[1:3]), tuple(model.patch_embed.grid_size)
+        if pos is not None and model.dynamic_img_size and grid != built:
+            prefix = 0 if model.no_embed_class else self.num_prefix_tokens
+            if self.pos_embed_resize == "dino":
+                pos = torch.cat([pos[:, :prefix], resize_pos_embed_dino(pos[:, prefix:], built, grid)], dim=1)
+            else:
+                pos = resample_abs_pos_embed(pos, new_size=grid, old_size=built, num_prefix_tokens=prefix)
         patches = patches.reshape(patches.shape[0], -1, patches.shape[-1])
         prefix = [model.cls_token] + ([model.reg_token] if model.reg_token is not None else [])
         prefix = torch.cat(prefix, dim=1).expand(patches.shape[0], -1, -1)
@@ -223,11 +237,13 @@ class Backbone(nn.Module):
         return (x.shape[-2] // self.patch_size) * (x.shape[-1] // self.patch_size)
 
 
-def build_backbone(name: str, *, attention: str | None = None, checkpointing: bool = False, **timm_kwargs) -> Backbone:
+def build_backbone(name: str, *, attention: str | None = None, checkpointing: bool = False,
+                   pos_embed_resize: str = "timm", **timm_kwargs) -> Backbone:
     """``Backbone`` over ``timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)``.
 
     ``attention``: ``sdpa`` | ``xformers`` | ``auto`` | ``math`` | ``None`` (``$FASTKD_ATTENTION``, else
-    ``sdpa``); ``checkpointing`` recomputes each ViT block in the backward (activation checkpointing).
+    ``sdpa``); ``checkpointing`` recomputes each ViT block in the backward (activation checkpointing);
+    ``pos_embed_resize``: ``timm`` | ``dino`` (module doc).
     Weights never download: load them with :func:`fastkd.models.load_teacher`.
     """
     if not isinstance(name, str) or not name:
@@ -244,4 +260,5 @@ def build_backbone(name: str, *, attention: str | None = None, checkpointing: bo
         model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
     except (AssertionError, TypeError, ValueError) as error:  # timm checks its arguments with assert
         raise ValueError(f"timm rejected the arguments of {name} {timm_kwargs}: {error or type(error).__name__}") from None
-    return Backbone(model, name, attention=attention, checkpointing=checkpointing, timm_kwargs=timm_kwargs)
+    return Backbone(model, name, attention=attention, checkpointing=checkpointing, timm_kwargs=timm_kwargs,
+                    pos_embed_resize=pos_embed_resize)

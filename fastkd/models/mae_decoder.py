@@ -4,7 +4,7 @@ Decoder, for encoder tokens ``e [B, P+K, E]`` of the visible patches ``keep [B, 
 
     h = Linear_E->D(e)
     full = mask_token.expand(B, N, D); full[b, keep[b, j]] = h[b, P + j]     # unshuffle by scatter
-    x = cat(h[:, :P], full) + sincos_pos                                     # fixed 2-D sin-cos, 0 for prefix
+    x = cat(h[:, :P], full) + sincos_pos          # MAE's fixed 2-D sin-cos (column first), 0 for prefix
     pred = Linear_D->p*p*C(LayerNorm(blocks(x)))[:, P:]                      # [B, N, p*p*C]
 
 Loss (MAE, ``norm_pix=True``): per patch ``t = (patchify(img) - mean) / sqrt(var + 1e-6)``
@@ -17,12 +17,12 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from fastkd.checks import check_positive_ints
 from fastkd.models.attention import check_backend, resolve_backend
+from fastkd.models.position_embedding import sincos_2d_pos_embed
 from fastkd.models.vit_block import vit_block_forward
 
 
@@ -83,7 +83,7 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(encoder_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         nn.init.normal_(self.mask_token, std=0.02)
-        pos = build_sincos2d_pos_embed(list(grid), decoder_dim)
+        pos = sincos_2d_pos_embed(grid[0], grid[1], decoder_dim, columns_first=True)  # MAE's table
         pos = torch.cat([torch.zeros(num_prefix_tokens, decoder_dim), pos])[None]
         self.register_buffer("pos_embed", pos, persistent=False)
         self.blocks = nn.ModuleList(

@@ -1,40 +1,53 @@
-"""MoCo v3's fixed 2-D sin-cos position embedding for a timm ViT.
+"""Position embeddings of ViTs: the fixed 2-D sin-cos tables of MoCo v3 and MAE, and DINO's resize.
 
-For the patch at grid row ``r`` and column ``c`` of an ``H x W`` grid and width ``D`` (``D % 4 == 0``),
-with ``omega_k = 1 / T ** (k / (D / 4))``, ``k = 0 .. D/4 - 1`` and ``T = 10000``::
+Sin-cos, for the patch at grid row ``r`` and column ``c`` of an ``H x W`` grid and width ``D``
+(``D % 4 == 0``), with ``omega_k = 1 / T ** (k / (D / 4))``, ``k = 0 .. D/4 - 1`` and ``T = 10000``::
 
-    pos[r * W + c] = cat(sin(r omega), cos(r omega), sin(c omega), cos(c omega))      # [D]
+    pos[r * W + c] = cat(sin(r omega), cos(r omega), sin(c omega), cos(c omega))   # rows first (MoCo v3)
+    pos[r * W + c] = cat(sin(c omega), cos(c omega), sin(r omega), cos(r omega))   # columns first (MAE)
 
-and 0 for the prefix tokens (CLS, registers) that carry a position embedding. The embedding is a
-frozen parameter (``requires_grad=False``): it keeps its name in state dicts (checkpoints stay
-loadable by timm) but is never trained.
+and 0 for the prefix tokens (CLS, registers) that carry a position embedding. MoCo v3's
+``build_2d_sincos_position_embedding`` (``vits.py``) puts the row coordinate first (its
+``torch.meshgrid`` indexes ``ij``); MAE's ``get_2d_sincos_pos_embed`` (``util/pos_embed.py``) puts
+the column first (``np.meshgrid`` indexes ``xy``). Set on a ViT, the embedding is a frozen
+parameter (``requires_grad=False``): it keeps its name in state dicts but is never trained.
+
+DINO's resize (:func:`resize_pos_embed_dino`, also the official MOKD code's): bicubic
+``F.interpolate`` of the ``[gh, gw]`` grid with *scale factors* ``(h + 0.1) / gh`` and
+``(w + 0.1) / gw``, no antialiasing; the factors set the sampling positions, so the result differs
+from a resize to the size ``(h, w)`` (timm's ``resample_abs_pos_embed``, antialiased by default).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from fastkd.checks import check_positive_ints
 
-def sincos_2d_pos_embed(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """The ``[grid_h * grid_w, dim]`` fixed 2-D sin-cos embedding of the module docstring (row-major)."""
-    for name, value in (("grid_h", grid_h), ("grid_w", grid_w), ("dim", dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+def sincos_2d_pos_embed(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0, *,
+                        columns_first: bool = False) -> torch.Tensor:
+    """The ``[grid_h * grid_w, dim]`` fixed 2-D sin-cos table of the module docstring (row-major
+    patches; the row coordinate's half first, or the column's when ``columns_first``)."""
+    check_positive_ints(grid_h=grid_h, grid_w=grid_w, dim=dim)
     if dim % 4:
         raise ValueError(f"the 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     rows = torch.arange(grid_h, dtype=torch.float64).repeat_interleave(grid_w)[:, None] * omega  # [HW, D/4]
     cols = torch.arange(grid_w, dtype=torch.float64).repeat(grid_h)[:, None] * omega
-    return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1).float()
+    first, second = (cols, rows) if columns_first else (rows, cols)
+    return torch.cat([first.sin(), first.cos(), second.sin(), second.cos()], dim=1).float()
 
 
 @torch.no_grad()
-def set_sincos_pos_embed(model: nn.Module, temperature: float = 10000.0) -> None:
+def set_sincos_pos_embed(model: nn.Module, temperature: float = 10000.0, *, columns_first: bool = False) -> None:
     """Replace the learned position embedding of the timm ``VisionTransformer`` ``model`` (or a
-    fastkd ``Backbone`` over one) by the fixed 2-D sin-cos embedding, frozen."""
+    fastkd ``Backbone`` over one) by the fixed 2-D sin-cos embedding, frozen (MoCo v3's order;
+    MAE's with ``columns_first``)."""
     vit = getattr(model, "model", model)
     if not isinstance(vit, VisionTransformer):
         raise TypeError(f"the sin-cos position embedding needs a timm VisionTransformer, got {type(vit).__name__}")
@@ -43,9 +56,21 @@ def set_sincos_pos_embed(model: nn.Module, temperature: float = 10000.0) -> None
     grid_h, grid_w = vit.patch_embed.grid_size
     pos = vit.pos_embed
     prefix = pos.shape[1] - grid_h * grid_w
-    if prefix < 0 or pos.shape[-1] != vit.embed_dim:
-        raise ValueError(f"pos_embed {tuple(pos.shape)} does not fit the {grid_h}x{grid_w} patch grid")
-    table = sincos_2d_pos_embed(grid_h, grid_w, vit.embed_dim, temperature)
+    table = sincos_2d_pos_embed(grid_h, grid_w, vit.embed_dim, temperature, columns_first=columns_first)
     pos.zero_()
     pos[0, prefix:] = table.to(pos.dtype)
     pos.requires_grad_(False)
+
+
+def resize_pos_embed_dino(pos: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Patch position embeddings ``pos [1, gh*gw, D]`` laid out on ``grid`` resized to ``size = (h, w)``
+    -> ``[1, h*w, D]`` by DINO's interpolation (module doc). Unchanged when ``size == grid``."""
+    (gh, gw), (h, w) = grid, size
+    if (h, w) == (gh, gw):
+        return pos
+    dim = pos.shape[-1]
+    maps = pos.reshape(1, gh, gw, dim).permute(0, 3, 1, 2)
+    maps = F.interpolate(maps.float(), scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic",
+                         align_corners=False)
+    assert tuple(maps.shape[-2:]) == (h, w), "the +0.1 keeps the output size exact"
+    return maps.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, dim)

@@ -31,6 +31,7 @@ from torch import nn
 
 from fastkd.checks import check_positive_ints
 from fastkd.models.attention import check_backend, resolve_backend
+from fastkd.models.position_embedding import resize_pos_embed_dino
 from fastkd.models.vit_block import vit_block_forward
 from fastkd.models.weight_norm_linear import WeightNormLinear
 
@@ -51,23 +52,6 @@ def _grid(value, name: str) -> tuple[int, int]:
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
         raise ValueError(f"{name} must be a positive int or a (height, width) pair of them, got {value!r}")
     return int(value[0]), int(value[1])
-
-
-def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """``pos [1, gh*gw, D]`` laid out on ``grid`` resized to ``size = (h, w)`` -> ``[1, h*w, D]``:
-    DINO's bicubic interpolation with scale factors ``(h + 0.1) / gh`` and ``(w + 0.1) / gw`` (the
-    0.1 avoids a floating-point off-by-one in the output size; the factors also set the sampling
-    positions, as in DINO and the official MOKD code). Unchanged when ``size == grid``."""
-    (gh, gw), (h, w) = grid, size
-    if (h, w) == (gh, gw):
-        return pos
-    dim = pos.shape[-1]
-    maps = pos.reshape(1, gh, gw, dim).permute(0, 3, 1, 2)
-    maps = F.interpolate(maps.float(), scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic",
-                         align_corners=False)
-    if tuple(maps.shape[-2:]) != (h, w):  # cannot happen for positive sizes; a guard against float surprises
-        raise RuntimeError(f"positional embedding resized to {tuple(maps.shape[-2:])}, expected {(h, w)}")
-    return maps.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, dim)
 
 
 class THead(nn.Module):
@@ -153,7 +137,7 @@ class THead(nn.Module):
         x, size = self._tokens(tokens, grid)
         input_mean = x.mean(dim=1) if return_input_mean else None
         if self.pos_embed is not None:
-            x = x + resize_pos_embed(self.pos_embed, self.pos_grid, size).to(x.dtype)
+            x = x + resize_pos_embed_dino(self.pos_embed, self.pos_grid, size).to(x.dtype)
         if query is not None:
             if query.dim() == 2:
                 query = query[:, None]

@@ -8,7 +8,8 @@ Formats (``format="auto"`` detects them in this order):
 - ``mocov3``: ``{"state_dict": {"module.base_encoder.<timm name>", "module.momentum_encoder.<timm name>",
   "module.predictor.*"}, ...}``; ``encoder`` picks ``base`` (default) or ``momentum``; the projector
   (``head.*`` for ViTs, ``fc.*`` for ResNets) and the predictor are ignored. MoCo v3's ViT-S has
-  12 heads: build it with ``num_heads=12``;
+  12 heads where timm's has 6: build it with ``num_heads=12`` (a file loaded into a backbone of
+  another head count is refused, see :data:`OFFICIAL_HEADS`);
 - ``clip``: an OpenAI CLIP / open_clip ViT image tower: a flat state dict ``{"visual.conv1.weight",
   "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.*",
   "visual.transformer.resblocks.<i>.{ln_1, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj,
@@ -70,6 +71,10 @@ _CLIP_TOWER_KEYS = ("class_embedding", "positional_embedding", "conv1.weight")  
 _DIST_TOKEN = "dist_token"  # a distilled DeiT's distillation token
 _DISTILLED_CLASSIFIER = "head_dist"  # and its classifier
 _SHOWN_KEYS = 20
+# format -> {ViT width: head count} of the official releases. The tensor shapes cannot tell the head
+# count, and a wrong one gives silently wrong features: MoCo v3's ViT-S (width 384) has 12 heads,
+# timm's vit_small has 6 (vits.py of MoCo v3; MAE's models_mae.py; CLIP's ViT-B/L towers).
+OFFICIAL_HEADS = {"mocov3": {384: 12, 768: 12}, "mae": {768: 12, 1024: 16, 1280: 16}, "clip": {768: 12, 1024: 16}}
 
 
 class CheckpointError(ValueError):
@@ -230,6 +235,17 @@ def _resize_pos_embed(state: dict, backbone: Backbone) -> dict:
     return {**state, "pos_embed": resized.to(pos.dtype)}
 
 
+def _check_official_heads(fmt: str, backbone: Backbone, description: str) -> None:
+    """Refuse an official ``fmt`` file for a ViT whose head count is not the release's (:data:`OFFICIAL_HEADS`)."""
+    heads = OFFICIAL_HEADS.get(fmt, {}).get(backbone.embed_dim) if backbone.is_vit else None
+    if heads is not None and backbone.num_heads != heads:
+        raise CheckpointError(
+            f"{description} is an official {fmt} ViT of width {backbone.embed_dim}, which has {heads} attention heads, "
+            f"but backbone {backbone.name!r} has {backbone.num_heads}: build it with num_heads={heads} "
+            f"(YAML: kwargs: {{num_heads: {heads}}}); the tensor shapes match, the features would be wrong"
+        )
+
+
 def _listed(keys: list[str]) -> str:
     keys = sorted(keys)
     more = f" ... (+{len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else ""
@@ -301,7 +317,9 @@ def load_teacher(
     state = _drop_classifier(_distillation_token(state, backbone.model), backbone.model)
     state = _resize_pos_embed(state, backbone)
     encoder_note = f", {encoder} encoder" if fmt == "mocov3" else ""
-    _check_keys(state, backbone, f"{os.fspath(path)!r} (format {fmt!r}{encoder_note})")
+    description = f"{os.fspath(path)!r} (format {fmt!r}{encoder_note})"
+    _check_keys(state, backbone, description)
+    _check_official_heads(fmt, backbone, description)
     backbone.model.load_state_dict(state, strict=True)
     if frozen:
         backbone.requires_grad_(False).eval()

@@ -9,7 +9,9 @@ weights), stored as ``wd_scale``; ``lr_scale`` (default 1) multiplies the schedu
 LARS (You et al. 2017, as used by MoCo v3 / BYOL) for a parameter ``w`` with gradient ``g``::
 
     g = g + wd * w
-    g = g * (eta * ||w|| / ||g||)     if wd_scale > 0 and both norms > 0   (biases/norms: no scaling)
+    g = g * (eta * ||w|| / ||g||)     if both norms > 0
+    (both lines only for tensors of > 1 dim in groups with wd_scale > 0: biases and norm weights
+    get neither, whichever group holds them, as MoCo v3's LARS)
     buf = momentum * buf + g
     w = w - lr * buf
 
@@ -28,7 +30,8 @@ CLIP_MODES = ("norm", "per_param")
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling; groups with ``wd_scale == 0``
-    (biases, norm weights) get neither weight decay nor the trust-ratio scaling."""
+    (biases, norm weights) and tensors of <= 1 dim in any group get neither weight decay nor the
+    trust-ratio scaling."""
 
     def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
                  trust_coefficient: float = 0.001):
@@ -52,14 +55,18 @@ class LARS(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
-            if group["wd_scale"] > 0:  # weights: decay and trust ratio, all tensors of the group at once
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-                w_norms = torch.stack(torch._foreach_norm(params))
-                g_norms = torch.stack(torch._foreach_norm(grads))
+            adapted = group["wd_scale"] > 0  # weights (> 1 dim): decay and trust ratio, all at once
+            weights = [p for p in params if adapted and p.dim() > 1]
+            others = [p for p in params if not (adapted and p.dim() > 1)]
+            params, grads = weights + others, [p.grad for p in others]
+            if weights:
+                decayed = torch._foreach_add([p.grad for p in weights], weights, alpha=group["weight_decay"])
+                w_norms = torch.stack(torch._foreach_norm(weights))
+                g_norms = torch.stack(torch._foreach_norm(decayed))
                 trust = torch.where((w_norms > 0) & (g_norms > 0),
                                     group["trust_coefficient"] * w_norms / g_norms, torch.ones_like(w_norms))
-                torch._foreach_mul_(grads, list(trust.unbind()))
+                torch._foreach_mul_(decayed, list(trust.unbind()))
+                grads = list(decayed) + grads
             buffers = []
             for p in params:
                 state = self.state[p]

@@ -48,7 +48,8 @@ def test_steps_lower_loss():
 
 
 def test_switches():
-    method = build_method("mocov3", {**CONFIG, "temperature": 0.5, "proj_layers": 2, "freeze_patch_embed": False})
+    method = build_method("mocov3", {**CONFIG, "temperature": 0.5, "proj_layers": 2, "freeze_patch_embed": False,
+                                     "decay_all_params": False})
     assert method.contrastive.temperature == 0.5
     assert sum(isinstance(m, torch.nn.Linear) for m in method.base_encoder[1].modules()) == 2
     assert all(p.requires_grad for p in method.student.model.patch_embed.parameters())

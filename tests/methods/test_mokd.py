@@ -106,16 +106,17 @@ def test_train_mode_multires_steps_and_after_step():
 def test_param_groups_split_by_model():
     method = build_method("mokd", CONFIG)
     groups = method.param_groups(0.05)
-    # official: the CNN's T-head has its own group (the ViT's lr / wd schedules), tagged a_thead
+    # official: the CNN's T-head has its own group (the ViT's lr / wd schedules), tagged a_thead,
+    # with every parameter decayed (get_params_groups2's transhead group)
     assert {(g["model"], g["weight_decay"]) for g in groups} == {
-        (m, wd) for m in ("a", "a_thead", "b") for wd in (0.05, 0.0)}
+        (m, wd) for m in ("a", "b") for wd in (0.05, 0.0)} | {("a_thead", 0.05)}
     grouped = [p for g in groups for p in g["params"]]
     trainable = [p for p in method.parameters() if p.requires_grad]
     assert len(grouped) == len(trainable) == len({id(p) for p in grouped})
     thead = {id(p) for g in groups if g["model"] == "a_thead" for p in g["params"]}
     assert thead == {id(p) for p in method.branches["a"].thead.parameters() if p.requires_grad}
     assert set(method.students) == {"a", "b"}
-    old = build_method("mokd", {**CONFIG, "thead_tag_a": "a"}).param_groups(0.05)
+    old = build_method("mokd", {**CONFIG, "thead_tag_a": "a", "thead_a_decay_all": False}).param_groups(0.05)
     assert {(g["model"], g["weight_decay"]) for g in old} == {("a", 0.05), ("a", 0.0), ("b", 0.05), ("b", 0.0)}
 
 

@@ -73,6 +73,10 @@ def test_official_mocov3_vit_s16_layout_loads_base_and_momentum_encoders(tmp_pat
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     _assert_loaded(load_teacher("vit_small_patch16_224", path, format="mocov3", encoder="momentum", num_heads=12),
                    momentum)
+    # timm's vit_small has 6 heads: same tensor shapes, wrong features; refused with the fix
+    with pytest.raises(CheckpointError, match=r"has 12 attention heads.*has 6: build it with num_heads=12 "
+                                              r"\(YAML: kwargs: \{num_heads: 12\}\)"):
+        load_teacher("vit_small_patch16_224", path)
 
 
 def test_mocov3_resnet_layout_drops_fc_projector(tmp_path):

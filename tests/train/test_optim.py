@@ -26,6 +26,25 @@ def test_lars_step_matches_formula():
     torch.testing.assert_close(model.bias.detach(), b0 - 0.5 * gb)  # bias: no decay, no trust ratio
 
 
+def test_lars_leaves_1d_tensors_alone_in_a_decayed_group():
+    """MoCo v3 hands LARS every parameter in one decayed group; its LARS decays and rescales only
+    tensors of > 1 dim (biases and norm weights get plain momentum SGD), as the official optimizer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3), nn.LayerNorm(3))
+    reference = [p.detach().clone() for p in model.parameters()]
+    opt = build_optimizer([{"params": list(model.parameters()), "weight_decay": 1.0}], "lars",
+                          momentum=0.9, trust_coefficient=0.02)
+    apply_schedules(opt, lr=0.5, weight_decay=0.1)
+    model(torch.randn(4, 5)).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    for p, p0, g in zip(model.parameters(), reference, grads):
+        if p.dim() > 1:
+            g = g + 0.1 * p0
+            g = g * (0.02 * p0.norm() / g.norm())
+        torch.testing.assert_close(p.detach(), p0 - 0.5 * g)
+
+
 def test_lars_momentum_accumulates():
     p = nn.Parameter(torch.tensor([1.0, 2.0]))
     opt = LARS([{"params": [p], "wd_scale": 0.0}], lr=1.0, momentum=0.5)
@@ -73,7 +92,7 @@ def _reference_lars_step(params, bufs, lr, wd, momentum, eta, adapt):
         g = p.grad
         if g is None:
             continue
-        if adapt:
+        if adapt and p.dim() > 1:  # MoCo v3's LARS: tensors of <= 1 dim get no decay, no trust ratio
             g = g + wd * p
             w_norm, g_norm = p.norm(), g.norm()
             if w_norm > 0 and g_norm > 0:
