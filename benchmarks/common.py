@@ -98,12 +98,10 @@ def report_results(name: str, records: list[dict], columns: list[str], title: st
     return table
 
 
-def lowest_of_runs(runs: list[list[dict]], key_fields: tuple[str, ...], ratio: str,
-                   also_lowest: tuple[str, ...] = ()) -> list[dict]:
+def lowest_of_runs(runs: list[list[dict]], key_fields: tuple[str, ...], ratio: str) -> list[dict]:
     """The records of the first run, each record that has a numeric ``ratio`` replaced by its run
     (records matched by ``key_fields``) with the lowest ``ratio`` (a ratio that survives a re-run)
-    and given ``<ratio>_runs``, every run's value; each key of ``also_lowest`` is set to its lowest
-    value over the matched runs (with its own ``<key>_runs``). Other records come from run 1."""
+    and given ``<ratio>_runs``, every run's value. Other records come from run 1."""
     def key(record):
         return tuple(record.get(field) for field in key_fields)
 
@@ -120,9 +118,5 @@ def lowest_of_runs(runs: list[list[dict]], key_fields: tuple[str, ...], ratio: s
         matches = seen.get(key(record))
         if matches:
             record = {**min(matches, key=lambda r: r[ratio]), f"{ratio}_runs": [round(r[ratio], 3) for r in matches]}
-            for extra in also_lowest:
-                values = [r[extra] for r in matches if numeric(r.get(extra))]
-                if values:
-                    record[extra], record[f"{extra}_runs"] = min(values), [round(v, 3) for v in values]
         combined.append(record)
     return combined

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 from fastkd.durable import atomic_write_json, atomic_write_text
 
-__all__ = ["machine_info", "markdown_table", "write_report", "write_results", "results_dir", "checkout_root",
+__all__ = ["cpu_info", "machine_info", "markdown_table", "write_report", "write_results", "results_dir", "checkout_root",
            "RESULTS_ENV", "DEFAULT_RESULTS_DIR", "PUBLISHED_RESULTS_DIR"]
 
 RESULTS_ENV = "FASTKD_BENCH_DIR"
@@ -42,20 +42,36 @@ def load_average() -> str | None:
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f} on {os.cpu_count()} cores"
 
 
+# /proc/cpuinfo flag prefixes that name SIMD / matrix instruction sets (what moves a kernel's speed)
+ISA_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx", "vnni", "asimd", "sve")
+
+
+def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, tuple[str, ...]]:
+    """The first processor's model name and its SIMD / matrix ISA flags (those starting with one of
+    :data:`ISA_PREFIXES`, sorted) from ``cpuinfo``; ``platform.processor()`` and no flags where the
+    file does not exist."""
+    model, flags = platform.processor() or platform.machine(), ()
+    try:
+        first = Path(cpuinfo).read_text().split("\n\n")[0]
+    except OSError:
+        return model, flags
+    for line in first.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "model name":
+            model = value
+        elif key in ("flags", "Features"):
+            flags = tuple(sorted(flag for flag in value.split() if flag.startswith(ISA_PREFIXES)))
+    return model, flags
+
+
 def machine_info() -> dict:
-    """CPU model, cores, GPU name and library versions, recorded with every result file."""
+    """CPU model and ISA flags, cores, GPU name and library versions, recorded with every result file."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu, isa = cpu_info()
     info = {
         "cpu": cpu,
+        "cpu_isa": " ".join(isa),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -119,10 +135,13 @@ def write_report(out_dir: str | os.PathLike, name: str, payload: dict, markdown:
     return json_path
 
 
-def write_results(name: str, records: list[dict], markdown: str, *, out_dir: str | os.PathLike | None = None) -> Path:
-    """Write ``<name>.json`` (``{"benchmark": name, "machine": machine_info(), "records": records}``)
-    and ``<name>.md`` into ``out_dir`` (default :func:`results_dir`); returns the JSON path."""
-    payload = {"benchmark": name, "machine": machine_info(), "records": records}
+def write_results(name: str, records: list[dict], markdown: str, *, out_dir: str | os.PathLike | None = None,
+                  load_at_start: str | None = None) -> Path:
+    """Write ``<name>.json`` (``{"benchmark": name, "machine": machine_info(), "records": records}``,
+    the machine also with ``load_average_at_start`` when given) and ``<name>.md`` into ``out_dir``
+    (default :func:`results_dir`); returns the JSON path."""
+    machine = {**machine_info(), **({"load_average_at_start": load_at_start} if load_at_start else {})}
+    payload = {"benchmark": name, "machine": machine, "records": records}
     return write_report(results_dir() if out_dir is None else out_dir, name, payload, markdown)
 
 

@@ -13,29 +13,35 @@ Backends:
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention``; CUDA tensors only (xformers has no
   CPU kernels). Asking for it where it cannot run raises ``RuntimeError``;
 - ``"math"``: the explicit formula above, materialising the map;
-- ``"auto"`` (default): the fastest of these for the device and the dtype the matmuls run in (the
-  autocast dtype where autocast is on): ``xformers`` where it can run; on CPU ``math`` for
-  bf16 / fp16 and ``sdpa`` otherwise; ``sdpa`` everywhere else. Measured (torch 2.14.1, 2-core x86
-  CPU, forward + backward, B x H = 192-1536, N = 5-197 tokens, d = 32-64): in fp32 ``sdpa`` is
-  1.2-5x faster than ``math`` at every length; in bf16 the CPU ``sdpa`` kernel is 2-8x slower than
-  ``math`` at every length from 10 tokens up. Sequence length did not move the choice on CPU, so
-  the rule is by dtype (``CPU_MATH_DTYPES``).
+- ``"auto"`` (default): the fastest of these (``xformers`` only where it can run), measured on the
+  running machine and cached in the user cache directory (:mod:`fastkd.measured_choice`), per
+  device, compute dtype (the autocast dtype where autocast is on), grad mode and token class: the
+  key count rounded up to a power of two, clamped to ``AUTO_TOKENS`` (e.g. 5 -> 8, 17 -> 32,
+  197 -> 256 tokens). The measurement runs each backend forward (and backward when gradients are
+  on) at ``d = 64`` on ``B x H`` rows sized to tens of milliseconds. Inside a ``torch.compile`` trace
+  the token count may be symbolic (the kept-token count is dynamic), so there the class is
+  ``compiled`` (measured at ``COMPILED_TOKENS``), and the decision is a trace-time constant: dynamo
+  calls :func:`measured_backend` eagerly (``assume_constant_result``) and puts the name in the
+  graph, with no graph break and no guard on the cache.
 
 The environment variable ``FASTKD_ATTENTION`` sets the backend used when none is given.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
 
+from fastkd import measured_choice
+
 BACKENDS = ("sdpa", "xformers", "auto", "math")
 ENV_VAR = "FASTKD_ATTENTION"
-CPU_MATH_DTYPES = (torch.bfloat16, torch.float16)  # where "auto" picks "math" on CPU (measured: module doc)
+AUTO_TOKENS = (8, 1024)  # token classes of "auto": powers of two in this range
+COMPILED_TOKENS = 256  # the class measured for "auto" inside a torch.compile trace
+MEASURED_ROWS = (2**12, 2**16)  # measured B x H = min(rows / N, elements / N^2), >= 1
 
 
 def default_backend() -> str:
@@ -91,20 +97,68 @@ def compute_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtyp
     return torch.float32 if dtype is None else dtype
 
 
-def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The concrete backend (``sdpa``, ``xformers`` or ``math``) for tensors of ``dtype`` on
-    ``device`` (``auto``: see the module doc)."""
+def token_class(tokens: int) -> int:
+    """``tokens`` rounded up to a power of two, clamped to :data:`AUTO_TOKENS`."""
+    low, high = AUTO_TOKENS
+    return min(max(1 << (max(tokens, 1) - 1).bit_length(), low), high)
+
+
+@torch._dynamo.assume_constant_result
+def measured_backend(device: str, dtype: torch.dtype, grad: bool, tokens: int) -> str:
+    """``auto``'s backend for ``dtype`` tensors on ``device`` at ``tokens`` (a :func:`token_class`)
+    keys, with or without gradients: measured once per machine (see the module doc)."""
+
+    def candidates():
+        rows, elements = MEASURED_ROWS
+        heads = max(1, min(rows // tokens, elements // tokens**2))
+        shape = (1, heads, tokens, 64)
+        numel = heads * tokens * 64
+        q, k, v = (torch.linspace(-1, 1, numel, device=device).to(dtype).reshape(shape).roll(i, -1)
+                   .requires_grad_(grad) for i in range(3))  # deterministic: the global RNG stays put
+
+        def run(name):
+            with torch.set_grad_enabled(grad):
+                out = _run_backend(name, q, k, v, 0.125, 0.0)
+                if grad:
+                    torch.autograd.grad(out.sum(), (q, k, v))
+
+        names = ["sdpa", "math"] + (["xformers"] if _xformers_unavailable_reason(torch.device(device)) is None else [])
+        return {name: (lambda name=name: run(name)) for name in names}
+
+    mode = "train" if grad else "no-grad"
+    return measured_choice.choose("attention", f"{str(dtype).removeprefix('torch.')} {mode} {tokens} tokens",
+                                  device, candidates)
+
+
+def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None,
+                    tokens: int | None = None, grad: bool | None = None) -> str:
+    """The backend for tensors of ``dtype`` on ``device`` attending over ``tokens`` keys: an explicit
+    name as given (``xformers`` checked that it can run); ``auto`` measured (see the module doc;
+    ``grad`` defaults to :func:`torch.is_grad_enabled`) where ``tokens`` is given, else ``"auto"``
+    (:func:`attention` resolves it per call from the tensors)."""
     backend = check_backend(backend)
-    if backend not in ("xformers", "auto"):
-        return backend
-    reason = _xformers_unavailable_reason(device)
-    if reason is None:
-        return "xformers"
-    if backend == "xformers":
+    if backend == "xformers" and (reason := _xformers_unavailable_reason(device)) is not None:
         raise RuntimeError(f"attention backend 'xformers' cannot run here: {reason}; use 'sdpa' or 'auto'")
-    if device.type == "cpu" and compute_dtype(device, dtype) in CPU_MATH_DTYPES:
-        return "math"
-    return "sdpa"
+    if backend != "auto" or tokens is None:
+        return backend
+    grad = torch.is_grad_enabled() if grad is None else grad
+    tokens = COMPILED_TOKENS if torch.compiler.is_compiling() else token_class(tokens)
+    return measured_backend(str(device), compute_dtype(device, dtype), grad, tokens)
+
+
+def _run_backend(name: str, q, k, v, scale: float, dropout_p: float) -> torch.Tensor:
+    if name == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    if name == "xformers":
+        xops = _xformers_ops()
+        out = xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p=dropout_p, scale=scale
+        )
+        return out.transpose(1, 2)
+    attn = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p)
+    return attn @ v
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -142,16 +196,6 @@ def attention(
     if scale is not None and not scale > 0:
         raise ValueError(f"scale must be positive or None, got {scale}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    name = resolve_backend(backend, q.device, q.dtype)
-    if name == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    if name == "xformers":
-        xops = _xformers_ops()
-        out = xops.memory_efficient_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p=dropout_p, scale=scale
-        )
-        return out.transpose(1, 2)
-    attn = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
-    if dropout_p > 0.0:
-        attn = F.dropout(attn, p=dropout_p)
-    return attn @ v
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    name = resolve_backend(backend, q.device, q.dtype, tokens=k.shape[2], grad=grad)
+    return _run_backend(name, q, k, v, scale, dropout_p)

@@ -99,8 +99,10 @@ class OptimConfig:
 class TrainConfig:
     """Run length (``epochs``, optionally capped by ``max_steps`` optimiser steps), ``seed``,
     ``precision`` (autocast dtype; ``fp16`` adds a GradScaler and needs CUDA), ``teacher_precision``
-    (the compute dtype of frozen pretrained teachers: ``auto`` = bf16 where the device computes bf16
-    natively, else ``precision``; ``same`` = ``precision``; or ``fp32`` / ``bf16`` / ``fp16``), ``device``,
+    (the compute dtype of frozen pretrained teachers: ``auto`` = bf16 / fp16 on CUDA, on CPU bf16 or
+    fp32, whichever is faster as measured on the running machine and cached in the user cache
+    directory, see :mod:`fastkd.train.precision`; ``same`` = ``precision``; or ``fp32`` / ``bf16`` /
+    ``fp16``), ``device``,
     ``compile`` (``true`` / ``false`` / ``auto`` = on for CUDA, off for CPU: ``torch.compile`` of every
     backbone pass the method runs, students and teachers, with ``compile_backend``), ``checkpointing`` (activation checkpointing
     of the student), ``sync_bn`` (SyncBatchNorm under DDP on CUDA), checkpoints every

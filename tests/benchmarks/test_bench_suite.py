@@ -112,6 +112,9 @@ def test_e2e_records_time_every_variant_of_every_method(suite):
             assert isinstance(r["meets_target"], bool) and "vs_plain_compiled >= 1.0x" in r["target"]
             assert r["gflop_per_step"] > 0 and r["vs_peak_bf16"] == NEEDS_GPU
     assert "Machine load average at the start" in (suite[1] / "bench_e2e.md").read_text()
+    from tests.benchmarks.test_e2e_table import assert_consistent
+
+    assert_consistent(records)  # every ratio from the row's own run
 
 
 def test_e2e_targets_apply_by_model_and_method():
@@ -209,28 +212,6 @@ def test_runs_keep_each_rows_lowest_speedup():
     assert combined[0] == rows(2.0, 5.0)[0] and combined[2] == {"op": "gather", "error": "RuntimeError: boom"}
     assert combined[1]["speedup"] == 2.5 and combined[1]["median_ms"] == 4.0
     assert combined[1]["speedup_runs"] == [5.0, 2.5]
-
-
-def test_e2e_runs_keep_each_variants_lowest_ratios():
-    """`fastkd bench e2e --runs 2`: a variant's row is its run with the lower vs_plain_eager, its
-    vs_plain_compiled the lower of the runs (which may come from the other run), both runs listed,
-    and the target judged on those."""
-    from fastkd.benchmarks.bench_e2e import judge
-    from fastkd.benchmarks.common import lowest_of_runs
-
-    def run(eager, compiled, ms):
-        return [{"method": "moma", "variant": "fastkd", "model": "demo", "vs_plain_eager": eager,
-                 "vs_plain_compiled": compiled, "median_ms": ms},
-                {"method": "mokd", "error": "RuntimeError: boom"}]
-
-    combined = lowest_of_runs([run(1.3, 0.9, 30.0), run(1.25, 1.1, 31.0)], ("method", "variant"), "vs_plain_eager",
-                              also_lowest=("vs_plain_compiled",))
-    row = combined[0]
-    assert row["vs_plain_eager"] == 1.25 and row["median_ms"] == 31.0 and row["vs_plain_compiled"] == 0.9
-    assert row["vs_plain_eager_runs"] == [1.3, 1.25] and row["vs_plain_compiled_runs"] == [0.9, 1.1]
-    assert combined[1] == {"method": "mokd", "error": "RuntimeError: boom"}
-    judge(row)
-    assert row["meets_target"] is False and "vs_plain_compiled >= 1.0x" in row["target"]
 
 
 def test_op_sweep_records_on_tiny_sizes():
