@@ -26,7 +26,7 @@ from torch import nn
 
 from fastkd.durable import read_torch_file
 from fastkd.models.weights import STUDENT_FILE, TEACHER_FILE
-from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
+from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager, TrainingState, is_training_checkpoint  # noqa: F401
 
 
 WEIGHTS = ("student", "teacher")  # which backbone of a run directory load_eval_model reads
@@ -45,13 +45,14 @@ def _submodule(root: nn.Module, dotted: str) -> nn.Module:
     return module
 
 
-def _from_training_checkpoint(state: dict, module: str) -> nn.Module:
+def _from_training_checkpoint(state: dict, path: Path, module: str) -> nn.Module:
     from fastkd.config import run_config_from_dict
     from fastkd.methods import build_method
 
-    config = run_config_from_dict(state["config"])
+    state = TrainingState.from_dict(state, path)
+    config = run_config_from_dict(state.config)
     method = build_method(config.method_name, config.method_config)
-    method.load_state_dict(state["method"])
+    method.load_state_dict(state.method)
     return _submodule(method, module)
 
 
@@ -90,13 +91,13 @@ def load_eval_model_described(path: str | os.PathLike, *, arch: str | None = Non
         loaded = CheckpointManager(run_checkpoints).load_latest()
         if loaded is None:
             raise ValueError(f"{str(path)!r} is a directory without training checkpoints")
-        model, key = _from_training_checkpoint(loaded[0], module), f"method.{module}"
+        model, key = _from_training_checkpoint(*loaded, module), f"method.{module}"
     elif not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     else:
         state = read_torch_file(path)
-        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-            model, key = _from_training_checkpoint(state, module), f"method.{module}"
+        if is_training_checkpoint(state):
+            model, key = _from_training_checkpoint(state, path, module), f"method.{module}"
         else:
             from fastkd.models import load_teacher
             from fastkd.models.weights import FASTKD_FORMAT, detect_format

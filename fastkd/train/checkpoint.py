@@ -5,6 +5,10 @@ directory, fsync, rename, directory fsync), so a crash at any moment leaves eith
 of checkpoints or the new one, never a half-written file under a final name. Loading goes newest
 first; a truncated or corrupt file is reported and the previous one used. Files load with
 ``torch.load(weights_only=True)``: the trainer stores tensors, numbers, strings, lists and dicts only.
+
+:class:`TrainingState` is the one schema of what a training checkpoint holds (and its version,
+:data:`CHECKPOINT_VERSION`): the trainer writes and resumes through it and ``fastkd.eval.models``
+reads a run's student through it.
 """
 
 from __future__ import annotations
@@ -12,15 +16,72 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from fastkd.checks import check_number
 from fastkd.durable import UnreadableFileError, atomic_torch_save, read_torch_file
 
 _NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
-CHECKPOINT_FORMAT = "fastkd-train-v1"  # the ``format`` entry of every training checkpoint
+CHECKPOINT_VERSION = 1  # the version of the TrainingState schema this fastkd writes and reads
+_FORMAT_PREFIX = "fastkd-train-v"
+CHECKPOINT_FORMAT = f"{_FORMAT_PREFIX}{CHECKPOINT_VERSION}"  # the ``format`` entry of every training checkpoint
+
+
+def is_training_checkpoint(obj) -> bool:
+    """Whether ``obj`` (a loaded file) is a fastkd training checkpoint of any version."""
+    return isinstance(obj, dict) and str(obj.get("format", "")).startswith(_FORMAT_PREFIX)
+
+
+@dataclass
+class TrainingState:
+    """Everything a training checkpoint holds: ``step`` (optimiser steps taken) of
+    ``total_steps``, the data position (``epoch``, ``batches_in_epoch`` consumed in it), the
+    ``world_size`` that wrote it, the state dicts of the ``method``, the ``optimizers`` and the
+    GradScaler (``scaler``) and the ``schedules`` (``{optimiser: {"lr": ..., "weight_decay":
+    ...}}``) by optimiser name, the non-finite step counters (``skipped`` in total,
+    ``consecutive`` at the end), every rank's ``rng`` state and the run's ``config`` dict."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    batches_in_epoch: int
+    world_size: int
+    method: dict
+    optimizers: dict = field(default_factory=dict)
+    scaler: dict = field(default_factory=dict)
+    schedules: dict = field(default_factory=dict)
+    skipped: int = 0
+    consecutive: int = 0
+    rng: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The checkpoint file's content (``format`` names the schema version)."""
+        return {"format": CHECKPOINT_FORMAT, "step": self.step, "total_steps": self.total_steps,
+                "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "world_size": self.world_size,
+                "method": self.method, "optimizers": self.optimizers, "scaler": self.scaler,
+                "schedules": self.schedules, "nonfinite": {"skipped": self.skipped, "consecutive": self.consecutive},
+                "rng": self.rng, "config": self.config}
+
+    @classmethod
+    def from_dict(cls, state: dict, source: str | os.PathLike = "the checkpoint") -> "TrainingState":
+        """The state in a loaded checkpoint file (``source`` names it in errors); a file of another
+        schema version is refused with both versions named."""
+        found = state.get("format") if isinstance(state, dict) else None
+        if found != CHECKPOINT_FORMAT:
+            version = found[len(_FORMAT_PREFIX):] if is_training_checkpoint(state) else None
+            raise ValueError(f"{source} is " + (f"a training checkpoint of schema version {version}" if version
+                                                 else f"not a fastkd training checkpoint (format {found!r})")
+                             + f"; this fastkd reads version {CHECKPOINT_VERSION} ({CHECKPOINT_FORMAT!r}) only")
+        nonfinite = state.get("nonfinite", {})
+        return cls(**{name: state[name] for name in ("step", "total_steps", "epoch", "batches_in_epoch",
+                                                     "world_size", "method", "optimizers", "scaler", "schedules",
+                                                     "rng", "config")},
+                   skipped=nonfinite.get("skipped", 0), consecutive=nonfinite.get("consecutive", 0))
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
@@ -34,8 +95,7 @@ class CheckpointManager:
 
     def __init__(self, directory: str | os.PathLike, keep_last: int = 3,
                  report: Callable[[str], None] | None = None):
-        if not isinstance(keep_last, int) or keep_last < 1:
-            raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+        check_number("keep_last", keep_last, low=1, integer=True)
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.report = report or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -81,8 +141,7 @@ class CheckpointManager:
         """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep_last``."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        check_number("step", step, low=0, integer=True)
         path = atomic_torch_save(state, self.path_for(step))
         for old in self.checkpoints()[self.keep_last:]:
             old.unlink(missing_ok=True)

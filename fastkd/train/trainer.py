@@ -47,7 +47,7 @@ from torch.profiler import record_function
 
 from fastkd.method_protocol import TrainingMethod
 from fastkd.train import distributed
-from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
+from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager, TrainingState  # noqa: F401
 from fastkd.train.compilation import compile_backbones
 from fastkd.train.distributed import DistEnv
 from fastkd.train.logging import TrainLogger
@@ -265,29 +265,21 @@ class Trainer:
         return autocast(self.train_cfg.precision, self.env.device)
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _state(self, step: int, skipped: int, consecutive: int, rng_states: list) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "step": step,
-            "total_steps": self.total_steps,
-            "epoch": step // self.steps_per_epoch,
-            "batches_in_epoch": (step % self.steps_per_epoch) * self.optim_cfg.accum_steps,
-            "world_size": self.env.world_size,
-            "method": self.method.state_dict(),
-            "optimizers": {slot.name: slot.optimizer.state_dict() for slot in self.slots},
-            "scaler": self.scaler.state_dict(),
-            "schedules": {slot.name: {"lr": slot.lr.state_dict(), "weight_decay": slot.weight_decay.state_dict()}
-                          for slot in self.slots},
-            "nonfinite": {"skipped": skipped, "consecutive": consecutive},
-            "rng": rng_states,
-            "config": self.config,
-        }
+    def _state(self, step: int, skipped: int, consecutive: int, rng_states: list) -> TrainingState:
+        return TrainingState(
+            step=step, total_steps=self.total_steps, epoch=step // self.steps_per_epoch,
+            batches_in_epoch=(step % self.steps_per_epoch) * self.optim_cfg.accum_steps,
+            world_size=self.env.world_size, method=self.method.state_dict(),
+            optimizers={slot.name: slot.optimizer.state_dict() for slot in self.slots}, scaler=self.scaler.state_dict(),
+            schedules={slot.name: {"lr": slot.lr.state_dict(), "weight_decay": slot.weight_decay.state_dict()}
+                       for slot in self.slots},
+            skipped=skipped, consecutive=consecutive, rng=rng_states, config=self.config)
 
     def _save(self, step: int, skipped: int, consecutive: int) -> Path | None:
         rng_states = distributed.gather_objects(capture_rng_state())
         path = None
         if self.env.is_main:
-            path = self.checkpoints.save(self._state(step, skipped, consecutive, rng_states), step)
+            path = self.checkpoints.save(self._state(step, skipped, consecutive, rng_states).to_dict(), step)
         distributed.barrier()
         return path
 
@@ -298,46 +290,38 @@ class Trainer:
             if self.env.is_main:
                 print(f"no checkpoint in {self.checkpoints.directory}: starting from step 0", flush=True)
             return 0, 0, 0
-        state, path = loaded
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} has format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-        position = (state["step"] // self.steps_per_epoch,
-                    (state["step"] % self.steps_per_epoch) * self.optim_cfg.accum_steps)
-        if position != (state["epoch"], state["batches_in_epoch"]):
-            raise ValueError(f"{path} stopped at epoch {state['epoch']}, batch {state['batches_in_epoch']}, but with "
-                             f"this loader ({len(self.loader)} batches per epoch) its step {state['step']} maps to "
+        state, path = TrainingState.from_dict(loaded[0], loaded[1]), loaded[1]
+        position = (state.step // self.steps_per_epoch, (state.step % self.steps_per_epoch) * self.optim_cfg.accum_steps)
+        if position != (state.epoch, state.batches_in_epoch):
+            raise ValueError(f"{path} stopped at epoch {state.epoch}, batch {state.batches_in_epoch}, but with "
+                             f"this loader ({len(self.loader)} batches per epoch) its step {state.step} maps to "
                              f"epoch {position[0]}, batch {position[1]}: the dataset, batch size or accum_steps changed")
-        if state["step"] > self.total_steps and not self.train_cfg.allow_shorter_schedule:
+        if state.step > self.total_steps and not self.train_cfg.allow_shorter_schedule:
             cfg = self.train_cfg
-            raise ValueError(f"{path} is at step {state['step']}, beyond this run's {self.total_steps} steps "
+            raise ValueError(f"{path} is at step {state.step}, beyond this run's {self.total_steps} steps "
                              f"(train.epochs={cfg.epochs} x {self.steps_per_epoch} steps per epoch, "
                              f"train.max_steps={cfg.max_steps}): raise train.epochs / train.max_steps to continue "
                              "the run, or set train.allow_shorter_schedule=true to end it at its checkpoint")
-        self.method.load_state_dict(state["method"])
+        self.method.load_state_dict(state.method)
         names = sorted(slot.name for slot in self.slots)
-        if sorted(state["optimizers"]) != names:
-            raise ValueError(f"{path} holds optimisers {sorted(state['optimizers'])}, this run has {names}: "
+        if sorted(state.optimizers) != names:
+            raise ValueError(f"{path} holds optimisers {sorted(state.optimizers)}, this run has {names}: "
                              "optim.per_model differs from the checkpointed run")
         for slot in self.slots:
-            slot.optimizer.load_state_dict(state["optimizers"][slot.name])
+            slot.optimizer.load_state_dict(state.optimizers[slot.name])
             for kind, schedule in (("lr", slot.lr), ("weight_decay", slot.weight_decay)):
-                saved = state["schedules"][slot.name][kind]
+                saved = state.schedules[slot.name][kind]
                 if saved != schedule.state_dict() and self.env.is_main:
                     print(f"warning: the config changed the {kind} schedule of optimiser {slot.name!r} since "
                           f"{path} ({saved} -> {schedule.state_dict()}); continuing with the new one", flush=True)
-        self.scaler.load_state_dict(state["scaler"])
-        rng = state["rng"]
-        if state["world_size"] != self.env.world_size:
-            if self.env.is_main:
-                print(f"warning: {path} was written by {state['world_size']} ranks, resuming on "
-                      f"{self.env.world_size}: data order and RNG streams differ from an uninterrupted run",
-                      flush=True)
-            restore_rng_state(rng[self.env.rank % len(rng)])
-        else:
-            restore_rng_state(rng[self.env.rank])
+        self.scaler.load_state_dict(state.scaler)
+        if state.world_size != self.env.world_size and self.env.is_main:
+            print(f"warning: {path} was written by {state.world_size} ranks, resuming on "
+                  f"{self.env.world_size}: data order and RNG streams differ from an uninterrupted run", flush=True)
+        restore_rng_state(state.rng[self.env.rank % len(state.rng)])
         if self.env.is_main:
-            print(f"resumed from {path} at step {state['step']}", flush=True)
-        return state["step"], state["nonfinite"]["skipped"], state["nonfinite"]["consecutive"]
+            print(f"resumed from {path} at step {state.step}", flush=True)
+        return state.step, state.skipped, state.consecutive
 
     # -- the loop -----------------------------------------------------------------------------
     def _batches(self, epoch: int, skip: int):
