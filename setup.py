@@ -12,11 +12,14 @@ torch you already have (CPU or CUDA) and never replaces it.
 
 import glob
 import os
+import re
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+# The version's one home is fastkd/__init__.py (CMakeLists.txt reads it there too).
+with open(os.path.join(HERE, "fastkd", "__init__.py")) as handle:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', handle.read(), re.M).group(1)
 
 
 def _cuda_requested(torch, cuda_home):
@@ -38,12 +41,10 @@ def _cuda_requested(torch, cuda_home):
     return torch.version.cuda is not None and usable
 
 
-# Compiler flags per CPU vector ISA of the at::vec kernels (same table as CMakeLists.txt).
-CPU_ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-    "DEFAULT": [],
-}
+# Compiler flags per CPU vector ISA of the at::vec kernels: csrc/isa_flags.txt, the table CMakeLists.txt reads.
+with open(os.path.join(HERE, "csrc", "isa_flags.txt")) as handle:
+    CPU_ISA_FLAGS = {name: flags for name, *flags in (line.split() for line in handle if line.strip())
+                     if not name.startswith("#")}
 
 
 def _cpu_isa(torch):
