@@ -49,12 +49,13 @@ def check_bool(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
-def check_str(name: str, value: Any, *, optional: bool = False) -> None:
-    """A non-empty string (or ``None`` when ``optional``)."""
+def check_str(name: str, value: Any, *, optional: bool = False, empty: bool = False) -> None:
+    """A non-empty string (an empty one too when ``empty``; or ``None`` when ``optional``)."""
     if value is None and optional:
         return
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"{name} must be a non-empty string{' or None' if optional else ''}, got {value!r}")
+    if not isinstance(value, str) or not (value or empty):
+        raise TypeError(f"{name} must be a {'' if empty else 'non-empty '}string{' or None' if optional else ''}, "
+                        f"got {value!r}")
 
 
 def check_kwargs(name: str, value: Any) -> None:

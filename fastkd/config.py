@@ -17,6 +17,7 @@ wherever the schema expects a float.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -27,7 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from fastkd.data.loader import BACKENDS
+from fastkd.checks import check_bool, check_kwargs, check_str
+from fastkd.data.loader import check_loader_options
 from fastkd.suggest import did_you_mean
 from fastkd.train.options import OptimConfig, TrainConfig
 
@@ -36,6 +38,16 @@ _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 class ConfigError(ValueError):
     """A configuration file or override that does not fit the schema."""
+
+
+@contextlib.contextmanager
+def config_errors(where: str = ""):
+    """Re-raise a ``TypeError`` / ``ValueError`` of the block (a ``fastkd.checks`` check) as a
+    :class:`ConfigError`, its message prefixed with ``where``."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}{error}") from None
 
 
 @dataclass
@@ -58,23 +70,12 @@ class DataConfig:
     recipe_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if not isinstance(self.source, str):
-            raise ConfigError(f"data.source must be a path string, got {self.source!r}")
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise ConfigError(f"data.batch_size must be an int >= 1, got {self.batch_size!r}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"data.backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.backend!r}")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be an int >= 0, got {self.num_workers!r}")
-        if not isinstance(self.drop_last, bool):
-            raise ConfigError(f"data.drop_last must be true or false, got {self.drop_last!r}")
-        if not isinstance(self.skip_bad_images, bool):
-            raise ConfigError(f"data.skip_bad_images must be true or false, got {self.skip_bad_images!r}")
-        if self.skip_bad_images and self.backend in ("dali", "dali_cpu"):
-            raise ConfigError(f"data.skip_bad_images needs data.backend=torch (or auto), got {self.backend!r}: "
-                              "DALI cannot drop an undecodable image from its batch")
-        if not isinstance(self.recipe_options, dict):
-            raise ConfigError(f"data.recipe_options must be a mapping, got {self.recipe_options!r}")
+        with config_errors():
+            check_str("data.source", self.source, empty=True)
+            check_loader_options("data.", backend=self.backend, batch_size=self.batch_size,
+                                 num_workers=self.num_workers, skip_bad_images=self.skip_bad_images)
+            check_bool("data.drop_last", self.drop_last)
+            check_kwargs("data.recipe_options", self.recipe_options)
 
 
 @dataclass
@@ -99,9 +100,20 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
-    hint = did_you_mean(key, valid, prefix=where)
-    return ConfigError(f"unknown config key '{where}{key}'{hint} (valid keys: {', '.join(sorted(valid))})")
+def _mapping(value, what: str) -> dict:
+    """``value`` if it is a dict, else a :class:`ConfigError` naming ``what``."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a mapping, got {type(value).__name__}: {value!r}")
+    return value
+
+
+def _check_keys(mapping: dict, valid: list[str], where: str) -> None:
+    """An unknown key of ``mapping`` is a :class:`ConfigError` naming it (prefixed by ``where``)
+    and the nearest valid key."""
+    for key in mapping:
+        if key not in valid:
+            hint = did_you_mean(str(key), valid, prefix=where)
+            raise ConfigError(f"unknown config key '{where}{key}'{hint} (valid keys: {', '.join(sorted(valid))})")
 
 
 def _coerce(value, annotation):
@@ -118,33 +130,23 @@ def _coerce(value, annotation):
 def build_dataclass(cls, mapping, where: str = ""):
     """Instantiate dataclass ``cls`` from ``mapping``; an unknown key raises :class:`ConfigError`
     naming it (prefixed by ``where``, e.g. ``"optim."``) and the nearest valid key."""
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"cls must be a dataclass, got {cls!r}")
-    if mapping is None:
-        mapping = {}
-    if not isinstance(mapping, dict):
-        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(mapping).__name__}: {mapping!r}")
+    assert dataclasses.is_dataclass(cls), cls
+    mapping = _mapping({} if mapping is None else mapping, where.rstrip(".") or "config")
     hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    for key in mapping:
-        if key not in valid:
-            raise _unknown_key_error(str(key), valid, where)
+    _check_keys(mapping, [f.name for f in dataclasses.fields(cls)], where)
     try:
         return cls(**{key: _coerce(value, hints[key]) for key, value in mapping.items()})
-    except TypeError as error:
-        raise ConfigError(f"{where.rstrip('.') or 'config'}: {error}") from None
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    except (TypeError, ValueError) as error:  # a TypeError: e.g. a required field missing
+        raise ConfigError(str(error) if isinstance(error, ValueError)
+                          else f"{where.rstrip('.') or 'config'}: {error}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
     """``"a.b.c=value"`` -> ``(["a", "b", "c"], yaml value)``."""
-    if not isinstance(text, str) or "=" not in text:
-        raise ConfigError(f"override must look like key=value (dotted keys allowed), got {text!r}")
-    key, raw = text.split("=", 1)
+    key, equals, raw = text.partition("=") if isinstance(text, str) else ("", "", "")
     parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override key {key!r} has an empty component")
+    if not equals or not all(parts):
+        raise ConfigError(f"override must look like key=value (dotted keys without empty components), got {text!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
@@ -180,12 +182,7 @@ def _deep_copy(value):
 def run_config_from_dict(raw: dict) -> RunConfig:
     """A whole run's :class:`RunConfig` from a nested dict, validated against the schema. (A method's
     own config dataclass is built by :func:`fastkd.methods.base.method_config_from_dict`.)"""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"a config must be a mapping at the top level, got {type(raw).__name__}")
-    valid = [f.name for f in dataclasses.fields(RunConfig)]
-    for key in raw:
-        if key not in valid:
-            raise _unknown_key_error(str(key), valid, "")
+    _check_keys(_mapping(raw, "the top level"), [f.name for f in dataclasses.fields(RunConfig)], "")
     method = raw.get("method")
     if isinstance(method, str):
         method = {"name": method}
@@ -206,15 +203,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         raw = yaml.safe_load(path.read_text())
+        return run_config_from_dict(apply_overrides(_mapping({} if raw is None else raw, "the top level"),
+                                                    list(overrides)))
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
-    try:
-        return run_config_from_dict(apply_overrides(raw, list(overrides)))
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
-
-

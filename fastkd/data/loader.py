@@ -8,10 +8,25 @@ from typing import Iterable
 
 import torch
 
+from fastkd.checks import check_bool, check_choice, check_number
+
 from .datasets import load_images
 from .recipes import build_recipe
 
 BACKENDS = ("auto", "dali", "dali_cpu", "torch")  # the one list of data backends: fastkd.config and the CLI use it
+
+
+def check_loader_options(prefix: str = "", *, backend, batch_size, num_workers, skip_bad_images) -> None:
+    """The loader options a run config (``prefix="data."``) and :func:`build_loader` share, checked
+    once here."""
+    check_choice(f"{prefix}backend", backend, BACKENDS)
+    check_number(f"{prefix}batch_size", batch_size, low=1, integer=True)
+    check_number(f"{prefix}num_workers", num_workers, low=0, integer=True)
+    check_bool(f"{prefix}skip_bad_images", skip_bad_images)
+    if skip_bad_images and backend in ("dali", "dali_cpu"):
+        raise ValueError(f"{prefix}skip_bad_images needs {prefix}backend 'torch' (or 'auto'), got {backend!r}: DALI "
+                         "cannot drop an undecodable image from its batch; set data.backend=torch, or run "
+                         "`fastkd data scan` and pass its exclusion list as data.exclude=")
 
 
 def dali_available() -> bool:
@@ -52,27 +67,13 @@ def build_loader(
     ``skipped_images``, a warning names it once) instead of raising ``BadImageError``; a batch
     left empty is not yielded. Torch backend only (``auto`` then means ``torch``).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    if not isinstance(skip_bad_images, bool):
-        raise ValueError(f"skip_bad_images must be true or false, got {skip_bad_images!r}")
-    if skip_bad_images and backend in ("dali", "dali_cpu"):
-        raise ValueError(f"skip_bad_images (data.skip_bad_images) needs backend 'torch', got backend={backend!r}: "
-                         "DALI cannot drop an undecodable image from its batch; set data.backend=torch, or run "
-                         "`fastkd data scan` and pass its exclusion list as data.exclude=")
+    check_loader_options(backend=backend, batch_size=batch_size, num_workers=num_workers,
+                         skip_bad_images=skip_bad_images)
+    check_number("world_size", world_size, low=1, integer=True)
+    check_number(f"rank (world_size={world_size})", rank, low=0, high=world_size - 1, integer=True)
+    check_number("seed", seed, low=0, integer=True)
     device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {str(device)!r}")
+    check_choice("device type", device.type, ("cpu", "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but CUDA is not available")
     recipe = build_recipe(recipe, **recipe_overrides)
