@@ -16,7 +16,8 @@ of the method's data recipe; data loading is timed by ``bench_data``):
   (fused ops, fused AdamW where torch has it for the device, loss parts and norms kept on the device,
   ``train.skip_decision: auto`` = a non-finite step skipped on the device without a host read on
   CUDA, one flag read per step on CPU where reading it costs nothing, ``train.teacher_precision:
-  auto`` = frozen pretrained teachers in bf16 where the device computes bf16 natively,
+  auto`` = frozen pretrained teachers in bf16 on CUDA and, on CPU, in bf16 or fp32 as measured on
+  the running machine, ``attention: auto`` = the backend measured on the running machine,
   ``train.compile: auto`` = compiled backbones on CUDA only).
 - ``fastkd_compiled``: the same with ``train.compile: true`` (every backbone pass compiled with the
   fused ops inside the graph, same backend as ``plain_compiled``): on CUDA it equals ``fastkd``'s
@@ -24,7 +25,8 @@ of the method's data recipe; data loading is timed by ``bench_data``):
 
 The training precision is the same for all: fp32 on CPU, bf16 autocast on CUDA; the ``teacher_dtype``
 column says what the frozen teachers computed in (fastkd's ``teacher_precision: auto`` runs them in
-bf16 on a CPU with AVX512-BF16 / AMX, where the plain variants, like a hand-written loop, keep fp32).
+bf16 where that measured faster on this CPU, e.g. one with AVX512-BF16 / AMX; the plain variants,
+like a hand-written loop, keep fp32).
 
 Models (``--model``): ``demo`` (default) builds each method exactly as ``configs/demo/`` trains it in
 ``make demo`` (32 px, patch 8; students of 64-96 dims x 4 blocks) with frozen teachers of the demo

@@ -92,11 +92,12 @@ def _read(path: Path) -> dict:
     return data if ok else {}
 
 
-def choose(name: str, shape_class: str, device: torch.device | str,
+def choose(name: str, shape_class: str, device: torch.device | str, names: tuple[str, ...],
            candidates: Callable[[], dict[str, Callable[[], object]]]) -> str:
-    """The fastest of ``candidates()`` (a dict of name -> callable, built only when measuring) for
-    ``name`` at ``shape_class`` on ``device``: the process's or the cache file's decision for this
-    machine and torch version, else measured now and recorded (see the module doc)."""
+    """The fastest of ``names`` for ``name`` at ``shape_class`` on ``device``: the process's or the
+    cache file's decision for this machine and torch version (a recorded choice no longer among
+    ``names``, e.g. an uninstalled xformers, does not count), else measured now on ``candidates()``
+    (name -> callable, built only then) and recorded (see the module doc)."""
     key = (name, shape_class, str(device))
     if key in _DECIDED:
         return _DECIDED[key]
@@ -105,7 +106,7 @@ def choose(name: str, shape_class: str, device: torch.device | str,
     path = cache_dir() / FILE_NAME
     data = _read(path)
     found = data.get(section, {}).get(entry)
-    if found is None:
+    if found is None or found["choice"] not in names:
         with torch.autocast(device.type, enabled=False):
             seconds = measure(candidates(), device)
         found = {"choice": min(seconds, key=seconds.get), "seconds": seconds}

@@ -156,3 +156,15 @@ def test_auto_inside_a_fullgraph_compile_is_a_trace_time_constant(fake_timings, 
     torch.testing.assert_close(compiled(q, k, v), attention(q, k, v, backend="math"))
     section, = _entries(fake_timings.cache).values()
     assert f"attention | float32 train {attention_module.COMPILED_TOKENS} tokens" in section
+
+
+def test_a_recorded_choice_that_cannot_run_any_more_is_measured_again(fake_timings, monkeypatch):
+    """xformers recorded while it was installed, then uninstalled: the class is measured anew."""
+    monkeypatch.setattr(attention_module, "_xformers_unavailable_reason", lambda device: None)
+    fake_timings.seconds.update(xformers=0.5)
+    assert resolve_backend("auto", CPU, torch.float32, tokens=8, grad=False) == "xformers"
+    measured_choice.forget()
+    monkeypatch.setattr(attention_module, "_xformers_unavailable_reason", lambda device: "not installed")
+    fake_timings.seconds.update(sdpa=2.0, math=1.0)
+    assert resolve_backend("auto", CPU, torch.float32, tokens=8, grad=False) == "math"
+    assert fake_timings.calls == [["math", "sdpa", "xformers"], ["math", "sdpa"]]

@@ -122,12 +122,12 @@ def measured_backend(device: str, dtype: torch.dtype, grad: bool, tokens: int) -
                 if grad:
                     torch.autograd.grad(out.sum(), (q, k, v))
 
-        names = ["sdpa", "math"] + (["xformers"] if _xformers_unavailable_reason(torch.device(device)) is None else [])
         return {name: (lambda name=name: run(name)) for name in names}
 
+    names = ("sdpa", "math") + (("xformers",) if _xformers_unavailable_reason(torch.device(device)) is None else ())
     mode = "train" if grad else "no-grad"
     return measured_choice.choose("attention", f"{str(dtype).removeprefix('torch.')} {mode} {tokens} tokens",
-                                  device, candidates)
+                                  device, names, candidates)
 
 
 def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None,

@@ -53,7 +53,7 @@ def teacher_precision_for(teacher_precision: str, precision: str, device: torch.
     if precision != "fp32":
         return precision
     return measured_choice.choose("teacher_precision", f"linear {'x'.join(map(str, TEACHER_LINEAR))} no-grad",
-                                  device, lambda: _teacher_linear_candidates(device))
+                                  device, ("fp32", "bf16"), lambda: _teacher_linear_candidates(device))
 
 
 def autocast(precision: str, device: torch.device | str):
