@@ -19,10 +19,11 @@ Backends:
   key count rounded up to a power of two, clamped to ``AUTO_TOKENS`` (e.g. 5 -> 8, 17 -> 32,
   197 -> 256 tokens). The measurement runs each backend forward (and backward when gradients are
   on) at ``d = 64`` on ``B x H`` rows sized to tens of milliseconds. Inside a ``torch.compile`` trace
-  the token count may be symbolic (the kept-token count is dynamic), so there the class is
-  ``compiled`` (measured at ``COMPILED_TOKENS``), and the decision is a trace-time constant: dynamo
-  calls :func:`measured_backend` eagerly (``assume_constant_result``) and puts the name in the
-  graph, with no graph break and no guard on the cache.
+  the token count may be symbolic (the kept-token count is dynamic; reading it would specialise the
+  graph), so there the token class is ``COMPILED_TOKENS``'s whatever the count, and the decision is
+  a trace-time constant: dynamo calls :func:`measured_backend` eagerly (``assume_constant_result``,
+  on real tensors, outside the graph) and puts the name in the graph, with no graph break and no
+  guard on the cache.
 
 The environment variable ``FASTKD_ATTENTION`` sets the backend used when none is given.
 """
