@@ -168,3 +168,9 @@ def test_a_recorded_choice_that_cannot_run_any_more_is_measured_again(fake_timin
     fake_timings.seconds.update(sdpa=2.0, math=1.0)
     assert resolve_backend("auto", CPU, torch.float32, tokens=8, grad=False) == "math"
     assert fake_timings.calls == [["math", "sdpa", "xformers"], ["math", "sdpa"]]
+
+
+def test_auto_on_meta_tensors_measures_nothing(fake_timings):
+    q = torch.empty(2, 3, 17, 8, device="meta")
+    assert resolve_backend("auto", q.device, q.dtype, tokens=17) == "sdpa"
+    assert attention(q, q, q).shape == (2, 3, 17, 8) and fake_timings.calls == []

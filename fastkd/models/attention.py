@@ -13,17 +13,17 @@ Backends:
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention``; CUDA tensors only (xformers has no
   CPU kernels). Asking for it where it cannot run raises ``RuntimeError``;
 - ``"math"``: the explicit formula above, materialising the map;
-- ``"auto"`` (default): the fastest of these (``xformers`` only where it can run), measured on the
-  running machine and cached in the user cache directory (:mod:`fastkd.measured_choice`), per
-  device, compute dtype (the autocast dtype where autocast is on), grad mode and token class: the
-  key count rounded up to a power of two, clamped to ``AUTO_TOKENS`` (e.g. 5 -> 8, 17 -> 32,
+- ``"auto"`` (default): on CPU and CUDA, the fastest of these (``xformers`` only where it can run),
+  measured on the running machine and cached in the user cache directory
+  (:mod:`fastkd.measured_choice`), per device, compute dtype (the autocast dtype where autocast is
+  on), grad mode and token class: the key count rounded up to a power of two, clamped to ``AUTO_TOKENS`` (e.g. 5 -> 8, 17 -> 32,
   197 -> 256 tokens). The measurement runs each backend forward (and backward when gradients are
   on) at ``d = 64`` on ``B x H`` rows sized to tens of milliseconds. Inside a ``torch.compile`` trace
   the token count may be symbolic (the kept-token count is dynamic; reading it would specialise the
   graph), so there the token class is ``COMPILED_TOKENS``'s whatever the count, and the decision is
   a trace-time constant: dynamo calls :func:`measured_backend` eagerly (``assume_constant_result``,
   on real tensors, outside the graph) and puts the name in the graph, with no graph break and no
-  guard on the cache.
+  guard on the cache. On other devices (e.g. ``meta``) it is ``sdpa``.
 
 The environment variable ``FASTKD_ATTENTION`` sets the backend used when none is given.
 """
@@ -142,6 +142,8 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
         raise RuntimeError(f"attention backend 'xformers' cannot run here: {reason}; use 'sdpa' or 'auto'")
     if backend != "auto" or tokens is None:
         return backend
+    if device.type not in ("cpu", "cuda"):
+        return "sdpa"  # nothing to time (e.g. meta tensors)
     grad = torch.is_grad_enabled() if grad is None else grad
     tokens = COMPILED_TOKENS if torch.compiler.is_compiling() else token_class(tokens)
     return measured_backend(str(device), compute_dtype(device, dtype), grad, tokens)
