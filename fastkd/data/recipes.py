@@ -25,6 +25,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
+from fastkd.checks import check_bool, check_choice, check_number
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -40,8 +42,7 @@ def _check_range(name: str, value, low: float, high: float) -> tuple[float, floa
 
 
 def _check_probability(name: str, value) -> float:
-    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    check_number(f"{name} (a probability)", value, low=0.0, high=1.0)
     return float(value)
 
 
@@ -57,11 +58,8 @@ class ColorJitter:
 
     def __post_init__(self):
         for name in ("brightness", "contrast", "saturation"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"ColorJitter.{name} must be in [0, 1), got {value!r}")
-        if not isinstance(self.hue, (int, float)) or not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"ColorJitter.hue must be in [0, 0.5], got {self.hue!r}")
+            check_number(f"ColorJitter.{name}", getattr(self, name), low=0.0, high=1.0, high_open=True)
+        check_number("ColorJitter.hue", self.hue, low=0.0, high=0.5)
         _check_probability("ColorJitter.p", self.p)
 
 
@@ -82,21 +80,17 @@ class ViewSpec:
     solarize_p: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"ViewSpec.size must be a positive int, got {self.size!r}")
-        if self.scale is None:
-            if not isinstance(self.resize, int) or self.resize < self.size:
-                raise ValueError(
-                    f"ViewSpec.resize must be an int >= size ({self.size}) when scale is None, got {self.resize!r}"
-                )
+        check_number("ViewSpec.size", self.size, low=1, integer=True)
+        if self.scale is None:  # resize + centre crop
+            check_number("ViewSpec.resize (scale None: resize, then centre crop size)", self.resize, low=self.size,
+                         integer=True)
         else:
             object.__setattr__(self, "scale", _check_range("ViewSpec.scale", self.scale, 1e-6, 1.0))
             if self.resize is not None:
                 raise ValueError(f"ViewSpec.resize must be None for a random-resized-crop view, got {self.resize!r}")
         object.__setattr__(self, "ratio", _check_range("ViewSpec.ratio", self.ratio, 1e-3, 1e3))
         object.__setattr__(self, "blur_sigma", _check_range("ViewSpec.blur_sigma", self.blur_sigma, 1e-3, 100.0))
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"ViewSpec.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        check_choice("ViewSpec.interpolation", self.interpolation, INTERPOLATIONS)
         if self.jitter is not None and not isinstance(self.jitter, ColorJitter):
             raise TypeError(f"ViewSpec.jitter must be a ColorJitter or None, got {type(self.jitter).__name__}")
         for name in ("flip_p", "grayscale_p", "blur_p", "solarize_p"):
@@ -142,26 +136,13 @@ def build_recipe(name: str | Recipe, **overrides) -> Recipe:
         if overrides:
             raise ValueError(f"recipe overrides {sorted(overrides)} need a recipe name, got a Recipe object")
         return name
-    if name not in _RECIPES:
-        raise ValueError(f"recipe must be one of {recipe_names()} or a Recipe, got {name!r}")
+    check_choice("recipe", name, recipe_names())
     factory = _RECIPES[name]
     allowed = set(inspect.signature(factory).parameters)
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise TypeError(f"recipe {name!r} has no parameters {unknown}; it accepts {sorted(allowed)}")
     return factory(**overrides)
-
-
-def _check_blur(blur) -> bool:
-    if not isinstance(blur, bool):
-        raise TypeError(f"blur must be a bool, got {blur!r}")
-    return blur
-
-
-def _check_interpolation(interpolation) -> str:
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    return interpolation
 
 
 def _mocov3_view(size: int, scale, blur_p: float, solarize_p: float, blur: bool = True,
@@ -178,7 +159,7 @@ def mocov3(size: int = 224, scale=(0.08, 1.0), blur: bool = True, interpolation:
     drops the Gaussian blur, as CIFAR-size recipes do (sigma 0.1-2 px is meant for 224 px views
     and wipes out the detail of a 32 px one). ``interpolation`` of the random resized crop:
     bilinear by default, as MoCo v3's ``main_moco.py`` (torchvision's default)."""
-    blur, interpolation = _check_blur(blur), _check_interpolation(interpolation)
+    check_bool("blur", blur)  # the views check the rest
     return Recipe(
         "mocov3", (_mocov3_view(size, scale, 1.0, 0.0, blur, interpolation),
                    _mocov3_view(size, scale, 0.1, 0.2, blur, interpolation))
@@ -199,9 +180,8 @@ def dino_multicrop(
     (blur p 0.5, no solarize); ``blur=False`` drops the blur (small images, see ``mocov3``).
     ``interpolation`` of every random resized crop: bicubic by default, as DINO's and the official
     MOKD code's ``RandomResizedCrop(..., interpolation=Image.BICUBIC)``."""
-    if not isinstance(local_crops, int) or local_crops < 0:
-        raise ValueError(f"local_crops must be an int >= 0, got {local_crops!r}")
-    blur, interpolation = _check_blur(blur), _check_interpolation(interpolation)
+    check_number("local_crops", local_crops, low=0, integer=True)
+    check_bool("blur", blur)  # the views check the rest
     global_views = (
         _mocov3_view(global_size, global_scale, 1.0, 0.0, blur, interpolation),
         _mocov3_view(global_size, global_scale, 0.1, 0.2, blur, interpolation),
@@ -230,5 +210,4 @@ def linear(size: int = 224, scale=(0.08, 1.0), interpolation: str = "bicubic") -
     ``RandomResizedCrop(size, scale)`` (aspect ratio 3/4-4/3) and a horizontal flip (p 0.5), nothing
     else. ``interpolation``: bicubic by default; both official scripts use torchvision's default
     (bilinear), which :mod:`fastkd.eval.linear_protocols` passes."""
-    interpolation = _check_interpolation(interpolation)
     return Recipe("linear", (ViewSpec(size=size, scale=tuple(scale), interpolation=interpolation, flip_p=0.5),))

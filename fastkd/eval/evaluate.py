@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastkd.checks import check_bool, check_number
 from fastkd.eval.features import FeatureSet, cached_features, extract_features
 from fastkd.eval.knn import KNNResult, knn_classify
 from fastkd.eval.linear_probe import LinearProbeResult, train_linear_probe
@@ -55,6 +56,22 @@ def check_eval_options(options: dict, *, cli: bool = False) -> None:
             expected = f"a finite number {'>=' if inclusive else '>'} {low:g}"
         if not ok:
             raise ValueError(f"{label} must be {expected}, got {value!r}")
+
+
+def check_run_options(*, device, num_workers, seed, progress) -> torch.device:
+    """The options every evaluation run takes (:func:`fastkd.eval.finetune.finetune`,
+    :func:`fastkd.eval.linear_protocols.evaluate_linear_protocol`), checked once, naming the bad
+    one; returns the device (cpu, or cuda when it is available)."""
+    check_eval_options(dict(num_workers=num_workers))
+    check_number("seed", seed, low=0, integer=True)
+    check_bool("progress", progress)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda") or (parsed.type == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(f"device must be cpu or an available cuda device, got {device!r}")
+    return parsed
 
 
 def default_resize(image_size: int) -> int:

@@ -80,7 +80,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from fastkd.checks import check_bool, check_choice, check_number, check_positive_ints
+from fastkd.checks import check_choice, check_number, check_positive_ints, check_str
 from fastkd.durable import atomic_write_json, read_torch_file
 from fastkd.eval.features import progress_disable
 from fastkd.eval.models import native_image_size
@@ -130,8 +130,7 @@ class FinetuneRecipe:
     interpolation: str = "bicubic"
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name:
-            raise TypeError(f"name must be a non-empty string, got {self.name!r}")
+        check_str("name", self.name)
         check_positive_ints(epochs=self.epochs, batch_size=self.batch_size, lr_batch_divisor=self.lr_batch_divisor)
         check_number("blr", self.blr, low=0, low_open=True, finite=True)
         check_number("min_lr", self.min_lr, low=0, finite=True)
@@ -147,8 +146,7 @@ class FinetuneRecipe:
         check_number("drop_path", self.drop_path, low=0, high=1, high_open=True, finite=True)
         check_choice("global_pool", self.global_pool, GLOBAL_POOLS)
         check_number("head_init_std", self.head_init_std, low=0, low_open=True, finite=True)
-        if self.auto_augment is not None and (not isinstance(self.auto_augment, str) or not self.auto_augment):
-            raise TypeError(f"auto_augment must be a timm policy string or None, got {self.auto_augment!r}")
+        check_str("auto_augment (a timm policy)", self.auto_augment, optional=True)
         if self.color_jitter is not None:
             check_number("color_jitter", self.color_jitter, low=0, finite=True)
         check_number("re_prob", self.re_prob, low=0, high=1, finite=True)
@@ -259,13 +257,10 @@ def _copy_trunk(model: Backbone, source_state: dict) -> None:
     state = {k: v for k, v in source_state.items() if not k.startswith(f"{_classifier_prefix(net)}.")}
     state = _resize_pos_embed(state, model)
     odd = sorted(k for k in set(state) ^ set(target) if not k.startswith(replaceable))
-    if odd:
-        raise ValueError(f"the loaded model and its rebuilt copy ({model.name}) differ in keys {odd[:20]}")
     state = {k: v for k, v in state.items() if k in target}
-    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
-                  if v.shape != target[k].shape]
-    if mismatched:
-        raise ValueError(f"the loaded model and its rebuilt copy ({model.name}) differ in shapes {mismatched[:20]}")
+    odd += [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items() if v.shape != target[k].shape]
+    if odd:
+        raise ValueError(f"the loaded model and its rebuilt copy ({model.name}) differ in keys or shapes {odd[:20]}")
     net.load_state_dict(state, strict=False)
 
 
@@ -460,7 +455,7 @@ def _check_model(model: nn.Module, *, image_size: int | None, global_pool: str) 
     if not isinstance(model, Backbone):
         raise TypeError(f"model must be a fastkd Backbone (what load_eval_model returns for backbone files and "
                         f"runs' students), got {type(model).__name__}")
-    check_choice("global_pool", global_pool, GLOBAL_POOLS)
+    check_choice("global_pool", global_pool, GLOBAL_POOLS)  # finetune's recipe checked it; build_finetune_model's not
     if not model.is_vit and global_pool != "avg":
         raise ValueError(f"global_pool must be 'avg' for the ResNet {model.name}, got {global_pool!r}")
     if image_size is None:
@@ -474,30 +469,19 @@ def _check_model(model: nn.Module, *, image_size: int | None, global_pool: str) 
 def resolve_finetune_recipe(recipe, **overrides) -> FinetuneRecipe:
     """The recipe (a name of :data:`FINETUNE_RECIPES` or a :class:`FinetuneRecipe`) with the non-None
     overrides applied (and checked: see :class:`FinetuneRecipe`)."""
-    if isinstance(recipe, str):
+    if not isinstance(recipe, FinetuneRecipe):
         check_choice("recipe", recipe, FINETUNE_RECIPES)
         recipe = FINETUNE_RECIPES[recipe]
-    elif not isinstance(recipe, FinetuneRecipe):
-        raise TypeError(f"recipe must be one of {tuple(FINETUNE_RECIPES)} or a FinetuneRecipe, got {recipe!r}")
     return dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _check_run_options(device, num_workers, seed, precision, output, progress, train_dir, val_dir) -> torch.device:
-    for name, value in (("train_dir", train_dir), ("val_dir", val_dir)):
-        if not isinstance(value, (str, os.PathLike)):
-            raise TypeError(f"{name} must be a path, got {type(value).__name__}")
-    check_number("num_workers", num_workers, low=0, integer=True)
-    check_number("seed", seed, low=0, integer=True)
-    check_choice("precision", precision, PRECISIONS)
-    check_bool("progress", progress)
-    if output is not None and not isinstance(output, (str, os.PathLike)):
-        raise TypeError(f"output must be a folder path or None, got {type(output).__name__}")
-    if output is not None and Path(output).exists() and not Path(output).is_dir():
-        raise ValueError(f"output must be a folder, {os.fspath(output)!r} is a file")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must be a torch device, got {device!r} ({error})") from None
+def _check_paths(output, train_dir, val_dir) -> None:
+    """``train_dir`` and ``val_dir`` are paths, ``output`` None or a folder path (not a file)."""
+    for name, value in (("train_dir", train_dir), ("val_dir", val_dir), ("output", output)):
+        is_path = isinstance(value, (str, os.PathLike))
+        if (value is not None or name != "output") and (not is_path or name == "output" and Path(value).is_file()):
+            raise ValueError(f"{name} must be a {'folder path or None' if name == 'output' else 'path'}, got "
+                             f"{value!r}{' (a file)' if is_path else ''}")
 
 
 def finetune(model: nn.Module, train_dir: str | os.PathLike, val_dir: str | os.PathLike,
@@ -515,11 +499,13 @@ def finetune(model: nn.Module, train_dir: str | os.PathLike, val_dir: str | os.P
     receives ``finetuned.pt`` (:func:`fastkd.models.save_backbone`; the classifier back with
     :func:`load_finetuned`) and ``finetune.json`` (:meth:`FinetuneResult.to_dict`). Every option is
     checked before any image is read; ``ValueError`` names a val class the train split lacks."""
-    from fastkd.eval.evaluate import aligned_splits
+    from fastkd.eval.evaluate import aligned_splits, check_run_options
 
     recipe = resolve_finetune_recipe(recipe, epochs=epochs, batch_size=batch_size, blr=blr, layer_decay=layer_decay,
                              drop_path=drop_path, global_pool=global_pool)
-    device = _check_run_options(device, num_workers, seed, precision, output, progress, train_dir, val_dir)
+    device = check_run_options(device=device, num_workers=num_workers, seed=seed, progress=progress)
+    check_choice("precision", precision, PRECISIONS)
+    _check_paths(output, train_dir, val_dir)
     _check_model(model, image_size=image_size, global_pool=recipe.global_pool)
     image_size = image_size or native_image_size(model)
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from fastkd.checks import check_choice, check_number
+from fastkd.checks import check_bool, check_choice, check_number, check_str
 from fastkd.eval.features import extract_features, progress_disable
 
 OPTIMIZERS = ("sgd", "lars")
@@ -102,8 +102,7 @@ class LinearProtocol:
     def __post_init__(self):
         from fastkd.data.recipes import INTERPOLATIONS
 
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"LinearProtocol.name must be a non-empty string, got {self.name!r}")
+        check_str("LinearProtocol.name", self.name)
         check_number("LinearProtocol.epochs", self.epochs, low=1, integer=True)
         check_number("LinearProtocol.batch_size", self.batch_size, low=1, integer=True)
         check_number("LinearProtocol.image_size", self.image_size, low=1, integer=True)
@@ -114,16 +113,13 @@ class LinearProtocol:
         object.__setattr__(self, "lrs", _check_lrs("LinearProtocol.lrs", self.lrs, allow_empty=True))
         check_choice("LinearProtocol.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("LinearProtocol.schedule", self.schedule, SCHEDULES)
-        check_number("LinearProtocol.momentum", self.momentum, low=0.0, finite=True)
-        if self.momentum >= 1:
-            raise ValueError(f"LinearProtocol.momentum must be < 1, got {self.momentum!r}")
+        check_number("LinearProtocol.momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         check_number("LinearProtocol.weight_decay", self.weight_decay, low=0.0, finite=True)
         if self.n_last_blocks is not None:
             check_number("LinearProtocol.n_last_blocks", self.n_last_blocks, low=1, integer=True)
-        for name in ("avgpool_patches", "batchnorm"):
-            value = getattr(self, name)
-            if not isinstance(value, bool) and not (value is None and name == "avgpool_patches"):
-                raise ValueError(f"LinearProtocol.{name} must be true or false, got {value!r}")
+        if self.avgpool_patches is not None:
+            check_bool("LinearProtocol.avgpool_patches", self.avgpool_patches)
+        check_bool("LinearProtocol.batchnorm", self.batchnorm)
         check_choice("LinearProtocol.train_interpolation", self.train_interpolation, INTERPOLATIONS)
         check_choice("LinearProtocol.val_interpolation", self.val_interpolation, INTERPOLATIONS)
 
@@ -234,8 +230,7 @@ def resolve_protocol(protocol: str | LinearProtocol) -> LinearProtocol:
     """A registered protocol by name (see :data:`LINEAR_PROTOCOLS`), or ``protocol`` itself."""
     if isinstance(protocol, LinearProtocol):
         return protocol
-    if not isinstance(protocol, str) or protocol not in LINEAR_PROTOCOLS:
-        raise ValueError(f"protocol must be one of {sorted(LINEAR_PROTOCOLS)} or a LinearProtocol, got {protocol!r}")
+    check_choice("protocol", protocol, sorted(LINEAR_PROTOCOLS))
     return LINEAR_PROTOCOLS[protocol]
 
 
@@ -290,8 +285,7 @@ def protocol_features(model: nn.Module, images: torch.Tensor, *, n_last_blocks: 
     for any other model ``model(images)``. No grad mode or eval mode is set here."""
     vit = _vit_backbone(model)
     if vit is None:
-        if n_last_blocks != 1 or avgpool_patches:
-            raise ValueError("n_last_blocks > 1 and avgpool_patches need a fastkd ViT backbone")
+        assert n_last_blocks == 1 and not avgpool_patches, "n_last_blocks > 1 and avgpool_patches need a ViT"
         output = model(images)
         if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != images.shape[0]:
             raise ValueError(f"model(images) must return features [B, D] for images {tuple(images.shape)}, "
@@ -413,22 +407,13 @@ def _check_run_options(model, *, epochs, batch_size, image_size, resize, backend
                        progress) -> None:
     """ValueError naming the first bad option (``image_size`` / ``resize`` may be None)."""
     from fastkd.data.loader import BACKENDS
-    from fastkd.eval.evaluate import check_eval_options
+    from fastkd.eval.evaluate import check_eval_options, check_run_options
 
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_eval_options(dict(epochs=epochs, batch_size=batch_size, num_workers=num_workers, image_size=image_size,
-                            resize=resize))
+    check_eval_options(dict(epochs=epochs, batch_size=batch_size, image_size=image_size, resize=resize))
     check_choice("backend", backend, BACKENDS)
-    check_number("seed", seed, low=0, integer=True)
-    if not isinstance(progress, bool):
-        raise ValueError(f"progress must be true or false, got {progress!r}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be cpu or cuda, got {device!r}") from None
-    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-        raise ValueError(f"device must be cpu or an available cuda device, got {str(device)!r}")
+    check_run_options(device=device, num_workers=num_workers, seed=seed, progress=progress)
 
 
 def _describe_features(model: nn.Module, n_last_blocks: int, avgpool_patches: bool) -> str:
