@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastkd.checks import check_train_test_features
+from fastkd.checks import check_number, check_train_test_features
 
 MAX_SIMILARITIES = 2**26
 
@@ -46,20 +46,15 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     check_train_test_features(train_features, train_labels, test_features, test_labels)
     if train_features.shape[0] == 0:
         raise ValueError("train_features is empty")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_number("k", k, low=1, integer=True)
+    check_number("temperature", temperature, low=0, low_open=True, finite=True)
     if chunk_size is None:
         chunk_size = max(1, MAX_SIMILARITIES // train_features.shape[0])
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    if train_labels.min() < 0:
-        raise ValueError(f"train_labels must be >= 0, got min {int(train_labels.min())}")
+    check_number("chunk_size", chunk_size, low=1, integer=True)
+    check_number("min(train_labels)", int(train_labels.min()), low=0)
     if num_classes is None:
         num_classes = int(train_labels.max()) + 1
-    elif not isinstance(num_classes, int) or num_classes <= int(train_labels.max()):
-        raise ValueError(f"num_classes must be an int > max(train_labels)={int(train_labels.max())}, got {num_classes!r}")
+    check_number("num_classes (> max(train_labels))", num_classes, low=int(train_labels.max()) + 1, integer=True)
     k = min(k, train_features.shape[0])
     bank = F.normalize(train_features.float(), dim=1)
     test_labels_dev = None if test_labels is None else test_labels.to(bank.device)

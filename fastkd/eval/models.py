@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastkd.checks import check_choice
 from fastkd.durable import read_torch_file
 from fastkd.models.weights import STUDENT_FILE, TEACHER_FILE
 from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager, TrainingState, is_training_checkpoint  # noqa: F401
@@ -61,8 +62,7 @@ def resolve_eval_source(path: str | os.PathLike, *, module: str = "student", wei
     ``teacher.pt`` (``weights="teacher"``) or ``student.pt`` (``module="student"``), else ``path``."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    check_choice("weights", weights, WEIGHTS)
     path = Path(path)
     if weights == "teacher":
         if not path.is_dir():

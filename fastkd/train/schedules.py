@@ -13,14 +13,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from fastkd.checks import check_number, check_positive_ints
+
 
 def scaled_lr(base_lr: float, global_batch_size: int, reference_batch_size: int = 256) -> float:
     """Linear scaling rule (Goyal et al.): ``base_lr * global_batch_size / reference_batch_size``."""
-    if not isinstance(base_lr, (int, float)) or base_lr < 0:
-        raise ValueError(f"base_lr must be a non-negative number, got {base_lr!r}")
-    for name, value in (("global_batch_size", global_batch_size), ("reference_batch_size", reference_batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_number("base_lr", base_lr, low=0)
+    check_positive_ints(global_batch_size=global_batch_size, reference_batch_size=reference_batch_size)
     return float(base_lr) * global_batch_size / reference_batch_size
 
 
@@ -36,20 +35,14 @@ class WarmupCosine:
     end: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.total_steps, int) or self.total_steps <= 0:
-            raise ValueError(f"total_steps must be a positive int, got {self.total_steps!r}")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(
-                f"warmup_steps must be an int in [0, total_steps={self.total_steps}], got {self.warmup_steps!r}"
-            )
+        check_positive_ints(total_steps=self.total_steps)
+        check_number(f"warmup_steps (total_steps={self.total_steps})", self.warmup_steps, low=0,
+                     high=self.total_steps, integer=True)
         for name in ("peak", "start", "end"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            check_number(name, getattr(self, name), finite=True)
 
     def __call__(self, step: int) -> float:
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        check_number("step", step, low=0, integer=True)
         if step < self.warmup_steps:
             return self.start + (self.peak - self.start) * step / self.warmup_steps
         if step >= self.total_steps:

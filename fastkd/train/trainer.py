@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from fastkd.checks import check_positive_ints
 from fastkd.method_protocol import TrainingMethod
 from fastkd.train import distributed
 from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager, TrainingState  # noqa: F401
@@ -139,30 +140,21 @@ class Trainer:
 
     def __init__(self, method: TrainingMethod, loader, *, batch_size: int, train: TrainConfig | None = None,
                  optim: OptimConfig | None = None, env: DistEnv | None = None, config: dict | None = None):
-        if not isinstance(method, TrainingMethod):
-            raise TypeError(f"method must be a fastkd.method_protocol.TrainingMethod (the trainer's method "
-                            f"protocol), got {type(method).__name__}")
+        self.train_cfg, self.optim_cfg, self.config = train or TrainConfig(), optim or OptimConfig(), config or {}
+        for name, value, kind in (("method", method, TrainingMethod), ("train", self.train_cfg, TrainConfig),
+                                  ("optim", self.optim_cfg, OptimConfig), ("config", self.config, dict)):
+            if not isinstance(value, kind):
+                raise TypeError(f"{name} must be a {kind.__module__}.{kind.__qualname__}, got {type(value).__name__}")
         if not (hasattr(loader, "__iter__") and hasattr(loader, "__len__")):
             raise TypeError(f"loader must be an iterable with len(), got {type(loader).__name__}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if config is not None and not isinstance(config, dict):
-            raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
-        self.train_cfg = train or TrainConfig()
-        self.optim_cfg = optim or OptimConfig()
-        if not isinstance(self.train_cfg, TrainConfig) or not isinstance(self.optim_cfg, OptimConfig):
-            raise TypeError("train must be a TrainConfig and optim an OptimConfig")
+        check_positive_ints(batch_size=batch_size)
         self.env = env or distributed.init_distributed(self.train_cfg.device)
-        if self.train_cfg.precision == "fp16" and self.env.device.type != "cuda":
-            raise ValueError("train.precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
         self.teacher_precision = teacher_precision_for(self.train_cfg.teacher_precision, self.train_cfg.precision,
                                                        self.env.device)
-        if self.teacher_precision == "fp16" and self.env.device.type != "cuda":
-            raise ValueError("train.teacher_precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
-        self.method = method
-        self.loader = loader
-        self.batch_size = batch_size
-        self.config = config or {}
+        for name, value in (("precision", self.train_cfg.precision), ("teacher_precision", self.teacher_precision)):
+            if value == "fp16" and self.env.device.type != "cuda":
+                raise ValueError(f"train.{name}='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
+        self.method, self.loader, self.batch_size = method, loader, batch_size
         accum = self.optim_cfg.accum_steps
         self.steps_per_epoch = len(loader) // accum
         if self.steps_per_epoch < 1:
@@ -359,12 +351,11 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self._autocast(), record_function(PHASES["forward"]):
                     outputs = self.model(batch)
-                if not isinstance(outputs, dict) or "loss" not in outputs:
-                    raise TypeError(f"method.forward must return a dict with 'loss', got {type(outputs).__name__}")
-                loss = outputs["loss"]
+                loss = outputs.get("loss") if isinstance(outputs, dict) else None
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
-                    raise ValueError(f"step {step}: outputs['loss'] must be a scalar tensor requiring grad, got "
-                                     f"{type(loss).__name__} {getattr(loss, 'shape', '')}")
+                    raise TypeError(f"step {step}: method.forward must return a dict whose 'loss' is a scalar tensor "
+                                    f"requiring grad, got a {type(outputs).__name__} with loss {type(loss).__name__} "
+                                    f"{tuple(getattr(loss, 'shape', ()))}")
                 parts = _tensor_parts(outputs, loss.device)
                 for name, value in parts.items():
                     parts_sum[name] = parts_sum[name] + value / accum if name in parts_sum else value / accum
