@@ -34,7 +34,7 @@ from fastkd.ops import LOSSES, gather_tokens
 
 MODES = {"mocov3_to_mae": ("mocov3",), "mae_to_mocov3": ("mae",), "both_to_random": ("mocov3", "mae")}
 TARGETS = ("cls", "patch", "both")
-TARGET_NORMS = tuple(n for n in OP_TARGET_NORMS if n != "none")  # the papers normalise the target
+TARGET_NORMS = tuple(n for n in OP_TARGET_NORMS if n != "none")  # a normalised target (chosen here)
 PROJECTORS = ("linear", "mlp")
 STUDENT = BackboneSpec("vit_small_patch16_224")
 TEACHER = BackboneSpec("vit_base_patch16_224")

@@ -3,7 +3,9 @@ and momentum encoders on the *same* view::
 
     loss = InfoNCE(q_1, k_2) + InfoNCE(q_2, k_1) + lambda * sum_v (2 - 2 cos(z_v, sg[z_m,v]))
 
-with ``lambda = residual_weight`` (default 1) and ``z`` where the gap is taken, ``residual_tap``:
+with ``lambda = residual_weight`` (default 1) and ``z`` where the gap is taken, ``residual_tap``
+(the form 2 - 2 cos, BYOL's normalised MSE, and lambda = 1 are chosen here, not confirmed
+against the paper's text):
 the projector outputs (``"projector"``, default) or the encoder (backbone) features
 (``"backbone"``) of the online and momentum encoders. The paper speaks of the gap between the
 encoders' representations without pinning the layer clearly enough to override the default; the
