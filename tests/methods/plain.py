@@ -3,6 +3,8 @@ through timm's modules with materialised attention maps, and the plain-PyTorch l
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastkd.data import Batch
@@ -26,12 +28,42 @@ def write_tiny_teacher(path, seed: int, **overrides) -> str:
     return str(path)
 
 
+def dino_interpolate_pos_encoding(pos_embed: torch.Tensor, h: int, w: int, patch: int, prefix: int = 1) -> torch.Tensor:
+    """DINO's / the official MOKD code's ``interpolate_pos_encoding`` for an ``h x w`` input of
+    ``patch``-pixel patches: ``prefix`` leading entries (CLS) kept, the square patch grid resized by
+    bicubic interpolation with scale factors ``(h // patch + 0.1) / side``; unchanged for its own grid."""
+    head, grid = pos_embed[:, :prefix], pos_embed[:, prefix:]
+    n, dim = grid.shape[1], pos_embed.shape[-1]
+    side = int(math.sqrt(n))
+    h0, w0 = h // patch, w // patch
+    if h0 * w0 == n and h0 == w0:
+        return pos_embed
+    grid = torch.nn.functional.interpolate(grid.reshape(1, side, side, dim).permute(0, 3, 1, 2),
+                                           scale_factor=((h0 + 0.1) / side, (w0 + 0.1) / side), mode="bicubic")
+    return torch.cat([head, grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
+def plain_block(block, h: torch.Tensor, maps: list | None = None) -> torch.Tensor:
+    """A timm / DINO ViT block with an explicit softmax(q k^T * scale) (appended to ``maps``)."""
+    a = block.attn
+    y = block.norm1(h)
+    B, M, _ = y.shape
+    q, k, v = a.qkv(y).reshape(B, M, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+    attn = torch.softmax(q @ k.transpose(-2, -1) * a.scale, dim=-1)
+    if maps is not None:
+        maps.append(attn)
+    h = h + a.proj((attn @ v).transpose(1, 2).reshape(B, M, -1))
+    return h + block.mlp(block.norm2(h))
+
+
 def plain_vit(backbone, x: torch.Tensor, keep: torch.Tensor | None = None):
     """``(tokens after the final norm, [attention map [B, H, M, M] per block])`` computed with
-    timm's submodules and an explicit softmax(q k^T * scale)."""
+    timm's submodules and an explicit softmax(q k^T * scale); on another image size than the ViT's
+    own, DINO's position-embedding interpolation."""
     m = backbone.model
-    patches = m.patch_embed(x)  # [B, N, D]
-    pos = m.pos_embed
+    patches = m.patch_embed(x)  # [B, N, D] (or [B, h, w, D] for a dynamic-size ViT)
+    patches = patches.flatten(1, 2) if patches.dim() == 4 else patches
+    pos = dino_interpolate_pos_encoding(m.pos_embed, x.shape[-2], x.shape[-1], backbone.patch_size)
     cls = m.cls_token.expand(x.shape[0], -1, -1) + pos[:, :1]
     patches = patches + pos[:, 1:]
     if keep is not None:
@@ -39,14 +71,7 @@ def plain_vit(backbone, x: torch.Tensor, keep: torch.Tensor | None = None):
     h = torch.cat([cls, patches], dim=1)
     maps = []
     for block in m.blocks:
-        a = block.attn
-        y = block.norm1(h)
-        B, M, _ = y.shape
-        q, k, v = a.qkv(y).reshape(B, M, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
-        attn = torch.softmax(q @ k.transpose(-2, -1) * a.scale, dim=-1)
-        maps.append(attn)
-        h = h + a.proj((attn @ v).transpose(1, 2).reshape(B, M, -1))
-        h = h + block.mlp(block.norm2(h))
+        h = plain_block(block, h, maps)
     return m.norm(h), maps
 
 

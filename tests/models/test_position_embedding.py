@@ -7,6 +7,7 @@ import torch
 
 from fastkd.models import build_backbone
 from fastkd.models.position_embedding import set_sincos_pos_embed, sincos_2d_pos_embed
+from tests.methods.plain import dino_interpolate_pos_encoding
 
 
 def formula(h: int, w: int, dim: int) -> torch.Tensor:
@@ -46,17 +47,6 @@ def test_mae_table_puts_the_column_first():
     table = sincos_2d_pos_embed(3, 5, 16, columns_first=True)
     rows_first = formula(3, 5, 16)
     torch.testing.assert_close(table, torch.cat([rows_first[:, 2 * quarter:], rows_first[:, :2 * quarter]], 1))
-
-
-def dino_interpolate_pos_encoding(pos_embed: torch.Tensor, h: int, w: int, patch: int) -> torch.Tensor:
-    """DINO's / the official MOKD ViT's ``interpolate_pos_encoding`` for an ``h x w`` image (one CLS)."""
-    class_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    n, dim = patch_pos.shape[1], pos_embed.shape[-1]
-    side = int(math.sqrt(n))
-    h0, w0 = h // patch + 0.1, w // patch + 0.1
-    patch_pos = torch.nn.functional.interpolate(
-        patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2), scale_factor=(h0 / side, w0 / side), mode="bicubic")
-    return torch.cat([class_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
 
 
 @pytest.mark.parametrize("size", [16, 24, 40])
