@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastkd.checks import check_number
+
 from .batch import Batch
 from .dali_pipeline import build_dali_pipeline
 from .datasets import BadImageError, ImageList
@@ -82,8 +84,7 @@ class DaliViewLoader:
         self._needs_reset = False
 
     def set_epoch(self, epoch: int) -> None:
-        if not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        check_number("epoch", epoch, low=0, integer=True)
         self._source.epoch = epoch
 
     def __len__(self) -> int:

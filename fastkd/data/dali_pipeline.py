@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from nvidia.dali import Pipeline, fn, pipeline_def, types
 
+from fastkd.checks import check_number, check_positive_ints
+
 from .recipes import IMAGENET_MEAN, IMAGENET_STD, Recipe, ViewSpec
 
 _INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
@@ -115,11 +117,9 @@ def build_dali_pipeline(
     """
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a Recipe, got {type(recipe).__name__}")
-    if device_id is not None and (not isinstance(device_id, int) or device_id < 0):
-        raise ValueError(f"device_id must be None (CPU-only) or a CUDA device index, got {device_id!r}")
-    for name, value in (("batch_size", batch_size), ("num_threads", num_threads), ("prefetch", prefetch)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if device_id is not None:
+        check_number("device_id (None: CPU-only, else a CUDA device index)", device_id, low=0, integer=True)
+    check_positive_ints(batch_size=batch_size, num_threads=num_threads, prefetch=prefetch)
     decode_device = "cpu" if device_id is None else "mixed"
     fused_crop = sum(spec.scale is not None for spec in recipe.views) == 1 and len(recipe.views) == 1
     @pipeline_def(enable_conditionals=True)

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastkd.checks import check_choice
+
 CLASSES = ("stripes", "thin_stripes", "checker", "dots", "rings", "grid", "crosses", "zigzag", "triangles",
            "bricks", "blobs", "concentric")
 SIZE_RANGE = (64, 96)
@@ -38,8 +40,7 @@ def _blobs(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
 
 def texture(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """Boolean ink mask ``[H, W]`` of texture ``kind`` with a random period, small rotation and phase."""
-    if kind not in CLASSES:
-        raise ValueError(f"kind must be one of {', '.join(CLASSES)}, got {kind!r}")
+    check_choice("kind", kind, CLASSES)
     period = rng.uniform(*PERIOD_RANGE)
     angle = rng.uniform(-MAX_ROTATION, MAX_ROTATION)
     y, x = np.mgrid[0:height, 0:width].astype(np.float64)

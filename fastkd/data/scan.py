@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from fastkd.checks import check_number
 from fastkd.durable import atomic_write_text
 from fastkd.progress import progress_disable
 
@@ -57,8 +58,7 @@ def scan_dataset(
     threads; if ``out`` is given, write the exclusion list there (``path<TAB>reason`` lines).
     ``progress``: a progress bar on stderr when it is a terminal (never when the ``TQDM_DISABLE``
     environment variable is set; see :func:`fastkd.progress.progress_disable`)."""
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    check_number("workers", workers, low=1, integer=True)
     base, files = _dataset_files(Path(root))
     with ThreadPoolExecutor(workers) as pool:
         reasons = list(tqdm(pool.map(check_image, files), total=len(files), desc="scan", unit="img",

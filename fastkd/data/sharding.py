@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from fastkd.checks import check_number
+
 
 def _check_int(name: str, value, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    check_number(name, value, low=minimum, integer=True)
     return value
 
 
@@ -39,8 +40,7 @@ def shard_batches(
     _check_int("num_samples", num_samples, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("world_size", world_size, 1)
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+    check_number(f"rank (world_size={world_size})", rank, low=0, high=world_size - 1, integer=True)
     order = torch.randperm(num_samples, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(num_samples)
     shard = order[rank::world_size].tolist()
     if drop_last:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from fastkd.checks import check_train_test_features
+from fastkd.checks import check_number, check_positive_ints, check_train_test_features
 from fastkd.progress import progress_disable
 
 
@@ -40,16 +40,12 @@ def train_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor,
     """Train a linear classifier on ``train_features`` and report accuracy on ``test_features``
     (``progress``: a bar over the epochs, see :func:`fastkd.progress.progress_disable`)."""
     check_train_test_features(train_features, train_labels, test_features, test_labels)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_positive_ints(epochs=epochs, batch_size=batch_size)
     for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_number(name, value, low=0, finite=True)
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    elif not isinstance(num_classes, int) or num_classes <= int(train_labels.max()):
-        raise ValueError(f"num_classes must be an int > max(train_labels)={int(train_labels.max())}, got {num_classes!r}")
+    check_number("num_classes (> max(train_labels))", num_classes, low=int(train_labels.max()) + 1, integer=True)
     x = train_features.float()
     mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
     x = (x - mean) / std

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fastkd.checks import check_choice
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -35,8 +37,7 @@ class DistEnv:
 
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> ``cuda`` when available else ``cpu``; ``"cpu"`` / ``"cuda"`` as given."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    check_choice("device", device, ("auto", "cpu", "cuda"))
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but no CUDA device is available")
     if device == "auto":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from fastkd.checks import check_positive_ints
 from fastkd.durable import atomic_write_json, atomic_write_text
 
 _FIRST_COLUMNS = ["step", "epoch", "loss", "lr", "weight_decay", "grad_norm", "images_per_s", "skipped_steps"]
@@ -51,8 +52,7 @@ class TrainLogger:
 
     def __init__(self, output_dir: str | os.PathLike, *, total_steps: int, start_step: int = 0,
                  enabled: bool = True, progress: bool = True, tensorboard: bool = True):
-        if not isinstance(total_steps, int) or total_steps <= 0:
-            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        check_positive_ints(total_steps=total_steps)
         self.enabled = enabled
         self.output_dir = Path(output_dir)
         self.csv_path = self.output_dir / "metrics.csv"

@@ -9,11 +9,12 @@ import random
 import numpy as np
 import torch
 
+from fastkd.checks import check_number
+
 
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and all CUDA devices), numpy and Python ``random`` with ``seed``."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_number("seed", seed, low=0, integer=True)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
