@@ -27,7 +27,8 @@ from torch import nn
 from fastkd.checks import check_choice
 from fastkd.durable import read_torch_file
 from fastkd.models.weights import STUDENT_FILE, TEACHER_FILE
-from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager, TrainingState, is_training_checkpoint  # noqa: F401
+from fastkd.train.checkpoint import CHECKPOINT_FORMAT  # noqa: F401 (re-exported: one format, one home)
+from fastkd.train.checkpoint import CheckpointManager, TrainingState, is_training_checkpoint
 
 
 WEIGHTS = ("student", "teacher")  # which backbone of a run directory load_eval_model reads

@@ -48,7 +48,8 @@ from torch.profiler import record_function
 from fastkd.checks import check_positive_ints
 from fastkd.method_protocol import TrainingMethod
 from fastkd.train import distributed
-from fastkd.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager, TrainingState  # noqa: F401
+from fastkd.train.checkpoint import CHECKPOINT_FORMAT  # noqa: F401 (re-exported: one format, one home)
+from fastkd.train.checkpoint import CheckpointManager, TrainingState
 from fastkd.train.compilation import compile_backbones
 from fastkd.train.distributed import DistEnv
 from fastkd.train.logging import TrainLogger
