@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.fastkd-installed
 # The nvcc on PATH may be a wrapper script: point CUDA_HOME at the toolkit's real folder.
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
 export CUDA_HOME
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py csrc/isa_flags.txt fastkd/__init__.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: venv test pytest ctest kernel-check demo bench clean test-compat compat-venv test-oldest
 

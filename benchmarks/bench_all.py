@@ -1,6 +1,8 @@
 """Every benchmark in one run: the fused ops (``bench_ops``: ema, feature_align, gather,
 token_relation), the data pipelines (``bench_data``), end-to-end training per method
-(``bench_e2e``) and the ahead-of-time kernel compile check (``bench_compile``).
+(``bench_e2e``), the ahead-of-time kernel compile check (``bench_compile``), the k-NN evaluation
+(``bench_knn``) and the ViT backbone paths (``bench_backbone``). ``bench_peers`` (fastkd against
+the official MoCo v3 / MOKD code) needs those repositories' files and runs on its own.
 
 Each part writes its own results; this one then writes ``bench_all.json`` (the machine and every
 record of every part, each tagged with ``benchmark``: ``ops`` | ``data`` | ``e2e`` | ``compile``; a
@@ -12,7 +14,7 @@ and memory against size per op) and ``bench_e2e.png`` (throughput and memory per
 Exit status 1 when any part fails or reports a failure.
 
     python -m fastkd.benchmarks.bench_all [--quick] [--device cpu|cuda] [--parts ops e2e ...] [--reuse]
-    fastkd bench all --quick                 # the CI check: well under 3 minutes on 2 CPU cores
+    fastkd bench all --quick                 # every part, small: <= 120 s on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
 from fastkd.reporting import machine_info, markdown_table, results_dir, write_results
 
-PARTS = ("ops", "data", "e2e", "compile")
+PARTS = ("ops", "data", "e2e", "compile", "knn", "backbone")
 
 
 def run_part(part: str, argv: list[str] | None, out_dir: Path | None = None) -> tuple[list[dict], str, int]:
@@ -39,7 +41,8 @@ def run_part(part: str, argv: list[str] | None, out_dir: Path | None = None) -> 
     started, status = time.time(), 0
     if argv is not None:
         module = importlib.import_module(f"fastkd.benchmarks.bench_{part}")
-        status = int(module.main([*argv, "--out", str(out_dir)]) or 0)
+        returned = module.main([*argv, "--out", str(out_dir)])  # an exit status, or (knn) its records
+        status = returned if isinstance(returned, int) else 0
         if not json_path.is_file() or json_path.stat().st_mtime < started:
             raise RuntimeError(f"bench_{part} did not write {json_path}")
     elif not json_path.is_file():

@@ -58,13 +58,13 @@ def _variants(name: str, batch: int, device: str, img_size: int) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = bench_parser(__doc__.splitlines()[0], "ViT-S at 112 px, batch 4, fewer repeats")
+    parser = bench_parser(__doc__.splitlines()[0], "ViT-S at 64 px, batch 2, one repeat")
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--batch", type=int, default=None)
     args = parse_bench_args(parser, argv)
     if args.batch is not None and args.batch <= 0:
         raise ValueError(f"--batch must be positive, got {args.batch}")
-    img_size, batch, repeats, rounds = (112, 4, 2, 2) if args.quick else (224, 8, 3, 2)
+    img_size, batch, repeats, rounds = (64, 2, 1, 2) if args.quick else (224, 8, 3, 2)
     if args.device == "cuda":
         batch = 64
     batch = args.batch or batch

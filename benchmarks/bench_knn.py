@@ -28,7 +28,7 @@ def materialised_knn(train, train_labels, test, *, num_classes, k=20, temperatur
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_bench_args(bench_parser(__doc__, "one small shape, fewer repeats"), argv)
-    shapes = [(50000, 4000, 384)] if args.quick else [(50000, 5000, 384), (50000, 5000, 768), (100000, 5000, 384)]
+    shapes = [(20000, 2000, 384)] if args.quick else [(50000, 5000, 384), (50000, 5000, 768), (100000, 5000, 384)]
     repeats = 2 if args.quick else 3
     num_classes = 1000
     generator = torch.Generator().manual_seed(0)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "materialised_peak_mb", "memory_ratio"]
     markdown = "## Weighted k-NN (k=20, T=0.07): chunked vs materialised similarity matrix\n\n" + markdown_table(
         records, columns)
-    write_results("bench_knn" + ("_quick" if args.quick else ""), records, markdown, out_dir=args.out)
+    write_results("bench_knn", records, markdown, out_dir=args.out)
     print(markdown)
     return records
 

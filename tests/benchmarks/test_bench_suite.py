@@ -52,8 +52,8 @@ def test_suite_writes_every_part_and_the_machine(suite):
         assert payload["machine"][key], key
     records = payload["records"]
     assert not [r for r in records if "error" in r]
-    assert {r["benchmark"] for r in records} == {"ops", "data", "e2e", "compile"}
-    for name in ("bench_all", "bench_ops", "bench_data", "bench_e2e", "bench_compile"):
+    assert {r["benchmark"] for r in records} == {"ops", "data", "e2e", "compile", "knn", "backbone"}
+    for name in ("bench_all", "bench_ops", "bench_data", "bench_e2e", "bench_compile", "bench_knn", "bench_backbone"):
         assert (out / f"{name}.json").is_file() and (out / f"{name}.md").read_text().strip(), name
     for png in ("bench_ops.png", "bench_e2e.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
@@ -126,6 +126,14 @@ def test_e2e_targets_apply_by_model_and_method():
     assert targets_for("vit64", "mokd") == {"vs_plain_compiled": 1.0}
     assert describe_target({"vs_plain_eager": 1.05, "memory_ratio": 0.9}) == \
         "vs_plain_eager >= 1.05x, memory <= 0.9x plain_eager"
+
+
+def test_knn_and_backbone_records_are_timed(suite):
+    records = suite[0]["records"]
+    knn = [r for r in records if r["benchmark"] == "knn"]
+    backbone = {r["variant"]: r for r in records if r["benchmark"] == "backbone"}
+    assert knn and all(r["chunked_ms"] > 0 and r["materialised_ms"] > 0 for r in knn)
+    assert {"timm", "sdpa", "math"} <= backbone.keys() and backbone["timm"]["speedup"] == 1.0
 
 
 def test_compile_records_cover_every_kernel(suite):
