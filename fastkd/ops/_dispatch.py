@@ -139,9 +139,10 @@ class Route:
     op: str
     gpu_limit: Callable[..., str | None] | None = None
 
-    @functools.cached_property
+    @property
     def native(self) -> Callable:
-        """``torch.ops.fastkd.<op>`` (looked up once)."""
+        """``torch.ops.fastkd.<op>`` (a plain lookup, not a ``functools.cached_property``: on Python
+        3.11 that takes an ``RLock``, which ``torch.compile`` cannot trace)."""
         return getattr(torch.ops.fastkd, self.op).default
 
     def fallback_reason(self, device: torch.device, dtypes: tuple[torch.dtype, ...], args: tuple) -> str | None:

@@ -51,3 +51,9 @@ def snapshot(module) -> list[torch.Tensor]:
 
 def unchanged(module, before: list[torch.Tensor]) -> bool:
     return all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, name: str, rtol: float = 1e-5) -> None:
+    """``||actual - expected|| <= rtol * ||expected||`` (a tensor-wide relative error)."""
+    error = (actual - expected).norm() / expected.norm().clamp_min(1e-30)
+    assert error <= rtol, f"{name}: relative error {error.item():.2e} > {rtol:g}"

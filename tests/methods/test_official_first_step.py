@@ -29,16 +29,11 @@ from torch import nn
 
 from fastkd.data.batch import Batch
 from fastkd.methods import build_method
+from tests.methods.common import assert_close_relative
 from tests.methods.plain import dino_interpolate_pos_encoding, plain_block, plain_vit
 
 T0 = 0.04  # the teacher temperature at epoch 0 (warmup_teacher_temp)
 STUDENT_TEMP = 0.1
-
-
-def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, name: str, rtol: float = 1e-5) -> None:
-    """``||actual - expected|| <= rtol * ||expected||`` (a tensor-wide relative error)."""
-    error = (actual - expected).norm() / expected.norm().clamp_min(1e-30)
-    assert error <= rtol, f"{name}: relative error {error.item():.2e} > {rtol:g}"
 
 
 @pytest.fixture(autouse=True)

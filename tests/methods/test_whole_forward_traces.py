@@ -1,0 +1,65 @@
+"""Every method's whole forward (backbones, heads, losses and glue, the fused ops as custom ops)
+traces into one graph: ``torch.compile(fullgraph=True)`` with the ``aot_eager`` backend (dynamo
+capture plus the joint forward / backward graph, what ``inductor`` would compile) gives the
+eager loss and gradients, with no graph break (a break raises under ``fullgraph``)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+
+from fastkd.data.batch import Batch
+from fastkd.methods import build_method
+from tests.methods import test_hybrid_distill, test_moma
+from tests.methods.common import assert_close_relative
+from tests.methods.plain import TINY_MOCO, TINY_VIT, TINY_VIT_ARCH, tiny_batch, write_tiny_teacher
+from tests.methods.test_mokd import CONFIG as TINY_MOKD
+from tests.methods.test_mokd import multicrop
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trace")
+    return {
+        "mocov3": write_tiny_teacher(root / "mocov3.pt", 1, embed_dim=48),
+        "mae": write_tiny_teacher(root / "mae.pt", 2, embed_dim=48),
+        "feature": write_tiny_teacher(root / "feature.pt", 11, embed_dim=48),
+        "relation": write_tiny_teacher(root / "relation.pt", 12, num_heads=4),
+    }
+
+
+def method_and_batch(name: str, teachers: dict) -> tuple[torch.nn.Module, Batch]:
+    if name == "mokd":
+        return build_method("mokd", TINY_MOKD), multicrop()
+    if name == "moma":
+        return build_method("moma", test_moma.config(teachers)), tiny_batch(views=1, B=4)
+    if name == "hybrid_distill":
+        return build_method("hybrid_distill", test_hybrid_distill.config(teachers)), tiny_batch(views=1, B=4)
+    if name == "mae":
+        config = {"backbone": {"arch": TINY_VIT_ARCH, "kwargs": TINY_VIT}, "decoder_dim": 32, "decoder_depth": 1,
+                  "decoder_num_heads": 2}
+        return build_method("mae", config), tiny_batch(views=1, B=4)
+    return build_method(name, TINY_MOCO), tiny_batch(views=2, B=4)
+
+
+@pytest.mark.parametrize("name", ["mocov3", "resmoco", "mae", "moma", "hybrid_distill", "mokd"])
+def test_whole_forward_is_one_graph_with_the_eager_result(name, teachers):
+    torch.manual_seed(0)
+    eager, batch = method_and_batch(name, teachers)
+    eager.train()
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    forward = torch.compile(compiled.forward, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(1)
+    expected = eager(batch)
+    torch.manual_seed(1)  # the same random masks in both
+    out = forward(batch)
+    torch.testing.assert_close(out["loss"], expected["loss"], rtol=1e-5, atol=1e-6)
+    expected["loss"].backward()
+    out["loss"].backward()
+    for (key, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        if p.grad is not None:
+            assert_close_relative(q.grad, p.grad, key)
