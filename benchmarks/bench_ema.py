@@ -74,7 +74,7 @@ def bench_model(label: str, shapes: list[torch.Size], device: str, repeats: int)
         timing = time_fn(fn, repeats=repeats, warmup=2, device=device)
         ms = timing["median_ms"]
         row = {"model": label, "params_M": numel / 1e6, "tensors": len(shapes), "variant": name, **timing,
-               "GB_s": useful / ms / 1e6, "bytes_moved_MB": moved / 1e6, "baseline": baseline}
+               "GB_s": useful / ms / 1e6, "bytes_moved_MiB": moved / 2**20, "baseline": baseline}
         by_name[name] = row
         rows.append(row)
     ceiling = by_name["flat lerp_ (ceiling)"]["GB_s"]
@@ -93,7 +93,7 @@ def main(argv=None) -> list[dict]:
     for label in models:
         records += bench_model(label, parameter_shapes(MODELS[label]), args.device, repeats)
     columns = ["model", "params_M", "tensors", "variant", "median_ms", "p10_ms", "p90_ms", "GB_s", "of_ceiling",
-               "bytes_moved_MB", "speedup_vs_baseline", "baseline"]
+               "bytes_moved_MiB", "speedup_vs_baseline", "baseline"]
     info = build_info()
     header = (f"EMA update, momentum {MOMENTUM}, device {args.device}, torch threads {torch.get_num_threads()}, "
               f"fastkd._C built: {info['built']}, CPU ISA: {info.get('cpu_isa')}\n\n")

@@ -24,7 +24,7 @@ from fastkd.reporting import markdown_table, write_results
 MODELS = {"vit_small": 384, "vit_base": 768, "vit_large": 1024}
 NUM_TOKENS = 197
 COLUMNS = ["model", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup_vs_eager",
-           "speedup_vs_compiled", "peak_mem_MiB", "mem_vs_eager", "MiB_moved"]
+           "speedup_vs_compiled", "peak_MiB", "mem_vs_eager", "bytes_moved_MiB"]
 
 
 def bytes_moved(M: int, D: int, elem: int) -> dict[str, int]:
@@ -72,9 +72,9 @@ def bench_shape(model: str, B: int, D: int, *, device: str, dtype: torch.dtype, 
             **{k: best[name][k] for k in ("median_ms", "p10_ms", "p90_ms")},
             "speedup_vs_eager": best["eager"]["median_ms"] / best[name]["median_ms"],
             "speedup_vs_compiled": best["compiled"]["median_ms"] / best[name]["median_ms"] if compiled else None,
-            "peak_mem_MiB": mem / 2**20,
+            "peak_MiB": mem / 2**20,
             "mem_vs_eager": mem / eager_mem,
-            "MiB_moved": moved[name] / 2**20 if name in moved else None,
+            "bytes_moved_MiB": moved[name] / 2**20 if name in moved else None,
         })
     return rows
 

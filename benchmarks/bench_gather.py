@@ -90,14 +90,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "p10_ms": timings[name]["p10_ms"],
                         "p90_ms": timings[name]["p90_ms"],
                         "speedup_vs_eager": eager_ms / timings[name]["median_ms"],
-                        "peak_mem_MiB": peak_memory_bytes(run, device=args.device) / 2**20,
+                        "peak_MiB": peak_memory_bytes(run, device=args.device) / 2**20,
                         "bytes_moved_MiB": (fused if is_fused else unfused) / 2**20,
                         "device": args.device,
                         "dtype": str(dtype).removeprefix("torch."),
                     }
                 )
     columns = [
-        "model", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup_vs_eager", "peak_mem_MiB",
+        "model", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup_vs_eager", "peak_MiB",
         "bytes_moved_MiB",
     ]  # fmt: skip
     report_results("bench_gather", records, columns, "gather_tokens + pos-embed, forward + backward",

@@ -46,15 +46,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         if not torch.equal(chunked(), materialised()):
             raise RuntimeError(f"chunked and materialised k-NN disagree at {(n_train, n_test, dim)}")
-        row = {"train": n_train, "test": n_test, "dim": dim, "chunk": max(1, MAX_SIMILARITIES // n_train)}
-        for name, fn in (("chunked", chunked), ("materialised", materialised)):
-            row[f"{name}_ms"] = time_fn(fn, repeats=repeats, warmup=1, device=args.device)["median_ms"]
-            row[f"{name}_peak_mb"] = peak_memory_bytes(fn, device=args.device) / 2**20
-        row["speedup"] = row["materialised_ms"] / row["chunked_ms"]
-        row["memory_ratio"] = row["materialised_peak_mb"] / max(row["chunked_peak_mb"], 1e-9)
-        records.append(row)
-    columns = ["train", "test", "dim", "chunk", "chunked_ms", "materialised_ms", "speedup", "chunked_peak_mb",
-               "materialised_peak_mb", "memory_ratio"]
+        shape = {"train": n_train, "test": n_test, "dim": dim, "chunk": max(1, MAX_SIMILARITIES // n_train)}
+        rows = {}
+        for name, fn in (("materialised", materialised), ("chunked", chunked)):
+            timing = time_fn(fn, repeats=repeats, warmup=1, device=args.device)
+            rows[name] = {**shape, "variant": name, "device": args.device, "dtype": "fp32",
+                          **{k: timing[k] for k in ("median_ms", "p10_ms", "p90_ms")},
+                          "peak_MiB": peak_memory_bytes(fn, device=args.device) / 2**20}
+        base = rows["materialised"]
+        for row in rows.values():
+            row["speedup"] = base["median_ms"] / row["median_ms"]
+            row["memory_ratio"] = row["peak_MiB"] / max(base["peak_MiB"], 1e-9)
+        records += rows.values()
+    columns = ["train", "test", "dim", "chunk", "variant", "median_ms", "p10_ms", "p90_ms", "peak_MiB", "speedup",
+               "memory_ratio"]
     markdown = "## Weighted k-NN (k=20, T=0.07): chunked vs materialised similarity matrix\n\n" + markdown_table(
         records, columns)
     write_results("bench_knn", records, markdown, out_dir=args.out)

@@ -48,8 +48,6 @@ from fastkd.reporting import load_average, machine_info, markdown_table, results
 
 OPS = ("ema", "feature_align", "gather", "token_relation")
 PROBLEM_KEYS = ("case", "model", "shape")
-MEMORY_KEYS = ("peak_MiB", "peak_mem_MiB", "extra_mem_MiB")  # MiB, first present wins
-BYTES_KEYS = {"bytes_moved_MiB": 2**20, "gpu_bytes_model_MiB": 2**20, "MiB_moved": 2**20, "bytes_moved_MB": 1e6}  # key -> unit bytes
 FLOPS_KEYS = {"gflops_model": 1e9}
 SUMMARY_COLUMNS = ["op", "problem", "variant", "baseline", "median_ms", "p10_ms", "p90_ms", "baseline_ms", "speedup",
                    "peak_MiB", "memory_ratio", "achieved_GBps", "bandwidth_vs_peak", "achieved_TFLOPs",
@@ -93,7 +91,7 @@ def annotate(op: str, records: list[dict], device: str, peak: dict | None) -> li
     out = []
     for record in records:
         problem = " ".join(str(record[k]) for k in PROBLEM_KEYS if k in record)
-        out.append({**record, "op": op, "problem": problem, "peak_MiB": _first(record, MEMORY_KEYS)[1]})
+        out.append({**record, "op": op, "problem": problem, "peak_MiB": record.get("peak_MiB")})
     by_problem: dict[str, dict[str, dict]] = {}
     for record in out:
         by_problem.setdefault(record["problem"], {})[record["variant"]] = record
@@ -110,13 +108,13 @@ def annotate(op: str, records: list[dict], device: str, peak: dict | None) -> li
         record["memory_ratio"] = (record["peak_MiB"] / base["peak_MiB"]
                                   if record["peak_MiB"] is not None and base["peak_MiB"] else None)
         seconds = record["median_ms"] / 1e3
-        bytes_key, bytes_value = _first(record, BYTES_KEYS)
+        bytes_value = record.get("bytes_moved_MiB")
         flops_key, flops_value = _first(record, FLOPS_KEYS)
         if device == "cpu":
             record.update(achieved_GBps=NEEDS_GPU, bandwidth_vs_peak=NEEDS_GPU, achieved_TFLOPs=NEEDS_GPU,
                           flops_vs_peak=NEEDS_GPU)
             continue
-        gbps = None if bytes_key is None else bytes_value * BYTES_KEYS[bytes_key] / seconds / 1e9
+        gbps = None if bytes_value is None else bytes_value * 2**20 / seconds / 1e9
         tflops = None if flops_key is None else flops_value * FLOPS_KEYS[flops_key] / seconds / 1e12
         record.update(
             achieved_GBps=gbps, bandwidth_vs_peak=fraction_of_peak(gbps, peak and peak["peak_bandwidth_GBps"], device),

@@ -117,17 +117,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "p10_ms": timings[name]["p10_ms"],
                     "p90_ms": timings[name]["p90_ms"],
                     "time_vs_ref": timings[name]["median_ms"] / ref_ms,
-                    "extra_mem_MiB": memory[name] / 2**20,
+                    "peak_MiB": memory[name] / 2**20,
                     "mem_vs_ref": memory[name] / ref_mem,
-                    "gpu_bytes_model_MiB": (fused_bytes if is_fused else unfused_bytes) / 2**20,
+                    "bytes_moved_MiB": (fused_bytes if is_fused else unfused_bytes) / 2**20,
                     "gflops_model": (fused_flops if is_fused else unfused_flops) / 1e9,
                     "device": args.device,
                     "dtype": str(dtype).removeprefix("torch."),
                 }
             )
     columns = [
-        "case", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "time_vs_ref", "extra_mem_MiB", "mem_vs_ref",
-        "gpu_bytes_model_MiB", "gflops_model",
+        "case", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "time_vs_ref", "peak_MiB", "mem_vs_ref",
+        "bytes_moved_MiB", "gflops_model",
     ]  # fmt: skip
     report_results("bench_token_relation", records, columns, "token_relation, forward + backward",
                    device=args.device, out_dir=args.out, plot=_plot)
@@ -140,7 +140,7 @@ def _plot(records: list[dict], path: Path) -> None:
 
     cases = list(dict.fromkeys(r["case"] for r in records))
     panels = []
-    for key, ylabel in (("median_ms", "forward + backward, median ms"), ("extra_mem_MiB", "peak extra memory, MiB")):
+    for key, ylabel in (("median_ms", "forward + backward, median ms"), ("peak_MiB", "peak extra memory, MiB")):
         values = {}
         for r in records:
             values.setdefault(r["variant"], {})[r["case"]] = r[key]

@@ -5,6 +5,11 @@ Timing: median and spread (p10/p90) of wall-clock repeats after warm-up; on CUDA
 running sum of every allocation and free the PyTorch profiler records (``profile_memory=True``),
 i.e. the peak of memory allocated by the measured call beyond what was live before it.
 
+Records: every benchmark's timed rows share one schema: ``variant``, ``median_ms``, ``p10_ms``,
+``p90_ms``, ``peak_MiB`` (the measured call's extra memory), ``bytes_moved_MiB`` (where a model of
+the bytes a kernel moves exists), ``device`` and ``dtype``, beside the benchmark's own problem keys
+(shape, model, method) and ratios.
+
 Reporting (machine info, Markdown tables, result files) lives in :mod:`fastkd.reporting` and the
 shared command line in :mod:`fastkd.benchmarks.arguments`.
 """
