@@ -172,3 +172,33 @@ class Route:
             return (kernel or self.native)(*args)
         with implementation_context(device, set_device=False):
             return reference(*args)
+
+
+# ----------------------------------------------------------------------------- argument checks of the ops
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_tensors(shape: str | None = None, dims: int | None = None, **named: Any) -> None:
+    """Each of ``named`` is a float16 / bfloat16 / float32 / float64 ``torch.Tensor`` (``TypeError``
+    otherwise) with ``dims`` dimensions (``ValueError`` naming ``shape`` otherwise), all on one device."""
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if dims is not None and x.dim() != dims:
+            raise ValueError(f"{name} must be {shape}, got shape {tuple(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if len({x.device for x in named.values()}) > 1:
+        raise ValueError(f"{', '.join(named)} must be on one device, got {[str(x.device) for x in named.values()]}")
+
+
+def check_positive_numbers(*, minimum_zero: tuple[str, ...] = (), **values: Any) -> None:
+    """``ValueError`` naming the first of ``values`` that is not a number > 0 (>= 0 for the names in
+    ``minimum_zero``); a value ``None`` passes."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        low_ok = name in minimum_zero
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if low_ok else value > 0):
+            raise ValueError(f"{name} must be a number {'>=' if low_ok else '>'} 0, got {value!r}")

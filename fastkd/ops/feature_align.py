@@ -28,50 +28,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastkd.ops._dispatch import Route, register
+from fastkd.checks import check_bool, check_choice
+from fastkd.ops._dispatch import Route, check_float_tensors, check_positive_numbers, register
 
 __all__ = ["feature_align", "feature_align_reference", "TARGET_NORMS", "LOSSES"]
 
 TARGET_NORMS = ("layernorm", "l2", "none")
 LOSSES = ("smooth_l1", "mse", "cosine")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_options(target_norm, student_norm, loss, beta, eps) -> None:
     """Raise ValueError / TypeError naming the first invalid option of :func:`feature_align`."""
-    if target_norm not in TARGET_NORMS:
-        raise ValueError(f"target_norm must be one of {TARGET_NORMS}, got {target_norm!r}")
-    if not isinstance(student_norm, bool):
-        raise TypeError(f"student_norm must be a bool, got {type(student_norm).__name__}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
-        raise ValueError(f"beta must be a number >= 0, got {beta!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+    check_choice("target_norm", target_norm, TARGET_NORMS)
+    check_bool("student_norm", student_norm)
+    check_choice("loss", loss, LOSSES)
+    check_positive_numbers(beta=beta, eps=eps, minimum_zero=("beta",))
 
 
 def _validate(student, teacher, mask, target_norm, student_norm, loss, beta, eps) -> None:
-    for name, value in (("student", student), ("teacher", teacher)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
-    if student.dim() < 1 or student.shape[-1] < 1:
-        raise ValueError(f"student must have shape [..., D] with D >= 1, got {tuple(student.shape)}")
-    if teacher.shape != student.shape:
-        raise ValueError(f"teacher must have the student's shape {tuple(student.shape)}, got {tuple(teacher.shape)}")
-    if teacher.device != student.device:
-        raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
+    check_float_tensors(student=student, teacher=teacher)
+    shape = tuple(student.shape[:-1])
+    problems = [
+        (ValueError, student.dim() < 1 or student.shape[-1] < 1,
+         f"student must have shape [..., D] with D >= 1, got {tuple(student.shape)}"),
+        (ValueError, teacher.shape != student.shape,
+         f"teacher must have the student's shape {tuple(student.shape)}, got {tuple(teacher.shape)}"),
+    ]
     if mask is not None:
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-            raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
-        if mask.shape != student.shape[:-1]:
-            raise ValueError(f"mask must have shape {tuple(student.shape[:-1])} (student.shape[:-1]), got {tuple(mask.shape)}")
-        if mask.device != student.device:
-            raise ValueError(f"mask is on {mask.device} but student is on {student.device}")
+        is_tensor = isinstance(mask, Tensor)
+        problems += [
+            (TypeError, not is_tensor, f"mask must be a torch.Tensor or None, got {type(mask).__name__}"),
+            (TypeError, is_tensor and mask.dtype != torch.bool and not mask.dtype.is_floating_point,
+             f"mask must be bool or floating point, got {getattr(mask, 'dtype', None)}"),
+            (ValueError, is_tensor and mask.shape != shape,
+             f"mask must have shape {shape} (student.shape[:-1]), got {tuple(getattr(mask, 'shape', ()))}"),
+            (ValueError, is_tensor and mask.device != student.device,
+             f"mask is on {getattr(mask, 'device', None)} but student is on {student.device}"),
+        ]
+    for error, failed, message in problems:
+        if failed:
+            raise error(message)
     check_options(target_norm, student_norm, loss, beta, eps)
 
 

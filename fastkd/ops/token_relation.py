@@ -35,14 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastkd.ops._dispatch import Route, register
+from fastkd.checks import check_choice
+from fastkd.ops._dispatch import Route, check_float_tensors, check_positive_numbers, register
 
 __all__ = ["token_relation", "token_relation_reference", "DIRECTIONS", "HEAD_MAPS", "CPU_TILE_ELEMENTS"]
 
 DIRECTIONS = ("teacher_to_student", "student_to_teacher")
 HEAD_MAPS = (None, "mean")
 CPU_TILE_ELEMENTS = 1 << 17
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _stats_dtype(*tensors: Tensor) -> torch.dtype:
@@ -93,52 +93,40 @@ _ROUTE = Route("token_relation")
 
 def check_options(temperature, direction, head_map) -> None:
     """Raise ValueError naming the first invalid option of :func:`token_relation`."""
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    if head_map not in HEAD_MAPS:
-        raise ValueError(f"head_map must be None or 'mean', got {head_map!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    check_choice("direction", direction, DIRECTIONS)
+    check_choice("head_map", head_map, HEAD_MAPS)
+    check_positive_numbers(temperature=temperature)
 
 
-def _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map) -> int:
+def _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map, scale_s, scale_t) -> int:
     """Validate; returns the number ``G`` of teacher heads per student head."""
-    named = {"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t}
-    for name, x in named.items():
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be [B, H, N, d], got shape {tuple(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if q_s.shape != k_s.shape or q_s.dtype != k_s.dtype:
-        raise ValueError(f"q_s and k_s must match, got {tuple(q_s.shape)} {q_s.dtype} and {tuple(k_s.shape)} {k_s.dtype}")
-    if q_t.shape != k_t.shape or q_t.dtype != k_t.dtype:
-        raise ValueError(f"q_t and k_t must match, got {tuple(q_t.shape)} {q_t.dtype} and {tuple(k_t.shape)} {k_t.dtype}")
-    if q_s.shape[0] != q_t.shape[0] or q_s.shape[2] != q_t.shape[2]:
-        raise ValueError(
-            f"student and teacher must have the same batch and tokens [B, *, N, *], got q_s {tuple(q_s.shape)} "
-            f"and q_t {tuple(q_t.shape)}"
-        )
-    if min(q_s.shape) == 0 or min(q_t.shape) == 0:
-        raise ValueError(f"inputs must be non-empty, got q_s {tuple(q_s.shape)} and q_t {tuple(q_t.shape)}")
-    if len({x.device for x in named.values()}) != 1:
-        raise ValueError(f"all inputs must be on one device, got {[str(x.device) for x in named.values()]}")
+    check_float_tensors("[B, H, N, d]", 4, q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t)
     check_options(temperature, direction, head_map)
+    check_positive_numbers(scale_s=scale_s, scale_t=scale_t)
     H_s, H_t = q_s.shape[1], q_t.shape[1]
-    if head_map is None and H_t != H_s:
-        raise ValueError(f"teacher and student head counts differ ({H_t} vs {H_s}): pass head_map='mean' or matching heads")
-    if head_map == "mean" and H_t % H_s != 0:
-        raise ValueError(f"head_map='mean' needs teacher heads to be a multiple of student heads, got {H_t} and {H_s}")
+    problems = (
+        (q_s.shape != k_s.shape or q_s.dtype != k_s.dtype,
+         f"q_s and k_s must match, got {tuple(q_s.shape)} {q_s.dtype} and {tuple(k_s.shape)} {k_s.dtype}"),
+        (q_t.shape != k_t.shape or q_t.dtype != k_t.dtype,
+         f"q_t and k_t must match, got {tuple(q_t.shape)} {q_t.dtype} and {tuple(k_t.shape)} {k_t.dtype}"),
+        (q_s.shape[0] != q_t.shape[0] or q_s.shape[2] != q_t.shape[2],
+         f"student and teacher must have the same batch and tokens [B, *, N, *], got q_s {tuple(q_s.shape)} "
+         f"and q_t {tuple(q_t.shape)}"),
+        (min(q_s.shape) == 0 or min(q_t.shape) == 0,
+         f"inputs must be non-empty, got q_s {tuple(q_s.shape)} and q_t {tuple(q_t.shape)}"),
+        (head_map is None and H_t != H_s,
+         f"teacher and student head counts differ ({H_t} vs {H_s}): pass head_map='mean' or matching heads"),
+        (head_map == "mean" and H_t % H_s != 0,
+         f"head_map='mean' needs teacher heads to be a multiple of student heads, got {H_t} and {H_s}"),
+    )
+    for failed, message in problems:
+        if failed:
+            raise ValueError(message)
     return H_t // H_s
 
 
-def _logit_scale(scale: float | None, head_dim: int, temperature: float, name: str) -> float:
-    if scale is None:
-        scale = head_dim**-0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"{name} must be a positive number or None, got {scale!r}")
-    return float(scale) / float(temperature)
+def _logit_scale(scale: float | None, head_dim: int, temperature: float) -> float:
+    return float(head_dim**-0.5 if scale is None else scale) / float(temperature)
 
 
 def token_relation(
@@ -155,9 +143,9 @@ def token_relation(
 ) -> Tensor:
     """Per-row KL between teacher and student token relations, ``[B, H_s, N]`` (see the module
     docstring for the math and the routing)."""
-    G = _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map)
-    c_s = _logit_scale(scale_s, q_s.shape[-1], temperature, "scale_s")
-    c_t = _logit_scale(scale_t, q_t.shape[-1], temperature, "scale_t")
+    G = _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map, scale_s, scale_t)
+    c_s = _logit_scale(scale_s, q_s.shape[-1], temperature)
+    c_t = _logit_scale(scale_t, q_t.shape[-1], temperature)
     args = (q_s, k_s, q_t.detach(), k_t.detach(), c_s, c_t, direction == "teacher_to_student", G)
     return _ROUTE.run(_reference, args, q_s.device, (q_s.dtype, q_t.dtype), _kernel)
 
@@ -181,9 +169,9 @@ def token_relation_reference(
 ) -> Tensor:
     """Materialised oracle: full ``[B, H, N, N]`` maps, ``log_softmax`` and ``F.kl_div`` (the test
     oracle, the benchmark baseline and the op's fallback)."""
-    G = _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map)
-    c_s = _logit_scale(scale_s, q_s.shape[-1], temperature, "scale_s")
-    c_t = _logit_scale(scale_t, q_t.shape[-1], temperature, "scale_t")
+    G = _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map, scale_s, scale_t)
+    c_s = _logit_scale(scale_s, q_s.shape[-1], temperature)
+    c_t = _logit_scale(scale_t, q_t.shape[-1], temperature)
     return _reference(q_s, k_s, q_t, k_t, c_s, c_t, direction == "teacher_to_student", G)
 
 
