@@ -19,7 +19,7 @@ pass, which is also what it runs inside ``reference_ops()``.
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -37,40 +37,50 @@ class EMAGap(NamedTuple):
     student_sq: float
 
 
-def _check_args(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], momentum: float) -> None:
+def _problems(teacher, student, momentum, skip) -> Iterator[tuple[type[Exception], str]]:
+    """The first problem of the arguments of :func:`ema_` / :func:`ema_unless_` (``skip``: ``...`` for ema_)."""
     for name, tensors in (("teacher", teacher), ("student", student)):
         if not isinstance(tensors, (list, tuple)):
-            raise TypeError(f"ema_: {name} must be a list or tuple of tensors, got {type(tensors).__name__}")
+            yield TypeError, f"ema_: {name} must be a list or tuple of tensors, got {type(tensors).__name__}"
         for i, x in enumerate(tensors):
             if not isinstance(x, torch.Tensor):
-                raise TypeError(f"ema_: {name}[{i}] must be a Tensor, got {type(x).__name__}")
+                yield TypeError, f"ema_: {name}[{i}] must be a Tensor, got {type(x).__name__}"
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"ema_: momentum must be a real number, got {type(momentum).__name__}")
+        yield TypeError, f"ema_: momentum must be a real number, got {type(momentum).__name__}"
     if not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"ema_: momentum must be in [0, 1], got {momentum}")
+        yield ValueError, f"ema_: momentum must be in [0, 1], got {momentum}"
     if len(teacher) != len(student):
-        raise ValueError(
+        yield ValueError, (
             f"ema_: teacher and student lists differ in length: {len(teacher)} teacher tensors vs "
             f"{len(student)} student tensors"
         )
     for i, (t, s) in enumerate(zip(teacher, student)):
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"ema_: teacher[{i}] must be float32, float64, bfloat16 or float16, got {t.dtype}")
+            yield TypeError, f"ema_: teacher[{i}] must be float32, float64, bfloat16 or float16, got {t.dtype}"
         if s.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"ema_: student[{i}] must be float32, float64, bfloat16 or float16, got {s.dtype}")
+            yield TypeError, f"ema_: student[{i}] must be float32, float64, bfloat16 or float16, got {s.dtype}"
         if t.shape != s.shape:
-            raise ValueError(
+            yield ValueError, (
                 f"ema_: shape mismatch at index {i}: teacher {list(t.shape)} vs student {list(s.shape)}"
             )
         if not t.is_contiguous():
-            raise ValueError(
+            yield ValueError, (
                 f"ema_: teacher[{i}] must be contiguous, got shape {list(t.shape)} with strides {t.stride()}"
             )
         if t.device != teacher[0].device or s.device != teacher[0].device:
-            raise ValueError(
+            yield ValueError, (
                 f"ema_: all tensors must be on one device; teacher[0] is on {teacher[0].device} but at "
                 f"index {i} teacher is on {t.device} and student on {s.device}"
             )
+    if skip is not ... and (not isinstance(skip, torch.Tensor) or skip.numel() != 1):
+        yield TypeError, (f"ema_unless_: skip must be a one-element tensor (0 or 1), got {type(skip).__name__} "
+                          f"{tuple(getattr(skip, 'shape', ()))}")
+
+
+def _check_args(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], momentum: float,
+                skip: object = ...) -> None:
+    for error, message in _problems(teacher, student, momentum, skip):
+        raise error(message)
 
 
 def _gap_pass(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -136,10 +146,7 @@ def ema_unless_(
     fused kernel of :func:`ema_` does not take). With ``return_gap`` the gap of :func:`ema_`
     (measured before the update, float64) comes back as a ``[4]`` tensor on the device
     (``diff_sq, dot, teacher_sq, student_sq``), not as floats."""
-    _check_args(teacher, student, momentum)
-    if not isinstance(skip, torch.Tensor) or skip.numel() != 1:
-        raise TypeError(f"ema_unless_: skip must be a one-element tensor (0 or 1), got {type(skip).__name__} "
-                        f"{tuple(getattr(skip, 'shape', ()))}")
+    _check_args(teacher, student, momentum, skip)
     if not teacher:
         return torch.zeros(4, dtype=torch.float64, device=skip.device) if return_gap else None
     with torch.no_grad():

@@ -24,6 +24,7 @@ the environment variable ``FASTKD_DEBUG=1`` is set (the check synchronises the d
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -118,37 +119,42 @@ _ROUTE = Route("gather_tokens")
 # ----------------------------------------------------------------------------- public API
 
 
-def _validate(x: object, keep: object, pos_embed: object) -> None:
+def _problems(x: object, keep: object, pos_embed: object) -> Iterator[tuple[type[Exception], str]]:
+    """The first problem of the arguments of :func:`gather_tokens`, if any."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+        yield TypeError, f"x must be a Tensor, got {type(x).__name__}"
     if not isinstance(keep, Tensor):
-        raise TypeError(f"keep must be a Tensor, got {type(keep).__name__}")
+        yield TypeError, f"keep must be a Tensor, got {type(keep).__name__}"
     if x.dim() != 3:
-        raise ValueError(f"x must have shape [B, N, D], got {tuple(x.shape)}")
+        yield ValueError, f"x must have shape [B, N, D], got {tuple(x.shape)}"
     if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        yield TypeError, f"x must be a floating-point tensor, got {x.dtype}"
     if keep.dtype != torch.int64:
-        raise TypeError(f"keep must be an int64 tensor, got {keep.dtype}")
+        yield TypeError, f"keep must be an int64 tensor, got {keep.dtype}"
     B, N, D = x.shape
     if keep.dim() != 2 or keep.shape[0] != B:
-        raise ValueError(f"keep must have shape [B, K] with B = x.shape[0] = {B}, got {tuple(keep.shape)}")
+        yield ValueError, f"keep must have shape [B, K] with B = x.shape[0] = {B}, got {tuple(keep.shape)}"
     if keep.shape[1] > N:
-        raise ValueError(f"keep selects K = {keep.shape[1]} tokens but x has only N = {N} (x shape {tuple(x.shape)})")
+        yield ValueError, f"keep selects K = {keep.shape[1]} tokens but x has only N = {N} (x shape {tuple(x.shape)})"
     if keep.device != x.device:
-        raise ValueError(f"keep is on {keep.device} but x is on {x.device}")
+        yield ValueError, f"keep is on {keep.device} but x is on {x.device}"
     if pos_embed is None:
         return
     if not isinstance(pos_embed, Tensor):
-        raise TypeError(f"pos_embed must be a Tensor or None, got {type(pos_embed).__name__}")
+        yield TypeError, f"pos_embed must be a Tensor or None, got {type(pos_embed).__name__}"
     if tuple(pos_embed.shape) not in ((N, D), (1, N, D)):
-        raise ValueError(
+        yield ValueError, (
             f"pos_embed must have shape [N, D] or [1, N, D] = {[N, D]} (from x shape {tuple(x.shape)}), "
             f"got {tuple(pos_embed.shape)}"
         )
     if not pos_embed.is_floating_point():
-        raise TypeError(f"pos_embed must be a floating-point tensor, got {pos_embed.dtype}")
+        yield TypeError, f"pos_embed must be a floating-point tensor, got {pos_embed.dtype}"
     if pos_embed.device != x.device:
-        raise ValueError(f"pos_embed is on {pos_embed.device} but x is on {x.device}")
+        yield ValueError, f"pos_embed is on {pos_embed.device} but x is on {x.device}"
+
+def _validate(x: object, keep: object, pos_embed: object) -> None:
+    for error, message in _problems(x, keep, pos_embed):
+        raise error(message)
 
 
 def gather_tokens(x: Tensor, keep: Tensor, pos_embed: Tensor | None = None) -> Tensor:
