@@ -54,6 +54,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import _convert_openai_clip
 
+from fastkd.checks import check_bool, check_choice
 from fastkd.durable import UnreadableFileError, atomic_torch_save, read_torch_file
 from fastkd.models.backbone import Backbone, build_backbone
 
@@ -81,9 +82,13 @@ class CheckpointError(ValueError):
     """A file that is not a readable checkpoint, or one that does not match the requested backbone."""
 
 
-def _read(path: str | os.PathLike) -> dict:
+def _check_path(path: object) -> None:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+
+
+def _read(path: str | os.PathLike) -> dict:
+    _check_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
     if _is_torchscript(path):
@@ -157,18 +162,6 @@ def detect_format(obj: dict) -> str:
 def _backbone_state(obj: dict, fmt: str, encoder: str, model: torch.nn.Module) -> dict:
     """The backbone's tensors under timm names (classifier / projector keys still included) of a
     checkpoint of format ``fmt`` (layouts in the module doc) for ``model``."""
-    if fmt == FASTKD_FORMAT:
-        if not _is_state_dict(obj.get("state_dict")):
-            raise CheckpointError("fastkd checkpoint without a 'state_dict' of tensors")
-        return dict(obj["state_dict"])
-    if fmt == "mocov3":
-        if not _is_state_dict(obj.get("state_dict")):
-            raise CheckpointError("mocov3 checkpoint without a 'state_dict' of tensors")
-        prefix = f"{encoder}_encoder."
-        state = {k[len(prefix):]: v for k, v in _strip_module(obj["state_dict"]).items() if k.startswith(prefix)}
-        if not state:
-            raise CheckpointError(f"mocov3 checkpoint has no 'module.{prefix}*' keys")
-        return state
     if fmt == "clip":
         tower = _clip_tower(obj)
         if tower is None:
@@ -176,14 +169,19 @@ def _backbone_state(obj: dict, fmt: str, encoder: str, model: torch.nn.Module) -
                                   f"{[_CLIP_PREFIX + k for k in _CLIP_TOWER_KEYS]}")
         state, prefix = tower
         return _convert_openai_clip(state, model, prefix=prefix)
+    key = {FASTKD_FORMAT: "state_dict", "mocov3": "state_dict", "mae": "model", "deit": "model"}.get(fmt)
+    source = obj if key is None else obj.get(key)
+    if not _is_state_dict(source):
+        raise CheckpointError("timm checkpoint must be a flat dict of tensors" if key is None else
+                              f"{fmt} checkpoint without a {key!r} {'dict ' if key == 'model' else ''}of tensors")
     if fmt in ("mae", "deit"):
-        if not _is_state_dict(obj.get("model")):
-            raise CheckpointError(f"{fmt} checkpoint without a 'model' dict of tensors")
-        return {k: v for k, v in obj["model"].items() if not k.startswith(_MAE_DECODER_PREFIXES)}
-    if not _is_state_dict(obj):
-        raise CheckpointError("timm checkpoint must be a flat dict of tensors")
-    return dict(obj)
-
+        return {k: v for k, v in source.items() if not k.startswith(_MAE_DECODER_PREFIXES)}
+    if fmt == "mocov3":
+        prefix = f"{encoder}_encoder."
+        source = {k[len(prefix):]: v for k, v in _strip_module(source).items() if k.startswith(prefix)}
+        if not source:
+            raise CheckpointError(f"mocov3 checkpoint has no 'module.{prefix}*' keys")
+    return dict(source)
 
 def _drop_classifier(state: dict, model: torch.nn.Module) -> dict:
     """Drop the classifiers / MoCo projector (``head.*`` or ``fc.*``, a distilled DeiT's
@@ -291,12 +289,9 @@ def load_teacher(
     Returns the backbone frozen (``requires_grad=False``, eval mode) unless ``frozen=False``.
     Raises :class:`CheckpointError` for unreadable files and for any key that does not match.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if encoder not in ENCODERS:
-        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
-    if not isinstance(frozen, bool):
-        raise TypeError(f"frozen must be a bool, got {type(frozen).__name__}")
+    check_choice("format", format, FORMATS)
+    check_choice("encoder", encoder, ENCODERS)
+    check_bool("frozen", frozen)
     obj = _read(path)
     detected = detect_format(obj)
     if format != "auto" and format != detected and (format, detected) not in _SAME_LAYOUT:
@@ -344,8 +339,7 @@ def save_backbone(backbone: Backbone, path: str | os.PathLike) -> Path:
     temporary file + fsync + rename); returns the path."""
     if not isinstance(backbone, Backbone):
         raise TypeError(f"backbone must be a fastkd Backbone, got {type(backbone).__name__}")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    _check_path(path)
     _check_serialisable(backbone.timm_kwargs, "backbone.timm_kwargs")
     payload = {
         "format": FASTKD_FORMAT,
