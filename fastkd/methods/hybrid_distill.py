@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastkd.checks import check_bool, check_choice, check_number, check_str
+from fastkd.checks import check_bool, check_choice, check_number, check_positive_ints, check_str
 from fastkd.data.batch import Batch
 from fastkd.losses import FeatureAlignLoss, TokenRelationLoss
 from fastkd.methods.backbones import BackboneSpec, backbone_spec, backbone_specs
@@ -57,9 +57,7 @@ def intermediate_layer_pairs(student_depth: int, teacher_depth: int,
     paired with the teacher block at the same relative depth, ``t = ceil((s + 1) * D_t / D_s) - 1``.
     Duplicates (shallow students) are dropped. The paper distils relations "at intermediate layers"
     without a list we could confirm: these three blocks are chosen here."""
-    for name, depth in (("student_depth", student_depth), ("teacher_depth", teacher_depth)):
-        if not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {depth!r}")
+    check_positive_ints(student_depth=student_depth, teacher_depth=teacher_depth)
     pairs = []
     for fraction in fractions:
         s = max(0, math.ceil(fraction * student_depth) - 1)
@@ -75,13 +73,14 @@ def cls_attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_pre
         softmax(q[:, :, 0:1] @ k.transpose(-2, -1) * scale, dim=-1)[:, :, 0, P:].mean(dim=1)
 
     Only the CLS row is computed (``[B, H, P+N]``), never the ``(P+N) x (P+N)`` map."""
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be [B, H, N, d], got {tuple(getattr(t, 'shape', ()))}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
-    if not isinstance(num_prefix_tokens, int) or not 1 <= num_prefix_tokens < q.shape[2]:
-        raise ValueError(f"num_prefix_tokens must be in [1, {q.shape[2]}), got {num_prefix_tokens!r}")
+    problem = next((f"{name} must be [B, H, N, d], got {tuple(getattr(t, 'shape', ()))}" for name, t in
+                    (("q", q), ("k", k)) if not isinstance(t, torch.Tensor) or t.dim() != 4), None)
+    if problem is None and q.shape != k.shape:
+        problem = f"q and k must have one shape, got {tuple(q.shape)} and {tuple(k.shape)}"
+    if problem is None and (not isinstance(num_prefix_tokens, int) or not 1 <= num_prefix_tokens < q.shape[2]):
+        problem = f"num_prefix_tokens must be in [1, {q.shape[2]}), got {num_prefix_tokens!r}"
+    if problem is not None:
+        raise ValueError(problem)
     logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), k.float()) * scale
     return logits.softmax(dim=-1)[:, :, num_prefix_tokens:].mean(dim=1)
 
@@ -116,12 +115,10 @@ def _check_keep_schedule(schedule) -> tuple[tuple[float, float], ...]:
         check_number("keep_schedule start_fraction", stage[0], low=0.0, high=1.0)
         check_number("keep_schedule keep_ratio", stage[1], low=0.0, high=1.0, low_open=True)
         stages.append((float(stage[0]), float(stage[1])))
-    if not stages or stages[0][0] != 0.0:
-        raise ValueError(f"keep_schedule must start with a stage at fraction 0.0, got {schedule!r}")
-    for (s0, r0), (s1, r1) in zip(stages, stages[1:]):
-        if s1 <= s0 or r1 > r0:
-            raise ValueError(f"keep_schedule needs increasing start fractions and non-increasing keep ratios, "
-                             f"got {schedule!r}")
+    if (not stages or stages[0][0] != 0.0
+            or any(s1 <= s0 or r1 > r0 for (s0, r0), (s1, r1) in zip(stages, stages[1:]))):
+        raise ValueError(f"keep_schedule must start with a stage at fraction 0.0, with increasing start fractions "
+                         f"and non-increasing keep ratios, got {schedule!r}")
     return tuple(stages)
 
 
