@@ -203,10 +203,11 @@ def _finetune(args: argparse.Namespace) -> int:
 def benchmarks() -> dict:
     """``X`` -> the ``main(argv)`` of ``fastkd.benchmarks.bench_X``, every benchmark of ``fastkd bench``."""
     from fastkd.benchmarks import (bench_all, bench_backbone, bench_compile, bench_data, bench_e2e, bench_ema,
-                                   bench_feature_align, bench_gather, bench_knn, bench_ops, bench_token_relation)
+                                   bench_feature_align, bench_gather, bench_knn, bench_ops, bench_peers,
+                                   bench_token_relation)
 
     modules = (bench_all, bench_backbone, bench_compile, bench_data, bench_e2e, bench_ema, bench_feature_align,
-               bench_gather, bench_knn, bench_ops, bench_token_relation)
+               bench_gather, bench_knn, bench_ops, bench_peers, bench_token_relation)
     return {module.__name__.rpartition(".bench_")[2]: module.main for module in modules}
 
 
