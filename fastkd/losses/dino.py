@@ -10,6 +10,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fastkd.checks import check_positive_ints
+
 
 def _positive(name: str, value) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -60,12 +62,10 @@ class DINOLoss(nn.Module):
         group: dist.ProcessGroup | None = None,
     ):
         super().__init__()
-        if not isinstance(out_dim, int) or isinstance(out_dim, bool) or out_dim < 1:
-            raise ValueError(f"out_dim must be a positive int, got {out_dim!r}")
-        if not isinstance(warmup_fraction, (int, float)) or not 0.0 <= warmup_fraction <= 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1], got {warmup_fraction!r}")
-        if not isinstance(center_momentum, (int, float)) or not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum!r}")
+        check_positive_ints(out_dim=out_dim)
+        for name, value in (("warmup_fraction", warmup_fraction), ("center_momentum", center_momentum)):
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
         self.out_dim = out_dim
         self.student_temp = _positive("student_temp", student_temp)
         self.teacher_temp = _positive("teacher_temp", teacher_temp)
@@ -81,8 +81,7 @@ class DINOLoss(nn.Module):
 
     def teacher_temp_at(self, step: int, total_steps: int) -> float:
         """The teacher temperature at ``step`` of ``total_steps``."""
-        if not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        check_positive_ints(total_steps=total_steps)
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         warmup = self.warmup_fraction * total_steps

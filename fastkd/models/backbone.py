@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastkd import ops
-from fastkd.checks import check_choice
+from fastkd.checks import check_bool, check_choice
 from fastkd.models.attention import check_backend, resolve_backend
 from fastkd.models.position_embedding import resize_pos_embed_dino
 from fastkd.models.vit_block import check_vit_block, vit_block_forward
@@ -74,8 +74,7 @@ class Backbone(nn.Module):
         super().__init__()
         if not isinstance(model, (VisionTransformer, ResNet)):
             raise TypeError(f"model must be a timm VisionTransformer or ResNet, got {type(model).__name__}")
-        if not isinstance(checkpointing, bool):
-            raise TypeError(f"checkpointing must be a bool, got {type(checkpointing).__name__}")
+        check_bool("checkpointing", checkpointing)
         self.model = model
         self.name = name
         self.timm_kwargs = dict(timm_kwargs or {})
