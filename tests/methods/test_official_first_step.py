@@ -36,15 +36,7 @@ T0 = 0.04  # the teacher temperature at epoch 0 (warmup_teacher_temp)
 STUDENT_TEMP = 0.1
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """The comparisons run in float64, where rounding (~1e-16) cannot hide a formula difference and
-    a 1e-5 relative bound is a statement about the math (fp32 rounding alone reaches ~1e-4 on
-    gradients that pass through BatchNorm over 4 samples)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # tests/methods/conftest.py
 
 
 def compare_gradients(method, fastkd_loss: torch.Tensor, official_loss: torch.Tensor, rtol: float = 1e-5) -> None:

@@ -1,7 +1,9 @@
 """Every method's whole forward (backbones, heads, losses and glue, the fused ops as custom ops)
 traces into one graph: ``torch.compile(fullgraph=True)`` with the ``aot_eager`` backend (dynamo
 capture plus the joint forward / backward graph, what ``inductor`` would compile) gives the
-eager loss and gradients, with no graph break (a break raises under ``fullgraph``)."""
+eager loss and gradients, with no graph break (a break raises under ``fullgraph``). In float64:
+the compiled graph may pick other kernels (another rounding), which fp32 shows as ~1e-5 on
+ill-conditioned gradients (the 1e-6-scale CLS token's)."""
 
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ def method_and_batch(name: str, teachers: dict) -> tuple[torch.nn.Module, Batch]
     return build_method(name, TINY_MOCO), tiny_batch(views=2, B=4)
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("name", ["mocov3", "resmoco", "mae", "moma", "hybrid_distill", "mokd"])
 def test_whole_forward_is_one_graph_with_the_eager_result(name, teachers):
     torch.manual_seed(0)
@@ -60,6 +63,11 @@ def test_whole_forward_is_one_graph_with_the_eager_result(name, teachers):
     torch.testing.assert_close(out["loss"], expected["loss"], rtol=1e-5, atol=1e-6)
     expected["loss"].backward()
     out["loss"].backward()
-    for (key, p), q in zip(eager.named_parameters(), compiled.parameters()):
-        if p.grad is not None:
-            assert_close_relative(q.grad, p.grad, key)
+    pairs = [(key, p.grad, q.grad) for (key, p), q in zip(eager.named_parameters(), compiled.parameters())
+             if p.grad is not None]
+    scale = max(g.norm() for _, g, _ in pairs)
+    for key, expected_grad, grad in pairs:
+        if expected_grad.norm() <= 1e-9 * scale:  # zero up to rounding (a bias a BatchNorm cancels)
+            assert grad.norm() <= 1e-9 * scale, key
+        else:
+            assert_close_relative(grad, expected_grad, key)
