@@ -83,7 +83,7 @@ SHAPES = {
            "mokd_r18": dict(global_size=64, local_size=32, patch=16)},
     False: {"mocov3": dict(vit=(64, 16, 384, 12, 12), hidden=4096, out=256, batch=16),
             "mokd": dict(a=(6, 6), b=(12, 6), dim=384, patch=16, global_size=64, local_size=32, local_crops=4,
-                         out=4096, hidden=2048, bottleneck=256, thead=(3, 6), batch=16),
+                         out=4096, hidden=2048, bottleneck=256, thead=(3, 6), batch=8),
             "mokd_r18": dict(global_size=64, local_size=32, patch=16)},
 }
 
@@ -377,6 +377,8 @@ def bench_case(case: str, dirs: dict, quick: bool, rounds: int, repeats: int, wo
     if not math.isclose(first["fastkd"], first["official"], rel_tol=LOSS_RTOL, abs_tol=LOSS_RTOL):
         raise AssertionError(f"{case}: first-step losses differ beyond {LOSS_RTOL}: {first}")
     timings = time_alternating({"fastkd": fastkd, "official": official}, rounds=rounds, repeats=repeats)
+    ms = {side: t["median_ms"] for side, t in timings.items()}
+    print(f"{case}: fastkd {ms['fastkd']:.1f} ms, official {ms['official']:.1f} ms, ratio {ms['official'] / ms['fastkd']:.3f}")
     return {"case": case, "fastkd_ms": timings["fastkd"]["median_ms"], "official_ms": timings["official"]["median_ms"],
             "ratio": timings["official"]["median_ms"] / timings["fastkd"]["median_ms"],
             "fastkd_loss": first["fastkd"], "official_loss": first["official"], "repeats": repeats, "rounds": rounds,
@@ -385,7 +387,7 @@ def bench_case(case: str, dirs: dict, quick: bool, rounds: int, repeats: int, wo
 
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__, "small shapes, one run, one round (<= 60 s on 2 cores)",
-                          rounds_help="alternating timing rounds (default 3, --quick 1)",
+                          rounds_help="alternating timing rounds (default 2)",
                           runs_help="measure everything this many times, publish each case's lowest ratio (default 2)")
     parser.set_defaults(runs=None)
     parser.add_argument("--peer-dir", type=Path, default=None, help="folder with the moco-v3/ and mokd/ checkouts")
@@ -402,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     load, (cpu, isa) = load_average(), cpu_info()
     runs = args.runs or (1 if args.quick else 2)
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or 2
     repeats = 3
     all_runs, grouped = [], dist.is_initialized()
     try:
@@ -415,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     records = lowest_of_runs(all_runs, ("case",), "ratio")
     columns = ["case", "run", "fastkd_ms", "official_ms", "ratio", "fastkd_loss", "official_loss", "ratio_runs"]
-    rows = [{**r, **{k: f"{r[k]:.7g}" for k in ("fastkd_loss", "official_loss")}} for r in records]
+    rows = [{**r, **{k: f"{r[k]:.7f}" for k in ("fastkd_loss", "official_loss")}} for r in records]
     profiles = "\n\n".join(
         f"### {r['case']}, {side} (run {r['run']})\n\n" + markdown_table(r["top_ops"][side], ["op", "self_ms", "calls"])
         for r in records for side in ("fastkd", "official"))
