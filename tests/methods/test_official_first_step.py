@@ -61,16 +61,14 @@ def compare_gradients(method, fastkd_loss: torch.Tensor, official_loss: torch.Te
 # ---- MoCo v3 ------------------------------------------------------------------------------------
 
 def official_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
-    """``MoCo._build_mlp`` of the official builder, restated."""
+    """``MoCo._build_mlp`` of the official builder, restated: ``Linear(bias=False)`` layers with
+    ``BatchNorm1d + ReLU`` between them and ``BatchNorm1d(affine=False)`` after the last (``last_bn``)."""
+    widths = [input_dim] + [mlp_dim] * (num_layers - 1) + [output_dim]
     layers = []
-    for index in range(num_layers):
-        dim1 = input_dim if index == 0 else mlp_dim
-        dim2 = output_dim if index == num_layers - 1 else mlp_dim
+    for index, (dim1, dim2) in enumerate(zip(widths, widths[1:])):
+        last = index == num_layers - 1
         layers.append(nn.Linear(dim1, dim2, bias=False))
-        if index < num_layers - 1:
-            layers += [nn.BatchNorm1d(dim2), nn.ReLU(inplace=True)]
-        elif last_bn:
-            layers.append(nn.BatchNorm1d(dim2, affine=False))
+        layers += ([nn.BatchNorm1d(dim2, affine=False)] if last_bn else []) if last else [nn.BatchNorm1d(dim2), nn.ReLU()]
     return nn.Sequential(*layers)
 
 

@@ -22,15 +22,15 @@ from tests.methods.test_mokd import CONFIG as TINY_MOKD
 from tests.methods.test_mokd import multicrop
 
 
+# role -> (seed, overrides) of the tiny teachers MOMA and Hybrid Distill read
+TEACHERS = {"mocov3": (1, {"embed_dim": 48}), "mae": (2, {"embed_dim": 48}), "feature": (11, {"embed_dim": 48}),
+            "relation": (12, {"num_heads": 4})}
+
+
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("trace")
-    return {
-        "mocov3": write_tiny_teacher(root / "mocov3.pt", 1, embed_dim=48),
-        "mae": write_tiny_teacher(root / "mae.pt", 2, embed_dim=48),
-        "feature": write_tiny_teacher(root / "feature.pt", 11, embed_dim=48),
-        "relation": write_tiny_teacher(root / "relation.pt", 12, num_heads=4),
-    }
+    return {role: write_tiny_teacher(root / f"{role}.pt", seed, **kw) for role, (seed, kw) in TEACHERS.items()}
 
 
 def method_and_batch(name: str, teachers: dict) -> tuple[torch.nn.Module, Batch]:
