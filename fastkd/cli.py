@@ -235,46 +235,53 @@ def _add_train_command(subparsers, name: str, methods: tuple[str, ...], text: st
     parser.set_defaults(func=_train)
 
 
+def _model_arguments(formats) -> argparse.ArgumentParser:
+    """The arguments every ``fastkd eval`` protocol shares: the model, its splits, device and output."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("model", help="run directory, training checkpoint, student.pt, or an official "
+                                      "MoCo v3 / MAE / DeiT / CLIP / timm checkpoint (with --arch)")
+    common.add_argument("--train", required=True, help="ImageFolder of the memory bank / probe / fine-tuning "
+                                                       "training set")
+    common.add_argument("--val", required=True, help="ImageFolder of the evaluated images")
+    common.add_argument("--arch", help="timm architecture (official checkpoints only)")
+    common.add_argument("--format", default="auto", choices=formats)
+    common.add_argument("--module", default="student",
+                        help="dotted submodule of the method to evaluate (training checkpoints; default student)")
+    common.add_argument("--weights", default="student", choices=("student", "teacher"),
+                        help="run directories: evaluate student.pt (default) or teacher.pt, the EMA teacher's "
+                             "backbone written by mocov3 / resmoco / mokd runs")
+    common.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    common.add_argument("--num-workers", type=int, default=2)
+    common.add_argument("--output", help="also write the result as JSON to this file")
+    return common
+
+
 def _add_eval_command(subparsers) -> None:
     from fastkd.data.loader import BACKENDS
     from fastkd.eval.linear_protocols import LINEAR_PROTOCOLS
     from fastkd.models.weights import FORMATS
 
-    LINEAR_CHOICES = ("cached", *LINEAR_PROTOCOLS)
-
     parser = subparsers.add_parser("eval", help="k-NN, linear-probe or fine-tuning evaluation of a saved model",
                                    description="Evaluate frozen features of a saved student or teacher.")
     protocols = parser.add_subparsers(dest="protocol", required=True)
+    common = _model_arguments(FORMATS)
     for protocol, text in (("knn", "weighted k-NN (cosine, chunked)"), ("linear", "linear probe on cached features")):
-        sub = protocols.add_parser(protocol, help=text, description=f"{text} on ImageFolder splits.")
-        sub.add_argument("model", help="run directory, training checkpoint, student.pt, or an official "
-                                       "MoCo v3 / MAE / DeiT / CLIP / timm checkpoint (with --arch)")
-        sub.add_argument("--train", required=True, help="ImageFolder of the memory bank / probe training set")
-        sub.add_argument("--val", required=True, help="ImageFolder of the evaluated images")
-        sub.add_argument("--arch", help="timm architecture (official checkpoints only)")
-        sub.add_argument("--format", default="auto", choices=FORMATS)
-        sub.add_argument("--module", default="student",
-                         help="dotted submodule of the method to evaluate (training checkpoints; default student)")
-        sub.add_argument("--weights", default="student", choices=("student", "teacher"),
-                         help="run directories: evaluate student.pt (default) or teacher.pt, the EMA teacher's "
-                              "backbone written by mocov3 / resmoco / mokd runs")
+        sub = protocols.add_parser(protocol, help=text, description=f"{text} on ImageFolder splits.", parents=[common])
         sub.add_argument("--image-size", type=int, default=None,
                          help="centre-crop size (default: the size the model was built for, e.g. a ViT's "
                               "img_size; 224 for ResNets)")
         sub.add_argument("--resize", type=int, help="shorter-side resize (default image_size * 256/224)")
         sub.add_argument("--batch-size", type=int, default=64)
         sub.add_argument("--backend", default="auto", choices=BACKENDS)
-        sub.add_argument("--num-workers", type=int, default=2)
-        sub.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
         sub.add_argument("--cache-dir", help="cache the extracted features here")
         sub.add_argument("--cache-key", help="cache file prefix (default: derived from the model file, its "
                                              "modification time, --module and the crop)")
-        sub.add_argument("--output", help="also write the result as JSON to this file")
         if protocol == "knn":
             sub.add_argument("--k", type=int, default=20)
             sub.add_argument("--temperature", type=float, default=0.07)
         else:
-            sub.add_argument("--protocol", dest="linear_protocol", default="cached", choices=LINEAR_CHOICES,
+            sub.add_argument("--protocol", dest="linear_protocol", default="cached",
+                             choices=("cached", *LINEAR_PROTOCOLS),
                              help="cached: fast probe on cached centre-crop features (default); dino / mocov3: the "
                                   "papers' protocols (augmented crops every epoch, their optimiser, epochs and lr, "
                                   "an lr sweep with --lrs)")
@@ -293,28 +300,19 @@ def _add_eval_command(subparsers) -> None:
                              help="dino / mocov3: append the average patch token (default: DINO on for ViTs "
                                   "768 wide and more)")
         sub.set_defaults(func=_eval)
-    _add_finetune_command(protocols, FORMATS)
+    _add_finetune_command(protocols, common)
 
 
-def _add_finetune_command(protocols, formats) -> None:
+def _add_finetune_command(protocols, common: argparse.ArgumentParser) -> None:
     from fastkd.eval.finetune import FINETUNE_RECIPES
 
-    sub = protocols.add_parser("finetune", help="end-to-end fine-tuning (DeiT / MAE recipe)",
+    sub = protocols.add_parser("finetune", help="end-to-end fine-tuning (DeiT / MAE recipe)", parents=[common],
                                description="Fine-tune a saved backbone with a classifier on ImageFolder splits: "
                                            "AdamW, layer-wise lr decay, RandAugment, mixup / cutmix, drop path, "
                                            "label smoothing (timm's implementations). Options left out take the "
                                            "recipe's values.")
-    sub.add_argument("model", help="run directory, training checkpoint, student.pt, or an official checkpoint "
-                                   "(with --arch)")
-    sub.add_argument("--train", required=True, help="ImageFolder of the fine-tuning training set")
-    sub.add_argument("--val", required=True, help="ImageFolder of the evaluated images")
     sub.add_argument("--recipe", default="mae", choices=tuple(FINETUNE_RECIPES),
                      help="mae: ViT-B MAE fine-tuning (100 epochs, layer decay 0.65); deit: DeiT (300 epochs)")
-    sub.add_argument("--arch", help="timm architecture (official checkpoints only)")
-    sub.add_argument("--format", default="auto", choices=formats)
-    sub.add_argument("--module", default="student", help="dotted submodule of the method (training checkpoints)")
-    sub.add_argument("--weights", default="student", choices=("student", "teacher"),
-                     help="run directories: student.pt (default) or teacher.pt")
     sub.add_argument("--epochs", type=int)
     sub.add_argument("--batch-size", type=int, help="global batch (the lr scales with it; default the recipe's 1024)")
     sub.add_argument("--blr", type=float, help="base lr per 256 images")
@@ -323,11 +321,8 @@ def _add_finetune_command(protocols, formats) -> None:
     sub.add_argument("--image-size", type=int, help="default: the size the model was built for")
     sub.add_argument("--global-pool", choices=("avg", "token"), help="default: avg (mae), token (deit)")
     sub.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    sub.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    sub.add_argument("--num-workers", type=int, default=2)
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--output-dir", help="write finetuned.pt and finetune.json here")
-    sub.add_argument("--output", help="also write the result as JSON to this file")
     sub.set_defaults(func=_eval)
 
 

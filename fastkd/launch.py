@@ -2,57 +2,32 @@
 
     python -m fastkd.launch --nproc_per_node 8 -m fastkd.cli distill CONFIG [key=value ...] [--resume]
 
-The command line is exactly torchrun's (``torch.distributed.run`` parses and runs it: every torchrun
-option, ``--standalone``, multi-node rendezvous, ``--max-restarts`` ...). One thing differs, the
-agent's (the launcher process's) reaction to SIGTERM and SIGINT:
+The command line is exactly torchrun's (``torch.distributed.run`` parses and runs it). Only the
+agent's reaction to SIGTERM / SIGINT differs:
 
 * torchrun: the first signal raises ``SignalException`` in the agent, which tears the workers down
-  (the same signal to each worker's process group, SIGKILL after a grace period: 30 s, torch 2.14's
-  ``--shutdown_timeout``) and exits 1 with a traceback, although the fastkd workers wrote their stop
-  checkpoint and exited 0. A scheduler (Slurm, Kubernetes, ``docker stop``) then sees a failed job.
-* fastkd.launch: the first SIGTERM or SIGINT does not raise. The agent sends SIGTERM to every live
-  worker process and keeps monitoring them: each worker's trainer writes the stop checkpoint at the
-  same step on every rank (the ranks agree on the stop through a collective) and exits 0, the
-  agent's run succeeds and the launcher exits 0. ``--resume`` continues the run.
-* A second SIGTERM / SIGINT to the agent is torchrun's default: ``SignalException``, tear-down,
-  non-zero exit (a user can always force quit: a second Ctrl-C reaches the workers as SIGINT, which
-  the trainer treats as "quit now").
-* After the first signal the agent starts no new workers: a restart (``--max-restarts``, a node
-  joining) would undo the stop, so it becomes the default ``SignalException`` tear-down instead.
-* A signal while no worker is alive (before the workers start, after they all exited) and any other
-  signal torchrun handles (SIGHUP, SIGQUIT) keep torchrun's default behaviour.
+  and exits 1 although the fastkd workers wrote their stop checkpoint and exited 0; a scheduler
+  (Slurm, Kubernetes, ``docker stop``) sees a failed job.
+* fastkd.launch: the first SIGTERM or SIGINT sends SIGTERM to every live worker and keeps
+  monitoring them; each trainer writes its stop checkpoint at the same step on every rank and exits
+  0, and so does the launcher. ``--resume`` continues the run. A second signal, a signal while no
+  worker is alive, and the other signals torchrun handles (SIGHUP, SIGQUIT) keep torchrun's default
+  tear-down. After the first signal no new worker starts (a restart would undo the stop).
 
-Why the workers get SIGTERM whatever the agent received, at once: torch starts each worker in its
-own session (process group), so a signal to the launcher's process group, a terminal's Ctrl-C and
-Kubernetes' signal to PID 1 reach the agent only; other senders (Slurm's ``scancel --signal``,
-``kill`` of every pid) reach the workers as well, and the agent cannot tell which happened. The
-fastkd trainer treats a repeated SIGTERM as a no-op (it only sets the stop flag again), whereas a
-SIGINT after a stop request means "quit now" (``KeyboardInterrupt``), and once its stop checkpoint
-is written it restores the default handlers (a SIGTERM then ends the process):
+Why workers always get SIGTERM, at once: torch starts each worker in its own session, so a terminal's
+Ctrl-C or Kubernetes' signal to PID 1 reach the agent only, while ``scancel --signal`` or ``kill`` of
+every pid reach the workers too, and the agent cannot tell which happened. The trainer treats a
+repeated SIGTERM as a no-op but a SIGINT after a stop request as "quit now", so forwarding SIGINT
+could abort a checkpoint, and a SIGTERM forwarded at once arrives while that worker is still
+stopping. A worker without its stop handler yet (still importing) or any more (exiting) dies of the
+SIGTERM, as a single-process run would. An entrypoint that is a shell wrapper must pass SIGTERM on.
 
-* forwarding SIGINT would abort the checkpoint of a worker that got the SIGINT itself as well;
-* forwarding SIGTERM is harmless to a worker that got the signal itself too, if it arrives while
-  that worker is still stopping (forwarding at once: it arrives within milliseconds, a stop takes at
-  least a step's collective and a checkpoint write) and after that worker's own SIGINT, if any (a
-  sender that signals every process does so within microseconds, and pending signals are handled in
-  signal-number order, SIGINT first). Delaying the forward would instead let it hit workers that
-  already finished stopping.
-
-(A worker then logs "stop requested (SIGTERM)" after a Ctrl-C.) A worker that has not yet installed
-its stop handler (still importing or building its model) or has already removed it (exiting after
-the last step) dies of the SIGTERM, as a single-process run would: the agent then reports that
-worker's failure. The signal goes to the worker process, not to its process group: the trainer
-decides how its DataLoader workers stop (they ignore SIGTERM / SIGINT). An entrypoint that is a
-wrapper (a shell script) must pass SIGTERM on to the trainer itself.
-
-How: ``torch.distributed.run.main`` runs the command line, after two hooks in
-``torch.distributed.elastic.multiprocessing.api``, both alike from torch 2.11 to 2.14 (:func:`install`
-checks them and fails with a clear error otherwise): ``PContext.start`` installs the module
-attribute ``_terminate_process_handler`` as the handler of the signals torchrun handles, looked up
-when ``start`` runs, so replacing that attribute replaces the agent's handler; and ``PContext.start``
-is wrapped to record each started process context, whose ``SubprocessContext.subprocess_handlers``
-(``Popen`` objects) say which workers are alive, and to raise ``SignalException`` instead of
-starting workers after a stop request. The patches apply to the launcher process only.
+How: two hooks in ``torch.distributed.elastic.multiprocessing.api``, alike from torch 2.11 to 2.14
+(:func:`install` checks them and fails clearly otherwise): ``PContext.start`` installs the module
+attribute ``_terminate_process_handler`` as the agent's handler, looked up when it runs, so replacing
+that attribute replaces the handler; and ``PContext.start`` is wrapped to record each process
+context (its ``subprocess_handlers`` say which workers are alive) and to start nothing after a stop
+request. The patches apply to the launcher process only.
 """
 
 from __future__ import annotations

@@ -84,10 +84,12 @@ def machine_info() -> dict:
 
 
 def _imported_version(module: str) -> str | None:
-    """``module.__version__`` (importing it), or None when it is missing or broken."""
+    """The installed version of the distribution ``module`` (read from its metadata), or None."""
+    from importlib import metadata
+
     try:
-        return __import__(module).__version__
-    except Exception:  # noqa: BLE001 - a missing optional library is recorded as None
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
         return None
 
 

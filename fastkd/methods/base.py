@@ -80,11 +80,15 @@ def masked_forward(backbone: nn.Module, images: torch.Tensor, num_visible: int) 
 
 class Method(TrainingMethod):
     """Base class of fastkd's methods: the trainer's protocol (:class:`fastkd.method_protocol.
-    TrainingMethod`) plus what the registry and the CLI read. A subclass sets ``name`` (it registers
-    itself under that name when its module is imported), ``recipe`` (its data recipe),
-    ``config_class`` (its config dataclass) and ``role`` (one of :data:`ROLES`: ``"pretrain"``
-    trains a teacher, ``"distill"`` a student from teachers; it picks the CLI command), and
-    implements ``forward`` and the ``student`` property.
+    TrainingMethod`) plus what the registry and the CLI read, given as class keywords::
+
+        class MOMA(Method, name="moma", recipe="mae", role="distill", config=MOMAConfig): ...
+
+    ``name`` registers the class under that name when its module is imported, ``recipe`` is its data
+    recipe, ``config`` its config dataclass (read back as ``config_class``) and ``role`` one of
+    :data:`ROLES` (``"pretrain"`` trains a teacher, ``"distill"`` a student from teachers; it picks
+    the CLI command). A subclass inherits what it does not give. It implements ``forward`` and the
+    ``student`` property.
 
     Submodules named in ``frozen_teachers`` (e.g. pretrained teachers) stay in eval mode whatever
     ``train()`` asks and never receive gradients."""
@@ -95,12 +99,17 @@ class Method(TrainingMethod):
     role: str = ""
     frozen_teachers: tuple[str, ...] = ()
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, *, name: str | None = None, recipe: str | None = None, role: str | None = None,
+                          config: type | None = None, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("name"):  # a concrete method (subclasses that keep their parent's name don't)
+        for attr, value in (("recipe", recipe), ("role", role), ("config_class", config)):
+            if value is not None:
+                setattr(cls, attr, value)
+        if name is not None:
             if cls.role not in ROLES:
                 raise TypeError(f"method {cls.__name__}: role must be one of {ROLES}, got {cls.role!r}")
-            REGISTRY[cls.name] = cls
+            cls.name = name
+            REGISTRY[name] = cls
 
     def __init__(self, config):
         super().__init__()

@@ -179,14 +179,11 @@ class HybridDistillConfig:
         check_choice("mask_score_teacher", self.mask_score_teacher, SCORE_TEACHERS)
 
 
-class HybridDistill(Method):
+class HybridDistill(Method, name="hybrid_distill", recipe="mae", role="distill",
+                   config=HybridDistillConfig):
     """Hybrid Distill on one view (recipe ``mae``). Parts ``feature_cls`` / ``feature_patch`` (by
     ``feature_target``, weight ``alpha``) and ``relation`` (weight ``beta``); metric ``kept_tokens``."""
 
-    recipe = "mae"
-    name = "hybrid_distill"
-    role = "distill"
-    config_class = HybridDistillConfig
     frozen_teachers = ("feature_teacher", "relation_teacher")
 
     def __init__(self, config: HybridDistillConfig):

@@ -50,13 +50,8 @@ class MAEConfig:
         check_bool("sincos_pos_embed", self.sincos_pos_embed)
 
 
-class MAE(Method):
+class MAE(Method, name="mae", recipe="mae", role="pretrain", config=MAEConfig):
     """MAE on one view (recipe ``mae``). Part: ``reconstruction``; metric ``visible_tokens``."""
-
-    recipe = "mae"
-    name = "mae"
-    role = "pretrain"
-    config_class = MAEConfig
 
     def __init__(self, config: MAEConfig):
         super().__init__(config)

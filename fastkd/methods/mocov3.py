@@ -86,13 +86,8 @@ class MoCoV3Config:
         check_choice("momentum_bn_stats", self.momentum_bn_stats, BN_STATS)
 
 
-class MoCoV3(Method):
+class MoCoV3(Method, name="mocov3", recipe="mocov3", role="pretrain", config=MoCoV3Config):
     """MoCo v3 on two augmented views (recipe ``mocov3``). Parts: ``contrastive``."""
-
-    recipe = "mocov3"
-    name = "mocov3"
-    role = "pretrain"
-    config_class = MoCoV3Config
 
     def __init__(self, config: MoCoV3Config):
         super().__init__(config)

@@ -208,14 +208,9 @@ class MOKDBranch(nn.Module):
         return out
 
 
-class MOKD(Method):
+class MOKD(Method, name="mokd", recipe="dino_multicrop", role="distill", config=MOKDConfig):
     """MOKD on DINO multi-crop views (recipe ``dino_multicrop``). Parts, for ``X`` in (``a``, ``b``):
     ``X_self_mlp``, ``X_self_thead`` (weight 1), ``X_cross_mlp``, ``X_cross_search`` (weight ``lambda_X``)."""
-
-    recipe = "dino_multicrop"
-    name = "mokd"
-    role = "distill"
-    config_class = MOKDConfig
 
     def __init__(self, config: MOKDConfig):
         super().__init__(config)

@@ -88,14 +88,9 @@ class MOMAConfig:
                              f"(the {STUDENT_INITS[self.mode]} checkpoint the student starts from), got None")
 
 
-class MOMA(Method):
+class MOMA(Method, name="moma", recipe="mae", role="distill", config=MOMAConfig):
     """MOMA on one view (recipe ``mae``). Parts, per active teacher ``t`` in (``mocov3``, ``mae``):
     ``{t}_cls`` and/or ``{t}_patch`` by ``target``; metric ``visible_tokens`` (K)."""
-
-    recipe = "mae"
-    name = "moma"
-    role = "distill"
-    config_class = MOMAConfig
 
     def __init__(self, config: MOMAConfig):
         super().__init__(config)

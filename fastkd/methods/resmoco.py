@@ -43,13 +43,9 @@ class ResMoCoConfig(MoCoV3Config):
         check_choice("residual_tap", self.residual_tap, TAPS)
 
 
-class ResMoCo(MoCoV3):
+class ResMoCo(MoCoV3, name="resmoco", config=ResMoCoConfig):
     """Residual-momentum MoCo v3 (recipe ``mocov3``). Parts: ``contrastive``, ``residual``;
     metrics: ``param_gap_sq``, ``param_cos`` (of the last ``after_step``; NaN before the first)."""
-
-    config_class = ResMoCoConfig
-    name = "resmoco"
-    role = "pretrain"
 
     def __init__(self, config: ResMoCoConfig):
         super().__init__(config)

@@ -42,3 +42,24 @@ def test_every_method_has_a_demo_config():
     from fastkd.configs import demo_config_dir
 
     assert [name for name in METHODS if not (demo_config_dir() / f"{name}.yaml").is_file()] == []
+
+
+def test_a_method_registers_from_its_class_keywords_and_a_subclass_inherits_them():
+    from fastkd.methods.base import REGISTRY
+    from fastkd.methods.mae import MAEConfig
+
+    class Probe(Method, name="probe_method", recipe="mae", role="pretrain", config=MAEConfig):
+        pass
+
+    class ProbeChild(Probe, name="probe_child"):
+        pass
+
+    try:
+        assert method_class("probe_method") is Probe and method_class("probe_child") is ProbeChild
+        assert (ProbeChild.recipe, ProbeChild.role, ProbeChild.config_class) == ("mae", "pretrain", MAEConfig)
+        with pytest.raises(TypeError, match="role must be one of"):
+            class _BadRole(Method, name="probe_bad", role="finetune"):
+                pass
+        assert "probe_bad" not in REGISTRY
+    finally:
+        REGISTRY.pop("probe_method", None), REGISTRY.pop("probe_child", None)
