@@ -10,25 +10,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fastkd.checks import check_positive_ints
+from fastkd.checks import check_number, check_positive_ints
 
 
-def _positive(name: str, value) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _check_outputs(name: str, outputs, out_dim: int) -> list[torch.Tensor]:
+def _check_outputs(name: str, outputs, out_dim: int, batch: int | None = None) -> list[torch.Tensor]:
+    """``outputs`` as a list of ``[B, out_dim]`` tensors of one batch size ``B > 0`` (``batch`` when given)."""
     if isinstance(outputs, torch.Tensor) or not isinstance(outputs, Sequence) or len(outputs) == 0:
         raise TypeError(f"{name} must be a non-empty list of [B, {out_dim}] tensors, got {type(outputs).__name__}")
-    for i, t in enumerate(outputs):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}] must be a Tensor, got {type(t).__name__}")
-        if t.dim() != 2 or t.shape[1] != out_dim or t.shape[0] == 0:
-            raise ValueError(f"{name}[{i}] must have shape [B, {out_dim}] with B > 0, got {tuple(t.shape)}")
-        if t.shape[0] != outputs[0].shape[0]:
-            raise ValueError(f"{name}[{i}] has batch {t.shape[0]} but {name}[0] has batch {outputs[0].shape[0]}")
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in outputs]
+    B = batch or (shapes[0][0] if isinstance(shapes[0], tuple) and shapes[0] else 0)
+    if B < 1 or any(shape != (B, out_dim) for shape in shapes):
+        raise ValueError(f"{name} must be [B, {out_dim}] tensors of one batch size B > 0"
+                         f"{'' if batch is None else f' (the student batch, {batch})'}, got {shapes}")
     return list(outputs)
 
 
@@ -63,13 +56,14 @@ class DINOLoss(nn.Module):
     ):
         super().__init__()
         check_positive_ints(out_dim=out_dim)
-        for name, value in (("warmup_fraction", warmup_fraction), ("center_momentum", center_momentum)):
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        check_number("warmup_fraction", warmup_fraction, low=0, high=1)
+        check_number("center_momentum", center_momentum, low=0, high=1)
+        for name, value in (("student_temp", student_temp), ("teacher_temp", teacher_temp),
+                            ("warmup_teacher_temp", warmup_teacher_temp)):
+            check_number(name, value, low=0, low_open=True)
         self.out_dim = out_dim
-        self.student_temp = _positive("student_temp", student_temp)
-        self.teacher_temp = _positive("teacher_temp", teacher_temp)
-        self.warmup_teacher_temp = _positive("warmup_teacher_temp", warmup_teacher_temp)
+        self.student_temp, self.teacher_temp = float(student_temp), float(teacher_temp)
+        self.warmup_teacher_temp = float(warmup_teacher_temp)
         self.warmup_fraction = float(warmup_fraction)
         self.center_momentum = float(center_momentum)
         self.centering = bool(centering)
@@ -82,8 +76,7 @@ class DINOLoss(nn.Module):
     def teacher_temp_at(self, step: int, total_steps: int) -> float:
         """The teacher temperature at ``step`` of ``total_steps``."""
         check_positive_ints(total_steps=total_steps)
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        check_number("step", step, low=0, integer=True)
         warmup = self.warmup_fraction * total_steps
         if step >= warmup:
             return self.teacher_temp
@@ -95,21 +88,13 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_outputs: Sequence[torch.Tensor], teacher_outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         student_outputs = _check_outputs("student_outputs", student_outputs, self.out_dim)
-        teacher_outputs = _check_outputs("teacher_outputs", teacher_outputs, self.out_dim)
-        if student_outputs[0].shape[0] != teacher_outputs[0].shape[0]:
-            raise ValueError(
-                f"student_outputs and teacher_outputs must share the batch size, got "
-                f"{student_outputs[0].shape[0]} and {teacher_outputs[0].shape[0]}"
-            )
+        teacher_outputs = _check_outputs("teacher_outputs", teacher_outputs, self.out_dim,
+                                         batch=student_outputs[0].shape[0])
         teacher = torch.cat(teacher_outputs).detach().float()
         centre = self.center if self.centering else torch.zeros_like(self.center)
         targets = F.softmax((teacher - centre) / self.current_teacher_temp, dim=-1).chunk(len(teacher_outputs))
-        pairs = [
-            (i, v)
-            for i in range(len(teacher_outputs))
-            for v in range(len(student_outputs))
-            if not (self.skip_same_view and v == i)
-        ]
+        pairs = [(i, v) for i in range(len(teacher_outputs)) for v in range(len(student_outputs))
+                 if not (self.skip_same_view and v == i)]
         if not pairs:
             raise ValueError("skip_same_view leaves no (teacher, student) crop pair: give the student more crops")
         log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_outputs]
@@ -128,8 +113,6 @@ class DINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(row_sum / rows, alpha=1.0 - self.center_momentum)
 
     def extra_repr(self) -> str:
-        return (
-            f"out_dim={self.out_dim}, student_temp={self.student_temp}, teacher_temp="
-            f"{self.warmup_teacher_temp}->{self.teacher_temp}, center_momentum={self.center_momentum}, "
-            f"centering={self.centering}, skip_same_view={self.skip_same_view}"
-        )
+        return (f"out_dim={self.out_dim}, student_temp={self.student_temp}, teacher_temp="
+                f"{self.warmup_teacher_temp}->{self.teacher_temp}, center_momentum={self.center_momentum}, "
+                f"centering={self.centering}, skip_same_view={self.skip_same_view}")

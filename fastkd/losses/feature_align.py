@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fastkd.checks import check_choice
+from fastkd.ops._dispatch import check_float_tensors
 from fastkd.ops.feature_align import check_options, feature_align
-from fastkd.ops.reduction import REDUCTIONS, check_reduction  # noqa: F401 - REDUCTIONS re-exported
+from fastkd.ops.reduction import REDUCTIONS
 
 
 def _nonnegative(mask):
@@ -25,38 +27,23 @@ def _nonnegative(mask):
 
 class FeatureAlignLoss(nn.Module):
     """``loss_fn(student, teacher, mask=None)`` for ``student``, ``teacher`` ``[..., D]`` and an
-    optional bool or float row mask / weight ``[...]`` (no gradient). With ``l`` the per-row loss of
-    :func:`fastkd.ops.feature_align` (its module docstring states the formula) and ``w = mask``
-    (1 where None)::
+    optional bool or float row weight ``mask [...]`` (no gradient). With ``l`` the per-row loss of
+    :func:`fastkd.ops.feature_align` and ``w = mask`` (1 where None)::
 
         "mean": (w * l).sum() / w.sum()  (0 when w.sum() == 0),  "sum": (w * l).sum(),  "none": w * l
 
-    so without a mask ``"mean"`` equals ``nn.SmoothL1Loss(beta=beta)`` / ``nn.MSELoss()`` applied to
-    ``x`` and ``y``. The teacher never receives a gradient. The result is float32 (float64 for
-    float64 inputs).
+    so without a mask ``"mean"`` equals ``nn.SmoothL1Loss(beta=beta)`` / ``nn.MSELoss()`` on ``x``
+    and ``y``. The teacher never receives a gradient; the result is float32 (float64 for float64
+    inputs). A negative mask weight raises ValueError for a CPU mask and makes the loss NaN on
+    other devices (no host sync; the trainer's non-finite check reports it)."""
 
-    Mask weights must be >= 0: a negative weight raises ValueError for a CPU mask; for a mask on
-    another device (where checking its values would wait for the device) the loss becomes NaN
-    instead, which the trainer's non-finite check reports. An all-zero mask gives 0."""
-
-    def __init__(
-        self,
-        target_norm: str = "layernorm",
-        student_norm: bool = False,
-        loss: str = "smooth_l1",
-        beta: float = 2.0,
-        reduction: str = "mean",
-        eps: float = 1e-6,
-    ):
+    def __init__(self, target_norm: str = "layernorm", student_norm: bool = False, loss: str = "smooth_l1",
+                 beta: float = 2.0, reduction: str = "mean", eps: float = 1e-6):
         super().__init__()
         check_options(target_norm, student_norm, loss, beta, eps)
-        check_reduction(reduction)
-        self.target_norm = target_norm
-        self.student_norm = student_norm
-        self.loss = loss
-        self.beta = float(beta)
-        self.reduction = reduction
-        self.eps = float(eps)
+        check_choice("reduction", reduction, REDUCTIONS)
+        self.target_norm, self.student_norm, self.loss = target_norm, student_norm, loss
+        self.beta, self.reduction, self.eps = float(beta), reduction, float(eps)
 
     def extra_repr(self) -> str:
         return (f"target_norm={self.target_norm!r}, student_norm={self.student_norm}, loss={self.loss!r}, "
@@ -67,16 +54,13 @@ class FeatureAlignLoss(nn.Module):
         if self.reduction == "mean":
             # Fold the mean's 1 / sum(w) into the row weights: the op's backward then gets a
             # gradient of exactly one per row (for a plain loss.backward()) and skips its scaling.
-            if not isinstance(student, Tensor):
-                raise TypeError(f"student must be a torch.Tensor, got {type(student).__name__}")
+            check_float_tensors(student=student)
             if mask is None:
                 rows = student.shape[:-1]
                 mask = torch.full(rows, 1.0 / max(1, rows.numel()), dtype=torch.float32, device=student.device)
             elif isinstance(mask, Tensor):
                 weight = mask.detach().to(torch.float32)
                 mask = weight / weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
-        rows = feature_align(
-            student, teacher, mask, target_norm=self.target_norm, student_norm=self.student_norm,
-            loss=self.loss, beta=self.beta, eps=self.eps,
-        )
+        rows = feature_align(student, teacher, mask, target_norm=self.target_norm, student_norm=self.student_norm,
+                             loss=self.loss, beta=self.beta, eps=self.eps)
         return rows if self.reduction == "none" else rows.sum()

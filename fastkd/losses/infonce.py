@@ -7,13 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fastkd.checks import check_embedding_pair
-
-
-def _check_temperature(temperature) -> float:
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature <= 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    return float(temperature)
+from fastkd.checks import check_embedding_pair, check_number
 
 
 def gather_keys(k: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, int]:
@@ -41,13 +35,13 @@ def infonce(q: torch.Tensor, k: torch.Tensor, temperature: float,
 
     The keys receive no gradient (they come from the momentum encoder)."""
     check_embedding_pair("q", q, "k", k)
-    temperature = _check_temperature(temperature)
+    check_number("temperature", temperature, low=0, low_open=True)
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.detach().float(), dim=1)
     k_all, rank = gather_keys(k, group)
-    logits = q @ k_all.t() / temperature
+    logits = q @ k_all.t() / float(temperature)
     labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
-    return F.cross_entropy(logits, labels) * (2.0 * temperature)
+    return F.cross_entropy(logits, labels) * (2.0 * float(temperature))
 
 
 class InfoNCELoss(nn.Module):
@@ -62,7 +56,8 @@ class InfoNCELoss(nn.Module):
 
     def __init__(self, temperature: float = 0.2, group: dist.ProcessGroup | None = None):
         super().__init__()
-        self.temperature = _check_temperature(temperature)
+        check_number("temperature", temperature, low=0, low_open=True)
+        self.temperature = float(temperature)
         self.group = group
 
     def forward(self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd.checks import check_embedding_pair
+from fastkd.checks import check_embedding_pair, check_number
 from fastkd.losses.feature_align import FeatureAlignLoss
 
 
@@ -21,8 +21,7 @@ class ResidualMomentumLoss(nn.Module):
 
     def __init__(self, eps: float = 1e-6):
         super().__init__()
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        check_number("eps", eps, low=0, low_open=True)
         self.eps = float(eps)
         self.one_minus_cos = FeatureAlignLoss(target_norm="none", loss="cosine", reduction="mean", eps=self.eps)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastkd.ops.reduction import REDUCTIONS, check_reduction, reduce_rows  # noqa: F401 - REDUCTIONS re-exported
+from fastkd.checks import check_choice
+from fastkd.ops.reduction import REDUCTIONS, reduce_rows
 from fastkd.ops.token_relation import DIRECTIONS, HEAD_MAPS, check_options, token_relation  # noqa: F401
 
 
@@ -29,7 +30,7 @@ class TokenRelationLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_options(temperature, direction, head_map)
-        check_reduction(reduction)
+        check_choice("reduction", reduction, REDUCTIONS)
         self.temperature = float(temperature)
         self.direction = direction
         self.head_map = head_map

@@ -1,29 +1,25 @@
 """The one place where a fastkd op decides what runs: its kernel or its reference.
 
-Every op (``feature_align``, ``gather_tokens``, ``token_relation``, ``ema_``) has exactly two
-implementations: the kernel ``torch.ops.fastkd.<op>`` of the native extension ``fastkd._C`` (schema,
-C++ CPU kernel and autograd in ``csrc/``; its CUDA kernel launches the op's Triton kernel, registered
-from the op's module with :func:`register`; for ``ema_`` it is ``fastkd._C``'s CUDA kernel) and the
-op's plain PyTorch ``*_reference`` formula. The public op function validates its arguments once and
-calls :meth:`Route.run`, which applies one rule to all ops:
+Every op has two implementations: the kernel ``torch.ops.fastkd.<op>`` of the native extension
+``fastkd._C`` (schema, C++ CPU kernel and autograd in ``csrc/``; its CUDA kernel is the op's Triton
+launcher, registered with :func:`register`, or for ``ema_`` fastkd._C's own) and the op's plain
+PyTorch ``*_reference``. The public op validates its arguments once and calls :meth:`Route.run`:
 
 =======================  ==============================================================================
 inputs                   what runs
 =======================  ==============================================================================
-CUDA, fp16/bf16/fp32     the kernel (Triton), unless the op reports a size its GPU kernel does not take
-                         (``feature_align`` with ``D > 4096``): then the reference, silently
-CUDA, float64            the reference (the GPU kernels are built for training dtypes)
+CUDA, fp16/bf16/fp32     the kernel (Triton), unless the op's ``gpu_limit`` refuses the size (then the
+                         reference, silently)
+CUDA, float64            the reference
 CPU                      the kernel (C++), at every size
 anything else            the reference
 ``reference_ops()``      the reference, for every input
 =======================  ==============================================================================
 
-When the kernel is missing (the extension is not built, ``ema_``'s was built without CUDA, or it was
-compiled for a CPU vector ISA this CPU lacks), the reference runs and says so with one
-``RuntimeWarning`` per op and reason. As a fallback the reference runs with autocast off (the op keeps
-its dtype contract: an ATen matmul would otherwise return bf16 under ``torch.autocast``); inside
-``reference_ops()`` it runs as a user's plain code would, under whatever autocast is active. CUDA
-kernels run with autocast off and the inputs' device current (Triton launches on the current device).
+A missing kernel (extension not built, ``ema_`` built without CUDA, a CPU vector ISA this CPU lacks)
+runs the reference with one ``RuntimeWarning`` per op and reason. The fallback runs with autocast off
+(keeping the op's dtype contract); inside ``reference_ops()`` the reference runs under whatever
+autocast is active. CUDA kernels run with autocast off and the inputs' device current.
 """
 
 from __future__ import annotations
@@ -191,14 +187,3 @@ def check_float_tensors(shape: str | None = None, dims: int | None = None, **nam
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if len({x.device for x in named.values()}) > 1:
         raise ValueError(f"{', '.join(named)} must be on one device, got {[str(x.device) for x in named.values()]}")
-
-
-def check_positive_numbers(*, minimum_zero: tuple[str, ...] = (), **values: Any) -> None:
-    """``ValueError`` naming the first of ``values`` that is not a number > 0 (>= 0 for the names in
-    ``minimum_zero``); a value ``None`` passes."""
-    for name, value in values.items():
-        if value is None:
-            continue
-        low_ok = name in minimum_zero
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if low_ok else value > 0):
-            raise ValueError(f"{name} must be a number {'>=' if low_ok else '>'} 0, got {value!r}")

@@ -10,10 +10,9 @@ With ``return_gap=True``, measured before the update and accumulated in float64:
 
     EMAGap(diff_sq=sum ||s - t||^2, dot=sum <s, t>, teacher_sq=sum ||t||^2, student_sq=sum ||s||^2)
 
-Routing (``fastkd.ops._dispatch``, the same for every op): CPU -> the C++ kernel of ``fastkd._C``
-(``csrc/ema.cpp``); CUDA -> its CUDA kernel (``csrc/cuda/ema_cuda.cu``); else (float64 on CUDA, other
-devices, no ``fastkd._C``) -> the per-tensor Python loop of ``mul_`` / ``add_`` plus a separate gap
-pass, which is also what it runs inside ``reference_ops()``.
+Routing (``fastkd.ops._dispatch``): CPU -> the C++ kernel (``csrc/ema.cpp``); CUDA -> the CUDA kernel
+(``csrc/cuda/ema_cuda.cu``); else (and inside ``reference_ops()``) -> the per-tensor Python loop of
+``mul_`` / ``add_`` plus a separate gap pass.
 """
 
 from __future__ import annotations
@@ -23,9 +22,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
-from fastkd.ops._dispatch import Route
-
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+from fastkd.ops._dispatch import FLOAT_DTYPES, Route
 
 
 class EMAGap(NamedTuple):
@@ -38,7 +35,7 @@ class EMAGap(NamedTuple):
 
 
 def _problems(teacher, student, momentum, skip) -> Iterator[tuple[type[Exception], str]]:
-    """The first problem of the arguments of :func:`ema_` / :func:`ema_unless_` (``skip``: ``...`` for ema_)."""
+    """The problems of the arguments of :func:`ema_` / :func:`ema_unless_` (``skip``: ``...`` for ema_)."""
     for name, tensors in (("teacher", teacher), ("student", student)):
         if not isinstance(tensors, (list, tuple)):
             yield TypeError, f"ema_: {name} must be a list or tuple of tensors, got {type(tensors).__name__}"
@@ -50,23 +47,15 @@ def _problems(teacher, student, momentum, skip) -> Iterator[tuple[type[Exception
     if not 0.0 <= float(momentum) <= 1.0:
         yield ValueError, f"ema_: momentum must be in [0, 1], got {momentum}"
     if len(teacher) != len(student):
-        yield ValueError, (
-            f"ema_: teacher and student lists differ in length: {len(teacher)} teacher tensors vs "
-            f"{len(student)} student tensors"
-        )
+        yield ValueError, f"ema_: teacher and student lists differ in length: {len(teacher)} vs {len(student)} tensors"
     for i, (t, s) in enumerate(zip(teacher, student)):
-        if t.dtype not in _FLOAT_DTYPES:
-            yield TypeError, f"ema_: teacher[{i}] must be float32, float64, bfloat16 or float16, got {t.dtype}"
-        if s.dtype not in _FLOAT_DTYPES:
-            yield TypeError, f"ema_: student[{i}] must be float32, float64, bfloat16 or float16, got {s.dtype}"
+        for name, x in (("teacher", t), ("student", s)):
+            if x.dtype not in FLOAT_DTYPES:
+                yield TypeError, f"ema_: {name}[{i}] must be float32, float64, bfloat16 or float16, got {x.dtype}"
         if t.shape != s.shape:
-            yield ValueError, (
-                f"ema_: shape mismatch at index {i}: teacher {list(t.shape)} vs student {list(s.shape)}"
-            )
+            yield ValueError, f"ema_: shape mismatch at index {i}: teacher {list(t.shape)} vs student {list(s.shape)}"
         if not t.is_contiguous():
-            yield ValueError, (
-                f"ema_: teacher[{i}] must be contiguous, got shape {list(t.shape)} with strides {t.stride()}"
-            )
+            yield ValueError, f"ema_: teacher[{i}] must be contiguous, got shape {list(t.shape)}, strides {t.stride()}"
         if t.device != teacher[0].device or s.device != teacher[0].device:
             yield ValueError, (
                 f"ema_: all tensors must be on one device; teacher[0] is on {teacher[0].device} but at "
@@ -103,20 +92,13 @@ def _python_loop(teacher, student, momentum: float, return_gap: bool) -> torch.T
 _ROUTE = Route("ema_")
 
 
-def ema_(
-    teacher: Sequence[torch.Tensor],
-    student: Sequence[torch.Tensor],
-    momentum: float,
-    *,
-    return_gap: bool = False,
-) -> EMAGap | None:
+def ema_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], momentum: float, *,
+         return_gap: bool = False) -> EMAGap | None:
     """Update every ``teacher[i]`` in place: ``teacher[i].lerp_(student[i], 1 - momentum)``.
 
-    Teachers must be contiguous floating tensors; students have the same shapes and any floating
-    dtype (a bf16 student into an fp32 teacher is cast inside the kernel). All tensors share one
-    device. Nothing is modified when validation fails. Returns :class:`EMAGap` (measured before
-    the update) when ``return_gap``, else None. Routing: see the module docstring.
-    """
+    Teachers: contiguous floating tensors; students: the same shapes, any floating dtype; one device.
+    Nothing is modified when validation fails. Returns :class:`EMAGap` (measured before the update)
+    when ``return_gap``, else None."""
     _check_args(teacher, student, momentum)
     momentum = float(momentum)
     if len(teacher) == 0:  # no tensor to dispatch on
@@ -128,24 +110,16 @@ def ema_(
     return EMAGap(*gap.tolist()) if return_gap else None
 
 
-def ema_unless_(
-    teacher: Sequence[torch.Tensor],
-    student: Sequence[torch.Tensor],
-    momentum: float,
-    skip: torch.Tensor,
-    *,
-    return_gap: bool = False,
-) -> torch.Tensor | None:
+def ema_unless_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], momentum: float,
+                skip: torch.Tensor, *, return_gap: bool = False) -> torch.Tensor | None:
     """:func:`ema_` decided on the device: for every pair ``(t, s)``::
 
         w = (1 - momentum) * (1 - skip)      # fp32; skip is a 0-dim 0/1 tensor on the tensors' device
         t.lerp_(s, w)                        # skip = 1: w = 0 and t stays exactly as it was
 
-    so a training step can drop its EMA update on a non-finite step without the host reading the
-    flag. One ``torch._foreach_lerp_`` per teacher dtype (the weight is a device scalar, which the
-    fused kernel of :func:`ema_` does not take). With ``return_gap`` the gap of :func:`ema_`
-    (measured before the update, float64) comes back as a ``[4]`` tensor on the device
-    (``diff_sq, dot, teacher_sq, student_sq``), not as floats."""
+    so a step can drop its EMA update on a non-finite step without a host read. One
+    ``torch._foreach_lerp_`` per teacher dtype. With ``return_gap`` the gap of :func:`ema_` comes
+    back as a float64 ``[4]`` device tensor (``diff_sq, dot, teacher_sq, student_sq``)."""
     _check_args(teacher, student, momentum, skip)
     if not teacher:
         return torch.zeros(4, dtype=torch.float64, device=skip.device) if return_gap else None
@@ -166,11 +140,8 @@ def ema_unless_(
     return gap
 
 
-def ema_reference(
-    teacher: Sequence[torch.Tensor],
-    student: Sequence[torch.Tensor],
-    momentum: float,
-) -> tuple[list[torch.Tensor], EMAGap]:
+def ema_reference(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+                  momentum: float) -> tuple[list[torch.Tensor], EMAGap]:
     """Oracle: the updated teachers (new tensors, computed in float64 and cast to each teacher's
     dtype) and the gap, from plain per-tensor PyTorch."""
     _check_args(teacher, student, momentum)

@@ -14,11 +14,9 @@ weights, no gradient), ``eps``; the teacher never receives a gradient)::
 (``1 - cos`` equals ``1 - F.cosine_similarity(x, y)`` whenever both norms exceed ``eps``.)
 
 The kernel ``fastkd::feature_align`` computes the loss and ``d loss / d student`` in one pass over each
-row (in fp32, fp64 for fp64 inputs); its backward only scales that saved gradient by the incoming
-per-row gradient (in place unless the graph is retained). No normalised copy of either input is
-stored. Routing (``fastkd.ops._dispatch``, the same for every op): CUDA -> the Triton kernel of
-``fastkd.kernels.feature_align`` (D <= 4096); CPU -> the C++ kernel (``csrc/feature_align.cpp``); else
-(float64 or D > 4096 on CUDA, other devices, no ``fastkd._C``) -> :func:`feature_align_reference`.
+row (fp32, fp64 for fp64 inputs); its backward scales that saved gradient by the incoming per-row
+gradient. Routing (``fastkd.ops._dispatch``): CUDA -> the Triton kernel of ``fastkd.kernels.feature_align``
+(D <= 4096); CPU -> the C++ kernel (``csrc/feature_align.cpp``); else -> :func:`feature_align_reference`.
 The op is once differentiable.
 """
 
@@ -28,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastkd.checks import check_bool, check_choice
-from fastkd.ops._dispatch import Route, check_float_tensors, check_positive_numbers, register
+from fastkd.checks import check_bool, check_choice, check_number
+from fastkd.ops._dispatch import Route, check_float_tensors, register
 
 __all__ = ["feature_align", "feature_align_reference", "TARGET_NORMS", "LOSSES"]
 
@@ -42,7 +40,8 @@ def check_options(target_norm, student_norm, loss, beta, eps) -> None:
     check_choice("target_norm", target_norm, TARGET_NORMS)
     check_bool("student_norm", student_norm)
     check_choice("loss", loss, LOSSES)
-    check_positive_numbers(beta=beta, eps=eps, minimum_zero=("beta",))
+    check_number("beta", beta, low=0)
+    check_number("eps", eps, low=0, low_open=True)
 
 
 def _validate(student, teacher, mask, target_norm, student_norm, loss, beta, eps) -> None:

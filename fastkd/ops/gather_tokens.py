@@ -9,16 +9,14 @@ The output dtype is ``torch.result_type(x, pos_embed)`` (as for ``x + pos_embed`
     grad_x         = zeros(B, N, D).scatter_add_(1, keep[..., None].expand(-1, -1, D), grad_out)
     grad_pos_embed = grad_x.sum(0)           # only when pos_embed requires grad, in its shape
 
-Neither ``x + pos_embed`` nor any ``[B, N, D]`` temporary is materialised: the forward reads only the
-kept rows of ``x`` and ``pos_embed``; the backward writes ``grad_x`` once and accumulates the
-positional gradient (in fp32) from the ``B * K`` kept rows only, never from ``grad_x``.
+No ``[B, N, D]`` temporary is materialised: the forward reads only the kept rows of ``x`` and
+``pos_embed``; the backward writes ``grad_x`` once and accumulates the positional gradient (in fp32)
+from the ``B * K`` kept rows only.
 
-Kernels ``fastkd::gather_tokens`` (+ ``fastkd::gather_tokens_backward``). Routing
-(``fastkd.ops._dispatch``, the same for every op): CUDA -> the Triton kernels of
-``fastkd.kernels.gather_tokens``; CPU -> the C++ kernels (``csrc/gather_tokens.cpp``: parallel over
-rows, one write of ``grad_x``); else (float64 on CUDA, other devices, no ``fastkd._C``) ->
-:func:`gather_tokens_reference`. Indices are range-checked by the CPU kernel always and on CUDA when
-the environment variable ``FASTKD_DEBUG=1`` is set (the check synchronises the device).
+Kernels ``fastkd::gather_tokens`` (+ ``_backward``). Routing (``fastkd.ops._dispatch``): CUDA -> the
+Triton kernels of ``fastkd.kernels.gather_tokens``; CPU -> the C++ kernels (``csrc/gather_tokens.cpp``);
+else -> :func:`gather_tokens_reference`. Indices are range-checked by the CPU kernel always and on CUDA
+with ``FASTKD_DEBUG=1`` (the check synchronises the device).
 """
 
 from __future__ import annotations
@@ -114,8 +112,6 @@ register("gather_tokens_backward", _fake_backward, cuda=_gather_tokens_backward_
 _ROUTE = Route("gather_tokens")
 
 
-
-
 # ----------------------------------------------------------------------------- public API
 
 
@@ -151,6 +147,7 @@ def _problems(x: object, keep: object, pos_embed: object) -> Iterator[tuple[type
         yield TypeError, f"pos_embed must be a floating-point tensor, got {pos_embed.dtype}"
     if pos_embed.device != x.device:
         yield ValueError, f"pos_embed is on {pos_embed.device} but x is on {x.device}"
+
 
 def _validate(x: object, keep: object, pos_embed: object) -> None:
     for error, message in _problems(x, keep, pos_embed):

@@ -16,15 +16,12 @@ float64 inputs are computed in float64)::
 Result: ``kl [B, H_s, N]`` (fp32, float64 for float64 inputs). There is no ``temperature ** 2`` factor.
 Gradients flow to ``q_s`` and ``k_s`` only; the teacher inputs never receive gradients.
 
-Kernels ``fastkd::token_relation`` (+ ``fastkd::token_relation_backward``). Routing
-(``fastkd.ops._dispatch``, the same for every op): CUDA -> the Triton kernels of
-``fastkd.kernels.token_relation`` (online log-sum-exp over key blocks, extra memory O(B·H·N)); CPU ->
-the C++ kernels (``csrc/token_relation.cpp``: tiles of (heads x query rows) whose teacher logits hold
-at most ``CPU_TILE_ELEMENTS`` values, two ``bmm`` per tile and one fused vectorised pass per row, so
-extra memory is O(threads · tile) and small ``N`` batches many heads per tile); else (float64 on CUDA,
-other devices, no ``fastkd._C``) -> :func:`token_relation_reference`, which materialises the maps.
-Both backwards recompute each tile from the saved per-row statistics (``lse_s``, ``lse_t``,
-per-teacher-head lse, ``kl``).
+Kernels ``fastkd::token_relation`` (+ ``_backward``). Routing (``fastkd.ops._dispatch``): CUDA -> the
+Triton kernels of ``fastkd.kernels.token_relation`` (online log-sum-exp over key blocks, extra memory
+O(B·H·N)); CPU -> the C++ kernels (``csrc/token_relation.cpp``: tiles of (heads x query rows) of at
+most ``CPU_TILE_ELEMENTS`` teacher logits, extra memory O(threads · tile)); else ->
+:func:`token_relation_reference`, which materialises the maps. Both backwards recompute each tile from
+the saved per-row statistics (``lse_s``, ``lse_t``, per-teacher-head lse, ``kl``).
 """
 
 from __future__ import annotations
@@ -35,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastkd.checks import check_choice
-from fastkd.ops._dispatch import Route, check_float_tensors, check_positive_numbers, register
+from fastkd.checks import check_choice, check_number
+from fastkd.ops._dispatch import Route, check_float_tensors, register
 
 __all__ = ["token_relation", "token_relation_reference", "DIRECTIONS", "HEAD_MAPS", "CPU_TILE_ELEMENTS"]
 
@@ -95,14 +92,16 @@ def check_options(temperature, direction, head_map) -> None:
     """Raise ValueError naming the first invalid option of :func:`token_relation`."""
     check_choice("direction", direction, DIRECTIONS)
     check_choice("head_map", head_map, HEAD_MAPS)
-    check_positive_numbers(temperature=temperature)
+    check_number("temperature", temperature, low=0, low_open=True)
 
 
 def _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map, scale_s, scale_t) -> int:
     """Validate; returns the number ``G`` of teacher heads per student head."""
     check_float_tensors("[B, H, N, d]", 4, q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t)
     check_options(temperature, direction, head_map)
-    check_positive_numbers(scale_s=scale_s, scale_t=scale_t)
+    for name, scale in (("scale_s", scale_s), ("scale_t", scale_t)):
+        if scale is not None:
+            check_number(name, scale, low=0, low_open=True)
     H_s, H_t = q_s.shape[1], q_t.shape[1]
     problems = (
         (q_s.shape != k_s.shape or q_s.dtype != k_s.dtype,
