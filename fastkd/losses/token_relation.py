@@ -1,12 +1,8 @@
-"""``TokenRelationLoss``: attention-map (token relation) distillation, Hybrid Distill's MIM term.
-
-Math: the per-row KL ``kl [B, H_s, N]`` of :func:`fastkd.ops.token_relation` (its module docstring
-states the formula and the head mapping), reduced by ``reduction``: "mean" over batch, student heads
-and query rows, "sum", or "none".
-
-Teacher inputs never receive gradients; gradients flow to ``q_s`` and ``k_s``. The scales default to
-``d ** -0.5`` of each model's head dim (the attention scale of a ViT).
-"""
+"""``TokenRelationLoss``: attention-map (token relation) distillation, Hybrid Distill's MIM term: the
+per-row KL ``kl [B, H_s, N]`` of :func:`fastkd.ops.token_relation` (its module docstring states the
+formula and the head mapping), reduced by ``reduction``: "mean" over batch, student heads and query
+rows, "sum", or "none". Gradients flow to ``q_s`` and ``k_s`` only; the scales are ``d ** -0.5`` of
+each model's head dim (a ViT's attention scale)."""
 
 from __future__ import annotations
 
@@ -14,36 +10,26 @@ from torch import Tensor, nn
 
 from fastkd.checks import check_choice
 from fastkd.ops.reduction import REDUCTIONS, reduce_rows
-from fastkd.ops.token_relation import DIRECTIONS, HEAD_MAPS, check_options, token_relation  # noqa: F401
+from fastkd.ops.token_relation import check_options, token_relation
 
 
 class TokenRelationLoss(nn.Module):
     """KL between teacher and student token relations, called as ``loss_fn(q_s, k_s, q_t, k_t)``
     with ``q, k [B, H, N, d]``; returns a scalar (fp32) unless ``reduction="none"``."""
 
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        direction: str = "teacher_to_student",
-        head_map: str | None = None,
-        reduction: str = "mean",
-    ) -> None:
+    def __init__(self, temperature: float = 1.0, direction: str = "teacher_to_student", head_map: str | None = None,
+                 reduction: str = "mean") -> None:
         super().__init__()
         check_options(temperature, direction, head_map)
         check_choice("reduction", reduction, REDUCTIONS)
         self.temperature = float(temperature)
-        self.direction = direction
-        self.head_map = head_map
-        self.reduction = reduction
+        self.direction, self.head_map, self.reduction = direction, head_map, reduction
 
     def forward(self, q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor) -> Tensor:
-        kl = token_relation(
-            q_s, k_s, q_t, k_t, temperature=self.temperature, direction=self.direction, head_map=self.head_map
-        )
+        kl = token_relation(q_s, k_s, q_t, k_t, temperature=self.temperature, direction=self.direction,
+                            head_map=self.head_map)
         return reduce_rows(kl, self.reduction)
 
     def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, direction={self.direction!r}, head_map={self.head_map!r}, "
-            f"reduction={self.reduction!r}"
-        )
+        return (f"temperature={self.temperature}, direction={self.direction!r}, head_map={self.head_map!r}, "
+                f"reduction={self.reduction!r}")

@@ -1,9 +1,6 @@
-"""Fused operators. Each op lives in its own file: validation, its plain PyTorch ``*_reference``, the
-fake (meta) and CUDA (Triton) kernels of its ``torch.ops.fastkd`` op (schema, C++ CPU kernel and
-autograd in ``csrc/``), and its public function, which routes once through ``fastkd.ops._dispatch``
-(CUDA -> Triton, CPU -> C++, else the reference). Each op module's docstring states its math.
-
-``with fastkd.ops.reference_ops():`` routes every op to its plain PyTorch ``*_reference``."""
+"""Fused operators, one per module: its math (module docstring), validation, plain PyTorch ``*_reference``
+and ``torch.ops.fastkd`` kernels, routed once through ``fastkd.ops._dispatch``.
+``with fastkd.ops.reference_ops():`` routes every op to its ``*_reference``."""
 
 from .feature_align import LOSSES, TARGET_NORMS, feature_align, feature_align_reference  # noqa: F401
 from .gather_tokens import gather_tokens, gather_tokens_reference  # noqa: F401

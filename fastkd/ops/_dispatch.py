@@ -37,6 +37,7 @@ from fastkd.ops._extension import build_info, load
 
 __all__ = ["Route", "implementation_context", "native_op", "reference_ops", "reference_ops_enabled", "register"]
 
+
 class _State(threading.local):
     enabled = False  # inside reference_ops() on this thread
 
@@ -91,8 +92,7 @@ def _missing_native_cached(name: str, device_type: str) -> str | None:
 
 
 def native_op(name: str, device_type: str = "cpu") -> Callable | None:
-    """``torch.ops.fastkd.<name>`` when the native extension provides it for ``device_type`` on this
-    machine, else None."""
+    """``torch.ops.fastkd.<name>`` when it can run on ``device_type`` here, else None."""
     return None if _missing_native(name, device_type) else getattr(torch.ops.fastkd, name)
 
 
@@ -110,10 +110,9 @@ def implementation_context(device: torch.device, *, set_device: bool = True) -> 
 
 
 def register(name: str, fake: Callable, cuda: Callable | None = None) -> None:
-    """Register ``fake`` as the fake (meta) kernel of ``torch.ops.fastkd.<name>`` and ``cuda`` (a
-    function of the op's arguments that launches its Triton kernel) as its CUDA kernel, run in the
-    :func:`implementation_context` of its first tensor argument; nothing when fastkd._C is not built
-    (the op then always runs its reference)."""
+    """Register ``fake`` as the meta kernel of ``torch.ops.fastkd.<name>`` and ``cuda`` (the Triton
+    launcher) as its CUDA kernel, run in the :func:`implementation_context` of its first tensor
+    argument; nothing when fastkd._C is not built."""
     if load() is None:
         return
     torch.library.register_fake(f"fastkd::{name}", fake)
@@ -173,6 +172,11 @@ class Route:
 # ----------------------------------------------------------------------------- argument checks of the ops
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the ops compute their statistics in: float64 when an input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def check_float_tensors(shape: str | None = None, dims: int | None = None, **named: Any) -> None:

@@ -57,17 +57,14 @@ def _problems(teacher, student, momentum, skip) -> Iterator[tuple[type[Exception
         if not t.is_contiguous():
             yield ValueError, f"ema_: teacher[{i}] must be contiguous, got shape {list(t.shape)}, strides {t.stride()}"
         if t.device != teacher[0].device or s.device != teacher[0].device:
-            yield ValueError, (
-                f"ema_: all tensors must be on one device; teacher[0] is on {teacher[0].device} but at "
-                f"index {i} teacher is on {t.device} and student on {s.device}"
-            )
+            yield ValueError, (f"ema_: all tensors must be on one device; teacher[0] is on {teacher[0].device} but "
+                               f"at index {i} teacher is on {t.device} and student on {s.device}")
     if skip is not ... and (not isinstance(skip, torch.Tensor) or skip.numel() != 1):
         yield TypeError, (f"ema_unless_: skip must be a one-element tensor (0 or 1), got {type(skip).__name__} "
                           f"{tuple(getattr(skip, 'shape', ()))}")
 
 
-def _check_args(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], momentum: float,
-                skip: object = ...) -> None:
+def _check_args(teacher, student, momentum, skip: object = ...) -> None:
     for error, message in _problems(teacher, student, momentum, skip):
         raise error(message)
 

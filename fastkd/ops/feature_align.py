@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastkd.checks import check_bool, check_choice, check_number
-from fastkd.ops._dispatch import Route, check_float_tensors, register
+from fastkd.ops._dispatch import Route, accumulation_dtype, check_float_tensors, register
 
 __all__ = ["feature_align", "feature_align_reference", "TARGET_NORMS", "LOSSES"]
 
@@ -44,7 +44,8 @@ def check_options(target_norm, student_norm, loss, beta, eps) -> None:
     check_number("eps", eps, low=0, low_open=True)
 
 
-def _validate(student, teacher, mask, target_norm, student_norm, loss, beta, eps) -> None:
+def _arguments(student, teacher, mask, target_norm, student_norm, loss, beta, eps) -> tuple:
+    """Validate; returns the kernel's arguments (teacher detached, ``beta`` and ``eps`` as floats)."""
     check_float_tensors(student=student, teacher=teacher)
     shape = tuple(student.shape[:-1])
     problems = [
@@ -68,27 +69,19 @@ def _validate(student, teacher, mask, target_norm, student_norm, loss, beta, eps
         if failed:
             raise error(message)
     check_options(target_norm, student_norm, loss, beta, eps)
+    return student, teacher.detach(), mask, target_norm, student_norm, loss, float(beta), float(eps)
 
 
-def feature_align_reference(
-    student: Tensor,
-    teacher: Tensor,
-    mask: Tensor | None = None,
-    *,
-    target_norm: str = "layernorm",
-    student_norm: bool = False,
-    loss: str = "smooth_l1",
-    beta: float = 2.0,
-    eps: float = 1e-6,
-) -> Tensor:
+def feature_align_reference(student: Tensor, teacher: Tensor, mask: Tensor | None = None, *,
+                            target_norm: str = "layernorm", student_norm: bool = False, loss: str = "smooth_l1",
+                            beta: float = 2.0, eps: float = 1e-6) -> Tensor:
     """The plain PyTorch formula of :func:`feature_align` (fp32, fp64 for fp64 inputs), materialising
     every intermediate; the test oracle, the benchmark baseline and the op's fallback."""
-    _validate(student, teacher, mask, target_norm, student_norm, loss, beta, eps)
-    return _reference(student, teacher, mask, target_norm, student_norm, loss, beta, eps)
+    return _reference(*_arguments(student, teacher, mask, target_norm, student_norm, loss, beta, eps))
 
 
 def _reference(student, teacher, mask, target_norm, student_norm, loss, beta, eps) -> Tensor:
-    acc = _loss_dtype(student, teacher)
+    acc = accumulation_dtype(student, teacher)
     s, t = student.to(acc), teacher.detach().to(acc)
     if target_norm == "layernorm":
         y = F.layer_norm(t, t.shape[-1:], eps=eps)
@@ -108,10 +101,6 @@ def _reference(student, teacher, mask, target_norm, student_norm, loss, beta, ep
     return rows.float() if acc == torch.float32 else rows
 
 
-def _loss_dtype(s: Tensor, t: Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
-
-
 def _feature_align_triton(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad):
     from fastkd.kernels.feature_align import launch_feature_align_fwd
 
@@ -129,7 +118,7 @@ def _feature_align_gpu_limit(student, *args) -> str | None:
 
 def _fake(student, teacher, weight, target_norm, student_norm, loss, beta, eps, write_grad):
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if write_grad else student.new_empty(0)
-    return student.new_empty(student.shape[0], dtype=_loss_dtype(student, teacher)), grad
+    return student.new_empty(student.shape[0], dtype=accumulation_dtype(student, teacher)), grad
 
 
 register("feature_align", _fake, cuda=_feature_align_triton)
@@ -152,20 +141,11 @@ def _kernel(student, teacher, mask, target_norm, student_norm, loss, beta, eps) 
     return rows if student.dim() == 2 else rows.reshape(student.shape[:-1])
 
 
-def feature_align(
-    student: Tensor,
-    teacher: Tensor,
-    mask: Tensor | None = None,
-    *,
-    target_norm: str = "layernorm",
-    student_norm: bool = False,
-    loss: str = "smooth_l1",
-    beta: float = 2.0,
-    eps: float = 1e-6,
-) -> Tensor:
+def feature_align(student: Tensor, teacher: Tensor, mask: Tensor | None = None, *,
+                  target_norm: str = "layernorm", student_norm: bool = False, loss: str = "smooth_l1",
+                  beta: float = 2.0, eps: float = 1e-6) -> Tensor:
     """Per-row loss ``[...]`` (float32; float64 for float64 inputs) of ``student`` against the
     normalised ``teacher``, times ``mask``: see the module docstring for the formula and the routing.
     Gradient flows to ``student`` only (in its dtype)."""
-    _validate(student, teacher, mask, target_norm, student_norm, loss, beta, eps)
-    args = (student, teacher.detach(), mask, target_norm, student_norm, loss, float(beta), float(eps))
+    args = _arguments(student, teacher, mask, target_norm, student_norm, loss, beta, eps)
     return _ROUTE.run(_reference, args, student.device, (student.dtype, teacher.dtype), _kernel)

@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from fastkd.ops._dispatch import Route, register
+from fastkd.ops._dispatch import Route, accumulation_dtype, register
 
 __all__ = ["gather_tokens", "gather_tokens_reference"]
 
@@ -46,11 +46,6 @@ def _checks_indices(device: torch.device) -> bool:
     """Indices are range-checked on CPU always (by the C++ kernel), elsewhere (a device sync) only with
     FASTKD_DEBUG=1."""
     return device.type == "cpu" or os.environ.get("FASTKD_DEBUG", "0") not in ("", "0")
-
-
-def _pos_grad_dtype(grad_dtype: torch.dtype) -> torch.dtype:
-    """The positional gradient is accumulated in float32 (float64 for float64 gradients)."""
-    return torch.float64 if grad_dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- forward op
@@ -84,16 +79,15 @@ register("gather_tokens", _fake, cuda=_gather_tokens_triton)
 # ----------------------------------------------------------------------------- backward op
 
 
-def _gather_tokens_backward_triton(
-    grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: torch.dtype, with_pos: bool
-) -> tuple[Tensor, Tensor]:
+def _gather_tokens_backward_triton(grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: torch.dtype,
+                                   with_pos: bool) -> tuple[Tensor, Tensor]:
     from fastkd.kernels.gather_tokens import launch_gather_tokens_bwd
 
     B, K, D = grad_out.shape
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     grad_x = grad_out.new_empty((B, num_tokens, D), dtype=x_dtype)
     grad_pos = launch_gather_tokens_bwd(grad_out, keep.contiguous(), grad_x, with_pos)
-    acc = _pos_grad_dtype(grad_out.dtype)
+    acc = accumulation_dtype(grad_out)
     grad_pos = grad_out.new_empty((0, D), dtype=acc) if grad_pos is None else grad_pos.to(acc)
     return grad_x, grad_pos
 
@@ -104,7 +98,7 @@ def _fake_backward(grad_out: Tensor, keep: Tensor, num_tokens: int, x_dtype: tor
     float64 gradients); ``grad_pos`` is ``[0, D]`` when ``with_pos`` is False."""
     B, _, D = grad_out.shape
     grad_x = grad_out.new_empty((B, num_tokens, D), dtype=x_dtype)
-    grad_pos = grad_out.new_empty((num_tokens if with_pos else 0, D), dtype=_pos_grad_dtype(grad_out.dtype))
+    grad_pos = grad_out.new_empty((num_tokens if with_pos else 0, D), dtype=accumulation_dtype(grad_out))
     return grad_x, grad_pos
 
 
@@ -139,10 +133,8 @@ def _problems(x: object, keep: object, pos_embed: object) -> Iterator[tuple[type
     if not isinstance(pos_embed, Tensor):
         yield TypeError, f"pos_embed must be a Tensor or None, got {type(pos_embed).__name__}"
     if tuple(pos_embed.shape) not in ((N, D), (1, N, D)):
-        yield ValueError, (
-            f"pos_embed must have shape [N, D] or [1, N, D] = {[N, D]} (from x shape {tuple(x.shape)}), "
-            f"got {tuple(pos_embed.shape)}"
-        )
+        yield ValueError, (f"pos_embed must have shape [N, D] or [1, N, D] = {[N, D]} (from x shape "
+                           f"{tuple(x.shape)}), got {tuple(pos_embed.shape)}")
     if not pos_embed.is_floating_point():
         yield TypeError, f"pos_embed must be a floating-point tensor, got {pos_embed.dtype}"
     if pos_embed.device != x.device:

@@ -33,17 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastkd.checks import check_choice, check_number
-from fastkd.ops._dispatch import Route, check_float_tensors, register
+from fastkd.ops._dispatch import Route, accumulation_dtype, check_float_tensors, register
 
 __all__ = ["token_relation", "token_relation_reference", "DIRECTIONS", "HEAD_MAPS", "CPU_TILE_ELEMENTS"]
 
 DIRECTIONS = ("teacher_to_student", "student_to_teacher")
 HEAD_MAPS = (None, "mean")
 CPU_TILE_ELEMENTS = 1 << 17
-
-
-def _stats_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -60,7 +56,7 @@ def _fake(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student, tile_elements=None):
     teacher tile; ``lse_heads [B, H_t, N]`` per teacher head when ``H_t > H_s``, else ``[0]``."""
     B, H_s, N, _ = q_s.shape
     H_t = q_t.shape[1]
-    dtype = _stats_dtype(q_s, k_s, q_t, k_t)
+    dtype = accumulation_dtype(q_s, k_s, q_t, k_t)
     stats = tuple(q_s.new_empty((B, H_s, N), dtype=dtype) for _ in range(3))
     return (*stats, q_s.new_empty((B, H_t, N) if H_t > H_s else (0,), dtype=dtype))
 
@@ -95,8 +91,9 @@ def check_options(temperature, direction, head_map) -> None:
     check_number("temperature", temperature, low=0, low_open=True)
 
 
-def _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map, scale_s, scale_t) -> int:
-    """Validate; returns the number ``G`` of teacher heads per student head."""
+def _arguments(q_s, k_s, q_t, k_t, scale_s, scale_t, temperature, direction, head_map) -> tuple:
+    """Validate; returns the kernel's arguments ``(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student, G)``
+    (teacher detached, ``G`` teacher heads per student head)."""
     check_float_tensors("[B, H, N, d]", 4, q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t)
     check_options(temperature, direction, head_map)
     for name, scale in (("scale_s", scale_s), ("scale_t", scale_t)):
@@ -121,31 +118,17 @@ def _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map, scale_s,
     for failed, message in problems:
         if failed:
             raise ValueError(message)
-    return H_t // H_s
+    c_s, c_t = (float(d**-0.5 if c is None else c) / float(temperature)
+                for c, d in ((scale_s, q_s.shape[-1]), (scale_t, q_t.shape[-1])))
+    return q_s, k_s, q_t.detach(), k_t.detach(), c_s, c_t, direction == "teacher_to_student", H_t // H_s
 
 
-def _logit_scale(scale: float | None, head_dim: int, temperature: float) -> float:
-    return float(head_dim**-0.5 if scale is None else scale) / float(temperature)
-
-
-def token_relation(
-    q_s: Tensor,
-    k_s: Tensor,
-    q_t: Tensor,
-    k_t: Tensor,
-    *,
-    scale_s: float | None = None,
-    scale_t: float | None = None,
-    temperature: float = 1.0,
-    direction: str = "teacher_to_student",
-    head_map: str | None = None,
-) -> Tensor:
+def token_relation(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, *, scale_s: float | None = None,
+                   scale_t: float | None = None, temperature: float = 1.0,
+                   direction: str = "teacher_to_student", head_map: str | None = None) -> Tensor:
     """Per-row KL between teacher and student token relations, ``[B, H_s, N]`` (see the module
     docstring for the math and the routing)."""
-    G = _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map, scale_s, scale_t)
-    c_s = _logit_scale(scale_s, q_s.shape[-1], temperature)
-    c_t = _logit_scale(scale_t, q_t.shape[-1], temperature)
-    args = (q_s, k_s, q_t.detach(), k_t.detach(), c_s, c_t, direction == "teacher_to_student", G)
+    args = _arguments(q_s, k_s, q_t, k_t, scale_s, scale_t, temperature, direction, head_map)
     return _ROUTE.run(_reference, args, q_s.device, (q_s.dtype, q_t.dtype), _kernel)
 
 
@@ -154,28 +137,16 @@ def _kernel(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student, G) -> Tensor:
                                                    CPU_TILE_ELEMENTS)[0]
 
 
-def token_relation_reference(
-    q_s: Tensor,
-    k_s: Tensor,
-    q_t: Tensor,
-    k_t: Tensor,
-    *,
-    scale_s: float | None = None,
-    scale_t: float | None = None,
-    temperature: float = 1.0,
-    direction: str = "teacher_to_student",
-    head_map: str | None = None,
-) -> Tensor:
+def token_relation_reference(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, *, scale_s: float | None = None,
+                             scale_t: float | None = None, temperature: float = 1.0,
+                             direction: str = "teacher_to_student", head_map: str | None = None) -> Tensor:
     """Materialised oracle: full ``[B, H, N, N]`` maps, ``log_softmax`` and ``F.kl_div`` (the test
     oracle, the benchmark baseline and the op's fallback)."""
-    G = _check_inputs(q_s, k_s, q_t, k_t, temperature, direction, head_map, scale_s, scale_t)
-    c_s = _logit_scale(scale_s, q_s.shape[-1], temperature)
-    c_t = _logit_scale(scale_t, q_t.shape[-1], temperature)
-    return _reference(q_s, k_s, q_t, k_t, c_s, c_t, direction == "teacher_to_student", G)
+    return _reference(*_arguments(q_s, k_s, q_t, k_t, scale_s, scale_t, temperature, direction, head_map))
 
 
 def _reference(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student, G) -> Tensor:
-    dtype = _stats_dtype(q_s, k_s, q_t, k_t)
+    dtype = accumulation_dtype(q_s, k_s, q_t, k_t)
     a_s = F.log_softmax((q_s.to(dtype) @ k_s.to(dtype).transpose(-1, -2)) * c_s, dim=-1)
     with torch.no_grad():
         a_t = F.log_softmax((q_t.to(dtype) @ k_t.to(dtype).transpose(-1, -2)) * c_t, dim=-1)
