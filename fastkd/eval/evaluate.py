@@ -14,40 +14,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastkd.checks import check_bool, check_number
+from fastkd.checks import check_bool, check_number, check_positive_ints
 from fastkd.eval.features import FeatureSet, cached_features, extract_features
 from fastkd.eval.knn import KNNResult, knn_classify
 from fastkd.eval.linear_probe import LinearProbeResult, train_linear_probe
 
 
-# option -> (int or float, lower bound, bound included, None allowed): the numeric evaluation options
-_NUMERIC_OPTIONS = {
-    "k": (int, 1, True, False),
-    "temperature": (float, 0.0, False, False),
-    "epochs": (int, 1, True, False),
-    "lr": (float, 0.0, True, False),
-    "weight_decay": (float, 0.0, True, False),
-    "probe_batch_size": (int, 1, True, False),
-    "batch_size": (int, 1, True, False),
-    "num_workers": (int, 0, True, False),
-    "image_size": (int, 1, True, True),
-    "resize": (int, 1, True, True),
-}
+# option -> (lower bound, bound included, None allowed); ints are the options with an int bound
+_NUMERIC_OPTIONS = {"k": (1, True, False), "temperature": (0.0, False, False), "epochs": (1, True, False),
+                    "lr": (0.0, True, False), "weight_decay": (0.0, True, False), "probe_batch_size": (1, True, False),
+                    "batch_size": (1, True, False), "num_workers": (0, True, False), "image_size": (1, True, True),
+                    "resize": (1, True, True)}
 
 
 def check_eval_options(options: dict, *, cli: bool = False) -> None:
-    """Raise ValueError naming the first numeric evaluation option of ``options`` (``k``,
-    ``temperature``, ``epochs``, ``lr``, ``weight_decay``, ``probe_batch_size``, ``batch_size``,
-    ``num_workers``, ``image_size``, ``resize``; other keys are ignored) that is not a finite
-    number in its range. ``cli`` names them as command-line options (``--probe-batch-size``)."""
+    """ValueError naming the first numeric evaluation option of ``options`` (the keys of
+    ``_NUMERIC_OPTIONS``; other keys are ignored) that is not a finite number in its range; ``cli``
+    names them as command-line options (``--probe-batch-size``)."""
     for name, value in options.items():
-        if name not in _NUMERIC_OPTIONS:
+        low, inclusive, optional = _NUMERIC_OPTIONS.get(name, (None, True, True))
+        if low is None or value is None and optional:
             continue
-        kind, low, inclusive, optional = _NUMERIC_OPTIONS[name]
-        if value is None and optional:
-            continue
-        label = f"--{name.replace('_', '-')}" if cli else name
-        if kind is int:
+        if isinstance(low, int):
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
             expected = f"an integer >= {low}"
         else:
@@ -55,13 +43,12 @@ def check_eval_options(options: dict, *, cli: bool = False) -> None:
                   and (value >= low if inclusive else value > low))
             expected = f"a finite number {'>=' if inclusive else '>'} {low:g}"
         if not ok:
-            raise ValueError(f"{label} must be {expected}, got {value!r}")
+            raise ValueError(f"{'--' + name.replace('_', '-') if cli else name} must be {expected}, got {value!r}")
 
 
 def check_run_options(*, device, num_workers, seed, progress) -> torch.device:
-    """The options every evaluation run takes (:func:`fastkd.eval.finetune.finetune`,
-    :func:`fastkd.eval.linear_protocols.evaluate_linear_protocol`), checked once, naming the bad
-    one; returns the device (cpu, or cuda when it is available)."""
+    """The options of :func:`~fastkd.eval.finetune.finetune` and
+    :func:`~fastkd.eval.linear_protocols.evaluate_linear_protocol`, checked; returns the device."""
     check_eval_options(dict(num_workers=num_workers))
     check_number("seed", seed, low=0, integer=True)
     check_bool("progress", progress)
@@ -87,8 +74,7 @@ def split_features(model: nn.Module, source, *, image_size: int = 224, resize: i
     ``desc`` labels the progress bar)."""
     from fastkd.data import build_loader
 
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    check_positive_ints(image_size=image_size)
     resize = resize if resize is not None else default_resize(image_size)
 
     def compute() -> FeatureSet:

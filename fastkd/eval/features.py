@@ -33,6 +33,15 @@ class FeatureSet:
         return {"features": self.features, "labels": self.labels, "indices": self.indices}
 
 
+def model_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``model(images)``, which must be features ``[B, D]`` (ValueError otherwise)."""
+    output = model(images)
+    if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != images.shape[0]:
+        raise ValueError(f"model(images) must return features [B, D] for images {tuple(images.shape)}, "
+                         f"got {type(output).__name__} {tuple(getattr(output, 'shape', ()))}")
+    return output
+
+
 @torch.no_grad()
 def extract_features(model: nn.Module, loader, *, device: str | torch.device | None = None,
                      autocast_dtype: torch.dtype | None = None, progress: bool = True,
@@ -41,24 +50,15 @@ def extract_features(model: nn.Module, loader, *, device: str | torch.device | N
     ``progress``, ``desc``: the progress bar (see :func:`fastkd.progress.progress_disable`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not hasattr(loader, "__iter__"):
-        raise TypeError(f"loader must be iterable, got {type(loader).__name__}")
-    if device is None:
-        device = next(model.parameters(), torch.empty(0)).device
-    device = torch.device(device)
+    device = torch.device(device if device is not None else next(model.parameters(), torch.empty(0)).device)
     was_training = model.training
     model.eval()
     features, labels, indices = [], [], []
     try:
         total = len(loader) if hasattr(loader, "__len__") else None
         for batch in tqdm(loader, total=total, desc=desc, unit="batch", disable=progress_disable(progress)):
-            images = batch.views[0].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                output = model(images)
-            if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != images.shape[0]:
-                raise ValueError(f"model(images) must return features [B, D] for images "
-                                 f"{tuple(images.shape)}, got {type(output).__name__} "
-                                 f"{tuple(getattr(output, 'shape', ()))}")
+                output = model_features(model, batch.views[0].to(device, non_blocking=True))
             features.append(output.float().cpu())
             labels.append(batch.labels.cpu().long())
             indices.append(batch.indices.cpu().long())
@@ -78,10 +78,7 @@ def cached_features(cache: str | os.PathLike | None, compute) -> FeatureSet:
         return compute()
     cache = Path(cache)
     if cache.is_file():
-        state = torch.load(cache, map_location="cpu", weights_only=True)
-        return FeatureSet(state["features"], state["labels"], state["indices"])
+        return FeatureSet(**torch.load(cache, map_location="cpu", weights_only=True))
     result = compute()
-    if not isinstance(result, FeatureSet):
-        raise TypeError(f"compute() must return a FeatureSet, got {type(result).__name__}")
     atomic_torch_save(result.state_dict(), cache)
     return result

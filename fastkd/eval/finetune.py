@@ -1,66 +1,50 @@
-"""End-to-end fine-tuning evaluation (the DeiT / MAE recipe): ImageNet-style fine-tuning top-1, the
-headline metric of MAE-family papers and of Hybrid Distill, built from timm's parts.
+"""End-to-end fine-tuning evaluation (the DeiT / MAE recipe, built from timm's parts): ImageNet-style
+fine-tuning top-1, the headline metric of MAE-family papers and of Hybrid Distill.
 
-The model (a fastkd :class:`~fastkd.models.Backbone`, e.g. from
-:func:`fastkd.eval.models.load_eval_model`) is **rebuilt**, not modified: ``build_backbone(arch,
-drop_path_rate=..., global_pool=..., img_size=..., **timm_kwargs)`` gives a fresh trainable copy
-whose blocks hold their ``DropPath`` modules (timm builds them at construction, with the
-stochastic-depth rule ``rate_i = drop_path * i / (L - 1)`` for block ``i = 0..L-1``), the loaded
-weights are copied in (the positional embedding resampled when the image size changes), and
-``reset_classifier(num_classes, global_pool)`` adds a linear head initialised
-``trunc_normal(std=head_init_std)``, bias 0. The input model is left untouched.
+The Backbone ``model`` is **rebuilt**, not modified: ``build_backbone(arch, drop_path_rate=...,
+global_pool=..., img_size=..., **timm_kwargs)`` gives a fresh copy whose blocks hold ``DropPath``
+(``rate_i = drop_path * i / (L - 1)`` for block ``i = 0..L-1``), the loaded weights are copied in
+(the positional embedding resampled to a new image size) and ``reset_classifier(num_classes,
+global_pool)`` adds a head ``trunc_normal(std=head_init_std)``, bias 0.
 
-Pooling (``global_pool``), as timm's ``VisionTransformer`` does it:
+Pooling (``global_pool``), as timm's ``VisionTransformer``:
 
-- ``token`` (DeiT): ``logits = head(norm(tokens)[:, 0])`` — the CLS token after the final norm;
-- ``avg`` (MAE): ``logits = head(fc_norm(mean_{j >= P} tokens_j))`` — the mean of the patch tokens
-  (prefix tokens ``P`` excluded), then a LayerNorm. timm places the norm *after* the pool only when
-  the model is *constructed* with ``global_pool='avg'`` (``fc_norm`` = LayerNorm, ``norm`` =
-  Identity); ``reset_classifier(n, 'avg')`` on a model built for ``token`` only changes the pooling
-  and keeps ``norm`` before it (no ``fc_norm``). Hence the rebuild with ``global_pool`` in the timm
-  arguments. As in MAE's ``main_finetune.py``, the pre-trained final ``norm`` is then discarded and
-  ``fc_norm`` starts fresh (weight 1, bias 0). Such a model's :class:`Backbone` feature (CLS after
-  ``norm``) is the un-normalised CLS token: evaluate it as a classifier (:func:`load_finetuned`).
+- ``token`` (DeiT): ``logits = head(norm(tokens)[:, 0])``, the CLS token after the final norm;
+- ``avg`` (MAE): ``logits = head(fc_norm(mean_{j >= P} tokens_j))``, the mean of the patch tokens
+  (``P`` prefix tokens excluded), then a LayerNorm. timm puts the norm after the pool only for a
+  model *constructed* with ``global_pool='avg'`` (hence the rebuild); as in MAE's
+  ``main_finetune.py`` the pre-trained final ``norm`` is dropped and ``fc_norm`` starts at weight 1,
+  bias 0. Such a model's Backbone feature is the un-normalised CLS token: evaluate it as a
+  classifier (:func:`load_finetuned`).
 
 Optimisation (MAE ``main_finetune.py`` / BEiT; DeiT ``main.py``), ``L`` blocks:
 
-- AdamW ``(beta1, beta2) = (0.9, 0.999)``, weight decay 0.05 except on 1-D parameters (biases,
-  norms) and ``no_weight_decay()`` (``cls_token``, ``reg_token``, ``pos_embed``, ``dist_token``);
-- peak lr ``lr = blr * B / lr_batch_divisor`` (MAE: ``/ 256``; DeiT: ``/ 512``), ``B`` the batch;
-- layer-wise lr decay ``d`` (:func:`timm.optim.param_groups_layer_decay`): a parameter of layer
-  ``l`` trains at ``lr * d^(L + 1 - l)`` with ``l = 0`` for the embeddings (patch embedding,
-  ``cls_token``, ``pos_embed``: ``d^(L+1)``), ``l = i`` for block ``i = 1..L`` (``d^(L+1-i)``) and
-  ``l = L + 1`` for ``fc_norm`` and the head (``d^0 = 1``); ``d = 1``: no decay (DeiT). The final
-  ``norm`` (``token`` pooling only) joins the last block (``d^1``: timm's ``group_matcher`` puts it in
-  the previous group; MAE's ``lr_decay.py`` would give it ``1``); with ``avg`` pooling it is absent;
-- per-step schedule (:class:`timm.scheduler.CosineLRScheduler`, ``t`` counted in optimizer steps,
-  ``W`` warm-up steps, ``T`` steps in all): ``lr_t = warmup_lr + (lr - warmup_lr) * t / W`` for
-  ``t < W``, then ``lr_t = min_lr + (lr - min_lr) * (1 + cos(pi * (t - W) / (T - W))) / 2``; each
-  group runs at ``lr_t * scale``. The warm-up is capped at half the run (a 2-epoch demo warms for 1);
-- loss: mixup (``lam ~ Beta(0.8, 0.8)``: ``x = lam * x_i + (1 - lam) * x_j``) or, with probability
-  ``switch_prob`` = 0.5, cutmix (``lam ~ Beta(1, 1)``, a box of area ``1 - lam`` pasted from
-  ``x_j``; ``lam`` corrected to the box actually pasted), pairing each sample with the flipped
-  batch (:class:`timm.data.Mixup`, hence even batches and ``drop_last``), on label-smoothed targets
-  ``y = (1 - eps) * onehot + eps / C``, mixed alike: ``y = lam * y_i + (1 - lam) * y_j``; the loss is
-  the soft-target cross-entropy ``-sum_c y_c log softmax(z)_c`` (:class:`timm.loss.SoftTargetCrossEntropy`).
-  Without mixup / cutmix: label-smoothing cross-entropy;
+- AdamW, weight decay except on 1-D parameters and ``no_weight_decay()`` (``cls_token``,
+  ``pos_embed``, ...); peak ``lr = blr * B / lr_batch_divisor`` (MAE ``/ 256``, DeiT ``/ 512``);
+- layer-wise lr decay ``d`` (:func:`timm.optim.param_groups_layer_decay`): layer ``l`` trains at
+  ``lr * d^(L + 1 - l)``, ``l = 0`` for the embeddings, ``l = i`` for block ``i = 1..L``, ``l = L + 1``
+  for ``fc_norm`` and the head; the final ``norm`` (``token`` pooling) joins the last block (timm's
+  ``group_matcher``; MAE's ``lr_decay.py`` would give it ``d^0``);
+- per optimizer step ``t`` of ``T`` (:class:`fastkd.train.schedules.WarmupCosine`, ``W`` warm-up
+  steps, capped at half the run): ``lr_t = warmup_lr + (lr - warmup_lr) * t / W`` for ``t < W``,
+  then ``min_lr + (lr - min_lr) * (1 + cos(pi * (t - W) / (T - W))) / 2``; each group at ``lr_t * scale``;
+- loss: mixup (``lam ~ Beta(0.8, 0.8)``, ``x = lam * x_i + (1 - lam) * x_j``) or, with probability
+  ``switch_prob``, cutmix (``lam ~ Beta(1, 1)``, a box of area ``1 - lam`` pasted from ``x_j``), each
+  sample paired with the flipped batch (:class:`timm.data.Mixup`: even batches, ``drop_last``), on
+  targets ``y = (1 - eps) * onehot + eps / C`` mixed alike; soft-target cross-entropy
+  ``-sum_c y_c log softmax(z)_c``. Without mixup / cutmix: label-smoothing cross-entropy;
 - data: train ``timm.data.create_transform(is_training=True)`` (random-resized crop, flip,
-  RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25 in ``pixel`` mode, bicubic); val
-  ``create_transform(is_training=False, crop_pct=224/256)`` (resize ``floor(S * 256/224)``, centre
-  crop ``S``, bicubic). The two ImageFolder trees are listed by :func:`fastkd.data.load_images` and
-  val classes mapped onto train classes by name (:func:`fastkd.eval.evaluate.aligned_splits`); images
-  are read with torchvision's ``default_loader`` (what ``ImageFolder`` uses).
+  RandAugment, random erasing, bicubic); val resize ``floor(S / crop_pct)`` + centre crop ``S``.
+  Val classes are mapped onto train classes by name (:func:`fastkd.eval.evaluate.aligned_splits`).
 
 Not reproduced: gradient accumulation (the batch is the effective batch), DeiT's repeated
-augmentation and model EMA, distributed evaluation. DeiT steps its scheduler per epoch; here both
-recipes step per optimizer step (as MAE does).
+augmentation and model EMA, distributed evaluation; DeiT steps its schedule per epoch, here per step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import random
 import time
@@ -74,8 +58,6 @@ from timm.data import Mixup, create_transform
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
-from timm.scheduler import CosineLRScheduler
-from timm.utils import accuracy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -83,6 +65,7 @@ from tqdm import tqdm
 from fastkd.checks import check_choice, check_number, check_positive_ints, check_str
 from fastkd.durable import atomic_write_json, read_torch_file
 from fastkd.eval.features import progress_disable
+from fastkd.eval.linear_probe import EvalResult, topk_accuracy, train_epoch
 from fastkd.eval.models import native_image_size
 from fastkd.models.backbone import Backbone, build_backbone
 from fastkd.models.weights import _resize_pos_embed, load_teacher, save_backbone
@@ -132,30 +115,21 @@ class FinetuneRecipe:
     def __post_init__(self):
         check_str("name", self.name)
         check_positive_ints(epochs=self.epochs, batch_size=self.batch_size, lr_batch_divisor=self.lr_batch_divisor)
-        check_number("blr", self.blr, low=0, low_open=True, finite=True)
-        check_number("min_lr", self.min_lr, low=0, finite=True)
-        check_number("warmup_epochs", self.warmup_epochs, low=0, finite=True)
-        check_number("warmup_lr", self.warmup_lr, low=0, finite=True)
-        check_number("weight_decay", self.weight_decay, low=0, finite=True)
         if not isinstance(self.betas, tuple) or len(self.betas) != 2:
             raise TypeError(f"betas must be a tuple (beta1, beta2), got {self.betas!r}")
-        for index, beta in enumerate(self.betas):
-            check_number(f"betas[{index}]", beta, low=0, high=1, high_open=True, finite=True)
-        check_number("eps", self.eps, low=0, low_open=True, finite=True)
-        check_number("layer_decay", self.layer_decay, low=0, high=1, low_open=True, finite=True)
-        check_number("drop_path", self.drop_path, low=0, high=1, high_open=True, finite=True)
-        check_choice("global_pool", self.global_pool, GLOBAL_POOLS)
-        check_number("head_init_std", self.head_init_std, low=0, low_open=True, finite=True)
-        check_str("auto_augment (a timm policy)", self.auto_augment, optional=True)
+        values = {**vars(self), "betas[0]": self.betas[0], "betas[1]": self.betas[1]}
+        for names, bounds in ((("blr", "eps", "head_init_std"), dict(low=0, low_open=True)),
+                              (("min_lr", "warmup_epochs", "warmup_lr", "weight_decay", "mixup", "cutmix"), dict(low=0)),
+                              (("re_prob", "mixup_prob", "switch_prob"), dict(low=0, high=1)),
+                              (("layer_decay", "crop_pct"), dict(low=0, high=1, low_open=True)),
+                              (("drop_path", "label_smoothing", "betas[0]", "betas[1]"),
+                               dict(low=0, high=1, high_open=True))):
+            for name in names:
+                check_number(name, values[name], finite=True, **bounds)
         if self.color_jitter is not None:
             check_number("color_jitter", self.color_jitter, low=0, finite=True)
-        check_number("re_prob", self.re_prob, low=0, high=1, finite=True)
-        check_number("mixup", self.mixup, low=0, finite=True)
-        check_number("cutmix", self.cutmix, low=0, finite=True)
-        check_number("mixup_prob", self.mixup_prob, low=0, high=1, finite=True)
-        check_number("switch_prob", self.switch_prob, low=0, high=1, finite=True)
-        check_number("label_smoothing", self.label_smoothing, low=0, high=1, high_open=True, finite=True)
-        check_number("crop_pct", self.crop_pct, low=0, high=1, low_open=True, finite=True)
+        check_str("auto_augment (a timm policy)", self.auto_augment, optional=True)
+        check_choice("global_pool", self.global_pool, GLOBAL_POOLS)
         check_choice("interpolation", self.interpolation, INTERPOLATIONS)
         if self.mixes and self.batch_size % 2:
             raise ValueError(f"batch_size must be even with mixup / cutmix (timm's Mixup pairs each sample with "
@@ -178,15 +152,13 @@ FINETUNE_RECIPES = {
     # --cutmix 1.0); the rest are main_finetune.py defaults (its blr / layer_decay defaults, 1e-3 / 0.75, are the
     # generic setting); util/lr_sched.py (warm-up from 0, cosine to min_lr), util/datasets.py (eval crop 224/256).
     "mae": FinetuneRecipe(
-        name="mae", epochs=100, batch_size=1024, blr=5e-4, lr_batch_divisor=256,
-        min_lr=1e-6, warmup_epochs=5, warmup_lr=0.0,
-        weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,  # torch.optim.AdamW defaults, as main_finetune.py uses
+        name="mae", epochs=100, batch_size=1024, blr=5e-4, lr_batch_divisor=256, min_lr=1e-6, warmup_epochs=5,
+        warmup_lr=0.0, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,  # torch's AdamW defaults, as MAE uses
         layer_decay=0.65, drop_path=0.1,
         global_pool="avg",  # --global_pool (default True): mean of patch tokens + fc_norm
         head_init_std=2e-5,  # main_finetune.py: trunc_normal_(model.head.weight, std=2e-5)
-        auto_augment="rand-m9-mstd0.5-inc1", color_jitter=None, re_prob=0.25,
-        mixup=0.8, cutmix=1.0, mixup_prob=1.0, switch_prob=0.5, label_smoothing=0.1,
-        crop_pct=224 / 256,
+        auto_augment="rand-m9-mstd0.5-inc1", color_jitter=None, re_prob=0.25, mixup=0.8, cutmix=1.0, mixup_prob=1.0,
+        switch_prob=0.5, label_smoothing=0.1, crop_pct=224 / 256,
     ),
     # DeiT (Touvron et al., ICML 2021), Table 9 and main.py defaults: lr 5e-4 x B/512, batch 1024, 300 epochs,
     # warm-up 5 epochs from --warmup-lr 1e-6, cosine to --min-lr 1e-5, AdamW (eps 1e-8), weight decay 0.05,
@@ -194,31 +166,24 @@ FINETUNE_RECIPES = {
     # random erasing 0.25, mixup 0.8 / cutmix 1.0, smoothing 0.1, bicubic, eval crop ratio 0.875; CLS-token head
     # with timm's ViT init (trunc_normal std 0.02); no layer-wise decay.
     "deit": FinetuneRecipe(
-        name="deit", epochs=300, batch_size=1024, blr=5e-4, lr_batch_divisor=512,
-        min_lr=1e-5, warmup_epochs=5, warmup_lr=1e-6,
-        weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,
-        layer_decay=1.0, drop_path=0.1,
-        global_pool="token", head_init_std=0.02,
-        auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3, re_prob=0.25,
-        mixup=0.8, cutmix=1.0, mixup_prob=1.0, switch_prob=0.5, label_smoothing=0.1,
-        crop_pct=0.875,
+        name="deit", epochs=300, batch_size=1024, blr=5e-4, lr_batch_divisor=512, min_lr=1e-5, warmup_epochs=5,
+        warmup_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, layer_decay=1.0, drop_path=0.1,
+        global_pool="token", head_init_std=0.02, auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3,
+        re_prob=0.25, mixup=0.8, cutmix=1.0, mixup_prob=1.0, switch_prob=0.5, label_smoothing=0.1, crop_pct=0.875,
     ),
 }
 
 
 @dataclass
-class FinetuneResult:
-    """Accuracies in percent on the val split: ``top1`` / ``top5`` after the last epoch, ``best_top1``
-    (and the ``best_top5`` of that epoch, 1-based ``best_epoch``); ``history``: one dict per epoch
-    (``epoch``, ``lr`` (peak-group lr at the epoch's end), ``train_loss``, ``val_loss``, ``top1``,
-    ``top5``, ``seconds``); ``recipe`` name and ``recipe_values`` actually used (with ``lr``, the
-    ``warmup_epochs`` after capping, ``precision``, ``seed``, ``new_parameters``: the keys not taken
-    from the loaded model); ``classes`` (train class names, label order), ``class_counts``
-    (``{"train" | "val": {class: images}}``); ``model``: the fine-tuned Backbone (on ``device``, eval
-    mode); ``model_file``: where ``output`` saved it."""
+class FinetuneResult(EvalResult):
+    """Val accuracies (percent): ``top1`` / ``top5`` after the last epoch, ``best_top1`` (with that
+    epoch's ``best_top5`` and 1-based ``best_epoch``); ``history``: per epoch ``epoch``, ``lr``
+    (peak group's, last step), ``train_loss``, ``val_loss``, ``top1``, ``top5``, ``seconds``;
+    ``recipe_values``: the recipe as run (with ``lr``, the capped ``warmup_epochs``, ``precision``,
+    ``seed``, ``new_parameters``: the keys not taken from the loaded model); ``classes``: train class
+    names in label order; ``model``: the fine-tuned Backbone (eval mode); ``model_file``: where
+    ``output`` saved it."""
 
-    top1: float
-    top5: float
     best_top1: float
     best_top5: float
     best_epoch: int
@@ -228,18 +193,8 @@ class FinetuneResult:
     image_size: int
     num_classes: int
     classes: tuple[str, ...]
-    class_counts: dict
     model: nn.Module | None = field(default=None, repr=False)
     model_file: str | None = None
-
-    def to_dict(self) -> dict:
-        """Every field but ``model``, as plain JSON values."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
-        out["classes"] = list(self.classes)
-        return out
-
-
-# --------------------------------------------------------------------------------------------- model
 
 
 def _classifier_prefix(net: nn.Module) -> str:
@@ -249,28 +204,21 @@ def _classifier_prefix(net: nn.Module) -> str:
 
 def _copy_trunk(model: Backbone, source_state: dict) -> None:
     """Load ``source_state`` (timm names) into ``model``'s timm model, all but the classifier and the
-    pooling-dependent final norm (``norm`` / ``fc_norm``: the one a pooling does not use is absent);
-    those are the only keys allowed to be missing or left over. ``pos_embed`` is resampled to the new grid."""
+    pooling-dependent final norm (``norm`` / ``fc_norm``), ``pos_embed`` resampled to the new grid."""
     net = model.model
-    replaceable = ("norm.", "fc_norm.", f"{_classifier_prefix(net)}.")
     target = net.state_dict()
     state = {k: v for k, v in source_state.items() if not k.startswith(f"{_classifier_prefix(net)}.")}
     state = _resize_pos_embed(state, model)
-    odd = sorted(k for k in set(state) ^ set(target) if not k.startswith(replaceable))
-    state = {k: v for k, v in state.items() if k in target}
-    odd += [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items() if v.shape != target[k].shape]
-    if odd:
-        raise ValueError(f"the loaded model and its rebuilt copy ({model.name}) differ in keys or shapes {odd[:20]}")
-    net.load_state_dict(state, strict=False)
+    odd = [k for k in set(state) ^ set(target) if not k.startswith(("norm.", "fc_norm.", f"{_classifier_prefix(net)}."))]
+    assert not odd, f"the loaded model and its rebuilt copy ({model.name}) differ in keys {sorted(odd)[:20]}"
+    net.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
 
 
 def build_finetune_model(model: nn.Module, num_classes: int, *, global_pool: str = "avg", drop_path: float = 0.1,
                          image_size: int | None = None, head_init_std: float = 2e-5) -> Backbone:
-    """A trainable copy of the Backbone ``model`` with a ``num_classes`` classifier (see the module
-    doc): rebuilt by ``build_backbone(model.name, drop_path_rate=drop_path, global_pool=global_pool
-    (ViTs), img_size=image_size (ViTs, default: the model's), **model.timm_kwargs)``, the loaded
-    weights copied in, then ``reset_classifier(num_classes, global_pool)`` with a head drawn
-    ``trunc_normal(0, head_init_std)`` (bias 0) from torch's global generator. ``model`` is unchanged."""
+    """A trainable copy of the Backbone ``model`` with a ``num_classes`` classifier (module doc),
+    ``img_size=image_size`` for ViTs (default: the model's); the head is drawn from torch's global
+    generator. ``model`` is unchanged."""
     _check_model(model, image_size=image_size, global_pool=global_pool)
     check_positive_ints(num_classes=num_classes)
     check_number("drop_path", drop_path, low=0, high=1, high_open=True, finite=True)
@@ -288,11 +236,9 @@ def build_finetune_model(model: nn.Module, num_classes: int, *, global_pool: str
 
 
 def layer_decay_param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW parameter groups of ``model`` (a Backbone: its timm model) by
-    :func:`timm.optim.param_groups_layer_decay`: ``lr_scale = layer_decay ** (L + 1 - layer)``
-    (embeddings layer 0, block ``i`` layer ``i`` (1-based), fc_norm / head layer ``L+1``, a ViT's
-    final norm layer ``L`` with the last block),
-    ``weight_decay`` except for 1-D parameters and the model's ``no_weight_decay()`` names."""
+    """Parameter groups of ``model`` (a Backbone: its timm model) by
+    :func:`timm.optim.param_groups_layer_decay`: ``lr_scale = layer_decay ** (L + 1 - layer)`` (module
+    doc), ``weight_decay`` except for 1-D parameters and the model's ``no_weight_decay()`` names."""
     check_number("weight_decay", weight_decay, low=0, finite=True)
     check_number("layer_decay", layer_decay, low=0, high=1, low_open=True, finite=True)
     net = model.model if isinstance(model, Backbone) else model
@@ -303,25 +249,22 @@ def layer_decay_param_groups(model: nn.Module, *, weight_decay: float, layer_dec
 
 def load_finetuned(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Backbone:
     """The fine-tuned classifier saved by :func:`finetune` (``output/finetuned.pt``, or the folder):
-    the backbone as :func:`fastkd.models.load_teacher` rebuilds it plus its classifier (the head
-    ``load_eval_model`` drops), frozen, in eval mode, on ``device``; ``model.model(images)`` gives logits."""
+    the backbone as :func:`fastkd.models.load_teacher` rebuilds it plus its classifier, frozen, in
+    eval mode, on ``device``; ``model.model(images)`` gives logits."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
     state = read_torch_file(path)
-    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict) or "arch" not in state:
-        raise ValueError(f"{str(path)!r} is not a backbone file written by fastkd's save_backbone")
-    model = load_teacher(state["arch"], path, frozen=False)
-    prefix = f"{_classifier_prefix(model.model)}."
-    head = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
-    if "weight" not in head:
-        raise ValueError(f"{str(path)!r} holds no classifier ({prefix}weight): not a fine-tuned model")
+    model = head = None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and "arch" in state:
+        model = load_teacher(state["arch"], path, frozen=False)
+        prefix = f"{_classifier_prefix(model.model)}."
+        head = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    if not head or "weight" not in head:
+        raise ValueError(f"{str(path)!r} is not a fine-tuned model: a file of fastkd's save_backbone with a classifier")
     model.model.reset_classifier(int(head["weight"].shape[0]))
     model.model.get_classifier().load_state_dict(head)
     return model.to(device).eval().requires_grad_(False)
-
-
-# ---------------------------------------------------------------------------------------------- data
 
 
 class _ImageDataset(Dataset):
@@ -339,21 +282,18 @@ class _ImageDataset(Dataset):
         return self.transform(default_loader(self.files[index])), self.labels[index]
 
 
-def _loaders(train_images, val_images, recipe: FinetuneRecipe, image_size: int, batch_size: int,
-             num_workers: int, seed: int, device: torch.device) -> tuple[DataLoader, DataLoader]:
+def _loaders(train_images, val_images, recipe: FinetuneRecipe, image_size: int, num_workers: int, seed: int,
+             device: torch.device) -> tuple[DataLoader, DataLoader]:
     train_transform = create_transform(
         image_size, is_training=True, auto_augment=recipe.auto_augment, color_jitter=recipe.color_jitter,
         re_prob=recipe.re_prob, re_mode="pixel", re_count=1, interpolation=recipe.interpolation)
     val_transform = create_transform(image_size, is_training=False, interpolation=recipe.interpolation,
                                      crop_pct=recipe.crop_pct)
-    common = dict(num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
-    train = DataLoader(_ImageDataset(train_images, train_transform), batch_size=batch_size, shuffle=True,
-                       drop_last=True, generator=torch.Generator().manual_seed(seed), **common)
-    val = DataLoader(_ImageDataset(val_images, val_transform), batch_size=batch_size, shuffle=False, **common)
-    return train, val
-
-
-# ------------------------------------------------------------------------------------------ training
+    common = dict(batch_size=recipe.batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
+                  persistent_workers=num_workers > 0)
+    train = DataLoader(_ImageDataset(train_images, train_transform), shuffle=True, drop_last=True,
+                       generator=torch.Generator().manual_seed(seed), **common)
+    return train, DataLoader(_ImageDataset(val_images, val_transform), shuffle=False, **common)
 
 
 @contextlib.contextmanager
@@ -377,61 +317,36 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, mixup, criterion, *, device,
-                 precision: str, step: int, epoch: int, progress: bool) -> tuple[float, int]:
-    """One epoch; returns the mean train loss and the optimizer steps taken so far."""
-    net.train()
-    total, batches = 0.0, 0
-    for images, targets in tqdm(loader, desc=f"fine-tune epoch {epoch}", unit="batch", leave=False,
-                                disable=progress_disable(progress)):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        if mixup is not None:
-            images, targets = mixup(images, targets)
-        with _autocast(device, precision):
-            logits = net(images)
-        loss = criterion(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"fine-tuning loss is {loss.item()} at epoch {epoch}, step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        scheduler.step_update(num_updates=step)
-        total += loss.item()
-        batches += 1
-    return total / batches, step
-
-
 @torch.no_grad()
 def _evaluate(net: nn.Module, loader: DataLoader, *, device, precision: str) -> dict:
     """Val ``loss`` (cross-entropy), ``top1`` / ``top5`` in percent."""
     net.eval()
-    loss = top1 = top5 = 0.0
-    count = 0
+    loss = top1 = top5 = count = 0
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with _autocast(device, precision):
             logits = net(images).float()
-        acc1, acc5 = accuracy(logits, targets, topk=(1, 5))
+        acc1, acc5 = topk_accuracy(logits, targets)
         loss += F.cross_entropy(logits, targets, reduction="sum").item()
-        top1 += acc1.item() * len(targets) / 100
-        top5 += acc5.item() * len(targets) / 100
-        count += len(targets)
-    return {"val_loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}
+        top1, top5, count = top1 + acc1 * len(targets), top5 + acc5 * len(targets), count + len(targets)
+    return {"val_loss": loss / count, "top1": top1 / count, "top5": top5 / count}
 
 
 def _optimizer_and_schedule(model: Backbone, recipe: FinetuneRecipe, steps_per_epoch: int):
-    """AdamW on the layer-decay groups and the per-step warm-up + cosine schedule; returns
-    ``(optimizer, scheduler, warmup_epochs)`` (the warm-up capped at half the run)."""
-    groups = layer_decay_param_groups(model, weight_decay=recipe.weight_decay, layer_decay=recipe.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
+    """AdamW on the layer-decay groups and ``schedule(step)``, which sets every group's lr and weight
+    decay for that step (module doc); returns ``(optimizer, schedule, warmup_epochs)``, the warm-up
+    capped at half the run."""
+    from fastkd.train.optim import apply_schedules, build_optimizer
+    from fastkd.train.schedules import WarmupCosine
+
+    groups = layer_decay_param_groups(model, weight_decay=1.0, layer_decay=recipe.layer_decay)  # decay: 1 or 0
+    optimizer = build_optimizer(groups, "adamw", betas=recipe.betas, eps=recipe.eps)
     total = recipe.epochs * steps_per_epoch
     warmup_epochs = min(recipe.warmup_epochs, recipe.epochs / 2)
-    warmup = min(round(warmup_epochs * steps_per_epoch), total - 1)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), lr_min=recipe.min_lr, warmup_t=warmup,
-                                  warmup_lr_init=recipe.warmup_lr, warmup_prefix=True, t_in_epochs=False)
-    scheduler.step_update(num_updates=0)  # every group at lr_0 * lr_scale before the first step
-    return optimizer, scheduler, warmup_epochs
+    cosine = WarmupCosine(peak=recipe.lr, total_steps=total, warmup_steps=min(round(warmup_epochs * steps_per_epoch),
+                                                                              total - 1),
+                          start=recipe.warmup_lr, end=recipe.min_lr)
+    return optimizer, lambda step: apply_schedules(optimizer, cosine(step), recipe.weight_decay), warmup_epochs
 
 
 def _criterion(recipe: FinetuneRecipe, num_classes: int):
@@ -446,16 +361,13 @@ def _criterion(recipe: FinetuneRecipe, num_classes: int):
     return None, nn.CrossEntropyLoss()
 
 
-# --------------------------------------------------------------------------------------------- entry
-
-
 def _check_model(model: nn.Module, *, image_size: int | None, global_pool: str) -> None:
     """``model`` is a Backbone, ``image_size`` (unless None) a positive multiple of a ViT's patch
     size, ``global_pool`` one of :data:`GLOBAL_POOLS` (``avg`` for a ResNet)."""
     if not isinstance(model, Backbone):
         raise TypeError(f"model must be a fastkd Backbone (what load_eval_model returns for backbone files and "
                         f"runs' students), got {type(model).__name__}")
-    check_choice("global_pool", global_pool, GLOBAL_POOLS)  # finetune's recipe checked it; build_finetune_model's not
+    check_choice("global_pool", global_pool, GLOBAL_POOLS)
     if not model.is_vit and global_pool != "avg":
         raise ValueError(f"global_pool must be 'avg' for the ResNet {model.name}, got {global_pool!r}")
     if image_size is None:
@@ -502,17 +414,14 @@ def finetune(model: nn.Module, train_dir: str | os.PathLike, val_dir: str | os.P
     from fastkd.eval.evaluate import aligned_splits, check_run_options
 
     recipe = resolve_finetune_recipe(recipe, epochs=epochs, batch_size=batch_size, blr=blr, layer_decay=layer_decay,
-                             drop_path=drop_path, global_pool=global_pool)
+                                     drop_path=drop_path, global_pool=global_pool)
     device = check_run_options(device=device, num_workers=num_workers, seed=seed, progress=progress)
     check_choice("precision", precision, PRECISIONS)
     _check_paths(output, train_dir, val_dir)
     _check_model(model, image_size=image_size, global_pool=recipe.global_pool)
     image_size = image_size or native_image_size(model)
 
-    try:
-        train_images, val_images, class_counts = aligned_splits(train_dir, val_dir)
-    except ValueError as error:
-        raise ValueError(f"fine-tuning: {error}") from None
+    train_images, val_images, class_counts = aligned_splits(train_dir, val_dir)
     if len(train_images) < recipe.batch_size:
         raise ValueError(f"batch_size {recipe.batch_size} exceeds the {len(train_images)} train images: with "
                          "drop_last (even batches for mixup) no batch would be left; give a smaller batch_size")
@@ -522,20 +431,31 @@ def finetune(model: nn.Module, train_dir: str | os.PathLike, val_dir: str | os.P
         net = build_finetune_model(model, num_classes, global_pool=recipe.global_pool, drop_path=recipe.drop_path,
                                    image_size=image_size, head_init_std=recipe.head_init_std).to(device)
         new_parameters = sorted(set(net.model.state_dict()) - set(model.model.state_dict()))
-        train_loader, val_loader = _loaders(train_images, val_images, recipe, image_size, recipe.batch_size,
-                                            num_workers, seed, device)
-        optimizer, scheduler, warmup_epochs = _optimizer_and_schedule(net, recipe, len(train_loader))
+        train_loader, val_loader = _loaders(train_images, val_images, recipe, image_size, num_workers, seed, device)
+        optimizer, schedule, warmup_epochs = _optimizer_and_schedule(net, recipe, len(train_loader))
         mixup, criterion = _criterion(recipe, num_classes)
+
+        def loss_of(batch) -> torch.Tensor:
+            images, targets = (t.to(device, non_blocking=True) for t in batch)
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            with _autocast(device, precision):
+                logits = net.model(images)
+            loss = criterion(logits.float(), targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at epoch {epoch}")
+            return loss
+
         history, step = [], 0
-        for epoch in tqdm(range(1, recipe.epochs + 1), desc="fine-tune", unit="epoch",
-                          disable=progress_disable(progress)):
-            start = time.perf_counter()
-            train_loss, step = _train_epoch(net.model, train_loader, optimizer, scheduler, mixup, criterion,
-                                            device=device, precision=precision, step=step, epoch=epoch,
-                                            progress=progress)
-            scores = _evaluate(net.model, val_loader, device=device, precision=precision)
-            history.append({"epoch": epoch, "lr": max(g["lr"] for g in optimizer.param_groups),
-                            "train_loss": train_loss, **scores, "seconds": time.perf_counter() - start})
+        with tqdm(total=recipe.epochs * len(train_loader), desc="fine-tune", unit="batch",
+                  disable=progress_disable(progress)) as bar:
+            for epoch in range(1, recipe.epochs + 1):
+                start = time.perf_counter()
+                net.train()
+                train_loss, step = train_epoch(train_loader, loss_of, optimizer, schedule, step, bar)
+                scores = _evaluate(net.model, val_loader, device=device, precision=precision)
+                history.append({"epoch": epoch, "lr": max(g["lr"] for g in optimizer.param_groups),
+                                "train_loss": float(train_loss), **scores, "seconds": time.perf_counter() - start})
     net.eval().requires_grad_(False)
 
     best = max(history, key=lambda h: h["top1"])

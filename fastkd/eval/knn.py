@@ -21,20 +21,18 @@ import torch
 import torch.nn.functional as F
 
 from fastkd.checks import check_number, check_train_test_features
+from fastkd.eval.linear_probe import EvalResult
 
 MAX_SIMILARITIES = 2**26
 
 
 @dataclass
-class KNNResult:
-    """``top1`` / ``top5`` accuracy in percent, ``predictions`` ``[M]`` (top-1 class per test row)."""
+class KNNResult(EvalResult):
+    """``predictions`` ``[M]``: the top-1 class of each test row; ``top1`` / ``top5`` NaN without test labels."""
 
-    top1: float
-    top5: float
     predictions: torch.Tensor
     k: int
     temperature: float
-    class_counts: dict | None = None  # {"train" | "val": {class name: images}} from fastkd.eval.evaluate_knn
 
 
 @torch.no_grad()
@@ -44,8 +42,7 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     """Weighted k-NN predictions (and accuracies when ``test_labels`` is given; else NaN).
     ``num_classes`` defaults to ``max(train_labels) + 1``; ``k`` is capped at the train size."""
     check_train_test_features(train_features, train_labels, test_features, test_labels)
-    if train_features.shape[0] == 0:
-        raise ValueError("train_features is empty")
+    check_number("len(train_features)", train_features.shape[0], low=1)
     check_number("k", k, low=1, integer=True)
     check_number("temperature", temperature, low=0, low_open=True, finite=True)
     if chunk_size is None:

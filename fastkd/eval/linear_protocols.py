@@ -20,21 +20,15 @@ with ``W_h ~ N(0, 0.01^2)``, ``b_h = 0`` and SGD (momentum ``m``, weight decay `
 eval mode under ``torch.no_grad``; only the heads get gradients, so every lr of a sweep costs one
 extra matrix product per step, not one more pass of the backbone.
 
-Evaluation: ``f`` of the val images (shorter side resized to ``resize``, centre crop
-``image_size``, the ``eval`` recipe), ``top1`` / ``top5`` of ``argmax_c (W_h f + b_h)_c``; the
-result reports the head with the best top-1 and every head's accuracy. Val classes are mapped
-onto the train classes by name (:func:`fastkd.eval.evaluate.aligned_splits`).
-
-Where this differs from the official scripts (each also noted in the protocol's ``sources``): the
-lr follows the cosine per step (both scripts set it once per epoch); the reported accuracy is that
-of the last epoch (both scripts print the best over epochs); with ``avgpool_patches`` the patch
-average is appended after the CLS tokens (DINO interleaves the two, a permutation of the inputs of
-a linear layer, and allows it with ``n = 1`` only) and skips register tokens as well as CLS.
+Evaluation: ``top1`` / ``top5`` of ``argmax_c (W_h f + b_h)_c`` on the val images (the ``eval``
+recipe: resize ``resize``, centre crop ``image_size``), for every head; the result reports the best.
+Departures from the official scripts are noted in each protocol's ``sources``; besides them, the
+patch average is appended after the CLS tokens (DINO interleaves the two, a permutation of a linear
+layer's inputs, with ``n = 1`` only) and skips register tokens as well as CLS.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
@@ -44,17 +38,15 @@ from torch import nn
 from tqdm import tqdm
 
 from fastkd.checks import check_bool, check_choice, check_number, check_str
-from fastkd.eval.features import extract_features, progress_disable
+from fastkd.eval.features import extract_features, model_features, progress_disable
+from fastkd.eval.linear_probe import EvalResult, fold_linear, init_linear, topk_accuracy, train_epoch
 
 OPTIMIZERS = ("sgd", "lars")
-SCHEDULES = ("cosine",)
 # DINO's rule: below this width (ViT-S) 4 blocks without patch average, from it on (ViT-B) 1 block with it
 WIDE_EMBED_DIM = 768
 REFERENCE_BATCH = 256  # lr = base_lr * batch_size / 256 (linear scaling rule)
 BN_EPS = 1e-6  # MAE's BatchNorm1d(affine=False, eps=1e-6) in front of its linear head
 
-
-# --- checks -----------------------------------------------------------------------------------
 
 def _check_lrs(name: str, lrs, *, allow_empty: bool = False) -> tuple[float, ...]:
     """``lrs`` as a tuple of distinct finite base lrs > 0."""
@@ -71,14 +63,14 @@ def _check_lrs(name: str, lrs, *, allow_empty: bool = False) -> tuple[float, ...
 
 @dataclass(frozen=True)
 class LinearProtocol:
-    """One linear-probe protocol; ``sources`` says where each value comes from.
+    """One linear-probe protocol (the lr follows a per-step cosine to 0); ``sources`` says where
+    each value comes from.
 
     ``base_lr``: per 256 images, for ViTs and other models; ``resnet_base_lr`` for ResNets (None:
     ``base_lr``). ``lrs``: the base lrs trained side by side (empty: the one base lr).
-    ``n_last_blocks`` / ``avgpool_patches``: None means DINO's width rule (embed_dim < 768: 4 blocks,
-    no patch average; else 1 block with it; at most the model's depth). ``batchnorm``: MAE's
-    BatchNorm without affine in front of the linear layer. ``train_interpolation`` of the random
-    resized crop, ``val_interpolation`` of the val resize."""
+    ``n_last_blocks`` / ``avgpool_patches``: None means DINO's width rule (see
+    :func:`feature_layout`). ``batchnorm``: MAE's BatchNorm without affine in front of the linear
+    layer. ``train_interpolation`` of the random resized crop, ``val_interpolation`` of the val resize."""
 
     name: str
     epochs: int
@@ -89,7 +81,6 @@ class LinearProtocol:
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
-    schedule: str = "cosine"
     n_last_blocks: int | None = 1
     avgpool_patches: bool | None = False
     batchnorm: bool = False
@@ -103,16 +94,14 @@ class LinearProtocol:
         from fastkd.data.recipes import INTERPOLATIONS
 
         check_str("LinearProtocol.name", self.name)
-        check_number("LinearProtocol.epochs", self.epochs, low=1, integer=True)
-        check_number("LinearProtocol.batch_size", self.batch_size, low=1, integer=True)
-        check_number("LinearProtocol.image_size", self.image_size, low=1, integer=True)
+        for name in ("epochs", "batch_size", "image_size"):
+            check_number(f"LinearProtocol.{name}", getattr(self, name), low=1, integer=True)
         check_number("LinearProtocol.resize", self.resize, low=self.image_size, integer=True)
         check_number("LinearProtocol.base_lr", self.base_lr, low=0.0, low_open=True, finite=True)
         if self.resnet_base_lr is not None:
             check_number("LinearProtocol.resnet_base_lr", self.resnet_base_lr, low=0.0, low_open=True, finite=True)
         object.__setattr__(self, "lrs", _check_lrs("LinearProtocol.lrs", self.lrs, allow_empty=True))
         check_choice("LinearProtocol.optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("LinearProtocol.schedule", self.schedule, SCHEDULES)
         check_number("LinearProtocol.momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         check_number("LinearProtocol.weight_decay", self.weight_decay, low=0.0, finite=True)
         if self.n_last_blocks is not None:
@@ -120,8 +109,8 @@ class LinearProtocol:
         if self.avgpool_patches is not None:
             check_bool("LinearProtocol.avgpool_patches", self.avgpool_patches)
         check_bool("LinearProtocol.batchnorm", self.batchnorm)
-        check_choice("LinearProtocol.train_interpolation", self.train_interpolation, INTERPOLATIONS)
-        check_choice("LinearProtocol.val_interpolation", self.val_interpolation, INTERPOLATIONS)
+        for name in ("train_interpolation", "val_interpolation"):
+            check_choice(f"LinearProtocol.{name}", getattr(self, name), INTERPOLATIONS)
 
     def base_lrs(self, is_resnet: bool = False) -> tuple[float, ...]:
         """The base lrs (per 256 images) to train: ``lrs``, else the architecture's base lr."""
@@ -187,16 +176,14 @@ LINEAR_PROTOCOLS: dict[str, LinearProtocol] = {
 
 
 @dataclass
-class LinearProtocolResult:
-    """``top1`` / ``top5`` (percent) and ``train_loss`` (last epoch's mean CE) of the head whose base
-    lr ``lr`` (``scaled_lr`` after the batch scaling) scored the best val top-1; ``sweep``: one dict
+class LinearProtocolResult(EvalResult):
+    """``top1`` / ``top5`` and ``train_loss`` (last epoch's mean CE) of the head whose base lr
+    ``lr`` (``scaled_lr`` after the batch scaling) scored the best val top-1; ``sweep``: one dict
     per trained lr, in the order given (``lr``, ``scaled_lr``, ``top1``, ``top5``, ``train_loss``);
     ``classifiers``: the heads in that order (``nn.Linear`` on raw features, a BatchNorm folded in),
     ``classifier`` the best one. The other fields are the settings that ran."""
 
     protocol: str
-    top1: float
-    top5: float
     lr: float
     scaled_lr: float
     train_loss: float
@@ -211,7 +198,6 @@ class LinearProtocolResult:
     resize: int
     optimizer: str
     num_classes: int
-    class_counts: dict
     classifier: nn.Linear
     classifiers: list[nn.Linear]
 
@@ -219,11 +205,6 @@ class LinearProtocolResult:
     def top1_per_lr(self) -> dict[float, float]:
         """``{base lr: top-1}`` of every trained head."""
         return {entry["lr"]: entry["top1"] for entry in self.sweep}
-
-    def to_dict(self) -> dict:
-        """Every field but the classifiers (JSON-ready: numbers, strings, lists, dicts)."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__
-                if name not in ("classifier", "classifiers")}
 
 
 def resolve_protocol(protocol: str | LinearProtocol) -> LinearProtocol:
@@ -250,8 +231,7 @@ def feature_layout(model: nn.Module, protocol: str | LinearProtocol = "dino", *,
     protocol = resolve_protocol(protocol)
     if n_last_blocks is not None:
         check_number("n_last_blocks", n_last_blocks, low=1, integer=True)
-    if avgpool_patches is not None and not isinstance(avgpool_patches, bool):
-        raise ValueError(f"avgpool_patches must be true, false or None, got {avgpool_patches!r}")
+    check_choice("avgpool_patches", avgpool_patches, (True, False, None))
     vit = _vit_backbone(model)
     if vit is None:
         if (n_last_blocks or 1) != 1 or avgpool_patches:
@@ -262,12 +242,8 @@ def feature_layout(model: nn.Module, protocol: str | LinearProtocol = "dino", *,
                              f"patch average)")
         return 1, False
     wide = vit.embed_dim >= WIDE_EMBED_DIM
-    if n_last_blocks is None:
-        n_last_blocks, name = protocol.n_last_blocks, "LinearProtocol.n_last_blocks"
-        if n_last_blocks is None:
-            n_last_blocks = 1 if wide else min(4, vit.depth)
-    else:
-        name = "n_last_blocks"
+    name = "n_last_blocks" if n_last_blocks is not None else "LinearProtocol.n_last_blocks"
+    n_last_blocks = n_last_blocks or protocol.n_last_blocks or (1 if wide else min(4, vit.depth))
     if n_last_blocks > vit.depth:
         raise ValueError(f"{name} must be at most the model's depth {vit.depth}, got {n_last_blocks}")
     if avgpool_patches is None:
@@ -275,45 +251,34 @@ def feature_layout(model: nn.Module, protocol: str | LinearProtocol = "dino", *,
     return n_last_blocks, avgpool_patches
 
 
-# --- features ---------------------------------------------------------------------------------
-
-def protocol_features(model: nn.Module, images: torch.Tensor, *, n_last_blocks: int = 1,
-                      avgpool_patches: bool = False) -> torch.Tensor:
-    """The probe's input ``f [B, D']`` for ``images`` (module docstring): for a fastkd ViT backbone
-    the CLS token after the final norm of each of the last ``n_last_blocks`` blocks, then (when
-    ``avgpool_patches``) the mean of the last block's normed patch tokens (prefix tokens excluded);
-    for any other model ``model(images)``. No grad mode or eval mode is set here."""
-    vit = _vit_backbone(model)
-    if vit is None:
-        assert n_last_blocks == 1 and not avgpool_patches, "n_last_blocks > 1 and avgpool_patches need a ViT"
-        output = model(images)
-        if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != images.shape[0]:
-            raise ValueError(f"model(images) must return features [B, D] for images {tuple(images.shape)}, "
-                             f"got {type(output).__name__} {tuple(getattr(output, 'shape', ()))}")
-        return output
-    last = vit.depth - 1
-    out = vit.forward_features(images, return_layers=range(vit.depth - n_last_blocks, last))
-    normed = [vit.model.norm(out.layers[index]) for index in sorted(out.layers)] + [out.tokens]  # tokens = norm(h_L)
-    parts = [tokens[:, 0] for tokens in normed]
-    if avgpool_patches:
-        parts.append(out.tokens[:, vit.num_prefix_tokens:].mean(dim=1))
-    return torch.cat(parts, dim=1)
-
-
 class ProtocolFeatures(nn.Module):
-    """``model`` wrapped so that ``forward(x)`` is :func:`protocol_features` (for
-    :func:`fastkd.eval.features.extract_features`)."""
+    """``forward(images)``: the probe's input ``f [B, D']`` (module docstring). For a fastkd ViT
+    backbone the CLS token after the final norm of each of the last ``n_last_blocks`` blocks, then
+    (when ``avgpool_patches``) the mean of the last block's normed patch tokens (prefix tokens
+    excluded); for any other model ``model(images)``. Sets neither grad mode nor eval mode."""
 
-    def __init__(self, model: nn.Module, n_last_blocks: int, avgpool_patches: bool):
+    def __init__(self, model: nn.Module, n_last_blocks: int = 1, avgpool_patches: bool = False):
         super().__init__()
         self.model, self.n_last_blocks, self.avgpool_patches = model, n_last_blocks, avgpool_patches
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return protocol_features(self.model, images, n_last_blocks=self.n_last_blocks,
-                                 avgpool_patches=self.avgpool_patches)
+        vit = _vit_backbone(self.model)
+        if vit is None:
+            assert self.n_last_blocks == 1 and not self.avgpool_patches, "more blocks and avgpool_patches need a ViT"
+            return model_features(self.model, images)
+        out = vit.forward_features(images, return_layers=range(vit.depth - self.n_last_blocks, vit.depth - 1))
+        normed = [vit.model.norm(out.layers[index]) for index in sorted(out.layers)] + [out.tokens]  # = norm(h_L)
+        parts = [tokens[:, 0] for tokens in normed]
+        if self.avgpool_patches:
+            parts.append(out.tokens[:, vit.num_prefix_tokens:].mean(dim=1))
+        return torch.cat(parts, dim=1)
 
 
-# --- heads ------------------------------------------------------------------------------------
+def protocol_features(model: nn.Module, images: torch.Tensor, *, n_last_blocks: int = 1,
+                      avgpool_patches: bool = False) -> torch.Tensor:
+    """:class:`ProtocolFeatures` of ``model`` on ``images``."""
+    return ProtocolFeatures(model, n_last_blocks, avgpool_patches)(images)
+
 
 class _Head(nn.Module):
     """``W BN(f) + b`` (BN only when ``batchnorm``), ``W ~ N(0, 0.01^2)`` from a generator seeded
@@ -322,32 +287,20 @@ class _Head(nn.Module):
     def __init__(self, dim: int, num_classes: int, batchnorm: bool, seed: int):
         super().__init__()
         self.norm = nn.BatchNorm1d(dim, affine=False, eps=BN_EPS) if batchnorm else nn.Identity()
-        self.linear = nn.Linear(dim, num_classes)
-        with torch.no_grad():
-            self.linear.weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(seed))
-            self.linear.bias.zero_()
+        self.linear = init_linear(dim, num_classes, torch.Generator().manual_seed(seed))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(features))
 
-    @torch.no_grad()
     def folded(self) -> nn.Linear:
-        """One frozen CPU ``nn.Linear`` equal to the eval-mode head: ``W / s`` and ``b - W (m / s)``
-        with the BatchNorm's running mean ``m`` and ``s = sqrt(running var + eps)``."""
-        weight, bias = self.linear.weight.detach().float().cpu(), self.linear.bias.detach().float().cpu()
-        if isinstance(self.norm, nn.BatchNorm1d):
-            std = (self.norm.running_var.float().cpu() + self.norm.eps).sqrt()
-            mean = self.norm.running_mean.float().cpu()
-            weight, bias = weight / std, bias - (weight * (mean / std)).sum(1)
-        linear = nn.Linear(weight.shape[1], weight.shape[0])
-        linear.weight.copy_(weight)
-        linear.bias.copy_(bias)
-        return linear.requires_grad_(False)
+        """The eval-mode head as one frozen CPU ``nn.Linear`` (the BatchNorm's running statistics folded in)."""
+        if not isinstance(self.norm, nn.BatchNorm1d):
+            return fold_linear(self.linear)
+        return fold_linear(self.linear, self.norm.running_mean, (self.norm.running_var + self.norm.eps).sqrt())
 
 
 def _optimizer(heads: Sequence[_Head], peak_lrs: Sequence[float], protocol: LinearProtocol) -> torch.optim.Optimizer:
-    """fastkd's SGD / LARS over one group per head and tensor; ``lr_scale`` is the head's peak lr,
-    so :func:`fastkd.train.optim.apply_schedules` with the cosine factor sets every head's lr. SGD
+    """fastkd's SGD / LARS over one group per head and tensor, ``lr_scale`` the head's peak lr. SGD
     decays biases too (torch's ``SGD(weight_decay=...)`` as both scripts); LARS leaves biases
     without decay or trust ratio (fastkd's LARS)."""
     from fastkd.train.optim import build_optimizer
@@ -360,65 +313,8 @@ def _optimizer(heads: Sequence[_Head], peak_lrs: Sequence[float], protocol: Line
     return build_optimizer(groups, protocol.optimizer, momentum=protocol.momentum)
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy in percent (top-5 = top-k with k = min(5, classes))."""
-    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    truth = labels[:, None]
-    count = max(1, labels.shape[0])
-    return (100.0 * float((ranked[:, :1] == truth).sum()) / count,
-            100.0 * float((ranked == truth).any(dim=1).sum()) / count)
-
-
-def _train_heads(features: ProtocolFeatures, loader, heads: nn.ModuleList, optimizer: torch.optim.Optimizer,
-                 protocol: LinearProtocol, epochs: int, device: torch.device, bar) -> list[float]:
-    """Trains every head on the same features each step (module docstring); returns each head's
-    mean train CE over the last epoch."""
-    from fastkd.train.optim import apply_schedules
-    from fastkd.train.schedules import WarmupCosine
-
-    cosine = WarmupCosine(peak=1.0, total_steps=max(1, epochs * len(loader)))
-    step, last = 0, [math.nan] * len(heads)
-    heads.train()
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        losses = []
-        for batch in loader:
-            images = batch.views[0].to(device, non_blocking=True)
-            labels = batch.labels.to(device, non_blocking=True)
-            with torch.no_grad():
-                f = features(images).float()
-            apply_schedules(optimizer, cosine(step), protocol.weight_decay)
-            per_head = torch.stack([F.cross_entropy(head(f), labels) for head in heads])
-            optimizer.zero_grad(set_to_none=True)
-            per_head.sum().backward()
-            optimizer.step()
-            losses.append(per_head.detach())
-            step += 1
-            bar.update(1)
-        if losses:
-            last = torch.stack(losses).mean(0).tolist()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{min(last):.4g}", refresh=False)
-    return last
-
-
-# --- entry point ------------------------------------------------------------------------------
-
-def _check_run_options(model, *, epochs, batch_size, image_size, resize, backend, num_workers, device, seed,
-                       progress) -> None:
-    """ValueError naming the first bad option (``image_size`` / ``resize`` may be None)."""
-    from fastkd.data.loader import BACKENDS
-    from fastkd.eval.evaluate import check_eval_options, check_run_options
-
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_eval_options(dict(epochs=epochs, batch_size=batch_size, image_size=image_size, resize=resize))
-    check_choice("backend", backend, BACKENDS)
-    check_run_options(device=device, num_workers=num_workers, seed=seed, progress=progress)
-
-
 def _describe_features(model: nn.Module, n_last_blocks: int, avgpool_patches: bool) -> str:
-    vit = _vit_backbone(model)
-    if vit is None:
+    if _vit_backbone(model) is None:
         kind = "ResNet backbone: pooled last stage" if hasattr(model, "is_vit") else \
             f"{type(model).__name__} is not a fastkd Backbone: its output"
         return f"model(x) ({kind}; n_last_blocks=1, no patch average)"
@@ -431,8 +327,6 @@ def _val_recipe(image_size: int, resize: int, interpolation: str):
     from fastkd.data.recipes import Recipe, build_recipe
 
     recipe = build_recipe("eval", size=image_size, resize=resize)
-    if recipe.views[0].interpolation == interpolation:
-        return recipe
     return Recipe(recipe.name, (replace(recipe.views[0], interpolation=interpolation),), shuffle=recipe.shuffle)
 
 
@@ -453,13 +347,18 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
     mode is restored). ``seed`` fixes the crops, the order and the heads' initial weights (all
     heads start equal, so each head of a sweep trains exactly as it would alone). Every option is
     checked (ValueError naming it) before any image is read."""
+    from fastkd.data.loader import BACKENDS
+    from fastkd.eval.evaluate import check_eval_options, check_run_options
     from fastkd.eval.models import native_image_size
 
     protocol = resolve_protocol(protocol)
     epochs = protocol.epochs if epochs is None else epochs
     batch_size = protocol.batch_size if batch_size is None else batch_size
-    _check_run_options(model, epochs=epochs, batch_size=batch_size, image_size=image_size, resize=resize,
-                       backend=backend, num_workers=num_workers, device=device, seed=seed, progress=progress)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_eval_options(dict(epochs=epochs, batch_size=batch_size, image_size=image_size, resize=resize))
+    check_choice("backend", backend, BACKENDS)
+    device = check_run_options(device=device, num_workers=num_workers, seed=seed, progress=progress)
     base_lrs = _check_lrs("lrs", protocol.base_lrs(getattr(model, "is_vit", True) is False) if lrs is None else lrs)
     n_last_blocks, avgpool_patches = feature_layout(model, protocol, n_last_blocks=n_last_blocks,
                                                     avgpool_patches=avgpool_patches)
@@ -471,7 +370,7 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
         raise ValueError(f"resize must be >= image_size ({image_size}), got {resize!r}")
     return _run(model, train_dir, val_dir, protocol, epochs=epochs, base_lrs=base_lrs, batch_size=batch_size,
                 image_size=image_size, resize=resize, n_last_blocks=n_last_blocks, avgpool_patches=avgpool_patches,
-                backend=backend, num_workers=num_workers, device=torch.device(device), seed=seed, progress=progress)
+                backend=backend, num_workers=num_workers, device=device, seed=seed, progress=progress)
 
 
 def _run(model: nn.Module, train_dir, val_dir, protocol: LinearProtocol, *, epochs: int, base_lrs: tuple[float, ...],
@@ -480,31 +379,46 @@ def _run(model: nn.Module, train_dir, val_dir, protocol: LinearProtocol, *, epoc
     """:func:`evaluate_linear_protocol` with checked, filled-in options."""
     from fastkd.data import build_loader
     from fastkd.eval.evaluate import aligned_splits
-    from fastkd.train.schedules import scaled_lr
+    from fastkd.train.optim import apply_schedules
+    from fastkd.train.schedules import WarmupCosine, scaled_lr
 
     train_images, val_images, class_counts = aligned_splits(train_dir, val_dir)
     num_classes = len(train_images.classes)
+    if protocol.batchnorm:  # a BatchNorm head cannot train on a last batch of one image: drop it then (MAE does)
+        check_number(f"batch_size (at most the {len(train_images)} train images with a batchnorm head)", batch_size,
+                     high=len(train_images))
     options = dict(batch_size=batch_size, backend=backend, device=str(device), num_workers=num_workers, seed=seed)
     was_training = model.training
     features = ProtocolFeatures(model, n_last_blocks, avgpool_patches).eval()  # the backbone too
     train_loader = val_loader = None
     try:
-        # a BatchNorm head cannot train on a last batch of one image: drop the incomplete batch then (MAE does)
         train_loader = build_loader(train_images, "linear", shuffle=True, drop_last=protocol.batchnorm,
                                     size=image_size, interpolation=protocol.train_interpolation, **options)
-        if len(train_loader) == 0:
-            raise ValueError(f"the train split has {len(train_images)} images, fewer than one batch of {batch_size}: "
-                             "lower batch_size")
         val_loader = build_loader(val_images, _val_recipe(image_size, resize, protocol.val_interpolation),
                                   shuffle=False, drop_last=False, **options)
         with torch.no_grad():
             dim = features(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1]
         peak_lrs = [scaled_lr(lr, batch_size, REFERENCE_BATCH) for lr in base_lrs]
-        heads = nn.ModuleList(_Head(dim, num_classes, protocol.batchnorm, seed) for _ in base_lrs).to(device)
+        heads = nn.ModuleList(_Head(dim, num_classes, protocol.batchnorm, seed) for _ in base_lrs).to(device).train()
         optimizer = _optimizer(heads, peak_lrs, protocol)
+        cosine = WarmupCosine(peak=1.0, total_steps=max(1, epochs * len(train_loader)))  # x each head's lr_scale
+
+        def schedule(step: int) -> None:
+            apply_schedules(optimizer, cosine(step), protocol.weight_decay)
+
+        def head_losses(batch) -> torch.Tensor:  # one CE per head on the same frozen features
+            labels = batch.labels.to(device, non_blocking=True)
+            with torch.no_grad():
+                f = features(batch.views[0].to(device, non_blocking=True)).float()
+            return torch.stack([F.cross_entropy(head(f), labels) for head in heads])
+
+        step = 0
         with tqdm(total=epochs * len(train_loader), desc=f"linear {protocol.name}", unit="batch",
                   disable=progress_disable(progress)) as bar:
-            train_losses = _train_heads(features, train_loader, heads, optimizer, protocol, epochs, device, bar)
+            for epoch in range(epochs):
+                train_loader.set_epoch(epoch)
+                train_losses, step = train_epoch(train_loader, head_losses, optimizer, schedule, step, bar)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{train_losses.min():.4g}", refresh=False)
         val = extract_features(features, val_loader, device=device, progress=progress, desc="val features")
     finally:
         for loader in (train_loader, val_loader):
@@ -514,8 +428,8 @@ def _run(model: nn.Module, train_dir, val_dir, protocol: LinearProtocol, *, epoc
     classifiers = [head.eval().folded() for head in heads]
     sweep = []
     with torch.no_grad():
-        for lr, peak, classifier, loss in zip(base_lrs, peak_lrs, classifiers, train_losses):
-            top1, top5 = _accuracy(classifier(val.features), val.labels)
+        for lr, peak, classifier, loss in zip(base_lrs, peak_lrs, classifiers, train_losses.tolist()):
+            top1, top5 = topk_accuracy(classifier(val.features), val.labels)
             sweep.append({"lr": lr, "scaled_lr": peak, "top1": top1, "top5": top5, "train_loss": loss})
     best = max(range(len(sweep)), key=lambda i: (sweep[i]["top1"], sweep[i]["top5"], -i))
     return LinearProtocolResult(

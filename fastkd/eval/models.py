@@ -37,13 +37,12 @@ WEIGHTS = ("student", "teacher")  # which backbone of a run directory load_eval_
 def _submodule(root: nn.Module, dotted: str) -> nn.Module:
     module = root
     for part in dotted.split("."):
-        if not hasattr(module, part):
-            children = sorted(name for name, _ in module.named_children())
-            raise ValueError(f"module path {dotted!r}: {type(module).__name__} has no attribute {part!r} "
-                             f"(children: {', '.join(children)})")
-        module = getattr(module, part)
-    if not isinstance(module, nn.Module):
-        raise ValueError(f"module path {dotted!r} names a {type(module).__name__}, not an nn.Module")
+        child = getattr(module, part, None)
+        if not isinstance(child, nn.Module):
+            children = ", ".join(sorted(name for name, _ in module.named_children()))
+            raise ValueError(f"module path {dotted!r}: {part!r} is not a submodule of {type(module).__name__} "
+                             f"(children: {children})")
+        module = child
     return module
 
 
@@ -58,26 +57,6 @@ def _from_training_checkpoint(state: dict, path: Path, module: str) -> nn.Module
     return _submodule(method, module)
 
 
-def resolve_eval_source(path: str | os.PathLike, *, module: str = "student", weights: str = "student") -> Path:
-    """The file or run directory :func:`load_eval_model` reads for ``path``: a run directory's
-    ``teacher.pt`` (``weights="teacher"``) or ``student.pt`` (``module="student"``), else ``path``."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    check_choice("weights", weights, WEIGHTS)
-    path = Path(path)
-    if weights == "teacher":
-        if not path.is_dir():
-            raise ValueError(f"weights='teacher' picks the {TEACHER_FILE} of a run directory; {str(path)!r} is not "
-                             "a directory (give the teacher file itself as the path instead)")
-        if not (path / TEACHER_FILE).is_file():
-            raise ValueError(f"run directory {str(path)!r} has no {TEACHER_FILE}: only finished runs of methods "
-                             "with an EMA teacher (mocov3, resmoco, mokd) write one")
-        return path / TEACHER_FILE
-    if path.is_dir() and module == "student" and (path / STUDENT_FILE).is_file():
-        return path / STUDENT_FILE
-    return path
-
-
 def load_eval_model_described(path: str | os.PathLike, *, arch: str | None = None, module: str = "student",
                               format: str = "auto", device: str | torch.device = "cpu", weights: str = "student",
                               **timm_kwargs) -> tuple[nn.Module, dict]:
@@ -86,31 +65,40 @@ def load_eval_model_described(path: str | os.PathLike, *, arch: str | None = Non
     file (``student.pt``, ``teacher.pt``), ``method.<module>`` for a training checkpoint (or a run
     directory without ``student.pt``), and the checkpoint format (given, or detected: ``mocov3``,
     ``mae``, ``deit``, ``clip``, ``timm``) for other checkpoints."""
-    path = resolve_eval_source(path, module=module, weights=weights)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    check_choice("weights", weights, WEIGHTS)
+    path = Path(path)
+    if weights == "teacher":
+        if not (path / TEACHER_FILE).is_file():
+            problem = (f"has no {TEACHER_FILE}: only finished runs of methods with an EMA teacher (mocov3, resmoco, "
+                       "mokd) write one" if path.is_dir() else
+                       "is not a directory (give the teacher file itself as the path instead)")
+            raise ValueError(f"weights='teacher' picks the {TEACHER_FILE} of a run directory; {str(path)!r} {problem}")
+        path = path / TEACHER_FILE
+    elif path.is_dir() and module == "student" and (path / STUDENT_FILE).is_file():
+        path = path / STUDENT_FILE
+    loaded = None
     if path.is_dir():
-        run_checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        loaded = CheckpointManager(run_checkpoints).load_latest()
-        if loaded is None:
-            raise ValueError(f"{str(path)!r} is a directory without training checkpoints")
-        model, key = _from_training_checkpoint(*loaded, module), f"method.{module}"
-    elif not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+        loaded = CheckpointManager(path / "checkpoints" if (path / "checkpoints").is_dir() else path).load_latest()
+    if loaded is None and not path.is_file():
+        raise ValueError(f"{str(path)!r} is a directory without training checkpoints" if path.is_dir() else
+                         f"checkpoint {str(path)!r} does not exist")
+    state, source = loaded if loaded is not None else (read_torch_file(path), path)
+    if loaded is not None or is_training_checkpoint(state):
+        model, key = _from_training_checkpoint(state, source, module), f"method.{module}"
     else:
-        state = read_torch_file(path)
-        if is_training_checkpoint(state):
-            model, key = _from_training_checkpoint(state, path, module), f"method.{module}"
-        else:
-            from fastkd.models import load_teacher
-            from fastkd.models.weights import FASTKD_FORMAT, detect_format
+        from fastkd.models import load_teacher
+        from fastkd.models.weights import FASTKD_FORMAT, detect_format
 
-            if isinstance(state, dict) and state.get("format") == FASTKD_FORMAT and arch is None:
-                arch = state.get("arch")
-            if arch is None:
-                raise ValueError(f"{str(path)!r} is not a fastkd checkpoint: give arch (the timm architecture) "
-                                 "to load it as a MoCo v3 / MAE / DeiT / CLIP / timm checkpoint")
-            model = load_teacher(arch, path, format=format, **timm_kwargs)
-            detected = detect_format(state) if format == "auto" else format
-            key = f"{detected}:{arch}" if detected == FASTKD_FORMAT else detected
+        if isinstance(state, dict) and state.get("format") == FASTKD_FORMAT and arch is None:
+            arch = state.get("arch")
+        if arch is None:
+            raise ValueError(f"{str(path)!r} is not a fastkd checkpoint: give arch (the timm architecture) "
+                             "to load it as a MoCo v3 / MAE / DeiT / CLIP / timm checkpoint")
+        model = load_teacher(arch, path, format=format, **timm_kwargs)
+        detected = detect_format(state) if format == "auto" else format
+        key = f"{detected}:{arch}" if detected == FASTKD_FORMAT else detected
     return model.to(device).eval().requires_grad_(False), {"checkpoint": str(path), "checkpoint_key": key}
 
 

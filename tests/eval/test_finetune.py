@@ -67,11 +67,11 @@ def test_layer_decay_groups_follow_the_formula(student, global_pool):
 def test_schedule_warms_up_then_decays_each_group_at_its_scale(student):
     model = build_finetune_model(load_eval_model(student), 12)
     recipe = dataclasses.replace(FINETUNE_RECIPES["mae"], epochs=4, batch_size=8, warmup_epochs=1)
-    optimizer, scheduler, warmup = _optimizer_and_schedule(model, recipe, steps_per_epoch=10)
+    optimizer, schedule, warmup = _optimizer_and_schedule(model, recipe, steps_per_epoch=10)
     assert warmup == 1 and recipe.lr == 5e-4 * 8 / 256
 
     def lrs(step):
-        scheduler.step_update(num_updates=step)
+        schedule(step)
         return [(g["lr"], g["lr_scale"]) for g in optimizer.param_groups]
 
     assert all(lr == 0.0 for lr, _ in lrs(0))  # MAE warms up from 0
