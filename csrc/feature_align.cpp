@@ -283,7 +283,8 @@ class FeatureAlign : public torch::autograd::Function<FeatureAlign> {
     variable_list out(9);
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return out;
     at::Tensor grad = ctx->saved_data["grad"].toTensor();
-    TORCH_CHECK(grad.numel() != 0 || grads[0].numel() == 0,
+    // sym_numel: under torch.compile the backward is traced with symbolic sizes (a dynamic token count)
+    TORCH_CHECK(grad.sym_numel() != 0 || grads[0].sym_numel() == 0,
                 "fastkd::feature_align was called with write_grad=False, so it has no student gradient");
     const at::Tensor scale = grads[0].unsqueeze(1);
     // the graph is freed after this backward unless retained: nobody else reads the saved gradient

@@ -36,7 +36,7 @@ def check_number(name: str, value: Any, *, low: float | None = None, high: float
     kinds = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if math.isnan(value) or (finite and math.isinf(value)):
+    if not isinstance(value, numbers.Integral) and (math.isnan(value) or (finite and math.isinf(value))):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
@@ -101,3 +101,18 @@ def check_embedding_pair(first_name: str, first: Any, second_name: str, second: 
     if first.device != second.device:
         raise ValueError(f"{first_name} and {second_name} must be on one device, got {first.device} and "
                          f"{second.device}")
+
+
+
+def check_shape(name: str, value: Any, shape: tuple, *, dtype: torch.dtype | None = None) -> None:
+    """``value`` is a tensor of ``shape`` (and ``dtype`` when given): an int entry is that size, a str
+    one any size (its label, e.g. ``"B"``), a leading ``...`` any leading dimensions. ``ValueError``
+    naming ``name``, the shape wanted and the one given."""
+    fixed = shape[1:] if shape[:1] == (...,) else shape
+    got = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+    ok = got is not None and (len(got) >= len(fixed) if fixed is not shape else len(got) == len(fixed))
+    ok = ok and all(isinstance(want, str) or size == want for size, want in zip(got[len(got) - len(fixed):], fixed))
+    if not ok or (dtype is not None and value.dtype != dtype):
+        wanted = ", ".join("..." if d is ... else str(d) for d in shape)
+        given = type(value).__name__ if got is None else f"{got} {value.dtype}"
+        raise ValueError(f"{name} must be a tensor [{wanted}]{'' if dtype is None else f' of {dtype}'}, got {given}")

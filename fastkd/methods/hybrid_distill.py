@@ -215,6 +215,11 @@ class HybridDistill(Method, name="hybrid_distill", recipe="mae", role="distill",
                                           direction=config.relation_direction, head_map=config.head_map)
         self.keep_stages = _check_keep_schedule(config.keep_schedule)
         self.register_buffer("keep_ratio", torch.tensor(self.keep_stages[0][1], dtype=torch.float64))
+        # the kept-token count as a host int (the buffer is what checkpoints hold): a compiled forward
+        # reads it without a device read, as one dynamic size across the keep-ratio stages
+        self.kept_patches = self.num_kept(self.keep_stages[0][1])
+        self.register_load_state_dict_post_hook(
+            lambda module, _: setattr(module, "kept_patches", module.num_kept(float(module.keep_ratio))))
 
     def _check_feature_teacher_size(self, size: int | None) -> None:
         """The feature teacher must be built for the size it is fed: ``size`` or else the student's."""
@@ -255,9 +260,11 @@ class HybridDistill(Method, name="hybrid_distill", recipe="mae", role="distill",
         return [ratio for start, ratio in self.keep_stages if start <= fraction][-1]
 
     def num_kept(self, keep_ratio: float | None = None) -> int:
-        """Patches the student keeps: ``max(1, round(keep_ratio * num_patches))``."""
-        ratio = float(self.keep_ratio) if keep_ratio is None else keep_ratio
-        return max(1, round(ratio * self.backbone.num_patches))
+        """Patches the student keeps: ``max(1, round(keep_ratio * num_patches))``; without
+        ``keep_ratio``, those of the current stage."""
+        if keep_ratio is None:
+            return self.kept_patches
+        return max(1, round(keep_ratio * self.backbone.num_patches))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = check_batch(batch, 1, type(self).__name__)[0]
@@ -312,4 +319,6 @@ class HybridDistill(Method, name="hybrid_distill", recipe="mae", role="distill",
         """Moves the keep ratio to the schedule stage of the next step, ``step + 1`` (a function of the
         step number, so it moves on a skipped step too: ``found_inf`` changes nothing)."""
         check_progress(step, total_steps)
-        self.keep_ratio.fill_(self.keep_ratio_at(min(step + 1, total_steps), total_steps))
+        ratio = self.keep_ratio_at(min(step + 1, total_steps), total_steps)
+        self.keep_ratio.fill_(ratio)
+        self.kept_patches = self.num_kept(ratio)

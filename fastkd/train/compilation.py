@@ -1,22 +1,38 @@
-"""``train.compile``: ``torch.compile`` every backbone pass a method runs.
+"""``train.compile``: ``torch.compile`` of a method's whole forward, as ``torch.compile`` of a plain
+PyTorch model does.
 
-Methods call ``Backbone.forward_features`` (with ``keep`` / ``return_qk`` / ``return_layers``), not
-``forward``, and run several backbones (student, frozen teachers, EMA teachers): each of them is
-compiled in place with ``fullgraph=True`` (the fused ops are custom ops inside the graph, so a graph
-break is an error, not a silent slowdown). The kept-token count is dynamic (see
-:meth:`fastkd.models.Backbone.compile`), so a keep-ratio schedule does not recompile every stage.
+One graph holds every backbone pass (students, frozen and EMA teachers), the heads, the losses and
+the glue, with fastkd's fused ops inside it as custom ops; ``fullgraph=True`` makes a graph break an
+error, not a silent slowdown. The EMA / optimiser phase (``after_step``, the optimisers) stays
+outside. Integer attributes of the method's modules (Hybrid Distill's kept-token count) are
+unspecialised: the first value compiles a static graph, a second one a graph with that count
+symbolic, and every later keep-ratio stage reuses it.
+
+Each compiled method runs its own copy of its class's ``forward`` code: dynamo counts graphs per code
+object under one recompile limit (8), so a process that builds several instances of one method (a
+benchmark, a notebook) would otherwise hit it, a hard error under ``fullgraph=True``.
 """
 
 from __future__ import annotations
 
+import functools
+import types
+
+import torch
+import torch._dynamo
 from torch import nn
 
-from fastkd.models import Backbone
 
+def compile_method(method: nn.Module, *, backend: str = "inductor") -> None:
+    """Replace ``method.forward`` by ``torch.compile`` of it (``fullgraph=True``), in place."""
+    shared = type(method).forward
+    own = types.FunctionType(shared.__code__.replace(), shared.__globals__, shared.__name__, shared.__defaults__,
+                             shared.__closure__)
+    compiled = torch.compile(types.MethodType(own, method), fullgraph=True, backend=backend)
 
-def compile_backbones(method: nn.Module, *, backend: str = "inductor") -> list[Backbone]:
-    """Compile every :class:`~fastkd.models.Backbone` inside ``method``; returns them."""
-    backbones = [module for module in method.modules() if isinstance(module, Backbone)]
-    for backbone in backbones:
-        backbone.compile(backend=backend, fullgraph=True)
-    return backbones
+    @functools.wraps(shared)
+    def forward(*args, **kwargs):
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            return compiled(*args, **kwargs)
+
+    method.forward = forward

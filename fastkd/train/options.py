@@ -103,9 +103,9 @@ class TrainConfig:
     fp32, whichever is faster as measured on the running machine and cached in the user cache
     directory, see :mod:`fastkd.train.precision`; ``same`` = ``precision``; or ``fp32`` / ``bf16`` /
     ``fp16``), ``device``,
-    ``compile`` (``true`` / ``false`` / ``auto`` = on for CUDA, off for CPU: ``torch.compile`` of every
-    backbone pass the method runs, students and teachers, with ``compile_backend``), ``checkpointing`` (activation checkpointing
-    of the student), ``sync_bn`` (SyncBatchNorm under DDP on CUDA), checkpoints every
+    ``compile`` (``true`` / ``false`` / ``auto`` = on for CUDA, off for CPU: ``torch.compile`` of the
+    method's whole forward with ``compile_backend``, see :mod:`fastkd.train.compilation`),
+    ``checkpointing`` (activation checkpointing of the student), ``sync_bn`` (SyncBatchNorm under DDP on CUDA), checkpoints every
     ``checkpoint_every`` steps into ``output_dir`` (newest ``keep_last`` kept), a log row every
     ``log_every`` steps, and a stop after ``max_nonfinite`` consecutive non-finite losses.
     ``skip_decision``: where a non-finite step is decided: ``host`` (the flag is read every step:

@@ -50,7 +50,7 @@ from fastkd.method_protocol import TrainingMethod
 from fastkd.train import distributed
 from fastkd.train.checkpoint import CHECKPOINT_FORMAT  # noqa: F401 (re-exported: one format, one home)
 from fastkd.train.checkpoint import CheckpointManager, TrainingState
-from fastkd.train.compilation import compile_backbones
+from fastkd.train.compilation import compile_method
 from fastkd.train.distributed import DistEnv
 from fastkd.train.logging import TrainLogger
 from fastkd.train.optim import apply_schedules, build_optimizer, clip_grad_per_param_, step_unless, takes_found_inf
@@ -181,7 +181,7 @@ class Trainer:
         if cfg.checkpointing:
             self._enable_activation_checkpointing(method)
         if cfg.compile_enabled(env.device):
-            compile_backbones(method, backend=cfg.compile_backend)
+            compile_method(method, backend=cfg.compile_backend)
         self.method = method
         self.slots = self._build_slots(method.param_groups(1.0))
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")

@@ -1,5 +1,6 @@
-"""``train.compile: true`` compiles what runs: every backbone pass of every method (students and
-teachers) in one graph each, no recompilation as the keep ratio moves, losses equal to eager.
+"""``train.compile: true`` compiles what runs: every method's whole forward (backbones, heads,
+losses, fused ops) in one graph, no recompilation after the keep ratio's first move, losses equal to
+eager.
 
 The ``aot_eager`` backend traces exactly what ``inductor`` would compile (dynamo capture and the
 joint forward/backward graph: where graph breaks and recompilations happen) without generating
@@ -61,7 +62,6 @@ def test_each_backbone_compiles_under_its_own_recompile_limit():
     ``Backbone._features_pass``'s code, a process that compiles several methods (a benchmark, a
     notebook) or MOKD's four backbones would hit it, a hard error under ``fullgraph=True``."""
     from fastkd.models import build_backbone
-    from fastkd.train.compilation import compile_backbones
 
     # dynamo's config.patch restores the limit on exit (monkeypatch.setattr on the config module
     # left later tests in the process without the attribute)
@@ -70,9 +70,35 @@ def test_each_backbone_compiles_under_its_own_recompile_limit():
         tiny = dict(img_size=16, patch_size=8, depth=1, num_heads=2, dynamic_img_size=True)
         for widths in ((8, 16, 24, 32), (40, 48, 56, 64)):  # two methods, four backbones of their own widths
             method = torch.nn.ModuleList(build_backbone("vit_tiny_patch16_224", embed_dim=w, **tiny) for w in widths)
-            assert len(compile_backbones(method, backend="eager")) == 4
+            for backbone in method:
+                backbone.compile(backend="eager", fullgraph=True)
             for size in (16, 8):
                 for backbone in method:
                     with torch.no_grad():
                         backbone.forward_features(torch.randn(2, 3, size, size))
                     backbone.forward_features(torch.randn(2, 3, size, size)).tokens.sum().backward()
+
+
+def test_a_compiled_method_keeps_its_own_code_and_a_resumed_keep_stage(workspace, tmp_path):
+    """A compiled method's forward stands in for its class's, and a loaded state dict sets Hybrid
+    Distill's host-side kept-token count from the checkpointed keep ratio."""
+    from fastkd.config import load_config
+    from fastkd.methods import build_method
+    from fastkd.train.compilation import compile_method
+    from tests.method_runs import DEMO
+
+    root, teachers = workspace
+    text = (DEMO / "hybrid_distill.yaml").read_text()
+    for name in ("resmoco", "mae"):
+        teacher = teachers["moco" if name == "resmoco" else name]
+        text = text.replace(f"path: demo_out/{name}_teacher/student.pt", f"path: {teacher}")
+    (tmp_path / "c.yaml").write_text(text)
+    config = load_config(tmp_path / "c.yaml", [])
+    first, second = (build_method(config.method_name, config.method_config) for _ in range(2))
+    for method in (first, second):
+        compile_method(method, backend="eager")
+    assert first.forward.__wrapped__ is type(first).forward
+    first.after_step(9, 10)
+    assert first.kept_patches == first.num_kept(first.keep_stages[-1][1]) < second.kept_patches
+    second.load_state_dict(first.state_dict())
+    assert second.kept_patches == first.kept_patches
