@@ -1,10 +1,6 @@
-"""Frozen-feature extraction for evaluation, with an on-disk cache.
-
-``extract_features(model, loader)`` runs ``model(batch.views[0])`` (a backbone's global feature
-``[B, D]``: CLS after the final norm for ViTs, pooled for ResNets) over every batch under
-``torch.no_grad`` in eval mode and returns the features in dataset-index order, with a progress
-bar on stderr when it is a terminal (see :func:`fastkd.progress.progress_disable`).
-"""
+"""Frozen-feature extraction for evaluation, with an on-disk cache: ``extract_features(model, loader)``
+runs ``model(batch.views[0])`` (a backbone's global feature ``[B, D]``) over every batch, no grad, in
+eval mode, and returns the features in dataset-index order."""
 
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastkd.durable import atomic_torch_save
-from fastkd.progress import progress_disable  # also imported from here (fastkd.eval.features.progress_disable)
+from fastkd.progress import progress_disable
 
 
 @dataclass
@@ -28,9 +24,6 @@ class FeatureSet:
     features: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
-
-    def state_dict(self) -> dict:
-        return {"features": self.features, "labels": self.labels, "indices": self.indices}
 
 
 def model_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -80,5 +73,5 @@ def cached_features(cache: str | os.PathLike | None, compute) -> FeatureSet:
     if cache.is_file():
         return FeatureSet(**torch.load(cache, map_location="cpu", weights_only=True))
     result = compute()
-    atomic_torch_save(result.state_dict(), cache)
+    atomic_torch_save(vars(result), cache)
     return result

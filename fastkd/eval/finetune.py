@@ -2,40 +2,30 @@
 fine-tuning top-1, the headline metric of MAE-family papers and of Hybrid Distill.
 
 The Backbone ``model`` is **rebuilt**, not modified: ``build_backbone(arch, drop_path_rate=...,
-global_pool=..., img_size=..., **timm_kwargs)`` gives a fresh copy whose blocks hold ``DropPath``
-(``rate_i = drop_path * i / (L - 1)`` for block ``i = 0..L-1``), the loaded weights are copied in
-(the positional embedding resampled to a new image size) and ``reset_classifier(num_classes,
-global_pool)`` adds a head ``trunc_normal(std=head_init_std)``, bias 0.
+global_pool=..., img_size=..., **timm_kwargs)`` (stochastic depth ``rate_i = drop_path * i / (L - 1)``
+for block ``i = 0..L-1``), the loaded weights copied in (``pos_embed`` resampled to a new size), then
+``reset_classifier(num_classes, global_pool)`` with a head ``trunc_normal(std=head_init_std)``, bias 0.
+Pooling as timm's ``VisionTransformer``: ``token`` (DeiT) ``logits = head(norm(tokens)[:, 0])``;
+``avg`` (MAE) ``logits = head(fc_norm(mean_{j >= P} tokens_j))`` over the patch tokens (``P`` prefix
+tokens excluded). timm puts the norm after the pool only in a model *built* with ``avg`` (hence the
+rebuild); as in MAE, the pre-trained final ``norm`` is dropped and ``fc_norm`` starts at 1, 0, so such
+a model's Backbone feature is the un-normalised CLS token: evaluate it as a classifier (:func:`load_finetuned`).
 
-Pooling (``global_pool``), as timm's ``VisionTransformer``:
+Optimisation (MAE ``main_finetune.py`` / BEiT; DeiT ``main.py``), ``L`` blocks, ``t`` of ``T`` optimizer steps:
 
-- ``token`` (DeiT): ``logits = head(norm(tokens)[:, 0])``, the CLS token after the final norm;
-- ``avg`` (MAE): ``logits = head(fc_norm(mean_{j >= P} tokens_j))``, the mean of the patch tokens
-  (``P`` prefix tokens excluded), then a LayerNorm. timm puts the norm after the pool only for a
-  model *constructed* with ``global_pool='avg'`` (hence the rebuild); as in MAE's
-  ``main_finetune.py`` the pre-trained final ``norm`` is dropped and ``fc_norm`` starts at weight 1,
-  bias 0. Such a model's Backbone feature is the un-normalised CLS token: evaluate it as a
-  classifier (:func:`load_finetuned`).
-
-Optimisation (MAE ``main_finetune.py`` / BEiT; DeiT ``main.py``), ``L`` blocks:
-
-- AdamW, weight decay except on 1-D parameters and ``no_weight_decay()`` (``cls_token``,
-  ``pos_embed``, ...); peak ``lr = blr * B / lr_batch_divisor`` (MAE ``/ 256``, DeiT ``/ 512``);
-- layer-wise lr decay ``d`` (:func:`timm.optim.param_groups_layer_decay`): layer ``l`` trains at
-  ``lr * d^(L + 1 - l)``, ``l = 0`` for the embeddings, ``l = i`` for block ``i = 1..L``, ``l = L + 1``
-  for ``fc_norm`` and the head; the final ``norm`` (``token`` pooling) joins the last block (timm's
-  ``group_matcher``; MAE's ``lr_decay.py`` would give it ``d^0``);
-- per optimizer step ``t`` of ``T`` (:class:`fastkd.train.schedules.WarmupCosine`, ``W`` warm-up
-  steps, capped at half the run): ``lr_t = warmup_lr + (lr - warmup_lr) * t / W`` for ``t < W``,
-  then ``min_lr + (lr - min_lr) * (1 + cos(pi * (t - W) / (T - W))) / 2``; each group at ``lr_t * scale``;
-- loss: mixup (``lam ~ Beta(0.8, 0.8)``, ``x = lam * x_i + (1 - lam) * x_j``) or, with probability
-  ``switch_prob``, cutmix (``lam ~ Beta(1, 1)``, a box of area ``1 - lam`` pasted from ``x_j``), each
-  sample paired with the flipped batch (:class:`timm.data.Mixup`: even batches, ``drop_last``), on
-  targets ``y = (1 - eps) * onehot + eps / C`` mixed alike; soft-target cross-entropy
-  ``-sum_c y_c log softmax(z)_c``. Without mixup / cutmix: label-smoothing cross-entropy;
-- data: train ``timm.data.create_transform(is_training=True)`` (random-resized crop, flip,
-  RandAugment, random erasing, bicubic); val resize ``floor(S / crop_pct)`` + centre crop ``S``.
-  Val classes are mapped onto train classes by name (:func:`fastkd.eval.evaluate.aligned_splits`).
+- AdamW, weight decay except on 1-D parameters and ``no_weight_decay()``; peak ``lr = blr * B / lr_batch_divisor``;
+- layer-wise lr decay ``d``: layer ``l`` trains at ``lr * d^(L + 1 - l)`` (``l = 0`` embeddings, ``l = i``
+  block ``i = 1..L``, ``l = L + 1`` ``fc_norm`` and head; the final ``norm`` joins the last block as in
+  timm's ``group_matcher``, where MAE's ``lr_decay.py`` would give it ``d^0``);
+- ``lr_t = warmup_lr + (lr - warmup_lr) * t / W`` for ``t < W`` (``W`` warm-up steps, at most half the
+  run), then ``min_lr + (lr - min_lr) * (1 + cos(pi * (t - W) / (T - W))) / 2``; group lr ``lr_t * scale``;
+- mixup (``lam ~ Beta(0.8, 0.8)``, ``x = lam * x_i + (1 - lam) * x_j``) or, with probability
+  ``switch_prob``, cutmix (``lam ~ Beta(1, 1)``, a box of area ``1 - lam`` pasted from ``x_j``), ``j``
+  the flipped batch (:class:`timm.data.Mixup`: even batches, ``drop_last``), on targets
+  ``y = (1 - eps) * onehot + eps / C`` mixed alike; loss ``-sum_c y_c log softmax(z)_c`` (without
+  mixup / cutmix: label-smoothing cross-entropy);
+- train ``timm.data.create_transform(is_training=True)`` (random-resized crop, flip, RandAugment,
+  random erasing, bicubic); val resize ``floor(S / crop_pct)`` + centre crop ``S``.
 
 Not reproduced: gradient accumulation (the batch is the effective batch), DeiT's repeated
 augmentation and model EMA, distributed evaluation; DeiT steps its schedule per epoch, here per step.
@@ -64,11 +54,11 @@ from tqdm import tqdm
 
 from fastkd.checks import check_choice, check_number, check_positive_ints, check_str
 from fastkd.durable import atomic_write_json, read_torch_file
-from fastkd.eval.features import progress_disable
 from fastkd.eval.linear_probe import EvalResult, topk_accuracy, train_epoch
 from fastkd.eval.models import native_image_size
 from fastkd.models.backbone import Backbone, build_backbone
 from fastkd.models.weights import _resize_pos_embed, load_teacher, save_backbone
+from fastkd.progress import progress_disable
 
 __all__ = ["FINETUNE_RECIPES", "FinetuneRecipe", "FinetuneResult", "build_finetune_model", "finetune",
            "layer_decay_param_groups", "load_finetuned"]
@@ -119,7 +109,8 @@ class FinetuneRecipe:
             raise TypeError(f"betas must be a tuple (beta1, beta2), got {self.betas!r}")
         values = {**vars(self), "betas[0]": self.betas[0], "betas[1]": self.betas[1]}
         for names, bounds in ((("blr", "eps", "head_init_std"), dict(low=0, low_open=True)),
-                              (("min_lr", "warmup_epochs", "warmup_lr", "weight_decay", "mixup", "cutmix"), dict(low=0)),
+                              (("min_lr", "warmup_epochs", "warmup_lr", "weight_decay", "mixup", "cutmix"),
+                               dict(low=0)),
                               (("re_prob", "mixup_prob", "switch_prob"), dict(low=0, high=1)),
                               (("layer_decay", "crop_pct"), dict(low=0, high=1, low_open=True)),
                               (("drop_path", "label_smoothing", "betas[0]", "betas[1]"),
@@ -205,11 +196,10 @@ def _classifier_prefix(net: nn.Module) -> str:
 def _copy_trunk(model: Backbone, source_state: dict) -> None:
     """Load ``source_state`` (timm names) into ``model``'s timm model, all but the classifier and the
     pooling-dependent final norm (``norm`` / ``fc_norm``), ``pos_embed`` resampled to the new grid."""
-    net = model.model
+    net, head = model.model, f"{_classifier_prefix(model.model)}."
     target = net.state_dict()
-    state = {k: v for k, v in source_state.items() if not k.startswith(f"{_classifier_prefix(net)}.")}
-    state = _resize_pos_embed(state, model)
-    odd = [k for k in set(state) ^ set(target) if not k.startswith(("norm.", "fc_norm.", f"{_classifier_prefix(net)}."))]
+    state = _resize_pos_embed({k: v for k, v in source_state.items() if not k.startswith(head)}, model)
+    odd = [k for k in set(state) ^ set(target) if not k.startswith(("norm.", "fc_norm.", head))]
     assert not odd, f"the loaded model and its rebuilt copy ({model.name}) differ in keys {sorted(odd)[:20]}"
     net.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
 
@@ -387,15 +377,6 @@ def resolve_finetune_recipe(recipe, **overrides) -> FinetuneRecipe:
     return dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _check_paths(output, train_dir, val_dir) -> None:
-    """``train_dir`` and ``val_dir`` are paths, ``output`` None or a folder path (not a file)."""
-    for name, value in (("train_dir", train_dir), ("val_dir", val_dir), ("output", output)):
-        is_path = isinstance(value, (str, os.PathLike))
-        if (value is not None or name != "output") and (not is_path or name == "output" and Path(value).is_file()):
-            raise ValueError(f"{name} must be a {'folder path or None' if name == 'output' else 'path'}, got "
-                             f"{value!r}{' (a file)' if is_path else ''}")
-
-
 def finetune(model: nn.Module, train_dir: str | os.PathLike, val_dir: str | os.PathLike,
              recipe: str | FinetuneRecipe = "mae", *, epochs: int | None = None, batch_size: int | None = None,
              blr: float | None = None, layer_decay: float | None = None, drop_path: float | None = None,
@@ -417,7 +398,8 @@ def finetune(model: nn.Module, train_dir: str | os.PathLike, val_dir: str | os.P
                                      drop_path=drop_path, global_pool=global_pool)
     device = check_run_options(device=device, num_workers=num_workers, seed=seed, progress=progress)
     check_choice("precision", precision, PRECISIONS)
-    _check_paths(output, train_dir, val_dir)
+    if output is not None and (not isinstance(output, (str, os.PathLike)) or Path(output).is_file()):
+        raise ValueError(f"output must be a folder path or None, got {output!r}")
     _check_model(model, image_size=image_size, global_pool=recipe.global_pool)
     image_size = image_size or native_image_size(model)
 

@@ -29,7 +29,7 @@ layer's inputs, with ``n = 1`` only) and skips register tokens as well as CLS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -38,8 +38,9 @@ from torch import nn
 from tqdm import tqdm
 
 from fastkd.checks import check_bool, check_choice, check_number, check_str
-from fastkd.eval.features import extract_features, model_features, progress_disable
+from fastkd.eval.features import extract_features, model_features
 from fastkd.eval.linear_probe import EvalResult, fold_linear, init_linear, topk_accuracy, train_epoch
+from fastkd.progress import progress_disable
 
 OPTIMIZERS = ("sgd", "lars")
 # DINO's rule: below this width (ViT-S) 4 blocks without patch average, from it on (ViT-B) 1 block with it
@@ -106,8 +107,7 @@ class LinearProtocol:
         check_number("LinearProtocol.weight_decay", self.weight_decay, low=0.0, finite=True)
         if self.n_last_blocks is not None:
             check_number("LinearProtocol.n_last_blocks", self.n_last_blocks, low=1, integer=True)
-        if self.avgpool_patches is not None:
-            check_bool("LinearProtocol.avgpool_patches", self.avgpool_patches)
+        check_choice("LinearProtocol.avgpool_patches", self.avgpool_patches, (True, False, None))
         check_bool("LinearProtocol.batchnorm", self.batchnorm)
         for name in ("train_interpolation", "val_interpolation"):
             check_choice(f"LinearProtocol.{name}", getattr(self, name), INTERPOLATIONS)
@@ -125,9 +125,7 @@ _PER_EPOCH = "once per epoch; here per step (chosen here)"
 
 LINEAR_PROTOCOLS: dict[str, LinearProtocol] = {
     "dino": LinearProtocol(
-        name="dino", epochs=100, base_lr=0.001, batch_size=1024, optimizer="sgd", momentum=0.9, weight_decay=0.0,
-        n_last_blocks=None, avgpool_patches=None, batchnorm=False, train_interpolation="bilinear",
-        val_interpolation="bicubic",
+        name="dino", epochs=100, base_lr=0.001, n_last_blocks=None, avgpool_patches=None, val_interpolation="bicubic",
         sources={
             "epochs": "official code: eval_linear.py --epochs default 100",
             "base_lr": "official code: --lr default 0.001 'for a reference batch size of 256' (linear scaling); "
@@ -149,8 +147,7 @@ LINEAR_PROTOCOLS: dict[str, LinearProtocol] = {
         },
     ),
     "mocov3": LinearProtocol(
-        name="mocov3", epochs=90, base_lr=3.0, resnet_base_lr=0.1, batch_size=1024, optimizer="sgd", momentum=0.9,
-        weight_decay=0.0, n_last_blocks=1, avgpool_patches=False, batchnorm=False, train_interpolation="bilinear",
+        name="mocov3", epochs=90, base_lr=3.0, resnet_base_lr=0.1, n_last_blocks=1, avgpool_patches=False,
         val_interpolation="bilinear",
         sources={
             "epochs": "official code: main_lincls.py --epochs default 90",
@@ -299,20 +296,6 @@ class _Head(nn.Module):
         return fold_linear(self.linear, self.norm.running_mean, (self.norm.running_var + self.norm.eps).sqrt())
 
 
-def _optimizer(heads: Sequence[_Head], peak_lrs: Sequence[float], protocol: LinearProtocol) -> torch.optim.Optimizer:
-    """fastkd's SGD / LARS over one group per head and tensor, ``lr_scale`` the head's peak lr. SGD
-    decays biases too (torch's ``SGD(weight_decay=...)`` as both scripts); LARS leaves biases
-    without decay or trust ratio (fastkd's LARS)."""
-    from fastkd.train.optim import build_optimizer
-
-    groups = []
-    for head, peak in zip(heads, peak_lrs):
-        groups.append({"params": [head.linear.weight], "weight_decay": 1.0, "lr_scale": peak})
-        groups.append({"params": [head.linear.bias], "weight_decay": 1.0 if protocol.optimizer == "sgd" else 0.0,
-                       "lr_scale": peak})
-    return build_optimizer(groups, protocol.optimizer, momentum=protocol.momentum)
-
-
 def _describe_features(model: nn.Module, n_last_blocks: int, avgpool_patches: bool) -> str:
     if _vit_backbone(model) is None:
         kind = "ResNet backbone: pooled last stage" if hasattr(model, "is_vit") else \
@@ -320,14 +303,6 @@ def _describe_features(model: nn.Module, n_last_blocks: int, avgpool_patches: bo
         return f"model(x) ({kind}; n_last_blocks=1, no patch average)"
     text = f"CLS after the final norm of the last {n_last_blocks} block{'s' if n_last_blocks > 1 else ''}"
     return text + (" + mean of the last block's normed patch tokens" if avgpool_patches else "")
-
-
-def _val_recipe(image_size: int, resize: int, interpolation: str):
-    """The ``eval`` recipe (resize + centre crop), its resize done with ``interpolation``."""
-    from fastkd.data.recipes import Recipe, build_recipe
-
-    recipe = build_recipe("eval", size=image_size, resize=resize)
-    return Recipe(recipe.name, (replace(recipe.views[0], interpolation=interpolation),), shuffle=recipe.shuffle)
 
 
 def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str | LinearProtocol = "dino", *,
@@ -347,9 +322,13 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
     mode is restored). ``seed`` fixes the crops, the order and the heads' initial weights (all
     heads start equal, so each head of a sweep trains exactly as it would alone). Every option is
     checked (ValueError naming it) before any image is read."""
+    from fastkd.data import build_loader
     from fastkd.data.loader import BACKENDS
-    from fastkd.eval.evaluate import check_eval_options, check_run_options
+    from fastkd.data.recipes import Recipe, ViewSpec
+    from fastkd.eval.evaluate import aligned_splits, check_eval_options, check_run_options
     from fastkd.eval.models import native_image_size
+    from fastkd.train.optim import apply_schedules, build_optimizer
+    from fastkd.train.schedules import WarmupCosine, scaled_lr
 
     protocol = resolve_protocol(protocol)
     epochs = protocol.epochs if epochs is None else epochs
@@ -368,19 +347,6 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
         resize = max(image_size, round(image_size * protocol.resize / protocol.image_size))
     if resize < image_size:
         raise ValueError(f"resize must be >= image_size ({image_size}), got {resize!r}")
-    return _run(model, train_dir, val_dir, protocol, epochs=epochs, base_lrs=base_lrs, batch_size=batch_size,
-                image_size=image_size, resize=resize, n_last_blocks=n_last_blocks, avgpool_patches=avgpool_patches,
-                backend=backend, num_workers=num_workers, device=device, seed=seed, progress=progress)
-
-
-def _run(model: nn.Module, train_dir, val_dir, protocol: LinearProtocol, *, epochs: int, base_lrs: tuple[float, ...],
-         batch_size: int, image_size: int, resize: int, n_last_blocks: int, avgpool_patches: bool, backend: str,
-         num_workers: int, device: torch.device, seed: int, progress: bool) -> LinearProtocolResult:
-    """:func:`evaluate_linear_protocol` with checked, filled-in options."""
-    from fastkd.data import build_loader
-    from fastkd.eval.evaluate import aligned_splits
-    from fastkd.train.optim import apply_schedules
-    from fastkd.train.schedules import WarmupCosine, scaled_lr
 
     train_images, val_images, class_counts = aligned_splits(train_dir, val_dir)
     num_classes = len(train_images.classes)
@@ -394,13 +360,19 @@ def _run(model: nn.Module, train_dir, val_dir, protocol: LinearProtocol, *, epoc
     try:
         train_loader = build_loader(train_images, "linear", shuffle=True, drop_last=protocol.batchnorm,
                                     size=image_size, interpolation=protocol.train_interpolation, **options)
-        val_loader = build_loader(val_images, _val_recipe(image_size, resize, protocol.val_interpolation),
-                                  shuffle=False, drop_last=False, **options)
+        val_view = ViewSpec(size=image_size, scale=None, resize=resize, interpolation=protocol.val_interpolation,
+                            flip_p=0.0)  # the eval recipe, resized with the protocol's interpolation
+        val_loader = build_loader(val_images, Recipe("eval", (val_view,), shuffle=False), drop_last=False, **options)
         with torch.no_grad():
             dim = features(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1]
         peak_lrs = [scaled_lr(lr, batch_size, REFERENCE_BATCH) for lr in base_lrs]
         heads = nn.ModuleList(_Head(dim, num_classes, protocol.batchnorm, seed) for _ in base_lrs).to(device).train()
-        optimizer = _optimizer(heads, peak_lrs, protocol)
+        groups = []  # one per head and tensor, lr_scale its peak lr; SGD decays biases too (torch's SGD, as both
+        for head, peak in zip(heads, peak_lrs):  # scripts), fastkd's LARS neither decays nor trust-ratios them
+            groups += [{"params": [head.linear.weight], "weight_decay": 1.0, "lr_scale": peak},
+                       {"params": [head.linear.bias], "weight_decay": float(protocol.optimizer == "sgd"),
+                        "lr_scale": peak}]
+        optimizer = build_optimizer(groups, protocol.optimizer, momentum=protocol.momentum)
         cosine = WarmupCosine(peak=1.0, total_steps=max(1, epochs * len(train_loader)))  # x each head's lr_scale
 
         def schedule(step: int) -> None:
@@ -433,10 +405,9 @@ def _run(model: nn.Module, train_dir, val_dir, protocol: LinearProtocol, *, epoc
             sweep.append({"lr": lr, "scaled_lr": peak, "top1": top1, "top5": top5, "train_loss": loss})
     best = max(range(len(sweep)), key=lambda i: (sweep[i]["top1"], sweep[i]["top5"], -i))
     return LinearProtocolResult(
-        protocol=protocol.name, top1=sweep[best]["top1"], top5=sweep[best]["top5"], lr=sweep[best]["lr"],
-        scaled_lr=sweep[best]["scaled_lr"], train_loss=sweep[best]["train_loss"], sweep=sweep, feature_dim=dim,
-        n_last_blocks=n_last_blocks, avgpool_patches=avgpool_patches,
-        features=_describe_features(model, n_last_blocks, avgpool_patches), epochs=epochs, batch_size=batch_size,
+        protocol=protocol.name, **sweep[best], sweep=sweep, feature_dim=dim, n_last_blocks=n_last_blocks,
+        avgpool_patches=avgpool_patches, features=_describe_features(model, n_last_blocks, avgpool_patches),
+        epochs=epochs, batch_size=batch_size,
         image_size=image_size, resize=resize, optimizer=protocol.optimizer, num_classes=num_classes,
         class_counts=class_counts, classifier=classifiers[best], classifiers=classifiers,
     )

@@ -1,17 +1,11 @@
-"""Load any saved student or teacher as a frozen feature extractor.
+"""Load any saved student or teacher as a frozen feature extractor. ``load_eval_model(path)`` accepts:
 
-``load_eval_model(path)`` accepts:
-
-- a training run directory: its final ``student.pt`` when it has one and ``module`` is ``student``
-  (nothing else is rebuilt, so the run's teachers need not be reachable), else its newest checkpoint;
-  with ``weights="teacher"`` its ``teacher.pt`` (the EMA teacher's backbone that runs of MoCo v3,
-  ResMoCo and MOKD write beside ``student.pt``);
-- a training checkpoint (``checkpoint_<step>.pt``, written by
-  :class:`fastkd.train.trainer.Trainer`): the method is rebuilt from the config stored in the
-  checkpoint, its state loaded, and the submodule ``module`` (dotted path, default ``student``)
-  returned;
-- a backbone file in fastkd's format (``student.pt`` written at the end of a run by
-  :func:`fastkd.models.save_backbone`): its architecture is read from the file;
+- a run directory: its ``student.pt`` when it has one and ``module`` is ``student`` (nothing else is
+  rebuilt), else its newest checkpoint; with ``weights="teacher"`` its ``teacher.pt`` (the EMA
+  teacher's backbone that MoCo v3, ResMoCo and MOKD runs write);
+- a training checkpoint (``checkpoint_<step>.pt``): the method is rebuilt from the config it stores,
+  its state loaded, and the submodule ``module`` (dotted path) returned;
+- a backbone file of :func:`fastkd.models.save_backbone` (``student.pt``): its architecture is read from it;
 - an official MoCo v3 / MAE / DeiT / CLIP checkpoint or a timm state dict: needs ``arch`` (see
   :func:`fastkd.models.load_teacher`).
 """
@@ -60,11 +54,9 @@ def _from_training_checkpoint(state: dict, path: Path, module: str) -> nn.Module
 def load_eval_model_described(path: str | os.PathLike, *, arch: str | None = None, module: str = "student",
                               format: str = "auto", device: str | torch.device = "cpu", weights: str = "student",
                               **timm_kwargs) -> tuple[nn.Module, dict]:
-    """:func:`load_eval_model` and what it evaluated, for result files: ``{"checkpoint": file or
-    directory read, "checkpoint_key": ...}``; the key is ``fastkd:<arch>`` for a fastkd backbone
-    file (``student.pt``, ``teacher.pt``), ``method.<module>`` for a training checkpoint (or a run
-    directory without ``student.pt``), and the checkpoint format (given, or detected: ``mocov3``,
-    ``mae``, ``deit``, ``clip``, ``timm``) for other checkpoints."""
+    """:func:`load_eval_model` and what it evaluated: ``{"checkpoint": file or directory read,
+    "checkpoint_key": key}``, the key ``fastkd:<arch>`` for a backbone file, ``method.<module>`` for a
+    training checkpoint and the (given or detected) format for other checkpoints."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     check_choice("weights", weights, WEIGHTS)
