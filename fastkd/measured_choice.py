@@ -86,10 +86,35 @@ def _read(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     ok = isinstance(data, dict) and all(
-        isinstance(section, dict) and all(isinstance(e, dict) and isinstance(e.get("choice"), str)
-                                          for e in section.values())
-        for section in data.values())
+        isinstance(section, dict) and all(isinstance(e, dict) for e in section.values()) for section in data.values())
     return data if ok else {}
+
+
+def _section(device: torch.device) -> str:
+    return f"{machine(device)} | torch {torch.__version__}"
+
+
+def _write(path: Path, data: dict) -> None:
+    try:
+        atomic_write_json(path, data)
+    except OSError:  # a read-only cache folder: the decision still holds for this process
+        pass
+
+
+def recorded(entry: str, device: torch.device | str) -> dict:
+    """What :func:`record` stored under ``entry`` for this machine and torch version (``{}``: nothing)."""
+    device = torch.device(device)
+    return dict(_read(cache_dir() / FILE_NAME).get(_section(device), {}).get(entry, {}))
+
+
+def record(entry: str, device: torch.device | str, values: dict) -> None:
+    """Merge ``values`` (JSON numbers) into ``entry`` of this machine and torch version's section
+    (timings measured by a run itself, e.g. the trainer's step times with and without compiling)."""
+    device = torch.device(device)
+    path = cache_dir() / FILE_NAME
+    data = _read(path)
+    data.setdefault(_section(device), {}).setdefault(entry, {}).update(values)
+    _write(path, data)
 
 
 def choose(name: str, shape_class: str, device: torch.device | str, names: tuple[str, ...],
@@ -102,19 +127,16 @@ def choose(name: str, shape_class: str, device: torch.device | str, names: tuple
     if key in _DECIDED:
         return _DECIDED[key]
     device = torch.device(device)
-    section, entry = f"{machine(device)} | torch {torch.__version__}", f"{name} | {shape_class}"
+    section, entry = _section(device), f"{name} | {shape_class}"
     path = cache_dir() / FILE_NAME
     data = _read(path)
     found = data.get(section, {}).get(entry)
-    if found is None or found["choice"] not in names:
+    if found is None or found.get("choice") not in names:
         with torch.autocast(device.type, enabled=False):
             seconds = measure(candidates(), device)
         found = {"choice": min(seconds, key=seconds.get), "seconds": seconds}
         data.setdefault(section, {})[entry] = found
-        try:
-            atomic_write_json(path, data)
-        except OSError:  # a read-only cache folder: the decision still holds for this process
-            pass
+        _write(path, data)
     _DECIDED[key] = found["choice"]
     return found["choice"]
 

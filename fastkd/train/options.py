@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-import torch
-
 from fastkd.suggest import did_you_mean
 from fastkd.train.optim import CLIP_MODES, OPTIMIZERS
 from fastkd.train.precision import PRECISIONS, TEACHER_PRECISIONS
@@ -103,8 +101,9 @@ class TrainConfig:
     fp32, whichever is faster as measured on the running machine and cached in the user cache
     directory, see :mod:`fastkd.train.precision`; ``same`` = ``precision``; or ``fp32`` / ``bf16`` /
     ``fp16``), ``device``,
-    ``compile`` (``true`` / ``false`` / ``auto`` = on for CUDA, off for CPU: ``torch.compile`` of the
-    method's whole forward with ``compile_backend``, see :mod:`fastkd.train.compilation`),
+    ``compile`` (``true`` / ``false`` / ``auto`` = on for CUDA; elsewhere on where step times recorded
+    on this machine say the run repays the compilation: ``torch.compile`` of the method's whole forward
+    with ``compile_backend``, see :mod:`fastkd.train.compilation`),
     ``checkpointing`` (activation checkpointing of the student), ``sync_bn`` (SyncBatchNorm under DDP on CUDA), checkpoints every
     ``checkpoint_every`` steps into ``output_dir`` (newest ``keep_last`` kept), a log row every
     ``log_every`` steps, and a stop after ``max_nonfinite`` consecutive non-finite losses.
@@ -138,10 +137,6 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     allow_shorter_schedule: bool = False
-
-    def compile_enabled(self, device) -> bool:
-        """Whether to compile on ``device`` (``auto``: on CUDA only, where it pays off)."""
-        return self.compile if isinstance(self.compile, bool) else torch.device(device).type == "cuda"
 
     def __post_init__(self):
         _check(_is_int(self.epochs) and self.epochs >= 1, "train.epochs", "an int >= 1", self.epochs)

@@ -50,7 +50,7 @@ from fastkd.method_protocol import TrainingMethod
 from fastkd.train import distributed
 from fastkd.train.checkpoint import CHECKPOINT_FORMAT  # noqa: F401 (re-exported: one format, one home)
 from fastkd.train.checkpoint import CheckpointManager, TrainingState
-from fastkd.train.compilation import compile_method
+from fastkd.train.compilation import compile_entry, compile_method, record_run, should_compile
 from fastkd.train.distributed import DistEnv
 from fastkd.train.logging import TrainLogger
 from fastkd.train.optim import apply_schedules, build_optimizer, clip_grad_per_param_, step_unless, takes_found_inf
@@ -180,7 +180,9 @@ class Trainer:
                 print("warning: SyncBatchNorm needs CUDA; on CPU BatchNorm statistics stay per process", flush=True)
         if cfg.checkpointing:
             self._enable_activation_checkpointing(method)
-        if cfg.compile_enabled(env.device):
+        self.compile_entry = compile_entry(method, self.batch_size, cfg.precision)
+        self.compiled = should_compile(cfg.compile, env.device, self.compile_entry, self.total_steps)
+        if self.compiled:
             compile_method(method, backend=cfg.compile_backend)
         self.method = method
         self.slots = self._build_slots(method.param_groups(1.0))
@@ -481,11 +483,13 @@ class Trainer:
         window_images, window_start = 0, time.perf_counter()
         run_start, run_images, start_step = time.perf_counter(), 0, step
         batches, pending = None, []  # pending: steps whose device-side skip flag the host has not read yet
+        step_seconds = []  # wall time of each step's work (for train.compile: auto, see fastkd.train.compilation)
         with StopRequest() as stop:
             while step < self.total_steps:
                 if batches is None or step % self.steps_per_epoch == 0:
                     batches = self._batches(step // self.steps_per_epoch,
                                             (step % self.steps_per_epoch) * self.optim_cfg.accum_steps)
+                step_start = time.perf_counter()
                 rates = self._apply_schedules(step)
                 try:
                     nonfinite, parts, images = self._forward_backward(batches, step)
@@ -506,6 +510,7 @@ class Trainer:
                     skipped, consecutive = self._settle(pending, skipped, consecutive, logger)
                     pending = []
                 self._clear_grads()
+                step_seconds.append(time.perf_counter() - step_start)
                 step += 1
                 window_images += images * env.world_size
                 run_images += images * env.world_size
@@ -530,8 +535,10 @@ class Trainer:
                     logger.message(f"stop requested ({stop.signal_name or 'another rank'}): checkpoint at step "
                                    f"{step} written, exiting; continue with --resume")
                     break
+        if env.is_main and env.device.type != "cuda":  # CUDA: compiled under auto anyway (and not synchronised)
+            record_run(self.compile_entry, env.device, self.compiled, step_seconds)
         summary = {"steps": step, "total_steps": self.total_steps, "skipped_steps": skipped,
-                   "preempted": preempted, "global_batch_size": self.global_batch_size,
+                   "preempted": preempted, "global_batch_size": self.global_batch_size, "compiled": self.compiled,
                    "wall_time_s": time.perf_counter() - run_start,
                    "images_per_s": run_images / max(time.perf_counter() - run_start, 1e-9) if step > start_step else 0.0}
         if logger.rows:
