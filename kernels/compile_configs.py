@@ -34,20 +34,10 @@ class CompileConfig:
 _CONFIGS: list[CompileConfig] = []
 
 
-def register_compile_config(
-    name: str,
-    kernel: Any,
-    signature: dict[str, str],
-    constexprs: dict[str, Any] | None = None,
-    *,
-    num_warps: int = 4,
-    num_stages: int = 2,
-    label: str = "",
-) -> None:
+def register_compile_config(name: str, kernel: Any, signature: dict[str, str], constexprs: dict[str, Any] | None = None,
+                            *, num_warps: int = 4, num_stages: int = 2, label: str = "") -> None:
     """Add one configuration of ``kernel`` to the compile check."""
-    _CONFIGS.append(
-        CompileConfig(name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages, label)
-    )
+    _CONFIGS.append(CompileConfig(name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages, label))
 
 
 def all_compile_configs() -> list[CompileConfig]:

@@ -24,24 +24,12 @@ MAX_D = 4096
 
 @triton.jit
 def feature_align_fwd_kernel(
-    s_ptr,
-    t_ptr,
-    w_ptr,
-    loss_ptr,
-    grad_ptr,
-    D,
-    stride_s,
-    stride_t,
-    stride_g,
-    beta,
-    eps,
-    TARGET_NORM: tl.constexpr,
-    STUDENT_NORM: tl.constexpr,
-    LOSS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
+    s_ptr, t_ptr, w_ptr, loss_ptr, grad_ptr, D, stride_s, stride_t, stride_g, beta, eps, TARGET_NORM: tl.constexpr,
+    STUDENT_NORM: tl.constexpr, LOSS: tl.constexpr, HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """One program = one row: ``loss[row] = w * l(norm_s(s[row]), norm_t(t[row]))`` and, with
+    ``WRITE_GRAD``, ``grad[row] = w * d l / d s[row]`` (the module docstring's formula)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     in_row = cols < D
@@ -110,53 +98,26 @@ def num_warps_for(block_d: int) -> int:
 
 
 def launch_feature_align_fwd(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    weight: torch.Tensor | None,
-    *,
-    target_norm: str,
-    student_norm: bool,
-    loss: str,
-    beta: float,
-    eps: float,
-    write_grad: bool,
+    student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None, *, target_norm: str,
+    student_norm: bool, loss: str, beta: float, eps: float, write_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the kernel on ``student``/``teacher`` ``[M, D]`` (unit stride along D) and an optional
-    ``weight [M]``; returns ``(loss [M] fp32, grad [M, D] in student's dtype or an empty tensor)``."""
-    if student.dim() != 2 or teacher.shape != student.shape:
-        raise ValueError(f"student and teacher must both be [M, D], got {tuple(student.shape)} and {tuple(teacher.shape)}")
-    if student.stride(1) != 1 or teacher.stride(1) != 1:
-        raise ValueError(f"student and teacher need unit stride along D, got strides {student.stride()} and {teacher.stride()}")
+    """Run the kernel on ``student``/``teacher`` ``[M, D]`` (unit stride along D, validated by the op)
+    and an optional contiguous ``weight [M]``; returns ``(loss [M] fp32, grad [M, D] in student's dtype
+    or an empty tensor)``. ``ValueError`` for ``D`` outside ``[1, MAX_D]``."""
+    assert student.dim() == 2 and teacher.shape == student.shape and student.stride(1) == teacher.stride(1) == 1
     M, D = student.shape
     if not 1 <= D <= MAX_D:
         raise ValueError(f"feature dimension D must be in [1, {MAX_D}] for the Triton kernel, got {D}")
-    if weight is not None and (weight.shape != (M,) or not weight.is_contiguous()):
-        raise ValueError(f"weight must be a contiguous [M]={M} tensor, got shape {tuple(weight.shape)}")
     out_loss = torch.empty(M, dtype=torch.float32, device=student.device)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if write_grad else student.new_empty(0)
     if M == 0:
         return out_loss, grad
     block_d = triton.next_power_of_2(D)
     feature_align_fwd_kernel[(M,)](
-        student,
-        teacher,
-        weight if weight is not None else out_loss,
-        out_loss,
-        grad if write_grad else student,
-        D,
-        student.stride(0),
-        teacher.stride(0),
-        D,
-        float(beta),
-        float(eps),
-        TARGET_NORM=TARGET_NORMS[target_norm],
-        STUDENT_NORM=bool(student_norm),
-        LOSS=LOSSES[loss],
-        HAS_WEIGHT=weight is not None,
-        WRITE_GRAD=bool(write_grad),
-        BLOCK_D=block_d,
-        num_warps=num_warps_for(block_d),
-    )
+        student, teacher, out_loss if weight is None else weight, out_loss, grad if write_grad else student, D,
+        student.stride(0), teacher.stride(0), D, float(beta), float(eps), TARGET_NORM=TARGET_NORMS[target_norm],
+        STUDENT_NORM=bool(student_norm), LOSS=LOSSES[loss], HAS_WEIGHT=weight is not None,
+        WRITE_GRAD=bool(write_grad), BLOCK_D=block_d, num_warps=num_warps_for(block_d))
     return out_loss, grad
 
 
@@ -169,35 +130,16 @@ def _register_compile_configs() -> None:
         ("fp32", "cosine", True, (768, MAX_D)),
     ]
     for dtype, loss, student_norm, widths in variants:
+        signature = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "w_ptr": "*fp32", "loss_ptr": "*fp32",
+                     "grad_ptr": f"*{dtype}", **dict.fromkeys(["D", "stride_s", "stride_t", "stride_g"], "i32"),
+                     "beta": "fp32", "eps": "fp32"}
         for d in widths:
             block_d = triton.next_power_of_2(d)
-            register_compile_config(
-                "feature_align_fwd",
-                feature_align_fwd_kernel,
-                {
-                    "s_ptr": f"*{dtype}",
-                    "t_ptr": f"*{dtype}",
-                    "w_ptr": "*fp32",
-                    "loss_ptr": "*fp32",
-                    "grad_ptr": f"*{dtype}",
-                    "D": "i32",
-                    "stride_s": "i32",
-                    "stride_t": "i32",
-                    "stride_g": "i32",
-                    "beta": "fp32",
-                    "eps": "fp32",
-                },
-                {
-                    "TARGET_NORM": TARGET_NORMS["layernorm"],
-                    "STUDENT_NORM": student_norm,
-                    "LOSS": LOSSES[loss],
-                    "HAS_WEIGHT": True,
-                    "WRITE_GRAD": True,
-                    "BLOCK_D": block_d,
-                },
-                num_warps=num_warps_for(block_d),
-                label=f"{dtype} D={d} {loss}{' l2-student' if student_norm else ''}",
-            )
+            constexprs = {"TARGET_NORM": TARGET_NORMS["layernorm"], "STUDENT_NORM": student_norm,
+                          "LOSS": LOSSES[loss], "HAS_WEIGHT": True, "WRITE_GRAD": True, "BLOCK_D": block_d}
+            register_compile_config("feature_align_fwd", feature_align_fwd_kernel, signature, constexprs,
+                                    num_warps=num_warps_for(block_d),
+                                    label=f"{dtype} D={d} {loss}{' l2-student' if student_norm else ''}")
 
 
 _register_compile_configs()

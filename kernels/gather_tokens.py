@@ -1,30 +1,21 @@
 """Triton kernels of ``gather_tokens``: compute ``fastkd.ops.gather_tokens`` (a row gather fused with
-the positional-embedding add) and its backward (the scatter into a dense ``grad_x`` and the
-positional-embedding gradient); see the op's docstring for the formulas. Sums are done in fp32.
+the positional-embedding add, ``out[b, k] = x[b, keep[b, k]] + pos[keep[b, k]]``) and its backward
+(``grad_x[b, n] = sum_{k: keep[b, k] = n} grad_out[b, k]``, ``grad_pos = sum_b grad_x[b]``). Sums in fp32.
 
-Forward: one program per kept row ``(b, k)`` and block of features reads ``x[b, keep[b, k]]`` (and
-``pos[keep[b, k]]``), adds them in fp32 and stores the row in ``out``'s dtype.
+Forward: one program per kept row ``(b, k)`` and block of features. Backward: one program per
+(batch group, position ``n``, feature block) writes ``grad_x[b, n]`` for every batch of its group,
+zeros or the sum of the ``grad_out`` rows that picked ``n``, so ``grad_x`` is written exactly once (no
+zero fill, no atomics, deterministic, duplicate indices summed). Those rows come from a counting sort
+of ``keep`` done by the launcher: ``order[b] = argsort(keep[b])`` (stable) and ``starts[b, n] = #{k :
+keep[b, k] < n}``, so they are ``order[b, starts[b, n] : starts[b, n + 1]]``. With a positional
+embedding each group adds its rows into an fp32 partial gradient ``pos_partial[group, n]``, summed by
+the launcher; :func:`bwd_batch_groups` sizes the groups to the batch.
 
-Backward: the kernel runs over *positions*, not over kept rows: program ``(batch group, n, d-block)``
-writes ``grad_x[b, n]`` for every batch of its group, either zeros or the sum of the ``grad_out``
-rows that picked ``n``. So ``grad_x`` is written exactly once (no separate zero fill, no atomics,
-deterministic, duplicate indices summed correctly). The rows that picked ``n`` are found through a
-counting sort of ``keep`` done by the launcher: ``order[b] = argsort(keep[b])`` (stable) and
-``starts[b, n] = #{k : keep[b, k] < n}``, so they are ``order[b, starts[b, n] : starts[b, n + 1]]``.
-With a positional embedding each batch group adds its batches' rows into an fp32 partial gradient
-``pos_partial[group, n]`` and the launcher sums the groups in fp32: the groups are sized to the batch
-by :func:`bwd_batch_groups` (about ``sqrt(B)`` groups of ``sqrt(B)`` batches, at least
-``MAX_BATCH_GROUPS`` groups while ``B`` allows), which bounds both the serial walk of a program and the
-partial buffer (``groups * N * D`` fp32); without one every batch is its own group.
-
-Grids: the (batch group, position) pairs and the kept rows are flattened onto grid axis 0 (up to
-``2**31 - 1`` programs; axes 1 and 2 allow only 65535, which the batch exceeds) and axis 1 holds the
-few feature blocks (:func:`fwd_grid`, :func:`bwd_grid`). Offsets that multiply a batch or token
-stride are int64.
-
-Launch helpers (``launch_gather_tokens_fwd`` / ``launch_gather_tokens_bwd``) take plain tensors
-(CUDA, or CPU under ``TRITON_INTERPRET=1``) and assume the last dimension of every tensor is
-contiguous; indices must already be validated.
+Grids: the (batch group, position) pairs and the kept rows on grid axis 0 (up to ``2**31 - 1``
+programs; axes 1 and 2 allow 65535, which the batch exceeds), the feature blocks on axis 1
+(:func:`fwd_grid`, :func:`bwd_grid`); offsets that multiply a batch or token stride are int64. The
+launchers take plain tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``) with a contiguous last
+dimension and already validated indices.
 """
 
 from __future__ import annotations
@@ -48,20 +39,8 @@ MAX_GRID_YZ = 65535  # programs on grid axes 1 and 2
 
 @triton.jit
 def gather_tokens_fwd_kernel(
-    x_ptr,
-    keep_ptr,
-    pos_ptr,
-    out_ptr,
-    K,
-    D,
-    stride_xb,
-    stride_xn,
-    stride_keep_b,
-    stride_pos_n,
-    stride_out_b,
-    stride_out_k,
-    HAS_POS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    x_ptr, keep_ptr, pos_ptr, out_ptr, K, D, stride_xb, stride_xn, stride_keep_b, stride_pos_n, stride_out_b,
+    stride_out_k, HAS_POS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program = one kept row ``(b, k)`` x one block of ``BLOCK_D`` features."""
     row = tl.program_id(0)
@@ -78,22 +57,8 @@ def gather_tokens_fwd_kernel(
 
 @triton.jit
 def gather_tokens_bwd_kernel(
-    grad_out_ptr,
-    order_ptr,
-    starts_ptr,
-    grad_x_ptr,
-    pos_partial_ptr,
-    B,
-    N,
-    K,
-    D,
-    batches_per_group,
-    stride_go_b,
-    stride_go_k,
-    stride_gx_b,
-    stride_gx_n,
-    HAS_POS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    grad_out_ptr, order_ptr, starts_ptr, grad_x_ptr, pos_partial_ptr, B, N, K, D, batches_per_group,
+    stride_go_b, stride_go_k, stride_gx_b, stride_gx_n, HAS_POS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program = one group of batches x one position ``n`` (both on axis 0, ``pid = group * N + n``)
     x one feature block (axis 1)."""
@@ -112,10 +77,10 @@ def gather_tokens_bwd_kernel(
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for j in range(loop_bound(lo), loop_bound(hi)):
             k = tl.load(order_ptr + b64 * K + j).to(tl.int64)
-            acc += tl.load(grad_out_ptr + b64 * stride_go_b + k * stride_go_k + offs, mask=mask, other=0.0).to(
-                tl.float32
-            )
-        tl.store(grad_x_ptr + b64 * stride_gx_b + n * stride_gx_n + offs, acc.to(grad_x_ptr.dtype.element_ty), mask=mask)
+            row = tl.load(grad_out_ptr + b64 * stride_go_b + k * stride_go_k + offs, mask=mask, other=0.0)
+            acc += row.to(tl.float32)
+        out = grad_x_ptr + b64 * stride_gx_b + n * stride_gx_n + offs
+        tl.store(out, acc.to(grad_x_ptr.dtype.element_ty), mask=mask)
         if HAS_POS:
             pos_acc += acc
     if HAS_POS:
@@ -170,15 +135,12 @@ def launch_gather_tokens_fwd(x: torch.Tensor, keep: torch.Tensor, pos: torch.Ten
     block_d = _block_d(D)
     pos_arg = pos if pos is not None else x
     gather_tokens_fwd_kernel[fwd_grid(B, K, D)](
-        x, keep, pos_arg, out, K, D,
-        x.stride(0), x.stride(1), keep.stride(0), pos_arg.stride(0), out.stride(0), out.stride(1),
-        HAS_POS=pos is not None, BLOCK_D=block_d, num_warps=_num_warps(block_d),
-    )  # fmt: skip
+        x, keep, pos_arg, out, K, D, x.stride(0), x.stride(1), keep.stride(0), pos_arg.stride(0), out.stride(0),
+        out.stride(1), HAS_POS=pos is not None, BLOCK_D=block_d, num_warps=_num_warps(block_d))
 
 
-def launch_gather_tokens_bwd(
-    grad_out: torch.Tensor, keep: torch.Tensor, grad_x: torch.Tensor, with_pos: bool
-) -> torch.Tensor | None:
+def launch_gather_tokens_bwd(grad_out: torch.Tensor, keep: torch.Tensor, grad_x: torch.Tensor,
+                             with_pos: bool) -> torch.Tensor | None:
     """Write ``grad_x[B, N, D]`` (every element) and return the fp32 positional gradient ``[N, D]``
     when ``with_pos`` (else ``None``)."""
     B, N, D = grad_x.shape
@@ -193,50 +155,33 @@ def launch_gather_tokens_bwd(
     pos_partial = torch.empty(groups, N, D, dtype=torch.float32, device=grad_x.device) if with_pos else grad_x
     block_d = _block_d(D)
     gather_tokens_bwd_kernel[bwd_grid(groups, N, D)](
-        grad_out, order, starts, grad_x, pos_partial, B, N, K, D, batches_per_group,
-        grad_out.stride(0), grad_out.stride(1), grad_x.stride(0), grad_x.stride(1),
-        HAS_POS=with_pos, BLOCK_D=block_d, num_warps=_num_warps(block_d),
-    )  # fmt: skip
+        grad_out, order, starts, grad_x, pos_partial, B, N, K, D, batches_per_group, grad_out.stride(0),
+        grad_out.stride(1), grad_x.stride(0), grad_x.stride(1), HAS_POS=with_pos, BLOCK_D=block_d,
+        num_warps=_num_warps(block_d))
     return pos_partial.sum(dim=0) if with_pos else None
 
 
 def _register_vit_configs() -> None:
-    """ViT-S/B/L widths (D = 384, 768, 1024). N (197 or 257 tokens) and B are runtime arguments,
-    so both token counts launch the same compiled binary per width. Dtypes (x, pos, out): fp32,
-    bf16 with a bf16 or an fp32 pos-embed (autocast: the sum promotes to fp32), and no pos-embed
-    (the launchers then pass x / grad_x as the unused pos pointers)."""
+    """ViT-S/B/L widths (D = 384, 768, 1024); N (197 or 257 tokens) and B are runtime arguments. Dtypes
+    (x, pos, out): fp32, bf16 with a bf16 or an fp32 pos-embed (autocast promotes the sum to fp32), and
+    no pos-embed (the launchers then pass x / grad_x as the unused pos pointers)."""
     dtype_cases = [("fp32", "fp32", "fp32"), ("fp32", None, "fp32"), ("bf16", "bf16", "bf16"),
-                   ("bf16", "fp32", "fp32"), ("bf16", None, "bf16")]  # fmt: skip
+                   ("bf16", "fp32", "fp32"), ("bf16", None, "bf16")]
     for model, D in (("vit_small", 384), ("vit_base", 768), ("vit_large", 1024)):
-        block_d = _block_d(D)
-        for x_dtype, pos_dtype, out_dtype in dtype_cases:
-            has_pos = pos_dtype is not None
-            label = f"{model} D={D} N=197/257 x={x_dtype} pos={pos_dtype} out={out_dtype}"
-            register_compile_config(
-                "gather_tokens_fwd",
-                gather_tokens_fwd_kernel,
-                {
-                    "x_ptr": f"*{x_dtype}", "keep_ptr": "*i64", "pos_ptr": f"*{pos_dtype or x_dtype}",
-                    "out_ptr": f"*{out_dtype}", "K": "i32", "D": "i32", "stride_xb": "i32", "stride_xn": "i32",
-                    "stride_keep_b": "i32", "stride_pos_n": "i32", "stride_out_b": "i32", "stride_out_k": "i32",
-                },
-                {"HAS_POS": has_pos, "BLOCK_D": block_d},
-                num_warps=_num_warps(block_d),
-                label=label,
-            )  # fmt: skip
-            register_compile_config(
-                "gather_tokens_bwd",
-                gather_tokens_bwd_kernel,
-                {
-                    "grad_out_ptr": f"*{out_dtype}", "order_ptr": "*i64", "starts_ptr": "*i64",
-                    "grad_x_ptr": f"*{x_dtype}", "pos_partial_ptr": "*fp32" if has_pos else f"*{x_dtype}",
-                    "B": "i32", "N": "i32", "K": "i32", "D": "i32", "batches_per_group": "i32",
-                    "stride_go_b": "i32", "stride_go_k": "i32", "stride_gx_b": "i32", "stride_gx_n": "i32",
-                },
-                {"HAS_POS": has_pos, "BLOCK_D": block_d},
-                num_warps=_num_warps(block_d),
-                label=label,
-            )  # fmt: skip
+        for x, pos, out in dtype_cases:
+            meta, warps = {"HAS_POS": pos is not None, "BLOCK_D": _block_d(D)}, _num_warps(_block_d(D))
+            label = f"{model} D={D} N=197/257 x={x} pos={pos} out={out}"
+            fwd = dict(x_ptr=f"*{x}", keep_ptr="*i64", pos_ptr=f"*{pos or x}", out_ptr=f"*{out}")
+            bwd = dict(grad_out_ptr=f"*{out}", order_ptr="*i64", starts_ptr="*i64", grad_x_ptr=f"*{x}",
+                       pos_partial_ptr="*fp32" if pos else f"*{x}")
+            fwd.update(dict.fromkeys(["K", "D", "stride_xb", "stride_xn", "stride_keep_b", "stride_pos_n",
+                                      "stride_out_b", "stride_out_k"], "i32"))
+            bwd.update(dict.fromkeys(["B", "N", "K", "D", "batches_per_group", "stride_go_b", "stride_go_k",
+                                      "stride_gx_b", "stride_gx_n"], "i32"))
+            register_compile_config("gather_tokens_fwd", gather_tokens_fwd_kernel, fwd, meta, num_warps=warps,
+                                    label=label)
+            register_compile_config("gather_tokens_bwd", gather_tokens_bwd_kernel, bwd, meta, num_warps=warps,
+                                    label=label)
 
 
 _register_vit_configs()

@@ -1,61 +1,44 @@
-"""Triton kernels of ``token_relation``: computes ``fastkd.ops.token_relation`` (see its docstring for
-the formula: per-row KL divergence between the teacher's and the student's attention maps, with the
+"""Triton kernels of ``token_relation``: compute ``fastkd.ops.token_relation`` (see its docstring for the
+formula: per-row KL divergence between the teacher's and the student's attention maps, with the
 ``head_map="mean"`` teacher-head groups), streamed over key blocks so that no ``N x N`` tensor ever
 reaches global memory. Below, ``s``/``t`` are the student/teacher logit tiles (``c_s``, ``c_t`` the
 logit scales ``scale / temperature``), ``a_s``/``a_t`` their log-softmax and ``G = H_t // H_s``.
 
-Forward (``token_relation_fwd_kernel``): one program per (b, student head, query block) streams over
-key blocks keeping, per row, running maxima and sums for both sides (online log-sum-exp) and the
-running sum ``acc = sum_j exp(x_j - m_x) (x_j - y_j)`` of the weighted logit difference (``x`` the
-weighting side: teacher for teacher_to_student, student for student_to_teacher), rescaled whenever
-``m_x`` grows. At the end ``kl = acc / l_x - lse_x + lse_y``. It writes only ``kl``, ``lse_s`` and
-``lse_t`` (fp32, ``[B, H_s, N]``). For ``G > 1`` the teacher tile is first turned into
-``log(mean_g P_g)``, which needs each teacher head's normalised probabilities: ``row_lse_kernel``
-computes the per-head ``lse`` of the ``H_t`` teacher heads beforehand (``[B, H_t, N]``), and the tile
-is a running ``logaddexp`` over the ``G`` heads minus ``log G`` (``lse_t`` of that tile is then 0 up
-to rounding, computed all the same).
+Forward (``token_relation_fwd_kernel``, one program per (b, student head, query block)): per row,
+running maxima and sums of both sides (online log-sum-exp) and ``acc = sum_j exp(x_j - m_x) (x_j -
+y_j)`` (``x`` the weighting side: teacher for teacher_to_student, student for student_to_teacher),
+rescaled whenever ``m_x`` grows; at the end ``kl = acc / l_x - lse_x + lse_y``. It writes only
+``kl``, ``lse_s``, ``lse_t`` (fp32 ``[B, H_s, N]``). For ``G > 1`` the teacher tile is ``log(mean_g
+P_g)``, a running ``logaddexp`` over the group's heads minus ``log G``, from the per-head lse
+``[B, H_t, N]`` that ``row_lse_kernel`` computes first.
 
-Backward: the gradient with respect to the student logits is, per row with upstream gradient ``g``::
+Backward, per row with upstream gradient ``g``::
 
     teacher_to_student: ds = g * (P_s - P_t)
     student_to_teacher: ds = g * P_s * (a_s - a_t - kl)
 
-and ``dq_s = c_s * ds @ k_s``, ``dk_s = c_s * ds^T @ q_s``. Both probability tiles are recomputed tile
-by tile from the saved ``lse_s``, ``lse_t`` (and per-head teacher lse) as in FlashAttention; both passes
-get the tile ``ds / g`` from the one helper ``_ds_tile`` (logit tiles of ``_logit_tiles``, shared with
-the forward, then the probabilities and the formula above without ``g``). The upstream gradient is
-applied so that 16-bit dot operands cannot underflow (with a mean-reduced loss ``g`` is ~1e-6, and
-``g * ds`` would flush to zero in fp16): the dq pass multiplies its fp32 accumulator rows by ``c_s * g``
-after the dots; the dk pass, whose sum runs over query rows of different ``g``, feeds the dots
-``(ds / g) * (g / g_max)`` (``g_max = max |g|`` over the head's rows, so the operand keeps the
-magnitude of ``ds``) and multiplies its fp32 accumulator by ``c_s * g_max`` at the end.
-``dk_s`` strategy: a separate key-block-major pass (``token_relation_bwd_dk_kernel``: one program per
-key block, looping over query blocks) rather than atomics from the query-major pass. It accumulates
-``dk_s`` in registers in fp32 and writes each row exactly once in the input dtype, so it is
-deterministic, needs no fp32 ``[B, H, N, d]`` scratch buffer, zero fill or cast pass, and has no
-atomic contention between the ``N / BLOCK_M`` programs that would all hit the same rows. The price
-is recomputing the logit tiles once more (the dq pass and the dk pass each recompute them), which is
-cheap for the head dims of ViTs (arithmetic per tile ``~ 4 * BLOCK_M * BLOCK_N * d`` against the
-``O(BLOCK * d)`` loads). Extra memory of the whole op: ``O(B * H * N)`` statistics.
-
-Prior art: StreamKL (arXiv 2606.20005) streams the same KL over key blocks; the recomputing backward
-follows FlashAttention.
+and ``dq_s = c_s * ds @ k_s``, ``dk_s = c_s * ds^T @ q_s``, the probability tiles recomputed from the
+saved lse as in FlashAttention (``_ds_tile``, on the logit tiles of ``_logit_tiles`` shared with the
+forward). So that 16-bit dot operands cannot underflow (a mean-reduced loss has ``g`` ~1e-6), the dq
+pass scales its fp32 accumulator rows by ``c_s * g`` after the dots, and the dk pass feeds the dots
+``(ds / g) * (g / g_max)`` (``g_max = max |g|`` over the head's rows) and scales by ``c_s * g_max`` at
+the end. ``dk_s`` comes from a separate key-block-major pass (``token_relation_bwd_dk_kernel``, one
+program per key block looping over query blocks) instead of atomics: deterministic, each row written
+once in the input dtype, no fp32 scratch, at the price of recomputing the logit tiles once more.
+Extra memory of the whole op: ``O(B * H * N)`` statistics. Prior art: StreamKL (arXiv 2606.20005)
+streams the same KL over key blocks; the recomputing backward follows FlashAttention.
 
 Launch: every kernel runs on a one-dimensional grid of ``B * H * cdiv(N, BLOCK)`` programs
-(:func:`row_block_grid`; grid axis 0 allows ``2**31 - 1`` programs, axes 1 and 2 only 65535, which
-``B * H`` exceeds at B = 4096 with 16 heads), the program id split into (head, row block) inside the
-kernel. Every pointer offset that multiplies a batch, head or sequence stride is computed in int64
-(sequence-first q/k views of a fused qkv tensor have a token stride of ``B * 3 * H * d``). Tile sizes
-and warps per pass and dtype come from :func:`default_blocks` / :func:`default_num_warps`, chosen so
-that every registered configuration compiles without register spills.
-
-Launch helpers (``launch_token_relation_fwd`` / ``launch_token_relation_bwd``; the old names
-``token_relation_forward`` / ``token_relation_backward`` are aliases) take plain tensors (CUDA, or CPU
-under ``TRITON_INTERPRET=1``) ``[B, H, N, d]`` with a contiguous last dimension (others are made so).
-16-bit operands use tensor-core dots with fp32 accumulation; fp32 operands use TF32 dots when PyTorch
-allows TF32 for fp32 matmuls (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, set e.g. by
-``torch.set_float32_matmul_precision("high")`` or ``allow_tf32 = True``) and exact ``ieee`` dots
-otherwise (always on CPU tensors, i.e. under the interpreter); all statistics are fp32.
+(:func:`row_block_grid`; axis 0 allows ``2**31 - 1`` programs, axes 1 and 2 only 65535), the program
+id split into (head, row block) inside; pointer offsets that multiply a batch, head or sequence stride
+are int64 (sequence-first q/k views of a fused qkv tensor). Tiles and warps come from
+:func:`default_blocks` / :func:`default_num_warps`, chosen so that every registered configuration
+compiles without register spills. The launchers (``launch_token_relation_fwd`` / ``_bwd``; the old
+names ``token_relation_forward`` / ``_backward`` are aliases) take plain ``[B, H, N, d]`` tensors
+(CUDA, or CPU under ``TRITON_INTERPRET=1``; a non-contiguous last dimension is made contiguous).
+16-bit operands use tensor-core dots with fp32 accumulation, fp32 operands TF32 dots where PyTorch
+allows TF32 for fp32 matmuls (:func:`dot_input_precision`), else exact ``ieee`` dots; all statistics
+are fp32.
 """
 
 from __future__ import annotations
@@ -66,18 +49,6 @@ import triton.language as tl
 
 from .compile_configs import register_compile_config
 from .loop_bounds import loop_bound
-
-__all__ = [
-    "launch_token_relation_fwd",
-    "launch_token_relation_bwd",
-    "token_relation_forward",
-    "token_relation_backward",
-    "default_blocks",
-    "default_num_warps",
-    "dot_input_precision",
-    "row_block_grid",
-    "MAX_GRID_X",
-]
 
 MAX_GRID_X = 2**31 - 1  # programs on grid axis 0 (axes 1 and 2: 65535)
 
@@ -92,22 +63,27 @@ def _load_rows(base, stride_n, offs_rows, n_rows, offs_d, d):
 
 @triton.jit
 def _split_program_id(N, BLOCK: tl.constexpr):
-    """``(pid_bh, pid_block)`` of a one-dimensional grid of ``num_heads * cdiv(N, BLOCK)`` programs whose
-    consecutive programs walk the row blocks of one head (so that they share its key tiles in L2)."""
+    """``(pid_bh, offs)`` of a one-dimensional grid of ``num_heads * cdiv(N, BLOCK)`` programs whose
+    consecutive programs walk the row blocks of one head (so that they share its key tiles in L2):
+    the head and the ``BLOCK`` row offsets of this program's block."""
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(N, BLOCK)
-    return pid // num_blocks, pid % num_blocks
+    return pid // num_blocks, (pid % num_blocks) * BLOCK + tl.arange(0, BLOCK)
 
 
 @triton.jit
-def _head_pair_bases(
-    qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, pid_bh, N, H_S,
-    stride_qs_b, stride_qs_h, stride_ks_b, stride_ks_h, stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h,
-    G: tl.constexpr,
+def _head_pair(
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b, stride_ks_h,
+    stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Base pointers of the head pair ``pid_bh = b * H_s + h``: ``(qs, ks, qt, kt, lse_heads)`` with
-    ``q_s[b, h]``, ``k_s[b, h]`` (``[N, d_s]`` each), ``q_t[b, h*G]``, ``k_t[b, h*G]`` (the first teacher
-    head of the group; head ``g`` is ``g * stride_*t_h`` further) and the group's ``[G, N]`` per-head lse."""
+    """This program's head pair ``pid_bh = b * H_s + h`` and block: ``(pid_bh, offs, qs, ks, qt, kt,
+    lse_heads)`` with the row offsets of the block and base pointers of ``q_s[b, h]``, ``k_s[b, h]``
+    (``[N, d_s]`` each), ``q_t[b, h*G]``, ``k_t[b, h*G]`` (the group's first teacher head; head ``g`` is
+    ``g * stride_*t_h`` further) and the group's ``[G, N]`` per-head lse. (The offsets come last: in
+    this order the fp32 dk kernel with G = 2 compiles without a spill on sm_90.)"""
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(N, BLOCK)
+    pid_bh = pid // num_blocks
     b = (pid_bh // H_S).to(tl.int64)
     h = (pid_bh % H_S).to(tl.int64)
     qs_base = qs_ptr + b * stride_qs_b + h * stride_qs_h
@@ -115,16 +91,20 @@ def _head_pair_bases(
     qt_base = qt_ptr + b * stride_qt_b + h * G * stride_qt_h
     kt_base = kt_ptr + b * stride_kt_b + h * G * stride_kt_h
     lse_heads_base = lse_heads_ptr + (pid_bh.to(tl.int64) * G) * N
-    return qs_base, ks_base, qt_base, kt_base, lse_heads_base
+    offs = (pid % num_blocks) * BLOCK + tl.arange(0, BLOCK)
+    return pid_bh, offs, qs_base, ks_base, qt_base, kt_base, lse_heads_base
 
 
 @triton.jit
-def _teacher_tile(
-    q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h, stride_kt_n,
-    offs_m, offs_n, offs_dt, N, D_T, c_t, G: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def _logit_tiles(
+    q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h, stride_kt_n,
+    offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, G: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Teacher tile: logits ``c_t * q_t @ k_t^T`` when ``G == 1``; else ``log(mean_g P_g)`` over the
-    ``G`` teacher heads of the group (``q_t0`` is the preloaded query tile of the group's first head)."""
+    """Logit tiles of one head pair, query rows ``offs_m`` x keys ``offs_n`` (fp32, not masked): the
+    student's ``s = c_s * q_s @ k_s^T`` (``q_s``, ``k_s`` the loaded tiles) and the teacher's ``t =
+    c_t * q_t @ k_t^T`` when ``G == 1``, else ``log(mean_g P_g)`` over the ``G`` teacher heads of the
+    group (``q_t0`` the preloaded query tile of the group's first head)."""
+    s = tl.dot(q_s, tl.trans(k_s), input_precision=INPUT_PRECISION) * c_s
     k_t = _load_rows(kt_base, stride_kt_n, offs_n, N, offs_dt, D_T)
     t = tl.dot(q_t0, tl.trans(k_t), input_precision=INPUT_PRECISION) * c_t
     if G > 1:
@@ -139,20 +119,6 @@ def _teacher_tile(
             top = tl.maximum(t, a_g)
             t = top + tl.log(tl.exp(t - top) + tl.exp(a_g - top))
         t = t - tl.log(tl.full([], G, tl.float32))
-    return t
-
-
-@triton.jit
-def _logit_tiles(
-    q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h, stride_kt_n,
-    offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, G: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """Logit tiles of one head pair, query rows ``offs_m`` x keys ``offs_n`` (fp32, not masked): the
-    student's ``s = c_s * q_s @ k_s^T`` (``q_s``, ``k_s`` the loaded tiles) and the teacher's ``t`` of
-    :func:`_teacher_tile` (``c_t * q_t @ k_t^T``, or ``log(mean_g P_g)`` for ``G > 1``)."""
-    s = tl.dot(q_s, tl.trans(k_s), input_precision=INPUT_PRECISION) * c_s
-    t = _teacher_tile(q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h, stride_kt_n,
-                      offs_m, offs_n, offs_dt, N, D_T, c_t, G, INPUT_PRECISION)
     return s, t
 
 
@@ -199,10 +165,9 @@ def row_lse_kernel(
 ):
     """``lse[b, h, i] = logsumexp_j(c * <q[b, h, i], k[b, h, j]>)``, streamed over key blocks; one program
     per (b, h, query block) on grid axis 0."""
-    pid_bh, pid_m = _split_program_id(N, BLOCK_M)
+    pid_bh, offs_m = _split_program_id(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, stride_qn, offs_m, N, offs_d, D)
     k_base = k_ptr + b * stride_kb + h * stride_kh
@@ -221,20 +186,16 @@ def row_lse_kernel(
 
 @triton.jit
 def token_relation_fwd_kernel(
-    qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, kl_ptr, lse_s_ptr, lse_t_ptr,
-    N, H_S, D_S, D_T, c_s, c_t,
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, kl_ptr, lse_s_ptr, lse_t_ptr, N, H_S, D_S, D_T, c_s, c_t,
     stride_qs_b, stride_qs_h, stride_qs_n, stride_ks_b, stride_ks_h, stride_ks_n,
     stride_qt_b, stride_qt_h, stride_qt_n, stride_kt_b, stride_kt_h, stride_kt_n,
-    G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program = one block of query rows of one (b, student head); streams over key blocks."""
-    pid_bh, pid_m = _split_program_id(N, BLOCK_M)
-    qs_base, ks_base, qt_base, kt_base, lse_heads_base = _head_pair_bases(
-        qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, pid_bh, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b,
-        stride_ks_h, stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh, offs_m, qs_base, ks_base, qt_base, kt_base, lse_heads_base = _head_pair(
+        qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b, stride_ks_h,
+        stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G, BLOCK_M)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
     q_s = _load_rows(qs_base, stride_qs_n, offs_m, N, offs_ds, D_S)
@@ -284,27 +245,21 @@ def token_relation_fwd_kernel(
 @triton.jit
 def token_relation_bwd_dq_kernel(
     qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, kl_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, dq_ptr,
-    N, H_S, D_S, D_T, c_s, c_t,
-    stride_qs_b, stride_qs_h, stride_qs_n, stride_ks_b, stride_ks_h, stride_ks_n,
+    N, H_S, D_S, D_T, c_s, c_t, stride_qs_b, stride_qs_h, stride_qs_n, stride_ks_b, stride_ks_h, stride_ks_n,
     stride_qt_b, stride_qt_h, stride_qt_n, stride_kt_b, stride_kt_h, stride_kt_n,
-    G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Query-block-major pass: ``dq_s[rows] = c_s * g[rows] * sum_j (ds / g)[rows, j] k_s[j]`` (dq is
     ``[B, H_s, N, d_s]`` contiguous); the upstream gradient scales the fp32 accumulator, after the dots."""
-    pid_bh, pid_m = _split_program_id(N, BLOCK_M)
-    qs_base, ks_base, qt_base, kt_base, lse_heads_base = _head_pair_bases(
-        qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, pid_bh, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b,
-        stride_ks_h, stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh, offs_m, qs_base, ks_base, qt_base, kt_base, lse_heads_base = _head_pair(
+        qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b, stride_ks_h,
+        stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G, BLOCK_M)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
-    row_mask = offs_m < N
     q_s = _load_rows(qs_base, stride_qs_n, offs_m, N, offs_ds, D_S)
     q_t0 = _load_rows(qt_base, stride_qt_n, offs_m, N, offs_dt, D_T)
     stats_base = pid_bh.to(tl.int64) * N
-    rows = stats_base + offs_m
     lse_s, lse_t, kl, grad = _load_row_stats(kl_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, stats_base, offs_m, N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
@@ -316,32 +271,27 @@ def token_relation_bwd_dq_kernel(
                       TEACHER_TO_STUDENT, INPUT_PRECISION)
         dq += tl.dot(ds.to(k_s.dtype), k_s, input_precision=INPUT_PRECISION)
     dq = dq * (grad * c_s)[:, None]
-    out = dq_ptr + rows[:, None] * D_S + offs_ds[None, :]
-    tl.store(out, dq.to(dq_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_ds < D_S)[None, :])
+    out = dq_ptr + (stats_base + offs_m)[:, None] * D_S + offs_ds[None, :]
+    tl.store(out, dq.to(dq_ptr.dtype.element_ty), mask=(offs_m < N)[:, None] & (offs_ds < D_S)[None, :])
 
 
 @triton.jit
 def token_relation_bwd_dk_kernel(
     qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, kl_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, dk_ptr,
-    N, H_S, D_S, D_T, c_s, c_t,
-    stride_qs_b, stride_qs_h, stride_qs_n, stride_ks_b, stride_ks_h, stride_ks_n,
+    N, H_S, D_S, D_T, c_s, c_t, stride_qs_b, stride_qs_h, stride_qs_n, stride_ks_b, stride_ks_h, stride_ks_n,
     stride_qt_b, stride_qt_h, stride_qt_n, stride_kt_b, stride_kt_h, stride_kt_n,
-    G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Key-block-major pass: ``dk_s[keys] = c_s * sum_i ds[i, keys] q_s[i]`` (dk is ``[B, H_s, N, d_s]``
     contiguous); loops over query blocks, so each dk row is written once, without atomics. The dots take
     ``(ds / g) * (g / g_max)``, ``g_max = max |g|`` over the head's rows (a first pass over ``g``), and
     the fp32 accumulator is scaled by ``c_s * g_max`` at the end."""
-    pid_bh, pid_n = _split_program_id(N, BLOCK_N)
-    qs_base, ks_base, qt_base, kt_base, lse_heads_base = _head_pair_bases(
-        qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, pid_bh, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b,
-        stride_ks_h, stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_bh, offs_n, qs_base, ks_base, qt_base, kt_base, lse_heads_base = _head_pair(
+        qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b, stride_ks_h,
+        stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G, BLOCK_N)
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
-    col_mask = offs_n < N
     k_s = _load_rows(ks_base, stride_ks_n, offs_n, N, offs_ds, D_S)
     stats_base = pid_bh.to(tl.int64) * N
     g_max = tl.zeros([BLOCK_M], tl.float32)
@@ -364,7 +314,7 @@ def token_relation_bwd_dk_kernel(
         dk += tl.dot(tl.trans(ds.to(q_s.dtype)), q_s, input_precision=INPUT_PRECISION)
     dk = dk * (c_s * g_max)
     out = dk_ptr + (stats_base + offs_n)[:, None] * D_S + offs_ds[None, :]
-    tl.store(out, dk.to(dk_ptr.dtype.element_ty), mask=col_mask[:, None] & (offs_ds < D_S)[None, :])
+    tl.store(out, dk.to(dk_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_ds < D_S)[None, :])
 
 
 # ----------------------------------------------------------------------------- launch helpers
@@ -406,7 +356,8 @@ def row_block_grid(num_heads: int, N: int, block: int) -> tuple[int]:
     program id): ``(num_heads * cdiv(N, block),)``. Raises ``ValueError`` beyond ``2**31 - 1`` programs."""
     programs = num_heads * triton.cdiv(N, block)
     if programs > MAX_GRID_X:
-        raise ValueError(f"{num_heads} heads x {triton.cdiv(N, block)} row blocks exceed the {MAX_GRID_X} programs of a grid")
+        raise ValueError(f"{num_heads} heads x {triton.cdiv(N, block)} row blocks exceed the {MAX_GRID_X} programs "
+                         "of a grid")
     return (programs,)
 
 
@@ -442,74 +393,42 @@ def _launch_args(q_s, k_s, q_t, k_t, block_m, block_n, backward):
 
 
 def launch_token_relation_fwd(
-    q_s: torch.Tensor,
-    k_s: torch.Tensor,
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    c_s: float,
-    c_t: float,
-    teacher_to_student: bool,
-    *,
-    block_m: int | None = None,
-    block_n: int | None = None,
+    q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, c_s: float, c_t: float,
+    teacher_to_student: bool, *, block_m: int | None = None, block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward; returns ``(kl, lse_s, lse_t, lse_heads)`` in fp32. ``lse_heads`` is the
     per-teacher-head lse ``[B, H_t, N]`` when ``H_t > H_s`` and an empty ``[0]`` tensor otherwise.
     Shapes must already be validated (``H_t`` a multiple of ``H_s``)."""
     (q_s, k_s, q_t, k_t), (B, H_s, H_t, N, d_s, d_t), strides, meta = _launch_args(
-        q_s, k_s, q_t, k_t, block_m, block_n, backward=False
-    )
+        q_s, k_s, q_t, k_t, block_m, block_n, backward=False)
     kl, lse_s, lse_t = (torch.empty((B, H_s, N), device=q_s.device, dtype=torch.float32) for _ in range(3))
+    lse_heads = torch.empty((B, H_t, N) if meta["G"] > 1 else (0,), device=q_s.device, dtype=torch.float32)
     if meta["G"] > 1:
-        lse_heads = torch.empty((B, H_t, N), device=q_s.device, dtype=torch.float32)
         row_lse_kernel[row_block_grid(B * H_t, N, meta["BLOCK_M"])](
-            q_t, k_t, lse_heads, N, H_t, d_t, c_t, *strides[6:],
-            BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"], BLOCK_D=meta["BLOCK_DT"],
-            INPUT_PRECISION=meta["INPUT_PRECISION"], num_warps=meta["num_warps"],
-        )  # fmt: skip
-    else:
-        lse_heads = torch.empty((0,), device=q_s.device, dtype=torch.float32)
+            q_t, k_t, lse_heads, N, H_t, d_t, c_t, *strides[6:], BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"],
+            BLOCK_D=meta["BLOCK_DT"], INPUT_PRECISION=meta["INPUT_PRECISION"], num_warps=meta["num_warps"])
     token_relation_fwd_kernel[row_block_grid(B * H_s, N, meta["BLOCK_M"])](
         q_s, k_s, q_t, k_t, lse_heads, kl, lse_s, lse_t, N, H_s, d_s, d_t, c_s, c_t, *strides,
-        TEACHER_TO_STUDENT=teacher_to_student, **meta,
-    )  # fmt: skip
+        TEACHER_TO_STUDENT=teacher_to_student, **meta)
     return kl, lse_s, lse_t, lse_heads
 
 
 def launch_token_relation_bwd(
-    grad_kl: torch.Tensor,
-    q_s: torch.Tensor,
-    k_s: torch.Tensor,
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    kl: torch.Tensor,
-    lse_s: torch.Tensor,
-    lse_t: torch.Tensor,
-    lse_heads: torch.Tensor,
-    c_s: float,
-    c_t: float,
-    teacher_to_student: bool,
-    *,
-    block_m: int | None = None,
-    block_n: int | None = None,
+    grad_kl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+    kl: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor, lse_heads: torch.Tensor, c_s: float, c_t: float,
+    teacher_to_student: bool, *, block_m: int | None = None, block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the two backward passes; returns ``(dq_s, dk_s)`` in the student's dtype."""
     (q_s, k_s, q_t, k_t), (B, H_s, H_t, N, d_s, d_t), strides, meta = _launch_args(
-        q_s, k_s, q_t, k_t, block_m, block_n, backward=True
-    )
+        q_s, k_s, q_t, k_t, block_m, block_n, backward=True)
     grad_kl = grad_kl.to(torch.float32).contiguous()
-    kl, lse_s, lse_t, lse_heads = (x.contiguous() for x in (kl, lse_s, lse_t, lse_heads))
-    dq = torch.empty((B, H_s, N, d_s), device=q_s.device, dtype=q_s.dtype)
-    dk = torch.empty((B, H_s, N, d_s), device=q_s.device, dtype=k_s.dtype)
-    common = (N, H_s, d_s, d_t, c_s, c_t, *strides)
-    token_relation_bwd_dq_kernel[row_block_grid(B * H_s, N, meta["BLOCK_M"])](
-        q_s, k_s, q_t, k_t, lse_heads, kl, lse_s, lse_t, grad_kl, dq, *common,
-        TEACHER_TO_STUDENT=teacher_to_student, **meta,
-    )  # fmt: skip
-    token_relation_bwd_dk_kernel[row_block_grid(B * H_s, N, meta["BLOCK_N"])](
-        q_s, k_s, q_t, k_t, lse_heads, kl, lse_s, lse_t, grad_kl, dk, *common,
-        TEACHER_TO_STUDENT=teacher_to_student, **meta,
-    )  # fmt: skip
+    stats = tuple(x.contiguous() for x in (lse_heads, kl, lse_s, lse_t))
+    dq, dk = (torch.empty((B, H_s, N, d_s), device=q_s.device, dtype=x.dtype) for x in (q_s, k_s))
+    for kernel, out, block in ((token_relation_bwd_dq_kernel, dq, "BLOCK_M"),
+                               (token_relation_bwd_dk_kernel, dk, "BLOCK_N")):
+        kernel[row_block_grid(B * H_s, N, meta[block])](
+            q_s, k_s, q_t, k_t, *stats, grad_kl, out, N, H_s, d_s, d_t, c_s, c_t, *strides,
+            TEACHER_TO_STUDENT=teacher_to_student, **meta)
     return dq, dk
 
 
@@ -524,13 +443,10 @@ token_relation_backward = launch_token_relation_bwd
 def _register_compile_configs() -> None:
     """ViT-S (H=6), ViT-B (H=12), ViT-L (H=16) all have d = 64; heads and N are runtime values, so
     the configurations differ by dtype, direction and teacher-head group (G = 2: a ViT-B teacher
-    mapped onto a ViT-S student with ``head_map="mean"``; also a d=128 teacher). bf16 (the training
-    dtype) for every shape, fp16 for the plain ViT shape only, to keep the CI compile time down; fp32
-    with TF32 dots (what an fp32 run launches when TF32 is allowed) for the plain and the G = 2 shape,
-    with the tiles and warps the launchers use (:func:`default_blocks`, :func:`default_num_warps`)."""
-    stride_names = [
-        f"stride_{t}_{a}" for t in ("qs", "ks", "qt", "kt") for a in ("b", "h", "n")
-    ]
+    mapped onto a ViT-S student with ``head_map="mean"``; also a d=128 teacher): bf16 (the training
+    dtype) for every shape, fp16 for the plain shape only (CI compile time), fp32 with TF32 dots for
+    the plain and the G = 2 shape, with the launchers' tiles and warps."""
+    strides = [f"stride_{t}_{a}" for t in ("qs", "ks", "qt", "kt") for a in ("b", "h", "n")]
     shapes = [  # label, student d, teacher d, G
         ("ViT-S/B/L d=64", 64, 64, 1),
         ("ViT-B teacher -> ViT-S student, head_map=mean", 64, 64, 2),
@@ -542,46 +458,35 @@ def _register_compile_configs() -> None:
         ("fp32", torch.float32, shapes[:2], "tf32"),
     )
     for dtype, torch_dtype, dtype_shapes, precision in variants:
+        dtype_label = f"{dtype} ({precision} dots)" if dtype == "fp32" else dtype
+        inputs = {**dict.fromkeys(("qs_ptr", "ks_ptr", "qt_ptr", "kt_ptr"), f"*{dtype}"),
+                  **dict.fromkeys(("lse_heads_ptr", "kl_ptr", "lse_s_ptr", "lse_t_ptr"), "*fp32")}
+        scalars = {**dict.fromkeys(["N", "H_S", "D_S", "D_T"], "i32"), "c_s": "fp32", "c_t": "fp32",
+                   **dict.fromkeys(strides, "i32")}  # in the kernels' argument order
         for label, d_s, d_t, G in dtype_shapes:
-            fwd_meta, bwd_meta = (
-                dict(zip(("BLOCK_M", "BLOCK_N"), default_blocks(max(d_s, d_t), G, torch_dtype, backward=backward)),
-                     G=G, BLOCK_DS=_block_d(d_s), BLOCK_DT=_block_d(d_t), INPUT_PRECISION=precision)
-                for backward in (False, True)
-            )  # fmt: skip
-            fwd_warps = default_num_warps(G, torch_dtype, backward=False)
-            bwd_warps = default_num_warps(G, torch_dtype, backward=True)
-            inputs = {name: f"*{dtype}" for name in ("qs_ptr", "ks_ptr", "qt_ptr", "kt_ptr")}
-            inputs["lse_heads_ptr"] = "*fp32"
-            stats = {"kl_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32"}
-            scalars = {"N": "i32", "H_S": "i32", "D_S": "i32", "D_T": "i32", "c_s": "fp32", "c_t": "fp32"}
-            scalars.update({name: "i32" for name in stride_names})
-            dtype_label = f"{dtype} ({precision} dots)" if dtype == "fp32" else dtype
+            meta = {backward: dict(zip(("BLOCK_M", "BLOCK_N"), default_blocks(max(d_s, d_t), G, torch_dtype,
+                                                                              backward=backward)),
+                                   G=G, BLOCK_DS=_block_d(d_s), BLOCK_DT=_block_d(d_t), INPUT_PRECISION=precision)
+                    for backward in (False, True)}
+            warps = {backward: default_num_warps(G, torch_dtype, backward=backward) for backward in (False, True)}
             for t2s in (True, False):
-                direction = "teacher_to_student" if t2s else "student_to_teacher"
-                register_compile_config(
-                    "token_relation_fwd", token_relation_fwd_kernel, {**inputs, **stats, **scalars},
-                    {"TEACHER_TO_STUDENT": t2s, **fwd_meta}, num_warps=fwd_warps,
-                    label=f"{label}, {dtype_label}, {direction}",
-                )  # fmt: skip
-                for name, kernel, out in (
-                    ("token_relation_bwd_dq", token_relation_bwd_dq_kernel, "dq_ptr"),
-                    ("token_relation_bwd_dk", token_relation_bwd_dk_kernel, "dk_ptr"),
-                ):
-                    signature = {**inputs, **stats, "grad_ptr": "*fp32", out: f"*{dtype}", **scalars}
-                    register_compile_config(
-                        name, kernel, signature, {"TEACHER_TO_STUDENT": t2s, **bwd_meta}, num_warps=bwd_warps,
-                        label=f"{label}, {dtype_label}, {direction}",
-                    )  # fmt: skip
+                label_ = f"{label}, {dtype_label}, {'teacher_to_student' if t2s else 'student_to_teacher'}"
+                register_compile_config("token_relation_fwd", token_relation_fwd_kernel, {**inputs, **scalars},
+                                        {"TEACHER_TO_STUDENT": t2s, **meta[False]}, num_warps=warps[False],
+                                        label=label_)
+                for name, kernel, out in (("token_relation_bwd_dq", token_relation_bwd_dq_kernel, "dq_ptr"),
+                                          ("token_relation_bwd_dk", token_relation_bwd_dk_kernel, "dk_ptr")):
+                    signature = {**inputs, "grad_ptr": "*fp32", out: f"*{dtype}", **scalars}
+                    register_compile_config(name, kernel, signature, {"TEACHER_TO_STUDENT": t2s, **meta[True]},
+                                            num_warps=warps[True], label=label_)
             if G > 1:
+                signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "lse_ptr": "*fp32",
+                             **dict.fromkeys(["N", "H", "D"], "i32"), "c": "fp32",
+                             **dict.fromkeys([f"stride_{t}{a}" for t in "qk" for a in "bhn"], "i32")}
                 register_compile_config(
-                    "token_relation_row_lse", row_lse_kernel,
-                    {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "lse_ptr": "*fp32", "N": "i32", "H": "i32", "D": "i32",
-                     "c": "fp32", "stride_qb": "i32", "stride_qh": "i32", "stride_qn": "i32", "stride_kb": "i32",
-                     "stride_kh": "i32", "stride_kn": "i32"},
-                    {"BLOCK_M": fwd_meta["BLOCK_M"], "BLOCK_N": fwd_meta["BLOCK_N"], "BLOCK_D": _block_d(d_t),
-                     "INPUT_PRECISION": precision},
-                    num_warps=fwd_warps, label=f"{label}, {dtype_label}",
-                )  # fmt: skip
+                    "token_relation_row_lse", row_lse_kernel, signature,
+                    {"BLOCK_M": meta[False]["BLOCK_M"], "BLOCK_N": meta[False]["BLOCK_N"], "BLOCK_D": _block_d(d_t),
+                     "INPUT_PRECISION": precision}, num_warps=warps[False], label=f"{label}, {dtype_label}")
 
 
 _register_compile_configs()
