@@ -1,31 +1,20 @@
-"""Multi-head attention with selectable backends.
-
-Every backend computes, for ``q [B, H, N, d]``, ``k [B, H, M, d]``, ``v [B, H, M, dv]``::
+"""Multi-head attention with selectable backends. Every backend computes, for ``q [B, H, N, d]``,
+``k [B, H, M, d]``, ``v [B, H, M, dv]`` and ``scale = d ** -0.5`` unless given::
 
     out = dropout(softmax(q @ k.transpose(-2, -1) * scale, dim=-1)) @ v        # [B, H, N, dv]
 
-with ``scale = d ** -0.5`` unless given.
+- ``"sdpa"``: ``F.scaled_dot_product_attention`` (flash / memory-efficient / fused CPU kernels);
+- ``"xformers"``: ``xformers.ops.memory_efficient_attention``, CUDA only (``RuntimeError`` elsewhere);
+- ``"math"``: the formula above, materialising the ``N x M`` map;
+- ``"auto"`` (default): on CPU and CUDA the fastest of these, measured on the running machine and
+  cached (:mod:`fastkd.measured_choice`) per device, compute dtype (the autocast dtype under autocast),
+  grad mode and token class (the key count rounded up to a power of two within ``AUTO_TOKENS``); the
+  measurement runs each backend forward (and backward with gradients) at ``d = 64``. Inside a
+  ``torch.compile`` trace the class is ``COMPILED_TOKENS`` (the kept-token count may be symbolic) and
+  the choice a trace-time constant (``assume_constant_result``: no graph break, no guard). On other
+  devices (e.g. ``meta``) it is ``sdpa``.
 
-Backends:
-
-- ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
-  kernels on GPU, fused CPU kernel), never materialises the ``N x M`` map;
-- ``"xformers"``: ``xformers.ops.memory_efficient_attention``; CUDA tensors only (xformers has no
-  CPU kernels). Asking for it where it cannot run raises ``RuntimeError``;
-- ``"math"``: the explicit formula above, materialising the map;
-- ``"auto"`` (default): on CPU and CUDA, the fastest of these (``xformers`` only where it can run),
-  measured on the running machine and cached in the user cache directory
-  (:mod:`fastkd.measured_choice`), per device, compute dtype (the autocast dtype where autocast is
-  on), grad mode and token class: the key count rounded up to a power of two, clamped to ``AUTO_TOKENS`` (e.g. 5 -> 8, 17 -> 32,
-  197 -> 256 tokens). The measurement runs each backend forward (and backward when gradients are
-  on) at ``d = 64`` on ``B x H`` rows sized to tens of milliseconds. Inside a ``torch.compile`` trace
-  the token count may be symbolic (the kept-token count is dynamic; reading it would specialise the
-  graph), so there the token class is ``COMPILED_TOKENS``'s whatever the count, and the decision is
-  a trace-time constant: dynamo calls :func:`measured_backend` eagerly (``assume_constant_result``,
-  on real tensors, outside the graph) and puts the name in the graph, with no graph break and no
-  guard on the cache. On other devices (e.g. ``meta``) it is ``sdpa``.
-
-The environment variable ``FASTKD_ATTENTION`` sets the backend used when none is given.
+``$FASTKD_ATTENTION`` sets the backend used when none is given.
 """
 
 from __future__ import annotations
@@ -37,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import measured_choice
+from fastkd.checks import check_choice, check_number
 
 BACKENDS = ("sdpa", "xformers", "auto", "math")
 ENV_VAR = "FASTKD_ATTENTION"
@@ -48,8 +38,7 @@ MEASURED_ROWS = (2**12, 2**16)  # measured B x H = min(rows / N, elements / N^2)
 def default_backend() -> str:
     """The backend named by ``$FASTKD_ATTENTION``, or ``"auto"`` when unset."""
     name = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {name!r}")
+    check_choice(ENV_VAR, name, BACKENDS)
     return name
 
 
@@ -57,10 +46,7 @@ def check_backend(backend: str | None) -> str:
     """Validate ``backend`` (``None`` -> :func:`default_backend`) and return its name."""
     if backend is None:
         return default_backend()
-    if not isinstance(backend, str):
-        raise TypeError(f"attention backend must be a str or None, got {type(backend).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("attention backend", backend, BACKENDS)
     return backend
 
 
@@ -165,39 +151,24 @@ def _run_backend(name: str, q, k, v, scale: float, dropout_p: float) -> torch.Te
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be [B, H, N, d], got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"q [B,H,N,d], k [B,H,M,d], v [B,H,M,dv] do not match: q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    tensors = {"q": q, "k": k, "v": v}
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors.values()) or \
+            not q.dtype == k.dtype == v.dtype:
+        raise TypeError("q, k, v must be floating tensors of one dtype, got "
+                        + ", ".join(f"{n} {getattr(t, 'dtype', type(t).__name__)}" for n, t in tensors.items()))
+    if not q.dim() == k.dim() == v.dim() == 4 or q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or \
+            q.shape[-1] != k.shape[-1] or not q.device == k.device == v.device:
+        raise ValueError("q [B, H, N, d], k [B, H, M, d], v [B, H, M, dv] on one device do not match: "
+                         + ", ".join(f"{n} {tuple(t.shape)} on {t.device}" for n, t in tensors.items()))
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    backend: str | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None,
+              scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` per head, ``[B, H, N, dv]``, through ``backend`` (see module doc)."""
     _check_qkv(q, k, v)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale must be positive or None, got {scale}")
+    check_number("dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
+    if scale is not None:
+        check_number("scale", scale, low=0.0, low_open=True)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     name = resolve_backend(backend, q.device, q.dtype, tokens=k.shape[2], grad=grad)

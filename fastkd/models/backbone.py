@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastkd import ops
-from fastkd.checks import check_bool, check_choice
+from fastkd.checks import check_bool, check_choice, check_number, check_str
 from fastkd.models.attention import check_backend, resolve_backend
 from fastkd.models.position_embedding import resize_pos_embed_dino
 from fastkd.models.vit_block import check_vit_block, vit_block_forward
@@ -139,16 +139,11 @@ class Backbone(nn.Module):
         return Features(tokens=tokens, qk=dict(zip(qk_blocks, qk)), layers=dict(zip(layer_blocks, layers)))
 
     def compile(self, **compile_kwargs) -> None:
-        """``torch.compile`` the pass that methods run (:meth:`forward_features` with ``keep`` /
-        ``return_qk`` / ``return_layers``, and :meth:`forward`), in place; the fused ops stay in the
-        graph. The kept-token count is marked dynamic (no recompilation as the keep ratio changes).
-        A deep copy (e.g. an EMA teacher made from this student) runs the same compiled code on its
-        own weights.
-
-        Each backbone compiles its own copy of the pass's code: dynamo counts graphs (one per
-        architecture, crop size and grad mode) per code object under one recompile limit (8), so a
-        process that compiled several methods' backbones (MOKD's four, or a benchmark of every
-        method) would otherwise hit it, a hard error under ``fullgraph=True``."""
+        """``torch.compile`` the pass of :meth:`forward_features` and :meth:`forward` in place (the fused
+        ops stay in the graph; the kept-token count is dynamic). A deep copy (an EMA teacher) runs the
+        same compiled code on its own weights. Each backbone compiles its own copy of the code:
+        dynamo's recompile limit (8) counts graphs per code object, which several backbones in one
+        process (MOKD's four) would otherwise exceed."""
         shared = Backbone._features_pass
         own = types.FunctionType(shared.__code__.replace(), shared.__globals__, shared.__name__,
                                  shared.__defaults__, shared.__closure__)
@@ -182,14 +177,12 @@ class Backbone(nn.Module):
     def _block_indices(self, indices: Iterable[int], argument: str) -> set[int]:
         if isinstance(indices, (int, str)) or not isinstance(indices, Iterable):
             raise TypeError(f"{argument} must be an iterable of block indices, got {indices!r}")
-        out = set()
+        indices = tuple(indices)
+        if not self.is_vit:
+            return set(indices)  # a ResNet has no blocks: forward_features refuses any index
         for index in indices:
-            if not isinstance(index, int) or isinstance(index, bool):
-                raise TypeError(f"{argument} must hold ints, got {index!r}")
-            if self.is_vit and not -self.depth <= index < self.depth:
-                raise ValueError(f"{argument} index {index} out of range for depth {self.depth}")
-            out.add(index % self.depth if self.is_vit else index)
-        return out
+            check_number(f"{argument} index", index, low=-self.depth, high=self.depth - 1, integer=True)
+        return {index % self.depth for index in indices}
 
     def _embed(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """Patch embedding + positional embedding (+ gather of ``keep``), prefix tokens first."""
@@ -218,22 +211,14 @@ class Backbone(nn.Module):
         return model.norm_pre(model.patch_drop(tokens))
 
     def _check_keep(self, keep: torch.Tensor, x: torch.Tensor) -> None:
-        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.int64 or keep.dim() != 2:
-            raise ValueError(f"keep must be an int64 tensor [B, K], got {getattr(keep, 'dtype', type(keep).__name__)} "
-                             f"{tuple(getattr(keep, 'shape', ()))}")
-        num_patches = self._patches_of(x)
-        if keep.shape[0] != x.shape[0] or not 0 < keep.shape[1] <= num_patches:
-            raise ValueError(f"keep must be [B={x.shape[0]}, K] with 0 < K <= {num_patches} patches, "
-                             f"got {tuple(keep.shape)}")
-        if keep.device != x.device:
-            raise ValueError(f"keep is on {keep.device} but the images are on {x.device}")
-
-    def _patches_of(self, x: torch.Tensor) -> int:
-        """Patch tokens of images ``x`` (the grid of their height and width when the ViT takes
-        dynamic image sizes, else its fixed grid)."""
-        if not self.model.dynamic_img_size:
-            return self.num_patches
-        return (x.shape[-2] // self.patch_size) * (x.shape[-1] // self.patch_size)
+        """``keep`` indexes patches of the images ``x`` (their own grid when the ViT takes dynamic sizes)."""
+        patches = (x.shape[-2] // self.patch_size) * (x.shape[-1] // self.patch_size) \
+            if self.model.dynamic_img_size else self.num_patches
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.int64 or keep.dim() != 2 or \
+                keep.shape[0] != x.shape[0] or not 0 < keep.shape[1] <= patches or keep.device != x.device:
+            raise ValueError(f"keep must be an int64 tensor [B={x.shape[0]}, K] with 0 < K <= {patches} patches on "
+                             f"{x.device}, got {getattr(keep, 'dtype', type(keep).__name__)} "
+                             f"{tuple(getattr(keep, 'shape', ()))} on {getattr(keep, 'device', None)}")
 
 
 def build_backbone(name: str, *, attention: str | None = None, checkpointing: bool = False,
@@ -245,19 +230,17 @@ def build_backbone(name: str, *, attention: str | None = None, checkpointing: bo
     ``pos_embed_resize``: ``timm`` | ``dino`` (module doc).
     Weights never download: load them with :func:`fastkd.models.load_teacher`.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a timm model name, got {name!r}")
-    if timm_kwargs.get("pretrained"):
+    check_str("name", name)
+    if timm_kwargs.pop("pretrained", False):
         raise ValueError("pretrained=True is not supported: load weights from a local file with load_teacher")
-    timm_kwargs.pop("pretrained", None)
-    if timm_kwargs.get("num_classes", 0) != 0:
-        raise ValueError(f"backbones have no classifier: num_classes must be 0, got {timm_kwargs['num_classes']}")
-    timm_kwargs.pop("num_classes", None)
+    if (classes := timm_kwargs.pop("num_classes", 0)) != 0:
+        raise ValueError(f"backbones have no classifier: num_classes must be 0, got {classes}")
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}")
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
     except (AssertionError, TypeError, ValueError) as error:  # timm checks its arguments with assert
-        raise ValueError(f"timm rejected the arguments of {name} {timm_kwargs}: {error or type(error).__name__}") from None
+        raise ValueError(f"timm rejected the arguments of {name} {timm_kwargs}: "
+                         f"{error or type(error).__name__}") from None
     return Backbone(model, name, attention=attention, checkpointing=checkpointing, timm_kwargs=timm_kwargs,
                     pos_embed_resize=pos_embed_resize)

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastkd.checks import check_positive_ints
+from fastkd.checks import check_positive_ints, check_shape
 from fastkd.models.weight_norm_linear import WeightNormLinear
 
 
-def _init_linear(module: nn.Module) -> None:
+def init_linear(module: nn.Module) -> None:
+    """DINO's init of a linear layer: weight ~ trunc-normal(std 0.02), bias 0 (for ``module.apply``)."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
@@ -37,12 +38,11 @@ class DINOHead(nn.Module):
             nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim),
         )
-        self.mlp.apply(_init_linear)
+        self.mlp.apply(init_linear)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fix_gain=norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.in_dim:
-            raise ValueError(f"DINOHead expects x [B, {self.in_dim}], got {tuple(x.shape)}")
+        check_shape("DINOHead input", x, ("B", self.in_dim))
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
     def cancel_last_layer_grad(self) -> None:

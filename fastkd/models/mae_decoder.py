@@ -20,7 +20,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from fastkd.checks import check_positive_ints
+from fastkd.checks import check_number, check_positive_ints, check_shape
 from fastkd.models.attention import check_backend, resolve_backend
 from fastkd.models.position_embedding import sincos_2d_pos_embed
 from fastkd.models.vit_block import vit_block_forward
@@ -46,10 +46,8 @@ def masked_pixel_loss(pred: torch.Tensor, images: torch.Tensor, keep: torch.Tens
                       norm_pix: bool = True) -> torch.Tensor:
     """MAE loss: mean squared error on the patches not in ``keep``, against (normalised) pixels."""
     target = patchify(images, patch_size)
-    if pred.shape != target.shape:
-        raise ValueError(f"pred must be {tuple(target.shape)} (patchified images), got {tuple(pred.shape)}")
-    if keep.dim() != 2 or keep.dtype != torch.int64 or keep.shape[0] != pred.shape[0]:
-        raise ValueError(f"keep must be int64 [B={pred.shape[0]}, K], got {keep.dtype} {tuple(keep.shape)}")
+    check_shape("pred (patchified images)", pred, tuple(target.shape))
+    check_shape("keep", keep, (pred.shape[0], "K"), dtype=torch.int64)
     if keep.shape[1] >= pred.shape[1]:
         raise ValueError(f"keep hides no patch: K={keep.shape[1]} of N={pred.shape[1]}")
     if norm_pix:
@@ -68,15 +66,12 @@ class MAEDecoder(nn.Module):
                  decoder_dim: int = 512, depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0,
                  num_prefix_tokens: int = 1, attention: str | None = None):
         super().__init__()
-        grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
-        if len(grid) != 2:
-            raise ValueError(f"grid_size must be an int or (h, w), got {grid_size!r}")
+        grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)  # (h, w)
         check_positive_ints(encoder_dim=encoder_dim, grid_h=grid[0], grid_w=grid[1], patch_size=patch_size,
                             in_chans=in_chans, decoder_dim=decoder_dim, depth=depth, num_heads=num_heads)
+        check_number("num_prefix_tokens", num_prefix_tokens, low=0, integer=True)
         if decoder_dim % 4 or decoder_dim % num_heads:
             raise ValueError(f"decoder_dim ({decoder_dim}) must be divisible by 4 and by num_heads ({num_heads})")
-        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
         self.encoder_dim, self.patch_size, self.num_prefix_tokens = encoder_dim, patch_size, num_prefix_tokens
         self.num_patches = grid[0] * grid[1]
         self.attention = check_backend(attention)
@@ -96,8 +91,7 @@ class MAEDecoder(nn.Module):
     @classmethod
     def for_backbone(cls, backbone: nn.Module, **kwargs) -> "MAEDecoder":
         """A decoder matching a ViT :class:`~fastkd.models.Backbone` (dims, grid, patch size, prefix)."""
-        if not getattr(backbone, "is_vit", False):
-            raise TypeError(f"backbone must be a fastkd ViT Backbone, got {type(backbone).__name__}")
+        assert backbone.is_vit, "the MAE decoder follows a ViT backbone (the MAE config checks it)"
         return cls(backbone.embed_dim, tuple(backbone.model.patch_embed.grid_size), backbone.patch_size,
                    in_chans=backbone.model.patch_embed.proj.in_channels,
                    num_prefix_tokens=backbone.num_prefix_tokens, **kwargs)
@@ -105,11 +99,9 @@ class MAEDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Pixel predictions ``[B, N, p*p*C]`` for all patches from encoder tokens ``[B, P+K, E]``."""
         P = self.num_prefix_tokens
-        if tokens.dim() != 3 or tokens.shape[2] != self.encoder_dim:
-            raise ValueError(f"tokens must be [B, P+K, {self.encoder_dim}], got {tuple(tokens.shape)}")
-        if keep.dim() != 2 or keep.dtype != torch.int64 or keep.shape != (tokens.shape[0], tokens.shape[1] - P):
-            raise ValueError(f"keep must be int64 [B, K] = {(tokens.shape[0], tokens.shape[1] - P)} for tokens "
-                             f"{tuple(tokens.shape)}, got {keep.dtype} {tuple(keep.shape)}")
+        check_shape("tokens", tokens, ("B", "P+K", self.encoder_dim))
+        check_shape(f"keep (for tokens {tuple(tokens.shape)})", keep, (tokens.shape[0], tokens.shape[1] - P),
+                    dtype=torch.int64)
         h = self.embed(tokens)
         B, _, D = h.shape
         full = self.mask_token.to(h.dtype).expand(B, self.num_patches, D)

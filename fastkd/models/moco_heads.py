@@ -19,32 +19,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd.checks import check_positive_ints
-
-
-def _moco_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for index in range(num_layers):
-        dim_in = in_dim if index == 0 else hidden_dim
-        dim_out = out_dim if index == num_layers - 1 else hidden_dim
-        layers.append(nn.Linear(dim_in, dim_out, bias=False))
-        if index < num_layers - 1:
-            layers += [nn.BatchNorm1d(dim_out), nn.ReLU(inplace=True)]
-        elif last_bn:
-            layers.append(nn.BatchNorm1d(dim_out, affine=False))
-    return nn.Sequential(*layers)
+from fastkd.checks import check_bool, check_positive_ints, check_shape
 
 
 class _MoCoMLP(nn.Module):
+    """MoCo v3's ``_build_mlp`` as ``self.mlp``."""
+
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool):
         super().__init__()
         check_positive_ints(in_dim=in_dim, hidden_dim=hidden_dim, out_dim=out_dim, num_layers=num_layers)
+        check_bool("last_bn", last_bn)
         self.in_dim, self.out_dim = in_dim, out_dim
-        self.mlp = _moco_mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn)
+        layers: list[nn.Module] = []
+        for index in range(num_layers):
+            dim_out = out_dim if index == num_layers - 1 else hidden_dim
+            layers.append(nn.Linear(in_dim if index == 0 else hidden_dim, dim_out, bias=False))
+            if index < num_layers - 1:
+                layers += [nn.BatchNorm1d(dim_out), nn.ReLU(inplace=True)]
+            elif last_bn:
+                layers.append(nn.BatchNorm1d(dim_out, affine=False))
+        self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.in_dim:
-            raise ValueError(f"{type(self).__name__} expects [B, {self.in_dim}], got {tuple(x.shape)}")
+        check_shape(f"{type(self).__name__} input", x, ("B", self.in_dim))
         return self.mlp(x)
 
 
@@ -61,8 +58,6 @@ class MoCoPredictor(_MoCoMLP):
 
     def __init__(self, in_dim: int = 256, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 2,
                  last_bn: bool = True):
-        if not isinstance(last_bn, bool):
-            raise TypeError(f"last_bn must be a bool, got {type(last_bn).__name__}")
         super().__init__(in_dim, hidden_dim, out_dim, num_layers, last_bn=last_bn)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd.checks import check_positive_ints
+from fastkd.checks import check_positive_ints, check_shape
 
 
 class LinearProjector(nn.Module):
@@ -22,8 +22,7 @@ class LinearProjector(nn.Module):
         self.proj = nn.Linear(in_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_dim:
-            raise ValueError(f"LinearProjector expects [..., {self.in_dim}], got {tuple(x.shape)}")
+        check_shape("LinearProjector input", x, (..., self.in_dim))
         return self.proj(x)
 
 
@@ -37,6 +36,5 @@ class MLPProjector(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_dim:
-            raise ValueError(f"MLPProjector expects [..., {self.in_dim}], got {tuple(x.shape)}")
+        check_shape("MLPProjector input", x, (..., self.in_dim))
         return self.mlp(x)

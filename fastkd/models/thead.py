@@ -29,20 +29,14 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from fastkd.checks import check_positive_ints
+from fastkd.checks import check_bool, check_choice, check_positive_ints, check_shape
 from fastkd.models.attention import check_backend, resolve_backend
+from fastkd.models.dino_head import init_linear
 from fastkd.models.position_embedding import resize_pos_embed_dino
 from fastkd.models.vit_block import vit_block_forward
 from fastkd.models.weight_norm_linear import WeightNormLinear
 
 INPUT_KINDS = ("tokens", "feature_map")
-
-
-def _init_linear(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 def _grid(value, name: str) -> tuple[int, int]:
@@ -68,10 +62,8 @@ class THead(nn.Module):
         check_positive_ints(in_dim=in_dim, dim=dim, depth=depth, num_heads=num_heads)
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        if input not in INPUT_KINDS:
-            raise ValueError(f"input must be one of {INPUT_KINDS}, got {input!r}")
-        if not isinstance(norm_last_layer, bool):
-            raise TypeError(f"norm_last_layer must be a bool, got {norm_last_layer!r}")
+        check_choice("input", input, INPUT_KINDS)
+        check_bool("norm_last_layer", norm_last_layer)
         self.in_dim, self.dim, self.input = in_dim, dim, input
         self.attention = check_backend(attention)
         if input == "feature_map":
@@ -89,41 +81,32 @@ class THead(nn.Module):
             Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)
         )
         self.norm = norm_layer(dim)
-        self.blocks.apply(_init_linear)
-        self.adapter.apply(_init_linear)
+        self.blocks.apply(init_linear)
+        self.adapter.apply(init_linear)
         self.last_layer = WeightNormLinear(dim, out_dim, fix_gain=norm_last_layer)
 
     def _tokens(self, x: torch.Tensor, grid) -> tuple[torch.Tensor, tuple[int, int]]:
         """Adapter output ``[B, N, dim]`` and the ``(h, w)`` grid of its tokens."""
         if self.input == "feature_map":
-            if x.dim() != 4 or x.shape[1] != self.in_dim:
-                raise ValueError(f"THead(input='feature_map') expects [B, {self.in_dim}, h, w], got {tuple(x.shape)}")
+            check_shape("THead(input='feature_map') input", x, ("B", self.in_dim, "h", "w"))
             if grid is not None:
                 raise ValueError("grid applies to token inputs only (a feature map has its own h x w)")
             return self.adapter(x).flatten(2).transpose(1, 2), tuple(x.shape[2:])
-        if x.dim() != 3 or x.shape[2] != self.in_dim:
-            raise ValueError(f"THead expects tokens [B, N, {self.in_dim}], got {tuple(x.shape)}")
+        check_shape("THead tokens", x, ("B", "N", self.in_dim))
         n = x.shape[1]
         if grid is not None:
             grid = _grid(grid, "grid")
-            if grid[0] * grid[1] != n:
-                raise ValueError(f"grid {grid} does not hold the {n} tokens")
-        elif self.pos_grid is not None:
-            side = math.isqrt(n)
-            if self.pos_grid[0] * self.pos_grid[1] == n:
-                grid = self.pos_grid
-            elif side * side == n:
-                grid = (side, side)
-            else:
-                raise ValueError(f"{n} tokens are not a square grid: pass grid=(h, w) for the positional embedding")
+        elif self.pos_grid is not None:  # the head's grid, else a square one
+            grid = self.pos_grid if self.pos_grid[0] * self.pos_grid[1] == n else (math.isqrt(n),) * 2
+        if grid is not None and grid[0] * grid[1] != n:
+            raise ValueError(f"grid {grid} does not hold the {n} tokens: pass grid=(h, w) for the positional embedding")
         return self.adapter(x), grid
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter applied to vectors ``[B, in_dim]`` -> ``[B, dim]`` (the 1x1 convolution of a
         feature-map head as a linear map): puts another representation (MOKD's ViT CLS query) in
         the head's token space; the identity for a token head with ``in_dim == dim``."""
-        if x.dim() != 2 or x.shape[1] != self.in_dim:
-            raise ValueError(f"THead.project expects [B, {self.in_dim}], got {tuple(x.shape)}")
+        check_shape("THead.project input", x, ("B", self.in_dim))
         if self.input == "feature_map":
             return F.linear(x, self.adapter.weight.flatten(1), self.adapter.bias)
         return self.adapter(x)

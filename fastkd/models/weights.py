@@ -89,9 +89,7 @@ def _check_path(path: object) -> None:
 
 def _read(path: str | os.PathLike) -> dict:
     _check_path(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
-    if _is_torchscript(path):
+    if _is_torchscript(path):  # a missing file is not one: read_torch_file raises FileNotFoundError
         raise CheckpointError(
             f"{os.fspath(path)!r} is a TorchScript archive (such as OpenAI CLIP's original .pt files), which "
             "fastkd does not read because loading it runs code from the file: load it with torch.jit.load where "
@@ -162,18 +160,13 @@ def detect_format(obj: dict) -> str:
 def _backbone_state(obj: dict, fmt: str, encoder: str, model: torch.nn.Module) -> dict:
     """The backbone's tensors under timm names (classifier / projector keys still included) of a
     checkpoint of format ``fmt`` (layouts in the module doc) for ``model``."""
-    if fmt == "clip":
-        tower = _clip_tower(obj)
-        if tower is None:
-            raise CheckpointError(f"clip checkpoint without the image tower keys "
-                                  f"{[_CLIP_PREFIX + k for k in _CLIP_TOWER_KEYS]}")
-        state, prefix = tower
+    if fmt == "clip":  # detected as clip (a requested format must match the detected one)
+        state, prefix = _clip_tower(obj)
         return _convert_openai_clip(state, model, prefix=prefix)
     key = {FASTKD_FORMAT: "state_dict", "mocov3": "state_dict", "mae": "model", "deit": "model"}.get(fmt)
     source = obj if key is None else obj.get(key)
-    if not _is_state_dict(source):
-        raise CheckpointError("timm checkpoint must be a flat dict of tensors" if key is None else
-                              f"{fmt} checkpoint without a {key!r} {'dict ' if key == 'model' else ''}of tensors")
+    if not _is_state_dict(source):  # detection checked every layout but fastkd's own
+        raise CheckpointError(f"{fmt} checkpoint without a {key!r} dict of tensors")
     if fmt in ("mae", "deit"):
         return {k: v for k, v in source.items() if not k.startswith(_MAE_DECODER_PREFIXES)}
     if fmt == "mocov3":
@@ -321,17 +314,16 @@ def load_teacher(
     return backbone
 
 
-def _check_serialisable(value: object, name: str) -> None:
+def _unsaveable(value: object, name: str) -> str | None:
+    """The first entry of ``value`` that is not a plain value (str-keyed dicts, lists, scalars), or None."""
     if isinstance(value, dict):
         for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{name} keys must be str, got {key!r}")
-            _check_serialisable(item, f"{name}[{key!r}]")
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check_serialisable(item, f"{name}[{index}]")
-    elif not isinstance(value, (int, float, str, bool, type(None))):
-        raise TypeError(f"{name} must hold only plain values to be saved, got {type(value).__name__}")
+            if bad := f"{name} key {key!r}" if not isinstance(key, str) else _unsaveable(item, f"{name}[{key!r}]"):
+                return bad
+        return None
+    if isinstance(value, (list, tuple)):
+        return next((bad for i, item in enumerate(value) if (bad := _unsaveable(item, f"{name}[{i}]"))), None)
+    return None if isinstance(value, (int, float, str, bool, type(None))) else f"{name} ({type(value).__name__})"
 
 
 def save_backbone(backbone: Backbone, path: str | os.PathLike) -> Path:
@@ -340,7 +332,8 @@ def save_backbone(backbone: Backbone, path: str | os.PathLike) -> Path:
     if not isinstance(backbone, Backbone):
         raise TypeError(f"backbone must be a fastkd Backbone, got {type(backbone).__name__}")
     _check_path(path)
-    _check_serialisable(backbone.timm_kwargs, "backbone.timm_kwargs")
+    if (bad := _unsaveable(backbone.timm_kwargs, "backbone.timm_kwargs")) is not None:
+        raise TypeError(f"backbone.timm_kwargs must hold only plain values to be saved, got {bad}")
     payload = {
         "format": FASTKD_FORMAT,
         "version": FASTKD_FORMAT_VERSION,
