@@ -116,3 +116,9 @@ def check_shape(name: str, value: Any, shape: tuple, *, dtype: torch.dtype | Non
         wanted = ", ".join("..." if d is ... else str(d) for d in shape)
         given = type(value).__name__ if got is None else f"{got} {value.dtype}"
         raise ValueError(f"{name} must be a tensor [{wanted}]{'' if dtype is None else f' of {dtype}'}, got {given}")
+
+
+def check_instance(name: str, value: Any, kinds: type | tuple[type, ...], what: str) -> None:
+    """``TypeError`` unless ``value`` is an instance of ``kinds``; ``what`` names them (``"a path or an ImageList"``)."""
+    if not isinstance(value, kinds):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")

@@ -6,26 +6,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastkd.checks import check_number
-
 from .batch import Batch
 from .dali_pipeline import build_dali_pipeline
 from .datasets import BadImageError, ImageList
 from .recipes import Recipe
 from .scan import check_image
-from .sharding import num_batches, shard_batches
+from .sharding import EpochShard
 
 
 class _ShardSource:
     """External source: per batch of the epoch's shard, the encoded bytes of its files."""
 
-    def __init__(self, images: ImageList, batch_size: int, shard: dict):
-        self.images, self.batch_size, self.shard = images, batch_size, shard
-        self.epoch = 0
+    def __init__(self, images: ImageList, shard: EpochShard):
+        self.images, self.shard = images, shard
         self.batches: list[list[int]] = []
 
     def __iter__(self):
-        self.batches = shard_batches(len(self.images), self.batch_size, epoch=self.epoch, **self.shard)
+        self.batches = self.shard.batches()
         for batch in self.batches:
             yield [np.fromfile(self.images.files[i], dtype=np.uint8) for i in batch]
 
@@ -56,39 +53,21 @@ class DaliViewLoader:
     augmentations follow the pipeline seed ``(seed, rank)`` through consecutive epochs.
     """
 
-    def __init__(
-        self,
-        images: ImageList,
-        recipe: Recipe,
-        *,
-        batch_size: int,
-        device: torch.device,
-        device_id: int | None,
-        rank: int,
-        world_size: int,
-        seed: int,
-        shuffle: bool,
-        drop_last: bool,
-        num_threads: int,
-    ):
-        self.images, self.device = images, device
-        self._shard = dict(rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, drop_last=drop_last)
-        self._len = num_batches(len(images), batch_size, world_size=world_size, rank=rank, drop_last=drop_last)
+    def __init__(self, images: ImageList, recipe: Recipe, shard: EpochShard, *, device: torch.device,
+                 device_id: int | None, num_threads: int):
+        self.images, self.device, self.shard = images, device, shard
         self._prefetch = 2
-        self._source = _ShardSource(images, batch_size, self._shard)
-        self._build = dict(
-            recipe=recipe, batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-            seed=seed * 1_000_003 + rank, prefetch=self._prefetch,
-        )
+        self._source = _ShardSource(images, shard)
+        self._build = dict(recipe=recipe, batch_size=shard.batch_size, num_threads=num_threads, device_id=device_id,
+                           seed=shard.options["seed"] * 1_000_003 + shard.options["rank"], prefetch=self._prefetch)
         self._pipe = None
         self._needs_reset = False
 
     def set_epoch(self, epoch: int) -> None:
-        check_number("epoch", epoch, low=0, integer=True)
-        self._source.epoch = epoch
+        self.shard.epoch = epoch
 
     def __len__(self) -> int:
-        return self._len
+        return len(self.shard)
 
     def close(self) -> None:
         """Releases the pipeline (its threads and buffers); the next iteration builds a new one."""

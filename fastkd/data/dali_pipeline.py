@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from nvidia.dali import Pipeline, fn, pipeline_def, types
 
-from fastkd.checks import check_number, check_positive_ints
+from fastkd.checks import check_instance, check_number, check_positive_ints
 
 from .recipes import IMAGENET_MEAN, IMAGENET_STD, Recipe, ViewSpec
 
@@ -115,8 +115,7 @@ def build_dali_pipeline(
     ``source`` is an iterable yielding, per batch, a list of 1-D uint8 arrays (encoded files) and
     raising ``StopIteration`` at the end of an epoch. ``device_id=None`` gives the CPU-only pipeline.
     """
-    if not isinstance(recipe, Recipe):
-        raise TypeError(f"recipe must be a Recipe, got {type(recipe).__name__}")
+    check_instance("recipe", recipe, Recipe, "a Recipe")
     if device_id is not None:
         check_number("device_id (None: CPU-only, else a CUDA device index)", device_id, low=0, integer=True)
     check_positive_ints(batch_size=batch_size, num_threads=num_threads, prefetch=prefetch)

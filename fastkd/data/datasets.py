@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from fastkd.checks import check_instance
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -42,12 +44,12 @@ def is_image_file(name: str) -> bool:
 
 
 def check_readable_dir(root: Path, what: str) -> None:
-    if not root.exists():
-        raise FileNotFoundError(f"{what} {str(root)!r} does not exist")
-    if not root.is_dir():
-        raise NotADirectoryError(f"{what} {str(root)!r} is not a directory")
-    if not os.access(root, os.R_OK | os.X_OK):
-        raise PermissionError(f"{what} {str(root)!r} is not readable")
+    """``FileNotFoundError``, ``NotADirectoryError`` or ``PermissionError`` naming ``root`` unless it is a readable folder."""
+    for error, ok, problem in ((FileNotFoundError, root.exists(), "does not exist"),
+                               (NotADirectoryError, root.is_dir(), "is not a directory"),
+                               (PermissionError, os.access(root, os.R_OK | os.X_OK), "is not readable")):
+        if not ok:
+            raise error(f"{what} {str(root)!r} {problem}")
 
 
 def image_folder(root: str | os.PathLike) -> ImageList:
@@ -84,14 +86,8 @@ def _raise(error: OSError) -> None:
 def file_list(path: str | os.PathLike) -> ImageList:
     """Images and int labels from a ``<path> <label>`` text file."""
     path = Path(path).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"file list {str(path)!r} does not exist")
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise PermissionError(f"file list {str(path)!r} is not readable: {error}") from error
     files, labels = [], []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -107,27 +103,23 @@ def file_list(path: str | os.PathLike) -> ImageList:
 
 def read_exclusions(path: str | os.PathLike) -> list[str]:
     """Paths of an exclusion list (one per line, optional tab-separated reason, ``#`` comments)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"exclusion list {str(path)!r} does not exist")
-    return [line.split("\t", 1)[0].strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    lines = Path(path).read_text().splitlines()
+    return [line.split("\t", 1)[0].strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 def load_images(source, exclude: str | os.PathLike | Iterable[str] | None = None) -> ImageList:
     """``source``: an ImageList, an ImageFolder root, or a file-list text file; ``exclude``: an
     exclusion-list file or an iterable of paths (absolute, or relative to the dataset root)."""
+    check_instance("source", source, (ImageList, str, os.PathLike), "a path or an ImageList")
     if isinstance(source, ImageList):
         images = source
-    elif isinstance(source, (str, os.PathLike)):
-        images = file_list(source) if Path(source).is_file() else image_folder(source)
     else:
-        raise TypeError(f"source must be a path or an ImageList, got {type(source).__name__}")
+        images = file_list(source) if Path(source).is_file() else image_folder(source)
     if exclude is None:
         return images
+    check_instance("exclude", exclude, (str, os.PathLike, Iterable), "a path, an iterable of paths or None")
     if isinstance(exclude, (str, os.PathLike)):
         exclude = read_exclusions(exclude)
-    elif not isinstance(exclude, Iterable):
-        raise TypeError(f"exclude must be a path, an iterable of paths or None, got {type(exclude).__name__}")
     root = Path(images.root)
     dropped = {str((root / p).resolve()) for p in exclude}
     keep = [i for i, f in enumerate(images.files) if f not in dropped]

@@ -12,6 +12,7 @@ from fastkd.checks import check_bool, check_choice, check_number
 
 from .datasets import load_images
 from .recipes import build_recipe
+from .sharding import EpochShard
 
 BACKENDS = ("auto", "dali", "dali_cpu", "torch")  # the one list of data backends: fastkd.config and the CLI use it
 
@@ -80,16 +81,15 @@ def build_loader(
     images = load_images(source, exclude)
     if shuffle is None:
         shuffle = recipe.shuffle
-    common = dict(
-        batch_size=batch_size, device=device, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
-        drop_last=drop_last,
-    )
+    shard = EpochShard(len(images), batch_size, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
+                       drop_last=drop_last)
     if backend == "auto":
         backend = "dali" if dali_available() and not skip_bad_images else "torch"
     if backend == "torch":
         from .torch_pipeline import TorchViewLoader
 
-        return TorchViewLoader(images, recipe, num_workers=num_workers, skip_bad_images=skip_bad_images, **common)
+        return TorchViewLoader(images, recipe, shard, device=device, num_workers=num_workers,
+                               skip_bad_images=skip_bad_images)
     if not dali_available():
         raise ValueError(f"backend={backend!r} needs NVIDIA DALI: pip install 'fastkd[dali]'")
     from .dali_loader import DaliViewLoader
@@ -98,4 +98,4 @@ def build_loader(
         device_id = device.index if device.index is not None else torch.cuda.current_device()
     else:
         device_id = None
-    return DaliViewLoader(images, recipe, device_id=device_id, num_threads=max(1, num_workers), **common)
+    return DaliViewLoader(images, recipe, shard, device=device, device_id=device_id, num_threads=max(1, num_workers))

@@ -25,7 +25,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-from fastkd.checks import check_bool, check_choice, check_number
+from fastkd.checks import check_bool, check_choice, check_instance, check_number
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,12 +33,12 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 def _check_range(name: str, value, low: float, high: float) -> tuple[float, float]:
+    """``value`` as a ``(min, max)`` pair with ``low <= min <= max <= high``."""
     if not (isinstance(value, (tuple, list)) and len(value) == 2):
         raise ValueError(f"{name} must be a (min, max) pair, got {value!r}")
-    lo, hi = float(value[0]), float(value[1])
-    if not (low <= lo <= hi <= high):
-        raise ValueError(f"{name} must satisfy {low} <= min <= max <= {high}, got {value!r}")
-    return lo, hi
+    check_number(f"{name}[0]", value[0], low=low, high=high)
+    check_number(f"{name}[1] (>= {name}[0])", value[1], low=value[0], high=high)
+    return float(value[0]), float(value[1])
 
 
 def _check_probability(name: str, value) -> float:
@@ -91,8 +91,7 @@ class ViewSpec:
         object.__setattr__(self, "ratio", _check_range("ViewSpec.ratio", self.ratio, 1e-3, 1e3))
         object.__setattr__(self, "blur_sigma", _check_range("ViewSpec.blur_sigma", self.blur_sigma, 1e-3, 100.0))
         check_choice("ViewSpec.interpolation", self.interpolation, INTERPOLATIONS)
-        if self.jitter is not None and not isinstance(self.jitter, ColorJitter):
-            raise TypeError(f"ViewSpec.jitter must be a ColorJitter or None, got {type(self.jitter).__name__}")
+        check_instance("ViewSpec.jitter", self.jitter, (ColorJitter, type(None)), "a ColorJitter or None")
         for name in ("flip_p", "grayscale_p", "blur_p", "solarize_p"):
             _check_probability(f"ViewSpec.{name}", getattr(self, name))
 

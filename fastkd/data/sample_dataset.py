@@ -76,12 +76,16 @@ def texture(kind: str, height: int, width: int, rng: np.random.Generator) -> np.
     return (np.hypot(x - centre_x, y - centre_y) % period) < period / 2
 
 
+def _check_ints(*checks: tuple[str, object, int]) -> None:
+    """``ValueError`` naming the first ``(name, value, minimum)`` whose value is not an int >= minimum."""
+    for name, value, minimum in checks:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def sample_image(index: int, seed: int = 0) -> tuple[Image.Image, int]:
     """Image ``index`` of the sample dataset for ``seed`` and its class label (``index % 12``)."""
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-        raise ValueError(f"index must be an int >= 0, got {index!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    _check_ints(("index", index, 0), ("seed", seed, 0))
     label = index % len(CLASSES)
     rng = np.random.default_rng([seed, index])
     height, width = (int(v) for v in rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1, size=2))
@@ -95,10 +99,7 @@ def sample_image(index: int, seed: int = 0) -> tuple[Image.Image, int]:
 def write_sample_dataset(root: str | os.PathLike, images: int = 2000, seed: int = 0) -> Path:
     """Write ``images`` JPEGs as ``root/<class>/<index>.jpg`` (byte-identical for a seed);
     returns ``root``. Needs at least one image per class."""
-    if not isinstance(images, int) or isinstance(images, bool) or images < len(CLASSES):
-        raise ValueError(f"images must be an int >= {len(CLASSES)} (one per class), got {images!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    _check_ints(("images (one per class)", images, len(CLASSES)), ("seed", seed, 0))
     root = Path(root)
     for name in CLASSES:
         (root / name).mkdir(parents=True, exist_ok=True)

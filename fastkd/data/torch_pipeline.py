@@ -27,7 +27,7 @@ from torchvision import transforms as T
 from .batch import Batch
 from .datasets import BadImageError, ImageList
 from .recipes import IMAGENET_MEAN, IMAGENET_STD, Recipe, ViewSpec
-from .sharding import num_batches, shard_batches
+from .sharding import EpochShard
 
 _INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
@@ -110,21 +110,17 @@ class ViewDataset(torch.utils.data.Dataset):
 
 
 class _EpochBatches:
-    """Batch sampler yielding ``(epoch, index)`` items of the current epoch's shard."""
+    """Batch sampler: the shard's batches of the current epoch as ``(epoch, index)`` items."""
 
-    def __init__(self, num_samples: int, batch_size: int, shard: dict):
-        self.num_samples, self.batch_size, self.shard, self.epoch = num_samples, batch_size, shard, 0
+    def __init__(self, shard: EpochShard):
+        self.shard = shard
 
     def __iter__(self):
-        for batch in shard_batches(self.num_samples, self.batch_size, epoch=self.epoch, **self.shard):
-            yield [(self.epoch, i) for i in batch]
+        for batch in self.shard.batches():
+            yield [(self.shard.epoch, i) for i in batch]
 
     def __len__(self) -> int:
-        shard = self.shard
-        return num_batches(
-            self.num_samples, self.batch_size, world_size=shard["world_size"], rank=shard["rank"],
-            drop_last=shard["drop_last"],
-        )
+        return len(self.shard)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -180,29 +176,15 @@ def _collate_skipping(items) -> _SkippingBatch:
 class TorchViewLoader:
     """Iterable of :class:`Batch` over ``rank``'s shard, on ``device`` (see ``build_loader``)."""
 
-    def __init__(
-        self,
-        images: ImageList,
-        recipe: Recipe,
-        *,
-        batch_size: int,
-        device: torch.device,
-        rank: int,
-        world_size: int,
-        seed: int,
-        shuffle: bool,
-        drop_last: bool,
-        num_workers: int,
-        skip_bad_images: bool = False,
-    ):
+    def __init__(self, images: ImageList, recipe: Recipe, shard: EpochShard, *, device: torch.device,
+                 num_workers: int, skip_bad_images: bool = False):
         self.device = device
         self.skip_bad_images = skip_bad_images
         self.skipped_images = 0  # images skipped so far (an image skipped in two epochs counts twice)
         self.bad_images: set[str] = set()  # the distinct files skipped (each is warned about once)
-        shard = dict(rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, drop_last=drop_last)
-        self._batches = _EpochBatches(len(images), batch_size, shard)
+        self._batches = _EpochBatches(shard)
         self._loader = torch.utils.data.DataLoader(
-            ViewDataset(images, recipe, seed, skip_bad_images),
+            ViewDataset(images, recipe, shard.options["seed"], skip_bad_images),
             batch_sampler=self._batches,
             num_workers=num_workers,
             collate_fn=_collate_skipping if skip_bad_images else _collate,
@@ -228,7 +210,7 @@ class TorchViewLoader:
         self._loader._iterator = None
 
     def set_epoch(self, epoch: int) -> None:
-        self._batches.epoch = epoch
+        self._batches.shard.epoch = epoch
 
     def _count_bad(self, result: _SkippingBatch) -> Batch | None:
         for bad in result.bad:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fastkd.checks import check_instance
 from fastkd.durable import atomic_torch_save
 from fastkd.progress import progress_disable
 
@@ -41,8 +42,7 @@ def extract_features(model: nn.Module, loader, *, device: str | torch.device | N
                      desc: str = "features") -> FeatureSet:
     """Features of every image the loader yields (one pass, ``model.eval()``; the mode is restored).
     ``progress``, ``desc``: the progress bar (see :func:`fastkd.progress.progress_disable`)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_instance("model", model, nn.Module, "an nn.Module")
     device = torch.device(device if device is not None else next(model.parameters(), torch.empty(0)).device)
     was_training = model.training
     model.eval()

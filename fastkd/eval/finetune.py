@@ -52,7 +52,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from fastkd.checks import check_choice, check_number, check_positive_ints, check_str
+from fastkd.checks import check_choice, check_instance, check_number, check_positive_ints, check_str
 from fastkd.durable import atomic_write_json, read_torch_file
 from fastkd.eval.linear_probe import EvalResult, topk_accuracy, train_epoch
 from fastkd.eval.models import native_image_size
@@ -354,9 +354,8 @@ def _criterion(recipe: FinetuneRecipe, num_classes: int):
 def _check_model(model: nn.Module, *, image_size: int | None, global_pool: str) -> None:
     """``model`` is a Backbone, ``image_size`` (unless None) a positive multiple of a ViT's patch
     size, ``global_pool`` one of :data:`GLOBAL_POOLS` (``avg`` for a ResNet)."""
-    if not isinstance(model, Backbone):
-        raise TypeError(f"model must be a fastkd Backbone (what load_eval_model returns for backbone files and "
-                        f"runs' students), got {type(model).__name__}")
+    check_instance("model", model, Backbone, "a fastkd Backbone (what load_eval_model returns for backbone files "
+                   "and runs' students)")
     check_choice("global_pool", global_pool, GLOBAL_POOLS)
     if not model.is_vit and global_pool != "avg":
         raise ValueError(f"global_pool must be 'avg' for the ResNet {model.name}, got {global_pool!r}")

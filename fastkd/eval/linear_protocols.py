@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from fastkd.checks import check_bool, check_choice, check_number, check_str
+from fastkd.checks import check_bool, check_choice, check_instance, check_number, check_str
 from fastkd.eval.features import extract_features, model_features
 from fastkd.eval.linear_probe import EvalResult, fold_linear, init_linear, topk_accuracy, train_epoch
 from fastkd.progress import progress_disable
@@ -321,7 +321,7 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
     ``image_size * 256 / 224``. ``model`` must already be on ``device``; it runs in eval mode (its
     mode is restored). ``seed`` fixes the crops, the order and the heads' initial weights (all
     heads start equal, so each head of a sweep trains exactly as it would alone). Every option is
-    checked (ValueError naming it) before any image is read."""
+    checked (an error naming it) before any image is read."""
     from fastkd.data import build_loader
     from fastkd.data.loader import BACKENDS
     from fastkd.data.recipes import Recipe, ViewSpec
@@ -333,8 +333,7 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
     protocol = resolve_protocol(protocol)
     epochs = protocol.epochs if epochs is None else epochs
     batch_size = protocol.batch_size if batch_size is None else batch_size
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_instance("model", model, nn.Module, "an nn.Module")
     check_eval_options(dict(epochs=epochs, batch_size=batch_size, image_size=image_size, resize=resize))
     check_choice("backend", backend, BACKENDS)
     device = check_run_options(device=device, num_workers=num_workers, seed=seed, progress=progress)

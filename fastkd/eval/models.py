@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastkd.checks import check_choice
+from fastkd.checks import check_choice, check_instance
 from fastkd.durable import read_torch_file
 from fastkd.models.weights import STUDENT_FILE, TEACHER_FILE
 from fastkd.train.checkpoint import CHECKPOINT_FORMAT  # noqa: F401 (re-exported: one format, one home)
@@ -57,8 +57,7 @@ def load_eval_model_described(path: str | os.PathLike, *, arch: str | None = Non
     """:func:`load_eval_model` and what it evaluated: ``{"checkpoint": file or directory read,
     "checkpoint_key": key}``, the key ``fastkd:<arch>`` for a backbone file, ``method.<module>`` for a
     training checkpoint and the (given or detected) format for other checkpoints."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    check_instance("path", path, (str, os.PathLike), "a str or os.PathLike")
     check_choice("weights", weights, WEIGHTS)
     path = Path(path)
     if weights == "teacher":
