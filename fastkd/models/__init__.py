@@ -10,23 +10,6 @@ from fastkd.models.projectors import LinearProjector, MLPProjector
 from fastkd.models.thead import THead
 from fastkd.models.weights import CheckpointError, load_teacher, save_backbone
 
-__all__ = [
-    "Backbone",
-    "CheckpointError",
-    "DINOHead",
-    "EMATeacher",
-    "Features",
-    "LinearProjector",
-    "MAEDecoder",
-    "MLPProjector",
-    "MoCoPredictor",
-    "MoCoProjector",
-    "THead",
-    "build_backbone",
-    "convert_sync_batchnorm",
-    "load_teacher",
-    "masked_pixel_loss",
-    "momentum_schedule",
-    "patchify",
-    "save_backbone",
-]
+__all__ = ["Backbone", "CheckpointError", "DINOHead", "EMATeacher", "Features", "LinearProjector", "MAEDecoder",
+           "MLPProjector", "MoCoPredictor", "MoCoProjector", "THead", "build_backbone", "convert_sync_batchnorm",
+           "load_teacher", "masked_pixel_loss", "momentum_schedule", "patchify", "save_backbone"]

@@ -15,6 +15,15 @@
   devices (e.g. ``meta``) it is ``sdpa``.
 
 ``$FASTKD_ATTENTION`` sets the backend used when none is given.
+
+:func:`vit_block_forward` runs a timm ViT ``Block`` through :func:`attention`, equal to timm's
+``Block.forward`` (pre-norm, layer scale, drop path, optional qk-norm, scale-norm and output gate)::
+
+    q, k, v = split(qkv(norm1(x)));  q, k = q_norm(q), k_norm(k)          # each [B, H, N, d]
+    x = x + drop_path1(ls1(proj(gate * norm(merge_heads(attention(q, k, v, scale=attn.scale))))))
+    x = x + drop_path2(ls2(mlp(norm2(x))))
+
+and also returns the ``(q, k)`` the attention consumed, for relation distillation.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
 
 from fastkd import measured_choice
 from fastkd.checks import check_choice, check_number
@@ -173,3 +184,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     name = resolve_backend(backend, q.device, q.dtype, tokens=k.shape[2], grad=grad)
     return _run_backend(name, q, k, v, scale, dropout_p)
+
+
+def check_vit_block(block: torch.nn.Module, index: int) -> None:
+    """Raise ``TypeError`` unless ``block`` is a timm ``Block`` with a timm ``Attention``."""
+    if not isinstance(block, Block) or not isinstance(block.attn, Attention):
+        raise TypeError(
+            f"block {index} is {type(block).__name__} with attention {type(getattr(block, 'attn', None)).__name__}; "
+            "fastkd supports timm VisionTransformer models built from timm Block + Attention"
+        )
+
+
+def vit_block_forward(block: Block, x: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(block(x), q, k)`` with attention through ``backend``; ``q, k`` are ``[B, H, N, d]``."""
+    attn, h = block.attn, block.norm1(x)
+    B, N, _ = h.shape
+    q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = attention(q, k, v, backend=backend, scale=attn.scale, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(h).sigmoid()
+    x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x, q, k

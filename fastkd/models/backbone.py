@@ -7,14 +7,10 @@ positional embedding ``pos``::
     tokens = cat(prefix + pos_prefix, gather(x_p + pos_patch, keep))       # keep [B, K]: visible patches only
     tokens = norm(blocks(norm_pre(tokens)))                                # -> Features.tokens [B, P+K, D]
 
-On images of another size than the ViT was built for (``dynamic_img_size=True``, e.g. multi-crop's
-local crops) ``pos_patch`` is resized to the image's patch grid: ``pos_embed_resize="timm"``
-(timm's antialiased bicubic resize, the default) or ``"dino"`` (DINO's and MOKD's bicubic
-interpolation by scale factor, no antialiasing: :func:`fastkd.models.position_embedding.resize_pos_embed_dino`).
-
-``gather`` is the fused ``fastkd.ops.gather_tokens(x_p, keep, pos_patch)``; the blocks then run on
-the ``P + K`` visible tokens only. ``backbone(x)`` is the CLS token of ``Features.tokens`` for ViTs
-and the globally average-pooled last stage for ResNets.
+``gather`` is the fused ``fastkd.ops.gather_tokens``. On images of another size (``dynamic_img_size=True``,
+multi-crop's local crops) ``pos_patch`` is resized to their grid: ``pos_embed_resize="timm"`` (timm's
+antialiased bicubic resize) or ``"dino"`` (:func:`fastkd.models.position_embedding.resize_pos_embed_dino`).
+``backbone(x)`` is the CLS token (ViT) or the average-pooled last stage (ResNet).
 """
 
 from __future__ import annotations
@@ -33,9 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 from fastkd import ops
 from fastkd.checks import check_bool, check_choice, check_number, check_str
-from fastkd.models.attention import check_backend, resolve_backend
+from fastkd.models.attention import check_backend, check_vit_block, resolve_backend, vit_block_forward
 from fastkd.models.position_embedding import resize_pos_embed_dino
-from fastkd.models.vit_block import check_vit_block, vit_block_forward
 
 
 POS_EMBED_RESIZES = ("timm", "dino")
@@ -43,13 +38,10 @@ POS_EMBED_RESIZES = ("timm", "dino")
 
 @dataclass
 class Features:
-    """Outputs of :meth:`Backbone.forward_features`.
-
-    ViT: ``tokens [B, P+K, D]`` (prefix tokens first, after the final norm), ``qk`` block index ->
-    ``(q, k)`` each ``[B, H, P+K, d]`` as the attention used them, ``layers`` block index -> that
-    block's output ``[B, P+K, D]`` (before the final norm). ResNet: ``pooled [B, C]`` and
-    ``feature_map [B, C, h, w]`` of the last stage.
-    """
+    """Outputs of :meth:`Backbone.forward_features`. ViT: ``tokens [B, P+K, D]`` (prefix tokens first,
+    after the final norm), ``qk`` block -> ``(q, k)`` each ``[B, H, P+K, d]`` as the attention used them,
+    ``layers`` block -> its output ``[B, P+K, D]`` (before the final norm). ResNet: ``pooled [B, C]`` and
+    ``feature_map [B, C, h, w]`` of the last stage."""
 
     tokens: torch.Tensor | None = None
     qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -61,6 +53,7 @@ class Features:
         """The same features with every floating-point tensor in ``dtype`` (others unchanged)."""
         def cast(t):
             return t.to(dtype) if t is not None and t.is_floating_point() else t
+
         return Features(tokens=cast(self.tokens), qk={i: (cast(q), cast(k)) for i, (q, k) in self.qk.items()},
                         layers={i: cast(t) for i, t in self.layers.items()}, pooled=cast(self.pooled),
                         feature_map=cast(self.feature_map))
@@ -106,19 +99,11 @@ class Backbone(nn.Module):
         features = self.forward_features(x)
         return features.tokens[:, 0] if self.is_vit else features.pooled
 
-    def forward_features(
-        self,
-        x: torch.Tensor,
-        *,
-        keep: torch.Tensor | None = None,
-        return_qk: Iterable[int] = (),
-        return_layers: Iterable[int] = (),
-    ) -> Features:
-        """Run the backbone on images ``x [B, C, H, W]``; see :class:`Features` and the module doc.
-
-        ``keep [B, K]`` int64 indexes patch tokens (``0 <= keep < num_patches``) to keep; ``return_qk``
-        and ``return_layers`` are block indices (negative ones count from the end; keys are >= 0).
-        """
+    def forward_features(self, x: torch.Tensor, *, keep: torch.Tensor | None = None, return_qk: Iterable[int] = (),
+                         return_layers: Iterable[int] = ()) -> Features:
+        """Run the backbone on images ``x [B, C, H, W]`` (:class:`Features`, the module doc). ``keep [B, K]``
+        int64 indexes the patch tokens to keep; ``return_qk`` and ``return_layers`` are block indices
+        (negative ones count from the end; keys are >= 0)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"x must be an image batch [B, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
         qk_blocks = tuple(sorted(self._block_indices(return_qk, "return_qk")))
@@ -148,11 +133,6 @@ class Backbone(nn.Module):
         own = types.FunctionType(shared.__code__.replace(), shared.__globals__, shared.__name__,
                                  shared.__defaults__, shared.__closure__)
         self.__dict__["_compiled_features_pass"] = torch.compile(own, **compile_kwargs)
-
-    @property
-    def compiled(self) -> bool:
-        """Whether :meth:`compile` was called."""
-        return "_compiled_features_pass" in self.__dict__
 
     def _features_pass(self, x: torch.Tensor, keep: torch.Tensor | None, qk_blocks: tuple[int, ...],
                        layer_blocks: tuple[int, ...]) -> tuple:

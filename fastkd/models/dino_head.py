@@ -1,10 +1,12 @@
-"""DINO projection head (used by MOKD on the pooled feature / CLS token)::
+"""DINO projection head (used by MOKD on the pooled feature / CLS token) and its last layer::
 
     z = W_3 GELU(W_2 GELU(W_1 x))                 # MLP in_dim -> hidden -> hidden -> bottleneck
     logits = WeightNormLinear(z / ||z||_2)        # bottleneck -> out_dim, weight-normalised
 
-With ``norm_last_layer=True`` the weight-norm gain is frozen at 1. ``cancel_last_layer_grad()``
-drops the last layer's gradients (DINO's freeze of the last layer during the first epoch).
+``WeightNormLinear``: ``y = x @ (g * v / ||v||_row).T`` with direction ``v [out, in]`` and per-row gain
+``g [out, 1]`` (``weight_v`` / ``weight_g`` as in DINO's checkpoints); ``fix_gain=True`` (DINO's
+``norm_last_layer``) keeps ``g = 1`` frozen. ``cancel_last_layer_grad()`` drops the last layer's
+gradients (DINO's freeze of the last layer during the first epoch).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastkd.checks import check_positive_ints, check_shape
-from fastkd.models.weight_norm_linear import WeightNormLinear
 
 
 def init_linear(module: nn.Module) -> None:
@@ -23,6 +24,29 @@ def init_linear(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+class WeightNormLinear(nn.Module):
+    """``F.linear(x, weight_g * weight_v / weight_v.norm(dim=1, keepdim=True))``, no bias."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, fix_gain: bool = True):
+        super().__init__()
+        check_positive_ints(in_dim=in_dim, out_dim=out_dim)
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fix_gain)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def cancel_grad(self) -> None:
+        """Drop this layer's gradients (DINO freezes the last layer for the first epoch(s))."""
+        self.weight_v.grad = None
+        self.weight_g.grad = None
 
 
 class DINOHead(nn.Module):

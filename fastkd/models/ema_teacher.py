@@ -27,27 +27,19 @@ def momentum_schedule(step: int, total: int, base: float) -> float:
 
 
 class EMATeacher(nn.Module):
-    """A frozen copy of ``student_module`` (``.module``) that follows it by EMA.
+    """A frozen copy of ``student_module`` (``.module``) that follows it by EMA: ``update(m)`` moves every
+    teacher parameter ``p_t <- m * p_t + (1 - m) * p_s`` in one :func:`fastkd.ops.ema_` pass. The student
+    is referenced, not registered (it appears once in the owner's ``state_dict``).
 
-    ``update(m)``: every teacher parameter ``p_t <- m * p_t + (1 - m) * p_s`` in one
-    :func:`fastkd.ops.ema_` pass. The student is referenced, not registered, so it appears once in
-    the owner's ``state_dict``.
+    The teacher runs in eval mode whatever its owner's ``train()`` asks (no dropout, drop-path or
+    other train-only randomness); only its BatchNorm layers follow the owner's mode, by ``bn_stats``:
 
-    **Mode.** The teacher runs in eval mode whatever its owner's ``train()`` asks: dropout,
-    drop-path (stochastic depth) and every other train-only randomness are off, so its targets are
-    a deterministic function of the input and of its weights. Only its BatchNorm layers follow the
-    owner's mode, by ``bn_stats``:
-
-    - ``"batch"`` (default, the official code): in training the teacher's BatchNorm normalises with
-      the batch statistics of the teacher's own activations and its running statistics are its own,
-      updated by its own forward passes (BatchNorm's usual running average); they are never copied
-      from the student. This is what MoCo v3 (``moco/builder.py``: ``_update_momentum_encoder``
-      moves ``parameters()`` only; ``main_moco.py`` calls ``model.train()``, which puts the
-      momentum encoder in train mode) and DINO (``main_dino.py``: the teacher is never put in
-      eval mode; its EMA loops over ``parameters()``; it is built without drop-path) do.
-    - ``"ema"``: the teacher's BatchNorm layers are in eval mode too (they normalise with running
-      statistics), and ``update(m)`` moves ``running_mean`` / ``running_var`` by the same EMA
-      towards the student's (``num_batches_tracked`` is copied).
+    - ``"batch"`` (default, the official code): in training the teacher's BatchNorm uses the batch
+      statistics of its own activations and keeps its own running statistics, never copied from the
+      student (MoCo v3's ``_update_momentum_encoder`` moves ``parameters()`` only and the momentum
+      encoder trains in train mode; DINO's teacher is never put in eval mode);
+    - ``"ema"``: BatchNorm in eval mode too, and ``update(m)`` moves ``running_mean`` / ``running_var``
+      by the same EMA towards the student's (``num_batches_tracked`` is copied).
 
     Other buffers (none in fastkd's models) are copied from the student at each update.
     """
@@ -98,19 +90,17 @@ class EMATeacher(nn.Module):
         if teacher_params.keys() != student_params.keys():
             missing = sorted(student_params.keys() - teacher_params.keys())
             extra = sorted(teacher_params.keys() - student_params.keys())
-            raise ValueError(f"EMATeacher.update: parameters differ: only in student {missing}, only in teacher {extra}")
+            raise ValueError(f"EMATeacher.update: parameters differ: only in student {missing}, "
+                             f"only in teacher {extra}")
         return list(teacher_params.values()), [student_params[n] for n in teacher_params]
 
     @torch.no_grad()
     def update(self, momentum: float, return_gap: bool = False,
                skip: torch.Tensor | None = None) -> EMAGap | torch.Tensor | None:
         """EMA step over parameters (matched by name) and the buffers by ``bn_stats``; returns the
-        parameter-space gap measured before the update when ``return_gap``.
-
-        ``skip`` (a 0-dim 0/1 device tensor, the trainer's ``found_inf``): the update is decided on
-        the device (:func:`fastkd.ops.ema_unless_`): with ``skip = 1`` teacher parameters and
-        buffers stay exactly as they were; the gap then comes back as a ``[4]`` float64 device
-        tensor (no host read)."""
+        parameter gap measured before the update when ``return_gap``. ``skip`` (a 0-dim 0/1 device
+        tensor, the trainer's ``found_inf``) decides on the device (:func:`fastkd.ops.ema_unless_`):
+        with ``skip = 1`` nothing changes; the gap is then a ``[4]`` float64 device tensor."""
         def average(teacher: list, student: list, gap: bool = False):
             if skip is None:
                 return ema_(teacher, student, momentum, return_gap=gap)

@@ -1,15 +1,13 @@
-"""MAE decoder, ``patchify`` and the normalised-pixel reconstruction loss.
-
-Decoder, for encoder tokens ``e [B, P+K, E]`` of the visible patches ``keep [B, K]``::
+"""MAE decoder, ``patchify`` and the normalised-pixel reconstruction loss. For encoder tokens
+``e [B, P+K, E]`` of the visible patches ``keep [B, K]``::
 
     h = Linear_E->D(e)
     full = mask_token.expand(B, N, D); full[b, keep[b, j]] = h[b, P + j]     # unshuffle by scatter
     x = cat(h[:, :P], full) + sincos_pos          # MAE's fixed 2-D sin-cos (column first), 0 for prefix
     pred = Linear_D->p*p*C(LayerNorm(blocks(x)))[:, P:]                      # [B, N, p*p*C]
 
-Loss (MAE, ``norm_pix=True``): per patch ``t = (patchify(img) - mean) / sqrt(var + 1e-6)``
-(unbiased var over the patch's pixels), ``loss = sum_masked mean((pred - t)^2) / #masked``,
-where the masked patches are those not in ``keep``.
+Loss (``norm_pix=True``): per patch ``t = (patchify(img) - mean) / sqrt(var + 1e-6)`` (unbiased var),
+``loss = sum_masked mean((pred - t)^2) / #masked``, the masked patches being those not in ``keep``.
 """
 
 from __future__ import annotations
@@ -21,9 +19,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from fastkd.checks import check_number, check_positive_ints, check_shape
-from fastkd.models.attention import check_backend, resolve_backend
+from fastkd.models.attention import check_backend, resolve_backend, vit_block_forward
 from fastkd.models.position_embedding import sincos_2d_pos_embed
-from fastkd.models.vit_block import vit_block_forward
 
 
 # The decoder's LayerNorm, in its blocks and at its end: eps 1e-6, as the official MAE decoder (models_mae.py).

@@ -7,11 +7,8 @@ the last, and with ``last_bn`` a final ``BatchNorm1d(affine=False)``::
     predictor(x) = BN_noaffine(W_2 ReLU(BN(W_1 x)))     # last_bn=True: MoCo v3's ViT predictor (default)
     predictor(x) = W_2 ReLU(BN(W_1 x))                  # last_bn=False: MoCo v3's ResNet predictor
 
-(MoCo v3's ``moco/builder.py``: ``MoCo_ViT`` builds its predictor with ``_build_mlp(2, dim, mlp_dim, dim)``,
-whose ``last_bn`` defaults to True; ``MoCo_ResNet`` passes ``last_bn=False``.)
-
-Module indices inside ``.mlp`` match MoCo v3's ``_build_mlp`` (``head.0.weight`` ... ``head.7.running_mean``
-for the 3-layer ViT projector), so official projector weights load by renaming ``head.`` -> ``mlp.``.
+Module indices inside ``.mlp`` match MoCo v3's ``_build_mlp`` (``moco/builder.py``), so official
+projector weights load by renaming ``head.`` -> ``mlp.``.
 """
 
 from __future__ import annotations

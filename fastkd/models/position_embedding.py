@@ -6,16 +6,11 @@ Sin-cos, for the patch at grid row ``r`` and column ``c`` of an ``H x W`` grid a
     pos[r * W + c] = cat(sin(r omega), cos(r omega), sin(c omega), cos(c omega))   # rows first (MoCo v3)
     pos[r * W + c] = cat(sin(c omega), cos(c omega), sin(r omega), cos(r omega))   # columns first (MAE)
 
-and 0 for the prefix tokens (CLS, registers) that carry a position embedding. MoCo v3's
-``build_2d_sincos_position_embedding`` (``vits.py``) puts the row coordinate first (its
-``torch.meshgrid`` indexes ``ij``); MAE's ``get_2d_sincos_pos_embed`` (``util/pos_embed.py``) puts
-the column first (``np.meshgrid`` indexes ``xy``). Set on a ViT, the embedding is a frozen
-parameter (``requires_grad=False``): it keeps its name in state dicts but is never trained.
+and 0 for the prefix tokens. Set on a ViT, the embedding is a frozen parameter (``requires_grad=False``).
 
-DINO's resize (:func:`resize_pos_embed_dino`, also the official MOKD code's): bicubic
-``F.interpolate`` of the ``[gh, gw]`` grid with *scale factors* ``(h + 0.1) / gh`` and
-``(w + 0.1) / gw``, no antialiasing; the factors set the sampling positions, so the result differs
-from a resize to the size ``(h, w)`` (timm's ``resample_abs_pos_embed``, antialiased by default).
+DINO's resize (:func:`resize_pos_embed_dino`, also MOKD's): bicubic ``F.interpolate`` of the
+``[gh, gw]`` grid with *scale factors* ``(h + 0.1) / gh`` and ``(w + 0.1) / gw``, no antialiasing
+(unlike timm's ``resample_abs_pos_embed`` to the size ``(h, w)``).
 """
 
 from __future__ import annotations
@@ -26,6 +21,14 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from fastkd.checks import check_positive_ints
+
+
+def vit_of(model: nn.Module, purpose: str) -> VisionTransformer:
+    """The timm ``VisionTransformer`` ``model`` is (or a fastkd ``Backbone`` holds); ``TypeError`` otherwise."""
+    vit = getattr(model, "model", model)
+    if not isinstance(vit, VisionTransformer):
+        raise TypeError(f"{purpose} needs a timm VisionTransformer, got {type(vit).__name__}")
+    return vit
 
 
 def sincos_2d_pos_embed(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0, *,
@@ -48,9 +51,7 @@ def set_sincos_pos_embed(model: nn.Module, temperature: float = 10000.0, *, colu
     """Replace the learned position embedding of the timm ``VisionTransformer`` ``model`` (or a
     fastkd ``Backbone`` over one) by the fixed 2-D sin-cos embedding, frozen (MoCo v3's order;
     MAE's with ``columns_first``)."""
-    vit = getattr(model, "model", model)
-    if not isinstance(vit, VisionTransformer):
-        raise TypeError(f"the sin-cos position embedding needs a timm VisionTransformer, got {type(vit).__name__}")
+    vit = vit_of(model, "the sin-cos position embedding")
     if vit.pos_embed is None:
         raise ValueError("this ViT has no absolute position embedding to replace (pos_embed is None)")
     grid_h, grid_w = vit.patch_embed.grid_size

@@ -1,22 +1,16 @@
 """MOKD's T-head: a small transformer over patch tokens with a learnable positional embedding and
 an optional prepended query token::
 
-    t = adapter(tokens)                  # Linear in_dim -> dim (identity if equal), or for ResNet maps
-                                         # a 1x1 Conv2d in_dim -> dim then flatten to [B, h*w, dim]
+    t = adapter(tokens)                  # Linear in_dim -> dim (identity if equal); for ResNet maps a
+                                         # 1x1 Conv2d in_dim -> dim, flattened to [B, h*w, dim]
     m = mean(t)                          # the pooled adapter output (MOKD's CNN search query)
-    t = t + pos(h, w)                    # pos_embed [1, gh*gw, dim] (``pos_grid``), bicubically
-                                         # resized to the input's h x w grid when that differs
+    t = t + pos(h, w)                    # pos_embed [1, gh*gw, dim], DINO-resized to the input's grid
     t = cat(query, t) if query given     # query [B, dim]: a (detached) representation from the other model
-    t = LayerNorm(blocks(t))             # ``depth`` timm ViT blocks (LayerNorm eps 1e-6), attention via
-                                         # fastkd.models.attention
+    t = LayerNorm(blocks(t))             # ``depth`` timm ViT blocks (LayerNorm eps 1e-6)
     e = mean(t[:, 1:] if query else t)   # embed(): [B, dim]
-    logits = WeightNormLinear(e)         # forward(): [B, out_dim]
+    logits = WeightNormLinear(e)         # forward(): [B, out_dim], no l2 normalisation, trainable gain
 
-As in the official MOKD code (``backbones/vision_transformer.py``: ``THead_CNN`` / ``THead_ViT``):
-the positional embedding (trunc-normal std 0.02) is resized with DINO's bicubic interpolation
-(scale factor ``(h + 0.1) / gh``) for the smaller maps of local crops, the mean-pooled tokens go
-to the weight-normalised last layer without l2 normalisation, and its gain is trainable
-(``norm_last_layer=False``); ``pos_grid=None``: no positional embedding.
+as the official MOKD code's ``THead_CNN`` / ``THead_ViT``; ``pos_grid=None``: no positional embedding.
 """
 
 from __future__ import annotations
@@ -30,11 +24,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from fastkd.checks import check_bool, check_choice, check_positive_ints, check_shape
-from fastkd.models.attention import check_backend, resolve_backend
-from fastkd.models.dino_head import init_linear
+from fastkd.models.attention import check_backend, resolve_backend, vit_block_forward
+from fastkd.models.dino_head import WeightNormLinear, init_linear
 from fastkd.models.position_embedding import resize_pos_embed_dino
-from fastkd.models.vit_block import vit_block_forward
-from fastkd.models.weight_norm_linear import WeightNormLinear
 
 INPUT_KINDS = ("tokens", "feature_map")
 

@@ -3,42 +3,30 @@ fastkd's own format) and saving backbones in fastkd's format. The one home of th
 
 Formats (``format="auto"`` detects them in this order):
 
-- ``fastkd`` (:data:`FASTKD_FORMAT`): written by :func:`save_backbone`: ``{"format": "fastkd", "version", "arch",
-  "timm_kwargs", "state_dict"}`` with timm parameter names;
+- ``fastkd`` (:data:`FASTKD_FORMAT`, written by :func:`save_backbone`): ``{"format": "fastkd", "version",
+  "arch", "timm_kwargs", "state_dict"}`` with timm parameter names;
 - ``mocov3``: ``{"state_dict": {"module.base_encoder.<timm name>", "module.momentum_encoder.<timm name>",
-  "module.predictor.*"}, ...}``; ``encoder`` picks ``base`` (default) or ``momentum``; the projector
-  (``head.*`` for ViTs, ``fc.*`` for ResNets) and the predictor are ignored. MoCo v3's ViT-S has
-  12 heads where timm's has 6: build it with ``num_heads=12`` (a file loaded into a backbone of
-  another head count is refused, see :data:`OFFICIAL_HEADS`);
-- ``clip``: an OpenAI CLIP / open_clip ViT image tower: a flat state dict ``{"visual.conv1.weight",
-  "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.*",
-  "visual.transformer.resblocks.<i>.{ln_1, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj,
-  ln_2, mlp.c_fc, mlp.c_proj}.*", "visual.ln_post.*", "visual.proj", <text tower>}``, the same under
-  ``"state_dict"`` (open_clip training checkpoints, keys possibly prefixed ``module.``), or the image
-  tower alone without the ``visual.`` prefix. Keys outside the image tower (text tower,
-  ``logit_scale``) are ignored. timm's converter renames the tower (``ln_pre`` -> ``norm_pre``,
-  ``ln_post`` -> ``norm``, ``visual.proj`` -> ``head``); the projection is dropped like a classifier
-  (fastkd backbones have ``num_classes=0``): teachers give the tokens after ``ln_post`` (timm's final
-  ``norm``), before the projection. Build the matching timm CLIP arch: ``pre_norm`` (``ln_pre``, no
-  patch-embedding bias) comes with the ``*_clip_*`` names, and OpenAI's weights need QuickGELU, which
-  the keys cannot reveal: e.g. ``vit_base_patch16_clip_quickgelu_224`` for OpenAI ViT-B/16 (or
-  ``act_layer="quick_gelu"``), ``vit_base_patch16_clip_224`` for open_clip's GELU towers. OpenAI's
-  original ``.pt`` files are TorchScript archives, which are not read: save ``model.state_dict()``
-  with ``torch.save`` and load that file;
-- ``mae``: ``{"model": {<timm name>, "decoder_*", "mask_token"}, ...}``; decoder keys are ignored.
-  MAE's encoder-only releases (``mae_pretrain_vit_*.pth``) have no decoder keys: they detect as
-  ``deit`` (same tensors) and ``format="mae"`` reads them too;
-- ``deit``: DeiT / timm training checkpoints ``{"model": {<timm name>}, "optimizer", "epoch", ...}``
-  without MAE decoder keys; the classifiers ``head.*`` and ``head_dist.*`` are ignored. A distilled
-  DeiT's ``dist_token`` (CLS, distillation token, patches, a positional embedding for each) loads
-  into the plain ViT arch built with ``reg_tokens=1`` as its register token: timm's
-  ``deit_*_distilled_*`` archs override the token embedding and are not fastkd backbones;
-- ``timm``: a flat ``{<timm name>: tensor}`` state dict; the classifier is ignored (and a
-  ``dist_token`` loads as for ``deit``).
+  "module.predictor.*"}}``; ``encoder`` picks ``base`` (default) or ``momentum``; projector and predictor
+  are ignored. MoCo v3's ViT-S has 12 heads where timm's has 6: build it with ``num_heads=12`` (another
+  head count is refused, see :data:`OFFICIAL_HEADS`);
+- ``clip``: an OpenAI CLIP / open_clip ViT image tower (``visual.conv1.weight``, ``visual.class_embedding``,
+  ``visual.transformer.resblocks.<i>.*``, ``visual.ln_post.*``, ``visual.proj``, ...), flat, under
+  ``"state_dict"`` (keys possibly prefixed ``module.``) or saved alone without ``visual.``; the text tower
+  is ignored. timm's converter renames the tower; the projection is dropped like a classifier (teachers
+  give the tokens after ``ln_post``). Build the matching timm CLIP arch (``*_clip_*``, with
+  ``*_quickgelu_*`` or ``act_layer="quick_gelu"`` for OpenAI's weights). OpenAI's original ``.pt`` files
+  are TorchScript archives, which are not read: ``torch.save`` their ``state_dict()`` and load that;
+- ``mae``: ``{"model": {<timm name>, "decoder_*", "mask_token"}}``; decoder keys are ignored. MAE's
+  encoder-only releases have no decoder keys: they detect as ``deit`` and ``format="mae"`` reads them too;
+- ``deit``: DeiT / timm training checkpoints ``{"model": {<timm name>}, "optimizer", "epoch", ...}``; the
+  classifiers ``head.*`` / ``head_dist.*`` are ignored. A distilled DeiT's ``dist_token`` loads into the
+  plain ViT built with ``reg_tokens=1`` as its register token (the same token layout);
+- ``timm``: a flat ``{<timm name>: tensor}`` state dict; the classifier is ignored (``dist_token`` as for
+  ``deit``).
 
-Files are read with ``torch.load(weights_only=True)``. A positional embedding whose grid differs
-from the model's is resampled (bicubic, prefix tokens kept). Every backbone key must be matched:
-otherwise :class:`CheckpointError` lists the missing / unexpected / mismatched keys and the format.
+Files are read with ``torch.load(weights_only=True)``. A positional embedding of another grid is
+resampled (bicubic, prefix tokens kept). Every backbone key must match: otherwise
+:class:`CheckpointError` lists the missing / unexpected / mismatched keys and the format.
 """
 
 from __future__ import annotations
@@ -90,11 +78,10 @@ def _check_path(path: object) -> None:
 def _read(path: str | os.PathLike) -> dict:
     _check_path(path)
     if _is_torchscript(path):  # a missing file is not one: read_torch_file raises FileNotFoundError
-        raise CheckpointError(
-            f"{os.fspath(path)!r} is a TorchScript archive (such as OpenAI CLIP's original .pt files), which "
-            "fastkd does not read because loading it runs code from the file: load it with torch.jit.load where "
-            "you trust it, torch.save(model.state_dict(), ...) and pass that file"
-        )
+        raise CheckpointError(f"{os.fspath(path)!r} is a TorchScript archive (such as OpenAI CLIP's original .pt "
+                              "files), which fastkd does not read because loading it runs code from the file: load "
+                              "it with torch.jit.load where you trust it, torch.save(model.state_dict(), ...) and "
+                              "pass that file")
     try:
         obj = read_torch_file(path, safe_globals=(argparse.Namespace,))
     except UnreadableFileError as error:
@@ -266,17 +253,9 @@ def _is_timm_vit(arch: str) -> bool:
     )
 
 
-def load_teacher(
-    arch: str,
-    path: str | os.PathLike,
-    format: str = "auto",
-    encoder: str = "base",
-    *,
-    attention: str | None = None,
-    checkpointing: bool = False,
-    frozen: bool = True,
-    **timm_kwargs,
-) -> Backbone:
+def load_teacher(arch: str, path: str | os.PathLike, format: str = "auto", encoder: str = "base", *,
+                 attention: str | None = None, checkpointing: bool = False, frozen: bool = True,
+                 **timm_kwargs) -> Backbone:
     """Build ``build_backbone(arch, **timm_kwargs)`` and load the checkpoint at ``path`` into it.
 
     Returns the backbone frozen (``requires_grad=False``, eval mode) unless ``frozen=False``.
