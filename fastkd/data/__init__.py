@@ -10,24 +10,7 @@ from .scan import ScanResult, scan_dataset
 from .sharding import num_batches, shard_batches
 
 __all__ = [
-    "Batch",
-    "ColorJitter",
-    "ImageList",
-    "Recipe",
-    "SAMPLE_CLASSES",
-    "ScanResult",
-    "ViewSpec",
-    "build_loader",
-    "build_recipe",
-    "dali_available",
-    "file_list",
-    "image_folder",
-    "load_images",
-    "num_batches",
-    "read_exclusions",
-    "recipe_names",
-    "register_recipe",
-    "scan_dataset",
-    "shard_batches",
-    "write_sample_dataset",
+    "Batch", "ColorJitter", "ImageList", "Recipe", "SAMPLE_CLASSES", "ScanResult", "ViewSpec", "build_loader",
+    "build_recipe", "dali_available", "file_list", "image_folder", "load_images", "num_batches", "read_exclusions",
+    "recipe_names", "register_recipe", "scan_dataset", "shard_batches", "write_sample_dataset",
 ]

@@ -15,3 +15,8 @@ class Batch(NamedTuple):
     views: list[torch.Tensor]
     labels: torch.Tensor
     indices: torch.Tensor
+
+    def to(self, device: torch.device) -> "Batch":
+        """The batch on ``device`` (copies issued ``non_blocking``)."""
+        return Batch([view.to(device, non_blocking=True) for view in self.views],
+                     self.labels.to(device, non_blocking=True), self.indices.to(device, non_blocking=True))

@@ -102,7 +102,7 @@ class DaliViewLoader:
                 views = [_to_torch(out, self.device) for out in outputs]
                 index = torch.tensor(batch, dtype=torch.int64)
                 labels = torch.tensor([self.images.labels[i] for i in batch], dtype=torch.int64)
-                yield Batch(views, labels.to(self.device), index.to(self.device))
+                yield Batch(views, labels, index).to(self.device)
         finally:
             if not finished:  # abandoned or failed mid-epoch: the next epoch needs a fresh pipeline
                 self._pipe = None

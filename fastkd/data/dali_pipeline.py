@@ -53,10 +53,6 @@ def _colour(image, spec: ViewSpec):
     return fn.color_twist(image, saturation=saturation, **kwargs)
 
 
-def _blur(image, spec: ViewSpec):
-    return fn.gaussian_blur(image, sigma=_uniform(*spec.blur_sigma))
-
-
 def _solarize(image):
     return fn.lookup_table(image, keys=list(range(256)), values=_SOLARIZE_TABLE, dtype=types.UINT8)
 
@@ -69,47 +65,27 @@ def _view(encoded, decoded, spec: ViewSpec, decode_device: str, fused_crop: bool
         image = fn.resize(decoded, resize_shorter=spec.resize, interp_type=interp, antialias=True)
         crop = (spec.size, spec.size)
     elif fused_crop:
-        image = fn.decoders.image_random_crop(
-            encoded, device=decode_device, output_type=types.RGB, random_area=spec.scale, random_aspect_ratio=spec.ratio
-        )
+        image = fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
+                                              random_area=spec.scale, random_aspect_ratio=spec.ratio)
         image = fn.resize(image, size=(spec.size, spec.size), interp_type=interp, antialias=True)
     else:
-        image = fn.random_resized_crop(
-            decoded, size=(spec.size, spec.size), random_area=spec.scale, random_aspect_ratio=spec.ratio,
-            interp_type=interp, antialias=True,
-        )
+        image = fn.random_resized_crop(decoded, size=(spec.size, spec.size), random_area=spec.scale,
+                                       random_aspect_ratio=spec.ratio, interp_type=interp, antialias=True)
     image = _colour(image, spec)
-    if spec.blur_p >= 1.0:
-        image = _blur(image, spec)
-    elif spec.blur_p > 0:
-        if _coin(spec.blur_p):
-            image = _blur(image, spec)
-    if spec.solarize_p >= 1.0:
-        image = _solarize(image)
-    elif spec.solarize_p > 0:
-        if _coin(spec.solarize_p):
-            image = _solarize(image)
-    return fn.crop_mirror_normalize(
-        image,
-        dtype=types.FLOAT,
-        output_layout="CHW",
-        crop=crop,
-        mean=[255.0 * m for m in IMAGENET_MEAN],
-        std=[255.0 * s for s in IMAGENET_STD],
-        mirror=fn.random.coin_flip(probability=spec.flip_p) if spec.flip_p > 0 else 0,
-    )
+    for p, op in ((spec.blur_p, lambda x: fn.gaussian_blur(x, sigma=_uniform(*spec.blur_sigma))),
+                  (spec.solarize_p, _solarize)):
+        if p >= 1.0:
+            image = op(image)
+        elif p > 0:
+            if _coin(p):  # a DALI conditional: per sample
+                image = op(image)
+    return fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW", crop=crop,
+                                    mean=[255.0 * m for m in IMAGENET_MEAN], std=[255.0 * s for s in IMAGENET_STD],
+                                    mirror=fn.random.coin_flip(probability=spec.flip_p) if spec.flip_p > 0 else 0)
 
 
-def build_dali_pipeline(
-    recipe: Recipe,
-    source,
-    *,
-    batch_size: int,
-    num_threads: int,
-    device_id: int | None,
-    seed: int,
-    prefetch: int = 2,
-) -> Pipeline:
+def build_dali_pipeline(recipe: Recipe, source, *, batch_size: int, num_threads: int, device_id: int | None,
+                        seed: int, prefetch: int = 2) -> Pipeline:
     """Unbuilt pipeline whose outputs are ``recipe``'s views, each a batch of ``[3, H, W]`` float32.
 
     ``source`` is an iterable yielding, per batch, a list of 1-D uint8 arrays (encoded files) and
@@ -127,11 +103,5 @@ def build_dali_pipeline(
         decoded = None if fused_crop else fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
         return tuple(_view(encoded, decoded, spec, decode_device, fused_crop) for spec in recipe.views)
 
-    pipe = views_graph(
-        batch_size=batch_size,
-        num_threads=num_threads,
-        device_id=device_id,
-        seed=seed % 2**31,
-        prefetch_queue_depth=prefetch,
-    )
-    return pipe
+    return views_graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed % 2**31,
+                       prefetch_queue_depth=prefetch)

@@ -35,39 +35,21 @@ def dali_available() -> bool:
     return importlib.util.find_spec("nvidia.dali") is not None
 
 
-def build_loader(
-    source,
-    recipe,
-    *,
-    batch_size: int,
-    backend: str = "auto",
-    device: str | torch.device = "cpu",
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    drop_last: bool = True,
-    num_workers: int = 2,
-    exclude: str | os.PathLike | Iterable[str] | None = None,
-    shuffle: bool | None = None,
-    skip_bad_images: bool = False,
-    **recipe_overrides,
-):
+def build_loader(source, recipe, *, batch_size: int, backend: str = "auto", device: str | torch.device = "cpu",
+                 rank: int = 0, world_size: int = 1, seed: int = 0, drop_last: bool = True, num_workers: int = 2,
+                 exclude: str | os.PathLike | Iterable[str] | None = None, shuffle: bool | None = None,
+                 skip_bad_images: bool = False, **recipe_overrides):
     """Iterable of :class:`fastkd.data.Batch` (views normalised float ``[B, 3, H, W]`` on ``device``)
-    over rank ``rank``'s shard of ``source``, with ``len()``, ``set_epoch(epoch)`` and ``close()``
-    (stops worker processes or threads now; the next iteration starts them again).
+    over rank ``rank``'s shard of ``source`` (sharding and ``drop_last``: see ``sharding.py``), with
+    ``len()``, ``set_epoch(epoch)`` and ``close()`` (stops workers or threads until the next iteration).
 
-    ``source``: ImageFolder root, ``<path> <label>`` file list, or ``ImageList``; ``recipe``: a
-    registered recipe name (``mocov3``, ``dino_multicrop``, ``mae``, ``eval``; ``recipe_overrides``
-    are its keyword parameters) or a ``Recipe``. ``backend``: ``dali`` (GPU pipeline with ``mixed``
-    decoding when ``device`` is CUDA, CPU-only pipeline otherwise), ``dali_cpu`` (CPU-only pipeline
-    whatever the device), ``torch`` (DataLoader + PIL), ``auto`` (``dali`` when installed, else
-    ``torch``). ``num_workers``: DataLoader workers or DALI CPU threads. ``shuffle`` defaults to
-    the recipe's (``eval`` keeps file order). Sharding and ``drop_last``: see ``sharding.py``.
-
-    ``skip_bad_images``: an undecodable image is dropped from its batch (counted in the loader's
-    ``skipped_images``, a warning names it once) instead of raising ``BadImageError``; a batch
-    left empty is not yielded. Torch backend only (``auto`` then means ``torch``).
-    """
+    ``source``: ImageFolder root, ``<path> <label>`` file list or ``ImageList``, minus ``exclude``;
+    ``recipe``: a registered name (``recipe_overrides`` are its keyword parameters) or a ``Recipe``;
+    ``shuffle`` defaults to the recipe's. ``backend``: ``dali`` (``mixed`` decoding on a CUDA
+    ``device``, else the CPU-only pipeline), ``dali_cpu`` (CPU-only pipeline), ``torch`` (DataLoader +
+    PIL), ``auto`` (``dali`` when installed, else ``torch``); ``num_workers``: DataLoader workers or
+    DALI threads. ``skip_bad_images`` (torch backend only): an undecodable image is dropped from its
+    batch (counted in ``skipped_images``, named in a warning once) instead of raising ``BadImageError``."""
     check_loader_options(backend=backend, batch_size=batch_size, num_workers=num_workers,
                          skip_bad_images=skip_bad_images)
     check_number("world_size", world_size, low=1, integer=True)

@@ -41,11 +41,6 @@ def _check_range(name: str, value, low: float, high: float) -> tuple[float, floa
     return float(value[0]), float(value[1])
 
 
-def _check_probability(name: str, value) -> float:
-    check_number(f"{name} (a probability)", value, low=0.0, high=1.0)
-    return float(value)
-
-
 @dataclass(frozen=True)
 class ColorJitter:
     """Colour jitter applied with probability ``p`` (torchvision ``ColorJitter`` strengths)."""
@@ -60,7 +55,7 @@ class ColorJitter:
         for name in ("brightness", "contrast", "saturation"):
             check_number(f"ColorJitter.{name}", getattr(self, name), low=0.0, high=1.0, high_open=True)
         check_number("ColorJitter.hue", self.hue, low=0.0, high=0.5)
-        _check_probability("ColorJitter.p", self.p)
+        check_number("ColorJitter.p (a probability)", self.p, low=0.0, high=1.0)
 
 
 @dataclass(frozen=True)
@@ -93,7 +88,7 @@ class ViewSpec:
         check_choice("ViewSpec.interpolation", self.interpolation, INTERPOLATIONS)
         check_instance("ViewSpec.jitter", self.jitter, (ColorJitter, type(None)), "a ColorJitter or None")
         for name in ("flip_p", "grayscale_p", "blur_p", "solarize_p"):
-            _check_probability(f"ViewSpec.{name}", getattr(self, name))
+            check_number(f"ViewSpec.{name} (a probability)", getattr(self, name), low=0.0, high=1.0)
 
 
 @dataclass(frozen=True)
@@ -146,10 +141,8 @@ def build_recipe(name: str | Recipe, **overrides) -> Recipe:
 
 def _mocov3_view(size: int, scale, blur_p: float, solarize_p: float, blur: bool = True,
                  interpolation: str = "bilinear") -> ViewSpec:
-    return ViewSpec(
-        size=size, scale=tuple(scale), interpolation=interpolation, jitter=ColorJitter(), grayscale_p=0.2,
-        blur_p=blur_p if blur else 0.0, solarize_p=solarize_p,
-    )
+    return ViewSpec(size=size, scale=tuple(scale), interpolation=interpolation, jitter=ColorJitter(), grayscale_p=0.2,
+                    blur_p=blur_p if blur else 0.0, solarize_p=solarize_p)
 
 
 @register_recipe("mocov3")
@@ -159,22 +152,13 @@ def mocov3(size: int = 224, scale=(0.08, 1.0), blur: bool = True, interpolation:
     and wipes out the detail of a 32 px one). ``interpolation`` of the random resized crop:
     bilinear by default, as MoCo v3's ``main_moco.py`` (torchvision's default)."""
     check_bool("blur", blur)  # the views check the rest
-    return Recipe(
-        "mocov3", (_mocov3_view(size, scale, 1.0, 0.0, blur, interpolation),
-                   _mocov3_view(size, scale, 0.1, 0.2, blur, interpolation))
-    )
+    return Recipe("mocov3", (_mocov3_view(size, scale, 1.0, 0.0, blur, interpolation),
+                             _mocov3_view(size, scale, 0.1, 0.2, blur, interpolation)))
 
 
 @register_recipe("dino_multicrop")
-def dino_multicrop(
-    global_size: int = 224,
-    global_scale=(0.25, 1.0),
-    local_crops: int = 8,
-    local_size: int = 96,
-    local_scale=(0.05, 0.25),
-    blur: bool = True,
-    interpolation: str = "bicubic",
-) -> Recipe:
+def dino_multicrop(global_size: int = 224, global_scale=(0.25, 1.0), local_crops: int = 8, local_size: int = 96,
+                   local_scale=(0.05, 0.25), blur: bool = True, interpolation: str = "bicubic") -> Recipe:
     """DINO multi-crop: two global views (asymmetric like MoCo v3) then ``local_crops`` local views
     (blur p 0.5, no solarize); ``blur=False`` drops the blur (small images, see ``mocov3``).
     ``interpolation`` of every random resized crop: bicubic by default, as DINO's and the official
@@ -198,9 +182,8 @@ def mae(size: int = 224, scale=(0.2, 1.0)) -> Recipe:
 @register_recipe("eval")
 def eval_recipe(size: int = 224, resize: int = 256) -> Recipe:
     """Evaluation: resize the shorter side to ``resize`` (bicubic), centre crop ``size``; no shuffle."""
-    return Recipe(
-        "eval", (ViewSpec(size=size, scale=None, resize=resize, interpolation="bicubic", flip_p=0.0),), shuffle=False
-    )
+    return Recipe("eval", (ViewSpec(size=size, scale=None, resize=resize, interpolation="bicubic", flip_p=0.0),),
+                  shuffle=False)
 
 
 @register_recipe("linear")

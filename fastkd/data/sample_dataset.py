@@ -48,32 +48,22 @@ def texture(kind: str, height: int, width: int, rng: np.random.Generator) -> np.
     v = -x * np.sin(angle) + y * np.cos(angle) + rng.uniform(0, period)
     fu, fv = (u % period) / period, (v % period) / period  # position inside the cell, in [0, 1)
     radius_sq = (fu - 0.5) ** 2 + (fv - 0.5) ** 2
-    if kind == "stripes":
-        return fu < 0.5
-    if kind == "thin_stripes":
-        return fu < 0.15
-    if kind == "checker":
-        return (fu < 0.5) ^ (fv < 0.5)
-    if kind == "dots":
-        return radius_sq < 0.09
-    if kind == "rings":
-        return (radius_sq < 0.16) & (radius_sq > 0.05)
-    if kind == "grid":
-        return (fu < 0.2) | (fv < 0.2)
-    if kind == "crosses":
-        du, dv = np.abs(fu - 0.5), np.abs(fv - 0.5)
-        return ((du < 0.12) & (dv < 0.4)) | ((dv < 0.12) & (du < 0.4))
-    if kind == "zigzag":
-        return ((u + np.abs(fv - 0.5) * period) % period) < period / 2
-    if kind == "triangles":
-        return fu < fv
-    if kind == "bricks":
-        shifted = ((u + np.floor(v / period) * period / 2) % period) / period
-        return (fv < 0.2) | (shifted < 0.15)
-    if kind == "blobs":
-        return _blobs(height, width, rng)
-    centre_x, centre_y = rng.uniform(0, width), rng.uniform(0, height)  # concentric
-    return (np.hypot(x - centre_x, y - centre_y) % period) < period / 2
+    du, dv = np.abs(fu - 0.5), np.abs(fv - 0.5)
+    masks = {  # evaluated lazily: blobs and concentric draw from rng
+        "stripes": lambda: fu < 0.5,
+        "thin_stripes": lambda: fu < 0.15,
+        "checker": lambda: (fu < 0.5) ^ (fv < 0.5),
+        "dots": lambda: radius_sq < 0.09,
+        "rings": lambda: (radius_sq < 0.16) & (radius_sq > 0.05),
+        "grid": lambda: (fu < 0.2) | (fv < 0.2),
+        "crosses": lambda: ((du < 0.12) & (dv < 0.4)) | ((dv < 0.12) & (du < 0.4)),
+        "zigzag": lambda: ((u + dv * period) % period) < period / 2,
+        "triangles": lambda: fu < fv,
+        "bricks": lambda: (fv < 0.2) | ((((u + np.floor(v / period) * period / 2) % period) / period) < 0.15),
+        "blobs": lambda: _blobs(height, width, rng),
+        "concentric": lambda: (np.hypot(x - rng.uniform(0, width), y - rng.uniform(0, height)) % period) < period / 2,
+    }
+    return masks[kind]()
 
 
 def _check_ints(*checks: tuple[str, object, int]) -> None:

@@ -146,31 +146,22 @@ def _stop_workers_at_exit() -> None:
             process.join()
 
 
-def _collate(items) -> Batch:
-    views = [torch.stack([item[0][v] for item in items]) for v in range(len(items[0][0]))]
-    labels = torch.tensor([item[1] for item in items], dtype=torch.int64)
-    indices = torch.tensor([item[2] for item in items], dtype=torch.int64)
-    return Batch(views, labels, indices)
+class _Collated(NamedTuple):
+    """A collated batch: the decodable items (``None`` when there is none) and the :class:`BadImage` s
+    dropped from it (a NamedTuple, so the DataLoader's pin-memory thread pins it)."""
+
+    batch: Batch | None
+    bad: list[BadImage]
 
 
-class _SkippingBatch:
-    """``_collate_skipping``'s result: the batch of the decodable items (``None`` when there is
-    none) and the :class:`BadImage` s dropped from it."""
-
-    def __init__(self, batch: Batch | None, bad: list[BadImage]):
-        self.batch, self.bad = batch, bad
-
-    def pin_memory(self) -> "_SkippingBatch":  # called by the DataLoader's pin-memory thread
-        if self.batch is None:
-            return self
-        pin = torch.utils.data._utils.pin_memory.pin_memory
-        return _SkippingBatch(Batch([pin(v) for v in self.batch.views], pin(self.batch.labels),
-                                    pin(self.batch.indices)), self.bad)
-
-
-def _collate_skipping(items) -> _SkippingBatch:
+def _collate(items) -> _Collated:
     good = [item for item in items if not isinstance(item, BadImage)]
-    return _SkippingBatch(_collate(good) if good else None, [item for item in items if isinstance(item, BadImage)])
+    bad = [item for item in items if isinstance(item, BadImage)]
+    if not good:
+        return _Collated(None, bad)
+    views = [torch.stack([item[0][v] for item in good]) for v in range(len(good[0][0]))]
+    labels = torch.tensor([item[1] for item in good], dtype=torch.int64)
+    return _Collated(Batch(views, labels, torch.tensor([item[2] for item in good], dtype=torch.int64)), bad)
 
 
 class TorchViewLoader:
@@ -178,8 +169,7 @@ class TorchViewLoader:
 
     def __init__(self, images: ImageList, recipe: Recipe, shard: EpochShard, *, device: torch.device,
                  num_workers: int, skip_bad_images: bool = False):
-        self.device = device
-        self.skip_bad_images = skip_bad_images
+        self.device, self.skip_bad_images = device, skip_bad_images  # the trainer reports skipped_images if set
         self.skipped_images = 0  # images skipped so far (an image skipped in two epochs counts twice)
         self.bad_images: set[str] = set()  # the distinct files skipped (each is warned about once)
         self._batches = _EpochBatches(shard)
@@ -187,7 +177,7 @@ class TorchViewLoader:
             ViewDataset(images, recipe, shard.options["seed"], skip_bad_images),
             batch_sampler=self._batches,
             num_workers=num_workers,
-            collate_fn=_collate_skipping if skip_bad_images else _collate,
+            collate_fn=_collate,
             pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
             worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
@@ -212,38 +202,25 @@ class TorchViewLoader:
     def set_epoch(self, epoch: int) -> None:
         self._batches.shard.epoch = epoch
 
-    def _count_bad(self, result: _SkippingBatch) -> Batch | None:
-        for bad in result.bad:
-            self.skipped_images += 1
-            if bad.path not in self.bad_images:
-                self.bad_images.add(bad.path)
-                print(f"warning: skipping undecodable image {bad.path!r} ({bad.reason}) because "
-                      f"data.skip_bad_images is set; `fastkd data scan` lists every such file for data.exclude=",
-                      file=sys.stderr, flush=True)
-        return result.batch
-
     def __len__(self) -> int:
         return len(self._batches)
 
     def __iter__(self):
+        batches = iter(self._loader)
+        _WORKERS.update(getattr(batches, "_workers", ()))
         try:
-            yield from self._batches_on_device()
+            for batch, bad in batches:
+                self._warn(bad)
+                if batch is not None:
+                    yield batch if self.device.type == "cpu" else batch.to(self.device)
         except BadImageError as error:  # from a worker the message carries its traceback: keep the last line
             raise BadImageError(str(error).strip().splitlines()[-1].removeprefix("BadImageError: ")) from None
 
-    def _batches_on_device(self):
-        batches = iter(self._loader)
-        _WORKERS.update(getattr(batches, "_workers", ()))
-        for batch in batches:
-            if self.skip_bad_images:
-                batch = self._count_bad(batch)
-                if batch is None:
-                    continue
-            if self.device.type == "cpu":
-                yield batch
-            else:
-                yield Batch(
-                    [v.to(self.device, non_blocking=True) for v in batch.views],
-                    batch.labels.to(self.device, non_blocking=True),
-                    batch.indices.to(self.device, non_blocking=True),
-                )
+    def _warn(self, bad: list[BadImage]) -> None:
+        for image in bad:
+            self.skipped_images += 1
+            if image.path not in self.bad_images:
+                self.bad_images.add(image.path)
+                print(f"warning: skipping undecodable image {image.path!r} ({image.reason}) because "
+                      f"data.skip_bad_images is set; `fastkd data scan` lists every such file for data.exclude=",
+                      file=sys.stderr, flush=True)

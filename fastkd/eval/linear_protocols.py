@@ -65,13 +65,8 @@ def _check_lrs(name: str, lrs, *, allow_empty: bool = False) -> tuple[float, ...
 @dataclass(frozen=True)
 class LinearProtocol:
     """One linear-probe protocol (the lr follows a per-step cosine to 0); ``sources`` says where
-    each value comes from.
-
-    ``base_lr``: per 256 images, for ViTs and other models; ``resnet_base_lr`` for ResNets (None:
-    ``base_lr``). ``lrs``: the base lrs trained side by side (empty: the one base lr).
-    ``n_last_blocks`` / ``avgpool_patches``: None means DINO's width rule (see
-    :func:`feature_layout`). ``batchnorm``: MAE's BatchNorm without affine in front of the linear
-    layer. ``train_interpolation`` of the random resized crop, ``val_interpolation`` of the val resize."""
+    each value comes from. ``base_lr``: per 256 images, for ViTs and other models; ``resnet_base_lr``
+    for ResNets (None: ``base_lr``). ``lrs``: the base lrs trained side by side (empty: the one base lr)."""
 
     name: str
     epochs: int
@@ -82,9 +77,11 @@ class LinearProtocol:
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    # the probe's input; None: DINO's width rule (see feature_layout); batchnorm: MAE's BatchNorm without affine
     n_last_blocks: int | None = 1
     avgpool_patches: bool | None = False
     batchnorm: bool = False
+    # the crops: train_interpolation of the random resized crop, val_interpolation of the val resize
     image_size: int = 224
     resize: int = 256
     train_interpolation: str = "bilinear"
