@@ -28,7 +28,8 @@ class _ShardSource:
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
-    """Copy a dense DALI batch into a new torch tensor (DALI reuses its buffers) on ``device``."""
+    """Copy a dense DALI batch into a new torch tensor (DALI reuses its buffers): on ``device`` for a
+    GPU batch, else on the CPU."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
     from nvidia.dali.tensors import TensorListGPU
 
@@ -36,7 +37,7 @@ def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     on_gpu = isinstance(tensor_list, TensorListGPU)
     out = torch.empty(dense.shape(), dtype=torch.float32, device=device if on_gpu else "cpu")
     feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(out.device) if on_gpu else None)
-    return out if out.device == device else out.to(device, non_blocking=True)
+    return out
 
 
 def _dali_reason(error: Exception) -> str:
@@ -61,7 +62,6 @@ class DaliViewLoader:
         self._build = dict(recipe=recipe, batch_size=shard.batch_size, num_threads=num_threads, device_id=device_id,
                            seed=shard.options["seed"] * 1_000_003 + shard.options["rank"], prefetch=self._prefetch)
         self._pipe = None
-        self._needs_reset = False
 
     def set_epoch(self, epoch: int) -> None:
         self.shard.epoch = epoch
@@ -72,40 +72,27 @@ class DaliViewLoader:
     def close(self) -> None:
         """Releases the pipeline (its threads and buffers); the next iteration builds a new one."""
         self._pipe = None
-        self._needs_reset = False
 
-    def _pipeline(self):
+    def __iter__(self):
         if self._pipe is None:
             self._pipe = build_dali_pipeline(source=self._source, **self._build)
             self._pipe.build()
-        elif self._needs_reset:
+        else:
             self._pipe.reset()
-        self._needs_reset = False
-        return self._pipe
-
-    def __iter__(self):
-        pipe = self._pipeline()
-        self._needs_reset = True
-        position = 0
-        finished = False
-        try:
-            while True:
-                try:
-                    outputs = pipe.run()
-                except StopIteration:
-                    finished = True
-                    return
-                except RuntimeError as error:
-                    raise self._decode_error(position, error) from error
-                batch = self._source.batches[position]
-                position += 1
-                views = [_to_torch(out, self.device) for out in outputs]
-                index = torch.tensor(batch, dtype=torch.int64)
-                labels = torch.tensor([self.images.labels[i] for i in batch], dtype=torch.int64)
-                yield Batch(views, labels, index).to(self.device)
-        finally:
-            if not finished:  # abandoned or failed mid-epoch: the next epoch needs a fresh pipeline
-                self._pipe = None
+        pipe, position, self._pipe = self._pipe, 0, None  # abandoned or failed mid-epoch: a fresh one next time
+        while True:
+            try:
+                outputs = pipe.run()
+            except StopIteration:
+                self._pipe = pipe  # finished: reset for the next epoch
+                return
+            except RuntimeError as error:
+                raise self._decode_error(position, error) from error
+            batch = self._source.batches[position]
+            position += 1
+            views = [_to_torch(out, self.device) for out in outputs]
+            labels = torch.tensor([self.images.labels[i] for i in batch], dtype=torch.int64)
+            yield Batch(views, labels, torch.tensor(batch, dtype=torch.int64)).to(self.device)
 
     def _decode_error(self, position: int, error: RuntimeError) -> RuntimeError:
         """Name the undecodable files of the failed batch (or of the batches DALI ran ahead on)."""
@@ -114,9 +101,7 @@ class DaliViewLoader:
             return RuntimeError(f"DALI pipeline failed: {_dali_reason(error)}")
         bad = [self.images.files[i] for batch in window for i in batch if check_image(self.images.files[i])]
         if bad:
-            return BadImageError(
-                f"undecodable image file(s) {bad}; run `fastkd data scan` and pass its exclusion list as "
-                f"exclude= (DALI: {_dali_reason(error)})"
-            )
+            return BadImageError(f"undecodable image file(s) {bad}; run `fastkd data scan` and pass its exclusion "
+                                 f"list as exclude= (DALI: {_dali_reason(error)})")
         files = [self.images.files[i] for i in window[0]]
         return RuntimeError(f"DALI pipeline failed on the batch of files {files}: {_dali_reason(error)}")

@@ -39,17 +39,25 @@ class ImageList:
         return len(self.files)
 
 
-def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def check_readable_dir(root: Path, what: str) -> None:
-    """``FileNotFoundError``, ``NotADirectoryError`` or ``PermissionError`` naming ``root`` unless it is a readable folder."""
-    for error, ok, problem in ((FileNotFoundError, root.exists(), "does not exist"),
-                               (NotADirectoryError, root.is_dir(), "is not a directory"),
-                               (PermissionError, os.access(root, os.R_OK | os.X_OK), "is not readable")):
+def check_readable_dir(folder: Path, what: str) -> None:
+    """``FileNotFoundError``, ``NotADirectoryError`` or ``PermissionError`` naming ``what`` and the
+    path unless ``folder`` is a readable folder."""
+    for error, ok, problem in ((FileNotFoundError, folder.exists(), "does not exist"),
+                               (NotADirectoryError, folder.is_dir(), "is not a directory"),
+                               (PermissionError, os.access(folder, os.R_OK | os.X_OK), "is not readable")):
         if not ok:
-            raise error(f"{what} {str(root)!r} {problem}")
+            raise error(f"{what} {str(folder)!r} {problem}")
+
+
+def image_files(folder: Path, what: str) -> list[str]:
+    """Every image file under the readable folder ``folder`` (recursively), sorted."""
+    check_readable_dir(folder, what)
+    return sorted(os.path.join(dirpath, name) for dirpath, _, names in os.walk(folder, onerror=_raise)
+                  for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _raise(error: OSError) -> None:
+    raise PermissionError(f"cannot read {error.filename!r}: {error.strerror}") from error
 
 
 def image_folder(root: str | os.PathLike) -> ImageList:
@@ -61,26 +69,15 @@ def image_folder(root: str | os.PathLike) -> ImageList:
         raise ValueError(f"dataset root {str(root)!r} has no class folders (expected root/<class>/<image>)")
     files, labels, empty = [], [], []
     for label, class_dir in enumerate(class_dirs):
-        check_readable_dir(class_dir, "class folder")
-        found = sorted(
-            os.path.join(dirpath, name)
-            for dirpath, _, names in os.walk(class_dir, onerror=_raise)
-            for name in names
-            if is_image_file(name)
-        )
+        found = image_files(class_dir, "class folder")
         if not found:
             empty.append(class_dir.name)
         files += found
         labels += [label] * len(found)
     if empty:
-        raise ValueError(
-            f"dataset root {str(root)!r}: class folders without images ({', '.join(IMAGE_EXTENSIONS)}): {empty}"
-        )
+        raise ValueError(f"dataset root {str(root)!r}: class folders without images ({', '.join(IMAGE_EXTENSIONS)}): "
+                         f"{empty}")
     return ImageList(tuple(files), tuple(labels), tuple(d.name for d in class_dirs), str(root))
-
-
-def _raise(error: OSError) -> None:
-    raise PermissionError(f"cannot read {error.filename!r}: {error.strerror}") from error
 
 
 def file_list(path: str | os.PathLike) -> ImageList:

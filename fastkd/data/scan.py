@@ -15,7 +15,7 @@ from fastkd.checks import check_number
 from fastkd.durable import atomic_write_text
 from fastkd.progress import progress_disable
 
-from .datasets import check_readable_dir, file_list, is_image_file
+from .datasets import file_list, image_files
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,7 @@ def check_image(path: str) -> str | None:
 def _dataset_files(root: Path) -> tuple[Path, list[str]]:
     if root.is_file():
         return root.parent.resolve(), list(file_list(root).files)
-    check_readable_dir(root, "dataset root")
-    files = sorted(
-        os.path.join(dirpath, name) for dirpath, _, names in os.walk(root.resolve()) for name in names if is_image_file(name)
-    )
+    files = image_files(root.resolve(), "dataset root")
     if not files:
         raise ValueError(f"dataset root {str(root)!r} has no images")
     return root.resolve(), files
@@ -56,8 +53,7 @@ def scan_dataset(
 ) -> ScanResult:
     """Decode every image under ``root`` (ImageFolder tree, or a file list) with ``workers``
     threads; if ``out`` is given, write the exclusion list there (``path<TAB>reason`` lines).
-    ``progress``: a progress bar on stderr when it is a terminal (never when the ``TQDM_DISABLE``
-    environment variable is set; see :func:`fastkd.progress.progress_disable`)."""
+    ``progress``: see :func:`fastkd.progress.progress_disable`."""
     check_number("workers", workers, low=1, integer=True)
     base, files = _dataset_files(Path(root))
     with ThreadPoolExecutor(workers) as pool:

@@ -1,14 +1,11 @@
-"""The plain PyTorch implementation of the view recipes: a ``DataLoader`` whose workers decode
-with PIL and apply torchvision transforms built from the same :class:`ViewSpec` s as the DALI
-pipeline. It is the fallback where DALI is not installed and the benchmark's baseline.
+"""The plain PyTorch implementation of the view recipes: a ``DataLoader`` whose workers decode with
+PIL and apply torchvision transforms built from the same :class:`ViewSpec` s as the DALI pipeline
+(the fallback without DALI, and the benchmark's baseline). Augmentations are a pure function of
+``(seed, epoch, index)``: each sample seeds its own torch RNG, whatever the workers.
 
-Augmentations are a pure function of ``(seed, epoch, index)``: each sample seeds its own torch
-RNG, so results do not depend on the number of workers or on which epochs ran before.
-
-An undecodable image raises :class:`BadImageError` naming it; with ``skip_bad_images`` the
-dataset returns a :class:`BadImage` marker instead, the collate function drops it (the batch is
-then smaller; a batch left empty is not yielded, so the epoch has fewer batches than ``len()``)
-and the loader counts it in the main process (``skipped_images``) and warns once per file.
+An undecodable image raises :class:`BadImageError` naming it; with ``skip_bad_images`` it becomes a
+:class:`BadImage` that the collate function drops (a batch left empty is not yielded, so an epoch
+may have fewer batches than ``len()``), counted in ``skipped_images`` and warned about once per file.
 """
 
 from __future__ import annotations
@@ -82,10 +79,8 @@ class ViewDataset(torch.utils.data.Dataset):
     (a :class:`BadImage` for an undecodable one when ``skip_bad_images``, else BadImageError)."""
 
     def __init__(self, images: ImageList, recipe: Recipe, seed: int, skip_bad_images: bool = False):
-        self.images = images
+        self.images, self.seed, self.skip_bad_images = images, seed, skip_bad_images
         self.transforms = [view_transform(spec) for spec in recipe.views]
-        self.seed = seed
-        self.skip_bad_images = skip_bad_images
 
     def __len__(self) -> int:
         return len(self.images)
@@ -99,10 +94,8 @@ class ViewDataset(torch.utils.data.Dataset):
         except Exception as error:  # noqa: BLE001 - any decoder failure is reported with its file
             if self.skip_bad_images:
                 return BadImage(path, f"{type(error).__name__}: {error}")
-            raise BadImageError(
-                f"cannot decode image {path!r} ({type(error).__name__}: {error}); run `fastkd data scan "
-                f"{self.images.root}` and pass its exclusion list as data.exclude="
-            ) from None
+            raise BadImageError(f"cannot decode image {path!r} ({type(error).__name__}: {error}); run `fastkd data "
+                                f"scan {self.images.root}` and pass its exclusion list as data.exclude=") from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
             views = [transform(image) for transform in self.transforms]
@@ -125,10 +118,8 @@ class _EpochBatches:
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers ignore SIGTERM / SIGINT: ``docker stop``, Slurm and Kubernetes signal the
-    whole process group, and the parent alone decides how to stop (it writes its stop checkpoint,
-    then shuts its workers down; workers also exit when the parent dies). Because
-    ``multiprocessing`` ends daemonic children at interpreter exit with SIGTERM and then waits for
-    them, such workers still alive at exit are killed by :func:`_stop_workers_at_exit` first."""
+    whole process group, and the parent alone decides how to stop (stop checkpoint, then its
+    workers). ``multiprocessing`` would wait for them at exit: :func:`_stop_workers_at_exit` kills them."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -174,14 +165,9 @@ class TorchViewLoader:
         self.bad_images: set[str] = set()  # the distinct files skipped (each is warned about once)
         self._batches = _EpochBatches(shard)
         self._loader = torch.utils.data.DataLoader(
-            ViewDataset(images, recipe, shard.options["seed"], skip_bad_images),
-            batch_sampler=self._batches,
-            num_workers=num_workers,
-            collate_fn=_collate,
-            pin_memory=device.type == "cuda",
-            persistent_workers=num_workers > 0,
-            worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
-        )
+            ViewDataset(images, recipe, shard.options["seed"], skip_bad_images), batch_sampler=self._batches,
+            num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
 
     def close(self) -> None:
         """Stops the worker processes now (they restart on the next iteration). Workers that do not
