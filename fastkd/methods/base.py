@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import typing
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from fastkd.checks import check_number
+from fastkd.checks import check_bool, check_instance, check_number, check_shape, check_str
 from fastkd.data.batch import Batch
 from fastkd.method_protocol import TrainingMethod
 from fastkd.models.backbone import Features
@@ -40,22 +41,31 @@ def method_config_from_dict(config_class: type, config: Mapping[str, Any]):
     return config_class(**config)
 
 
-def check_progress(step: Any, total_steps: Any) -> None:
-    check_number("total_steps", total_steps, low=1, integer=True)
-    check_number("step", step, low=0, integer=True)
+def check_typed_fields(config) -> None:
+    """Check the fields of the dataclass ``config`` that their annotation says enough about: a
+    ``bool`` field is a bool, an ``int`` one an int >= 1, a ``str | None`` one a non-empty string
+    (each may be None where ``| None`` is annotated). The config checks its other fields itself."""
+    for name, hint in typing.get_type_hints(type(config)).items():
+        value = getattr(config, name)
+        optional = hint in (bool | None, int | None, str | None)
+        if value is None and optional:
+            continue
+        if hint in (bool, bool | None):
+            check_bool(name, value)
+        elif hint in (int, int | None):
+            check_number(name, value, low=1, integer=True)
+        elif hint == str | None:
+            check_str(name, value)
 
 
 def check_batch(batch: Any, min_views: int, method: str) -> list[torch.Tensor]:
     """The views of ``batch`` (a :class:`Batch`), at least ``min_views`` of them, each ``[B, C, H, W]``."""
-    if not isinstance(batch, Batch):
-        raise TypeError(f"{method} expects a fastkd.data.Batch, got {type(batch).__name__}")
+    check_instance("batch", batch, Batch, f"a fastkd.data.Batch ({method}'s input)")
     views = list(batch.views)
     if len(views) < min_views:
         raise ValueError(f"{method} needs at least {min_views} views per batch, got {len(views)}")
     for i, v in enumerate(views):
-        if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[0] != views[0].shape[0]:
-            raise ValueError(f"batch.views[{i}] must be [B, C, H, W] with the batch size of views[0], "
-                             f"got {tuple(getattr(v, 'shape', ()))}")
+        check_shape(f"batch.views[{i}]", v, (views[0].shape[0] if i else "B", "C", "H", "W"))
     return views
 
 
@@ -157,7 +167,3 @@ class Method(TrainingMethod):
         if dtype is None or torch.is_autocast_enabled(device_type):
             return features
         return features.to_dtype(images.dtype)
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        check_number("weight_decay", weight_decay, low=0.0)
-        return super().param_groups(weight_decay)

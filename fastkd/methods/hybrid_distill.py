@@ -1,10 +1,9 @@
 """Hybrid Distill (Shi et al., ICLR 2024): features of a contrastive/supervised teacher plus token
 relations of a MIM teacher, with progressive redundant-token masking.
 
-Both teachers see the whole image. The feature teacher's last-block CLS attention scores each
-patch (``cls_attention_scores``); the student keeps only the ``K = round(keep_ratio * N)``
-highest-scoring patches (``topk_keep``; ``keep_ratio`` steps down over training by
-``keep_schedule``) and runs on them alone. Losses apply on the kept tokens::
+Both teachers see the whole image; the student runs on the ``K = round(keep_ratio * N)`` patches
+that the feature teacher's last-block CLS attention ranks highest (``keep_ratio`` steps down over
+training by ``keep_schedule``). Losses apply on the kept tokens::
 
     s = student.forward_features(x, keep=keep_idx, return_qk=student_layers)
     F = feature_teacher.forward_features(x).tokens                           # no gradient
@@ -14,15 +13,11 @@ highest-scoring patches (``topk_keep``; ``keep_ratio`` steps down over training 
                TokenRelationLoss(*s.qk[l_s], *kept(relation_teacher.qk[l_t]))  # KL of softmax(q k^T scale)
     loss = alpha * (feature_cls + feature_patch) + beta * relation
 
-``kept`` selects the teacher's ``q, k`` rows of the CLS token and the kept patches; the relation
-term never materialises an ``N x N`` map (fastkd's streaming ``token_relation`` op).
-
-Teachers as published: the feature teacher is supervised (DeiT: ``deit`` checkpoint format) or
-contrastive (CLIP image tower: ``clip`` format; MoCo v3 also loads), the relation teacher is MAE.
-``relation_layers: intermediate`` (the default) imitates the relation teacher at intermediate
-blocks (:func:`intermediate_layer_pairs`). A feature teacher with another patch size than the
-student (CLIP ViT-L/14 for a ViT-L/16 student) sees the image resized to
-``teachers.feature.input_size`` so that both have one patch grid.
+``kept`` selects the teacher's ``q, k`` rows of the CLS token and the kept patches; no ``N x N``
+map is materialised (the streaming ``token_relation`` op). Teachers as published: a supervised
+(``deit`` format) or contrastive (CLIP: ``clip``; MoCo v3 loads too) feature teacher, an MAE
+relation teacher. A feature teacher of another patch size than the student (CLIP ViT-L/14 for a
+ViT-L/16 student) sees the image resized to ``teachers.feature.input_size``: one patch grid.
 """
 
 from __future__ import annotations
@@ -33,11 +28,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastkd.checks import check_bool, check_choice, check_number, check_positive_ints, check_str
+from fastkd.checks import check_choice, check_number, check_positive_ints, check_shape
 from fastkd.data.batch import Batch
 from fastkd.losses import FeatureAlignLoss, TokenRelationLoss
 from fastkd.methods.backbones import BackboneSpec, backbone_spec, backbone_specs
-from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
+from fastkd.methods.base import Method, check_batch, check_typed_fields, loss_dict
 from fastkd.models import LinearProjector, MLPProjector
 from fastkd.ops import TARGET_NORMS as OP_TARGET_NORMS
 from fastkd.ops import DIRECTIONS, LOSSES, gather_tokens, topk_keep
@@ -73,53 +68,41 @@ def cls_attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_pre
         softmax(q[:, :, 0:1] @ k.transpose(-2, -1) * scale, dim=-1)[:, :, 0, P:].mean(dim=1)
 
     Only the CLS row is computed (``[B, H, P+N]``), never the ``(P+N) x (P+N)`` map."""
-    problem = next((f"{name} must be [B, H, N, d], got {tuple(getattr(t, 'shape', ()))}" for name, t in
-                    (("q", q), ("k", k)) if not isinstance(t, torch.Tensor) or t.dim() != 4), None)
-    if problem is None and q.shape != k.shape:
-        problem = f"q and k must have one shape, got {tuple(q.shape)} and {tuple(k.shape)}"
-    if problem is None and (not isinstance(num_prefix_tokens, int) or not 1 <= num_prefix_tokens < q.shape[2]):
-        problem = f"num_prefix_tokens must be in [1, {q.shape[2]}), got {num_prefix_tokens!r}"
-    if problem is not None:
-        raise ValueError(problem)
+    check_shape("q", q, ("B", "H", "N", "d"))
+    check_shape("k", k, tuple(q.shape))
+    check_number("num_prefix_tokens", num_prefix_tokens, low=1, high=q.shape[2], high_open=True, integer=True)
     logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), k.float()) * scale
     return logits.softmax(dim=-1)[:, :, num_prefix_tokens:].mean(dim=1)
 
 
-def _check_layer_pairs(pairs) -> tuple[tuple[int, int], ...] | str:
-    """``pairs`` as int pairs, or a preset name of :data:`LAYER_PRESETS` unchanged."""
+def _layer_pairs_or_preset(pairs) -> list[list[int]] | str:
+    """``pairs`` as a list of ``[student_block, teacher_block]`` int pairs, or a preset name of
+    :data:`LAYER_PRESETS` unchanged."""
     if isinstance(pairs, str):
-        if pairs not in LAYER_PRESETS:
-            raise ValueError(f"relation_layers must be one of {LAYER_PRESETS} or a list of [student_block, "
-                             f"teacher_block] pairs, got {pairs!r}")
+        check_choice("relation_layers", pairs, LAYER_PRESETS)
         return pairs
-    out = []
-    if isinstance(pairs, bytes) or not hasattr(pairs, "__iter__"):
-        raise TypeError(f"relation_layers must be a list of [student_block, teacher_block] pairs, got {pairs!r}")
-    for pair in pairs:
-        if (isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2
-                or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)):
-            raise TypeError(f"relation_layers must hold [student_block, teacher_block] int pairs, got {pair!r}")
-        out.append((pair[0], pair[1]))
-    if not out:
-        raise ValueError("relation_layers must name at least one [student_block, teacher_block] pair")
-    return tuple(out)
+    if not (isinstance(pairs, (list, tuple)) and pairs and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(type(i) is int for i in p) for p in pairs)):
+        raise TypeError(f"relation_layers must be one of {LAYER_PRESETS} or a non-empty list of [student_block, "
+                        f"teacher_block] int pairs, got {pairs!r}")
+    return [list(p) for p in pairs]
 
 
-def _check_keep_schedule(schedule) -> tuple[tuple[float, float], ...]:
-    if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
+def _keep_stages(schedule) -> list[list[float]]:
+    """``keep_schedule`` checked: ``[start_fraction, keep_ratio]`` stages from fraction 0.0 on, with
+    increasing start fractions and non-increasing keep ratios."""
+    if not (isinstance(schedule, (list, tuple)) and all(isinstance(s, (list, tuple)) and len(s) == 2
+                                                        for s in schedule)):
         raise TypeError(f"keep_schedule must be a list of [start_fraction, keep_ratio] stages, got {schedule!r}")
-    stages = []
-    for stage in schedule:
-        if isinstance(stage, (str, bytes)) or not hasattr(stage, "__len__") or len(stage) != 2:
-            raise TypeError(f"keep_schedule stages must be [start_fraction, keep_ratio], got {stage!r}")
-        check_number("keep_schedule start_fraction", stage[0], low=0.0, high=1.0)
-        check_number("keep_schedule keep_ratio", stage[1], low=0.0, high=1.0, low_open=True)
-        stages.append((float(stage[0]), float(stage[1])))
-    if (not stages or stages[0][0] != 0.0
-            or any(s1 <= s0 or r1 > r0 for (s0, r0), (s1, r1) in zip(stages, stages[1:]))):
+    for start, ratio in schedule:
+        check_number("keep_schedule start_fraction", start, low=0.0, high=1.0)
+        check_number("keep_schedule keep_ratio", ratio, low=0.0, high=1.0, low_open=True)
+    stages = [[float(start), float(ratio)] for start, ratio in schedule]
+    steps = zip(stages, stages[1:])
+    if not stages or stages[0][0] != 0.0 or any(s1 <= s0 or r1 > r0 for (s0, r0), (s1, r1) in steps):
         raise ValueError(f"keep_schedule must start with a stage at fraction 0.0, with increasing start fractions "
                          f"and non-increasing keep ratios, got {schedule!r}")
-    return tuple(stages)
+    return stages
 
 
 @dataclass
@@ -160,8 +143,7 @@ class HybridDistillConfig:
         if self.teachers["relation"].input_size is not None:
             raise ValueError("teachers.relation.input_size must be None: the relation teacher's tokens are "
                              "matched to the student's, so it sees the student's input")
-        check_str("attention", self.attention, optional=True)
-        check_bool("checkpointing", self.checkpointing)
+        check_typed_fields(self)
         check_number("alpha", self.alpha, low=0.0)
         check_number("beta", self.beta, low=0.0)
         check_choice("feature_target", self.feature_target, TARGETS)
@@ -169,13 +151,11 @@ class HybridDistillConfig:
         check_choice("feature_loss", self.feature_loss, LOSSES)
         check_number("smooth_l1_beta", self.smooth_l1_beta, low=0.0, low_open=True)
         check_choice("projector", self.projector, PROJECTORS)
-        check_number("projector_hidden_dim", self.projector_hidden_dim, low=1, integer=True)
-        layers = _check_layer_pairs(self.relation_layers)
-        self.relation_layers = layers if isinstance(layers, str) else [list(p) for p in layers]
+        self.relation_layers = _layer_pairs_or_preset(self.relation_layers)
         check_number("relation_temperature", self.relation_temperature, low=0.0, low_open=True)
         check_choice("relation_direction", self.relation_direction, DIRECTIONS)
         check_choice("head_map", self.head_map, (None, "mean"))
-        self.keep_schedule = [list(s) for s in _check_keep_schedule(self.keep_schedule)]
+        self.keep_schedule = _keep_stages(self.keep_schedule)
         check_choice("mask_score_teacher", self.mask_score_teacher, SCORE_TEACHERS)
 
 
@@ -192,20 +172,21 @@ class HybridDistill(Method, name="hybrid_distill", recipe="mae", role="distill",
         for role in ("feature", "relation"):
             setattr(self, f"{role}_teacher", config.teachers[role].load_frozen(f"teachers.{role}",
                                                                                attention=config.attention))
-        student = self.backbone
+        student, relation_teacher = self.backbone, self.relation_teacher
         for name, model in (("student", student), ("feature teacher", self.feature_teacher),
-                            ("relation teacher", self.relation_teacher)):
-            if not model.is_vit or model.num_patches != student.num_patches:
-                raise ValueError(f"the {name} must be a ViT with {student.num_patches} patches, got {model.name} "
-                                 f"with {model.num_patches}")
+                            ("relation teacher", relation_teacher)):
+            prefix = student.num_prefix_tokens if model is relation_teacher else model.num_prefix_tokens
+            if not model.is_vit or model.num_patches != student.num_patches or model.num_prefix_tokens != prefix:
+                raise ValueError(f"the {name} must be a ViT with {student.num_patches} patches (the relation teacher "
+                                 f"with the student's {student.num_prefix_tokens} prefix tokens), got {model.name} "
+                                 f"with {model.num_patches} patches and {model.num_prefix_tokens} prefix tokens")
         self._check_feature_teacher_size(config.teachers["feature"].input_size)
-        if self.relation_teacher.num_prefix_tokens != student.num_prefix_tokens:
-            raise ValueError(f"student and relation teacher must have as many prefix tokens, got "
-                             f"{student.num_prefix_tokens} and {self.relation_teacher.num_prefix_tokens}")
-        self.layer_pairs = [
-            (self._block(student, s, "student"), self._block(self.relation_teacher, t, "relation teacher"))
-            for s, t in self._layer_pairs(config.relation_layers, student.depth, self.relation_teacher.depth)
-        ]
+        layers = config.relation_layers
+        if isinstance(layers, str):
+            layers = intermediate_layer_pairs(student.depth, relation_teacher.depth) \
+                if layers == "intermediate" else [[-1, -1]]
+        self.layer_pairs = [(self._block(student, s, "student"), self._block(relation_teacher, t, "relation teacher"))
+                            for s, t in layers]
         teacher_dim = self.feature_teacher.embed_dim
         self.projector = (LinearProjector(student.embed_dim, teacher_dim) if config.projector == "linear"
                           else MLPProjector(student.embed_dim, teacher_dim, config.projector_hidden_dim))
@@ -213,7 +194,7 @@ class HybridDistill(Method, name="hybrid_distill", recipe="mae", role="distill",
                                               beta=config.smooth_l1_beta)
         self.relation = TokenRelationLoss(temperature=config.relation_temperature,
                                           direction=config.relation_direction, head_map=config.head_map)
-        self.keep_stages = _check_keep_schedule(config.keep_schedule)
+        self.keep_stages = [tuple(stage) for stage in config.keep_schedule]
         self.register_buffer("keep_ratio", torch.tensor(self.keep_stages[0][1], dtype=torch.float64))
         # the kept-token count as a host int (the buffer is what checkpoints hold): a compiled forward
         # reads it without a device read, as one dynamic size across the keep-ratio stages
@@ -228,20 +209,11 @@ class HybridDistill(Method, name="hybrid_distill", recipe="mae", role="distill",
         built = getattr(teacher.patch_embed, "img_size", None)
         if getattr(teacher, "dynamic_img_size", False) or fed is None or built is None or tuple(built) == tuple(fed):
             return
-        if size is not None:
-            raise ValueError(f"teachers.feature.input_size={size} but the feature teacher is built for "
-                             f"{tuple(built)} px: give teachers.feature.kwargs img_size: {size}")
-        raise ValueError(f"the feature teacher is built for {tuple(built)} px images but would see the student's "
+        raise ValueError(f"teachers.feature.input_size={size} but the feature teacher is built for {tuple(built)} "
+                         f"px: give teachers.feature.kwargs img_size: {size}" if size is not None else
+                         f"the feature teacher is built for {tuple(built)} px images but would see the student's "
                          f"{tuple(fed)} px: set teachers.feature.input_size: {built[0]} (its patch grid must match "
                          "the student's)")
-
-    @staticmethod
-    def _layer_pairs(layers, student_depth: int, teacher_depth: int) -> list:
-        if layers == "intermediate":
-            return intermediate_layer_pairs(student_depth, teacher_depth)
-        if layers == "last":
-            return [[-1, -1]]
-        return layers
 
     @staticmethod
     def _block(model, index: int, name: str) -> int:
@@ -255,7 +227,6 @@ class HybridDistill(Method, name="hybrid_distill", recipe="mae", role="distill",
 
     def keep_ratio_at(self, step: int, total_steps: int) -> float:
         """The keep ratio of the schedule stage containing ``step / total_steps``."""
-        check_progress(step, total_steps)
         fraction = step / total_steps
         return [ratio for start, ratio in self.keep_stages if start <= fraction][-1]
 
@@ -318,7 +289,6 @@ class HybridDistill(Method, name="hybrid_distill", recipe="mae", role="distill",
     def after_step(self, step: int, total_steps: int, found_inf: torch.Tensor | None = None) -> None:
         """Moves the keep ratio to the schedule stage of the next step, ``step + 1`` (a function of the
         step number, so it moves on a skipped step too: ``found_inf`` changes nothing)."""
-        check_progress(step, total_steps)
         ratio = self.keep_ratio_at(min(step + 1, total_steps), total_steps)
         self.keep_ratio.fill_(ratio)
         self.kept_patches = self.num_kept(ratio)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastkd.checks import check_bool, check_number, check_str
+from fastkd.checks import check_number
 from fastkd.data.batch import Batch
 from fastkd.methods.backbones import TRAINED_KEYS, BackboneSpec, backbone_spec
-from fastkd.methods.base import Method, check_batch, check_progress, loss_dict, masked_forward
+from fastkd.methods.base import Method, check_batch, check_typed_fields, loss_dict, masked_forward
 from fastkd.models import MAEDecoder, masked_pixel_loss
 from fastkd.models.position_embedding import set_sincos_pos_embed
 
@@ -40,14 +40,8 @@ class MAEConfig:
 
     def __post_init__(self):
         self.backbone = backbone_spec("backbone", self.backbone, BackboneSpec("vit_base_patch16_224"), TRAINED_KEYS)
-        check_str("attention", self.attention, optional=True)
-        check_bool("checkpointing", self.checkpointing)
+        check_typed_fields(self)
         check_number("mask_ratio", self.mask_ratio, low=0.0, high=1.0, low_open=True)
-        check_number("decoder_dim", self.decoder_dim, low=1, integer=True)
-        check_number("decoder_depth", self.decoder_depth, low=1, integer=True)
-        check_number("decoder_num_heads", self.decoder_num_heads, low=1, integer=True)
-        check_bool("norm_pix_loss", self.norm_pix_loss)
-        check_bool("sincos_pos_embed", self.sincos_pos_embed)
 
 
 class MAE(Method, name="mae", recipe="mae", role="pretrain", config=MAEConfig):
@@ -77,7 +71,3 @@ class MAE(Method, name="mae", recipe="mae", role="pretrain", config=MAEConfig):
         loss = masked_pixel_loss(pred, x, keep_idx, self.backbone.patch_size, norm_pix=self.config.norm_pix_loss)
         return loss_dict({"reconstruction": loss}, {"reconstruction": 1.0},
                          {"visible_tokens": torch.tensor(float(self.num_visible))})
-
-    def after_step(self, step: int, total_steps: int, found_inf: torch.Tensor | None = None) -> None:
-        """MAE has no teacher and no schedule of its own (``found_inf`` changes nothing)."""
-        check_progress(step, total_steps)

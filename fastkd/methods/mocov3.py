@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastkd.checks import check_bool, check_choice, check_number, check_str
+from fastkd.checks import check_choice, check_number
 from fastkd.data.batch import Batch
 from fastkd.losses.infonce import InfoNCELoss
 from fastkd.methods.backbones import TRAINED_KEYS, BackboneSpec, backbone_spec
-from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
+from fastkd.methods.base import Method, check_batch, check_typed_fields, loss_dict
 from fastkd.models import EMATeacher, MoCoPredictor, MoCoProjector, momentum_schedule
 from fastkd.models.ema_teacher import BN_STATS
 from fastkd.method_protocol import grouped_parameters
@@ -69,20 +69,10 @@ class MoCoV3Config:
 
     def __post_init__(self):
         self.backbone = backbone_spec("backbone", self.backbone, BackboneSpec("vit_small_patch16_224"), TRAINED_KEYS)
-        check_str("attention", self.attention, optional=True)
-        if self.proj_layers is not None:
-            check_number("proj_layers", self.proj_layers, low=1, integer=True)
-        check_number("proj_hidden_dim", self.proj_hidden_dim, low=1, integer=True)
-        check_number("pred_hidden_dim", self.pred_hidden_dim, low=1, integer=True)
-        check_number("out_dim", self.out_dim, low=1, integer=True)
+        check_typed_fields(self)
         if self.temperature is not None:
             check_number("temperature", self.temperature, low=0.0, low_open=True)
         check_number("base_momentum", self.base_momentum, low=0.0, high=1.0)
-        check_bool("checkpointing", self.checkpointing)
-        check_bool("decay_all_params", self.decay_all_params)
-        for name in ("freeze_patch_embed", "sincos_pos_embed", "mocov3_init", "pred_last_bn"):
-            if getattr(self, name) is not None:
-                check_bool(name, getattr(self, name))
         check_choice("momentum_bn_stats", self.momentum_bn_stats, BN_STATS)
 
 
@@ -141,11 +131,9 @@ class MoCoV3(Method, name="mocov3", recipe="mocov3", role="pretrain", config=MoC
     def param_groups(self, weight_decay: float) -> list[dict]:
         """One decayed group of every trained parameter (``decay_all_params``, the official
         recipe), else weights decayed and biases / norm weights not."""
-        check_number("weight_decay", weight_decay, low=0.0)
         return grouped_parameters(self.named_parameters(), weight_decay, decay_all=self.config.decay_all_params)
 
     def momentum_at(self, step: int, total_steps: int) -> float:
-        check_progress(step, total_steps)
         return momentum_schedule(step, total_steps, self.config.base_momentum)
 
     @torch.no_grad()

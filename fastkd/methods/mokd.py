@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastkd.checks import check_bool, check_choice, check_number, check_str
+from fastkd.checks import check_choice, check_number, check_str
 from fastkd.data.batch import Batch
 from fastkd.losses.dino import DINOLoss
 from fastkd.method_protocol import grouped_parameters
 from fastkd.methods.backbones import TRAINED_KEYS, BackboneSpec, backbone_specs
-from fastkd.methods.base import Method, check_batch, check_progress, loss_dict
+from fastkd.methods.base import Method, check_batch, check_typed_fields, loss_dict
 from fastkd.models import DINOHead, EMATeacher, THead, momentum_schedule
 from fastkd.models.backbone import POS_EMBED_RESIZES
 
@@ -120,19 +120,10 @@ class MOKDConfig:
 
     def __post_init__(self):
         self.models = backbone_specs("models", self.models, MODEL_DEFAULTS, TRAINED_KEYS)
+        check_typed_fields(self)
         for name in ("thead_tag_a", "thead_tag_b"):
             check_str(name, getattr(self, name))
-        check_str("attention", self.attention, optional=True)
-        for name in ("checkpointing", "norm_last_layer_a", "norm_last_layer_b", "thead_norm_last_layer",
-                     "thead_pos_embed", "thead_a_decay_all"):
-            check_bool(name, getattr(self, name))
-        for name in ("out_dim", "dino_hidden_dim", "bottleneck_dim", "thead_dim", "thead_depth", "thead_heads",
-                     "num_global_views"):
-            check_number(name, getattr(self, name), low=1, integer=True)
-        for name in ("thead_pos_grid_a", "thead_pos_grid_b"):
-            if getattr(self, name) is not None:
-                check_number(name, getattr(self, name), low=1, integer=True)
-        for name in ("lambda_a", "lambda_b"):
+        for name in ("lambda_a", "lambda_b", "freeze_last_layer_epochs"):
             check_number(name, getattr(self, name), low=0.0)
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
             check_number(name, getattr(self, name), low=0.0, low_open=True)
@@ -141,7 +132,6 @@ class MOKDConfig:
             check_number(name, getattr(self, name), low=0.0, high=1.0)
         check_choice("evaluate", self.evaluate, MODELS)
         check_choice("pos_embed_resize", self.pos_embed_resize, POS_EMBED_RESIZES)
-        check_number("freeze_last_layer_epochs", self.freeze_last_layer_epochs, low=0.0)
 
     def warmup_fraction_of(self, x: str, term: str) -> float:
         """The teacher-temperature warm-up fraction of model ``x``'s ``term``."""
@@ -271,7 +261,6 @@ class MOKD(Method, name="mokd", recipe="dino_multicrop", role="distill", config=
         ``"model": "a" | "b"`` so a trainer can give the two models their own optimiser/schedule;
         each T-head's groups carry ``thead_tag_a`` / ``thead_tag_b`` instead (default ``a_thead``
         and ``b``: the official code gives the CNN's T-head the ViT's lr / weight-decay schedules)."""
-        check_number("weight_decay", weight_decay, low=0.0)
         groups = []
         for x in MODELS:
             branch = self.branches[x]
@@ -298,7 +287,6 @@ class MOKD(Method, name="mokd", recipe="dino_multicrop", role="distill", config=
     def after_step(self, step: int, total_steps: int, found_inf: torch.Tensor | None = None) -> None:
         """EMA update of both teachers (dropped on the device when ``found_inf`` is 1); the teacher
         temperature moves to that of ``step + 1`` (a function of the step number, also on a skipped step)."""
-        check_progress(step, total_steps)
         momentum = momentum_schedule(step, total_steps, self.config.base_momentum)
         for x in MODELS:
             self.teachers[x].update(momentum, skip=found_inf)

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastkd.checks import check_bool, check_choice, check_number, check_str
+from fastkd.checks import check_choice, check_number
 from fastkd.data.batch import Batch
 from fastkd.losses import FeatureAlignLoss
 from fastkd.methods.backbones import BackboneSpec, backbone_spec, backbone_specs
-from fastkd.methods.base import Method, check_batch, check_progress, loss_dict, masked_forward
+from fastkd.methods.base import Method, check_batch, check_typed_fields, loss_dict, masked_forward
 from fastkd.models import LinearProjector, MLPProjector
 from fastkd.ops import TARGET_NORMS as OP_TARGET_NORMS
 from fastkd.ops import LOSSES, gather_tokens
@@ -69,12 +69,10 @@ class MOMAConfig:
         check_choice("mode", self.mode, MODES)
         self.student = backbone_spec("student", self.student, STUDENT)
         self.teachers = backbone_specs("teachers", self.teachers, {name: TEACHER for name in ("mocov3", "mae")})
-        check_str("attention", self.attention, optional=True)
-        check_bool("checkpointing", self.checkpointing)
+        check_typed_fields(self)
         check_choice("target", self.target, TARGETS)
         check_choice("target_norm", self.target_norm, TARGET_NORMS)
         check_choice("projector", self.projector, PROJECTORS)
-        check_number("projector_hidden_dim", self.projector_hidden_dim, low=1, integer=True)
         check_choice("loss", self.loss, LOSSES)
         check_number("beta", self.beta, low=0.0, low_open=True)
         check_number("mask_ratio", self.mask_ratio, low=0.0, high=1.0)
@@ -137,7 +135,3 @@ class MOMA(Method, name="moma", recipe="mae", role="distill", config=MOMAConfig)
                 parts[f"{name}_patch"] = self.align(projected[:, prefix:], visible_target)
                 weights[f"{name}_patch"] = weight
         return loss_dict(parts, weights, {"visible_tokens": torch.tensor(float(keep_idx.shape[1]))})
-
-    def after_step(self, step: int, total_steps: int, found_inf: torch.Tensor | None = None) -> None:
-        """MOMA's teachers are frozen: nothing moves between steps (``found_inf`` changes nothing)."""
-        check_progress(step, total_steps)
