@@ -108,10 +108,7 @@ def load_images(source, exclude: str | os.PathLike | Iterable[str] | None = None
     """``source``: an ImageList, an ImageFolder root, or a file-list text file; ``exclude``: an
     exclusion-list file or an iterable of paths (absolute, or relative to the dataset root)."""
     check_instance("source", source, (ImageList, str, os.PathLike), "a path or an ImageList")
-    if isinstance(source, ImageList):
-        images = source
-    else:
-        images = file_list(source) if Path(source).is_file() else image_folder(source)
+    images = source if isinstance(source, ImageList) else (file_list if Path(source).is_file() else image_folder)(source)
     if exclude is None:
         return images
     check_instance("exclude", exclude, (str, os.PathLike, Iterable), "a path, an iterable of paths or None")
@@ -122,6 +119,5 @@ def load_images(source, exclude: str | os.PathLike | Iterable[str] | None = None
     keep = [i for i, f in enumerate(images.files) if f not in dropped]
     if not keep:
         raise ValueError(f"dataset at {images.root!r} has no images left after excluding {len(dropped)} files")
-    return ImageList(
-        tuple(images.files[i] for i in keep), tuple(images.labels[i] for i in keep), images.classes, images.root
-    )
+    return ImageList(tuple(images.files[i] for i in keep), tuple(images.labels[i] for i in keep), images.classes,
+                     images.root)

@@ -61,10 +61,8 @@ def build_loader(source, recipe, *, batch_size: int, backend: str = "auto", devi
         raise ValueError(f"device={str(device)!r} but CUDA is not available")
     recipe = build_recipe(recipe, **recipe_overrides)
     images = load_images(source, exclude)
-    if shuffle is None:
-        shuffle = recipe.shuffle
-    shard = EpochShard(len(images), batch_size, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
-                       drop_last=drop_last)
+    shard = EpochShard(len(images), batch_size, rank=rank, world_size=world_size, seed=seed, drop_last=drop_last,
+                       shuffle=recipe.shuffle if shuffle is None else shuffle)
     if backend == "auto":
         backend = "dali" if dali_available() and not skip_bad_images else "torch"
     if backend == "torch":
@@ -76,8 +74,7 @@ def build_loader(source, recipe, *, batch_size: int, backend: str = "auto", devi
         raise ValueError(f"backend={backend!r} needs NVIDIA DALI: pip install 'fastkd[dali]'")
     from .dali_loader import DaliViewLoader
 
+    device_id = None  # the CPU-only pipeline
     if backend == "dali" and device.type == "cuda":
         device_id = device.index if device.index is not None else torch.cuda.current_device()
-    else:
-        device_id = None
     return DaliViewLoader(images, recipe, shard, device=device, device_id=device_id, num_threads=max(1, num_workers))

@@ -139,10 +139,16 @@ def build_recipe(name: str | Recipe, **overrides) -> Recipe:
     return factory(**overrides)
 
 
-def _mocov3_view(size: int, scale, blur_p: float, solarize_p: float, blur: bool = True,
-                 interpolation: str = "bilinear") -> ViewSpec:
+def _mocov3_view(size: int, scale, blur_p: float, solarize_p: float, blur: bool, interpolation: str) -> ViewSpec:
+    check_bool("blur", blur)  # the views check the rest
     return ViewSpec(size=size, scale=tuple(scale), interpolation=interpolation, jitter=ColorJitter(), grayscale_p=0.2,
                     blur_p=blur_p if blur else 0.0, solarize_p=solarize_p)
+
+
+def _asymmetric_pair(size: int, scale, blur: bool, interpolation: str) -> tuple[ViewSpec, ViewSpec]:
+    """MoCo v3's / BYOL's two views: blur 1.0 and 0.1, solarize 0 and 0.2."""
+    return (_mocov3_view(size, scale, 1.0, 0.0, blur, interpolation),
+            _mocov3_view(size, scale, 0.1, 0.2, blur, interpolation))
 
 
 @register_recipe("mocov3")
@@ -151,9 +157,7 @@ def mocov3(size: int = 224, scale=(0.08, 1.0), blur: bool = True, interpolation:
     drops the Gaussian blur, as CIFAR-size recipes do (sigma 0.1-2 px is meant for 224 px views
     and wipes out the detail of a 32 px one). ``interpolation`` of the random resized crop:
     bilinear by default, as MoCo v3's ``main_moco.py`` (torchvision's default)."""
-    check_bool("blur", blur)  # the views check the rest
-    return Recipe("mocov3", (_mocov3_view(size, scale, 1.0, 0.0, blur, interpolation),
-                             _mocov3_view(size, scale, 0.1, 0.2, blur, interpolation)))
+    return Recipe("mocov3", _asymmetric_pair(size, scale, blur, interpolation))
 
 
 @register_recipe("dino_multicrop")
@@ -164,12 +168,8 @@ def dino_multicrop(global_size: int = 224, global_scale=(0.25, 1.0), local_crops
     ``interpolation`` of every random resized crop: bicubic by default, as DINO's and the official
     MOKD code's ``RandomResizedCrop(..., interpolation=Image.BICUBIC)``."""
     check_number("local_crops", local_crops, low=0, integer=True)
-    check_bool("blur", blur)  # the views check the rest
-    global_views = (
-        _mocov3_view(global_size, global_scale, 1.0, 0.0, blur, interpolation),
-        _mocov3_view(global_size, global_scale, 0.1, 0.2, blur, interpolation),
-    )
     local = _mocov3_view(local_size, local_scale, 0.5, 0.0, blur, interpolation)
+    global_views = _asymmetric_pair(global_size, global_scale, blur, interpolation)
     return Recipe("dino_multicrop", global_views + (local,) * local_crops)
 
 

@@ -1,16 +1,11 @@
 """The built-in sample dataset: a deterministic ImageFolder of small procedural JPEGs.
 
-12 classes, one per two-tone texture (``CLASSES``: stripes, thin stripes, checker, dots, rings,
-grid, crosses, zigzag, triangles, bricks, blobs, concentric circles). Every image (64-96 px per
-side) draws its texture period (10-16 px), a small rotation (within +-15 degrees), phase, dark ink
-and light paper levels (each with a per-channel tint of +-20) and pixel noise from
-``numpy.random.default_rng([seed, index])``, so the files are byte-identical for a seed.
-
-Why textures, near-upright and near-grey: self-supervised methods learn what every augmented view
-of an image shares and what tells images apart. The texture is shared by every crop, while the
-instance cues a class does not own are kept weak (colours vary little and colour jitter blurs
-them; crops change position, scale and phase) — with free colours or free orientations a tiny
-MoCo v3 learns those instead and its k-NN stays near chance for the demo's whole budget.
+12 classes, one per two-tone texture (``CLASSES``). Every image (64-96 px per side) draws its texture
+period (10-16 px), rotation (within +-15 degrees), phase, ink and paper levels (each tinted +-20 per
+channel) and pixel noise from ``numpy.random.default_rng([seed, index])``: byte-identical for a seed.
+Textures, near-upright and near-grey, because self-supervised methods learn what every view of an
+image shares: with free colours or orientations a tiny MoCo v3 learns those instead of the class and
+its k-NN stays near chance for the demo's whole budget.
 """
 
 from __future__ import annotations

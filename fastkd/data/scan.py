@@ -48,9 +48,8 @@ def _dataset_files(root: Path) -> tuple[Path, list[str]]:
     return root.resolve(), files
 
 
-def scan_dataset(
-    root: str | os.PathLike, workers: int = 4, *, out: str | os.PathLike | None = None, progress: bool = True
-) -> ScanResult:
+def scan_dataset(root: str | os.PathLike, workers: int = 4, *, out: str | os.PathLike | None = None,
+                 progress: bool = True) -> ScanResult:
     """Decode every image under ``root`` (ImageFolder tree, or a file list) with ``workers``
     threads; if ``out`` is given, write the exclusion list there (``path<TAB>reason`` lines).
     ``progress``: see :func:`fastkd.progress.progress_disable`."""
@@ -60,14 +59,7 @@ def scan_dataset(
         reasons = list(tqdm(pool.map(check_image, files), total=len(files), desc="scan", unit="img",
                             disable=progress_disable(progress)))
     bad = tuple(sorted((os.path.relpath(f, base), r) for f, r in zip(files, reasons) if r is not None))
-    result = ScanResult(str(base), len(files), bad)
-    if out is not None:
-        write_exclusions(result, out)
-    return result
-
-
-def write_exclusions(result: ScanResult, out: str | os.PathLike) -> Path:
-    """Write ``result.bad`` as an exclusion list (:func:`fastkd.durable.atomic_write_text`); returns its path."""
-    lines = [f"# fastkd data scan {result.root}: {len(result.bad)} of {result.checked} files undecodable"]
-    lines += [f"{path}\t{reason}" for path, reason in result.bad]
-    return atomic_write_text(out, "\n".join(lines) + "\n")
+    if out is not None:  # durably (fastkd.durable.atomic_write_text)
+        lines = [f"# fastkd data scan {base}: {len(bad)} of {len(files)} files undecodable"]
+        atomic_write_text(out, "\n".join(lines + [f"{path}\t{reason}" for path, reason in bad]) + "\n")
+    return ScanResult(str(base), len(files), bad)

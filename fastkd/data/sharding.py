@@ -15,18 +15,14 @@ import torch
 from fastkd.checks import check_number, check_positive_ints
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The CPU generator every rank uses for ``epoch``'s order (same on all ranks)."""
-    check_number("seed", seed, low=0, integer=True)
-    check_number("epoch", epoch, low=0, integer=True)
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
 def shard_batches(num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                   epoch: int = 0, shuffle: bool = True, drop_last: bool = True) -> list[list[int]]:
     """Index batches of ``rank`` for ``epoch`` (see module docstring)."""
     count = num_batches(num_samples, batch_size, world_size=world_size, rank=rank, drop_last=drop_last)
-    order = torch.randperm(num_samples, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(num_samples)
+    check_number("seed", seed, low=0, integer=True)
+    check_number("epoch", epoch, low=0, integer=True)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # the same on every rank
+    order = torch.randperm(num_samples, generator=generator) if shuffle else torch.arange(num_samples)
     shard = order[rank::world_size].tolist()[: count * batch_size]
     return [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
 

@@ -172,18 +172,15 @@ class TorchViewLoader:
     def close(self) -> None:
         """Stops the worker processes now (they restart on the next iteration). Workers that do not
         exit after the DataLoader's own shutdown are killed: they ignore SIGTERM by design."""
-        iterator = getattr(self._loader, "_iterator", None)
+        iterator, self._loader._iterator = self._loader._iterator, None  # set only with persistent workers
         if iterator is None:
             return
-        workers = list(getattr(iterator, "_workers", ()))
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        workers = list(iterator._workers)
+        iterator._shutdown_workers()
         for worker in workers:
             if worker.is_alive():
                 worker.kill()
                 worker.join()
-        self._loader._iterator = None
 
     def set_epoch(self, epoch: int) -> None:
         self._batches.shard.epoch = epoch

@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fastkd.checks import check_choice, check_instance, check_number, check_positive_ints, check_str
+from fastkd.data.recipes import INTERPOLATIONS
 from fastkd.durable import atomic_write_json, read_torch_file
 from fastkd.eval.linear_probe import EvalResult, topk_accuracy, train_epoch
 from fastkd.eval.models import native_image_size
@@ -65,7 +66,6 @@ __all__ = ["FINETUNE_RECIPES", "FinetuneRecipe", "FinetuneResult", "build_finetu
 
 GLOBAL_POOLS = ("avg", "token")
 PRECISIONS = ("fp32", "bf16")
-INTERPOLATIONS = ("bicubic", "bilinear")
 MODEL_FILE = "finetuned.pt"  # what finetune(output=DIR) writes into DIR (save_backbone's fastkd format)
 HISTORY_FILE = "finetune.json"
 
