@@ -1,6 +1,5 @@
-"""The ``fastkd data`` subcommands: ``data sample DIR --images N --seed S`` and
-``data scan ROOT [--out FILE] [--workers N]``. ``fastkd/cli.py`` calls :func:`register`; each
-subcommand sets ``func`` (``args -> exit code``)."""
+"""``fastkd data sample DIR --images N --seed S`` and ``fastkd data scan ROOT [--out FILE] [--workers N]``
+(``fastkd/cli.py`` calls :func:`register`; each subcommand sets ``func``: ``args -> exit code``)."""
 
 from __future__ import annotations
 

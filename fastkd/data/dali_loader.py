@@ -48,11 +48,8 @@ def _dali_reason(error: Exception) -> str:
 
 
 class DaliViewLoader:
-    """Iterable of :class:`Batch` from the DALI pipeline (see ``build_loader``).
-
-    ``device_id=None`` runs the CPU-only pipeline (views are then moved to ``device``). Random
-    augmentations follow the pipeline seed ``(seed, rank)`` through consecutive epochs.
-    """
+    """Iterable of :class:`Batch` from the DALI pipeline (see ``build_loader``); ``device_id=None``: the
+    CPU-only pipeline. Augmentations follow the pipeline seed ``(seed, rank)`` through the epochs."""
 
     def __init__(self, images: ImageList, recipe: Recipe, shard: EpochShard, *, device: torch.device,
                  device_id: int | None, num_threads: int):

@@ -82,11 +82,8 @@ def _view(encoded, decoded, spec: ViewSpec, decode_device: str, fused_crop: bool
 
 def build_dali_pipeline(recipe: Recipe, source, *, batch_size: int, num_threads: int, device_id: int | None,
                         seed: int, prefetch: int = 2) -> Pipeline:
-    """Unbuilt pipeline whose outputs are ``recipe``'s views, each a batch of ``[3, H, W]`` float32.
-
-    ``source`` is an iterable yielding, per batch, a list of 1-D uint8 arrays (encoded files) and
-    raising ``StopIteration`` at the end of an epoch. ``device_id=None`` gives the CPU-only pipeline.
-    """
+    """Unbuilt pipeline whose outputs are ``recipe``'s views, each a batch of ``[3, H, W]`` float32;
+    ``source`` yields per batch a list of 1-D uint8 arrays (encoded files) and ends with the epoch."""
     check_instance("recipe", recipe, Recipe, "a Recipe")
     if device_id is not None:
         check_number("device_id (None: CPU-only, else a CUDA device index)", device_id, low=0, integer=True)

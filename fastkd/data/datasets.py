@@ -1,9 +1,6 @@
-"""Image sources: an ImageFolder tree (``root/<class>/<image>``) or a file list with labels, minus
-an exclusion list (written by ``fastkd data scan``).
-
-A file list is a text file with one ``<path> <label>`` per line (``label`` an int >= 0, or -1 for
-unknown; paths relative to the list file's folder; ``#`` starts a comment).
-"""
+"""Image sources: an ImageFolder tree (``root/<class>/<image>``) or a file list (one ``<path> <label>``
+per line, ``label`` an int >= 0 or -1 for unknown, paths relative to the list's folder, ``#``
+comments), minus an exclusion list (written by ``fastkd data scan``)."""
 
 from __future__ import annotations
 
@@ -108,7 +105,9 @@ def load_images(source, exclude: str | os.PathLike | Iterable[str] | None = None
     """``source``: an ImageList, an ImageFolder root, or a file-list text file; ``exclude``: an
     exclusion-list file or an iterable of paths (absolute, or relative to the dataset root)."""
     check_instance("source", source, (ImageList, str, os.PathLike), "a path or an ImageList")
-    images = source if isinstance(source, ImageList) else (file_list if Path(source).is_file() else image_folder)(source)
+    images = source
+    if not isinstance(source, ImageList):
+        images = file_list(source) if Path(source).is_file() else image_folder(source)
     if exclude is None:
         return images
     check_instance("exclude", exclude, (str, os.PathLike, Iterable), "a path, an iterable of paths or None")

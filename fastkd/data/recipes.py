@@ -1,8 +1,7 @@
 """Declarative view recipes: what each augmented view of an image is, independent of the backend.
 
-A :class:`Recipe` is a tuple of :class:`ViewSpec`; the DALI pipeline (``dali_pipeline.py``) and
-the PyTorch/PIL pipeline (``torch_pipeline.py``) both compile the same specs, so a recipe is
-defined once. A view is, in order (torchvision / MoCo v3 semantics):
+A :class:`Recipe` is a tuple of :class:`ViewSpec`, compiled by both the DALI and the PyTorch/PIL
+pipeline. A view is, in order (torchvision / MoCo v3 semantics):
 
 - geometry: ``RandomResizedCrop(size, scale, ratio)`` (area fraction ``scale``, aspect ratio
   log-uniform in ``ratio``) or, when ``scale is None``, ``Resize(resize)`` of the shorter side
@@ -15,8 +14,8 @@ defined once. A view is, in order (torchvision / MoCo v3 semantics):
 - with probability ``flip_p``: horizontal flip;
 - ``(x / 255 - mean) / std`` with the ImageNet mean/std, as float32 ``[3, size, size]``.
 
-Add a recipe with ``@register_recipe("name")`` on a function whose keyword arguments are the
-recipe's overridable parameters (``build_loader(..., **recipe_overrides)`` passes them through).
+``@register_recipe("name")`` on a function adds a recipe; its keyword arguments are the recipe's
+overridable parameters (``build_loader(..., **recipe_overrides)``).
 """
 
 from __future__ import annotations
@@ -153,20 +152,17 @@ def _asymmetric_pair(size: int, scale, blur: bool, interpolation: str) -> tuple[
 
 @register_recipe("mocov3")
 def mocov3(size: int = 224, scale=(0.08, 1.0), blur: bool = True, interpolation: str = "bilinear") -> Recipe:
-    """MoCo v3 / BYOL: two asymmetric views (blur 1.0 / 0.1, solarize 0 / 0.2). ``blur=False``
-    drops the Gaussian blur, as CIFAR-size recipes do (sigma 0.1-2 px is meant for 224 px views
-    and wipes out the detail of a 32 px one). ``interpolation`` of the random resized crop:
-    bilinear by default, as MoCo v3's ``main_moco.py`` (torchvision's default)."""
+    """MoCo v3 / BYOL: two asymmetric views. ``blur=False`` drops the Gaussian blur, as CIFAR-size
+    recipes do (sigma 0.1-2 px wipes out a 32 px view). ``interpolation`` of the random resized
+    crop: bilinear, as MoCo v3's ``main_moco.py`` (torchvision's default)."""
     return Recipe("mocov3", _asymmetric_pair(size, scale, blur, interpolation))
 
 
 @register_recipe("dino_multicrop")
 def dino_multicrop(global_size: int = 224, global_scale=(0.25, 1.0), local_crops: int = 8, local_size: int = 96,
                    local_scale=(0.05, 0.25), blur: bool = True, interpolation: str = "bicubic") -> Recipe:
-    """DINO multi-crop: two global views (asymmetric like MoCo v3) then ``local_crops`` local views
-    (blur p 0.5, no solarize); ``blur=False`` drops the blur (small images, see ``mocov3``).
-    ``interpolation`` of every random resized crop: bicubic by default, as DINO's and the official
-    MOKD code's ``RandomResizedCrop(..., interpolation=Image.BICUBIC)``."""
+    """DINO multi-crop: two global views (as MoCo v3's) then ``local_crops`` local views (blur p 0.5,
+    no solarize); ``blur``: see ``mocov3``. ``interpolation``: bicubic, as DINO's and MOKD's code."""
     check_number("local_crops", local_crops, low=0, integer=True)
     local = _mocov3_view(local_size, local_scale, 0.5, 0.0, blur, interpolation)
     global_views = _asymmetric_pair(global_size, global_scale, blur, interpolation)
@@ -189,7 +185,6 @@ def eval_recipe(size: int = 224, resize: int = 256) -> Recipe:
 @register_recipe("linear")
 def linear(size: int = 224, scale=(0.08, 1.0), interpolation: str = "bicubic") -> Recipe:
     """Linear-probe training (DINO ``eval_linear.py``, MoCo v3 ``main_lincls.py``): one
-    ``RandomResizedCrop(size, scale)`` (aspect ratio 3/4-4/3) and a horizontal flip (p 0.5), nothing
-    else. ``interpolation``: bicubic by default; both official scripts use torchvision's default
-    (bilinear), which :mod:`fastkd.eval.linear_protocols` passes."""
+    ``RandomResizedCrop(size, scale)`` and a horizontal flip, nothing else; both scripts crop bilinear
+    (torchvision's default), which :mod:`fastkd.eval.linear_protocols` passes."""
     return Recipe("linear", (ViewSpec(size=size, scale=tuple(scale), interpolation=interpolation, flip_p=0.5),))

@@ -39,22 +39,17 @@ def check_image(path: str) -> str | None:
     return None
 
 
-def _dataset_files(root: Path) -> tuple[Path, list[str]]:
-    if root.is_file():
-        return root.parent.resolve(), list(file_list(root).files)
-    files = image_files(root.resolve(), "dataset root")
-    if not files:
-        raise ValueError(f"dataset root {str(root)!r} has no images")
-    return root.resolve(), files
-
-
 def scan_dataset(root: str | os.PathLike, workers: int = 4, *, out: str | os.PathLike | None = None,
                  progress: bool = True) -> ScanResult:
     """Decode every image under ``root`` (ImageFolder tree, or a file list) with ``workers``
     threads; if ``out`` is given, write the exclusion list there (``path<TAB>reason`` lines).
     ``progress``: see :func:`fastkd.progress.progress_disable`."""
     check_number("workers", workers, low=1, integer=True)
-    base, files = _dataset_files(Path(root))
+    root = Path(root)
+    base = root.parent.resolve() if root.is_file() else root.resolve()
+    files = list(file_list(root).files) if root.is_file() else image_files(base, "dataset root")
+    if not files:
+        raise ValueError(f"dataset root {str(root)!r} has no images")
     with ThreadPoolExecutor(workers) as pool:
         reasons = list(tqdm(pool.map(check_image, files), total=len(files), desc="scan", unit="img",
                             disable=progress_disable(progress)))

@@ -62,11 +62,6 @@ def view_transform(spec: ViewSpec) -> T.Compose:
     return T.Compose(steps)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The torch seed of one sample's augmentations."""
-    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
-
-
 class BadImage(NamedTuple):
     """What :class:`ViewDataset` returns for an undecodable image when it skips bad images."""
 
@@ -97,7 +92,7 @@ class ViewDataset(torch.utils.data.Dataset):
             raise BadImageError(f"cannot decode image {path!r} ({type(error).__name__}: {error}); run `fastkd data "
                                 f"scan {self.images.root}` and pass its exclusion list as data.exclude=") from None
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63)  # this sample's
             views = [transform(image) for transform in self.transforms]
         return views, self.images.labels[index], index
 
@@ -127,14 +122,18 @@ def _ignore_stop_signals(worker_id: int) -> None:
 _WORKERS: "weakref.WeakSet[multiprocessing.Process]" = weakref.WeakSet()  # ignore SIGTERM
 
 
-@atexit.register  # exit hooks run last-registered first: this one before multiprocessing's
-def _stop_workers_at_exit() -> None:
-    """Kills this module's live workers (SIGKILL cannot be ignored): an unclosed loader's workers
-    may outlive every reference to it until interpreter exit."""
-    for process in list(_WORKERS):
+def _kill(processes) -> None:
+    """SIGKILL (which they cannot ignore) and reap the live ones of ``processes``."""
+    for process in list(processes):
         if process.is_alive():
             process.kill()
             process.join()
+
+
+@atexit.register  # exit hooks run last-registered first: this one before multiprocessing's
+def _stop_workers_at_exit() -> None:
+    """An unclosed loader's workers may outlive every reference to it until interpreter exit."""
+    _kill(_WORKERS)
 
 
 class _Collated(NamedTuple):
@@ -177,10 +176,7 @@ class TorchViewLoader:
             return
         workers = list(iterator._workers)
         iterator._shutdown_workers()
-        for worker in workers:
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
+        _kill(workers)
 
     def set_epoch(self, epoch: int) -> None:
         self._batches.shard.epoch = epoch
@@ -195,7 +191,7 @@ class TorchViewLoader:
             for batch, bad in batches:
                 self._warn(bad)
                 if batch is not None:
-                    yield batch if self.device.type == "cpu" else batch.to(self.device)
+                    yield batch.to(self.device)
         except BadImageError as error:  # from a worker the message carries its traceback: keep the last line
             raise BadImageError(str(error).strip().splitlines()[-1].removeprefix("BadImageError: ")) from None
 
