@@ -15,7 +15,6 @@ antialiased bicubic resize) or ``"dino"`` (:func:`fastkd.models.position_embeddi
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -113,26 +112,11 @@ class Backbone(nn.Module):
                 raise ValueError(f"{self.name} is a ResNet: keep, return_qk and return_layers apply to ViTs only")
         elif keep is not None:
             self._check_keep(keep, x)
-        features_pass = self.__dict__.get("_compiled_features_pass") or Backbone._features_pass
-        if keep is not None and features_pass is not Backbone._features_pass:
-            # the kept-token count follows the keep-ratio schedule: one graph for every K
-            torch._dynamo.maybe_mark_dynamic(keep, 1)
-        out = features_pass(self, x, keep, qk_blocks, layer_blocks)
+        out = self._features_pass(x, keep, qk_blocks, layer_blocks)
         if not self.is_vit:
             return Features(pooled=out[0], feature_map=out[1])
         tokens, qk, layers = out
         return Features(tokens=tokens, qk=dict(zip(qk_blocks, qk)), layers=dict(zip(layer_blocks, layers)))
-
-    def compile(self, **compile_kwargs) -> None:
-        """``torch.compile`` the pass of :meth:`forward_features` and :meth:`forward` in place (the fused
-        ops stay in the graph; the kept-token count is dynamic). A deep copy (an EMA teacher) runs the
-        same compiled code on its own weights. Each backbone compiles its own copy of the code:
-        dynamo's recompile limit (8) counts graphs per code object, which several backbones in one
-        process (MOKD's four) would otherwise exceed."""
-        shared = Backbone._features_pass
-        own = types.FunctionType(shared.__code__.replace(), shared.__globals__, shared.__name__,
-                                 shared.__defaults__, shared.__closure__)
-        self.__dict__["_compiled_features_pass"] = torch.compile(own, **compile_kwargs)
 
     def _features_pass(self, x: torch.Tensor, keep: torch.Tensor | None, qk_blocks: tuple[int, ...],
                        layer_blocks: tuple[int, ...]) -> tuple:

@@ -8,10 +8,6 @@ outside. Integer attributes of the method's modules (Hybrid Distill's kept-token
 unspecialised: the first value compiles a static graph, a second one a graph with that count
 symbolic, and every later keep-ratio stage reuses it.
 
-Each compiled method runs its own copy of its class's ``forward`` code: dynamo counts graphs per code
-object under one recompile limit (8), so a process that builds several instances of one method (a
-benchmark, a notebook) would otherwise hit it, a hard error under ``fullgraph=True``.
-
 ``train.compile: auto``: on CUDA always; elsewhere on when the run is long enough to repay the
 compilation, ``(eager_step_s - compiled_step_s) * total_steps > compile_s``, from step times that
 earlier runs of the same method, batch size and precision measured on this machine and recorded
@@ -25,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import statistics
-import types
 
 import torch
 import torch._dynamo
@@ -36,12 +31,9 @@ from fastkd import measured_choice
 
 def compile_method(method: nn.Module, *, backend: str = "inductor") -> None:
     """Replace ``method.forward`` by ``torch.compile`` of it (``fullgraph=True``), in place."""
-    shared = type(method).forward
-    own = types.FunctionType(shared.__code__.replace(), shared.__globals__, shared.__name__, shared.__defaults__,
-                             shared.__closure__)
-    compiled = torch.compile(types.MethodType(own, method), fullgraph=True, backend=backend)
+    compiled = torch.compile(method.forward, fullgraph=True, backend=backend)
 
-    @functools.wraps(shared)
+    @functools.wraps(type(method).forward)
     def forward(*args, **kwargs):
         with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
             return compiled(*args, **kwargs)
