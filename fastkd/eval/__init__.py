@@ -1,8 +1,8 @@
 """Evaluation of saved models: k-NN, the cached linear probe, the papers' linear protocols (DINO, MoCo v3)
 and end-to-end fine-tuning (DeiT / MAE recipe)."""
 
-from fastkd.eval.evaluate import evaluate_knn, evaluate_linear, split_features
-from fastkd.eval.features import FeatureSet, cached_features, extract_features
+from fastkd.eval.evaluate import (FeatureSet, cached_features, evaluate_knn, evaluate_linear, extract_features,
+                                  split_features)
 from fastkd.eval.finetune import FINETUNE_RECIPES, FinetuneRecipe, FinetuneResult, finetune, load_finetuned
 from fastkd.eval.knn import KNNResult, knn_classify
 from fastkd.eval.linear_probe import LinearProbeResult, train_linear_probe

@@ -1,23 +1,90 @@
-"""k-NN and linear-probe evaluation of a model on two ImageFolder splits (train = the memory
-bank / probe training set, val = the images scored), through ``fastkd.data.build_loader(...,
-"eval")`` (resize ``resize``, centre crop ``image_size``). Features can be cached in ``cache_dir``
-under ``<cache_key>-<split>.pt`` so a linear probe after a k-NN run re-uses them. Val classes are
-matched to train classes by name (see :func:`aligned_splits`)."""
+"""Frozen-feature extraction and the k-NN and linear-probe evaluation of a model on two ImageFolder
+splits (train = the memory bank / probe training set, val = the images scored).
+
+``extract_features(model, loader)`` runs ``model(batch.views[0])`` (a backbone's global feature
+``[B, D]``) over every batch, no grad, in eval mode, and returns the features in dataset-index
+order; the evaluations read the splits through ``fastkd.data.build_loader(..., "eval")`` (resize
+``resize``, centre crop ``image_size``) and can cache them in ``cache_dir`` under
+``<cache_key>-<split>.pt`` so a linear probe after a k-NN run re-uses them. Val classes are matched
+to train classes by name (see :func:`aligned_splits`)."""
 
 from __future__ import annotations
 
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from fastkd.checks import check_bool, check_number, check_positive_ints
-from fastkd.eval.features import FeatureSet, cached_features, extract_features
+from fastkd.checks import check_bool, check_instance, check_number, check_positive_ints
+from fastkd.durable import atomic_torch_save
 from fastkd.eval.knn import KNNResult, knn_classify
 from fastkd.eval.linear_probe import LinearProbeResult, train_linear_probe
+from fastkd.progress import progress_disable
+
+
+@dataclass
+class FeatureSet:
+    """``features`` ``[N, D]`` float32 on CPU, ``labels`` ``[N]`` int64, ``indices`` ``[N]``
+    (dataset indices, ascending)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+
+def model_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``model(images)``, which must be features ``[B, D]`` (ValueError otherwise)."""
+    output = model(images)
+    if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != images.shape[0]:
+        raise ValueError(f"model(images) must return features [B, D] for images {tuple(images.shape)}, "
+                         f"got {type(output).__name__} {tuple(getattr(output, 'shape', ()))}")
+    return output
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, loader, *, device: str | torch.device | None = None,
+                     autocast_dtype: torch.dtype | None = None, progress: bool = True,
+                     desc: str = "features") -> FeatureSet:
+    """Features of every image the loader yields (one pass, ``model.eval()``; the mode is restored).
+    ``progress``, ``desc``: the progress bar (see :func:`fastkd.progress.progress_disable`)."""
+    check_instance("model", model, nn.Module, "an nn.Module")
+    device = torch.device(device if device is not None else next(model.parameters(), torch.empty(0)).device)
+    was_training = model.training
+    model.eval()
+    features, labels, indices = [], [], []
+    try:
+        total = len(loader) if hasattr(loader, "__len__") else None
+        for batch in tqdm(loader, total=total, desc=desc, unit="batch", disable=progress_disable(progress)):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                output = model_features(model, batch.views[0].to(device, non_blocking=True))
+            features.append(output.float().cpu())
+            labels.append(batch.labels.cpu().long())
+            indices.append(batch.indices.cpu().long())
+    finally:
+        model.train(was_training)
+    if not features:
+        raise ValueError("the loader yielded no batch: nothing to evaluate")
+    index = torch.cat(indices)
+    order = index.argsort()
+    return FeatureSet(torch.cat(features)[order], torch.cat(labels)[order], index[order])
+
+
+def cached_features(cache: str | os.PathLike | None, compute) -> FeatureSet:
+    """``compute()`` (a callable returning a :class:`FeatureSet`), stored at ``cache``; a later
+    call with the same path loads the file instead. ``cache=None`` always computes."""
+    if cache is None:
+        return compute()
+    cache = Path(cache)
+    if cache.is_file():
+        return FeatureSet(**torch.load(cache, map_location="cpu", weights_only=True))
+    result = compute()
+    atomic_torch_save(vars(result), cache)
+    return result
 
 
 # option -> (lower bound, bound included, None allowed); ints are the options with an int bound
@@ -109,8 +176,10 @@ def aligned_splits(train_source, val_source):
     return train, val, counts
 
 
-def _both_splits(model, train_source, val_source, cache_dir, cache_key,
-                 loader_options) -> tuple[FeatureSet, FeatureSet, dict]:
+def _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options,
+                 **numeric) -> tuple[FeatureSet, FeatureSet, dict]:
+    """Both splits' features (``numeric``: the evaluation's own options, checked with the loader's first)."""
+    check_eval_options({**numeric, **loader_options})  # before extracting anything
     if cache_dir is not None and not cache_key:
         raise ValueError("cache_key is required with cache_dir (it names the model whose features are cached)")
     train_images, val_images, counts = aligned_splits(train_source, val_source)
@@ -123,8 +192,8 @@ def evaluate_knn(model: nn.Module, train_source, val_source, *, k: int = 20, tem
                  cache_dir: str | os.PathLike | None = None, cache_key: str | None = None,
                  **loader_options) -> KNNResult:
     """Weighted k-NN accuracy of ``model``'s features (train split as memory bank)."""
-    check_eval_options(dict(k=k, temperature=temperature, **loader_options))  # before extracting anything
-    train, val, counts = _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options)
+    train, val, counts = _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options, k=k,
+                                      temperature=temperature)
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
     result = knn_classify(train.features, train.labels, val.features, val.labels, num_classes=num_classes,
                           k=k, temperature=temperature)
@@ -137,9 +206,9 @@ def evaluate_linear(model: nn.Module, train_source, val_source, *, epochs: int =
                     cache_dir: str | os.PathLike | None = None, cache_key: str | None = None,
                     **loader_options) -> LinearProbeResult:
     """Linear-probe accuracy of ``model``'s frozen features."""
-    check_eval_options(dict(epochs=epochs, lr=lr, weight_decay=weight_decay, probe_batch_size=probe_batch_size,
-                            **loader_options))  # before extracting anything
-    train, val, counts = _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options)
+    train, val, counts = _both_splits(model, train_source, val_source, cache_dir, cache_key, loader_options,
+                                      epochs=epochs, lr=lr, weight_decay=weight_decay,
+                                      probe_batch_size=probe_batch_size)
     result = train_linear_probe(train.features, train.labels, val.features, val.labels, epochs=epochs, lr=lr,
                                 weight_decay=weight_decay, batch_size=probe_batch_size)
     result.class_counts = counts

@@ -55,6 +55,7 @@ from tqdm import tqdm
 from fastkd.checks import check_choice, check_instance, check_number, check_positive_ints, check_str
 from fastkd.data.recipes import INTERPOLATIONS
 from fastkd.durable import atomic_write_json, read_torch_file
+from fastkd.eval.evaluate import aligned_splits, check_run_options
 from fastkd.eval.linear_probe import EvalResult, topk_accuracy, train_epoch
 from fastkd.eval.models import native_image_size
 from fastkd.models.backbone import Backbone, build_backbone
@@ -391,8 +392,6 @@ def finetune(model: nn.Module, train_dir: str | os.PathLike, val_dir: str | os.P
     receives ``finetuned.pt`` (:func:`fastkd.models.save_backbone`; the classifier back with
     :func:`load_finetuned`) and ``finetune.json`` (:meth:`FinetuneResult.to_dict`). Every option is
     checked before any image is read; ``ValueError`` names a val class the train split lacks."""
-    from fastkd.eval.evaluate import aligned_splits, check_run_options
-
     recipe = resolve_finetune_recipe(recipe, epochs=epochs, batch_size=batch_size, blr=blr, layer_decay=layer_decay,
                                      drop_path=drop_path, global_pool=global_pool)
     device = check_run_options(device=device, num_workers=num_workers, seed=seed, progress=progress)

@@ -38,7 +38,8 @@ from torch import nn
 from tqdm import tqdm
 
 from fastkd.checks import check_bool, check_choice, check_instance, check_number, check_str
-from fastkd.eval.features import extract_features, model_features
+from fastkd.eval.evaluate import (aligned_splits, check_eval_options, check_run_options, extract_features,
+                                  model_features)
 from fastkd.eval.linear_probe import EvalResult, fold_linear, init_linear, topk_accuracy, train_epoch
 from fastkd.progress import progress_disable
 
@@ -255,6 +256,16 @@ class ProtocolFeatures(nn.Module):
         super().__init__()
         self.model, self.n_last_blocks, self.avgpool_patches = model, n_last_blocks, avgpool_patches
 
+    def describe(self) -> str:
+        """What the feature is, in words."""
+        if _vit_backbone(self.model) is None:
+            kind = "ResNet backbone: pooled last stage" if hasattr(self.model, "is_vit") else \
+                f"{type(self.model).__name__} is not a fastkd Backbone: its output"
+            return f"model(x) ({kind}; n_last_blocks=1, no patch average)"
+        blocks = f"{self.n_last_blocks} block{'s' if self.n_last_blocks > 1 else ''}"
+        return f"CLS after the final norm of the last {blocks}" + (
+            " + mean of the last block's normed patch tokens" if self.avgpool_patches else "")
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         vit = _vit_backbone(self.model)
         if vit is None:
@@ -293,15 +304,6 @@ class _Head(nn.Module):
         return fold_linear(self.linear, self.norm.running_mean, (self.norm.running_var + self.norm.eps).sqrt())
 
 
-def _describe_features(model: nn.Module, n_last_blocks: int, avgpool_patches: bool) -> str:
-    if _vit_backbone(model) is None:
-        kind = "ResNet backbone: pooled last stage" if hasattr(model, "is_vit") else \
-            f"{type(model).__name__} is not a fastkd Backbone: its output"
-        return f"model(x) ({kind}; n_last_blocks=1, no patch average)"
-    text = f"CLS after the final norm of the last {n_last_blocks} block{'s' if n_last_blocks > 1 else ''}"
-    return text + (" + mean of the last block's normed patch tokens" if avgpool_patches else "")
-
-
 def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str | LinearProtocol = "dino", *,
                              epochs: int | None = None, lrs: Sequence[float] | None = None,
                              batch_size: int | None = None, image_size: int | None = None, resize: int | None = None,
@@ -322,7 +324,6 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
     from fastkd.data import build_loader
     from fastkd.data.loader import BACKENDS
     from fastkd.data.recipes import Recipe, ViewSpec
-    from fastkd.eval.evaluate import aligned_splits, check_eval_options, check_run_options
     from fastkd.eval.models import native_image_size
     from fastkd.train.optim import apply_schedules, build_optimizer
     from fastkd.train.schedules import WarmupCosine, scaled_lr
@@ -402,7 +403,7 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
     best = max(range(len(sweep)), key=lambda i: (sweep[i]["top1"], sweep[i]["top5"], -i))
     return LinearProtocolResult(
         protocol=protocol.name, **sweep[best], sweep=sweep, feature_dim=dim, n_last_blocks=n_last_blocks,
-        avgpool_patches=avgpool_patches, features=_describe_features(model, n_last_blocks, avgpool_patches),
+        avgpool_patches=avgpool_patches, features=features.describe(),
         epochs=epochs, batch_size=batch_size,
         image_size=image_size, resize=resize, optimizer=protocol.optimizer, num_classes=num_classes,
         class_counts=class_counts, classifier=classifiers[best], classifiers=classifiers,
