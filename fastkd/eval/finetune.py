@@ -168,13 +168,11 @@ FINETUNE_RECIPES = {
 
 @dataclass
 class FinetuneResult(EvalResult):
-    """Val accuracies (percent): ``top1`` / ``top5`` after the last epoch, ``best_top1`` (with that
-    epoch's ``best_top5`` and 1-based ``best_epoch``); ``history``: per epoch ``epoch``, ``lr``
-    (peak group's, last step), ``train_loss``, ``val_loss``, ``top1``, ``top5``, ``seconds``;
-    ``recipe_values``: the recipe as run (with ``lr``, the capped ``warmup_epochs``, ``precision``,
-    ``seed``, ``new_parameters``: the keys not taken from the loaded model); ``classes``: train class
-    names in label order; ``model``: the fine-tuned Backbone (eval mode); ``model_file``: where
-    ``output`` saved it."""
+    """``top1`` / ``top5`` after the last epoch, ``best_top1`` / ``best_top5`` of the 1-based ``best_epoch``;
+    ``history``: per epoch ``epoch``, ``lr`` (peak group's, last step), ``train_loss``, ``val_loss``,
+    ``top1``, ``top5``, ``seconds``; ``recipe_values``: the recipe as run (with ``lr``, the capped
+    ``warmup_epochs``, ``precision``, ``seed``, ``new_parameters``: keys not from the loaded model);
+    ``classes``: train classes in label order; ``model``: the fine-tuned Backbone; ``model_file``: its file."""
 
     best_top1: float
     best_top5: float
@@ -194,17 +192,6 @@ def _classifier_prefix(net: nn.Module) -> str:
     return getattr(net, "pretrained_cfg", {}).get("classifier", "head")
 
 
-def _copy_trunk(model: Backbone, source_state: dict) -> None:
-    """Load ``source_state`` (timm names) into ``model``'s timm model, all but the classifier and the
-    pooling-dependent final norm (``norm`` / ``fc_norm``), ``pos_embed`` resampled to the new grid."""
-    net, head = model.model, f"{_classifier_prefix(model.model)}."
-    target = net.state_dict()
-    state = _resize_pos_embed({k: v for k, v in source_state.items() if not k.startswith(head)}, model)
-    odd = [k for k in set(state) ^ set(target) if not k.startswith(("norm.", "fc_norm.", head))]
-    assert not odd, f"the loaded model and its rebuilt copy ({model.name}) differ in keys {sorted(odd)[:20]}"
-    net.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
-
-
 def build_finetune_model(model: nn.Module, num_classes: int, *, global_pool: str = "avg", drop_path: float = 0.1,
                          image_size: int | None = None, head_init_std: float = 2e-5) -> Backbone:
     """A trainable copy of the Backbone ``model`` with a ``num_classes`` classifier (module doc),
@@ -218,11 +205,16 @@ def build_finetune_model(model: nn.Module, num_classes: int, *, global_pool: str
     if model.is_vit:
         kwargs.update(global_pool=global_pool, img_size=image_size or native_image_size(model))
     copy = build_backbone(model.name, attention=model.attention, checkpointing=model.checkpointing, **kwargs)
-    _copy_trunk(copy, model.model.state_dict())
+    # the loaded weights, pos_embed resampled, all but the head and the pooling's final norm (norm / fc_norm)
+    net, head = copy.model, f"{_classifier_prefix(copy.model)}."
+    target = net.state_dict()
+    state = _resize_pos_embed({k: v for k, v in model.model.state_dict().items() if not k.startswith(head)}, copy)
+    odd = [k for k in set(state) ^ set(target) if not k.startswith(("norm.", "fc_norm.", head))]
+    assert not odd, f"the loaded model and its rebuilt copy ({model.name}) differ in keys {sorted(odd)[:20]}"
+    net.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
     copy.model.reset_classifier(num_classes, global_pool)
-    head = copy.model.get_classifier()
-    trunc_normal_(head.weight, std=head_init_std)
-    nn.init.zeros_(head.bias)
+    trunc_normal_(copy.model.get_classifier().weight, std=head_init_std)
+    nn.init.zeros_(copy.model.get_classifier().bias)
     return copy.to(next(model.parameters()).device).train()
 
 
@@ -340,18 +332,6 @@ def _optimizer_and_schedule(model: Backbone, recipe: FinetuneRecipe, steps_per_e
     return optimizer, lambda step: apply_schedules(optimizer, cosine(step), recipe.weight_decay), warmup_epochs
 
 
-def _criterion(recipe: FinetuneRecipe, num_classes: int):
-    """``(mixup or None, loss)``: soft-target CE on mixed, smoothed targets, else label-smoothing CE."""
-    if recipe.mixes:
-        mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mixup_prob,
-                      switch_prob=recipe.switch_prob, mode="batch", label_smoothing=recipe.label_smoothing,
-                      num_classes=num_classes)
-        return mixup, SoftTargetCrossEntropy()
-    if recipe.label_smoothing > 0:
-        return None, LabelSmoothingCrossEntropy(smoothing=recipe.label_smoothing)
-    return None, nn.CrossEntropyLoss()
-
-
 def _check_model(model: nn.Module, *, image_size: int | None, global_pool: str) -> None:
     """``model`` is a Backbone, ``image_size`` (unless None) a positive multiple of a ViT's patch
     size, ``global_pool`` one of :data:`GLOBAL_POOLS` (``avg`` for a ResNet)."""
@@ -383,15 +363,11 @@ def finetune(model: nn.Module, train_dir: str | os.PathLike, val_dir: str | os.P
              image_size: int | None = None, global_pool: str | None = None, precision: str = "fp32",
              device: str | torch.device = "cpu", num_workers: int = 2, seed: int = 0,
              output: str | os.PathLike | None = None, progress: bool = True) -> FinetuneResult:
-    """Fine-tune a copy of the Backbone ``model`` end to end on the ImageFolder ``train_dir`` and
-    report top-1 / top-5 on ``val_dir`` after every epoch (see the module doc for the recipe).
-
-    ``recipe``: ``"mae"`` | ``"deit"`` (:data:`FINETUNE_RECIPES`) or a :class:`FinetuneRecipe`; the
-    keyword options override its fields (``None``: the recipe's). ``image_size``: default the
-    model's native size. ``precision``: ``fp32`` | ``bf16`` (autocast). ``output``: a folder that
-    receives ``finetuned.pt`` (:func:`fastkd.models.save_backbone`; the classifier back with
-    :func:`load_finetuned`) and ``finetune.json`` (:meth:`FinetuneResult.to_dict`). Every option is
-    checked before any image is read; ``ValueError`` names a val class the train split lacks."""
+    """Fine-tune a copy of the Backbone ``model`` on the ImageFolder ``train_dir``, scoring ``val_dir``
+    after every epoch, by ``recipe`` (a name of :data:`FINETUNE_RECIPES` or a :class:`FinetuneRecipe`;
+    the keyword options override its fields). ``image_size``: default the model's; ``precision``:
+    ``fp32`` | ``bf16`` (autocast); ``output``: a folder for ``finetuned.pt`` (:func:`load_finetuned`)
+    and ``finetune.json``. Every option is checked before any image is read."""
     recipe = resolve_finetune_recipe(recipe, epochs=epochs, batch_size=batch_size, blr=blr, layer_decay=layer_decay,
                                      drop_path=drop_path, global_pool=global_pool)
     device = check_run_options(device=device, num_workers=num_workers, seed=seed, progress=progress)
@@ -413,7 +389,14 @@ def finetune(model: nn.Module, train_dir: str | os.PathLike, val_dir: str | os.P
         new_parameters = sorted(set(net.model.state_dict()) - set(model.model.state_dict()))
         train_loader, val_loader = _loaders(train_images, val_images, recipe, image_size, num_workers, seed, device)
         optimizer, schedule, warmup_epochs = _optimizer_and_schedule(net, recipe, len(train_loader))
-        mixup, criterion = _criterion(recipe, num_classes)
+        mixup, criterion = None, nn.CrossEntropyLoss()
+        if recipe.label_smoothing > 0:
+            criterion = LabelSmoothingCrossEntropy(smoothing=recipe.label_smoothing)
+        if recipe.mixes:  # soft-target CE on mixed, smoothed targets
+            mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mixup_prob,
+                          switch_prob=recipe.switch_prob, mode="batch", label_smoothing=recipe.label_smoothing,
+                          num_classes=num_classes)
+            criterion = SoftTargetCrossEntropy()
 
         def loss_of(batch) -> torch.Tensor:
             images, targets = (t.to(device, non_blocking=True) for t in batch)

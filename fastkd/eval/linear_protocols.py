@@ -126,9 +126,8 @@ LINEAR_PROTOCOLS: dict[str, LinearProtocol] = {
         name="dino", epochs=100, base_lr=0.001, n_last_blocks=None, avgpool_patches=None, val_interpolation="bicubic",
         sources={
             "epochs": "official code: eval_linear.py --epochs default 100",
-            "base_lr": "official code: --lr default 0.001 'for a reference batch size of 256' (linear scaling); "
-                       "its help recommends tweaking it per checkpoint: pass lrs= to sweep (the paper's own grid: "
-                       "unconfirmed)",
+            "base_lr": "official code: --lr default 0.001 'for a reference batch size of 256', to tweak per "
+                       "checkpoint: pass lrs= to sweep (the paper's own grid: unconfirmed)",
             "batch_size": "official code: --batch_size_per_gpu 128 x the README's 8 GPUs = 1024",
             "optimizer": "official code: SGD, momentum 0.9, weight_decay 0",
             "schedule": "official code: CosineAnnealingLR(T_max=epochs, eta_min=0) stepped " + _PER_EPOCH,
@@ -153,9 +152,8 @@ LINEAR_PROTOCOLS: dict[str, LinearProtocol] = {
                        "scales (init_lr = lr * batch_size / 256): 12 at the default batch 1024, not 3",
             "resnet_base_lr": "official code: --lr default 0.1 (CONFIG.md's ResNet-50 command passes none)",
             "batch_size": "official code: -b default 1024; README: 'momentum-SGD and a batch size of 1024'",
-            "optimizer": "official code: SGD for every architecture, momentum 0.9, --wd default 0. main_lincls.py has "
-                         "no LARS; optimizer='lars' (fastkd.train.optim.LARS, trust 0.001, biases excluded) is "
-                         "offered for ResNet-50 probes reported with LARS: unconfirmed for MoCo v3",
+            "optimizer": "official code: SGD for every architecture, momentum 0.9, --wd default 0; optimizer='lars' "
+                         "(fastkd's LARS, for ResNet-50 probes reported with LARS) is unconfirmed for MoCo v3",
             "schedule": "official code: adjust_learning_rate, cosine to 0, set " + _PER_EPOCH,
             "n_last_blocks": "official code: the model's own head input, CLS after the final norm (1 block)",
             "avgpool_patches": "official code: no patch average",
@@ -172,11 +170,10 @@ LINEAR_PROTOCOLS: dict[str, LinearProtocol] = {
 
 @dataclass
 class LinearProtocolResult(EvalResult):
-    """``top1`` / ``top5`` and ``train_loss`` (last epoch's mean CE) of the head whose base lr
-    ``lr`` (``scaled_lr`` after the batch scaling) scored the best val top-1; ``sweep``: one dict
-    per trained lr, in the order given (``lr``, ``scaled_lr``, ``top1``, ``top5``, ``train_loss``);
-    ``classifiers``: the heads in that order (``nn.Linear`` on raw features, a BatchNorm folded in),
-    ``classifier`` the best one. The other fields are the settings that ran."""
+    """``top1`` / ``top5`` and ``train_loss`` (last epoch's mean CE) of the head of base lr ``lr``
+    (``scaled_lr`` after batch scaling) with the best val top-1; ``sweep``: per trained lr, in order,
+    ``lr``, ``scaled_lr``, ``top1``, ``top5``, ``train_loss``; ``classifiers``: the heads in that order
+    (``nn.Linear`` on raw features, a BatchNorm folded in), ``classifier`` the best; then the settings."""
 
     protocol: str
     lr: float
@@ -310,17 +307,13 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
                              n_last_blocks: int | None = None, avgpool_patches: bool | None = None,
                              backend: str = "auto", num_workers: int = 2, device: str | torch.device = "cpu",
                              seed: int = 0, progress: bool = True) -> LinearProtocolResult:
-    """Linear probe of the frozen ``model`` by ``protocol`` (``dino`` | ``mocov3`` | a
-    :class:`LinearProtocol`) on ImageFolder splits ``train_dir`` / ``val_dir`` (see the module doc).
-
-    Arguments left None take the protocol's values: ``epochs``, ``lrs`` (base lrs per 256 images,
-    one head each), ``batch_size`` (the lrs are scaled by ``batch_size / 256``), ``n_last_blocks``,
-    ``avgpool_patches`` (see :func:`feature_layout`); ``image_size`` defaults to the size the model
-    was built for (a ViT's ``img_size``, else the protocol's 224) and ``resize`` to
-    ``image_size * 256 / 224``. ``model`` must already be on ``device``; it runs in eval mode (its
-    mode is restored). ``seed`` fixes the crops, the order and the heads' initial weights (all
-    heads start equal, so each head of a sweep trains exactly as it would alone). Every option is
-    checked (an error naming it) before any image is read."""
+    """Linear probe of the frozen ``model`` (already on ``device``; run in eval mode, its mode restored)
+    by ``protocol`` (``dino`` | ``mocov3`` | a :class:`LinearProtocol`) on ImageFolder splits
+    ``train_dir`` / ``val_dir`` (module doc). Arguments left None take the protocol's values: ``epochs``,
+    ``lrs`` (base lrs per 256 images, one head each, scaled by ``batch_size / 256``), ``batch_size``,
+    ``n_last_blocks``, ``avgpool_patches`` (:func:`feature_layout`); ``image_size``: the model's own
+    (else 224), ``resize``: ``image_size * 256 / 224``. ``seed`` fixes the crops, the order and the
+    heads' common initial weights. Every option is checked (an error naming it) before any image is read."""
     from fastkd.data import build_loader
     from fastkd.data.loader import BACKENDS
     from fastkd.data.recipes import Recipe, ViewSpec
