@@ -14,7 +14,6 @@ similarities: 52 test rows against ImageNet's 1.28M train features).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

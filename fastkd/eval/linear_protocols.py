@@ -131,8 +131,8 @@ LINEAR_PROTOCOLS: dict[str, LinearProtocol] = {
             "batch_size": "official code: --batch_size_per_gpu 128 x the README's 8 GPUs = 1024",
             "optimizer": "official code: SGD, momentum 0.9, weight_decay 0",
             "schedule": "official code: CosineAnnealingLR(T_max=epochs, eta_min=0) stepped " + _PER_EPOCH,
-            "n_last_blocks": "official code help: n=4 for ViT-S, n=1 for ViT-B; the width threshold (embed_dim < 768, "
-                             "at most the depth) is chosen here",
+            "n_last_blocks": "official code help: n=4 for ViT-S, n=1 for ViT-B; the rule embed_dim < 768 (at most the "
+                             "depth) is chosen here",
             "avgpool_patches": "official code help: false for ViT-S, true for ViT-B (README's ViT-B commands)",
             "features": "official code: get_intermediate_layers = norm(output of each of the last n blocks), "
                         "CLS = [:, 0], patch average over [:, 1:]; ResNets: model(x) with fc = Identity",
@@ -148,8 +148,7 @@ LINEAR_PROTOCOLS: dict[str, LinearProtocol] = {
         val_interpolation="bilinear",
         sources={
             "epochs": "official code: main_lincls.py --epochs default 90",
-            "base_lr": "official CONFIG.md: ViT-S and ViT-B linear classification use --lr=3, a base lr that the code "
-                       "scales (init_lr = lr * batch_size / 256): 12 at the default batch 1024, not 3",
+            "base_lr": "official CONFIG.md: --lr=3 for ViT-S and ViT-B, a base lr the code scales (lr * batch / 256)",
             "resnet_base_lr": "official code: --lr default 0.1 (CONFIG.md's ResNet-50 command passes none)",
             "batch_size": "official code: -b default 1024; README: 'momentum-SGD and a batch size of 1024'",
             "optimizer": "official code: SGD for every architecture, momentum 0.9, --wd default 0; optimizer='lars' "
