@@ -11,14 +11,15 @@ from fastkd.reporting import DEFAULT_RESULTS_DIR, PUBLISHED_RESULTS_DIR, RESULTS
 
 
 def bench_parser(description: str, quick_help: str, *, rounds_help: str | None = None,
-                 device_help: str | None = None, runs_help: str | None = None) -> argparse.ArgumentParser:
-    """The shared parser: ``--quick``, ``--device`` (help text ``device_help``), ``--out`` /
+                 device_help: str | None = None, runs_help: str | None = None,
+                 devices: tuple[str, ...] = ("cpu", "cuda")) -> argparse.ArgumentParser:
+    """The shared parser: ``--quick``, ``--device`` (one of ``devices``, help text ``device_help``), ``--out`` /
     ``--publish``, with ``rounds_help`` ``--rounds`` and with ``runs_help`` ``--runs`` (repeat the
     whole measurement, keep each ratio's lowest run; default 1); extend it with the benchmark's own
     options."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help=device_help)
+    parser.add_argument("--device", choices=devices, default="cpu", help=device_help)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, default=None,
                        help=f"folder for the results (default ${RESULTS_ENV}, else ./{DEFAULT_RESULTS_DIR})")
@@ -43,16 +44,17 @@ def resolve_out(parser: argparse.ArgumentParser, args: argparse.Namespace, *,
     return args.out
 
 
-def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse ``argv`` with ``args.out`` resolved (:func:`resolve_out`); exit with a clear message
-    for ``--device cuda`` without CUDA or ``--rounds`` / ``--runs`` < 1."""
+def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None, *,
+                     min_batch: int = 1) -> argparse.Namespace:
+    """Parse ``argv`` with ``args.out`` resolved (:func:`resolve_out`); a usage error for ``--device
+    cuda`` without CUDA, ``--rounds`` / ``--runs`` < 1 or ``--batch`` < ``min_batch``."""
     import torch
 
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but no CUDA device is available")
-    for name in ("rounds", "runs"):
-        if getattr(args, name, None) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
+        parser.error("--device cuda requested but no CUDA device is available")
+    for name, least in (("rounds", 1), ("runs", 1), ("batch", min_batch)):
+        if getattr(args, name, None) is not None and getattr(args, name) < least:
+            parser.error(f"--{name} must be >= {least}, got {getattr(args, name)}")
     resolve_out(parser, args)
     return args

@@ -1,17 +1,12 @@
-"""Every benchmark in one run: the fused ops (``bench_ops``: ema, feature_align, gather,
-token_relation), the data pipelines (``bench_data``), end-to-end training per method
-(``bench_e2e``), the ahead-of-time kernel compile check (``bench_compile``), the k-NN evaluation
-(``bench_knn``) and the ViT backbone paths (``bench_backbone``). ``bench_peers`` (fastkd against
-the official MoCo v3 / MOKD code) needs those repositories' files and runs on its own.
+"""Every benchmark in one run: the fused ops (``bench_ops``), the data pipelines (``bench_data``),
+end-to-end training per method (``bench_e2e``), the ahead-of-time kernel compile check
+(``bench_compile``), the k-NN evaluation (``bench_knn``) and the ViT backbone paths
+(``bench_backbone``); ``bench_peers`` needs the official repositories and runs on its own.
 
-Each part writes its own results; this one then writes ``bench_all.json`` (the machine and every
-record of every part, each tagged with ``benchmark``: ``ops`` | ``data`` | ``e2e`` | ``compile``; a
-part that failed leaves one ``{"benchmark", "error"}`` record) and ``bench_all.md`` (the parts'
-reports in order, with how long each took, after a table of the end-to-end targets). ``--reuse`` runs nothing and combines the parts'
-latest results instead (e.g. after re-running one part with ``fastkd bench e2e``). Plots come
-from the parts: ``bench_ops.png`` (time
-and memory against size per op) and ``bench_e2e.png`` (throughput and memory per method).
-Exit status 1 when any part fails or reports a failure.
+Each part writes its own results; this one writes ``bench_all.json`` (the machine and every part's
+records tagged with ``benchmark``; a failed part leaves one ``{"benchmark", "error"}`` record) and
+``bench_all.md`` (the end-to-end targets, then the parts' reports with how long each took).
+``--reuse`` runs nothing and combines the parts' latest results. Exit status 1 when a part fails.
 
     python -m fastkd.benchmarks.bench_all [--quick] [--device cpu|cuda] [--parts ops e2e ...] [--reuse]
     fastkd bench all --quick                 # every part, small: <= 120 s on 2 CPU cores
@@ -19,35 +14,14 @@ Exit status 1 when any part fails or reports a failure.
 
 from __future__ import annotations
 
-import importlib
-import json
 import time
 import traceback
-from pathlib import Path
 
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
-from fastkd.reporting import machine_info, markdown_table, results_dir, write_results
+from fastkd.benchmarks.common import run_bench
+from fastkd.reporting import machine_info, markdown_table, write_results
 
 PARTS = ("ops", "data", "e2e", "compile", "knn", "backbone")
-
-
-def run_part(part: str, argv: list[str] | None, out_dir: Path | None = None) -> tuple[list[dict], str, int]:
-    """``(records, markdown, status)`` of ``fastkd.benchmarks.bench_<part>.main(argv + ["--out",
-    out_dir])``, read back from the files it wrote into ``out_dir`` (default
-    :func:`fastkd.reporting.results_dir`); ``argv`` None: of the part's latest results there,
-    without running it."""
-    out_dir = results_dir() if out_dir is None else Path(out_dir)
-    json_path, md_path = out_dir / f"bench_{part}.json", out_dir / f"bench_{part}.md"
-    started, status = time.time(), 0
-    if argv is not None:
-        module = importlib.import_module(f"fastkd.benchmarks.bench_{part}")
-        returned = module.main([*argv, "--out", str(out_dir)])  # an exit status, or (knn) its records
-        status = returned if isinstance(returned, int) else 0
-        if not json_path.is_file() or json_path.stat().st_mtime < started:
-            raise RuntimeError(f"bench_{part} did not write {json_path}")
-    elif not json_path.is_file():
-        raise FileNotFoundError(f"--reuse: no results of bench_{part} at {json_path}")
-    return json.loads(json_path.read_text())["records"], md_path.read_text().strip(), status
 
 
 def targets_table(records: list[dict]) -> str:
@@ -69,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     for part in args.parts:
         start = time.perf_counter()
         try:
-            part_records, markdown, status = run_part(part, None if args.reuse else part_argv, args.out)
+            part_records, markdown, status = run_bench(part, None if args.reuse else part_argv, args.out)
             records += [{"benchmark": part, **record} for record in part_records]
             sections.append(markdown)
             if status != 0 or any("error" in record for record in part_records):

@@ -21,10 +21,9 @@ from __future__ import annotations
 import torch
 
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
-from fastkd.benchmarks.common import peak_memory_bytes, time_alternating
+from fastkd.benchmarks.common import compare_variants, report_results
 from fastkd.models import build_backbone
 from fastkd.ops import random_keep
-from fastkd.reporting import markdown_table, write_results
 
 
 def _variants(name: str, batch: int, device: str, img_size: int) -> dict:
@@ -62,32 +61,15 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--batch", type=int, default=None)
     args = parse_bench_args(parser, argv)
-    if args.batch is not None and args.batch <= 0:
-        raise ValueError(f"--batch must be positive, got {args.batch}")
-    img_size, batch, repeats, rounds = (64, 2, 1, 2) if args.quick else (224, 8, 3, 2)
-    if args.device == "cuda":
-        batch = 64
-    batch = args.batch or batch
-    variants = _variants(args.model, batch, args.device, img_size)
-    best = time_alternating(variants, rounds=rounds, repeats=repeats, device=args.device)
-    peaks = {label: peak_memory_bytes(fn, device=args.device) for label, fn in variants.items()}
-    records = [
-        {
-            "variant": label, "model": args.model, "img_size": img_size, "batch": batch, "device": args.device,
-            "median_ms": best[label]["median_ms"], "p10_ms": best[label]["p10_ms"], "p90_ms": best[label]["p90_ms"],
-            "peak_MiB": peaks[label] / 2**20,
-            "speedup": best["timm"]["median_ms"] / best[label]["median_ms"],
-            "memory_ratio": peaks[label] / peaks["timm"],
-        }
-        for label in variants
-    ]
-    markdown = (
-        f"## Backbone forward + backward ({args.model}, {img_size} px, batch {batch}, {args.device})\n\n"
-        + markdown_table(records, ["variant", "median_ms", "peak_MiB", "speedup", "memory_ratio"])
-        + "\n\nspeedup = timm forward_features time / variant time; memory_ratio = variant peak / timm peak."
-    )
-    write_results("bench_backbone", records, markdown, out_dir=args.out)
-    print(markdown)
+    img_size, batch, repeats = (64, 2, 1) if args.quick else (224, 8, 3)
+    batch = args.batch or (64 if args.device == "cuda" else batch)
+    records = compare_variants({"model": args.model, "img_size": img_size, "batch": batch},
+                               _variants(args.model, batch, args.device, img_size), device=args.device,
+                               dtype=torch.float32, rounds=2, repeats=repeats, baseline="timm")
+    report_results("bench_backbone", records, ["variant", "median_ms", "peak_MiB", "speedup", "memory_ratio"],
+                   f"Backbone forward + backward ({args.model}, {img_size} px, batch {batch}); speedup = timm "
+                   "forward_features time / variant time, memory_ratio = variant peak / timm peak",
+                   device=args.device, out_dir=args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
-from fastkd.benchmarks.common import time_fn
+from fastkd.benchmarks.common import lowest_of_runs, time_fn
 from fastkd.data import build_loader
 from fastkd.reporting import load_average, markdown_table, write_results
 
@@ -74,24 +74,20 @@ def main(argv=None) -> None:
     load = load_average()
     images, batch_size, repeats = (64, 16, 1) if args.quick else (256, 32, 2)
     dali_backend = "dali" if args.device == "cuda" else "dali_cpu"
-    records = []
+    common = dict(batch_size=batch_size, workers=args.workers, device=args.device, repeats=repeats)
+    runs = []
     with tempfile.TemporaryDirectory(prefix="fastkd-bench-data-") as tmp:
         root = write_photo_dataset(Path(tmp), images)
-        for recipe in args.recipes:
-            common = dict(batch_size=batch_size, workers=args.workers, device=args.device, repeats=repeats)
-            runs = []
-            for _ in range(args.runs):
+        for _ in range(args.runs):
+            runs.append([])
+            for recipe in args.recipes:
                 torch_rate, torch_timing = images_per_second(root, recipe, "torch", **common)
                 dali_rate, dali_timing = images_per_second(root, recipe, dali_backend, **common)
-                runs.append({
-                    "recipe": recipe, "images": images, "batch_size": batch_size, "workers": args.workers,
-                    "device": args.device, "torch_img_s": torch_rate, "dali_img_s": dali_rate,
-                    "ratio": dali_rate / torch_rate, "torch_timing": torch_timing, "dali_timing": dali_timing,
-                })
-            record = min(runs, key=lambda r: r["ratio"])  # the ratio that survives a re-run
-            if args.runs > 1:
-                record["ratio_runs"] = [round(r["ratio"], 3) for r in runs]
-            records.append(record)
+                runs[-1].append({"recipe": recipe, "images": images, "batch_size": batch_size, "workers": args.workers,
+                                 "device": args.device, "torch_img_s": torch_rate, "dali_img_s": dali_rate,
+                                 "ratio": dali_rate / torch_rate, "torch_timing": torch_timing,
+                                 "dali_timing": dali_timing})
+    records = lowest_of_runs(runs, ("recipe",), "ratio")  # the ratio that survives a re-run
     columns = ["recipe", "workers", "torch_img_s", "dali_img_s", "ratio"] + (["ratio_runs"] if args.runs > 1 else [])
     runs_text = "" if args.runs == 1 else f" The lowest ratio of {args.runs} runs per recipe (all in `ratio_runs`)."
     markdown = (

@@ -18,12 +18,14 @@ import timm
 import torch
 
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
-from fastkd.benchmarks.common import time_fn
+from fastkd.benchmarks.common import compare_variants, report_results
 from fastkd.ops import build_info, ema_
-from fastkd.reporting import markdown_table, write_results
 
 MODELS = {"ViT-S/16": "vit_small_patch16_224", "ViT-B/16": "vit_base_patch16_224", "ViT-L/16": "vit_large_patch16_224"}
 MOMENTUM = 0.996
+CEILING = "flat lerp_ (ceiling)"
+COLUMNS = ["model", "params_M", "tensors", "variant", "median_ms", "p10_ms", "p90_ms", "GB_s", "of_ceiling",
+           "bytes_moved_MiB", "speedup", "baseline"]
 
 
 def parameter_shapes(timm_name: str) -> list[torch.Size]:
@@ -47,59 +49,42 @@ def mul_add_loop(teacher, student, momentum):
 
 def bench_model(label: str, shapes: list[torch.Size], device: str, repeats: int) -> list[dict]:
     numel = sum(s.numel() for s in shapes)
-    teacher = [torch.randn(s, device=device) for s in shapes]
-    student = [torch.randn(s, device=device) for s in shapes]
+    teacher, student = ([torch.randn(s, device=device) for s in shapes] for _ in range(2))
     student_bf16 = [s.to(torch.bfloat16) for s in student]
-    flat_t = torch.randn(numel, device=device)
-    flat_s = torch.randn(numel, device=device)
-    w = 1.0 - MOMENTUM
-    f32, bf16 = 12 * numel, 10 * numel
-    # name, fn, bytes moved, bytes of the useful update, baseline name for the speed-up column
-    variants = [
-        ("flat lerp_ (ceiling)", lambda: flat_t.lerp_(flat_s, w), f32, f32, None),
-        ("torch._foreach_lerp_", lambda: torch._foreach_lerp_(teacher, student, w), f32, f32, None),
-        ("mul_/add_ loop", lambda: mul_add_loop(teacher, student, MOMENTUM), 2 * f32 - 4 * numel, f32, None),
-        ("fastkd ema_", lambda: ema_(teacher, student, MOMENTUM), f32, f32, "torch._foreach_lerp_"),
-        ("foreach + separate gap", lambda: (separate_gap(teacher, student), torch._foreach_lerp_(teacher, student, w)),
-         3 * f32, f32, None),
-        ("fastkd ema_ + gap", lambda: ema_(teacher, student, MOMENTUM, return_gap=True), f32, f32,
-         "foreach + separate gap"),
-        ("bf16 cast + foreach", lambda: torch._foreach_lerp_(teacher, [s.float() for s in student_bf16], w),
-         6 * numel + f32, bf16, None),
-        ("fastkd ema_ bf16 student", lambda: ema_(teacher, student_bf16, MOMENTUM), bf16, bf16,
-         "bf16 cast + foreach"),
-    ]
-    rows, by_name = [], {}
-    for name, fn, moved, useful, baseline in variants:
-        timing = time_fn(fn, repeats=repeats, warmup=2, device=device)
-        ms = timing["median_ms"]
-        row = {"model": label, "params_M": numel / 1e6, "tensors": len(shapes), "variant": name, **timing,
-               "GB_s": useful / ms / 1e6, "bytes_moved_MiB": moved / 2**20, "baseline": baseline}
-        by_name[name] = row
-        rows.append(row)
-    ceiling = by_name["flat lerp_ (ceiling)"]["GB_s"]
+    flat_t, flat_s = torch.randn(numel, device=device), torch.randn(numel, device=device)
+    w, f32, bf16 = 1.0 - MOMENTUM, 12 * numel, 10 * numel
+    # name: (fn, bytes moved, bytes of the useful update, the baseline of its speed-up)
+    variants = {
+        CEILING: (lambda: flat_t.lerp_(flat_s, w), f32, f32, CEILING),
+        "torch._foreach_lerp_": (lambda: torch._foreach_lerp_(teacher, student, w), f32, f32, None),
+        "mul_/add_ loop": (lambda: mul_add_loop(teacher, student, MOMENTUM), 2 * f32 - 4 * numel, f32, None),
+        "fastkd ema_": (lambda: ema_(teacher, student, MOMENTUM), f32, f32, "torch._foreach_lerp_"),
+        "foreach + separate gap": (lambda: (separate_gap(teacher, student), torch._foreach_lerp_(teacher, student, w)),
+                                   3 * f32, f32, None),
+        "fastkd ema_ + gap": (lambda: ema_(teacher, student, MOMENTUM, return_gap=True), f32, f32,
+                              "foreach + separate gap"),
+        "bf16 cast + foreach": (lambda: torch._foreach_lerp_(teacher, [s.float() for s in student_bf16], w),
+                                6 * numel + f32, bf16, None),
+        "fastkd ema_ bf16 student": (lambda: ema_(teacher, student_bf16, MOMENTUM), bf16, bf16, "bf16 cast + foreach"),
+    }
+    rows = compare_variants({"model": label, "params_M": numel / 1e6, "tensors": len(shapes)},
+                            {name: v[0] for name, v in variants.items()}, device=device, dtype=torch.float32,
+                            rounds=1, repeats=repeats, baseline={name: v[3] or name for name, v in variants.items()},
+                            moved={name: v[1] for name, v in variants.items()}, memory=False)
     for row in rows:
-        row["of_ceiling"] = row["GB_s"] / ceiling
-        row["speedup_vs_baseline"] = (by_name[row["baseline"]]["median_ms"] / row["median_ms"]
-                                      if row["baseline"] else None)
+        row["GB_s"] = variants[row["variant"]][2] / row["median_ms"] / 1e6
+        row["of_ceiling"] = row["GB_s"] / rows[0]["GB_s"]
     return rows
 
 
 def main(argv=None) -> list[dict]:
     args = parse_bench_args(bench_parser(__doc__.splitlines()[0], "ViT-S and ViT-B only, fewer repeats"), argv)
-    models = ["ViT-S/16", "ViT-B/16"] if args.quick else list(MODELS)
-    repeats = 5 if args.quick else 10
     records = []
-    for label in models:
-        records += bench_model(label, parameter_shapes(MODELS[label]), args.device, repeats)
-    columns = ["model", "params_M", "tensors", "variant", "median_ms", "p10_ms", "p90_ms", "GB_s", "of_ceiling",
-               "bytes_moved_MiB", "speedup_vs_baseline", "baseline"]
+    for label in ["ViT-S/16", "ViT-B/16"] if args.quick else list(MODELS):
+        records += bench_model(label, parameter_shapes(MODELS[label]), args.device, 5 if args.quick else 10)
     info = build_info()
-    header = (f"EMA update, momentum {MOMENTUM}, device {args.device}, torch threads {torch.get_num_threads()}, "
-              f"fastkd._C built: {info['built']}, CPU ISA: {info.get('cpu_isa')}\n\n")
-    markdown = header + markdown_table(records, columns)
-    write_results("bench_ema", records, markdown, out_dir=args.out)
-    print(markdown)
+    report_results("bench_ema", records, COLUMNS, f"EMA update, momentum {MOMENTUM}, fastkd._C built: "
+                   f"{info['built']}, CPU ISA: {info.get('cpu_isa')}", device=args.device, out_dir=args.out)
     return records
 
 

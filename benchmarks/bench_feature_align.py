@@ -3,12 +3,11 @@ against the plain PyTorch sequence (``feature_align_reference(...).mean()``) in 
 same compiled with ``torch.compile``.
 
 Shapes: ViT-S/B/L tokens ``[B, 197, D]`` with D = 384 / 768 / 1024, batch 64 (``--quick``: ViT-B
-only, batch 16, no ``torch.compile`` column). Each variant is timed in alternating rounds and the
-best round median is kept, so load from other processes on a shared machine hits all variants
-alike. Also reported: peak extra memory of one forward + backward and the bytes moved by the fused
+only, batch 16, no ``torch.compile`` column). Variants are timed in alternating rounds (best round
+median); also reported: peak extra memory of one forward + backward and the bytes moved by the fused
 kernel against the unfused sequence (analytical: the GPU roofline case).
 
-    python -m fastkd.benchmarks.bench_feature_align [--quick] [--device cpu|cuda]
+    python -m fastkd.benchmarks.bench_feature_align [--quick] [--device cpu|cuda] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -16,15 +15,14 @@ from __future__ import annotations
 import torch
 
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
-from fastkd.benchmarks.common import peak_memory_bytes, time_alternating
+from fastkd.benchmarks.common import compare_variants, grad_step, report_results
 from fastkd.losses import FeatureAlignLoss
 from fastkd.ops import feature_align_reference
-from fastkd.reporting import markdown_table, write_results
 
 MODELS = {"vit_small": 384, "vit_base": 768, "vit_large": 1024}
 NUM_TOKENS = 197
-COLUMNS = ["model", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup_vs_eager",
-           "speedup_vs_compiled", "peak_MiB", "mem_vs_eager", "bytes_moved_MiB"]
+COLUMNS = ["model", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup", "peak_MiB", "memory_ratio",
+           "bytes_moved_MiB"]
 
 
 def bytes_moved(M: int, D: int, elem: int) -> dict[str, int]:
@@ -42,57 +40,24 @@ def reference_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     return feature_align_reference(student, teacher, target_norm="layernorm", loss="smooth_l1", beta=2.0).mean()
 
 
-def fwd_bwd(loss_fn, student: torch.Tensor, teacher: torch.Tensor):
-    def run():
-        return torch.autograd.grad(loss_fn(student, teacher), student)
-
-    return run
-
-
-def bench_shape(model: str, B: int, D: int, *, device: str, dtype: torch.dtype, compiled: bool, rounds: int,
-                repeats: int) -> list[dict]:
-    student = torch.randn(B, NUM_TOKENS, D, device=device, dtype=dtype, requires_grad=True)
-    teacher = torch.randn(B, NUM_TOKENS, D, device=device, dtype=dtype)
-    variants = {"eager": reference_loss, "fastkd": FeatureAlignLoss()}
-    if compiled:
-        variants["compiled"] = torch.compile(reference_loss)
-    runs = {name: fwd_bwd(fn, student, teacher) for name, fn in variants.items()}
-    for run in runs.values():
-        run()  # warm-up (and compile)
-    best = time_alternating(runs, rounds=rounds, repeats=repeats, device=device)
-    moved = bytes_moved(B * NUM_TOKENS, D, student.element_size())
-    eager_mem = peak_memory_bytes(runs["eager"], device=device)
-    rows = []
-    for name, run in runs.items():
-        mem = eager_mem if name == "eager" else peak_memory_bytes(run, device=device)
-        rows.append({
-            "model": model,
-            "shape": f"{B}x{NUM_TOKENS}x{D}",
-            "variant": name,
-            **{k: best[name][k] for k in ("median_ms", "p10_ms", "p90_ms")},
-            "speedup_vs_eager": best["eager"]["median_ms"] / best[name]["median_ms"],
-            "speedup_vs_compiled": best["compiled"]["median_ms"] / best[name]["median_ms"] if compiled else None,
-            "peak_MiB": mem / 2**20,
-            "mem_vs_eager": mem / eager_mem,
-            "bytes_moved_MiB": moved[name] / 2**20 if name in moved else None,
-        })
-    return rows
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = bench_parser("feature_align forward + backward benchmark", "ViT-B only, batch 16, no torch.compile column")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parse_bench_args(parser, argv)
-    models = {"vit_base": MODELS["vit_base"]} if args.quick else MODELS
-    batch = 16 if args.quick else 64
+    dtype, B = getattr(torch, args.dtype), 16 if args.quick else 64
+    variants = {"eager": reference_loss, "fastkd": FeatureAlignLoss()}
+    if not args.quick:
+        variants["compiled"] = torch.compile(reference_loss)
     records = []
-    for model, D in models.items():
-        records += bench_shape(model, batch, D, device=args.device, dtype=getattr(torch, args.dtype),
-                               compiled=not args.quick, rounds=2 if args.quick else 3, repeats=3 if args.quick else 5)
-    table = markdown_table(records, COLUMNS)
-    print(table)
-    write_results("bench_feature_align", records, f"# feature_align fwd+bwd ({args.device}, {args.dtype})\n\n{table}",
-                  out_dir=args.out)
+    for model, D in ({"vit_base": MODELS["vit_base"]} if args.quick else MODELS).items():
+        student = torch.randn(B, NUM_TOKENS, D, device=args.device, dtype=dtype, requires_grad=True)
+        teacher = torch.randn(B, NUM_TOKENS, D, device=args.device, dtype=dtype)
+        runs = {name: grad_step(fn, (student,), teacher) for name, fn in variants.items()}
+        records += compare_variants({"model": model, "shape": f"{B}x{NUM_TOKENS}x{D}"}, runs, device=args.device,
+                                    dtype=dtype, rounds=2 if args.quick else 3, repeats=3 if args.quick else 5,
+                                    baseline="eager", moved=bytes_moved(B * NUM_TOKENS, D, student.element_size()))
+    report_results("bench_feature_align", records, COLUMNS, f"feature_align forward + backward, {args.dtype}",
+                   device=args.device, out_dir=args.out)
     return records
 
 

@@ -2,30 +2,29 @@
 ``torch.gather(x + pos_embed)`` in eager mode and the same compiled with ``torch.compile``.
 
 Shapes: ViT-S/B/L token widths (D = 384 / 768 / 1024), N = 197 tokens, batch 64, keep ratios
-0.1 (MOMA's masked student) and 0.25 (MAE). ``--quick`` runs ViT-B only with fewer repeats and
-without the ``torch.compile`` column. Each variant is timed in several alternating rounds
-(``time_alternating``) and the best round median is kept, so that load from other processes on a
-shared machine hits all variants alike. Also reported: peak extra memory of one forward + backward,
-and the bytes the fused GPU kernels move against the unfused sequence (analytical, the roofline case).
+0.1 (MOMA's masked student) and 0.25 (MAE); ``--quick``: ViT-B only, fewer repeats, no
+``torch.compile`` column. Variants are timed in alternating rounds (best round median); also
+reported: peak extra memory of one forward + backward and the bytes the fused GPU kernels move
+against the unfused sequence (analytical, the roofline case).
 
     python -m fastkd.benchmarks.bench_gather [--quick] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
-from fastkd.benchmarks.common import peak_memory_bytes, report_results, time_alternating
+from fastkd.benchmarks.common import compare_variants, grad_step, report_results
+from fastkd.benchmarks.plots import bars_per_problem
 from fastkd.kernels.gather_tokens import bwd_batch_groups
 from fastkd.ops import gather_tokens, gather_tokens_reference, random_keep
 
 MODELS = {"vit_small": 384, "vit_base": 768, "vit_large": 1024}
-NUM_TOKENS = 197
-BATCH = 64
-KEEP_RATIOS = (0.1, 0.25)
+NUM_TOKENS, BATCH, KEEP_RATIOS = 197, 64, (0.1, 0.25)
+EAGER = "torch.gather(x + pos) eager"
+COLUMNS = ["model", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup", "peak_MiB", "memory_ratio",
+           "bytes_moved_MiB"]
 
 
 def bytes_moved(B: int, N: int, D: int, K: int, elem: int) -> tuple[int, int]:
@@ -43,81 +42,33 @@ def bytes_moved(B: int, N: int, D: int, K: int, elem: int) -> tuple[int, int]:
     return fused, unfused
 
 
-def _fwd_bwd(fn, x, keep, pos, grad):
-    def run():
-        out = fn(x, keep, pos)
-        torch.autograd.grad(out, (x, pos), grad)
-
-    return run
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = bench_parser(__doc__, "ViT-B only, fewer repeats, no torch.compile column",
                           rounds_help="alternating timing rounds per variant")
     args = parse_bench_args(parser, argv)
-    rounds = args.rounds or (3 if args.quick else 5)
-    repeats = 5 if args.quick else 10
-    models = {"vit_base": MODELS["vit_base"]} if args.quick else MODELS
-    dtype = torch.float32
-    elem = torch.finfo(dtype).bits // 8
-
+    dtype, B, N = torch.float32, BATCH, NUM_TOKENS
+    variants = {EAGER: gather_tokens_reference, "fastkd gather_tokens": gather_tokens}
+    if not args.quick:
+        variants["torch.gather(x + pos) compiled"] = torch.compile(gather_tokens_reference, dynamic=False)
     records: list[dict] = []
-    for model, D in models.items():
+    for model, D in ({"vit_base": MODELS["vit_base"]} if args.quick else MODELS).items():
         for ratio in KEEP_RATIOS:
-            B, N = BATCH, NUM_TOKENS
             K = max(1, round(ratio * N))
             generator = torch.Generator(device=args.device).manual_seed(0)
-            x = torch.randn(B, N, D, device=args.device, dtype=dtype, generator=generator, requires_grad=True)
-            pos = torch.randn(1, N, D, device=args.device, dtype=dtype, generator=generator, requires_grad=True)
+            x, pos = (torch.randn(*shape, D, device=args.device, dtype=dtype, generator=generator, requires_grad=True)
+                      for shape in ((B, N), (1, N)))
             keep, _ = random_keep(B, N, K, generator=generator)
-            grad = torch.randn(B, K, D, device=args.device, dtype=dtype, generator=generator)
-            variants = {"torch.gather(x + pos) eager": gather_tokens_reference, "fastkd gather_tokens": gather_tokens}
-            if not args.quick:
-                variants["torch.gather(x + pos) compiled"] = torch.compile(gather_tokens_reference, dynamic=False)
-            runs = {name: _fwd_bwd(fn, x, keep, pos, grad) for name, fn in variants.items()}
-            timings = time_alternating(runs, rounds=rounds, repeats=repeats, device=args.device)
-            fused, unfused = bytes_moved(B, N, D, K, elem)
-            eager_ms = timings["torch.gather(x + pos) eager"]["median_ms"]
-            for name, run in runs.items():
-                is_fused = name.startswith("fastkd")
-                records.append(
-                    {
-                        "model": model,
-                        "shape": f"[{B}, {N}, {D}] keep {K}",
-                        "keep_ratio": ratio,
-                        "variant": name,
-                        "median_ms": timings[name]["median_ms"],
-                        "p10_ms": timings[name]["p10_ms"],
-                        "p90_ms": timings[name]["p90_ms"],
-                        "speedup_vs_eager": eager_ms / timings[name]["median_ms"],
-                        "peak_MiB": peak_memory_bytes(run, device=args.device) / 2**20,
-                        "bytes_moved_MiB": (fused if is_fused else unfused) / 2**20,
-                        "device": args.device,
-                        "dtype": str(dtype).removeprefix("torch."),
-                    }
-                )
-    columns = [
-        "model", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup_vs_eager", "peak_MiB",
-        "bytes_moved_MiB",
-    ]  # fmt: skip
-    report_results("bench_gather", records, columns, "gather_tokens + pos-embed, forward + backward",
-                   device=args.device, out_dir=args.out, plot=_plot)
+            fused, unfused = bytes_moved(B, N, D, K, x.element_size())
+            runs = {name: grad_step(lambda x_, p_, fn=fn: fn(x_, keep, p_), (x, pos)) for name, fn in variants.items()}
+            records += compare_variants(
+                {"model": model, "shape": f"[{B}, {N}, {D}] keep {K}", "keep_ratio": ratio}, runs,
+                device=args.device, dtype=dtype, rounds=args.rounds or (3 if args.quick else 5),
+                repeats=5 if args.quick else 10, baseline=EAGER,
+                moved={name: fused if name.startswith("fastkd") else unfused for name in runs})
+    report_results("bench_gather", records, COLUMNS, "gather_tokens + pos-embed, forward + backward",
+                   device=args.device, out_dir=args.out,
+                   plot=bars_per_problem(lambda r: f"{r['model']}\nkeep {r['keep_ratio']}", ["median_ms"]))
     return records
-
-
-def _plot(records: list[dict], path: Path) -> None:
-    """Bar chart of forward + backward time per configuration and variant (``bench_gather.png``)."""
-    from fastkd.benchmarks.plots import save_grouped_bars
-
-    def config(r):
-        return f"{r['model']}\nkeep {r['keep_ratio']}"
-
-    configs = list(dict.fromkeys(config(r) for r in records))
-    times = {}
-    for r in records:
-        times.setdefault(r["variant"], {})[config(r)] = r["median_ms"]
-    series = {variant: [values[c] for c in configs] for variant, values in times.items()}
-    save_grouped_bars(path, configs, [("forward + backward, median ms", series)])
 
 
 if __name__ == "__main__":

@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
-from fastkd.benchmarks.common import peak_memory_bytes, time_fn
+from fastkd.benchmarks.common import compare_variants, report_results
 from fastkd.eval.knn import MAX_SIMILARITIES, knn_classify
-from fastkd.reporting import markdown_table, write_results
 
 
 def materialised_knn(train, train_labels, test, *, num_classes, k=20, temperature=0.07):
@@ -29,41 +28,22 @@ def materialised_knn(train, train_labels, test, *, num_classes, k=20, temperatur
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_bench_args(bench_parser(__doc__, "one small shape, fewer repeats"), argv)
     shapes = [(20000, 2000, 384)] if args.quick else [(50000, 5000, 384), (50000, 5000, 768), (100000, 5000, 384)]
-    repeats = 2 if args.quick else 3
-    num_classes = 1000
-    generator = torch.Generator().manual_seed(0)
-    records = []
+    num_classes, generator, records = 1000, torch.Generator().manual_seed(0), []
     for n_train, n_test, dim in shapes:
         train = torch.randn(n_train, dim, generator=generator).to(args.device)
         labels = torch.randint(0, num_classes, (n_train,), generator=generator).to(args.device)
         test = torch.randn(n_test, dim, generator=generator).to(args.device)
-
-        def chunked():
-            return knn_classify(train, labels, test, num_classes=num_classes).predictions
-
-        def materialised():
-            return materialised_knn(train, labels, test, num_classes=num_classes)
-
-        if not torch.equal(chunked(), materialised()):
+        variants = {"materialised": lambda: materialised_knn(train, labels, test, num_classes=num_classes),
+                    "chunked": lambda: knn_classify(train, labels, test, num_classes=num_classes).predictions}
+        if not torch.equal(variants["chunked"](), variants["materialised"]()):
             raise RuntimeError(f"chunked and materialised k-NN disagree at {(n_train, n_test, dim)}")
         shape = {"train": n_train, "test": n_test, "dim": dim, "chunk": max(1, MAX_SIMILARITIES // n_train)}
-        rows = {}
-        for name, fn in (("materialised", materialised), ("chunked", chunked)):
-            timing = time_fn(fn, repeats=repeats, warmup=1, device=args.device)
-            rows[name] = {**shape, "variant": name, "device": args.device, "dtype": "fp32",
-                          **{k: timing[k] for k in ("median_ms", "p10_ms", "p90_ms")},
-                          "peak_MiB": peak_memory_bytes(fn, device=args.device) / 2**20}
-        base = rows["materialised"]
-        for row in rows.values():
-            row["speedup"] = base["median_ms"] / row["median_ms"]
-            row["memory_ratio"] = row["peak_MiB"] / max(base["peak_MiB"], 1e-9)
-        records += rows.values()
-    columns = ["train", "test", "dim", "chunk", "variant", "median_ms", "p10_ms", "p90_ms", "peak_MiB", "speedup",
-               "memory_ratio"]
-    markdown = "## Weighted k-NN (k=20, T=0.07): chunked vs materialised similarity matrix\n\n" + markdown_table(
-        records, columns)
-    write_results("bench_knn", records, markdown, out_dir=args.out)
-    print(markdown)
+        records += compare_variants(shape, variants, device=args.device, dtype=torch.float32, rounds=1,
+                                    repeats=2 if args.quick else 3, baseline="materialised")
+    report_results("bench_knn", records, ["train", "test", "dim", "chunk", "variant", "median_ms", "p10_ms", "p90_ms",
+                                          "peak_MiB", "speedup", "memory_ratio"],
+                   "Weighted k-NN (k=20, T=0.07): chunked vs materialised similarity matrix", device=args.device,
+                   out_dir=args.out)
     return records
 
 

@@ -5,33 +5,28 @@ same shapes, the same weights and fp32.
 Cases (``--cases``):
 
 - ``mocov3_vit``: the official MoCo v3 (github.com/facebookresearch/moco-v3: ``moco/builder.py``
-  ``MoCo_ViT`` over ``vits.py``'s ``VisionTransformerMoCo`` with ``vit_small``'s settings, width /
-  depth / image size shrunk by keyword for ``--quick``; ``main_moco.py``'s step: AdamW over
-  ``model.parameters()``, the momentum update inside the forward) vs fastkd's ``mocov3``;
-- ``mokd_vit_vit`` / ``mokd_r18_vit``: the official MOKD (github.com/skyoux/mokd: ``models/mokd.py``
-  wrappers, heads and losses, ``backbones/vision_transformer.py`` ViTs and T-heads,
-  ``backbones/resnet.py``; the step of ``main_mokd.py``'s ``train_one_epoch``: both models' losses,
-  per-parameter clipping at 3 (the README's command), last-layer gradients cancelled in epoch 0,
-  SGD for the first model and AdamW for the ViT, each EMA teacher moved after its optimiser) vs
-  fastkd's ``mokd``, configured as ``configs/demo/mokd.yaml`` / ``configs/mokd_r18_vits.yaml``
-  (same-width ViTs in the ViT-ViT case: the official T-head has no adapter).
+  ``MoCo_ViT`` over ``vits.py``'s ``VisionTransformerMoCo`` with ``vit_small``'s settings, shrunk by
+  keyword for ``--quick``; ``main_moco.py``'s step: AdamW, the momentum update inside the forward)
+  vs fastkd's ``mocov3``;
+- ``mokd_vit_vit`` / ``mokd_r18_vit``: the official MOKD (github.com/skyoux/mokd: ``models/mokd.py``,
+  ``backbones/vision_transformer.py``, ``backbones/resnet.py``; ``main_mokd.py``'s
+  ``train_one_epoch`` step: both models' losses, per-parameter clipping at 3, last-layer gradients
+  cancelled in epoch 0, SGD for the first model and AdamW for the ViT, each EMA teacher moved after
+  its optimiser) vs fastkd's ``mokd`` as ``configs/demo/mokd.yaml`` / ``configs/mokd_r18_vits.yaml``
+  configure it (same-width ViTs in the ViT-ViT case: the official T-head has no adapter).
 
 The official files are not part of fastkd: ``--peer-dir DIR`` names a folder holding the checkouts
-``DIR/moco-v3`` and ``DIR/mokd`` (or ``--mocov3-dir`` / ``--mokd-dir``); their modules are imported
-from there at run time, with import shims for today's timm / torchvision injected through
-``sys.modules`` (``timm.models.layers.helpers``, ``torchvision.models.resnet.model_urls``) and
-MoCo v3's ``num_tokens`` on its ViT class; their files are never changed. Single process:
-a one-rank gloo process group stands in for the official code's ``torch.distributed`` calls,
-and the MoCo loss is the official one at world size 1 (labels on the CPU instead of ``.cuda()``).
-Drop path is 0 on both sides (its randomness would break the loss check). Before timing, the
-official model's state is copied into fastkd's (names mapped, shapes checked, every fastkd
-parameter covered) and the first step's losses of both sides must agree to ``LOSS_RTOL``.
+``DIR/moco-v3`` and ``DIR/mokd`` (or ``--mocov3-dir`` / ``--mokd-dir``), imported at run time with
+shims for today's timm / torchvision in ``sys.modules``; their files are never changed. A one-rank
+gloo process group stands in for the official ``torch.distributed`` calls (the MoCo loss is the
+official one at world size 1). Drop path is 0 on both sides. Before timing, the official model's
+state is copied into fastkd's (names mapped, shapes checked, every fastkd parameter covered) and the
+first step's losses of both sides must agree to ``LOSS_RTOL``.
 
-Timing: :func:`fastkd.benchmarks.common.time_alternating` (rounds alternating between the sides,
-each side's best round); ``ratio`` = official median / fastkd median (higher: fastkd faster).
-``--runs N`` (default 2) repeats everything and publishes each case from its run with the lowest
-ratio (``run``, every run's ratio in ``ratio_runs``). The top ops by self CPU time of one profiled
-step of each side are in the Markdown. ``--quick``: small shapes, one run, <= 60 s on 2 cores.
+Timing: alternating rounds (each side's best round); ``ratio`` = official median / fastkd median
+(higher: fastkd faster). ``--runs N`` (default 2) repeats everything and publishes each case from its
+run with the lowest ratio (``run``, every run's in ``ratio_runs``); the Markdown lists the top ops by
+self CPU time of one profiled step of each side. ``--quick``: small shapes, one run, <= 60 s on 2 cores.
 
     fastkd bench peers --peer-dir DIR [--quick] [--runs 2] [--cases mocov3_vit ...] [--out DIR]
 """
@@ -41,9 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import itertools
 import math
-import os
 import sys
 import tempfile
 import types
@@ -54,47 +47,38 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
-from fastkd.benchmarks.common import lowest_of_runs, time_alternating
+from fastkd.benchmarks.common import (image_batch, lowest_of_runs, machine_line, profile_top_ops, time_alternating,
+                                      trainer_step)
 from fastkd.config import load_config
 from fastkd.configs import demo_config_dir
-from fastkd.data.batch import Batch
 from fastkd.methods import build_method
-from fastkd.reporting import cpu_info, load_average, markdown_table, write_results
-from fastkd.train.options import OptimConfig, TrainConfig
-from fastkd.train.trainer import Trainer
+from fastkd.reporting import load_average, markdown_table, write_results
 
 CASES = ("mocov3_vit", "mokd_vit_vit", "mokd_r18_vit")
 PEERS = {"mocov3": ("moco-v3", "https://github.com/facebookresearch/moco-v3", ("moco/builder.py", "vits.py")),
          "mokd": ("mokd", "https://github.com/skyoux/mokd",
                   ("models/mokd.py", "backbones/vision_transformer.py", "backbones/resnet.py", "utils/utils.py"))}
 LOSS_RTOL = 1e-5
-TOP_OPS = 5
-TOTAL_STEPS = 1000
 CLIP = 3.0  # the official README's --clip_grad_cnn 3 --clip_grad_vit 3
 VIT = dict(mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))  # vit_small's other settings
 # shapes: vit = (img, patch, dim, depth, heads); moco heads; mokd: model a (vit tuple or "resnet18"), b, heads, crops
 SHAPES = {
     True: {"mocov3": dict(vit=(32, 8, 96, 4, 3), hidden=256, out=64, batch=8),
            "mokd": dict(a=(2, 3), b=(4, 3), dim=96, patch=8, global_size=32, local_size=16, local_crops=2,
-                        out=256, hidden=128, bottleneck=32, thead=(1, 3), batch=8),
-           "mokd_r18": dict(global_size=64, local_size=32, patch=16)},
+                        out=256, hidden=128, bottleneck=32, thead=(1, 3), batch=8)},
     False: {"mocov3": dict(vit=(64, 16, 384, 12, 12), hidden=4096, out=256, batch=16),
             "mokd": dict(a=(6, 6), b=(12, 6), dim=384, patch=16, global_size=64, local_size=32, local_crops=4,
-                         out=4096, hidden=2048, bottleneck=256, thead=(3, 6), batch=8),
-            "mokd_r18": dict(global_size=64, local_size=32, patch=16)},
+                         out=4096, hidden=2048, bottleneck=256, thead=(3, 6), batch=8)},
 }
+MOKD_R18 = dict(global_size=64, local_size=32, patch=16)  # both sizes: a ResNet-18 needs 64 px
 
 
 def peer_dirs(args) -> dict[str, Path | None]:
     """``{"mocov3": dir, "mokd": dir}`` from ``--mocov3-dir`` / ``--mokd-dir``, else ``--peer-dir``."""
-    out = {}
-    for key, (folder, _, _) in PEERS.items():
-        explicit = getattr(args, f"{key}_dir")
-        out[key] = explicit if explicit is not None else (args.peer_dir / folder if args.peer_dir else None)
-    return out
+    return {key: getattr(args, f"{key}_dir") or (args.peer_dir / folder if args.peer_dir else None)
+            for key, (folder, _, _) in PEERS.items()}
 
 
 def missing_peers(dirs: dict[str, Path | None], needed: set[str]) -> str | None:
@@ -118,8 +102,6 @@ def _shims():
     import timm.layers
     import torchvision.models.resnet as tv_resnet
 
-    helpers = types.ModuleType("timm.models.layers.helpers")
-    helpers.to_2tuple = timm.layers.to_2tuple
     resnet = types.ModuleType(tv_resnet.__name__)
     resnet.__dict__.update({k: v for k, v in vars(tv_resnet).items() if not k.startswith("__")})
     resnet.model_urls = getattr(tv_resnet, "model_urls", {})
@@ -127,17 +109,16 @@ def _shims():
     try:
         importlib.import_module("timm.models.layers.helpers")
     except ImportError:
-        shims["timm.models.layers.helpers"] = helpers
+        shims["timm.models.layers.helpers"] = types.ModuleType("timm.models.layers.helpers")
+        shims["timm.models.layers.helpers"].to_2tuple = timm.layers.to_2tuple
     saved = {name: sys.modules.get(name) for name in shims}
     sys.modules.update(shims)
     try:
         yield
     finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+        sys.modules.update({name: module for name, module in saved.items() if module is not None})
+        for name in (name for name, module in saved.items() if module is None):
+            sys.modules.pop(name, None)
 
 
 def load_peer(root: Path, names: list[str]) -> dict[str, types.ModuleType]:
@@ -165,8 +146,9 @@ def process_group() -> None:
 def copy_state(source: nn.Module, target: nn.Module, rules: list[tuple[str, str]]) -> int:
     """Copy ``source``'s state into ``target``: each source key's first matching ``(source prefix,
     target prefix)`` rule names its target; shapes must agree up to a reshape of equal size (a 1x1
-    conv into a linear). Every target parameter under a rule's target prefix must be covered. Returns the tensors copied."""
-    target_state, covered = target.state_dict(), set()
+    conv into a linear), and every target parameter under a rule's target prefix must be covered
+    (``KeyError`` naming what does not match). Returns the tensors copied."""
+    target_state, covered, unmatched = target.state_dict(), set(), []
     with torch.no_grad():
         for key, value in source.state_dict().items():
             if key.endswith("num_batches_tracked"):
@@ -174,40 +156,22 @@ def copy_state(source: nn.Module, target: nn.Module, rules: list[tuple[str, str]
             rule = next(((a, b) for a, b in rules if key.startswith(a)), None)
             name = None if rule is None else rule[1] + key[len(rule[0]):]
             if name not in target_state or target_state[name].numel() != value.numel():
-                raise KeyError(f"official {key} {tuple(value.shape)} has no counterpart in fastkd "
-                               f"({name}: {tuple(target_state[name].shape) if name in target_state else 'missing'})")
+                shape = tuple(target_state[name].shape) if name in target_state else "missing"
+                unmatched.append(f"official {key} {tuple(value.shape)} -> fastkd {name} {shape}")
+                continue
             target_state[name].copy_(value.reshape(target_state[name].shape))
             covered.add(name)
     prefixes = tuple(b for _, b in rules)
-    missed = [n for n, p in target.named_parameters() if n.startswith(prefixes) and n not in covered]
-    if missed:
-        raise KeyError(f"fastkd parameters with no official counterpart: {missed[:5]}")
+    unmatched += [f"fastkd {n}: no official counterpart" for n, _ in target.named_parameters()
+                  if n.startswith(prefixes) and n not in covered]
+    if unmatched:
+        raise KeyError(f"official and fastkd state differ: {unmatched[:5]}")
     return len(covered)
-
-
-def fastkd_step(method: nn.Module, batch: Batch, optim: OptimConfig, workdir: Path):
-    """One ``Trainer.train_step`` per call (fastkd as shipped, fp32 on the CPU); returns the loss."""
-    train = TrainConfig(device="cpu", precision="fp32", epochs=1, output_dir=str(workdir), progress=False,
-                        tensorboard=False)
-    trainer = Trainer(method, [batch] * TOTAL_STEPS, batch_size=int(batch.views[0].shape[0]), train=train, optim=optim)
-    batches, state = itertools.repeat(batch), {"step": 0}
-
-    def step():
-        _, parts, _ = trainer.train_step(batches, state["step"] % trainer.total_steps)
-        state["step"] += 1
-        return parts["loss"]
-
-    return step
 
 
 def _views(sizes: list[int], batch: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return [torch.randn(batch, 3, s, s, generator=generator) for s in sizes]
-
-
-def _batch(views: list[torch.Tensor]) -> Batch:
-    n = views[0].shape[0]
-    return Batch(views, torch.full((n,), -1, dtype=torch.long), torch.arange(n))
 
 
 def mocov3_case(root: Path, quick: bool, workdir: Path):
@@ -250,7 +214,7 @@ def mocov3_case(root: Path, quick: bool, workdir: Path):
         optimizer.step()
         return loss
 
-    return fastkd_step(method, _batch([x1, x2]), run.optim, workdir), official_step
+    return trainer_step(method, image_batch([x1, x2]), workdir, optim=run.optim), official_step
 
 
 def mokd_case(root: Path, quick: bool, workdir: Path, cnn: bool):
@@ -258,7 +222,7 @@ def mokd_case(root: Path, quick: bool, workdir: Path, cnn: bool):
     peer = load_peer(root, ["models.mokd", "backbones.vision_transformer", "backbones.resnet", "utils.utils"])
     mokd, vits, resnets, utils = (peer[k] for k in ("models.mokd", "backbones.vision_transformer", "backbones.resnet",
                                                     "utils.utils"))
-    s = {**SHAPES[quick]["mokd"], **(SHAPES[quick]["mokd_r18"] if cnn else {})}
+    s = {**SHAPES[quick]["mokd"], **(MOKD_R18 if cnn else {})}
     G, L, D = s["global_size"], s["local_size"], s["dim"]
     grid = G // s["patch"]
     thead = dict(out_dim=s["out"], embed_dim=D, depth=s["thead"][0], num_heads=s["thead"][1], **VIT)
@@ -339,8 +303,7 @@ def mokd_case(root: Path, quick: bool, workdir: Path, cnn: bool):
                   + lam_a * (losses["a_ct"](sa_m, tb_m.detach(), epoch) + search(sa_t_l, tb_search_l.detach(), epoch)))
         loss_b = (losses["b_m"](sb_m, tb_m, epoch) + losses["b_t"](sb_t, tb_t, epoch)
                   + lam_b * (losses["b_ct"](sb_m, ta_m.detach(), epoch) + search(sb_t_l, ta_search_l.detach(), epoch)))
-        if not (math.isfinite(loss_a.item()) and math.isfinite(loss_b.item())):
-            raise FloatingPointError("official MOKD step: non-finite loss")
+        assert math.isfinite(loss_a.item()) and math.isfinite(loss_b.item()), "official MOKD step: non-finite loss"
         for student, teacher, optimizer, loss in ((student_a, teacher_a, opt_a, loss_a),
                                                   (student_b, teacher_b, opt_b, loss_b)):
             optimizer.zero_grad()
@@ -353,17 +316,7 @@ def mokd_case(root: Path, quick: bool, workdir: Path, cnn: bool):
                     param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
         return loss_a + loss_b
 
-    return fastkd_step(method, _batch(images), optim, workdir), official_step
-
-
-def top_ops(step, n: int = TOP_OPS) -> list[dict]:
-    """The ``n`` ops with the most self CPU time in one profiled call of ``step``."""
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # no GPU look-up noise on a CPU-only profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    ops = [a for a in prof.key_averages() if not a.key.startswith("fastkd/")]  # the trainer's phase ranges
-    averages = sorted(ops, key=lambda a: a.self_cpu_time_total, reverse=True)[:n]
-    return [{"op": a.key, "self_ms": a.self_cpu_time_total / 1e3, "calls": a.count} for a in averages]
+    return trainer_step(method, image_batch(images), workdir, optim=optim), official_step
 
 
 def bench_case(case: str, dirs: dict, quick: bool, rounds: int, repeats: int, workdir: Path) -> dict:
@@ -376,33 +329,33 @@ def bench_case(case: str, dirs: dict, quick: bool, rounds: int, repeats: int, wo
     print(f"{case}: first-step loss fastkd {first['fastkd']:.7f}, official {first['official']:.7f}")
     if not math.isclose(first["fastkd"], first["official"], rel_tol=LOSS_RTOL, abs_tol=LOSS_RTOL):
         raise AssertionError(f"{case}: first-step losses differ beyond {LOSS_RTOL}: {first}")
-    timings = time_alternating({"fastkd": fastkd, "official": official}, rounds=rounds, repeats=repeats)
-    ms = {side: t["median_ms"] for side, t in timings.items()}
-    print(f"{case}: fastkd {ms['fastkd']:.1f} ms, official {ms['official']:.1f} ms, ratio {ms['official'] / ms['fastkd']:.3f}")
-    return {"case": case, "fastkd_ms": timings["fastkd"]["median_ms"], "official_ms": timings["official"]["median_ms"],
-            "ratio": timings["official"]["median_ms"] / timings["fastkd"]["median_ms"],
+    ms = {side: t["median_ms"] for side, t in time_alternating({"fastkd": fastkd, "official": official},
+                                                               rounds=rounds, repeats=repeats).items()}
+    print(f"{case}: fastkd {ms['fastkd']:.1f} ms, official {ms['official']:.1f} ms, "
+          f"ratio {ms['official'] / ms['fastkd']:.3f}")
+    return {"case": case, "fastkd_ms": ms["fastkd"], "official_ms": ms["official"],
+            "ratio": ms["official"] / ms["fastkd"],
             "fastkd_loss": first["fastkd"], "official_loss": first["official"], "repeats": repeats, "rounds": rounds,
-            "top_ops": {"fastkd": top_ops(fastkd), "official": top_ops(official)}}
+            "top_ops": {"fastkd": profile_top_ops(fastkd), "official": profile_top_ops(official)}}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__, "small shapes, one run, one round (<= 60 s on 2 cores)",
                           rounds_help="alternating timing rounds (default 2)",
-                          runs_help="measure everything this many times, publish each case's lowest ratio (default 2)")
+                          runs_help="measure everything this many times, publish each case's lowest ratio (default 2)",
+                          devices=("cpu",), device_help="fp32 CPU steps only")
     parser.set_defaults(runs=None)
     parser.add_argument("--peer-dir", type=Path, default=None, help="folder with the moco-v3/ and mokd/ checkouts")
     parser.add_argument("--mocov3-dir", type=Path, default=None, help="the moco-v3 checkout (default PEER_DIR/moco-v3)")
     parser.add_argument("--mokd-dir", type=Path, default=None, help="the mokd checkout (default PEER_DIR/mokd)")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     args = parse_bench_args(parser, argv)
-    if args.device != "cpu":
-        raise SystemExit("fastkd bench peers compares fp32 CPU steps only (--device cpu)")
     dirs = peer_dirs(args)
     message = missing_peers(dirs, {"mocov3" if c.startswith("mocov3") else "mokd" for c in args.cases})
     if message:
         print(message, file=sys.stderr)
         return 2
-    load, (cpu, isa) = load_average(), cpu_info()
+    load = load_average()
     runs = args.runs or (1 if args.quick else 2)
     rounds = args.rounds or 2
     repeats = 3
@@ -423,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in records for side in ("fastkd", "official"))
     markdown = (
         f"## fastkd vs the official code, one training step (cpu, fp32, {torch.get_num_threads()} threads"
-        f"{', quick shapes' if args.quick else ''})\n\nMachine load average at the start (1 / 5 / 15 min): {load}. "
-        f"CPU: {cpu} (ISA: {' '.join(isa) or 'unknown'}). {runs} run(s), {rounds} alternating round(s) of {repeats} "
+        f"{', quick shapes' if args.quick else ''})\n\n{machine_line(load)} {runs} run(s), {rounds} alternating "
+        f"round(s) of {repeats} "
         f"steps; each case from its run with the lowest ratio.\n\n{markdown_table(rows, columns)}\n\n"
         "ratio = official median / fastkd median (higher: fastkd faster); losses: the first step's, same weights.\n\n"
         f"## Top ops by self CPU time (ms, one profiled step)\n\n{profiles}")

@@ -1,21 +1,19 @@
 """Shared measurement helpers of the benchmarks.
 
-Timing: median and spread (p10/p90) of wall-clock repeats after warm-up; on CUDA,
-``triton.testing.do_bench``. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the
-running sum of every allocation and free the PyTorch profiler records (``profile_memory=True``),
-i.e. the peak of memory allocated by the measured call beyond what was live before it.
-
-Records: every benchmark's timed rows share one schema: ``variant``, ``median_ms``, ``p10_ms``,
-``p90_ms``, ``peak_MiB`` (the measured call's extra memory), ``bytes_moved_MiB`` (where a model of
-the bytes a kernel moves exists), ``device`` and ``dtype``, beside the benchmark's own problem keys
-(shape, model, method) and ratios.
-
-Reporting (machine info, Markdown tables, result files) lives in :mod:`fastkd.reporting` and the
-shared command line in :mod:`fastkd.benchmarks.arguments`.
+Timing: median and spread (p10/p90) of wall-clock repeats after warm-up (on CUDA
+``triton.testing.do_bench``), variants alternated in rounds. Peak memory: on CUDA
+``torch.cuda.max_memory_allocated``, on CPU the running sum of the allocations and frees the PyTorch
+profiler records: the memory the measured call allocates beyond what was live before it. Every timed
+record shares one schema: ``variant``, ``median_ms``, ``p10_ms``, ``p90_ms``, ``peak_MiB``,
+``bytes_moved_MiB`` (where a model of the bytes a kernel moves exists), ``device`` and ``dtype``,
+beside the benchmark's problem keys and ratios.
 """
 
 from __future__ import annotations
 
+import importlib
+import itertools
+import json
 import os
 import statistics
 import time
@@ -24,8 +22,9 @@ from typing import Any, Callable
 
 import torch
 
-from fastkd.reporting import markdown_table, write_results
+from fastkd.reporting import cpu_info, markdown_table, results_dir, write_results
 
+TIMING_KEYS = ("median_ms", "p10_ms", "p90_ms")
 
 
 def time_fn(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, device: str = "cpu") -> dict:
@@ -42,7 +41,6 @@ def time_fn(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, device
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
     q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) >= 2 else [samples[0]] * 9
     return {"median_ms": statistics.median(samples), "p10_ms": q[0], "p90_ms": q[-1], "repeats": repeats}
 
@@ -60,6 +58,13 @@ def time_alternating(runs: dict[str, Callable[[], Any]], *, rounds: int, repeats
     return best
 
 
+def _quiet_cpu_profiler() -> None:
+    """Silence the kineto library's GPU look-up errors and trace markers on stderr for a CPU-only
+    profile, unless the user set a level."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
 def peak_memory_bytes(fn: Callable[[], Any], *, device: str = "cpu") -> int:
     """Peak bytes allocated by ``fn()`` beyond what was allocated before the call."""
     if device == "cuda":
@@ -71,10 +76,7 @@ def peak_memory_bytes(fn: Callable[[], Any], *, device: str = "cpu") -> int:
         return int(torch.cuda.max_memory_allocated() - base)
     from torch.profiler import ProfilerActivity, profile
 
-    if not torch.cuda.is_available():
-        # the profiler's kineto library logs GPU look-up errors ("gpuGetDeviceCount failed") and trace
-        # markers on stderr even for a CPU-only profile: silence it unless the user set a level
-        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    _quiet_cpu_profiler()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     deltas = sorted(
@@ -89,8 +91,95 @@ def peak_memory_bytes(fn: Callable[[], Any], *, device: str = "cpu") -> int:
     return int(peak)
 
 
+def top_ops(prof, n: int = 5, *, cuda: bool = False) -> list[dict]:
+    """The ``n`` ops of a finished profile with the most self time (kernel time on CUDA, else CPU
+    time), leaving out the trainer's ``fastkd/`` phase ranges: ``{"op", "self_ms", "calls"}`` each."""
+    self_us = (lambda a: a.self_device_time_total) if cuda else (lambda a: a.self_cpu_time_total)
+    ops = sorted((a for a in prof.key_averages() if not a.key.startswith("fastkd/")), key=self_us, reverse=True)
+    return [{"op": a.key, "self_ms": self_us(a) / 1e3, "calls": a.count} for a in ops[:n]]
+
+
+def profile_top_ops(step: Callable[[], Any], n: int = 5) -> list[dict]:
+    """:func:`top_ops` of one CPU-profiled call of ``step``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _quiet_cpu_profiler()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return top_ops(prof, n)
+
+
+def grad_step(fn: Callable, inputs: tuple, *args) -> Callable[[], Any]:
+    """One forward + backward of ``fn(*inputs, *args)`` into ``inputs`` per call, against a fixed
+    random upstream gradient (none for a scalar output); the first forward runs here (a warm-up,
+    and the compilation of a compiled ``fn``)."""
+    out = fn(*inputs, *args)
+    grad = torch.randn_like(out) if out.dim() else None
+    return lambda: torch.autograd.grad(fn(*inputs, *args), inputs, grad)
+
+
+def compare_variants(problem: dict, variants: dict[str, Callable[[], Any]], *, device: str, dtype: torch.dtype,
+                     rounds: int, repeats: int, baseline: str | dict[str, str], moved: dict | None = None,
+                     memory_offset: int = 0, memory: bool = True) -> list[dict]:
+    """One record per variant of one problem, the variants timed in alternating rounds and (with
+    ``memory``) their peak extra memory measured, less ``memory_offset`` bytes (e.g. the input
+    gradients every variant allocates): ``problem``'s keys, the shared schema (``bytes_moved_MiB``
+    from ``moved``: variant -> bytes), ``baseline`` (one for all, or variant -> its baseline),
+    ``speedup`` = baseline time / variant time and ``memory_ratio`` = variant peak / baseline peak."""
+    timings = time_alternating(variants, rounds=rounds, repeats=repeats, device=device)
+    peaks = {name: peak_memory_bytes(run, device=device) - memory_offset if memory else None
+             for name, run in variants.items()}
+    records = []
+    for name in variants:
+        base = baseline if isinstance(baseline, str) else baseline[name]
+        records.append({
+            **problem, "variant": name, **{k: timings[name][k] for k in TIMING_KEYS}, "baseline": base,
+            "speedup": timings[base]["median_ms"] / timings[name]["median_ms"],
+            "peak_MiB": peaks[name] / 2**20 if memory else None,
+            "memory_ratio": peaks[name] / peaks[base] if memory and peaks[base] > 0 else None,
+            "bytes_moved_MiB": (moved or {}).get(name, 0) / 2**20 or None, "device": device,
+            "dtype": str(dtype).removeprefix("torch."),
+        })
+    return records
+
+
+def trainer_step(method, batch, workdir: Path, *, device: str = "cpu", optim=None, **train) -> Callable[[], Any]:
+    """One ``fastkd.train.Trainer.train_step`` per call (the trainer as shipped, ``train`` overriding
+    its :class:`~fastkd.train.options.TrainConfig`; fp32 on CPU, bf16 on CUDA); each call returns the
+    step's loss; ``step.teacher_precision`` and ``step.compiled`` are the trainer's."""
+    from fastkd.train.options import OptimConfig, TrainConfig
+    from fastkd.train.trainer import Trainer
+
+    config = TrainConfig(device=device, precision="bf16" if device == "cuda" else "fp32", epochs=1,
+                         output_dir=str(workdir), progress=False, tensorboard=False, **train)
+    trainer = Trainer(method, [batch] * 1000, batch_size=int(batch.views[0].shape[0]), train=config,
+                      optim=optim or OptimConfig())
+    batches, steps = itertools.repeat(batch), itertools.count()
+
+    def step():
+        return trainer.train_step(batches, next(steps) % trainer.total_steps)[1]["loss"]
+
+    step.teacher_precision, step.compiled = trainer.teacher_precision, trainer.compiled
+    return step
+
+
+def image_batch(views: list[torch.Tensor]):
+    """A :class:`fastkd.data.batch.Batch` of ``views`` without labels (-1) and indices ``0 .. B-1``."""
+    from fastkd.data.batch import Batch
+
+    n, device = views[0].shape[0], views[0].device
+    return Batch(views, torch.full((n,), -1, dtype=torch.long, device=device), torch.arange(n, device=device))
+
+
+def machine_line(load: str | None) -> str:
+    """The header sentence of a timing report: the load average at the start and the CPU."""
+    cpu, isa = cpu_info()
+    return f"Machine load average at the start (1 / 5 / 15 min): {load or 'unknown'}. CPU: {cpu} " \
+           f"(ISA: {' '.join(isa) or 'unknown'})."
+
+
 def report_results(name: str, records: list[dict], columns: list[str], title: str, *, device: str,
-                   out_dir: str | os.PathLike, plot: Callable[[list[dict], Path], Any]) -> str:
+                   out_dir: str | os.PathLike, plot: Callable[[list[dict], Path], Any] | None = None) -> str:
     """The end of a benchmark: ``<name>.json`` and ``<name>.md`` (heading ``## <title> (<device>,
     <threads> threads)`` over the Markdown table of ``records`` in ``columns``) written into
     ``out_dir`` by :func:`fastkd.reporting.write_results`, ``plot(records, out_dir / "<name>.png")``,
@@ -98,9 +187,25 @@ def report_results(name: str, records: list[dict], columns: list[str], title: st
     table = markdown_table(records, columns)
     heading = f"## {title} ({device}, {torch.get_num_threads()} threads)"
     write_results(name, records, f"{heading}\n\n{table}", out_dir=out_dir)
-    plot(records, Path(out_dir) / f"{name}.png")
+    if plot is not None:
+        plot(records, Path(out_dir) / f"{name}.png")
     print(table)
     return table
+
+
+def run_bench(name: str, argv: list[str] | None, out_dir: Path | None = None) -> tuple[list[dict], str, int]:
+    """``(records, markdown, exit status)`` of ``fastkd.benchmarks.bench_<name>.main(argv + ["--out",
+    out_dir])``, read back from the files it wrote into ``out_dir`` (default
+    :func:`fastkd.reporting.results_dir`); ``argv`` None: of its latest results there, run nothing."""
+    out_dir = results_dir() if out_dir is None else Path(out_dir)
+    json_path, md_path = out_dir / f"bench_{name}.json", out_dir / f"bench_{name}.md"
+    started, status = time.time(), 0
+    if argv is not None:
+        returned = importlib.import_module(f"fastkd.benchmarks.bench_{name}").main([*argv, "--out", str(out_dir)])
+        status = returned if isinstance(returned, int) else 0  # an exit status, or the records
+        if not json_path.is_file() or json_path.stat().st_mtime < started:
+            raise RuntimeError(f"bench_{name} did not write {json_path}")
+    return json.loads(json_path.read_text())["records"], md_path.read_text().strip(), status
 
 
 def lowest_of_runs(runs: list[list[dict]], key_fields: tuple[str, ...], ratio: str) -> list[dict]:
@@ -110,18 +215,9 @@ def lowest_of_runs(runs: list[list[dict]], key_fields: tuple[str, ...], ratio: s
     def key(record):
         return tuple(record.get(field) for field in key_fields)
 
-    def numeric(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
     seen: dict[tuple, list[dict]] = {}
-    for records in runs:
-        for record in records:
-            if numeric(record.get(ratio)):
-                seen.setdefault(key(record), []).append(record)
-    combined = []
-    for record in runs[0]:
-        matches = seen.get(key(record))
-        if matches:
-            record = {**min(matches, key=lambda r: r[ratio]), f"{ratio}_runs": [round(r[ratio], 3) for r in matches]}
-        combined.append(record)
-    return combined
+    for record in (r for records in runs for r in records):
+        if isinstance(record.get(ratio), (int, float)) and not isinstance(record.get(ratio), bool):
+            seen.setdefault(key(record), []).append(record)
+    return [{**min(seen[key(r)], key=lambda m: m[ratio]), f"{ratio}_runs": [round(m[ratio], 3) for m in seen[key(r)]]}
+            if key(r) in seen else r for r in runs[0]]

@@ -1,14 +1,10 @@
-"""Ahead-of-time compile check of every registered Triton kernel configuration (run it with
-``fastkd bench compile``, see :mod:`fastkd.benchmarks.bench_compile`).
-
-Each configuration of ``all_compile_configs()`` is compiled for a compute capability with
-``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32))`` (no GPU
-needed); registers, local memory (spills), stack and static shared memory are read from the cubin
-with the ``cuobjdump --dump-resource-usage`` shipped in the triton wheel, and Triton's dynamic
-shared memory is added. ptxas puts register spills in the stack frame (``STACK``) or local memory
-(``LOCAL``); Triton kernels use neither for anything else, so any non-zero byte of either counts as
-a spill. A configuration fits when it compiles, does not spill and needs no more shared memory
-than the target allows per block.
+"""Ahead-of-time compile check of every registered Triton kernel configuration (``fastkd bench
+compile``): each configuration of ``all_compile_configs()`` compiled for a compute capability with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` (no GPU needed); registers,
+stack, local and static shared memory read from the cubin by the triton wheel's ``cuobjdump
+--dump-resource-usage``, plus Triton's dynamic shared memory. ptxas puts register spills in the stack
+frame or local memory, which Triton kernels use for nothing else: a configuration fits when it
+compiles, has neither and needs no more shared memory than the target allows per block.
 """
 
 from __future__ import annotations
@@ -24,23 +20,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.interpreter import InterpretedFunction
 
+from fastkd.checks import check_choice
 from fastkd.kernels.compile_configs import CompileConfig, all_compile_configs
-from fastkd.reporting import results_dir
 
 CHECKOUT_REPORT_DIR = "build/kernel_check"  # the report's default folder when run from a source checkout (git-ignored)
 # Largest shared memory one block may use (opt-in), bytes: A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT_BYTES = {80: 166912, 90: 232448}
 COLUMNS = ["kernel", "config", "target", "warps", "registers", "stack_bytes", "local_bytes", "shared_bytes",
            "shared_limit", "ok"]
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"  # in the triton wheel
 _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
-
-
-def cuobjdump_path() -> Path:
-    """The ``cuobjdump`` binary inside the installed triton wheel."""
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not path.is_file():
-        raise FileNotFoundError(f"cuobjdump not found in the triton wheel at {path}")
-    return path
 
 
 def parse_resource_usage(text: str) -> dict[str, int]:
@@ -61,22 +50,15 @@ def fits(row: dict) -> bool:
 def compile_config(config: CompileConfig, cc: int):
     """Triton's compiled kernel of one configuration for compute capability ``cc`` (its ``asm`` holds
     the ``ttir``, ``ptx`` and ``cubin`` of every stage)."""
-    if isinstance(config.kernel, InterpretedFunction):
-        raise RuntimeError("kernels were defined under TRITON_INTERPRET=1; run the compile check without it")
-    signature = dict(config.signature)
-    signature.update({name: "constexpr" for name in config.constexprs})
-    return triton.compile(
-        ASTSource(config.kernel, signature, config.constexprs),
-        target=GPUTarget("cuda", cc, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-    )
+    signature = {**config.signature, **{name: "constexpr" for name in config.constexprs}}
+    return triton.compile(ASTSource(config.kernel, signature, config.constexprs), target=GPUTarget("cuda", cc, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
 def check_config(config: CompileConfig, cc: int, workdir: Path) -> dict:
     """Compile one configuration for compute capability ``cc``; returns one table row (``ok``
     False with an ``error`` when it does not compile)."""
-    if cc not in SHARED_LIMIT_BYTES:
-        raise ValueError(f"cc must be one of {sorted(SHARED_LIMIT_BYTES)}, got {cc}")
+    check_choice("cc", cc, SHARED_LIMIT_BYTES)
     if isinstance(config.kernel, InterpretedFunction):
         raise RuntimeError("kernels were defined under TRITON_INTERPRET=1; run the compile check without it")
     row = {"kernel": config.name, "config": config.label, "target": f"sm_{cc}", "warps": config.num_warps,
@@ -86,7 +68,7 @@ def check_config(config: CompileConfig, cc: int, workdir: Path) -> dict:
         cubin = workdir / f"{config.name}_sm{cc}.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         listing = subprocess.run(
-            [str(cuobjdump_path()), "--dump-resource-usage", str(cubin)], check=True, capture_output=True, text=True
+            [str(CUOBJDUMP), "--dump-resource-usage", str(cubin)], check=True, capture_output=True, text=True
         ).stdout
         usage = parse_resource_usage(listing)
     except Exception as error:  # noqa: BLE001 - any compile failure is a failed row, reported, not raised
@@ -96,13 +78,6 @@ def check_config(config: CompileConfig, cc: int, workdir: Path) -> dict:
     row["shared_bytes"] = usage["static_shared_bytes"] + int(compiled.metadata.shared)
     row["ok"] = fits(row)
     return row
-
-
-def default_report_dir() -> Path:
-    """Where ``fastkd bench compile`` writes its report without ``--out`` / ``--publish``:
-    ``$FASTKD_BENCH_DIR``, else ``build/kernel_check/`` when the current directory is a source
-    checkout, else ``./fastkd_bench_results`` (:func:`fastkd.reporting.results_dir`)."""
-    return results_dir(in_checkout=CHECKOUT_REPORT_DIR)
 
 
 def run_check(configs: list[CompileConfig], targets: tuple[int, ...] = (80, 90)) -> list[dict]:
@@ -132,11 +107,7 @@ def selected_configs(quick: bool = False, kernel: str | None = None) -> list[Com
 
 def parse_targets(text: str) -> tuple[int, ...]:
     """``"80,90"`` -> ``(80, 90)``; each must be a compute capability the check knows."""
-    try:
-        targets = tuple(int(cc) for cc in text.split(","))
-    except ValueError:
-        raise ValueError(f"--targets must be comma-separated integers like 80,90, got {text!r}") from None
-    unknown = [cc for cc in targets if cc not in SHARED_LIMIT_BYTES]
-    if unknown:
-        raise ValueError(f"--targets must be among {sorted(SHARED_LIMIT_BYTES)}, got {text!r}")
-    return targets
+    if not re.fullmatch(r"\d+(,\d+)*", text) or any(int(cc) not in SHARED_LIMIT_BYTES for cc in text.split(",")):
+        raise ValueError(f"--targets must be comma-separated compute capabilities among {sorted(SHARED_LIMIT_BYTES)}, "
+                         f"like 80,90, got {text!r}")
+    return tuple(int(cc) for cc in text.split(","))

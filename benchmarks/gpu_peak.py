@@ -1,13 +1,12 @@
 """The CUDA device's peak memory bandwidth and dense tensor-core / vector FLOP rates, to put achieved
-figures against.
+figures against::
 
     bandwidth = 2 (double data rate) * memory_clock_rate * memory_bus_width / 8    bytes/s
-    FLOP/s    = the vendor's published dense (no sparsity) figure of the device, from :data:`PUBLISHED_PEAKS`
+    FLOP/s    = the vendor's published dense (no sparsity) figure, from :data:`PUBLISHED_PEAKS`
 
-The FLOP rates are the datasheet figures, not ``SMs * clock * FLOPs per SM per clock``: that
-product uses the boost clock and overstates what the parts sustain (e.g. ~1070 instead of 989 dense
-bf16 TFLOP/s on an H100 SXM). A device that is not in the table gets None for its FLOP rates. Only
-a GPU has these figures: on CPU the benchmarks print :data:`NEEDS_GPU` in their place instead of a number.
+(datasheet figures: ``SMs * boost clock * FLOPs per clock`` overstates what the parts sustain, e.g.
+~1070 instead of 989 bf16 TFLOP/s on an H100 SXM). A device not in the table gets None; on CPU the
+benchmarks print :data:`NEEDS_GPU` instead of a number.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ from __future__ import annotations
 import re
 
 import torch
+
+from fastkd.checks import check_choice, check_number
 
 NEEDS_GPU = "needs a GPU"
 
@@ -34,19 +35,13 @@ PUBLISHED_PEAKS = (
 )
 
 
-def _normalised(name: str) -> str:
-    return " ".join(re.sub(r"[-_]", " ", name).upper().split())
-
-
 def published_peak(name: str) -> dict | None:
     """``{"bf16", "fp16", "tf32", "fp32"}`` dense peak TFLOP/s of the device called ``name`` (as
     ``torch.cuda.get_device_properties(...).name`` spells it, e.g. ``"NVIDIA H100 80GB HBM3"``), or
     None for a device not in :data:`PUBLISHED_PEAKS`."""
-    normalised = _normalised(name)
-    for pattern, figures in PUBLISHED_PEAKS:
-        if pattern in normalised:
-            return None if figures is None else dict(figures)
-    return None
+    normalised = " ".join(re.sub(r"[-_]", " ", name).upper().split())
+    figures = next((figures for pattern, figures in PUBLISHED_PEAKS if pattern in normalised), None)
+    return None if figures is None else dict(figures)
 
 
 def gpu_peak() -> dict | None:
@@ -57,28 +52,19 @@ def gpu_peak() -> dict | None:
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    memory_clock_khz = getattr(props, "memory_clock_rate", None)
-    bus_width_bits = getattr(props, "memory_bus_width", None)
-    bandwidth = None
-    if memory_clock_khz and bus_width_bits:
-        bandwidth = 2 * memory_clock_khz * 1e3 * bus_width_bits / 8 / 1e9
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
     figures = published_peak(props.name) or {}
-    return {
-        "gpu": props.name,
-        "peak_bandwidth_GBps": bandwidth,
-        **{f"peak_{kind}_TFLOPs": figures.get(kind) for kind in ("bf16", "fp16", "tf32", "fp32")},
-    }
+    return {"gpu": props.name, "peak_bandwidth_GBps": 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+            if clock_khz and bus_bits else None,
+            **{f"peak_{kind}_TFLOPs": figures.get(kind) for kind in ("bf16", "fp16", "tf32", "fp32")}}
 
 
 def fraction_of_peak(achieved: float | None, peak: float | None, device: str) -> float | str | None:
     """``achieved / peak`` for a measurement on ``device``: :data:`NEEDS_GPU` for ``"cpu"`` (no
     device peak applies); None when either figure is unknown."""
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    check_choice("device", device, ("cpu", "cuda"))
     if device == "cpu":
         return NEEDS_GPU
-    if achieved is None or peak is None:
-        return None
-    if peak <= 0:
-        raise ValueError(f"peak must be positive, got {peak}")
-    return achieved / peak
+    if peak is not None:
+        check_number("peak", peak, low=0, low_open=True)
+    return None if achieved is None or peak is None else achieved / peak

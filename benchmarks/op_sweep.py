@@ -13,30 +13,23 @@ kept, so load from other processes hits both alike); ``speedup`` = reference / f
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
-from fastkd.benchmarks.common import time_alternating
+from fastkd.benchmarks.common import grad_step, time_alternating
 from fastkd.ops import (ema_, feature_align, feature_align_reference, gather_tokens, gather_tokens_reference,
                         random_keep, reference_ops, token_relation, token_relation_reference)
+from fastkd.reporting import cpu_info
 
 SIZES = (10**3, 10**4, 10**5, 10**6, 10**7)
 QUICK_SIZES = (10**3, 10**4, 10**5, 10**6)
 COLUMNS = ["op", "dtype", "elements", "shape", "fused_ms", "reference_ms", "speedup"]
 
 
-def _grad_step(fn: Callable, inputs: tuple, *args) -> Callable[[], None]:
-    """One forward + backward of ``fn(*inputs, *args)`` into ``inputs`` (a random upstream gradient)."""
-    out = fn(*inputs, *args)
-    grad = torch.randn_like(out)
-    return lambda: torch.autograd.grad(fn(*inputs, *args), inputs, grad)
-
-
 def _feature_align(n: int, dtype: torch.dtype):
     M, D = max(1, round(n / 384)), 384
     s, t = torch.randn(M, D, dtype=dtype, requires_grad=True), torch.randn(M, D, dtype=dtype)
-    return f"[{M}, {D}]", M * D, _grad_step(feature_align, (s,), t), _grad_step(feature_align_reference, (s,), t)
+    return f"[{M}, {D}]", M * D, grad_step(feature_align, (s,), t), grad_step(feature_align_reference, (s,), t)
 
 
 def _gather_tokens(n: int, dtype: torch.dtype):
@@ -46,7 +39,7 @@ def _gather_tokens(n: int, dtype: torch.dtype):
     keep, _ = random_keep(B, N, K, generator=torch.Generator().manual_seed(0))
 
     def step(fn):
-        return _grad_step(lambda x_, p_: fn(x_, keep, p_), (x, pos))
+        return grad_step(lambda x_, p_: fn(x_, keep, p_), (x, pos))
 
     return f"[{B}, {N}, {D}] keep {K}", B * N * D, step(gather_tokens), step(gather_tokens_reference)
 
@@ -56,8 +49,8 @@ def _token_relation(n: int, dtype: torch.dtype):
     N = max(2, round(math.sqrt(n / (B * H))))
     q_s, k_s = (torch.randn(B, H, N, d, dtype=dtype, requires_grad=True) for _ in range(2))
     q_t, k_t = (torch.randn(B, H, N, d, dtype=dtype) for _ in range(2))
-    return (f"B={B} H={H} N={N} d={d}", B * H * N * N, _grad_step(token_relation, (q_s, k_s), q_t, k_t),
-            _grad_step(token_relation_reference, (q_s, k_s), q_t, k_t))
+    return (f"B={B} H={H} N={N} d={d}", B * H * N * N, grad_step(token_relation, (q_s, k_s), q_t, k_t),
+            grad_step(token_relation_reference, (q_s, k_s), q_t, k_t))
 
 
 def _ema(n: int, dtype: torch.dtype):
@@ -98,14 +91,9 @@ def sweep(sizes=SIZES, dtypes=(torch.float32,), ops=tuple(CASES), *, rounds: int
 
 
 def cpu_isa() -> str:
-    """The CPU's vector instruction sets (from /proc/cpuinfo, as lscpu lists them), the one torch
-    dispatches to and the one fastkd._C was compiled for."""
+    """The CPU's vector instruction sets (as /proc/cpuinfo lists them), the one torch dispatches to
+    and the one fastkd._C was compiled for."""
     from fastkd.ops import build_info
 
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
-        flags = []
-    vector = " ".join(sorted(f for f in flags if f.startswith(("avx", "amx")))) or "unknown"
-    return (f"vector ISA flags: {vector}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}; "
-            f"fastkd._C built for {build_info().get('cpu_isa')}")
+    return (f"vector ISA flags: {' '.join(cpu_info()[1]) or 'unknown'}; torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; fastkd._C built for {build_info().get('cpu_isa')}")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
+
+YLABELS = {"median_ms": "forward + backward, median ms", "peak_MiB": "peak extra memory, MiB"}
 
 
 def _pyplot():
@@ -29,12 +32,6 @@ def _save(plt, fig, path, title: str, dpi: int) -> Path:
 def save_grouped_bars(path: Path, groups: list[str], panels: list[tuple[str, dict[str, list[float]]]],
                       title: str = "") -> Path:
     """One bar panel per ``(ylabel, {series: one value per group})``, bars grouped by ``groups``."""
-    if not groups or not panels:
-        raise ValueError(f"need at least one group and one panel, got {len(groups)} groups, {len(panels)} panels")
-    for ylabel, series in panels:
-        for name, values in series.items():
-            if len(values) != len(groups):
-                raise ValueError(f"panel {ylabel!r} series {name!r} has {len(values)} values for {len(groups)} groups")
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(groups) * len(panels) + 2, 4), squeeze=False)
     for ax, (ylabel, series) in zip(axes[0], panels):
@@ -47,13 +44,27 @@ def save_grouped_bars(path: Path, groups: list[str], panels: list[tuple[str, dic
     return _save(plt, fig, path, title, dpi=120)
 
 
+def bars_per_problem(group: Callable[[dict], str], keys: list[str]) -> Callable[[list[dict], Path], Path]:
+    """A ``plot(records, path)`` of :func:`save_grouped_bars`: one panel per record key of ``keys``,
+    bars grouped by ``group(record)``, one series per ``record["variant"]``."""
+    def plot(records: list[dict], path: Path) -> Path:
+        groups = list(dict.fromkeys(group(r) for r in records))
+        panels = []
+        for key in keys:
+            values: dict[str, dict] = {}
+            for r in records:
+                values.setdefault(r["variant"], {})[group(r)] = r[key]
+            panels.append((YLABELS[key], {variant: [v[g] for g in groups] for variant, v in values.items()}))
+        return save_grouped_bars(path, groups, panels)
+
+    return plot
+
+
 def save_lines_per_op(path: Path, rows: list[dict], panels: list[tuple[str, str]], title: str = "") -> Path:
     """A grid with one column per ``row["op"]`` and one row per ``(key, ylabel)`` panel: ``row[key]``
     against ``row["problem"]`` (the problem size, in benchmark order), one line per ``row["variant"]``,
     log scale. Rows whose ``key`` is not a number are left out of that panel (an empty panel says so)."""
     ops = list(dict.fromkeys(row["op"] for row in rows))
-    if not ops or not panels:
-        raise ValueError(f"need at least one op and one panel, got {len(ops)} ops, {len(panels)} panels")
     plt = _pyplot()
     fig, axes = plt.subplots(len(panels), len(ops), figsize=(4.2 * len(ops), 3.2 * len(panels)), squeeze=False)
     for column, op in enumerate(ops):
