@@ -1,18 +1,14 @@
 """The ``fastkd`` command.
 
-    fastkd pretrain CONFIG [key=value ...] [--resume]     teacher pre-training (methods with role "pretrain")
-    fastkd distill  CONFIG [key=value ...] [--resume]     distillation (methods with role "distill")
-    fastkd eval knn|linear|finetune MODEL --train DIR --val DIR   k-NN, linear probe (cached, dino,
-                                                          mocov3) or fine-tuning of a saved model
-    fastkd launch [torchrun options] -m fastkd.cli distill CONFIG ...
-                                                          torchrun that exits 0 after a SIGTERM/SIGINT stop
-    fastkd bench NAME [ARGS ...]                          run fastkd.benchmarks.bench_NAME
-    fastkd data sample|scan ...                           sample dataset, dataset scan
+    fastkd pretrain|distill CONFIG [key=value ...] [--resume]   training (methods of that role)
+    fastkd eval knn|linear|finetune MODEL --train DIR --val DIR  k-NN, linear probe or fine-tuning
+    fastkd launch [torchrun options] -m fastkd.cli distill ...  torchrun, exit 0 after a SIGTERM stop
+    fastkd bench NAME [ARGS ...]                                fastkd.benchmarks.bench_NAME
+    fastkd data sample|scan ...                                 sample dataset, dataset scan
 
-Training commands run unchanged under ``torchrun --nproc_per_node N -m fastkd.cli ...`` (or the
-``fastkd`` script). Exit codes: 0 success (also after a SIGTERM/SIGINT checkpoint), 1 a run
-stopped by non-finite losses, 2 a usage or configuration error (``FASTKD_TRACEBACK=1`` shows the
-traceback).
+Training runs unchanged under ``torchrun --nproc_per_node N -m fastkd.cli ...``. Exit codes: 0
+success (also after a SIGTERM/SIGINT checkpoint), 1 a run stopped by non-finite losses, 2 a usage or
+configuration error (``FASTKD_TRACEBACK=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -112,24 +108,23 @@ def _emit_report(report: dict, output: str | None) -> int:
 
 # the cached probe's defaults; the paper protocols (dino, mocov3) take theirs from fastkd.eval.linear_protocols
 _CACHED_PROBE_DEFAULTS = {"epochs": 100, "lr": 0.1, "weight_decay": 0.0, "probe_batch_size": 256}
+# options of one kind of linear protocol only (the paper protocols use weight decay 0 and augment every epoch)
+_PROTOCOL_ONLY = {"lrs": "dino|mocov3", "n_last_blocks": "dino|mocov3", "avgpool_patches": "dino|mocov3",
+                  "weight_decay": "cached", "cache_dir": "cached"}
 
 
 def _linear_protocol_defaults(args: argparse.Namespace) -> None:
     """Fill the cached probe's defaults, and refuse options that do not apply to the chosen protocol."""
-    if args.linear_protocol == "cached":
-        for name in ("lrs", "n_last_blocks", "avgpool_patches"):
-            if getattr(args, name) is not None:
-                raise ValueError(f"--{name.replace('_', '-')} applies to --protocol dino|mocov3, not to the cached probe")
-        for name, value in _CACHED_PROBE_DEFAULTS.items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-    else:
-        if args.weight_decay is not None:
-            raise ValueError("--weight-decay applies to the cached probe; the paper protocols use their own (0)")
-        if args.cache_dir is not None:
-            raise ValueError("--cache-dir applies to the cached probe: the paper protocols augment every epoch")
-        if args.lr is not None and args.lrs is not None:
-            raise ValueError("give --lr (one head) or --lrs (a sweep), not both")
+    cached = args.linear_protocol == "cached"
+    for name, protocols in _PROTOCOL_ONLY.items():
+        if getattr(args, name) is not None and (protocols == "cached") != cached:
+            raise ValueError(f"--{name.replace('_', '-')} applies to --protocol {protocols} only, not to "
+                             f"{args.linear_protocol} (the paper protocols use weight decay 0, augment every epoch)")
+    if not cached and args.lr is not None and args.lrs is not None:
+        raise ValueError("give --lr (one head) or --lrs (a sweep), not both")
+    for name, value in _CACHED_PROBE_DEFAULTS.items() if cached else ():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -363,15 +358,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as error:
-        # usage and configuration errors (bad values, missing files): exit 2, one message
+    except (ValueError, TypeError, OSError) as error:
         if os.environ.get("FASTKD_TRACEBACK") == "1":
             raise
-        parser.exit(2, f"fastkd {args.command}: error: {error}\n(set FASTKD_TRACEBACK=1 for the traceback)\n")
-    except OSError as error:  # e.g. the disk filled up while writing: one line, exit 1
-        if os.environ.get("FASTKD_TRACEBACK") == "1":
-            raise
-        parser.exit(1, f"fastkd {args.command}: error: {error}\n")
+        # usage and configuration errors (bad values, missing files): exit 2; other OSErrors (a full disk): 1
+        usage = isinstance(error, (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                                   PermissionError))
+        parser.exit(2 if usage else 1, f"fastkd {args.command}: error: {error}\n"
+                    + ("(set FASTKD_TRACEBACK=1 for the traceback)\n" if usage else ""))
 
 
 if __name__ == "__main__":

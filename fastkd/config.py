@@ -1,23 +1,20 @@
-"""Run configuration: a YAML file (read with ``yaml.safe_load``) validated against a dataclass
-schema, plus ``key=value`` overrides with dotted keys.
-
-Schema (top level)::
+"""Run configuration: a YAML file (``yaml.safe_load``) validated against a dataclass schema, plus
+``key=value`` overrides with dotted keys::
 
     method: {name: <registered method>, ...the method's own config keys...}
     data:   DataConfig      (source, batch_size per rank, backend, num_workers, recipe options)
     optim:  OptimConfig     (fastkd.train.options)
     train:  TrainConfig     (fastkd.train.options)
 
-Unknown keys are errors naming the key and the nearest valid one (``difflib``). Keys inside
-``method`` are checked by the method's own config dataclass in ``fastkd.methods.build_method``.
-Override values are parsed as YAML (``optim.lr=3e-4``, ``train.compile=true``,
-``optim.betas=[0.9,0.95]``); numbers written like ``1e-3`` (a string to YAML 1.1) are accepted
-wherever the schema expects a float.
+An unknown key is an error naming the nearest valid one; ``method``'s keys are checked by the
+method's config dataclass (``fastkd.methods.build_method``). Override values are parsed as YAML
+(``optim.betas=[0.9,0.95]``); ``1e-3`` (a string to YAML 1.1) is accepted where a float is expected.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import re
@@ -120,9 +117,7 @@ def _coerce(value, annotation):
     """Turn a YAML 1.1 string such as ``'1e-3'`` into a float (and an int into a float) where the
     schema expects a float; everything else is returned as is."""
     if annotation is float or (isinstance(annotation, types.UnionType) and float in typing.get_args(annotation)):
-        if isinstance(value, str) and _FLOAT.match(value.strip()):
-            return float(value)
-        if isinstance(value, int) and not isinstance(value, bool):
+        if (isinstance(value, str) and _FLOAT.match(value.strip())) or (type(value) is int):
             return float(value)
     return value
 
@@ -134,11 +129,8 @@ def build_dataclass(cls, mapping, where: str = ""):
     mapping = _mapping({} if mapping is None else mapping, where.rstrip(".") or "config")
     hints = typing.get_type_hints(cls)
     _check_keys(mapping, [f.name for f in dataclasses.fields(cls)], where)
-    try:
+    with config_errors():
         return cls(**{key: _coerce(value, hints[key]) for key, value in mapping.items()})
-    except (TypeError, ValueError) as error:  # a TypeError: e.g. a required field missing
-        raise ConfigError(str(error) if isinstance(error, ValueError)
-                          else f"{where.rstrip('.') or 'config'}: {error}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -156,7 +148,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Return a copy of the nested dict ``raw`` with every ``key=value`` override set."""
-    out = _deep_copy(raw)
+    out = copy.deepcopy(raw)
     for text in overrides:
         parts, value = parse_override(text)
         node = out
@@ -169,14 +161,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = child
         node[parts[-1]] = value
     return out
-
-
-def _deep_copy(value):
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value
 
 
 def run_config_from_dict(raw: dict) -> RunConfig:
@@ -205,7 +189,5 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
         raw = yaml.safe_load(path.read_text())
         return run_config_from_dict(apply_overrides(_mapping({} if raw is None else raw, "the top level"),
                                                     list(overrides)))
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+    except (yaml.YAMLError, ConfigError) as error:
+        raise ConfigError(f"{path}: {'not valid YAML: ' if isinstance(error, yaml.YAMLError) else ''}{error}") from None

@@ -1,23 +1,16 @@
 """The end-to-end demo on the built-in sample data: ``make demo`` / ``python -m fastkd.demo``.
 
-1. writes the sample dataset (``fastkd.data.write_sample_dataset``): ``<out>/data/train``
-   (``--images`` images, seed 0) and the held-out ``<out>/data/val`` (``--val-images`` images,
-   seed 1: other images of the same 12 classes);
-2. pre-trains a tiny ``resmoco`` teacher and a tiny ``mae`` teacher;
-3. distils randomly initialised students from both teachers with ``moma`` and ``hybrid_distill``;
-4. scores weighted k-NN (``fastkd.eval.evaluate_knn``: k=20, T=0.07, the train split is the
-   memory bank, the held-out split is classified) of each teacher, each distilled student and
-   each student's random initialisation (its method built with the run's seed, as the runner does,
-   before any step);
-5. prints a table and writes ``demo.md``, ``demo.json`` and ``demo.png`` into ``<out>``.
+It writes the sample dataset (``<out>/data/train``: ``--images`` images, seed 0; the held-out
+``<out>/data/val``: ``--val-images`` other images of the same 12 classes, seed 1), pre-trains tiny
+``resmoco`` and ``mae`` teachers, distils random students from both with ``moma`` and
+``hybrid_distill``, scores weighted k-NN (k=20, T=0.07; train split = memory bank) of each teacher,
+student and student's random initialisation (built with the run's seed, before any step), and
+writes a table to ``demo.md``, ``demo.json`` and ``demo.png`` in ``<out>``.
 
-Every run is a YAML of ``configs/demo/`` (installed with fastkd as package data of
-``fastkd.configs``) read by ``fastkd.config.load_config`` with the demo's paths as overrides and
-trained by ``fastkd.runner.train_from_config`` (what ``fastkd pretrain`` / ``fastkd distill`` do);
-each run directory also holds the trainer's ``metrics.csv``, ``loss_curves.png`` and
-``student.pt``; a new demo run replaces the folders of the last one.
-``--quick`` is a smoke run (tens of images, two steps per run) that checks the pipeline, not the
-accuracies; a full run exits 1 when a student misses ``MIN_MARGIN_POINTS``.
+Every run is a YAML of ``configs/demo/`` (package data of ``fastkd.configs``) with the demo's paths
+as overrides, trained by ``fastkd.runner.train_from_config`` as ``fastkd pretrain`` / ``distill``
+do; a new demo run replaces the last one's folders. ``--quick`` is a smoke run (tens of images, two
+steps per run); a full run exits 1 when a student misses ``MIN_MARGIN_POINTS``.
 """
 
 from __future__ import annotations
@@ -32,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from fastkd.checks import check_bool, check_number
 from fastkd.configs import demo_config_dir
 
 DEFAULT_CONFIG_DIR = demo_config_dir()  # configs/demo/ of the checkout, installed as package data
@@ -162,11 +156,9 @@ def run_demo(out: str | Path = "demo_out", *, images: int = 2000, val_images: in
     from fastkd.reporting import machine_info, markdown_table, write_report
     from fastkd.runner import STUDENT_FILE, train_from_config
 
-    for name, value in (("images", images), ("val_images", val_images)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 12:
-            raise ValueError(f"{name} must be an int >= 12 (one image per class), got {value!r}")
-    if not isinstance(quick, bool):
-        raise TypeError(f"quick must be a bool, got {quick!r}")
+    check_number("images", images, low=12, integer=True)  # one image per class at least
+    check_number("val_images", val_images, low=12, integer=True)
+    check_bool("quick", quick)
     out, config_dir = Path(out), Path(config_dir)
     missing = [f"{stage.method}.yaml" for stage in STAGES if not (config_dir / f"{stage.method}.yaml").is_file()]
     if missing:
@@ -219,8 +211,8 @@ def run_demo(out: str | Path = "demo_out", *, images: int = 2000, val_images: in
     footer = (f"{images} train / {val_images} held-out images, 12 classes (chance 8.3%); k-NN k=20, T=0.07. "
               f"Total {timings['total']['wall_s']:.0f} s wall, {timings['total']['cpu_s']:.0f} s CPU "
               f"on {torch.get_num_threads()} torch threads.\n\n{verdict}")
-    summary = {"quick": quick, "margin": {"points": margins, "min_points": MIN_MARGIN_POINTS, "met": margin_met}, "images": {"train": images, "val": val_images}, "rows": rows,
-               "timings": timings, "machine": machine_info(), "configs": {n: c.to_dict() for n, c in configs.items()}}
+    summary = {"quick": quick, "margin": {"points": margins, "min_points": MIN_MARGIN_POINTS, "met": margin_met},
+               "images": {"train": images, "val": val_images}, "rows": rows, "timings": timings, "machine": machine_info(), "configs": {n: c.to_dict() for n, c in configs.items()}}
     write_report(out, "demo", summary, table + "\n\n" + footer)
     plot_accuracies(rows, out / "demo.png")
     print("\n" + table + "\n\n" + footer, flush=True)

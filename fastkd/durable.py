@@ -1,11 +1,6 @@
-"""Durable file writes: the one writer every fastkd file goes through (and its reading side for
-torch files: :func:`read_torch_file`).
-
-A file is written to a unique temporary file in its destination folder, flushed and fsynced, then
-renamed over its final name, and the folder entry is fsynced: a crash (or SIGKILL) at any moment
-leaves either the previous file or the new one under the final name, never a half-written one.
-The temporary file is removed when writing fails. Used for training checkpoints, exported weights,
-logs, scan reports and benchmark results alike.
+"""Durable file writes, the one writer of every fastkd file, and :func:`read_torch_file`: a file
+goes to a unique temporary file beside it, is fsynced and renamed over its final name, and the folder
+entry is fsynced, so a crash at any moment leaves the previous file or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -40,8 +35,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     ``path`` (creating the parent folder); returns ``path`` as a :class:`~pathlib.Path`.
 
     Raises ``OSError`` naming ``ENOSPC`` and the folder when the disk is full."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -1,17 +1,12 @@
 """What the trainer and the runner use of a method: one base class, with the defaults.
 
-A training method is an ``nn.Module`` subclassing :class:`TrainingMethod`. The trainer calls, per
-optimiser step: ``forward(batch)`` (a dict with ``loss``, the scalar to backprop, and detached named
-parts for logging), ``before_optimizer_step(epoch)`` after backward and clipping, then
-``after_step(step, total_steps, found_inf)`` after the optimiser step (teacher EMA, schedules). It
-builds its optimisers from ``param_groups(weight_decay)`` and sets ``frozen_teacher_dtype`` from
-``train.teacher_precision``; the runner saves ``student`` and ``ema_teacher_backbone``.
-
-``found_inf`` is None when the trainer decided on the host that the step is good (a skipped step
-does not call ``after_step`` at all), or a 0-dim float tensor on the device (1: the step was
-skipped) that every state update of ``after_step`` must honour without reading it on the host.
-
-This module sits below every package: it imports nothing from fastkd.
+Per optimiser step the trainer calls ``forward(batch)`` (a dict with ``loss``, the scalar to
+backprop, and detached named parts), ``before_optimizer_step(epoch)`` after backward and clipping,
+and ``after_step(step, total_steps, found_inf)`` after the optimiser step (teacher EMA, schedules);
+``found_inf`` is None (the host found the step good; a skipped step gets no call) or a 0-dim device
+tensor (1: skipped) that every state update must honour without reading it on the host. It builds
+the optimisers from ``param_groups(weight_decay)`` and sets ``frozen_teacher_dtype``; the runner
+saves ``student`` and ``ema_teacher_backbone``. This module imports nothing from fastkd.
 """
 
 from __future__ import annotations

@@ -1,21 +1,18 @@
-"""Run a training job from a :class:`fastkd.config.RunConfig`: build the method
-(``fastkd.methods.build_method``) and the loader (``fastkd.data.build_loader``), train with
-:class:`fastkd.train.trainer.Trainer`, and at the end write the student backbone as
-``<output_dir>/student.pt`` (fastkd format, loadable by ``fastkd.models.load_teacher`` and
-``fastkd eval``) and, for methods with an EMA teacher (MoCo v3, ResMoCo, MOKD:
-``Method.ema_teacher_backbone``), that teacher's backbone as ``<output_dir>/teacher.pt``
-(``fastkd eval ... --weights teacher``). Works the same under torchrun."""
+"""Run a training job from a :class:`fastkd.config.RunConfig`: build the method and the loader, train
+with :class:`fastkd.train.trainer.Trainer` (also under torchrun), then write the student backbone as
+``<output_dir>/student.pt`` and, for methods with an EMA teacher (``Method.ema_teacher_backbone``:
+MoCo v3, ResMoCo, MOKD), its backbone as ``<output_dir>/teacher.pt`` (``fastkd eval --weights teacher``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from fastkd.checks import check_instance
 from fastkd.config import RunConfig
 from fastkd.models.weights import STUDENT_FILE, TEACHER_FILE
 from fastkd.train import distributed
 from fastkd.train.rng import seed_everything
 from fastkd.train.trainer import Trainer, TrainResult
-
 
 
 def train_from_config(config: RunConfig, *, resume: bool = False) -> TrainResult:
@@ -24,8 +21,7 @@ def train_from_config(config: RunConfig, *, resume: bool = False) -> TrainResult
     from fastkd.methods import build_method
     from fastkd.models import Backbone, save_backbone
 
-    if not isinstance(config, RunConfig):
-        raise TypeError(f"config must be a fastkd.config.RunConfig, got {type(config).__name__}")
+    check_instance("config", config, RunConfig, "a fastkd.config.RunConfig")
     if not config.data.source:
         raise ValueError("data.source is empty: set it in the config or with data.source=PATH")
     env = distributed.init_distributed(config.train.device)

@@ -45,7 +45,7 @@ def test_unknown_keys_name_the_nearest_valid_one(tmp_path, override, message):
 
 @pytest.mark.parametrize("override, message", [
     ("train.precision=fp8", "train.precision must be one of"),
-    ("optim.accum_steps=0", "optim.accum_steps must be an int >= 1"),
+    ("optim.accum_steps=0", "optim.accum_steps must be >= 1, got 0"),
     ("data.backend=gpu", "data.backend must be"),
     ("optim.betas=0.9", "optim.betas must be two numbers"),
     ("train.compile=maybe", "train.compile must be true, false or 'auto'"),

@@ -51,7 +51,7 @@ def test_quick_demo_writes_table_plot_and_summary(quick_run, capsys):
 
 
 def test_demo_rejects_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="images must be an int >= 12"):
+    with pytest.raises(ValueError, match="images must be >= 12, got 5"):
         demo.run_demo(tmp_path, images=5)
     with pytest.raises(ValueError, match="lacks the demo configs"):
         demo.run_demo(tmp_path, config_dir=tmp_path)

@@ -10,9 +10,9 @@ from typing import Any, Mapping
 
 import torch.nn.functional as F
 
-from fastkd.checks import check_kwargs, check_number, check_str
+from fastkd.checks import check_instance, check_kwargs, check_number, check_str
 from fastkd.models import Backbone, build_backbone, load_teacher
-from fastkd.suggest import did_you_mean
+from fastkd.methods.base import check_known
 
 SPEC_KEYS = ("arch", "kwargs", "path", "format", "input_size")
 TRAINED_KEYS = SPEC_KEYS[:4]  # a backbone that sees the batch as given (no input_size)
@@ -57,13 +57,10 @@ def backbone_spec(where: str, value: Any, default: BackboneSpec, keys: tuple[str
     errors name ``where.<key>``."""
     if isinstance(value, BackboneSpec):
         given = {key: item for key, item in dataclasses.asdict(value).items() if item != getattr(default, key)}
-    elif isinstance(value, Mapping):
-        given = dict(value)
     else:
-        raise TypeError(f"{where} must be a mapping with keys {keys}, got {value!r}")
-    for key in given:
-        if key not in keys:
-            raise ValueError(f"unknown key {where}.{key}{did_you_mean(str(key), keys)} (keys: {', '.join(keys)})")
+        check_instance(where, value, Mapping, f"a mapping with keys {keys}")
+        given = dict(value)
+    check_known(f"{where} key", given, keys)
     spec = dataclasses.replace(default, **given)
     check_str(f"{where}.arch", spec.arch)
     check_kwargs(f"{where}.kwargs", spec.kwargs)
@@ -78,11 +75,7 @@ def backbone_specs(where: str, value: Any, defaults: Mapping[str, BackboneSpec],
                    keys: tuple[str, ...] = SPEC_KEYS) -> dict[str, BackboneSpec]:
     """A mapping role -> spec (``method.teachers``, MOKD's ``models``) over ``defaults``: every role
     of ``defaults`` is present; a role ``defaults`` lacks is refused by name."""
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{where} must be a mapping of {', '.join(defaults)} to backbone specs, got {value!r}")
-    for role in value:
-        if role not in defaults:
-            raise ValueError(f"unknown {where} entry {role!r}{did_you_mean(str(role), defaults)} "
-                             f"(entries: {', '.join(defaults)})")
+    check_instance(where, value, Mapping, f"a mapping of {', '.join(defaults)} to backbone specs")
+    check_known(f"{where} entry", value, list(defaults))
     return {role: backbone_spec(f"{where}.{role}", value.get(role, {}), default, keys)
             for role, default in defaults.items()}

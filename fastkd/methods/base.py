@@ -15,30 +15,38 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fastkd.checks import check_bool, check_instance, check_number, check_shape, check_str
+from fastkd.checks import check_bool, check_instance, check_kwargs, check_number, check_shape, check_str
 from fastkd.data.batch import Batch
 from fastkd.method_protocol import TrainingMethod
+from fastkd.models import LinearProjector, MLPProjector
 from fastkd.models.backbone import Features
 from fastkd.models.ema_teacher import EMATeacher
-from fastkd.ops import random_keep
+from fastkd.ops import TARGET_NORMS as OP_TARGET_NORMS
+from fastkd.ops import gather_tokens, random_keep
 from fastkd.suggest import did_you_mean
 
 ROLES = ("pretrain", "distill")
 # name -> class of every method class defined so far (each registers itself: Method.__init_subclass__)
 REGISTRY: dict[str, type] = {}
+# the feature-distillation options of MOMA and Hybrid Distill (see :func:`align_parts`)
+ALIGN_TARGETS = ("cls", "patch", "both")
+ALIGN_TARGET_NORMS = tuple(n for n in OP_TARGET_NORMS if n != "none")  # the papers normalise the target
+PROJECTORS = ("linear", "mlp")
 
 
 def method_config_from_dict(config_class: type, config: Mapping[str, Any]):
     """A method's config: ``config_class(**config)``; an unknown key raises ``ValueError`` naming the
     nearest valid one. (The whole run's config is :func:`fastkd.config.run_config_from_dict`.)"""
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    fields = [f.name for f in dataclasses.fields(config_class)]
-    for key in config:
-        if key not in fields:
-            hint = did_you_mean(key, fields) or f"; valid keys: {', '.join(fields)}"
-            raise ValueError(f"unknown {config_class.__name__} key {key!r}{hint}")
+    check_kwargs("config", config)
+    check_known(f"{config_class.__name__} key", config, [f.name for f in dataclasses.fields(config_class)])
     return config_class(**config)
+
+
+def check_known(what: str, keys, valid) -> None:
+    """``ValueError`` for the first of ``keys`` not in ``valid``, naming it and the nearest valid one."""
+    for key in keys:
+        if key not in valid:
+            raise ValueError(f"unknown {what} {key!r}{did_you_mean(key, valid)} (valid: {', '.join(map(str, valid))})")
 
 
 def check_typed_fields(config) -> None:
@@ -88,20 +96,39 @@ def masked_forward(backbone: nn.Module, images: torch.Tensor, num_visible: int) 
     return backbone.forward_features(images, keep=keep_idx).tokens, keep_idx
 
 
+def build_projector(kind: str, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Module:
+    """The student-to-teacher projector of :data:`PROJECTORS`: linear, or an MLP of ``hidden_dim``."""
+    return LinearProjector(in_dim, out_dim) if kind == "linear" else MLPProjector(in_dim, out_dim, hidden_dim)
+
+
+def align_parts(align: nn.Module, projected: torch.Tensor, target: torch.Tensor, keep_idx: torch.Tensor,
+                which: str, student_prefix: int, teacher_prefix: int) -> dict[str, torch.Tensor]:
+    """Feature-alignment parts on the kept tokens by ``which`` (:data:`ALIGN_TARGETS`)::
+
+        cls   = align(projected[:, 0], target[:, 0])
+        patch = align(projected[:, P_s:], gather_tokens(target[:, P_t:], keep_idx))
+
+    ``projected``: the student's tokens (prefix, then the kept patches) at the teacher's width;
+    ``target``: the teacher's tokens on the whole image; ``P_s`` / ``P_t``: their prefix tokens."""
+    parts = {}
+    if which in ("cls", "both"):
+        parts["cls"] = align(projected[:, 0], target[:, 0])
+    if which in ("patch", "both"):
+        kept = gather_tokens(target[:, teacher_prefix:].contiguous(), keep_idx)
+        parts["patch"] = align(projected[:, student_prefix:], kept)
+    return parts
+
+
 class Method(TrainingMethod):
-    """Base class of fastkd's methods: the trainer's protocol (:class:`fastkd.method_protocol.
-    TrainingMethod`) plus what the registry and the CLI read, given as class keywords::
+    """Base class of fastkd's methods: the trainer's protocol plus what the registry and the CLI
+    read, given as class keywords::
 
         class MOMA(Method, name="moma", recipe="mae", role="distill", config=MOMAConfig): ...
 
-    ``name`` registers the class under that name when its module is imported, ``recipe`` is its data
-    recipe, ``config`` its config dataclass (read back as ``config_class``) and ``role`` one of
-    :data:`ROLES` (``"pretrain"`` trains a teacher, ``"distill"`` a student from teachers; it picks
-    the CLI command). A subclass inherits what it does not give. It implements ``forward`` and the
-    ``student`` property.
-
-    Submodules named in ``frozen_teachers`` (e.g. pretrained teachers) stay in eval mode whatever
-    ``train()`` asks and never receive gradients."""
+    ``name`` registers the class on import, ``recipe`` is its data recipe, ``config`` its config
+    dataclass (``config_class``), ``role`` one of :data:`ROLES` (it picks the CLI command); a
+    subclass inherits what it does not give. Submodules named in ``frozen_teachers`` stay in eval
+    mode whatever ``train()`` asks and never receive gradients."""
 
     name: str = ""
     recipe: str = ""
@@ -123,8 +150,7 @@ class Method(TrainingMethod):
 
     def __init__(self, config):
         super().__init__()
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        check_instance("config", config, self.config_class, f"a {self.config_class.__name__}")
         self.config = config
 
     def train(self, mode: bool = True):

@@ -32,14 +32,10 @@ from fastkd.checks import check_choice, check_number, check_positive_ints, check
 from fastkd.data.batch import Batch
 from fastkd.losses import FeatureAlignLoss, TokenRelationLoss
 from fastkd.methods.backbones import BackboneSpec, backbone_spec, backbone_specs
-from fastkd.methods.base import Method, check_batch, check_typed_fields, loss_dict
-from fastkd.models import LinearProjector, MLPProjector
-from fastkd.ops import TARGET_NORMS as OP_TARGET_NORMS
-from fastkd.ops import DIRECTIONS, LOSSES, gather_tokens, topk_keep
+from fastkd.methods.base import (ALIGN_TARGET_NORMS, ALIGN_TARGETS, PROJECTORS, Method, align_parts, build_projector,
+                                 check_batch, check_typed_fields, loss_dict)
+from fastkd.ops import DIRECTIONS, LOSSES, topk_keep
 
-TARGETS = ("cls", "patch", "both")
-TARGET_NORMS = tuple(n for n in OP_TARGET_NORMS if n != "none")  # the papers normalise the target
-PROJECTORS = ("linear", "mlp")
 SCORE_TEACHERS = ("feature", "relation")
 LAYER_PRESETS = ("intermediate", "last")  # relation_layers given by name instead of block pairs
 INTERMEDIATE_FRACTIONS = (0.25, 0.5, 0.75)  # student blocks of the "intermediate" preset, as depth fractions
@@ -107,16 +103,13 @@ def _keep_stages(schedule) -> list[list[float]]:
 
 @dataclass
 class HybridDistillConfig:
-    """``keep_schedule``: stages ``[start_fraction_of_training, keep_ratio]`` (the default keeps all
-    tokens for the first 30%, then 85%, then 70% from 60% of training on; an unconfirmed choice).
-    ``relation_layers``: ``[student_block, teacher_block]`` pairs (negative indices count from the
-    end), or ``"intermediate"`` (default: :func:`intermediate_layer_pairs`) or ``"last"`` (``[[-1, -1]]``).
-    ``mask_score_teacher``: whose last-block CLS attention ranks the tokens.
-    ``student``: the ViT student (:class:`BackboneSpec`; ``path``: optional initial weights).
-    ``teachers``: ``{"feature": spec, "relation": spec}`` (``path`` required; ``format`` e.g.
-    ``clip`` or ``deit`` beside ``mae``); the feature teacher's ``input_size`` resizes the image
-    (bicubic) for it only, for teachers of another patch size than the student. The relation
-    teacher sees the student's input."""
+    """``keep_schedule``: stages ``[start_fraction_of_training, keep_ratio]`` (default, an unconfirmed
+    choice: all tokens for the first 30%, then 85%, from 60% on 70%). ``relation_layers``:
+    ``[student_block, teacher_block]`` pairs (negative: from the end), ``"intermediate"``
+    (:func:`intermediate_layer_pairs`) or ``"last"``. ``mask_score_teacher``: whose last-block CLS
+    attention ranks the tokens. ``student``: the ViT student (``path``: optional initial weights);
+    ``teachers``: ``{"feature": spec, "relation": spec}`` (``path`` required); the feature teacher's
+    ``input_size`` resizes the image for it alone, the relation teacher sees the student's input."""
 
     student: BackboneSpec = BackboneSpec()
     teachers: dict = field(default_factory=dict)
@@ -146,8 +139,8 @@ class HybridDistillConfig:
         check_typed_fields(self)
         check_number("alpha", self.alpha, low=0.0)
         check_number("beta", self.beta, low=0.0)
-        check_choice("feature_target", self.feature_target, TARGETS)
-        check_choice("target_norm", self.target_norm, TARGET_NORMS)
+        check_choice("feature_target", self.feature_target, ALIGN_TARGETS)
+        check_choice("target_norm", self.target_norm, ALIGN_TARGET_NORMS)
         check_choice("feature_loss", self.feature_loss, LOSSES)
         check_number("smooth_l1_beta", self.smooth_l1_beta, low=0.0, low_open=True)
         check_choice("projector", self.projector, PROJECTORS)
@@ -187,9 +180,8 @@ class HybridDistill(Method, name="hybrid_distill", recipe="mae", role="distill",
                 if layers == "intermediate" else [[-1, -1]]
         self.layer_pairs = [(self._block(student, s, "student"), self._block(relation_teacher, t, "relation teacher"))
                             for s, t in layers]
-        teacher_dim = self.feature_teacher.embed_dim
-        self.projector = (LinearProjector(student.embed_dim, teacher_dim) if config.projector == "linear"
-                          else MLPProjector(student.embed_dim, teacher_dim, config.projector_hidden_dim))
+        self.projector = build_projector(config.projector, student.embed_dim, self.feature_teacher.embed_dim,
+                                         config.projector_hidden_dim)
         self.feature_align = FeatureAlignLoss(target_norm=config.target_norm, loss=config.feature_loss,
                                               beta=config.smooth_l1_beta)
         self.relation = TokenRelationLoss(temperature=config.relation_temperature,
@@ -261,16 +253,11 @@ class HybridDistill(Method, name="hybrid_distill", recipe="mae", role="distill",
                 keep_idx = torch.arange(N, device=x.device).expand(B, N)
         s = self.backbone.forward_features(x, keep=keep_idx if K < N else None,
                                            return_qk={ls for ls, _ in self.layer_pairs})
-        parts, weights = {}, {}
-        projected = self.projector(s.tokens)
-        prefix_s, prefix_f = self.backbone.num_prefix_tokens, self.feature_teacher.num_prefix_tokens
-        if self.config.feature_target in ("cls", "both"):
-            parts["feature_cls"] = self.feature_align(projected[:, 0], feat.tokens[:, 0])
-            weights["feature_cls"] = self.config.alpha
-        if self.config.feature_target in ("patch", "both"):
-            kept_target = gather_tokens(feat.tokens[:, prefix_f:].contiguous(), keep_idx)
-            parts["feature_patch"] = self.feature_align(projected[:, prefix_s:], kept_target)
-            weights["feature_patch"] = self.config.alpha
+        prefix_s = self.backbone.num_prefix_tokens
+        parts = {f"feature_{part}": value for part, value in align_parts(
+            self.feature_align, self.projector(s.tokens), feat.tokens, keep_idx, self.config.feature_target,
+            prefix_s, self.feature_teacher.num_prefix_tokens).items()}
+        weights = {name: self.config.alpha for name in parts}
         rows = torch.cat([torch.arange(prefix_s, device=x.device).expand(B, prefix_s), keep_idx + prefix_s], dim=1)
         relation = 0.0
         for ls, lt in self.layer_pairs:

@@ -31,24 +31,18 @@ from fastkd.models.position_embedding import set_sincos_pos_embed
 
 @dataclass
 class MoCoV3Config:
-    """``proj_layers`` / ``temperature`` / ``pred_last_bn`` / ``freeze_patch_embed`` /
-    ``sincos_pos_embed`` / ``mocov3_init`` None: MoCo v3's choice for the architecture (ViTs: 3 projector layers,
-    T = 0.2, a predictor ending in ``BatchNorm1d(affine=False)``, the frozen random patch projection
-    the fixed 2-D sin-cos position embedding and MoCo v3's init; ResNets: 2 layers, T = 1.0, no last predictor BN).
+    """``None`` (``proj_layers``, ``temperature``, ``pred_last_bn``, ``freeze_patch_embed``,
+    ``sincos_pos_embed``, ``mocov3_init``): MoCo v3's choice for the architecture. ViTs: 3 projector
+    layers, T = 0.2, a predictor ending in ``BatchNorm1d(affine=False)`` (``pred_last_bn``), the
+    frozen random patch projection (``freeze_patch_embed``), the fixed 2-D sin-cos position embedding
+    (``sincos_pos_embed``) and MoCo v3's init (``mocov3_init``: xavier-uniform linears, Q, K, V drawn
+    separately; not for a backbone loaded from ``backbone.path``); ResNets: 2 layers, T = 1.0, no last
+    predictor BN, and the three ViT options must stay unset.
 
-    - ``freeze_patch_embed``: MoCo v3's frozen random patch projection (ViTs only; True on a ResNet
-      is an error).
-    - ``sincos_pos_embed``: the fixed (frozen) 2-D sin-cos position embedding of MoCo v3's ViTs
-      (:mod:`fastkd.models.position_embedding`) instead of a learned one (ViTs only).
-    - ``mocov3_init``: MoCo v3's ViT initialisation (xavier-uniform linears with Q, K, V drawn
-      separately, the patch projection as one xavier-uniform matrix: :mod:`fastkd.models.mocov3_init`)
-      instead of timm's (ViTs only; a backbone loaded from ``backbone.path`` keeps its weights).
-    - ``decay_all_params``: weight decay on every parameter, biases and norm weights included, as
-      the official code hands ``model.parameters()`` to its optimizer (its LARS, and fastkd's, still
-      skips tensors of <= 1 dim); False: biases and norm weights are not decayed.
-    - ``pred_last_bn``: the predictor ends with ``BatchNorm1d(affine=False)`` (MoCo v3's ViT predictor).
+    - ``decay_all_params``: weight decay on every parameter, as the official ``model.parameters()``
+      (LARS still skips tensors of <= 1 dim); False: biases and norm weights are not decayed.
     - ``momentum_bn_stats``: BatchNorm statistics of the momentum encoder, ``"batch"`` (its own, as
-      the official code) or ``"ema"`` (EMA of the student's); see :class:`fastkd.models.EMATeacher`.
+      the official code) or ``"ema"``; see :class:`fastkd.models.EMATeacher`.
     """
 
     backbone: BackboneSpec = BackboneSpec("vit_small_patch16_224")

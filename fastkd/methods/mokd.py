@@ -1,12 +1,11 @@
 """MOKD (Song et al., CVPR 2023): two different models trained together from scratch, each with
 its own EMA teacher, DINO head and T-head, distilling into each other. Defaults follow the official
-code (github.com/skyoux/mokd, ``main_mokd.py`` + ``models/mokd.py``) with its README's ResNet-50 /
-ViT-S recipe.
+code (github.com/skyoux/mokd) with its README's ResNet-50 / ViT-S recipe.
 
-Views: DINO multi-crop, ``num_global_views`` global crops first (the teachers see only those),
-then local crops. For model ``X`` with the other model ``Y`` (``S`` = student outputs on every
-crop, ``T`` = EMA-teacher outputs on the global crops, all DINO losses of ``fastkd.losses.DINOLoss``
-with their own centre)::
+Views: DINO multi-crop, ``num_global_views`` global crops first (the teachers see only those), then
+local crops. For model ``X`` and the other model ``Y`` (``S`` = student outputs on every crop, ``T``
+= EMA-teacher outputs on the global crops; each DINO loss is a ``fastkd.losses.DINOLoss`` with its
+own centre)::
 
     self_mlp     = DINO(S_X.dino,  T_X.dino)                    # DINO head on pooled feature / CLS
     self_thead   = DINO(S_X.thead, T_X.thead)                   # T-head on patch tokens / feature map
@@ -16,20 +15,15 @@ with their own centre)::
     total_X = self_mlp + self_thead + lambda_X * (cross_mlp + cross_search)
     loss = total_a + total_b
 
-``DINO`` averages over (teacher crop i, student crop v) pairs with ``v != i`` (DINO's rule, kept
-for the cross term too). T-head (``fastkd.models.THead``): adapter to ``thead_dim`` (1x1 conv for a
-ResNet map), + a learnable positional embedding (bicubically resized for the smaller maps of local
-crops), ``thead_depth`` blocks, mean over tokens, weight-normalised last layer with a trainable
-gain and no l2 normalisation. The search query ``q_X[v]`` of local crop ``v``
-(as the official code) is X's student CLS token for a ViT (through X's T-head
-adapter, the identity when the widths agree) and, for a ResNet, the average-pooled output of X's
-T-head 1x1 conv (before the positional embedding and the blocks). It is prepended to Y's teacher patch tokens of global view 0
-(cross-attention feature search). Nothing carries a gradient from one model into the other: every
-cross term uses the other model's teacher (no gradient) and a detached query.
+``DINO`` averages over (teacher crop i, student crop v) pairs with ``v != i``. T-head
+(``fastkd.models.THead``): adapter to ``thead_dim``, + a learnable positional embedding (resized for
+local crops), ``thead_depth`` blocks, mean over tokens, weight-normalised last layer. The search
+query ``q_X[v]`` of local crop ``v`` is X's student CLS token through X's T-head adapter (ViT) or
+the average-pooled output of X's T-head 1x1 conv (ResNet), prepended to Y's teacher patch tokens of
+global view 0. No gradient crosses from one model into the other.
 
-``after_step`` moves both teachers with ``ema_`` (momentum ``0.996 -> 1``, cosine) and the teacher
-temperatures (``0.04 -> 0.07``, linear over a per-term fraction of training: model a's self terms
-0.5, every other term 0.3 = the official 50 (CNN) / 30 (ViT, cross, search) of 100 epochs).
+``after_step`` moves both teachers by EMA (momentum ``0.996 -> 1``, cosine) and the teacher
+temperatures (``0.04 -> 0.07``, linear over a per-term fraction of training, see :class:`MOKDConfig`).
 """
 
 from __future__ import annotations
@@ -57,32 +51,22 @@ RESNET_POS_GRID = 224 // 32  # the official featuremap_size = input_size // 32 f
 
 @dataclass
 class MOKDConfig:
-    """``lambda_a`` / ``lambda_b`` weight each model's cross terms (official README: 1.0 for the
-    weaker CNN, 0.1 for the ViT); ``evaluate`` names the model that ``.student`` returns.
+    """``lambda_a`` / ``lambda_b`` weight each model's cross terms (official: 1.0 for the CNN, 0.1 for
+    the ViT); ``evaluate`` names the model that ``.student`` returns. Official values by default:
+    ``norm_last_layer_a`` / ``_b`` freeze the weight-norm gain of model a's / b's DINO head,
+    ``thead_norm_last_layer`` that of both T-heads; ``thead_pos_embed``: the T-heads' learnable
+    positional embedding on a ``thead_pos_grid_a`` / ``_b`` grid (``None``: a ViT's patch grid, a
+    ResNet's ``224 // 32 = 7``). Teacher temperature ``warmup_teacher_temp -> teacher_temp`` linearly
+    over ``warmup_fraction_self_a`` / ``_b`` (``self_*`` terms) and ``warmup_fraction_cross_a`` /
+    ``_b`` (``cross_*`` terms) of training: the official 50 (CNN self terms) and 30 of 100 epochs.
 
-    Heads (official values by default): ``norm_last_layer_a`` / ``_b`` freeze the weight-norm gain
-    of model a's / b's DINO head (the official CNN head keeps it frozen, the ViT head trains it);
-    ``thead_norm_last_layer`` does the same for both T-heads (official: trainable). ``thead_pos_embed``:
-    the T-heads' learnable positional embedding, on a ``thead_pos_grid_a`` / ``_b`` grid (``None``: a
-    ViT's own patch grid, ``img_size / patch_size``; a ResNet's ``224 // 32 = 7``).
-
-    Teacher temperature: ``warmup_teacher_temp -> teacher_temp`` linearly over a fraction of
-    training, per model and kind of term: ``warmup_fraction_self_a`` / ``_b`` (``self_mlp``,
-    ``self_thead``) and ``warmup_fraction_cross_a`` / ``_b`` (``cross_mlp``, ``cross_search``);
-    defaults = the official 50 (CNN self terms) and 30 (everything else) of 100 epochs.
-
-    ``thead_tag_a`` / ``_b``: the ``"model"`` tag of each T-head's parameter groups. The official
-    code trains the CNN's T-head with the ViT's lr and weight-decay schedules (inside the CNN's SGD),
-    so model a's T-head is tagged ``a_thead`` for its own ``optim.per_model.a_thead`` settings;
-    ``"a"`` puts it back with the rest of model a (earlier versions). ``thead_a_decay_all``: every
-    parameter of model a's T-head is decayed, biases and LayerNorms included (the official
-    ``get_params_groups2`` puts the whole ``transhead`` in one decayed group); elsewhere biases and
-    norm weights are not decayed (the official ``get_params_groups``). False: model a's T-head
-    follows that rule too.
-
-    ``pos_embed_resize``: how a ViT's position embedding meets the local crops' smaller grid:
-    ``dino`` (the official code's bicubic interpolation by scale factor, no antialiasing) or
-    ``timm`` (timm's antialiased resize); see :class:`fastkd.models.Backbone`."""
+    ``thead_tag_a`` / ``_b``: the ``"model"`` tag of each T-head's parameter groups (the official
+    code trains the CNN's T-head with the ViT's schedules: ``a_thead`` gets its own
+    ``optim.per_model.a_thead``; ``"a"``: with the rest of model a). ``thead_a_decay_all``: every
+    parameter of model a's T-head is decayed, biases and norms included (the official
+    ``get_params_groups2``); elsewhere biases and norm weights are not. ``pos_embed_resize``: how a
+    ViT's position embedding meets the local crops' grid, ``dino`` (bicubic by scale factor) or
+    ``timm`` (antialiased); see :class:`fastkd.models.Backbone`."""
 
     models: dict = field(default_factory=dict)
     attention: str | None = None
@@ -256,11 +240,9 @@ class MOKD(Method, name="mokd", recipe="dino_multicrop", role="distill", config=
         return loss_dict(parts, weights)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Per model, decay / no-decay groups (biases and norm weights undecayed; all of model a's
-        T-head decayed when ``thead_a_decay_all``, as the official code), each tagged with
-        ``"model": "a" | "b"`` so a trainer can give the two models their own optimiser/schedule;
-        each T-head's groups carry ``thead_tag_a`` / ``thead_tag_b`` instead (default ``a_thead``
-        and ``b``: the official code gives the CNN's T-head the ViT's lr / weight-decay schedules)."""
+        """Per model, decay / no-decay groups (biases and norm weights undecayed but with
+        ``thead_a_decay_all``) tagged ``"model": "a" | "b"``, each T-head's ``thead_tag_a`` /
+        ``thead_tag_b``: a trainer can give each tag its own optimiser and schedules."""
         groups = []
         for x in MODELS:
             branch = self.branches[x]

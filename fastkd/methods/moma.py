@@ -1,8 +1,7 @@
 """MOMA (Yao, Desai, Palaniswami 2023): distil self-supervised teachers into a heavily masked student.
 
 Each teacher sees the whole image ``x``; the student encodes only ``K = round((1 - mask_ratio) N)``
-random visible patches (``random_keep`` + the backbone's ``gather_tokens`` path). Per teacher
-``t`` a projector ``P_t`` maps the student tokens to the teacher's width and::
+random visible patches. Per teacher ``t`` a projector ``P_t`` maps the student tokens to its width::
 
     s = P_t(student.forward_features(x, keep=keep_idx).tokens)        # [B, 1+K, D_t]
     T = teacher_t.forward_features(x).tokens                          # [B, 1+N, D_t], no gradient
@@ -10,10 +9,9 @@ random visible patches (``random_keep`` + the backbone's ``gather_tokens`` path)
     patch_t = FeatureAlignLoss(s[:, 1:], gather_tokens(T[:, 1:], keep_idx))   # "patch" / "both"
     loss = sum_t weight_t * (cls_t + patch_t)
 
-with the teacher target normalised without gradient (``target_norm``) and ``loss`` smooth-L1 /
-MSE / cosine (fastkd's fused ``feature_align``). Modes: ``mocov3_to_mae`` (MoCo v3 teacher,
-student initialised from an MAE checkpoint), ``mae_to_mocov3`` (the reverse), ``both_to_random``
-(both teachers, one projector each, randomly initialised student).
+(the target normalised without gradient by ``target_norm``; smooth-L1 / MSE / cosine). Modes:
+``mocov3_to_mae`` (MoCo v3 teacher, student from an MAE checkpoint), ``mae_to_mocov3`` (the
+reverse), ``both_to_random`` (both teachers, one projector each, randomly initialised student).
 """
 
 from __future__ import annotations
@@ -27,15 +25,11 @@ from fastkd.checks import check_choice, check_number
 from fastkd.data.batch import Batch
 from fastkd.losses import FeatureAlignLoss
 from fastkd.methods.backbones import BackboneSpec, backbone_spec, backbone_specs
-from fastkd.methods.base import Method, check_batch, check_typed_fields, loss_dict, masked_forward
-from fastkd.models import LinearProjector, MLPProjector
-from fastkd.ops import TARGET_NORMS as OP_TARGET_NORMS
-from fastkd.ops import LOSSES, gather_tokens
+from fastkd.methods.base import (ALIGN_TARGET_NORMS, ALIGN_TARGETS, PROJECTORS, Method, align_parts, build_projector,
+                                 check_batch, check_typed_fields, loss_dict, masked_forward)
+from fastkd.ops import LOSSES
 
 MODES = {"mocov3_to_mae": ("mocov3",), "mae_to_mocov3": ("mae",), "both_to_random": ("mocov3", "mae")}
-TARGETS = ("cls", "patch", "both")
-TARGET_NORMS = tuple(n for n in OP_TARGET_NORMS if n != "none")  # a normalised target (chosen here)
-PROJECTORS = ("linear", "mlp")
 STUDENT = BackboneSpec("vit_small_patch16_224")
 TEACHER = BackboneSpec("vit_base_patch16_224")
 STUDENT_INITS = {"mocov3_to_mae": "MAE", "mae_to_mocov3": "MoCo v3"}  # modes 1 and 2: the student's init
@@ -70,8 +64,8 @@ class MOMAConfig:
         self.student = backbone_spec("student", self.student, STUDENT)
         self.teachers = backbone_specs("teachers", self.teachers, {name: TEACHER for name in ("mocov3", "mae")})
         check_typed_fields(self)
-        check_choice("target", self.target, TARGETS)
-        check_choice("target_norm", self.target_norm, TARGET_NORMS)
+        check_choice("target", self.target, ALIGN_TARGETS)
+        check_choice("target_norm", self.target_norm, ALIGN_TARGET_NORMS)
         check_choice("projector", self.projector, PROJECTORS)
         check_choice("loss", self.loss, LOSSES)
         check_number("beta", self.beta, low=0.0, low_open=True)
@@ -106,10 +100,8 @@ class MOMA(Method, name="moma", recipe="mae", role="distill", config=MOMAConfig)
                     f"{teacher.name} with {teacher.num_patches}"
                 )
             setattr(self, f"{name}_teacher", teacher)
-            self.projectors[name] = (
-                LinearProjector(self.backbone.embed_dim, teacher.embed_dim) if config.projector == "linear"
-                else MLPProjector(self.backbone.embed_dim, teacher.embed_dim, config.projector_hidden_dim)
-            )
+            self.projectors[name] = build_projector(config.projector, self.backbone.embed_dim, teacher.embed_dim,
+                                                    config.projector_hidden_dim)
         self.align = FeatureAlignLoss(target_norm=config.target_norm, loss=config.loss, beta=config.beta)
         self.num_visible = max(1, round((1.0 - config.mask_ratio) * self.backbone.num_patches))
 
@@ -126,12 +118,7 @@ class MOMA(Method, name="moma", recipe="mae", role="distill", config=MOMAConfig)
             teacher = getattr(self, f"{name}_teacher")
             target = self.frozen_teacher_features(teacher, self.config.teachers[name].resize(x)).tokens
             projected = self.projectors[name](student_tokens)
-            weight = getattr(self.config, f"{name}_weight")
-            if self.config.target in ("cls", "both"):
-                parts[f"{name}_cls"] = self.align(projected[:, 0], target[:, 0])
-                weights[f"{name}_cls"] = weight
-            if self.config.target in ("patch", "both"):
-                visible_target = gather_tokens(target[:, teacher.num_prefix_tokens:].contiguous(), keep_idx)
-                parts[f"{name}_patch"] = self.align(projected[:, prefix:], visible_target)
-                weights[f"{name}_patch"] = weight
+            for part, value in align_parts(self.align, projected, target, keep_idx, self.config.target, prefix,
+                                           teacher.num_prefix_tokens).items():
+                parts[f"{name}_{part}"], weights[f"{name}_{part}"] = value, getattr(self.config, f"{name}_weight")
         return loss_dict(parts, weights, {"visible_tokens": torch.tensor(float(keep_idx.shape[1]))})

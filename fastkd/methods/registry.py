@@ -1,8 +1,6 @@
-"""Method names -> classes (and their roles), so the trainer and the CLI need no per-method code.
-
-Every :class:`fastkd.methods.base.Method` subclass with a ``name`` registers itself when its module is
-imported; :func:`discover` imports every module of ``fastkd.methods`` (so a new method is one new file
-in this package, found without editing any other). ``METHODS`` is that registry."""
+"""Method names -> classes (and their roles): every named :class:`fastkd.methods.base.Method`
+subclass registers itself on import and :func:`discover` imports every module of ``fastkd.methods``,
+so a new method is one new file in this package. ``METHODS`` is that registry."""
 
 from __future__ import annotations
 
@@ -11,8 +9,7 @@ import pkgutil
 from typing import Any, Mapping
 
 from fastkd.checks import check_choice, check_str
-from fastkd.methods.base import REGISTRY, ROLES, Method, method_config_from_dict
-from fastkd.suggest import did_you_mean
+from fastkd.methods.base import REGISTRY, ROLES, Method, check_known, method_config_from_dict
 
 METHODS: dict[str, type[Method]] = REGISTRY
 
@@ -28,8 +25,7 @@ def discover() -> None:
 def method_class(name: str) -> type[Method]:
     """The class registered as ``name``; an unknown name raises ``ValueError`` naming the nearest."""
     check_str("method name", name)
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}{did_you_mean(str(name), METHODS)} (known: {', '.join(METHODS)})")
+    check_known("method", [name], list(METHODS))
     return METHODS[name]
 
 

@@ -3,13 +3,10 @@ and momentum encoders on the *same* view::
 
     loss = InfoNCE(q_1, k_2) + InfoNCE(q_2, k_1) + lambda * sum_v (2 - 2 cos(z_v, sg[z_m,v]))
 
-with ``lambda = residual_weight`` (default 1) and ``z`` where the gap is taken, ``residual_tap``
-(the form 2 - 2 cos, BYOL's normalised MSE, and lambda = 1 are chosen here, not confirmed
-against the paper's text):
-the projector outputs (``"projector"``, default) or the encoder (backbone) features
-(``"backbone"``) of the online and momentum encoders. The paper speaks of the gap between the
-encoders' representations without pinning the layer clearly enough to override the default; the
-projector output is the space MoCo v3's own loss compares.
+with ``lambda = residual_weight`` and ``z`` taken at ``residual_tap``: the projector outputs
+(``"projector"``, default: the space MoCo v3's own loss compares) or the backbone features
+(``"backbone"``). The form 2 - 2 cos (BYOL's normalised MSE), lambda = 1 and the default tap are
+chosen here: the paper does not pin them down.
 
 ``after_step`` moves the momentum encoder with ``ema_(..., return_gap=True)``; the parameter-space
 gap of that update is reported in the next forward's dict as ``param_gap_sq = ||s - t||^2`` and
@@ -72,7 +69,8 @@ class ResMoCo(MoCoV3, name="resmoco", config=ResMoCoConfig):
         momentum = self.momentum_at(step, total_steps)
         if found_inf is None:
             gap = self.momentum_encoder.update(momentum, return_gap=True)
-            cos = gap.dot / math.sqrt(gap.teacher_sq * gap.student_sq) if gap.teacher_sq * gap.student_sq > 0 else math.nan
+            norms = gap.teacher_sq * gap.student_sq
+            cos = gap.dot / math.sqrt(norms) if norms > 0 else math.nan
             self.param_gap.copy_(torch.tensor([gap.diff_sq, cos], dtype=torch.float64))
             return
         diff_sq, dot, teacher_sq, student_sq = self.momentum_encoder.update(momentum, return_gap=True,

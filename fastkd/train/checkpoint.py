@@ -1,14 +1,10 @@
 """Atomic training checkpoints: ``<dir>/checkpoint_<step>.pt``, the last K kept.
 
-A checkpoint is written with :func:`fastkd.durable.atomic_torch_save` (temporary file in the same
-directory, fsync, rename, directory fsync), so a crash at any moment leaves either the previous set
-of checkpoints or the new one, never a half-written file under a final name. Loading goes newest
-first; a truncated or corrupt file is reported and the previous one used. Files load with
-``torch.load(weights_only=True)``: the trainer stores tensors, numbers, strings, lists and dicts only.
-
-:class:`TrainingState` is the one schema of what a training checkpoint holds (and its version,
-:data:`CHECKPOINT_VERSION`): the trainer writes and resumes through it and ``fastkd.eval.models``
-reads a run's student through it.
+Written with :func:`fastkd.durable.atomic_torch_save`, so a crash leaves the previous set of
+checkpoints or the new one, never a half-written file under a final name. Loading goes newest first
+(``torch.load(weights_only=True)``); a truncated or corrupt file is reported and the previous one used.
+:class:`TrainingState` is the one schema (version :data:`CHECKPOINT_VERSION`) of what a training
+checkpoint holds: the trainer writes and resumes through it, ``fastkd.eval.models`` reads it.
 """
 
 from __future__ import annotations
@@ -16,13 +12,13 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from fastkd.checks import check_number
+from fastkd.checks import check_instance, check_number
 from fastkd.durable import UnreadableFileError, atomic_torch_save, read_torch_file
 
 _NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
@@ -61,11 +57,9 @@ class TrainingState:
 
     def to_dict(self) -> dict:
         """The checkpoint file's content (``format`` names the schema version)."""
-        return {"format": CHECKPOINT_FORMAT, "step": self.step, "total_steps": self.total_steps,
-                "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "world_size": self.world_size,
-                "method": self.method, "optimizers": self.optimizers, "scaler": self.scaler,
-                "schedules": self.schedules, "nonfinite": {"skipped": self.skipped, "consecutive": self.consecutive},
-                "rng": self.rng, "config": self.config}
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        nonfinite = {"skipped": state.pop("skipped"), "consecutive": state.pop("consecutive")}
+        return {"format": CHECKPOINT_FORMAT, **state, "nonfinite": nonfinite}
 
     @classmethod
     def from_dict(cls, state: dict, source: str | os.PathLike = "the checkpoint") -> "TrainingState":
@@ -77,17 +71,8 @@ class TrainingState:
             raise ValueError(f"{source} is " + (f"a training checkpoint of schema version {version}" if version
                                                  else f"not a fastkd training checkpoint (format {found!r})")
                              + f"; this fastkd reads version {CHECKPOINT_VERSION} ({CHECKPOINT_FORMAT!r}) only")
-        nonfinite = state.get("nonfinite", {})
-        return cls(**{name: state[name] for name in ("step", "total_steps", "epoch", "batches_in_epoch",
-                                                     "world_size", "method", "optimizers", "scaler", "schedules",
-                                                     "rng", "config")},
-                   skipped=nonfinite.get("skipped", 0), consecutive=nonfinite.get("consecutive", 0))
-
-
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` durably: the same as :func:`fastkd.durable.atomic_torch_save`
-    (kept under this name for existing callers)."""
-    return atomic_torch_save(obj, path)
+        names = [f.name for f in fields(cls) if f.name not in ("skipped", "consecutive")]
+        return cls(**{name: state[name] for name in names}, **state.get("nonfinite", {}))
 
 
 class CheckpointManager:
@@ -139,8 +124,7 @@ class CheckpointManager:
 
     def save(self, state: dict, step: int) -> Path:
         """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep_last``."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        check_instance("state", state, dict, "a dict")
         check_number("step", step, low=0, integer=True)
         path = atomic_torch_save(state, self.path_for(step))
         for old in self.checkpoints()[self.keep_last:]:

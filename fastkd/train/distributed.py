@@ -1,8 +1,5 @@
-"""torch.distributed set-up for torchrun (NCCL on GPU, gloo on CPU) and small collective helpers.
-
-Every helper is a no-op / identity in a single process, so the same training code runs with and
-without torchrun.
-"""
+"""torch.distributed set-up for torchrun (NCCL on GPU, gloo on CPU) and small collective helpers,
+each a no-op / identity in a single process."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""Training logs on the main rank: progress (step, loss, lr, images/s), ``metrics.csv``,
-TensorBoard scalars, and at the end ``summary.json`` plus ``loss_curves.png``.
-
-Progress goes to stderr: a tqdm bar when stderr is a terminal; otherwise (output redirected to a
-file, a batch job) one plain line per logged step, i.e. every ``log_every`` steps, instead of a
-carriage-return stream of every step. Files are written with :mod:`fastkd.durable`."""
+"""Training logs on the main rank: progress, ``metrics.csv``, TensorBoard scalars, and at the end
+``summary.json`` plus ``loss_curves.png`` (files written with :mod:`fastkd.durable`). Progress goes
+to stderr: a tqdm bar on a terminal, else one plain line per logged step."""
 
 from __future__ import annotations
 
@@ -44,11 +41,9 @@ def _is_terminal(stream) -> bool:
 
 
 class TrainLogger:
-    """Writes metrics of logged steps to ``<output_dir>/metrics.csv`` and TensorBoard
-    (``<output_dir>/tensorboard``). ``enabled=False`` (non-main ranks) makes every call a no-op.
-    On resume (``start_step > 0``) rows after ``start_step`` — logged by the interrupted run after
-    its last checkpoint — are dropped so the CSV reads as one run. ``progress``: a tqdm bar when
-    stderr is a terminal, else one line per :meth:`log` call (see the module docstring)."""
+    """Writes the metrics of logged steps to ``<output_dir>/metrics.csv`` and TensorBoard
+    (``<output_dir>/tensorboard``); ``enabled=False`` (non-main ranks): every call a no-op. On resume
+    (``start_step > 0``) CSV rows after ``start_step`` (logged after the last checkpoint) are dropped."""
 
     def __init__(self, output_dir: str | os.PathLike, *, total_steps: int, start_step: int = 0,
                  enabled: bool = True, progress: bool = True, tensorboard: bool = True):
@@ -107,8 +102,6 @@ class TrainLogger:
         """Record one logged step; ``metrics`` must hold ``step`` and ``loss``."""
         if not self.enabled:
             return
-        if "step" not in metrics or "loss" not in metrics:
-            raise ValueError(f"metrics must hold 'step' and 'loss', got keys {sorted(metrics)}")
         row = {key: float(value) if key != "step" else int(value) for key, value in metrics.items()}
         new = [key for key in row if key not in self.columns]
         self.rows.append(row)

@@ -24,6 +24,8 @@ from typing import Iterable
 
 import torch
 
+from fastkd.checks import check_choice, check_instance, check_number
+
 OPTIMIZERS = ("adamw", "sgd", "lars")
 CLIP_MODES = ("norm", "per_param")
 
@@ -35,12 +37,9 @@ class LARS(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
                  trust_coefficient: float = 0.001):
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if trust_coefficient <= 0:
-            raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient}")
+        check_number("lr", lr, low=0)
+        check_number("momentum", momentum, low=0, high=1, high_open=True)
+        check_number("trust_coefficient", trust_coefficient, low=0, low_open=True)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                         trust_coefficient=trust_coefficient, wd_scale=1.0)
         super().__init__(params, defaults)
@@ -80,12 +79,10 @@ class LARS(torch.optim.Optimizer):
 
 
 def _fused_or_foreach(cls, groups: list[dict], **kwargs) -> torch.optim.Optimizer:
-    """``cls(groups, fused=True)`` where torch has a fused kernel for these parameters' device and
-    dtype, else ``cls(groups, foreach=True)`` (one multi-tensor launch per op instead of a Python
-    loop over parameters). SGD with momentum is always ``foreach``: torch's fused SGD decides "first
-    step" from the first parameter's momentum buffer alone, so a parameter whose first gradient
-    comes later (MOKD's last layer, frozen for its first epoch) crashes it (``expected Tensor ...
-    but got NoneType``); the ``foreach`` SGD creates each buffer when its gradient first appears."""
+    """``cls(groups, fused=True)`` where torch has a fused kernel for these parameters, else
+    ``foreach=True``. SGD with momentum is always ``foreach``: torch's fused SGD decides "first step"
+    from the first parameter's momentum buffer alone and crashes when a parameter's first gradient
+    comes later (MOKD's last layer, frozen for its first epoch)."""
     if cls is torch.optim.SGD and kwargs.get("momentum", 0.0) > 0:
         return cls(groups, foreach=True, **kwargs)
     try:
@@ -103,28 +100,20 @@ def build_optimizer(
     momentum: float = 0.9,
     trust_coefficient: float = 0.001,
 ) -> torch.optim.Optimizer:
-    """Build ``name`` (``adamw`` | ``sgd`` | ``lars``) over groups from ``method.param_groups(1.0)``.
-
-    AdamW and SGD use torch's fused implementation where it exists for the parameters' device (CPU
-    and CUDA in current torch), else the multi-tensor (``foreach``) one; LARS is written on
-    ``torch._foreach_*`` ops (no Python loop over parameters in the arithmetic).
-
-    Each group's ``weight_decay`` is read as the multiplier ``wd_scale``; lr and weight decay
-    start at 0 and are set by :func:`apply_schedules` before every step."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer name must be one of {OPTIMIZERS}, got {name!r}")
+    """Build ``name`` (``adamw`` | ``sgd`` | ``lars``) over groups from ``method.param_groups(1.0)``:
+    AdamW and SGD fused where torch can, else ``foreach``; LARS on ``torch._foreach_*`` ops. Each
+    group's ``weight_decay`` is read as the multiplier ``wd_scale``; lr and weight decay start at 0
+    and are set by :func:`apply_schedules` before every step."""
+    check_choice("optimizer name", name, OPTIMIZERS)
     groups = []
     for index, group in enumerate(param_groups):
-        if not isinstance(group, dict) or "params" not in group:
-            raise TypeError(f"param_groups[{index}] must be a dict with 'params', got {type(group).__name__}")
+        check_instance(f"param_groups[{index}]", group, dict, "a dict with 'params'")
         params = [p for p in group["params"] if p.requires_grad]
         if not params:
             continue
-        wd_scale = float(group.get("weight_decay", 1.0))
-        lr_scale = float(group.get("lr_scale", 1.0))
-        if wd_scale < 0 or lr_scale < 0:
-            raise ValueError(f"param_groups[{index}]: weight_decay and lr_scale must be >= 0, "
-                             f"got {wd_scale} and {lr_scale}")
+        wd_scale, lr_scale = float(group.get("weight_decay", 1.0)), float(group.get("lr_scale", 1.0))
+        check_number(f"param_groups[{index}] weight_decay", wd_scale, low=0)
+        check_number(f"param_groups[{index}] lr_scale", lr_scale, low=0)
         extra = {k: v for k, v in group.items() if k not in ("params", "weight_decay", "lr", "lr_scale")}
         groups.append({**extra, "params": params, "lr": 0.0, "weight_decay": 0.0,
                        "wd_scale": wd_scale, "lr_scale": lr_scale})
@@ -147,9 +136,7 @@ def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
 def step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
     """``optimizer.step()`` that changes nothing when the 0-dim fp32 device tensor ``found_inf`` is
     1, decided on the device (the attributes a GradScaler sets for fused optimisers)."""
-    if not takes_found_inf(optimizer):
-        raise TypeError(f"{type(optimizer).__name__} (fused={optimizer.defaults.get('fused')}) cannot skip on a "
-                        "device-side flag; only torch's fused Adam, AdamW and SGD can")
+    assert takes_found_inf(optimizer), f"{type(optimizer).__name__} cannot skip on a device-side flag"
     optimizer.grad_scale, optimizer.found_inf = None, found_inf
     try:
         optimizer.step()
@@ -158,11 +145,8 @@ def step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> No
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
-    """Set every group's ``lr = lr * lr_scale`` and ``weight_decay = weight_decay * wd_scale``."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if lr < 0 or weight_decay < 0:
-        raise ValueError(f"lr and weight_decay must be >= 0, got {lr} and {weight_decay}")
+    """Set every group's ``lr = lr * lr_scale`` and ``weight_decay = weight_decay * wd_scale`` (the
+    schedules' values, ``>= 0``)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
         group["weight_decay"] = weight_decay * group.get("wd_scale", 1.0)
@@ -174,8 +158,7 @@ def clip_grad_per_param_(parameters: Iterable[torch.Tensor], max_norm: float) ->
     ``utils.clip_gradients``: ``g *= max_norm / (||g|| + 1e-6)`` where that factor is below 1),
     in place; ``max_norm=inf`` only measures. Returns the total l2 norm of all gradients before
     clipping (fp32, on the gradients' device), as ``clip_grad_norm_`` does; no host sync."""
-    if not (isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool) and max_norm > 0):
-        raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+    check_number("max_norm", max_norm, low=0, low_open=True)
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     grads = [p.grad for p in parameters if p.grad is not None]

@@ -1,16 +1,11 @@
 """Which dtype each part of a step computes in: the training autocast and the frozen teachers.
 
-``train.precision`` is the autocast dtype of the whole step (students, heads, losses, EMA
-teachers). ``train.teacher_precision`` is the compute dtype of *frozen* pretrained teachers
-(MOMA's and Hybrid Distill's): their weights never change and their outputs are only loss targets,
-so they can run in a faster dtype while the student trains in fp32. ``auto`` picks, on CUDA, bf16
-(fp16 on a GPU without bf16): half precision beats fp32 on every CUDA GPU; on CPU with a bf16 step,
-bf16; on CPU with an fp32 step, bf16 or fp32, whichever ran a ViT-S-sized linear layer
-(``TEACHER_LINEAR``, no gradient) faster, measured on the running machine the first time and
-cached in the user cache directory
-(:mod:`fastkd.measured_choice`): a CPU with AVX512-BF16 / AMX computes bf16 natively and wins with
-it (a bf16 ViT-S/16 forward took 0.95 s against 1.97 s in fp32 at batch 32, 224 px, on a 2-core
-AMD EPYC), one without emulates bf16, which is slower than fp32.
+``train.precision`` is the autocast dtype of the whole step. ``train.teacher_precision`` is the
+compute dtype of *frozen* pretrained teachers (MOMA's, Hybrid Distill's), whose outputs are only loss
+targets. ``auto``: on CUDA bf16 (fp16 without bf16 support); on CPU the step's precision when it is
+not fp32, else bf16 or fp32, whichever ran a ViT-S-sized linear layer (``TEACHER_LINEAR``, no
+gradient) faster on this machine, measured once and cached (:mod:`fastkd.measured_choice`): CPUs
+with AVX512-BF16 / AMX win with bf16, others emulate it and lose.
 """
 
 from __future__ import annotations

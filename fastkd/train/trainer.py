@@ -1,36 +1,25 @@
-"""One trainer for every method.
-
-The trainer knows a method only through its protocol, :class:`fastkd.method_protocol.TrainingMethod`:
-``forward(batch) -> dict`` with ``loss`` (the scalar to backprop) and detached named parts,
-``before_optimizer_step(epoch)``, ``after_step(step, total_steps, found_inf)`` (teacher EMA and
-method schedules; ``step`` is the 0-based index of the optimiser step just taken),
-``param_groups(weight_decay)``, ``frozen_teacher_dtype``, and the module's state dict.
+"""One trainer for every method, through its protocol (:class:`fastkd.method_protocol.TrainingMethod`).
 
 One optimiser step = ``accum_steps`` micro-batches, each ``loss / accum_steps`` backpropagated
 (under DDP only the last one all-reduces). Per step, in order: schedules -> forward/backward ->
 non-finite check (agreed across ranks) -> unscale, clip (global norm per optimiser, or per
-parameter with ``optim.clip_mode=per_param``) ->
-``before_optimizer_step(epoch)`` -> optimiser
-step(s) -> ``after_step`` -> log -> checkpoint -> stop request check (SIGTERM/SIGINT).
-Parameter groups tagged ``"model": tag`` (MOKD) get their own optimiser and schedules when
-``optim.per_model`` names the tag.
+parameter with ``optim.clip_mode=per_param``) -> ``before_optimizer_step(epoch)`` -> optimiser
+step(s) -> ``after_step`` -> log -> checkpoint -> stop request check (SIGTERM/SIGINT). Parameter
+groups tagged ``"model": tag`` (MOKD) get their own optimiser and schedules when ``optim.per_model``
+names the tag.
 
-A step whose loss (on any rank, any micro-batch) or gradient norm is not finite is skipped: its
-batches are consumed and the step counter advances (so schedules and run length do not shift) but
-neither the optimiser nor ``after_step``'s teacher updates change anything. ``max_nonfinite``
-consecutive skips raise :class:`NonFiniteLossError` naming the step and the loss parts. Where the
-skip is decided is ``train.skip_decision``: on the host (the flag read every step; ``after_step``
-not called on a skipped step) or on the device (``found_inf`` handed to torch's fused optimisers
-and to ``after_step(..., found_inf=...)``; the host reads the flags at log and checkpoint steps
-only, so a step never waits for the GPU; see :meth:`Trainer._update`).
+A step whose loss (any rank, any micro-batch) or gradient norm is not finite is skipped: its batches
+are consumed and the step counter advances, but neither the optimiser nor ``after_step``'s teacher
+updates change anything; ``max_nonfinite`` consecutive skips raise :class:`NonFiniteLossError`.
+``train.skip_decision`` says where the skip is decided: on the host (the flag read every step) or on
+the device (``found_inf`` handed to torch's fused optimisers and to ``after_step``; the host reads
+the flags at log and checkpoint steps only; see :meth:`Trainer._update`).
 
-Exact resume: the checkpoint holds the method's state (student, teachers, heads), optimisers,
-GradScaler, schedules, step, data position and every rank's RNG state. On resume the config's
-schedules are used (a warning names any that differ from the checkpoint's, e.g. after raising
-``train.epochs`` to extend a run), the loader's epoch is set, the batches already consumed in that
-epoch are skipped (under ``fork_rng``, so the skip itself draws nothing from the global
-generators) and training continues; with a loader whose randomness depends only on (seed, epoch,
-index) the resumed run is bit-identical on CPU.
+Exact resume: the checkpoint holds the method's state, optimisers, GradScaler, schedules, step, data
+position and every rank's RNG state. On resume the config's schedules are used (a warning names any
+that changed), the batches already consumed in the epoch are skipped under ``fork_rng`` and training
+continues; with a loader whose randomness depends only on (seed, epoch, index) the resumed run is
+bit-identical on CPU.
 """
 
 from __future__ import annotations
@@ -45,7 +34,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from fastkd.checks import check_positive_ints
+from fastkd.checks import check_instance, check_positive_ints
 from fastkd.method_protocol import TrainingMethod
 from fastkd.train import distributed
 from fastkd.train.checkpoint import CHECKPOINT_FORMAT  # noqa: F401 (re-exported: one format, one home)
@@ -144,8 +133,7 @@ class Trainer:
         self.train_cfg, self.optim_cfg, self.config = train or TrainConfig(), optim or OptimConfig(), config or {}
         for name, value, kind in (("method", method, TrainingMethod), ("train", self.train_cfg, TrainConfig),
                                   ("optim", self.optim_cfg, OptimConfig), ("config", self.config, dict)):
-            if not isinstance(value, kind):
-                raise TypeError(f"{name} must be a {kind.__module__}.{kind.__qualname__}, got {type(value).__name__}")
+            check_instance(name, value, kind, f"a {kind.__module__}.{kind.__qualname__}")
         if not (hasattr(loader, "__iter__") and hasattr(loader, "__len__")):
             raise TypeError(f"loader must be an iterable with len(), got {type(loader).__name__}")
         check_positive_ints(batch_size=batch_size)
@@ -195,25 +183,18 @@ class Trainer:
                 find_unused_parameters=cfg.find_unused_parameters,
             )
 
-    def _device_skip_blockers(self) -> list[str]:
-        """Why a non-finite step cannot be skipped on the device (empty: it can)."""
+    def _resolve_skip_decision(self) -> bool:
+        """``train.skip_decision`` -> whether the skip is decided on the device."""
+        decision = self.train_cfg.skip_decision
         blockers = [f"optimiser {slot.name!r} is {type(slot.optimizer).__name__} "
                     f"(fused={slot.optimizer.defaults.get('fused')}), not torch's fused Adam / AdamW / SGD"
                     for slot in self.slots if not takes_found_inf(slot.optimizer)]
         if self.scaler.is_enabled():
             blockers.append("precision fp16: its GradScaler decides the skips")
-        return blockers
-
-    def _resolve_skip_decision(self) -> bool:
-        """``train.skip_decision`` -> whether the skip is decided on the device."""
-        decision = self.train_cfg.skip_decision
-        if decision == "host":
-            return False
-        blockers = self._device_skip_blockers()
         if decision == "device" and blockers:
             raise ValueError(f"train.skip_decision='device' is not possible here: {'; '.join(blockers)}; "
                              "use 'auto' or 'host'")
-        return not blockers and (decision == "device" or self.env.device.type == "cuda")
+        return decision != "host" and not blockers and (decision == "device" or self.env.device.type == "cuda")
 
     @staticmethod
     def _enable_activation_checkpointing(method: nn.Module) -> None:
@@ -371,16 +352,12 @@ class Trainer:
         return nonfinite, parts_sum, images
 
     def _update(self, step: int, nonfinite: torch.Tensor) -> tuple[bool | torch.Tensor, dict]:
-        """Unscale and clip the gradients of every optimiser; when the loss and all norms are finite
-        on every rank (or the fp16 GradScaler handles overflow itself) step them and call
-        ``after_step``. Returns ``(skipped, grad norms as device tensors)``.
-
-        Host decision: ``skipped`` is a bool, read from the device (one flag; under DDP one
-        all-reduce of it): the step's one wait for the device. Device decision
-        (:attr:`device_skip`): ``skipped`` is the 0-dim fp32 ``found_inf`` tensor (1 = skipped),
-        all-reduced (max) across ranks without a host read; the fused optimisers skip their update
-        when it is 1 (as under a GradScaler) and ``after_step(step, total_steps, found_inf=...)``
-        drops the EMA updates alike; nothing in the step waits for the device."""
+        """Unscale and clip every optimiser's gradients; unless the loss or a norm is non-finite on some
+        rank (an fp16 GradScaler handles its overflow itself), step them and call ``after_step``.
+        Returns ``(skipped, grad norms as device tensors)``: ``skipped`` is a bool read from the device
+        (host decision: the step's one wait for it), or under :attr:`device_skip` the 0-dim fp32
+        ``found_inf`` tensor (1 = skipped; max across ranks) that the fused optimisers and
+        ``after_step(..., found_inf=...)`` honour without a host read."""
         grad_norms = {}
         with record_function(PHASES["optimizer"]):
             for slot in self.slots:
@@ -411,12 +388,9 @@ class Trainer:
         return False, grad_norms
 
     def train_step(self, batches, step: int) -> tuple[bool | torch.Tensor, dict, dict]:
-        """One optimiser step as :meth:`fit` runs it (schedules, every micro-batch's forward and
-        backward from the iterator ``batches``, clipping, the skip decision, the optimisers and
-        ``after_step``, gradients cleared), without logging, checkpoints or stop handling: for
-        benchmarks and custom loops. Returns ``(stepped, loss parts, grad norms)``, the parts and
-        norms as device tensors, ``stepped`` a bool (host decision) or a 0-dim bool device tensor
-        (device decision, see :meth:`_update`)."""
+        """One optimiser step as :meth:`fit` runs it (batches from the iterator ``batches``), without
+        logging, checkpoints or stop handling: for benchmarks and custom loops. Returns ``(stepped, loss
+        parts, grad norms)``, ``stepped`` a bool or (device decision) a 0-dim bool device tensor."""
         self._apply_schedules(step)
         nonfinite, parts, _ = self._forward_backward(batches, step)
         skipped, grad_norms = self._update(step, nonfinite)
@@ -436,10 +410,9 @@ class Trainer:
             slot.optimizer.zero_grad(set_to_none=True)
 
     def _settle(self, pending: list, skipped: int, consecutive: int, logger: TrainLogger) -> tuple[int, int]:
-        """Count the skipped steps among ``pending`` records ``(step, skip flag, loss parts, grad
-        norms)`` (device flags read in one transfer): a message per skipped step, and
-        :class:`NonFiniteLossError` once ``max_nonfinite`` steps in a row were skipped. Returns the
-        updated ``(skipped, consecutive)``."""
+        """Count the skipped steps among ``pending`` ``(step, skip flag, loss parts, grad norms)``
+        records (device flags read in one transfer), a message each; :class:`NonFiniteLossError` after
+        ``max_nonfinite`` in a row. Returns the updated ``(skipped, consecutive)``."""
         if not pending:
             return skipped, consecutive
         flags = [flag for _, flag, _, _ in pending]
@@ -496,8 +469,7 @@ class Trainer:
                 except Exception:
                     if not stop.requested or env.world_size > 1:
                         raise  # under DDP the other ranks would wait in this step's collectives
-                    # the signal also killed data workers: stop at the last completed step (single process;
-                    # under DDP the other ranks would wait in the step's collectives)
+                    # the signal also killed data workers: stop at the last completed step
                     self._clear_grads()
                     skipped, consecutive = self._settle(pending, skipped, consecutive, logger)
                     last_checkpoint, preempted = self._save(step, skipped, consecutive), True

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastkd.durable import atomic_torch_save
-from fastkd.train.checkpoint import CheckpointManager, atomic_save
+from fastkd.train.checkpoint import CheckpointManager
 from fastkd.train.rng import capture_rng_state, restore_rng_state
 
 
@@ -42,7 +42,7 @@ def test_no_readable_checkpoint_is_an_error(tmp_path):
 
 def test_atomic_save_replaces_in_one_piece(tmp_path):
     target = tmp_path / "a" / "x.pt"
-    atomic_save({"v": 1}, target)  # the old name of fastkd.durable.atomic_torch_save
+    atomic_torch_save({"v": 1}, target)
     atomic_torch_save({"v": 2}, target)
     assert torch.load(target, weights_only=True) == {"v": 2}
     assert [p.name for p in target.parent.iterdir()] == ["x.pt"]

@@ -9,7 +9,7 @@ import torch
 
 from fastkd.ops import ema_unless_
 from fastkd.train import trainer as trainer_module
-from fastkd.train.optim import step_unless, takes_found_inf
+from fastkd.train.optim import takes_found_inf
 from fastkd.train.trainer import NonFiniteLossError, Trainer
 from tests.train.test_trainer import assert_same, make_trainer, params
 from tests.train.tiny_method import TinyMethod
@@ -100,9 +100,10 @@ def test_auto_is_host_on_cpu_and_device_needs_what_it_needs(tmp_path):
         make_trainer(tmp_path / "d", skip_decision="gpu")
 
 
-def test_step_unless_refuses_an_optimiser_without_found_inf():
+def test_an_optimiser_without_found_inf_is_refused_at_the_trainer(tmp_path):
     p = torch.nn.Parameter(torch.ones(3))
     foreach = torch.optim.AdamW([p], foreach=True)
     assert not takes_found_inf(foreach) and takes_found_inf(torch.optim.AdamW([p], fused=True))
-    with pytest.raises(TypeError, match="cannot skip on a device-side flag"):
-        step_unless(foreach, torch.zeros(()))
+    # step_unless trusts its caller: the trainer refuses device skips for such an optimiser up front
+    with pytest.raises(ValueError, match=r"skip_decision='device'.*optimiser 'all' is SGD"):
+        make_trainer(tmp_path / "sgd", DeviceSkipTinyMethod(), skip_decision="device", optim={"name": "sgd"})

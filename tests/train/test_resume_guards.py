@@ -23,7 +23,7 @@ def test_resume_with_the_same_schedule_still_works(tmp_path):
 def test_allow_shorter_schedule_must_be_a_bool():
     from fastkd.train.options import TrainConfig
 
-    with pytest.raises(ValueError, match="train.allow_shorter_schedule"):
+    with pytest.raises(TypeError, match="train.allow_shorter_schedule must be a bool, got .yes."):
         TrainConfig(allow_shorter_schedule="yes")
 
 
