@@ -71,7 +71,9 @@ TARGETS = {
     ("vits224", "moma"): {"vs_plain_eager": 1.05},
     ("vits224", "hybrid_distill"): {"vs_plain_eager": 1.05, "memory_ratio": 0.9},
     ("*", "*"): {"vs_plain_compiled": 1.0},
+    ("vits224", "*"): {"vs_mm_fp32": 0.7},  # the step's FLOP rate >= 70 % of this machine's fp32 GEMM rate
 }
+GEMM_SIZE = 4096  # the n x n fp32 torch.mm whose rate vs_mm_fp32 divides by (--quick: 1024)
 FUSED_OPS = ("feature_align", "token_relation", "gather_tokens", "ema_")
 PHASE_COLUMNS = ("teacher_fwd", "student_fwd", "backward", "optimizer", "after_step", "data", "other", "fused_ops")
 TEACHER_RANGE = "fastkd/teacher_forward"
@@ -257,6 +259,19 @@ def profile_once(step: Callable[[], None], method: nn.Module, device: str, *, sp
             "top_ops": top_ops(prof, cuda=cuda)}
 
 
+def gemm_rate(device: str, n: int) -> float:
+    """GFLOP/s of an fp32 ``n x n`` ``torch.mm`` on ``device``: ``2 n^3`` over the best of 3 timed calls."""
+    a, b = (torch.randn(n, n, device=device, generator=torch.Generator(device).manual_seed(i)) for i in (0, 1))
+    seconds = []
+    for _ in range(4):  # the first call warms up
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return 2 * n**3 / min(seconds[1:]) / 1e9
+
+
 def targets_for(model: str, method: str) -> dict:
     """The targets of ``TARGETS`` that apply to ``method`` at ``model``."""
     out = {}
@@ -275,7 +290,7 @@ def describe_target(target: dict) -> str:
 
 def bench_method(name: str, config: dict, recipe_overrides: dict, *, model: str, batch_size: int, device: str,
                  repeats: int, rounds: int, variants: tuple[str, ...], compile_backend: str,
-                 workdir: Path) -> list[dict]:
+                 workdir: Path, mm_GFLOPs: float, teacher_precision: str = "auto") -> list[dict]:
     """Every variant of method ``name`` built from ``config``: one record each."""
     steps, methods, warmup_s, recipe, views = {}, {}, {}, None, None
     for variant in variants:
@@ -287,7 +302,8 @@ def bench_method(name: str, config: dict, recipe_overrides: dict, *, model: str,
         backend = compile_backend if variant.endswith("compiled") else None
         if variant.startswith("fastkd"):
             compiled = {} if backend is None else {"compile": True, "compile_backend": backend}
-            steps[variant] = trainer_step(method, batch, workdir / name / variant, device=device, **compiled)
+            steps[variant] = trainer_step(method, batch, workdir / name / variant, device=device,
+                                          teacher_precision=teacher_precision, **compiled)
         else:
             steps[variant] = plain_step(method, batch, device=device, compile_backend=backend)
         methods[variant] = method
@@ -323,6 +339,7 @@ def bench_method(name: str, config: dict, recipe_overrides: dict, *, model: str,
             record["achieved_GFLOPs"] = flops / (t["median_ms"] / 1e3) / 1e9
             record["vs_peak_bf16"] = fraction_of_peak(record["achieved_GFLOPs"] / 1e3,
                                                       peak and peak["peak_bf16_TFLOPs"], device)
+            record["mm_fp32_GFLOPs"], record["vs_mm_fp32"] = mm_GFLOPs, record["achieved_GFLOPs"] / mm_GFLOPs
         judge(record)
         records.append(record)
     return records
@@ -421,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=MODELS, default="demo",
                         help="demo: each method exactly as configs/demo/ trains it in make demo (default); "
                              "vit64 / vits224 / vitb224: ViT students and teachers of that size")
+    parser.add_argument("--teacher-precision", default="auto", choices=("auto", "fp32", "bf16", "same"),
+                        help="the fastkd variants' train.teacher_precision (default auto, as shipped; the plain "
+                             "variants' teachers are fp32)")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend of plain_compiled (default inductor, --quick aot_eager)")
     args = parse_bench_args(parser, argv, min_batch=2)
@@ -432,7 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods or (list(METHODS) if args.model in ("demo", "vit64") else ["moma", "hybrid_distill"])
     variants = tuple(v for v in VARIANTS if v in args.variants)
     runs: list[list[dict]] = []
+    gemm_n = 1024 if args.quick else GEMM_SIZE
     for run in range(args.runs):
+        mm_GFLOPs = gemm_rate(args.device, gemm_n)  # in every run: the machine's state of that run
+        print(f"run {run + 1}: fp32 {gemm_n}x{gemm_n} torch.mm {mm_GFLOPs:.1f} GFLOP/s", flush=True)
         records: list[dict] = []
         with tempfile.TemporaryDirectory(prefix="fastkd-bench-e2e-") as tmp:
             arch, teacher_kwargs = (VIT, DEMO_TEACHER) if model == "demo" else VIT_MODELS[model][:2]
@@ -442,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                     config, recipe_overrides = method_config(name, teachers, model, batch_size)
                     records += bench_method(name, config, recipe_overrides, model=model, batch_size=batch_size,
                                             device=args.device, repeats=3, rounds=rounds, variants=variants,
-                                            compile_backend=compile_backend, workdir=Path(tmp) / str(run))
+                                            compile_backend=compile_backend, workdir=Path(tmp) / str(run),
+                                            mm_GFLOPs=mm_GFLOPs, teacher_precision=args.teacher_precision)
                 except Exception as error:  # noqa: BLE001 - one broken method is reported, the others still run
                     traceback.print_exc()
                     records.append({"method": name, "error": f"{type(error).__name__}: {error}"})
@@ -450,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     records = one_run_per_method(runs)
     ok = [r for r in records if "error" not in r]
     columns = ["method", "variant", "run", "teacher_dtype", "images_per_s", *TIMING_KEYS, "peak_MiB", "vs_plain_eager",
-               "vs_plain_compiled", "memory_ratio", "warmup_s", "achieved_GFLOPs", "vs_peak_bf16", "fused_ops_share",
+               "vs_plain_compiled", "memory_ratio", "warmup_s", "achieved_GFLOPs", "vs_mm_fp32", "vs_peak_bf16", "fused_ops_share",
                "target", "meets_target", "error"]
     columns += ["vs_plain_eager_runs", "vs_plain_compiled_runs"] if args.runs > 1 else []
     shapes = ("the demo's models (configs/demo/: 32 px, patch 8, 64-96-d x 4 blocks)" if model == "demo"
@@ -464,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
            if args.runs > 1 else "")
         + f"\n\n{markdown_table(records, columns)}\n\n"
         "vs_X = X's step time / this variant's (higher is faster); memory_ratio = peak / plain_eager's peak; "
-        "warmup_s = the first step (with compilation); vs_peak_bf16 = achieved FLOP rate / the GPU's dense bf16 peak."
+        "warmup_s = the first step (with compilation); vs_mm_fp32 = achieved FLOP rate / this run's fp32 "
+        f"{gemm_n}x{gemm_n} torch.mm rate (model FLOPs of the eager step); vs_peak_bf16 = achieved FLOP rate / "
+        f"the GPU's dense bf16 peak. fastkd teachers: teacher_precision {args.teacher_precision}."
         f"\n\n## Where a step's time goes (ms, the median of three profiled steps)\n\n{phase_table(ok)}\n\n"
         "teacher_fwd: frozen and EMA teachers' forward (none shown in a compiled forward); student_fwd: the rest; "
         "optimizer: clipping, the optimiser and plain_eager's host syncs; fused_ops: inside fastkd's ops."

@@ -111,6 +111,8 @@ def test_e2e_records_time_every_variant_of_every_method(suite):
             assert r["data_ms"] > 0 and (r["fused_ops_ms"] > 0) is bool(expected)
             assert isinstance(r["meets_target"], bool) and "vs_plain_compiled >= 1.0x" in r["target"]
             assert r["gflop_per_step"] > 0 and r["vs_peak_bf16"] == NEEDS_GPU
+        # the step's FLOP rate over this run's fp32 GEMM rate, measured in the same run
+        assert r["mm_fp32_GFLOPs"] > 0 and r["vs_mm_fp32"] == pytest.approx(r["achieved_GFLOPs"] / r["mm_fp32_GFLOPs"])
     assert "Machine load average at the start" in (suite[1] / "bench_e2e.md").read_text()
     from tests.benchmarks.test_e2e_table import assert_consistent
 
@@ -122,7 +124,7 @@ def test_e2e_targets_apply_by_model_and_method():
 
     assert targets_for("demo", "moma") == {"vs_plain_eager": 1.2, "vs_plain_compiled": 1.0}
     assert targets_for("vits224", "hybrid_distill") == {"vs_plain_eager": 1.05, "memory_ratio": 0.9,
-                                                         "vs_plain_compiled": 1.0}
+                                                         "vs_plain_compiled": 1.0, "vs_mm_fp32": 0.7}
     assert targets_for("vit64", "mokd") == {"vs_plain_compiled": 1.0}
     assert describe_target({"vs_plain_eager": 1.05, "memory_ratio": 0.9}) == \
         "vs_plain_eager >= 1.05x, memory <= 0.9x plain_eager"
