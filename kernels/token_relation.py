@@ -1,44 +1,24 @@
-"""Triton kernels of ``token_relation``: compute ``fastkd.ops.token_relation`` (see its docstring for the
-formula: per-row KL divergence between the teacher's and the student's attention maps, with the
-``head_map="mean"`` teacher-head groups), streamed over key blocks so that no ``N x N`` tensor ever
-reaches global memory. Below, ``s``/``t`` are the student/teacher logit tiles (``c_s``, ``c_t`` the
-logit scales ``scale / temperature``), ``a_s``/``a_t`` their log-softmax and ``G = H_t // H_s``.
+"""Triton kernels of ``fastkd.ops.token_relation`` (its docstring has the formula), streamed over key blocks so
+that no ``N x N`` tensor reaches global memory. ``s``/``t``: student/teacher logit tiles (scales ``c_s``, ``c_t``
+``= scale / temperature``), ``a_s``/``a_t`` their log-softmax, ``G = H_t // H_s``.
 
-Forward (``token_relation_fwd_kernel``, one program per (b, student head, query block)): per row,
-running maxima and sums of both sides (online log-sum-exp) and ``acc = sum_j exp(x_j - m_x) (x_j -
-y_j)`` (``x`` the weighting side: teacher for teacher_to_student, student for student_to_teacher),
-rescaled whenever ``m_x`` grows; at the end ``kl = acc / l_x - lse_x + lse_y``. It writes only
-``kl``, ``lse_s``, ``lse_t`` (fp32 ``[B, H_s, N]``). For ``G > 1`` the teacher tile is ``log(mean_g
-P_g)``, a running ``logaddexp`` over the group's heads minus ``log G``, from the per-head lse
-``[B, H_t, N]`` that ``row_lse_kernel`` computes first.
+Forward (one program per (b, student head, query block)): online log-sum-exp of both sides and ``acc = sum_j
+exp(x_j - m_x) (x_j - y_j)`` (``x`` the weighting side: teacher for teacher_to_student, else student), rescaled as
+``m_x`` grows; ``kl = acc / l_x - lse_x + lse_y``. Writes only fp32 ``kl``, ``lse_s``, ``lse_t`` ``[B, H_s, N]``.
+For ``G > 1`` the teacher tile is ``log(mean_g P_g)``, a running ``logaddexp`` over the group minus ``log G``, from
+the per-head lse ``[B, H_t, N]`` of ``row_lse_kernel``.
 
-Backward, per row with upstream gradient ``g``::
+Backward, upstream gradient ``g``: ``ds = g * (P_s - P_t)`` (teacher_to_student) or ``g * P_s * (a_s - a_t - kl)``
+(student_to_teacher); ``dq_s = c_s * ds @ k_s``, ``dk_s = c_s * ds^T @ q_s``, probabilities recomputed from the
+saved lse as in FlashAttention. Against 16-bit underflow (a mean-reduced loss has ``g`` ~1e-6) dq scales its fp32
+rows by ``c_s * g`` after the dots, and dk feeds the dots ``(ds / g) * (g / g_max)`` and scales by ``c_s * g_max``.
+dk is a separate key-block-major pass instead of atomics: deterministic, no fp32 scratch, one more recompute. Extra
+memory: ``O(B * H * N)``. Prior art: StreamKL (arXiv 2606.20005) streams the same KL over key blocks.
 
-    teacher_to_student: ds = g * (P_s - P_t)
-    student_to_teacher: ds = g * P_s * (a_s - a_t - kl)
-
-and ``dq_s = c_s * ds @ k_s``, ``dk_s = c_s * ds^T @ q_s``, the probability tiles recomputed from the
-saved lse as in FlashAttention (``_ds_tile``, on the logit tiles of ``_logit_tiles`` shared with the
-forward). So that 16-bit dot operands cannot underflow (a mean-reduced loss has ``g`` ~1e-6), the dq
-pass scales its fp32 accumulator rows by ``c_s * g`` after the dots, and the dk pass feeds the dots
-``(ds / g) * (g / g_max)`` (``g_max = max |g|`` over the head's rows) and scales by ``c_s * g_max`` at
-the end. ``dk_s`` comes from a separate key-block-major pass (``token_relation_bwd_dk_kernel``, one
-program per key block looping over query blocks) instead of atomics: deterministic, each row written
-once in the input dtype, no fp32 scratch, at the price of recomputing the logit tiles once more.
-Extra memory of the whole op: ``O(B * H * N)`` statistics. Prior art: StreamKL (arXiv 2606.20005)
-streams the same KL over key blocks; the recomputing backward follows FlashAttention.
-
-Launch: every kernel runs on a one-dimensional grid of ``B * H * cdiv(N, BLOCK)`` programs
-(:func:`row_block_grid`; axis 0 allows ``2**31 - 1`` programs, axes 1 and 2 only 65535), the program
-id split into (head, row block) inside; pointer offsets that multiply a batch, head or sequence stride
-are int64 (sequence-first q/k views of a fused qkv tensor). Tiles and warps come from
-:func:`default_blocks` / :func:`default_num_warps`, chosen so that every registered configuration
-compiles without register spills. The launchers (``launch_token_relation_fwd`` / ``_bwd``; the old
-names ``token_relation_forward`` / ``_backward`` are aliases) take plain ``[B, H, N, d]`` tensors
-(CUDA, or CPU under ``TRITON_INTERPRET=1``; a non-contiguous last dimension is made contiguous).
-16-bit operands use tensor-core dots with fp32 accumulation, fp32 operands TF32 dots where PyTorch
-allows TF32 for fp32 matmuls (:func:`dot_input_precision`), else exact ``ieee`` dots; all statistics
-are fp32.
+Launch: a 1-D grid of ``B * H * cdiv(N, BLOCK)`` programs (axes 1 and 2 allow only 65535), int64 offsets for
+batch/head/sequence strides (sequence-first q/k views of a fused qkv). Tiles and warps keep every registered
+configuration free of register spills. Launchers take ``[B, H, N, d]`` tensors (CUDA, or CPU under
+``TRITON_INTERPRET=1``); 16-bit dots accumulate in fp32, fp32 dots use TF32 where PyTorch allows it.
 """
 
 from __future__ import annotations
@@ -63,9 +43,7 @@ def _load_rows(base, stride_n, offs_rows, n_rows, offs_d, d):
 
 @triton.jit
 def _split_program_id(N, BLOCK: tl.constexpr):
-    """``(pid_bh, offs)`` of a one-dimensional grid of ``num_heads * cdiv(N, BLOCK)`` programs whose
-    consecutive programs walk the row blocks of one head (so that they share its key tiles in L2):
-    the head and the ``BLOCK`` row offsets of this program's block."""
+    """``(head, row offsets)`` of this program; consecutive programs walk one head's row blocks (shared L2)."""
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(N, BLOCK)
     return pid // num_blocks, (pid % num_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -76,11 +54,8 @@ def _head_pair(
     qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b, stride_ks_h,
     stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """This program's head pair ``pid_bh = b * H_s + h`` and block: ``(pid_bh, offs, qs, ks, qt, kt,
-    lse_heads)`` with the row offsets of the block and base pointers of ``q_s[b, h]``, ``k_s[b, h]``
-    (``[N, d_s]`` each), ``q_t[b, h*G]``, ``k_t[b, h*G]`` (the group's first teacher head; head ``g`` is
-    ``g * stride_*t_h`` further) and the group's ``[G, N]`` per-head lse. (The offsets come last: in
-    this order the fp32 dk kernel with G = 2 compiles without a spill on sm_90.)"""
+    """``(pid_bh = b * H_s + h, row offsets, bases of q_s[b, h], k_s[b, h], q_t[b, h*G], k_t[b, h*G], group lse)``;
+    teacher head ``g`` is ``g * stride_*t_h`` further. (Offsets computed last: fp32 dk, G = 2 spills otherwise.)"""
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(N, BLOCK)
     pid_bh = pid // num_blocks
@@ -100,10 +75,8 @@ def _logit_tiles(
     q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h, stride_kt_n,
     offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, G: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Logit tiles of one head pair, query rows ``offs_m`` x keys ``offs_n`` (fp32, not masked): the
-    student's ``s = c_s * q_s @ k_s^T`` (``q_s``, ``k_s`` the loaded tiles) and the teacher's ``t =
-    c_t * q_t @ k_t^T`` when ``G == 1``, else ``log(mean_g P_g)`` over the ``G`` teacher heads of the
-    group (``q_t0`` the preloaded query tile of the group's first head)."""
+    """Unmasked fp32 tiles ``s = c_s * q_s @ k_s^T`` and ``t = c_t * q_t @ k_t^T`` (``G == 1``), else ``log(mean_g
+    P_g)`` over the group (``q_t0``: the first teacher head's query tile)."""
     s = tl.dot(q_s, tl.trans(k_s), input_precision=INPUT_PRECISION) * c_s
     k_t = _load_rows(kt_base, stride_kt_n, offs_n, N, offs_dt, D_T)
     t = tl.dot(q_t0, tl.trans(k_t), input_precision=INPUT_PRECISION) * c_t
@@ -124,8 +97,7 @@ def _logit_tiles(
 
 @triton.jit
 def _load_row_stats(kl_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, stats_base, offs_m, N):
-    """``(lse_s, lse_t, kl, grad)`` of query rows ``offs_m`` (0 for rows ``>= N``): the saved ``[B, H_s, N]``
-    forward statistics and upstream gradient of the head pair whose rows start at ``stats_base = pid_bh * N``."""
+    """Saved ``(lse_s, lse_t, kl, grad)`` of rows ``offs_m`` (0 past ``N``), head pair rows from ``stats_base``."""
     row_mask = offs_m < N
     lse_s = tl.load(lse_s_ptr + stats_base + offs_m, mask=row_mask, other=0.0)
     lse_t = tl.load(lse_t_ptr + stats_base + offs_m, mask=row_mask, other=0.0)
@@ -140,9 +112,7 @@ def _ds_tile(
     offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, lse_s, lse_t, kl,
     G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Recomputed ``ds / g = d kl / d s`` tile (without the upstream gradient ``g``), rows ``offs_m`` x
-    keys ``offs_n``, zero outside ``N``: the logit tiles of :func:`_logit_tiles`, the log-probabilities
-    ``a_s = s - lse_s``, ``a_t = t - lse_t`` from the saved row lse, then ``P_s - P_t``
+    """Recomputed ``ds / g = d kl / d s`` (zero outside ``N``), ``a = logits - saved lse``: ``P_s - P_t``
     (teacher_to_student) or ``P_s * (a_s - a_t - kl)`` (student_to_teacher)."""
     s, t = _logit_tiles(q_s, k_s, q_t0, qt_base, kt_base, lse_heads_base, stride_qt_h, stride_qt_n, stride_kt_h,
                         stride_kt_n, offs_m, offs_n, offs_dt, N, D_T, c_s, c_t, G, INPUT_PRECISION)
@@ -163,8 +133,7 @@ def row_lse_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """``lse[b, h, i] = logsumexp_j(c * <q[b, h, i], k[b, h, j]>)``, streamed over key blocks; one program
-    per (b, h, query block) on grid axis 0."""
+    """``lse[b, h, i] = logsumexp_j(c * <q[b, h, i], k[b, h, j]>)``, streamed over key blocks."""
     pid_bh, offs_m = _split_program_id(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -250,8 +219,7 @@ def token_relation_bwd_dq_kernel(
     G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Query-block-major pass: ``dq_s[rows] = c_s * g[rows] * sum_j (ds / g)[rows, j] k_s[j]`` (dq is
-    ``[B, H_s, N, d_s]`` contiguous); the upstream gradient scales the fp32 accumulator, after the dots."""
+    """``dq_s[rows] = c_s * g[rows] * sum_j (ds / g)[rows, j] k_s[j]``, contiguous ``[B, H_s, N, d_s]``."""
     pid_bh, offs_m, qs_base, ks_base, qt_base, kt_base, lse_heads_base = _head_pair(
         qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b, stride_ks_h,
         stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G, BLOCK_M)
@@ -283,10 +251,7 @@ def token_relation_bwd_dk_kernel(
     G: tl.constexpr, TEACHER_TO_STUDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Key-block-major pass: ``dk_s[keys] = c_s * sum_i ds[i, keys] q_s[i]`` (dk is ``[B, H_s, N, d_s]``
-    contiguous); loops over query blocks, so each dk row is written once, without atomics. The dots take
-    ``(ds / g) * (g / g_max)``, ``g_max = max |g|`` over the head's rows (a first pass over ``g``), and
-    the fp32 accumulator is scaled by ``c_s * g_max`` at the end."""
+    """``dk_s[keys] = c_s * sum_i ds[i, keys] q_s[i]``, contiguous; ``g_max`` from a first pass over ``g``."""
     pid_bh, offs_n, qs_base, ks_base, qt_base, kt_base, lse_heads_base = _head_pair(
         qs_ptr, ks_ptr, qt_ptr, kt_ptr, lse_heads_ptr, N, H_S, stride_qs_b, stride_qs_h, stride_ks_b, stride_ks_h,
         stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, G, BLOCK_N)
@@ -321,10 +286,7 @@ def token_relation_bwd_dk_kernel(
 
 
 def default_blocks(d: int, G: int, dtype: torch.dtype = torch.bfloat16, *, backward: bool = False) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)`` for head dim ``d``, ``G`` teacher heads per student head, operand ``dtype``
-    and pass. 16-bit forward: 64 x 64 tiles, 64 x 32 for ``d > 64`` or ``G > 1``; 16-bit backward:
-    64 x 32; fp32 (both passes): 64 x 32, 32 x 32 for ``d > 64`` or ``G > 1``. With the warps of
-    :func:`default_num_warps` these keep every kernel free of register spills on sm_80 and sm_90."""
+    """``(BLOCK_M, BLOCK_N)`` for head dim ``d``; with :func:`default_num_warps`, spill-free on sm_80 and sm_90."""
     if dtype == torch.float32:
         return (64, 32) if d <= 64 and G == 1 else (32, 32)
     if backward:
@@ -338,10 +300,8 @@ def default_num_warps(G: int, dtype: torch.dtype = torch.bfloat16, *, backward: 
 
 
 def dot_input_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """``input_precision`` of the kernels' dots: ``"tf32"`` for fp32 operands on CUDA when PyTorch allows
-    TF32 in fp32 matmuls (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, which
-    ``torch.set_float32_matmul_precision("high"/"medium")`` and ``allow_tf32 = True`` also set), else
-    ``"ieee"`` (16-bit operands, where it has no effect, and CPU tensors under the interpreter)."""
+    """``"tf32"`` for fp32 CUDA operands when PyTorch allows TF32 fp32 matmuls (``matmul.fp32_precision``, also set
+    by ``set_float32_matmul_precision`` / ``allow_tf32``), else ``"ieee"`` (16-bit: no effect; interpreter)."""
     if dtype != torch.float32 or device.type != "cuda":
         return "ieee"
     matmul = torch.backends.cuda.matmul
@@ -352,8 +312,7 @@ def dot_input_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 def row_block_grid(num_heads: int, N: int, block: int) -> tuple[int]:
-    """Grid of one program per (head, block of ``block`` rows), all on axis 0 (the kernels split the
-    program id): ``(num_heads * cdiv(N, block),)``. Raises ``ValueError`` beyond ``2**31 - 1`` programs."""
+    """``(num_heads * cdiv(N, block),)`` on axis 0; raises ``ValueError`` beyond ``2**31 - 1`` programs."""
     programs = num_heads * triton.cdiv(N, block)
     if programs > MAX_GRID_X:
         raise ValueError(f"{num_heads} heads x {triton.cdiv(N, block)} row blocks exceed the {MAX_GRID_X} programs "
@@ -396,9 +355,8 @@ def launch_token_relation_fwd(
     q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, c_s: float, c_t: float,
     teacher_to_student: bool, *, block_m: int | None = None, block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward; returns ``(kl, lse_s, lse_t, lse_heads)`` in fp32. ``lse_heads`` is the
-    per-teacher-head lse ``[B, H_t, N]`` when ``H_t > H_s`` and an empty ``[0]`` tensor otherwise.
-    Shapes must already be validated (``H_t`` a multiple of ``H_s``)."""
+    """fp32 ``(kl, lse_s, lse_t, lse_heads)``, ``lse_heads`` ``[B, H_t, N]`` if ``H_t > H_s`` else ``[0]``; shapes
+    must be validated already."""
     (q_s, k_s, q_t, k_t), (B, H_s, H_t, N, d_s, d_t), strides, meta = _launch_args(
         q_s, k_s, q_t, k_t, block_m, block_n, backward=False)
     kl, lse_s, lse_t = (torch.empty((B, H_s, N), device=q_s.device, dtype=torch.float32) for _ in range(3))
@@ -432,7 +390,7 @@ def launch_token_relation_bwd(
     return dq, dk
 
 
-# Old names of the launchers (before the ``launch_<op>_fwd/bwd`` convention).
+# Old launcher names.
 token_relation_forward = launch_token_relation_fwd
 token_relation_backward = launch_token_relation_bwd
 
@@ -441,11 +399,8 @@ token_relation_backward = launch_token_relation_bwd
 
 
 def _register_compile_configs() -> None:
-    """ViT-S (H=6), ViT-B (H=12), ViT-L (H=16) all have d = 64; heads and N are runtime values, so
-    the configurations differ by dtype, direction and teacher-head group (G = 2: a ViT-B teacher
-    mapped onto a ViT-S student with ``head_map="mean"``; also a d=128 teacher): bf16 (the training
-    dtype) for every shape, fp16 for the plain shape only (CI compile time), fp32 with TF32 dots for
-    the plain and the G = 2 shape, with the launchers' tiles and warps."""
+    """ViT-S/B/L all have d = 64 (heads, N are runtime): bf16 for every shape, fp16 plain only (CI compile time),
+    fp32 (TF32 dots) plain and G = 2, each direction, the launchers' tiles and warps."""
     strides = [f"stride_{t}_{a}" for t in ("qs", "ks", "qt", "kt") for a in ("b", "h", "n")]
     shapes = [  # label, student d, teacher d, G
         ("ViT-S/B/L d=64", 64, 64, 1),

@@ -1,15 +1,12 @@
-"""End-to-end fine-tuning evaluation (the DeiT / MAE recipe, built from timm's parts): ImageNet-style
-fine-tuning top-1, the headline metric of MAE-family papers and of Hybrid Distill.
+"""End-to-end fine-tuning top-1 (the DeiT / MAE recipe from timm's parts), the headline metric of MAE-family
+papers and of Hybrid Distill.
 
-The Backbone ``model`` is **rebuilt**, not modified: ``build_backbone(arch, drop_path_rate=...,
-global_pool=..., img_size=..., **timm_kwargs)`` (stochastic depth ``rate_i = drop_path * i / (L - 1)``
-for block ``i = 0..L-1``), the loaded weights copied in (``pos_embed`` resampled to a new size), then
-``reset_classifier(num_classes, global_pool)`` with a head ``trunc_normal(std=head_init_std)``, bias 0.
-Pooling as timm's ``VisionTransformer``: ``token`` (DeiT) ``logits = head(norm(tokens)[:, 0])``;
-``avg`` (MAE) ``logits = head(fc_norm(mean_{j >= P} tokens_j))`` over the patch tokens (``P`` prefix
-tokens excluded). timm puts the norm after the pool only in a model *built* with ``avg`` (hence the
-rebuild); as in MAE, the pre-trained final ``norm`` is dropped and ``fc_norm`` starts at 1, 0, so such
-a model's Backbone feature is the un-normalised CLS token: evaluate it as a classifier (:func:`load_finetuned`).
+The Backbone is rebuilt, not modified: ``build_backbone(arch, drop_path_rate, global_pool, img_size)`` (stochastic
+depth ``rate_i = drop_path * i / (L - 1)``), the loaded weights copied in (``pos_embed`` resampled), then
+``reset_classifier`` with a head ``trunc_normal(std=head_init_std)``, bias 0. Pooling: ``token`` (DeiT) ``logits =
+head(norm(tokens)[:, 0])``; ``avg`` (MAE) ``logits = head(fc_norm(mean_{j >= P} tokens_j))`` over patch tokens. timm
+puts the norm after the pool only in a model built with ``avg`` (hence the rebuild); as in MAE the final ``norm`` is
+dropped and ``fc_norm`` starts at 1, 0, so evaluate such a model as a classifier (:func:`load_finetuned`).
 
 Optimisation (MAE ``main_finetune.py`` / BEiT; DeiT ``main.py``), ``L`` blocks, ``t`` of ``T`` optimizer steps:
 
@@ -19,16 +16,14 @@ Optimisation (MAE ``main_finetune.py`` / BEiT; DeiT ``main.py``), ``L`` blocks, 
   timm's ``group_matcher``, where MAE's ``lr_decay.py`` would give it ``d^0``);
 - ``lr_t = warmup_lr + (lr - warmup_lr) * t / W`` for ``t < W`` (``W`` warm-up steps, at most half the
   run), then ``min_lr + (lr - min_lr) * (1 + cos(pi * (t - W) / (T - W))) / 2``; group lr ``lr_t * scale``;
-- mixup (``lam ~ Beta(0.8, 0.8)``, ``x = lam * x_i + (1 - lam) * x_j``) or, with probability
-  ``switch_prob``, cutmix (``lam ~ Beta(1, 1)``, a box of area ``1 - lam`` pasted from ``x_j``), ``j``
-  the flipped batch (:class:`timm.data.Mixup`: even batches, ``drop_last``), on targets
-  ``y = (1 - eps) * onehot + eps / C`` mixed alike; loss ``-sum_c y_c log softmax(z)_c`` (without
-  mixup / cutmix: label-smoothing cross-entropy);
-- train ``timm.data.create_transform(is_training=True)`` (random-resized crop, flip, RandAugment,
-  random erasing, bicubic); val resize ``floor(S / crop_pct)`` + centre crop ``S``.
+- mixup (``lam ~ Beta(0.8, 0.8)``, ``x = lam * x_i + (1 - lam) * x_j``) or, with probability ``switch_prob``,
+  cutmix (``lam ~ Beta(1, 1)``, a box of area ``1 - lam`` from ``x_j``), ``j`` the flipped batch (even batches),
+  on targets ``y = (1 - eps) * onehot + eps / C`` mixed alike; loss ``-sum_c y_c log softmax(z)_c``;
+- train ``create_transform(is_training=True)`` (random-resized crop, flip, RandAugment, random erasing, bicubic);
+  val resize ``floor(S / crop_pct)`` + centre crop ``S``.
 
-Not reproduced: gradient accumulation (the batch is the effective batch), DeiT's repeated
-augmentation and model EMA, distributed evaluation; DeiT steps its schedule per epoch, here per step.
+Not reproduced: gradient accumulation, DeiT's repeated augmentation and model EMA, distributed evaluation; the
+schedule steps per step, not per epoch.
 """
 
 from __future__ import annotations
@@ -73,9 +68,7 @@ HISTORY_FILE = "finetune.json"
 
 @dataclass(frozen=True)
 class FinetuneRecipe:
-    """One fine-tuning recipe; every field is checked on construction (``dataclasses.replace``
-    included), errors naming the field. ``batch_size`` is the effective batch of the paper; the
-    peak lr is ``blr * batch_size / lr_batch_divisor``. See the module doc for the math."""
+    """One fine-tuning recipe, checked on construction; ``batch_size`` is the paper's effective batch."""
 
     name: str
     epochs: int
@@ -139,10 +132,8 @@ class FinetuneRecipe:
 
 
 FINETUNE_RECIPES = {
-    # MAE (He et al., CVPR 2022), ViT-B: the repository's FINETUNE.md command (--batch_size 32 on 4 nodes x 8 GPUs,
-    # --epochs 100 --blr 5e-4 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8
-    # --cutmix 1.0); the rest are main_finetune.py defaults (its blr / layer_decay defaults, 1e-3 / 0.75, are the
-    # generic setting); util/lr_sched.py (warm-up from 0, cosine to min_lr), util/datasets.py (eval crop 224/256).
+    # MAE (He et al., CVPR 2022), ViT-B: FINETUNE.md's command (batch 32 x 32 GPUs, the values below), the rest
+    # main_finetune.py defaults; util/lr_sched.py (warm-up from 0, cosine to min_lr), util/datasets.py (crop 224/256).
     "mae": FinetuneRecipe(
         name="mae", epochs=100, batch_size=1024, blr=5e-4, lr_batch_divisor=256, min_lr=1e-6, warmup_epochs=5,
         warmup_lr=0.0, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,  # torch's AdamW defaults, as MAE uses
@@ -152,11 +143,7 @@ FINETUNE_RECIPES = {
         auto_augment="rand-m9-mstd0.5-inc1", color_jitter=None, re_prob=0.25, mixup=0.8, cutmix=1.0, mixup_prob=1.0,
         switch_prob=0.5, label_smoothing=0.1, crop_pct=224 / 256,
     ),
-    # DeiT (Touvron et al., ICML 2021), Table 9 and main.py defaults: lr 5e-4 x B/512, batch 1024, 300 epochs,
-    # warm-up 5 epochs from --warmup-lr 1e-6, cosine to --min-lr 1e-5, AdamW (eps 1e-8), weight decay 0.05,
-    # stochastic depth 0.1, RandAugment rand-m9-mstd0.5-inc1 (colour jitter 0.3, which timm disables with it),
-    # random erasing 0.25, mixup 0.8 / cutmix 1.0, smoothing 0.1, bicubic, eval crop ratio 0.875; CLS-token head
-    # with timm's ViT init (trunc_normal std 0.02); no layer-wise decay.
+    # DeiT (Touvron et al., ICML 2021): Table 9 and main.py defaults; CLS-token head with timm's ViT init.
     "deit": FinetuneRecipe(
         name="deit", epochs=300, batch_size=1024, blr=5e-4, lr_batch_divisor=512, min_lr=1e-5, warmup_epochs=5,
         warmup_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, layer_decay=1.0, drop_path=0.1,
@@ -168,11 +155,8 @@ FINETUNE_RECIPES = {
 
 @dataclass
 class FinetuneResult(EvalResult):
-    """``top1`` / ``top5`` after the last epoch, ``best_top1`` / ``best_top5`` of the 1-based ``best_epoch``;
-    ``history``: per epoch ``epoch``, ``lr`` (peak group's, last step), ``train_loss``, ``val_loss``,
-    ``top1``, ``top5``, ``seconds``; ``recipe_values``: the recipe as run (with ``lr``, the capped
-    ``warmup_epochs``, ``precision``, ``seed``, ``new_parameters``: keys not from the loaded model);
-    ``classes``: train classes in label order; ``model``: the fine-tuned Backbone; ``model_file``: its file."""
+    """``top1`` / ``top5`` after the last epoch, ``best_*`` of the 1-based ``best_epoch``; ``history``: per-epoch
+    scores (``lr`` of the peak group); ``recipe_values``: the recipe as run (``new_parameters``: keys not loaded)."""
 
     best_top1: float
     best_top5: float
@@ -194,9 +178,7 @@ def _classifier_prefix(net: nn.Module) -> str:
 
 def build_finetune_model(model: nn.Module, num_classes: int, *, global_pool: str = "avg", drop_path: float = 0.1,
                          image_size: int | None = None, head_init_std: float = 2e-5) -> Backbone:
-    """A trainable copy of the Backbone ``model`` with a ``num_classes`` classifier (module doc),
-    ``img_size=image_size`` for ViTs (default: the model's); the head is drawn from torch's global
-    generator. ``model`` is unchanged."""
+    """A trainable copy of ``model`` with a ``num_classes`` classifier (module doc), head from torch's global RNG."""
     _check_model(model, image_size=image_size, global_pool=global_pool)
     check_positive_ints(num_classes=num_classes)
     check_number("drop_path", drop_path, low=0, high=1, high_open=True, finite=True)
@@ -219,9 +201,8 @@ def build_finetune_model(model: nn.Module, num_classes: int, *, global_pool: str
 
 
 def layer_decay_param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Parameter groups of ``model`` (a Backbone: its timm model) by
-    :func:`timm.optim.param_groups_layer_decay`: ``lr_scale = layer_decay ** (L + 1 - layer)`` (module
-    doc), ``weight_decay`` except for 1-D parameters and the model's ``no_weight_decay()`` names."""
+    """timm's ``param_groups_layer_decay``: ``lr_scale = layer_decay ** (L + 1 - layer)``, no decay on 1-D
+    parameters and ``no_weight_decay()`` names."""
     check_number("weight_decay", weight_decay, low=0, finite=True)
     check_number("layer_decay", layer_decay, low=0, high=1, low_open=True, finite=True)
     net = model.model if isinstance(model, Backbone) else model
@@ -231,9 +212,7 @@ def layer_decay_param_groups(model: nn.Module, *, weight_decay: float, layer_dec
 
 
 def load_finetuned(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Backbone:
-    """The fine-tuned classifier saved by :func:`finetune` (``output/finetuned.pt``, or the folder):
-    the backbone as :func:`fastkd.models.load_teacher` rebuilds it plus its classifier, frozen, in
-    eval mode, on ``device``; ``model.model(images)`` gives logits."""
+    """The frozen classifier :func:`finetune` saved (file or folder); ``model.model(images)`` gives logits."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
@@ -281,8 +260,7 @@ def _loaders(train_images, val_images, recipe: FinetuneRecipe, image_size: int, 
 
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device):
-    """Seed Python's, NumPy's (timm's Mixup and augmentations draw from them) and torch's generators
-    for the block, and restore them after it."""
+    """Seed Python's, NumPy's (timm's Mixup and augmentations) and torch's generators; restore them after."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
@@ -316,9 +294,7 @@ def _evaluate(net: nn.Module, loader: DataLoader, *, device, precision: str) -> 
 
 
 def _optimizer_and_schedule(model: Backbone, recipe: FinetuneRecipe, steps_per_epoch: int):
-    """AdamW on the layer-decay groups and ``schedule(step)``, which sets every group's lr and weight
-    decay for that step (module doc); returns ``(optimizer, schedule, warmup_epochs)``, the warm-up
-    capped at half the run."""
+    """``(AdamW, schedule(step) setting lr and weight decay, warmup_epochs capped at half the run)``."""
     from fastkd.train.optim import apply_schedules, build_optimizer
     from fastkd.train.schedules import WarmupCosine
 
@@ -333,8 +309,6 @@ def _optimizer_and_schedule(model: Backbone, recipe: FinetuneRecipe, steps_per_e
 
 
 def _check_model(model: nn.Module, *, image_size: int | None, global_pool: str) -> None:
-    """``model`` is a Backbone, ``image_size`` (unless None) a positive multiple of a ViT's patch
-    size, ``global_pool`` one of :data:`GLOBAL_POOLS` (``avg`` for a ResNet)."""
     check_instance("model", model, Backbone, "a fastkd Backbone (what load_eval_model returns for backbone files "
                    "and runs' students)")
     check_choice("global_pool", global_pool, GLOBAL_POOLS)
@@ -349,8 +323,7 @@ def _check_model(model: nn.Module, *, image_size: int | None, global_pool: str) 
 
 
 def resolve_finetune_recipe(recipe, **overrides) -> FinetuneRecipe:
-    """The recipe (a name of :data:`FINETUNE_RECIPES` or a :class:`FinetuneRecipe`) with the non-None
-    overrides applied (and checked: see :class:`FinetuneRecipe`)."""
+    """The recipe (a name or a :class:`FinetuneRecipe`) with the non-None overrides applied and checked."""
     if not isinstance(recipe, FinetuneRecipe):
         check_choice("recipe", recipe, FINETUNE_RECIPES)
         recipe = FINETUNE_RECIPES[recipe]
@@ -363,11 +336,8 @@ def finetune(model: nn.Module, train_dir: str | os.PathLike, val_dir: str | os.P
              image_size: int | None = None, global_pool: str | None = None, precision: str = "fp32",
              device: str | torch.device = "cpu", num_workers: int = 2, seed: int = 0,
              output: str | os.PathLike | None = None, progress: bool = True) -> FinetuneResult:
-    """Fine-tune a copy of the Backbone ``model`` on the ImageFolder ``train_dir``, scoring ``val_dir``
-    after every epoch, by ``recipe`` (a name of :data:`FINETUNE_RECIPES` or a :class:`FinetuneRecipe`;
-    the keyword options override its fields). ``image_size``: default the model's; ``precision``:
-    ``fp32`` | ``bf16`` (autocast); ``output``: a folder for ``finetuned.pt`` (:func:`load_finetuned`)
-    and ``finetune.json``. Every option is checked before any image is read."""
+    """Fine-tune a copy of ``model`` on the ImageFolder ``train_dir``, scoring ``val_dir`` every epoch; keyword
+    options override ``recipe``'s fields; ``output``: a folder for ``finetuned.pt`` and ``finetune.json``."""
     recipe = resolve_finetune_recipe(recipe, epochs=epochs, batch_size=batch_size, blr=blr, layer_decay=layer_decay,
                                      drop_path=drop_path, global_pool=global_pool)
     device = check_run_options(device=device, num_workers=num_workers, seed=seed, progress=progress)

@@ -1,10 +1,8 @@
 """The papers' linear-probe protocols: DINO's ``eval_linear.py`` and MoCo v3's ``main_lincls.py``.
 
-Unlike the fast probe of :mod:`fastkd.eval.linear_probe` (one pass of centre crops, features
-cached, standardised), these run the frozen backbone on freshly augmented images every step, as
-the papers did. For a train batch ``x`` (``RandomResizedCrop`` + horizontal flip, the ``linear``
-recipe) with labels ``y`` and a ViT with blocks ``1..L``, final norm ``norm`` and ``P`` prefix
-tokens (CLS first, then registers)::
+Unlike the cached-feature probe of :mod:`fastkd.eval.linear_probe`, these run the frozen backbone on freshly
+augmented images every step, as the papers did. For a train batch ``x`` (the ``linear`` recipe) with labels ``y``
+and a ViT with blocks ``1..L``, final norm ``norm`` and ``P`` prefix tokens (CLS first, then registers)::
 
     h_l = block_l(h_{l-1})                                      # [B, P + N, D], h_0 = embedded tokens
     f   = concat(norm(h_{L-n+1})[:, 0], ..., norm(h_L)[:, 0])   # CLS of the last n blocks, [B, n D]
@@ -14,17 +12,12 @@ tokens (CLS first, then registers)::
     loss     = sum_h CE(logits_h, y)                            # dloss/dW_h = dCE_h/dW_h: heads are independent
     lr_h(t)  = lr_h * B / 256 * 0.5 * (1 + cos(pi * t / T))     # t = step, T = epochs * batches per epoch
 
-with ``W_h ~ N(0, 0.01^2)``, ``b_h = 0`` and SGD (momentum ``m``, weight decay ``wd``) or LARS
-(:class:`fastkd.train.optim.LARS`). A ResNet's feature is its pooled last stage; any other
-``nn.Module`` is used as ``f = model(x)`` (``n = 1``, no patch average). The backbone runs in
-eval mode under ``torch.no_grad``; only the heads get gradients, so every lr of a sweep costs one
-extra matrix product per step, not one more pass of the backbone.
+with ``W_h ~ N(0, 0.01^2)``, ``b_h = 0`` and SGD or LARS. A ResNet's feature is its pooled last stage, any other
+module's ``f = model(x)``. The backbone runs frozen in eval mode, so each swept lr costs one matrix product per step.
 
-Evaluation: ``top1`` / ``top5`` of ``argmax_c (W_h f + b_h)_c`` on the val images (the ``eval``
-recipe: resize ``resize``, centre crop ``image_size``), for every head; the result reports the best.
-Departures from the official scripts are noted in each protocol's ``sources``; besides them, the
-patch average is appended after the CLS tokens (DINO interleaves the two, a permutation of a linear
-layer's inputs, with ``n = 1`` only) and skips register tokens as well as CLS.
+Evaluation: ``top1`` / ``top5`` of every head on the val images (resize ``resize``, centre crop ``image_size``); the
+result reports the best. Departures are in each protocol's ``sources``; besides them, the patch average comes after
+the CLS tokens (DINO interleaves them: a permutation of the inputs) and skips register tokens too.
 """
 
 from __future__ import annotations
@@ -65,9 +58,8 @@ def _check_lrs(name: str, lrs, *, allow_empty: bool = False) -> tuple[float, ...
 
 @dataclass(frozen=True)
 class LinearProtocol:
-    """One linear-probe protocol (the lr follows a per-step cosine to 0); ``sources`` says where
-    each value comes from. ``base_lr``: per 256 images, for ViTs and other models; ``resnet_base_lr``
-    for ResNets (None: ``base_lr``). ``lrs``: the base lrs trained side by side (empty: the one base lr)."""
+    """One linear-probe protocol; ``sources`` says where each value comes from. ``base_lr`` is per 256 images
+    (``resnet_base_lr`` for ResNets, None: ``base_lr``); ``lrs``: base lrs trained side by side (empty: the one)."""
 
     name: str
     epochs: int
@@ -169,10 +161,8 @@ LINEAR_PROTOCOLS: dict[str, LinearProtocol] = {
 
 @dataclass
 class LinearProtocolResult(EvalResult):
-    """``top1`` / ``top5`` and ``train_loss`` (last epoch's mean CE) of the head of base lr ``lr``
-    (``scaled_lr`` after batch scaling) with the best val top-1; ``sweep``: per trained lr, in order,
-    ``lr``, ``scaled_lr``, ``top1``, ``top5``, ``train_loss``; ``classifiers``: the heads in that order
-    (``nn.Linear`` on raw features, a BatchNorm folded in), ``classifier`` the best; then the settings."""
+    """Scores of the best head (base ``lr``, ``scaled_lr`` after batch scaling); ``sweep``: the same per trained lr;
+    ``classifiers``: the heads in that order as ``nn.Linear`` on raw features (BatchNorm folded in)."""
 
     protocol: str
     lr: float
@@ -199,7 +189,7 @@ class LinearProtocolResult(EvalResult):
 
 
 def resolve_protocol(protocol: str | LinearProtocol) -> LinearProtocol:
-    """A registered protocol by name (see :data:`LINEAR_PROTOCOLS`), or ``protocol`` itself."""
+    """A :data:`LINEAR_PROTOCOLS` entry by name, or ``protocol`` itself."""
     if isinstance(protocol, LinearProtocol):
         return protocol
     check_choice("protocol", protocol, sorted(LINEAR_PROTOCOLS))
@@ -215,10 +205,9 @@ def _vit_backbone(model: nn.Module):
 
 def feature_layout(model: nn.Module, protocol: str | LinearProtocol = "dino", *, n_last_blocks: int | None = None,
                    avgpool_patches: bool | None = None) -> tuple[int, bool]:
-    """``(n_last_blocks, avgpool_patches)`` for ``model``: the arguments, else the protocol's values,
-    else DINO's width rule (``embed_dim < 768``: ``(min(4, depth), False)``, else ``(1, True)``).
-    Models other than fastkd ViT backbones give ``(1, False)`` (their ``model(x)`` is the feature);
-    asking them for more blocks or the patch average is a ValueError, as is ``n_last_blocks > depth``."""
+    """``(n_last_blocks, avgpool_patches)``: the arguments, else the protocol's, else DINO's width rule
+    (``embed_dim < 768``: ``(min(4, depth), False)``, else ``(1, True)``); ``(1, False)`` for non-ViTs.
+    Raises ValueError for more blocks / patch average on a non-ViT and for ``n_last_blocks > depth``."""
     protocol = resolve_protocol(protocol)
     if n_last_blocks is not None:
         check_number("n_last_blocks", n_last_blocks, low=1, integer=True)
@@ -243,10 +232,7 @@ def feature_layout(model: nn.Module, protocol: str | LinearProtocol = "dino", *,
 
 
 class ProtocolFeatures(nn.Module):
-    """``forward(images)``: the probe's input ``f [B, D']`` (module docstring). For a fastkd ViT
-    backbone the CLS token after the final norm of each of the last ``n_last_blocks`` blocks, then
-    (when ``avgpool_patches``) the mean of the last block's normed patch tokens (prefix tokens
-    excluded); for any other model ``model(images)``. Sets neither grad mode nor eval mode."""
+    """``forward(images)``: the probe's input ``f [B, D']`` (module docstring); sets neither grad nor eval mode."""
 
     def __init__(self, model: nn.Module, n_last_blocks: int = 1, avgpool_patches: bool = False):
         super().__init__()
@@ -282,8 +268,7 @@ def protocol_features(model: nn.Module, images: torch.Tensor, *, n_last_blocks: 
 
 
 class _Head(nn.Module):
-    """``W BN(f) + b`` (BN only when ``batchnorm``), ``W ~ N(0, 0.01^2)`` from a generator seeded
-    with ``seed`` (every head of a sweep starts from the same weights as a single-lr run)."""
+    """``W BN(f) + b`` (BN only when ``batchnorm``), ``W ~ N(0, 0.01^2)`` seeded alike for every head of a sweep."""
 
     def __init__(self, dim: int, num_classes: int, batchnorm: bool, seed: int):
         super().__init__()
@@ -306,13 +291,9 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
                              n_last_blocks: int | None = None, avgpool_patches: bool | None = None,
                              backend: str = "auto", num_workers: int = 2, device: str | torch.device = "cpu",
                              seed: int = 0, progress: bool = True) -> LinearProtocolResult:
-    """Linear probe of the frozen ``model`` (already on ``device``; run in eval mode, its mode restored)
-    by ``protocol`` (``dino`` | ``mocov3`` | a :class:`LinearProtocol`) on ImageFolder splits
-    ``train_dir`` / ``val_dir`` (module doc). Arguments left None take the protocol's values: ``epochs``,
-    ``lrs`` (base lrs per 256 images, one head each, scaled by ``batch_size / 256``), ``batch_size``,
-    ``n_last_blocks``, ``avgpool_patches`` (:func:`feature_layout`); ``image_size``: the model's own
-    (else 224), ``resize``: ``image_size * 256 / 224``. ``seed`` fixes the crops, the order and the
-    heads' common initial weights. Every option is checked (an error naming it) before any image is read."""
+    """Linear probe of the frozen ``model`` (on ``device``; its mode restored) by ``protocol`` on ImageFolder splits
+    (module doc). Options left None take the protocol's values; ``lrs``: base lrs per 256 images, one head each;
+    ``image_size``: the model's own (else 224), ``resize``: ``image_size * 256 / 224``."""
     from fastkd.data import build_loader
     from fastkd.data.loader import BACKENDS
     from fastkd.data.recipes import Recipe, ViewSpec
@@ -395,8 +376,7 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
     best = max(range(len(sweep)), key=lambda i: (sweep[i]["top1"], sweep[i]["top5"], -i))
     return LinearProtocolResult(
         protocol=protocol.name, **sweep[best], sweep=sweep, feature_dim=dim, n_last_blocks=n_last_blocks,
-        avgpool_patches=avgpool_patches, features=features.describe(),
-        epochs=epochs, batch_size=batch_size,
+        avgpool_patches=avgpool_patches, features=features.describe(), epochs=epochs, batch_size=batch_size,
         image_size=image_size, resize=resize, optimizer=protocol.optimizer, num_classes=num_classes,
         class_counts=class_counts, classifier=classifiers[best], classifiers=classifiers,
     )

@@ -1,32 +1,22 @@
-"""Backbone weights: loading teachers (official MoCo v3 / MAE / DeiT / CLIP files, timm state dicts,
-fastkd's own format) and saving backbones in fastkd's format. The one home of the weight-file format names.
+"""Backbone weights: loading teachers (official MoCo v3 / MAE / DeiT / CLIP files, timm state dicts, fastkd's
+format) and saving backbones in fastkd's format. Formats (``format="auto"`` detects them in this order):
 
-Formats (``format="auto"`` detects them in this order):
-
-- ``fastkd`` (:data:`FASTKD_FORMAT`, written by :func:`save_backbone`): ``{"format": "fastkd", "version",
-  "arch", "timm_kwargs", "state_dict"}`` with timm parameter names;
+- ``fastkd`` (:func:`save_backbone`): ``{"format": "fastkd", "version", "arch", "timm_kwargs", "state_dict"}``;
 - ``mocov3``: ``{"state_dict": {"module.base_encoder.<timm name>", "module.momentum_encoder.<timm name>",
-  "module.predictor.*"}}``; ``encoder`` picks ``base`` (default) or ``momentum``; projector and predictor
-  are ignored. MoCo v3's ViT-S has 12 heads where timm's has 6: build it with ``num_heads=12`` (another
-  head count is refused, see :data:`OFFICIAL_HEADS`);
-- ``clip``: an OpenAI CLIP / open_clip ViT image tower (``visual.conv1.weight``, ``visual.class_embedding``,
-  ``visual.transformer.resblocks.<i>.*``, ``visual.ln_post.*``, ``visual.proj``, ...), flat, under
-  ``"state_dict"`` (keys possibly prefixed ``module.``) or saved alone without ``visual.``; the text tower
-  is ignored. timm's converter renames the tower; the projection is dropped like a classifier (teachers
-  give the tokens after ``ln_post``). Build the matching timm CLIP arch (``*_clip_*``, with
-  ``*_quickgelu_*`` or ``act_layer="quick_gelu"`` for OpenAI's weights). OpenAI's original ``.pt`` files
-  are TorchScript archives, which are not read: ``torch.save`` their ``state_dict()`` and load that;
-- ``mae``: ``{"model": {<timm name>, "decoder_*", "mask_token"}}``; decoder keys are ignored. MAE's
-  encoder-only releases have no decoder keys: they detect as ``deit`` and ``format="mae"`` reads them too;
-- ``deit``: DeiT / timm training checkpoints ``{"model": {<timm name>}, "optimizer", "epoch", ...}``; the
-  classifiers ``head.*`` / ``head_dist.*`` are ignored. A distilled DeiT's ``dist_token`` loads into the
-  plain ViT built with ``reg_tokens=1`` as its register token (the same token layout);
-- ``timm``: a flat ``{<timm name>: tensor}`` state dict; the classifier is ignored (``dist_token`` as for
-  ``deit``).
+  "module.predictor.*"}}``; ``encoder`` picks ``base`` or ``momentum``. Its ViT-S has 12 heads (timm's: 6):
+  build it with ``num_heads=12`` (:data:`OFFICIAL_HEADS`);
+- ``clip``: an OpenAI CLIP / open_clip image tower (``visual.conv1.weight``, ``visual.class_embedding``,
+  ``visual.transformer.resblocks.<i>.*``, ``visual.ln_post.*``, ``visual.proj``, ...), flat or under
+  ``"state_dict"`` (maybe ``module.``-prefixed), or alone without ``visual.``; timm's converter renames it and the
+  projection is dropped. Build a timm ``*_clip_*`` arch (``*_quickgelu_*`` for OpenAI's weights). OpenAI's
+  TorchScript ``.pt`` files are refused: ``torch.save`` their ``state_dict()``;
+- ``mae``: ``{"model": {<timm name>, "decoder_*", "mask_token"}}``; encoder-only releases detect as ``deit``;
+- ``deit``: ``{"model": {<timm name>}, "optimizer", "epoch", ...}``; a distilled DeiT's ``dist_token`` loads as the
+  register token of a ViT built with ``reg_tokens=1``;
+- ``timm``: a flat ``{<timm name>: tensor}`` state dict.
 
-Files are read with ``torch.load(weights_only=True)``. A positional embedding of another grid is
-resampled (bicubic, prefix tokens kept). Every backbone key must match: otherwise
-:class:`CheckpointError` lists the missing / unexpected / mismatched keys and the format.
+Classifiers and projectors are ignored; a ``pos_embed`` of another grid is resampled (bicubic); any other key
+mismatch raises :class:`CheckpointError` listing the keys.
 """
 
 from __future__ import annotations
@@ -60,9 +50,8 @@ _CLIP_TOWER_KEYS = ("class_embedding", "positional_embedding", "conv1.weight")  
 _DIST_TOKEN = "dist_token"  # a distilled DeiT's distillation token
 _DISTILLED_CLASSIFIER = "head_dist"  # and its classifier
 _SHOWN_KEYS = 20
-# format -> {ViT width: head count} of the official releases. The tensor shapes cannot tell the head
-# count, and a wrong one gives silently wrong features: MoCo v3's ViT-S (width 384) has 12 heads,
-# timm's vit_small has 6 (vits.py of MoCo v3; MAE's models_mae.py; CLIP's ViT-B/L towers).
+# {ViT width: head count} of the official releases (MoCo v3's vits.py, MAE's models_mae.py, CLIP's ViT-B/L); shapes
+# cannot tell the head count, and a wrong one gives silently wrong features
 OFFICIAL_HEADS = {"mocov3": {384: 12, 768: 12}, "mae": {768: 12, 1024: 16, 1280: 16}, "clip": {768: 12, 1024: 16}}
 
 
@@ -92,8 +81,7 @@ def _read(path: str | os.PathLike) -> dict:
 
 
 def _is_torchscript(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a TorchScript zip archive (it holds ``constants.pkl`` and ``code/``, unlike
-    the zip files of ``torch.save``)."""
+    """Whether ``path`` is a TorchScript zip (with ``constants.pkl`` and ``code/``, unlike ``torch.save``'s)."""
     if not zipfile.is_zipfile(path):
         return False
     try:
@@ -113,9 +101,7 @@ def _strip_module(state: dict) -> dict:
 
 
 def _clip_tower(obj: dict) -> tuple[dict, str] | None:
-    """``(state, prefix)``: the CLIP state dict in ``obj`` (flat or under ``"state_dict"``, without
-    ``module.``) and its image tower's key prefix (``visual.``, or ``""`` for a tower saved alone);
-    ``None`` when ``obj`` holds no CLIP image tower."""
+    """``(state without module., tower prefix "visual." or "")`` of a CLIP image tower in ``obj``, else None."""
     state = obj.get("state_dict") if _is_state_dict(obj.get("state_dict")) else obj
     if not _is_state_dict(state):
         return None
@@ -145,8 +131,7 @@ def detect_format(obj: dict) -> str:
 
 
 def _backbone_state(obj: dict, fmt: str, encoder: str, model: torch.nn.Module) -> dict:
-    """The backbone's tensors under timm names (classifier / projector keys still included) of a
-    checkpoint of format ``fmt`` (layouts in the module doc) for ``model``."""
+    """The backbone's tensors under timm names (classifier / projector keys still in)."""
     if fmt == "clip":  # detected as clip (a requested format must match the detected one)
         state, prefix = _clip_tower(obj)
         return _convert_openai_clip(state, model, prefix=prefix)
@@ -163,9 +148,9 @@ def _backbone_state(obj: dict, fmt: str, encoder: str, model: torch.nn.Module) -
             raise CheckpointError(f"mocov3 checkpoint has no 'module.{prefix}*' keys")
     return dict(source)
 
+
 def _drop_classifier(state: dict, model: torch.nn.Module) -> dict:
-    """Drop the classifiers / MoCo projector (``head.*`` or ``fc.*``, a distilled DeiT's
-    ``head_dist.*``, a CLIP projection converted to ``head.*``) that the backbone does not have."""
+    """Drop the classifiers / projectors (``head.*``, ``fc.*``, ``head_dist.*``) the backbone does not have."""
     classifier = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
     names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     model_keys = model.state_dict().keys()
@@ -176,8 +161,7 @@ def _drop_classifier(state: dict, model: torch.nn.Module) -> dict:
 
 
 def _distillation_token(state: dict, model: torch.nn.Module) -> dict:
-    """A distilled DeiT's ``dist_token`` as the register token of a ViT built with ``reg_tokens=1``
-    (the same token layout); kept for a model with a ``dist_token``, else a ``CheckpointError``."""
+    """A distilled DeiT's ``dist_token`` as the ``reg_tokens=1`` register token (kept where the model has one)."""
     if _DIST_TOKEN not in state:
         return state
     model_keys = model.state_dict().keys()
@@ -256,11 +240,8 @@ def _is_timm_vit(arch: str) -> bool:
 def load_teacher(arch: str, path: str | os.PathLike, format: str = "auto", encoder: str = "base", *,
                  attention: str | None = None, checkpointing: bool = False, frozen: bool = True,
                  **timm_kwargs) -> Backbone:
-    """Build ``build_backbone(arch, **timm_kwargs)`` and load the checkpoint at ``path`` into it.
-
-    Returns the backbone frozen (``requires_grad=False``, eval mode) unless ``frozen=False``.
-    Raises :class:`CheckpointError` for unreadable files and for any key that does not match.
-    """
+    """``build_backbone(arch, **timm_kwargs)`` with the checkpoint at ``path`` loaded, frozen (eval, no grad) unless
+    ``frozen=False``; :class:`CheckpointError` for unreadable files and any mismatched key."""
     check_choice("format", format, FORMATS)
     check_choice("encoder", encoder, ENCODERS)
     check_bool("frozen", frozen)
@@ -306,8 +287,7 @@ def _unsaveable(value: object, name: str) -> str | None:
 
 
 def save_backbone(backbone: Backbone, path: str | os.PathLike) -> Path:
-    """Write ``backbone`` in the ``fastkd`` format durably (:func:`fastkd.durable.atomic_torch_save`:
-    temporary file + fsync + rename); returns the path."""
+    """Write ``backbone`` in the ``fastkd`` format with :func:`fastkd.durable.atomic_torch_save`; returns the path."""
     if not isinstance(backbone, Backbone):
         raise TypeError(f"backbone must be a fastkd Backbone, got {type(backbone).__name__}")
     _check_path(path)
