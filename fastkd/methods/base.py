@@ -1,8 +1,6 @@
-"""What every method shares: config checking, frozen teachers, the loss dict, optimiser groups.
-
-A method is a :class:`Method`: the trainer's protocol (:mod:`fastkd.method_protocol`: ``forward``,
-``after_step``, ``before_optimizer_step``, ``param_groups``, ``student``, ``ema_teacher_backbone``,
-``frozen_teacher_dtype``) plus a registered ``name``, a ``role``, a ``recipe`` and a config class.
+"""What every method shares: config checking, frozen teachers, feature alignment, the loss dict.
+A method is a :class:`Method`: the trainer's protocol (:mod:`fastkd.method_protocol`) plus a
+registered ``name``, a ``role``, a ``recipe`` and a config class.
 """
 
 from __future__ import annotations
@@ -161,10 +159,9 @@ class Method(TrainingMethod):
 
     @property
     def ema_teacher_backbone(self) -> nn.Module | None:
-        """The EMA teacher's copy of :attr:`student` (MoCo v3's momentum encoder backbone, MOKD's
-        teacher of the evaluated model), or None when no :class:`fastkd.models.EMATeacher` of the
-        method follows the student. Found generically: the submodule of the EMA teacher's module
-        at the student's path inside the EMA teacher's student."""
+        """The EMA teacher's copy of :attr:`student` (MoCo v3's momentum backbone, MOKD's teacher of the
+        evaluated model): the submodule at the student's path in an :class:`fastkd.models.EMATeacher`
+        that follows it; None without one."""
         student = self.student
         for module in self.modules():
             if isinstance(module, EMATeacher):
@@ -174,20 +171,15 @@ class Method(TrainingMethod):
         return None
 
     def frozen_teacher_features(self, teacher: nn.Module, images: torch.Tensor, **kwargs) -> Features:
-        """``teacher.forward_features(images, **kwargs)`` of a frozen teacher, without autograd, in
-        :attr:`frozen_teacher_dtype` (autocast to it; fp32: autocast off) when set. Outside autocast
-        the outputs come back in ``images``' dtype, so a bf16 teacher feeds an fp32 student's losses.
-
-        ``no_grad``, not ``inference_mode``: the outputs are loss targets that the student's backward
-        saves, which inference tensors cannot be. Nothing of the teacher's pass outlives its outputs."""
+        """``teacher.forward_features(images, **kwargs)`` of a frozen teacher under ``no_grad`` (not
+        ``inference_mode``: the outputs are targets the student's backward saves), autocast to
+        :attr:`frozen_teacher_dtype` when set (fp32: autocast off); outside autocast the outputs come
+        back in ``images``' dtype, so a bf16 teacher feeds an fp32 student's losses."""
         dtype = self.frozen_teacher_dtype
         device_type = images.device.type
-        if dtype is None:
-            context = contextlib.nullcontext()
-        elif dtype == torch.float32:
-            context = torch.autocast(device_type, enabled=False)
-        else:
-            context = torch.autocast(device_type, dtype=dtype)
+        context = (contextlib.nullcontext() if dtype is None
+                   else torch.autocast(device_type, enabled=False) if dtype == torch.float32
+                   else torch.autocast(device_type, dtype=dtype))
         with torch.no_grad(), context:
             features = teacher.forward_features(images, **kwargs)
         if dtype is None or torch.is_autocast_enabled(device_type):
