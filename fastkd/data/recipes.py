@@ -1,21 +1,17 @@
-"""Declarative view recipes: what each augmented view of an image is, independent of the backend.
+"""Declarative view recipes: a :class:`Recipe` is a tuple of :class:`ViewSpec`, compiled by both the DALI and the
+PyTorch/PIL pipeline. A view is, in order (torchvision / MoCo v3 semantics):
 
-A :class:`Recipe` is a tuple of :class:`ViewSpec`, compiled by both the DALI and the PyTorch/PIL
-pipeline. A view is, in order (torchvision / MoCo v3 semantics):
-
-- geometry: ``RandomResizedCrop(size, scale, ratio)`` (area fraction ``scale``, aspect ratio
-  log-uniform in ``ratio``) or, when ``scale is None``, ``Resize(resize)`` of the shorter side
-  followed by ``CenterCrop(size)``;
-- with probability ``jitter.p``: brightness/contrast/saturation factors uniform in
-  ``[1 - x, 1 + x]`` and a hue shift uniform in ``[-hue, hue]`` turns (``ColorJitter``);
+- ``RandomResizedCrop(size, scale, ratio)`` (area fraction ``scale``, aspect ratio log-uniform in ``ratio``) or,
+  when ``scale is None``, ``Resize(resize)`` of the shorter side and ``CenterCrop(size)``;
+- with probability ``jitter.p``: brightness/contrast/saturation factors uniform in ``[1 - x, 1 + x]`` and a hue
+  shift uniform in ``[-hue, hue]`` turns (``ColorJitter``);
 - with probability ``grayscale_p``: grey = 0.299 R + 0.587 G + 0.114 B on all three channels;
 - with probability ``blur_p``: Gaussian blur with sigma uniform in ``blur_sigma``;
 - with probability ``solarize_p``: ``x -> 255 - x`` where ``x >= 128``;
 - with probability ``flip_p``: horizontal flip;
 - ``(x / 255 - mean) / std`` with the ImageNet mean/std, as float32 ``[3, size, size]``.
 
-``@register_recipe("name")`` on a function adds a recipe; its keyword arguments are the recipe's
-overridable parameters (``build_loader(..., **recipe_overrides)``).
+``@register_recipe("name")`` adds a recipe factory; its keyword arguments are the overridable parameters.
 """
 
 from __future__ import annotations
@@ -59,7 +55,7 @@ class ColorJitter:
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """One augmented view; see the module docstring for the exact sequence of operations."""
+    """One augmented view (module docstring)."""
 
     size: int
     scale: tuple[float, float] | None = (0.08, 1.0)
@@ -152,17 +148,16 @@ def _asymmetric_pair(size: int, scale, blur: bool, interpolation: str) -> tuple[
 
 @register_recipe("mocov3")
 def mocov3(size: int = 224, scale=(0.08, 1.0), blur: bool = True, interpolation: str = "bilinear") -> Recipe:
-    """MoCo v3 / BYOL: two asymmetric views. ``blur=False`` drops the Gaussian blur, as CIFAR-size
-    recipes do (sigma 0.1-2 px wipes out a 32 px view). ``interpolation`` of the random resized
-    crop: bilinear, as MoCo v3's ``main_moco.py`` (torchvision's default)."""
+    """MoCo v3 / BYOL: two asymmetric views; ``blur=False`` for CIFAR-size views (as those recipes do); bilinear
+    as MoCo v3's ``main_moco.py``."""
     return Recipe("mocov3", _asymmetric_pair(size, scale, blur, interpolation))
 
 
 @register_recipe("dino_multicrop")
 def dino_multicrop(global_size: int = 224, global_scale=(0.25, 1.0), local_crops: int = 8, local_size: int = 96,
                    local_scale=(0.05, 0.25), blur: bool = True, interpolation: str = "bicubic") -> Recipe:
-    """DINO multi-crop: two global views (as MoCo v3's) then ``local_crops`` local views (blur p 0.5,
-    no solarize); ``blur``: see ``mocov3``. ``interpolation``: bicubic, as DINO's and MOKD's code."""
+    """DINO multi-crop: MoCo v3's two global views, then ``local_crops`` local views (blur p 0.5, no solarize);
+    bicubic as DINO's and MOKD's code."""
     check_number("local_crops", local_crops, low=0, integer=True)
     local = _mocov3_view(local_size, local_scale, 0.5, 0.0, blur, interpolation)
     global_views = _asymmetric_pair(global_size, global_scale, blur, interpolation)
@@ -184,7 +179,6 @@ def eval_recipe(size: int = 224, resize: int = 256) -> Recipe:
 
 @register_recipe("linear")
 def linear(size: int = 224, scale=(0.08, 1.0), interpolation: str = "bicubic") -> Recipe:
-    """Linear-probe training (DINO ``eval_linear.py``, MoCo v3 ``main_lincls.py``): one
-    ``RandomResizedCrop(size, scale)`` and a horizontal flip, nothing else; both scripts crop bilinear
-    (torchvision's default), which :mod:`fastkd.eval.linear_protocols` passes."""
+    """Linear-probe training (DINO ``eval_linear.py``, MoCo v3 ``main_lincls.py``): a random resized crop and a
+    flip; both scripts crop bilinear, which :mod:`fastkd.eval.linear_protocols` passes."""
     return Recipe("linear", (ViewSpec(size=size, scale=tuple(scale), interpolation=interpolation, flip_p=0.5),))

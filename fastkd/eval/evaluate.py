@@ -1,12 +1,7 @@
-"""Frozen-feature extraction and the k-NN and linear-probe evaluation of a model on two ImageFolder
-splits (train = the memory bank / probe training set, val = the images scored).
-
-``extract_features(model, loader)`` runs ``model(batch.views[0])`` (a backbone's global feature
-``[B, D]``) over every batch, no grad, in eval mode, and returns the features in dataset-index
-order; the evaluations read the splits through ``fastkd.data.build_loader(..., "eval")`` (resize
-``resize``, centre crop ``image_size``) and can cache them in ``cache_dir`` under
-``<cache_key>-<split>.pt`` so a linear probe after a k-NN run re-uses them. Val classes are matched
-to train classes by name (see :func:`aligned_splits`)."""
+"""Frozen-feature extraction and the k-NN and linear-probe evaluation of a model on two ImageFolder splits (train:
+memory bank / probe training set, val: scored). Features are ``model(batch.views[0])`` ``[B, D]`` of the ``eval``
+recipe, in dataset-index order, optionally cached as ``<cache_dir>/<cache_key>-<split>.pt`` (a linear probe after
+a k-NN run re-uses them). Val classes are matched to train classes by name (:func:`aligned_splits`)."""
 
 from __future__ import annotations
 
@@ -29,8 +24,7 @@ from fastkd.progress import progress_disable
 
 @dataclass
 class FeatureSet:
-    """``features`` ``[N, D]`` float32 on CPU, ``labels`` ``[N]`` int64, ``indices`` ``[N]``
-    (dataset indices, ascending)."""
+    """``features [N, D]`` float32 on CPU, ``labels [N]`` int64, ``indices [N]`` (dataset indices, ascending)."""
 
     features: torch.Tensor
     labels: torch.Tensor
@@ -50,8 +44,7 @@ def model_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def extract_features(model: nn.Module, loader, *, device: str | torch.device | None = None,
                      autocast_dtype: torch.dtype | None = None, progress: bool = True,
                      desc: str = "features") -> FeatureSet:
-    """Features of every image the loader yields (one pass, ``model.eval()``; the mode is restored).
-    ``progress``, ``desc``: the progress bar (see :func:`fastkd.progress.progress_disable`)."""
+    """Features of every image the loader yields (one pass in eval mode; the mode is restored)."""
     check_instance("model", model, nn.Module, "an nn.Module")
     device = torch.device(device if device is not None else next(model.parameters(), torch.empty(0)).device)
     was_training = model.training
@@ -75,8 +68,7 @@ def extract_features(model: nn.Module, loader, *, device: str | torch.device | N
 
 
 def cached_features(cache: str | os.PathLike | None, compute) -> FeatureSet:
-    """``compute()`` (a callable returning a :class:`FeatureSet`), stored at ``cache``; a later
-    call with the same path loads the file instead. ``cache=None`` always computes."""
+    """``compute()``, stored at ``cache`` (None: not stored); a later call with the same path loads the file."""
     if cache is None:
         return compute()
     cache = Path(cache)
@@ -95,9 +87,8 @@ _NUMERIC_OPTIONS = {"k": (1, True, False), "temperature": (0.0, False, False), "
 
 
 def check_eval_options(options: dict, *, cli: bool = False) -> None:
-    """ValueError naming the first numeric evaluation option of ``options`` (the keys of
-    ``_NUMERIC_OPTIONS``; other keys are ignored) that is not a finite number in its range; ``cli``
-    names them as command-line options (``--probe-batch-size``)."""
+    """ValueError naming the first option of ``_NUMERIC_OPTIONS`` out of its range (others ignored); ``cli`` names
+    them as command-line options (``--probe-batch-size``)."""
     for name, value in options.items():
         low, inclusive, optional = _NUMERIC_OPTIONS.get(name, (None, True, True))
         if low is None or value is None and optional:
@@ -114,8 +105,7 @@ def check_eval_options(options: dict, *, cli: bool = False) -> None:
 
 
 def check_run_options(*, device, num_workers, seed, progress) -> torch.device:
-    """The options of :func:`~fastkd.eval.finetune.finetune` and
-    :func:`~fastkd.eval.linear_protocols.evaluate_linear_protocol`, checked; returns the device."""
+    """Check the run options of the fine-tune and linear-protocol evaluations; returns the device."""
     check_eval_options(dict(num_workers=num_workers))
     check_number("seed", seed, low=0, integer=True)
     check_bool("progress", progress)
@@ -137,8 +127,7 @@ def split_features(model: nn.Module, source, *, image_size: int = 224, resize: i
                    batch_size: int = 64, backend: str = "auto", num_workers: int = 2,
                    device: str | torch.device = "cpu", cache: str | os.PathLike | None = None,
                    desc: str = "features") -> FeatureSet:
-    """Features of every image of the ImageFolder / file list ``source`` (cached at ``cache``;
-    ``desc`` labels the progress bar)."""
+    """Features of every image of the ImageFolder / file list ``source`` (cached at ``cache``)."""
     from fastkd.data import build_loader
 
     check_positive_ints(image_size=image_size)
@@ -156,10 +145,8 @@ def split_features(model: nn.Module, source, *, image_size: int = 224, resize: i
 
 
 def aligned_splits(train_source, val_source):
-    """``(train, val, class_counts)``: both splits as ``ImageList`` with the val labels mapped **by
-    class name** onto the train split's (each tree's folder index would differ as soon as the two
-    trees hold different class sets). Raises ValueError naming every val class (with images) that
-    the train split lacks. ``class_counts``: ``{"train" | "val": {class name: images}}``."""
+    """``(train, val, {"train" | "val": {class: images}})``, val labels mapped onto train's by class name; raises
+    ValueError naming every val class (with images) the train split lacks."""
     from fastkd.data import ImageList, load_images
 
     train, val = load_images(train_source), load_images(val_source)

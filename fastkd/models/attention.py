@@ -6,18 +6,12 @@
 - ``"sdpa"``: ``F.scaled_dot_product_attention`` (flash / memory-efficient / fused CPU kernels);
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention``, CUDA only (``RuntimeError`` elsewhere);
 - ``"math"``: the formula above, materialising the ``N x M`` map;
-- ``"auto"`` (default): on CPU and CUDA the fastest of these, measured on the running machine and
-  cached (:mod:`fastkd.measured_choice`) per device, compute dtype (the autocast dtype under autocast),
-  grad mode and token class (the key count rounded up to a power of two within ``AUTO_TOKENS``); the
-  measurement runs each backend forward (and backward with gradients) at ``d = 64``. Inside a
-  ``torch.compile`` trace the class is ``COMPILED_TOKENS`` (the kept-token count may be symbolic) and
-  the choice a trace-time constant (``assume_constant_result``: no graph break, no guard). On other
-  devices (e.g. ``meta``) it is ``sdpa``.
+- ``"auto"`` (default; ``$FASTKD_ATTENTION`` overrides): on CPU and CUDA the fastest of these at ``d = 64``,
+  measured and cached (:mod:`fastkd.measured_choice`) per device, compute dtype, grad mode and token class (key
+  count rounded up to a power of two within ``AUTO_TOKENS``; ``COMPILED_TOKENS`` inside a ``torch.compile`` trace,
+  where the choice is a trace-time constant). Elsewhere (e.g. ``meta``) ``sdpa``.
 
-``$FASTKD_ATTENTION`` sets the backend used when none is given.
-
-:func:`vit_block_forward` runs a timm ViT ``Block`` through :func:`attention`, equal to timm's
-``Block.forward`` (pre-norm, layer scale, drop path, optional qk-norm, scale-norm and output gate)::
+:func:`vit_block_forward` equals timm's ``Block.forward`` with attention through :func:`attention`::
 
     q, k, v = split(qkv(norm1(x)));  q, k = q_norm(q), k_norm(k)          # each [B, H, N, d]
     x = x + drop_path1(ls1(proj(gate * norm(merge_heads(attention(q, k, v, scale=attn.scale))))))
@@ -65,8 +59,7 @@ _XFORMERS: list = []  # [xformers.ops or the reason it cannot be used], filled o
 
 
 def _xformers_ops():
-    """The ``xformers.ops`` module, or the reason it cannot be used (a str). Cached in a plain
-    module list (not ``functools.lru_cache``, which ``torch.compile`` traces through)."""
+    """``xformers.ops``, or why it cannot be used (a str); cached in a list (``lru_cache`` is traced through)."""
     if not _XFORMERS:
         if importlib.util.find_spec("xformers") is None:
             _XFORMERS.append("xformers is not installed")
@@ -88,8 +81,7 @@ def _xformers_unavailable_reason(device: torch.device) -> str | None:
 
 
 def compute_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype matmuls on ``device`` run in: the autocast dtype where autocast is on for the
-    device, else ``dtype`` (float32 when None)."""
+    """The autocast dtype where autocast is on for ``device``, else ``dtype`` (float32 when None)."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return torch.float32 if dtype is None else dtype
@@ -103,8 +95,7 @@ def token_class(tokens: int) -> int:
 
 @torch._dynamo.assume_constant_result
 def measured_backend(device: str, dtype: torch.dtype, grad: bool, tokens: int) -> str:
-    """``auto``'s backend for ``dtype`` tensors on ``device`` at ``tokens`` (a :func:`token_class`)
-    keys, with or without gradients: measured once per machine (see the module doc)."""
+    """``auto``'s backend at ``tokens`` (a :func:`token_class`) keys, measured once per machine."""
 
     def candidates():
         rows, elements = MEASURED_ROWS
@@ -130,10 +121,8 @@ def measured_backend(device: str, dtype: torch.dtype, grad: bool, tokens: int) -
 
 def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None,
                     tokens: int | None = None, grad: bool | None = None) -> str:
-    """The backend for tensors of ``dtype`` on ``device`` attending over ``tokens`` keys: an explicit
-    name as given (``xformers`` checked that it can run); ``auto`` measured (see the module doc;
-    ``grad`` defaults to :func:`torch.is_grad_enabled`) where ``tokens`` is given, else ``"auto"``
-    (:func:`attention` resolves it per call from the tensors)."""
+    """An explicit name as given (``xformers`` checked to run here); ``auto`` measured where ``tokens`` is given,
+    else left ``"auto"`` for :func:`attention` to resolve per call."""
     backend = check_backend(backend)
     if backend == "xformers" and (reason := _xformers_unavailable_reason(device)) is not None:
         raise RuntimeError(f"attention backend 'xformers' cannot run here: {reason}; use 'sdpa' or 'auto'")

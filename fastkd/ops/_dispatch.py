@@ -1,9 +1,6 @@
-"""The one place where a fastkd op decides what runs: its kernel or its reference.
-
-Every op has two implementations: the kernel ``torch.ops.fastkd.<op>`` of the native extension
-``fastkd._C`` (schema, C++ CPU kernel and autograd in ``csrc/``; its CUDA kernel is the op's Triton
-launcher, registered with :func:`register`, or for ``ema_`` fastkd._C's own) and the op's plain
-PyTorch ``*_reference``. The public op validates its arguments once and calls :meth:`Route.run`:
+"""Where a fastkd op decides what runs: the kernel ``torch.ops.fastkd.<op>`` of ``fastkd._C`` (C++ CPU kernel and
+autograd in ``csrc/``; CUDA: the Triton launcher of :func:`register`, or for ``ema_`` fastkd._C's own) or the
+op's PyTorch ``*_reference``. The public op validates its arguments once and calls :meth:`Route.run`:
 
 =======================  ==============================================================================
 inputs                   what runs
@@ -16,10 +13,9 @@ anything else            the reference
 ``reference_ops()``      the reference, for every input
 =======================  ==============================================================================
 
-A missing kernel (extension not built, ``ema_`` built without CUDA, a CPU vector ISA this CPU lacks)
-runs the reference with one ``RuntimeWarning`` per op and reason. The fallback runs with autocast off
-(keeping the op's dtype contract); inside ``reference_ops()`` the reference runs under whatever
-autocast is active. CUDA kernels run with autocast off and the inputs' device current.
+A missing kernel (extension not built, ``ema_`` without CUDA, a CPU ISA this CPU lacks) runs the reference with
+one ``RuntimeWarning`` per op and reason. Kernels and the fallback run with autocast off (CUDA kernels with the
+inputs' device current); inside ``reference_ops()`` the reference runs under the active autocast.
 """
 
 from __future__ import annotations
@@ -53,8 +49,7 @@ def reference_ops_enabled() -> bool:
 
 @contextlib.contextmanager
 def reference_ops(enabled: bool = True):
-    """Route fastkd's public ops to their plain PyTorch references while the block runs (the
-    end-to-end benchmark times whole methods assembled from plain PyTorch parts with it)."""
+    """Route fastkd's public ops to their PyTorch references while the block runs."""
     previous = reference_ops_enabled()
     _state.enabled = bool(enabled)
     try:
@@ -71,8 +66,7 @@ def _warn_once(op: str, reason: str) -> None:
 
 @torch.compiler.assume_constant_result
 def _missing_native(name: str, device_type: str) -> str | None:
-    """Why ``torch.ops.fastkd.<name>`` cannot run on ``device_type`` here, or None when it can (a
-    constant of the build and the machine: ``torch.compile`` bakes it in)."""
+    """Why ``torch.ops.fastkd.<name>`` cannot run on ``device_type`` here, or None (a constant to compile)."""
     return _missing_native_cached(name, device_type)
 
 
@@ -98,8 +92,7 @@ def native_op(name: str, device_type: str = "cpu") -> Callable | None:
 
 @contextlib.contextmanager
 def implementation_context(device: torch.device, *, set_device: bool = True) -> Iterator[None]:
-    """Autocast off (for CPU and the inputs' device type) and, on CUDA with ``set_device``, the inputs'
-    device current."""
+    """Autocast off (CPU and ``device``'s type) and, on CUDA with ``set_device``, ``device`` current."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.autocast("cpu", enabled=False))
         if device.type != "cpu" and torch.amp.is_autocast_available(device.type):
@@ -110,9 +103,8 @@ def implementation_context(device: torch.device, *, set_device: bool = True) -> 
 
 
 def register(name: str, fake: Callable, cuda: Callable | None = None) -> None:
-    """Register ``fake`` as the meta kernel of ``torch.ops.fastkd.<name>`` and ``cuda`` (the Triton
-    launcher) as its CUDA kernel, run in the :func:`implementation_context` of its first tensor
-    argument; nothing when fastkd._C is not built."""
+    """Register ``fake`` as the meta kernel of ``torch.ops.fastkd.<name>`` and ``cuda`` as its CUDA kernel (in the
+    :func:`implementation_context` of its first tensor); nothing when fastkd._C is not built."""
     if load() is None:
         return
     torch.library.register_fake(f"fastkd::{name}", fake)
@@ -127,22 +119,18 @@ def register(name: str, fake: Callable, cuda: Callable | None = None) -> None:
 
 @dataclass(frozen=True)
 class Route:
-    """How op ``op`` chooses between ``torch.ops.fastkd.<op>`` and its reference (the module
-    docstring's rule). ``gpu_limit``: called with the op's arguments, returns why its GPU kernel
-    cannot take them (a documented size limit) or None."""
+    """Op ``op``'s choice (module docstring); ``gpu_limit(*args)``: why the GPU kernel cannot take them, or None."""
 
     op: str
     gpu_limit: Callable[..., str | None] | None = None
 
     @property
     def native(self) -> Callable:
-        """``torch.ops.fastkd.<op>`` (a plain lookup, not a ``functools.cached_property``: on Python
-        3.11 that takes an ``RLock``, which ``torch.compile`` cannot trace)."""
+        """``torch.ops.fastkd.<op>`` (not a ``cached_property``: its ``RLock`` on Python 3.11 breaks compile)."""
         return getattr(torch.ops.fastkd, self.op).default
 
     def fallback_reason(self, device: torch.device, dtypes: tuple[torch.dtype, ...], args: tuple) -> str | None:
-        """Why these inputs run the reference (warns once when the kernel is missing), None when they
-        run the kernel; ``reference_ops()`` aside."""
+        """Why these inputs run the reference (warns once for a missing kernel), else None."""
         if device.type == "cuda":
             if torch.float64 in dtypes:
                 return "float64 on CUDA"
@@ -158,8 +146,7 @@ class Route:
 
     def run(self, reference: Callable, args: tuple, device: torch.device, dtypes: tuple[torch.dtype, ...],
             kernel: Callable | None = None) -> Any:
-        """``kernel(*args)`` (default ``torch.ops.fastkd.<op>``) or ``reference(*args)`` by the rule (the
-        fallback with autocast off)."""
+        """``kernel(*args)`` (default ``torch.ops.fastkd.<op>``) or ``reference(*args)`` by the rule."""
         if _state.enabled:
             return reference(*args)
         if (device.type == "cpu" and _missing_native(self.op, "cpu") is None) or \
@@ -180,8 +167,8 @@ def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def check_float_tensors(shape: str | None = None, dims: int | None = None, **named: Any) -> None:
-    """Each of ``named`` is a float16 / bfloat16 / float32 / float64 ``torch.Tensor`` (``TypeError``
-    otherwise) with ``dims`` dimensions (``ValueError`` naming ``shape`` otherwise), all on one device."""
+    """``TypeError`` unless each of ``named`` is a float tensor; ``ValueError`` unless of ``dims`` dimensions
+    (naming ``shape``) and all on one device."""
     for name, x in named.items():
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
