@@ -1,12 +1,7 @@
 """Triton kernels (``@triton.jit`` functions and their launch helpers), installed as ``fastkd.kernels``.
 
-One module per op of ``fastkd.ops`` (``token_relation``, ``gather_tokens``, ``feature_align``), each
-computing the op whose docstring states the math; its launch helpers are named
-``launch_<op>_fwd`` / ``launch_<op>_bwd``. Kernel files know nothing of torch modules or autograd:
-launch helpers take plain tensors, so the tests can run them on CPU tensors under
-``TRITON_INTERPRET=1`` (which must be set before import). Every launch keeps batch- and head-sized
-extents on grid axis 0 and computes pointer offsets that multiply a batch, head or sequence stride in
-int64. ``compile_configs`` holds the configurations each module registers for the ahead-of-time
-compile check; ``loop_bounds`` the ``loop_bound`` helper that every
-runtime bound of a kernel's ``range`` loop goes through.
+One module per op of ``fastkd.ops`` (whose docstring states the math), launchers ``launch_<op>_fwd`` / ``_bwd``
+on plain tensors (no autograd), so tests run them on CPU under ``TRITON_INTERPRET=1`` (set before import).
+Batch- and head-sized extents go on grid axis 0, stride offsets in int64. ``compile_configs``: the configurations
+for the ahead-of-time compile check; ``loop_bounds``: the helper every runtime ``range`` bound goes through.
 """

@@ -1,11 +1,5 @@
-"""Compile configurations of the Triton kernels, for the ahead-of-time compile check.
-
-Every kernel file registers the configurations it would launch with at ViT-S/B/L shapes by
-calling :func:`register_compile_config` at import time; :func:`all_compile_configs` imports every
-kernel module of ``fastkd.kernels`` and returns them all. The compile check compiles each one for
-sm_80 and sm_90 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and fails
-on any register spill.
-"""
+"""Launch configurations (at ViT-S/B/L shapes) each kernel module registers at import, for the ahead-of-time
+compile check, which compiles each for sm_80 and sm_90 and fails on any register spill."""
 
 from __future__ import annotations
 
@@ -15,12 +9,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class CompileConfig:
-    """One launch configuration of one kernel.
-
-    ``signature`` maps every non-constexpr argument name to its Triton type string
-    (``"*fp32"``, ``"*bf16"``, ``"i32"``, ``"fp32"`` ...); ``constexprs`` maps every
-    ``tl.constexpr`` argument name to its value.
-    """
+    """``signature``: non-constexpr argument -> Triton type (``"*fp32"``, ``"i32"``, ...); ``constexprs``: values."""
 
     name: str
     kernel: Any

@@ -1,12 +1,9 @@
 """Triton kernel of ``feature_align``: computes ``fastkd.ops.feature_align`` (see its docstring for the
 formula) as per-row loss and ``d loss / d student`` in one read of each row.
 
-For rows ``s[i]``, ``t[i]`` of the ``[M, D]`` student and teacher and row weight ``w_i`` (1 without
-weights) the kernel writes ``loss[i] = w_i * l_i`` (fp32) and ``grad[i, :] = w_i * d l_i / d s[i]``
-(student dtype). Each program loads one whole row of ``s`` and ``t`` (``BLOCK_D >= D``) into registers
-once and does every reduction in fp32; rows with ``w_i == 0`` are not read. Row offsets are int64 (the
-row index times the row stride can exceed ``2**31``); the grid is ``(M,)`` on axis 0. The backward of
-the op only scales ``grad`` by the incoming gradient.
+For rows ``s[i]``, ``t[i]`` of the ``[M, D]`` inputs and row weight ``w_i`` (1 without weights) it writes
+``loss[i] = w_i * l_i`` (fp32) and ``grad[i, :] = w_i * d l_i / d s[i]`` (student dtype). One program per row
+(grid ``(M,)``, int64 row offsets) holds the whole row (``BLOCK_D >= D``), reduces in fp32 and skips ``w_i == 0``.
 """
 
 from __future__ import annotations

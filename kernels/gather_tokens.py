@@ -2,20 +2,14 @@
 the positional-embedding add, ``out[b, k] = x[b, keep[b, k]] + pos[keep[b, k]]``) and its backward
 (``grad_x[b, n] = sum_{k: keep[b, k] = n} grad_out[b, k]``, ``grad_pos = sum_b grad_x[b]``). Sums in fp32.
 
-Forward: one program per kept row ``(b, k)`` and block of features. Backward: one program per
-(batch group, position ``n``, feature block) writes ``grad_x[b, n]`` for every batch of its group,
-zeros or the sum of the ``grad_out`` rows that picked ``n``, so ``grad_x`` is written exactly once (no
-zero fill, no atomics, deterministic, duplicate indices summed). Those rows come from a counting sort
-of ``keep`` done by the launcher: ``order[b] = argsort(keep[b])`` (stable) and ``starts[b, n] = #{k :
-keep[b, k] < n}``, so they are ``order[b, starts[b, n] : starts[b, n + 1]]``. With a positional
-embedding each group adds its rows into an fp32 partial gradient ``pos_partial[group, n]``, summed by
-the launcher; :func:`bwd_batch_groups` sizes the groups to the batch.
+Forward: one program per kept row ``(b, k)`` and feature block. Backward: one program per (batch group, position
+``n``, feature block) writes ``grad_x[b, n]`` once for every batch of its group (no zero fill, no atomics,
+deterministic), summing the ``grad_out`` rows ``order[b, starts[b, n] : starts[b, n + 1]]`` of the launcher's
+counting sort (``order[b] = argsort(keep[b])`` stable, ``starts[b, n] = #{k : keep[b, k] < n}``). With a positional
+embedding each group adds into an fp32 ``pos_partial[group, n]`` that the launcher sums.
 
-Grids: the (batch group, position) pairs and the kept rows on grid axis 0 (up to ``2**31 - 1``
-programs; axes 1 and 2 allow 65535, which the batch exceeds), the feature blocks on axis 1
-(:func:`fwd_grid`, :func:`bwd_grid`); offsets that multiply a batch or token stride are int64. The
-launchers take plain tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``) with a contiguous last
-dimension and already validated indices.
+Rows and (group, position) pairs go on grid axis 0 (axes 1, 2 allow only 65535), feature blocks on axis 1; batch
+and token offsets are int64. Launchers take contiguous-last-dim tensors and validated indices.
 """
 
 from __future__ import annotations
@@ -30,8 +24,7 @@ from .compile_configs import register_compile_config
 from .loop_bounds import loop_bound
 
 MAX_BLOCK_D = 1024
-# Batch groups of the backward with a positional embedding: at least this many (one batch each while
-# B <= MAX_BATCH_GROUPS), about sqrt(B) for larger batches (see bwd_batch_groups).
+# backward batch groups with a positional embedding: at least this many (see bwd_batch_groups)
 MAX_BATCH_GROUPS = 8
 MAX_GRID_X = 2**31 - 1  # programs on grid axis 0
 MAX_GRID_YZ = 65535  # programs on grid axes 1 and 2
@@ -96,11 +89,8 @@ def _num_warps(block_d: int) -> int:
 
 
 def bwd_batch_groups(B: int, with_pos: bool) -> tuple[int, int]:
-    """``(groups, batches_per_group)`` of the backward for batch ``B`` (no group empty). Without a
-    positional embedding every batch is a group. With one, ``max(min(B, MAX_BATCH_GROUPS),
-    ceil(sqrt(B)))`` groups: one batch per program up to ``MAX_BATCH_GROUPS`` batches, then about
-    ``sqrt(B)`` batches walked serially per program and ``sqrt(B)`` fp32 partial gradients
-    (B = 4096: 64 groups of 64 batches)."""
+    """``(groups, batches_per_group)``, no group empty: ``B`` groups without a positional embedding, else
+    ``max(min(B, MAX_BATCH_GROUPS), ceil(sqrt(B)))`` (B = 4096: 64 groups of 64 batches)."""
     if B <= 0:
         return 0, 1
     if not with_pos:
@@ -162,9 +152,8 @@ def launch_gather_tokens_bwd(grad_out: torch.Tensor, keep: torch.Tensor, grad_x:
 
 
 def _register_vit_configs() -> None:
-    """ViT-S/B/L widths (D = 384, 768, 1024); N (197 or 257 tokens) and B are runtime arguments. Dtypes
-    (x, pos, out): fp32, bf16 with a bf16 or an fp32 pos-embed (autocast promotes the sum to fp32), and
-    no pos-embed (the launchers then pass x / grad_x as the unused pos pointers)."""
+    """ViT-S/B/L widths (N, B are runtime); (x, pos, out) dtypes incl. an fp32 pos-embed under autocast and none
+    (x / grad_x then stand in for the unused pos pointers)."""
     dtype_cases = [("fp32", "fp32", "fp32"), ("fp32", None, "fp32"), ("bf16", "bf16", "bf16"),
                    ("bf16", "fp32", "fp32"), ("bf16", None, "bf16")]
     for model, D in (("vit_small", 384), ("vit_base", 768), ("vit_large", 1024)):

@@ -1,13 +1,6 @@
-"""``loop_bound(x)``: a runtime scalar (a kernel argument such as ``N``, a loaded value, program-id
-arithmetic) used as a bound of a ``for ... in range(...)`` loop inside a kernel, written so that every
-supported Triton (3.0 to 3.8) accepts it, compiled and under ``TRITON_INTERPRET=1``.
-
-Compiled, it is the identity (the loop lowers to ``scf.for`` with that bound, as ``range(x)`` would).
-Under the interpreter a scalar tensor holds a one-element array of shape ``(1,)``, and Python's
-``range`` takes its bounds through ``tensor.__index__``, which is ``int(array)`` in the interpreters of
-triton 3.0 to 3.6 (3.7 squeezes the array first). NumPy 2.5 made ``int()`` of an array with
-``ndim > 0`` a ``TypeError`` ("only 0-dimensional arrays can be converted to Python scalars"), so
-there ``range(N)`` fails; ``loop_bound(N)`` hands ``range`` the element as a Python int instead.
+"""``loop_bound(x)``: a runtime scalar as a kernel's ``range`` bound, accepted by Triton 3.0 to 3.8 compiled and
+under ``TRITON_INTERPRET=1``. Compiled it is the identity. The interpreters of 3.0 to 3.6 take ``range`` bounds
+through ``int()`` of a shape-``(1,)`` array, a ``TypeError`` since NumPy 2.5; here the element is a Python int.
 """
 
 from __future__ import annotations

@@ -34,12 +34,10 @@ class DINOLoss(nn.Module):
         l_iv = (-p_i * log_softmax(student_outputs[v] / student_temp, dim=-1)).sum(-1).mean()
         loss = mean over pairs (i, v), skipping v == i when skip_same_view
 
-    In training mode each call then moves the centre (when ``centering``):
-    ``c <- m * c + (1 - m) * mean_rows(cat(teacher_outputs))``, the row mean taken over all ranks.
-    ``set_progress(step, total_steps)`` sets ``tau_t``: linear from ``warmup_teacher_temp`` to
-    ``teacher_temp`` over the first ``warmup_fraction`` of training, then constant (DINO: 0.04 ->
-    0.07 over 30 of 100 epochs). ``centering=False`` gives a plain sharpened-target cross-entropy
-    (MOKD's cross-attention feature search)."""
+    In training mode (with ``centering``) each call then sets ``c <- m * c + (1 - m) * mean_rows(cat(teacher_outputs))``
+    over all ranks. ``set_progress`` moves ``tau_t`` linearly from ``warmup_teacher_temp`` to ``teacher_temp`` over
+    the first ``warmup_fraction`` of training (DINO: 0.04 -> 0.07 over 30 of 100 epochs). ``centering=False``: a
+    plain sharpened-target cross-entropy (MOKD's cross-attention feature search)."""
 
     def __init__(
         self,

@@ -13,8 +13,7 @@ from fastkd.ops.reduction import REDUCTIONS
 
 
 def _nonnegative(mask):
-    """``mask`` after checking that its weights are >= 0 (bool masks and non-tensors, which the op
-    rejects itself, pass through): a ValueError on CPU, a NaN mask elsewhere (no host sync)."""
+    """``mask``, float weights checked >= 0: a ValueError on CPU, a NaN mask elsewhere (no host sync)."""
     if not isinstance(mask, Tensor) or not mask.dtype.is_floating_point:
         return mask
     negative = (mask.detach() < 0).any()
@@ -32,10 +31,8 @@ class FeatureAlignLoss(nn.Module):
 
         "mean": (w * l).sum() / w.sum()  (0 when w.sum() == 0),  "sum": (w * l).sum(),  "none": w * l
 
-    so without a mask ``"mean"`` equals ``nn.SmoothL1Loss(beta=beta)`` / ``nn.MSELoss()`` on ``x``
-    and ``y``. The teacher never receives a gradient; the result is float32 (float64 for float64
-    inputs). A negative mask weight raises ValueError for a CPU mask and makes the loss NaN on
-    other devices (no host sync; the trainer's non-finite check reports it)."""
+    so without a mask ``"mean"`` equals ``nn.SmoothL1Loss(beta=beta)`` / ``nn.MSELoss()`` on ``x`` and ``y``. A
+    negative mask weight raises ValueError on CPU and makes the loss NaN elsewhere (the trainer reports it)."""
 
     def __init__(self, target_norm: str = "layernorm", student_norm: bool = False, loss: str = "smooth_l1",
                  beta: float = 2.0, reduction: str = "mean", eps: float = 1e-6):
@@ -52,8 +49,7 @@ class FeatureAlignLoss(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = _nonnegative(mask)
         if self.reduction == "mean":
-            # Fold the mean's 1 / sum(w) into the row weights: the op's backward then gets a
-            # gradient of exactly one per row (for a plain loss.backward()) and skips its scaling.
+            # 1 / sum(w) folded into the row weights: a plain backward then skips the op's scaling
             check_float_tensors(student=student)
             if mask is None:
                 rows = student.shape[:-1]

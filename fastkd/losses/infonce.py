@@ -11,9 +11,7 @@ from fastkd.checks import check_embedding_pair, check_number
 
 
 def gather_keys(k: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, int]:
-    """All ranks' ``k`` concatenated in rank order (no gradient) and this rank's index.
-
-    Without an initialised process group this is ``(k.detach(), 0)``."""
+    """All ranks' ``k`` in rank order (no gradient) and this rank's index; ``(k.detach(), 0)`` on one process."""
     if not (dist.is_available() and dist.is_initialized()):
         return k.detach(), 0
     world = dist.get_world_size(group)
@@ -45,14 +43,8 @@ def infonce(q: torch.Tensor, k: torch.Tensor, temperature: float,
 
 
 class InfoNCELoss(nn.Module):
-    """MoCo v3's symmetrised contrastive loss.
-
-    ``loss_fn(q1, q2, k1, k2)`` with ``q_v`` the online (predictor) outputs and ``k_v`` the
-    momentum-encoder outputs of view ``v``, all ``[B, C]``, returns
-    ``infonce(q1, k2, T) + infonce(q2, k1, T)`` (see :func:`infonce`): each query's positive is the
-    other view's key of the same image; negatives are every other key of the global batch
-    (keys all-gathered across ranks without gradient, labels ``arange(B) + rank * B``), and each
-    term is scaled by ``2T``. T = 0.2 for ViTs and 1.0 for ResNets in MoCo v3."""
+    """``loss_fn(q1, q2, k1, k2) = infonce(q1, k2, T) + infonce(q2, k1, T)``, ``q_v`` the online (predictor) and
+    ``k_v`` the momentum-encoder outputs of view ``v``, ``[B, C]``. MoCo v3: T = 0.2 for ViTs, 1.0 for ResNets."""
 
     def __init__(self, temperature: float = 0.2, group: dist.ProcessGroup | None = None):
         super().__init__()

@@ -15,9 +15,7 @@ class ResidualMomentumLoss(nn.Module):
 
         loss = (2 - 2 * F.cosine_similarity(online, momentum.detach(), dim=-1)).mean()
 
-    i.e. the squared distance of the l2-normalised embeddings. The momentum side receives no
-    gradient. Computed with the fused ``feature_align`` op (``loss="cosine"``, no target
-    normalisation), which yields ``1 - cos`` per row and its gradient in one pass."""
+    the squared distance of the l2-normalised embeddings, through the fused ``feature_align`` op (``1 - cos``)."""
 
     def __init__(self, eps: float = 1e-6):
         super().__init__()

@@ -1,8 +1,5 @@
-"""``TokenRelationLoss``: attention-map (token relation) distillation, Hybrid Distill's MIM term: the
-per-row KL ``kl [B, H_s, N]`` of :func:`fastkd.ops.token_relation` (its module docstring states the
-formula and the head mapping), reduced by ``reduction``: "mean" over batch, student heads and query
-rows, "sum", or "none". Gradients flow to ``q_s`` and ``k_s`` only; the scales are ``d ** -0.5`` of
-each model's head dim (a ViT's attention scale)."""
+"""``TokenRelationLoss``: attention-map distillation (Hybrid Distill's MIM term), the per-row KL of
+:func:`fastkd.ops.token_relation` (scales ``d ** -0.5`` of each head dim) reduced by ``reduction``."""
 
 from __future__ import annotations
 

@@ -20,9 +20,8 @@ def load() -> ModuleType | None:
 
 
 def build_info() -> dict:
-    """How the native extension was built: ``version``, ``torch``, ``cpu_isa`` (vector ISA of the
-    CPU kernels), ``cpu_isa_supported`` (by this CPU), ``openmp``, ``cuda`` and ``cuda_archs``;
-    ``{"built": False}`` when it is missing."""
+    """How ``fastkd._C`` was built (``version``, ``torch``, ``cpu_isa``, ``cpu_isa_supported`` by this CPU,
+    ``openmp``, ``cuda``, ``cuda_archs``); ``{"built": False}`` when it is missing."""
     module = load()
     if module is None:
         return {"built": False}

@@ -10,9 +10,8 @@ With ``return_gap=True``, measured before the update and accumulated in float64:
 
     EMAGap(diff_sq=sum ||s - t||^2, dot=sum <s, t>, teacher_sq=sum ||t||^2, student_sq=sum ||s||^2)
 
-Routing (``fastkd.ops._dispatch``): CPU -> the C++ kernel (``csrc/ema.cpp``); CUDA -> the CUDA kernel
-(``csrc/cuda/ema_cuda.cu``); else (and inside ``reference_ops()``) -> the per-tensor Python loop of
-``mul_`` / ``add_`` plus a separate gap pass.
+Kernels: ``csrc/ema.cpp`` (CPU), ``csrc/cuda/ema_cuda.cu`` (CUDA); the fallback is a per-tensor ``mul_`` / ``add_``
+loop plus a separate gap pass.
 """
 
 from __future__ import annotations
@@ -91,11 +90,8 @@ _ROUTE = Route("ema_")
 
 def ema_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], momentum: float, *,
          return_gap: bool = False) -> EMAGap | None:
-    """Update every ``teacher[i]`` in place: ``teacher[i].lerp_(student[i], 1 - momentum)``.
-
-    Teachers: contiguous floating tensors; students: the same shapes, any floating dtype; one device.
-    Nothing is modified when validation fails. Returns :class:`EMAGap` (measured before the update)
-    when ``return_gap``, else None."""
+    """``teacher[i].lerp_(student[i], 1 - momentum)`` for every ``i`` (module doc); nothing is modified when
+    validation fails. Returns :class:`EMAGap` (before the update) when ``return_gap``, else None."""
     _check_args(teacher, student, momentum)
     momentum = float(momentum)
     if len(teacher) == 0:  # no tensor to dispatch on
@@ -114,17 +110,15 @@ def ema_unless_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]
         w = (1 - momentum) * (1 - skip)      # fp32; skip is a 0-dim 0/1 tensor on the tensors' device
         t.lerp_(s, w)                        # skip = 1: w = 0 and t stays exactly as it was
 
-    so a step can drop its EMA update on a non-finite step without a host read. One
-    ``torch._foreach_lerp_`` per teacher dtype. With ``return_gap`` the gap of :func:`ema_` comes
-    back as a float64 ``[4]`` device tensor (``diff_sq, dot, teacher_sq, student_sq``)."""
+    so a non-finite step can drop its EMA update without a host read; one ``torch._foreach_lerp_`` per teacher
+    dtype. ``return_gap``: :func:`ema_`'s gap as a float64 ``[4]`` device tensor."""
     _check_args(teacher, student, momentum, skip)
     if not teacher:
         return torch.zeros(4, dtype=torch.float64, device=skip.device) if return_gap else None
     with torch.no_grad():
         gap = _gap_pass(teacher, student) if return_gap else None
         keep = 1.0 - skip.to(device=teacher[0].device, dtype=torch.float32).reshape(())
-        # 1 - momentum as fp32 computes it (exact for momentum in [0.5, 1]); a Python scalar, so no
-        # host-to-device copy
+        # 1 - momentum as fp32 computes it; a Python scalar, so no host-to-device copy
         weight = keep * (1.0 - float(torch.tensor(float(momentum), dtype=torch.float32)))
         by_dtype: dict = {}
         for t, s in zip(teacher, student):
@@ -139,8 +133,7 @@ def ema_unless_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]
 
 def ema_reference(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
                   momentum: float) -> tuple[list[torch.Tensor], EMAGap]:
-    """Oracle: the updated teachers (new tensors, computed in float64 and cast to each teacher's
-    dtype) and the gap, from plain per-tensor PyTorch."""
+    """Oracle: the updated teachers (new tensors, float64 math cast to each teacher's dtype) and the gap."""
     _check_args(teacher, student, momentum)
     with torch.no_grad():
         updated = [

@@ -13,11 +13,8 @@ weights, no gradient), ``eps``; the teacher never receives a gradient)::
 
 (``1 - cos`` equals ``1 - F.cosine_similarity(x, y)`` whenever both norms exceed ``eps``.)
 
-The kernel ``fastkd::feature_align`` computes the loss and ``d loss / d student`` in one pass over each
-row (fp32, fp64 for fp64 inputs); its backward scales that saved gradient by the incoming per-row
-gradient. Routing (``fastkd.ops._dispatch``): CUDA -> the Triton kernel of ``fastkd.kernels.feature_align``
-(D <= 4096); CPU -> the C++ kernel (``csrc/feature_align.cpp``); else -> :func:`feature_align_reference`.
-The op is once differentiable.
+The kernel ``fastkd::feature_align`` (Triton for D <= 4096, ``csrc/feature_align.cpp``) computes the loss and ``d
+loss / d student`` in one pass per row; its backward scales that saved gradient. Once differentiable.
 """
 
 from __future__ import annotations
@@ -75,8 +72,7 @@ def _arguments(student, teacher, mask, target_norm, student_norm, loss, beta, ep
 def feature_align_reference(student: Tensor, teacher: Tensor, mask: Tensor | None = None, *,
                             target_norm: str = "layernorm", student_norm: bool = False, loss: str = "smooth_l1",
                             beta: float = 2.0, eps: float = 1e-6) -> Tensor:
-    """The plain PyTorch formula of :func:`feature_align` (fp32, fp64 for fp64 inputs), materialising
-    every intermediate; the test oracle, the benchmark baseline and the op's fallback."""
+    """The materialised PyTorch formula of :func:`feature_align` (oracle, baseline and fallback)."""
     return _reference(*_arguments(student, teacher, mask, target_norm, student_norm, loss, beta, eps))
 
 
@@ -144,8 +140,6 @@ def _kernel(student, teacher, mask, target_norm, student_norm, loss, beta, eps) 
 def feature_align(student: Tensor, teacher: Tensor, mask: Tensor | None = None, *,
                   target_norm: str = "layernorm", student_norm: bool = False, loss: str = "smooth_l1",
                   beta: float = 2.0, eps: float = 1e-6) -> Tensor:
-    """Per-row loss ``[...]`` (float32; float64 for float64 inputs) of ``student`` against the
-    normalised ``teacher``, times ``mask``: see the module docstring for the formula and the routing.
-    Gradient flows to ``student`` only (in its dtype)."""
+    """Per-row loss ``[...]`` (module docstring); gradient flows to ``student`` only (in its dtype)."""
     args = _arguments(student, teacher, mask, target_norm, student_norm, loss, beta, eps)
     return _ROUTE.run(_reference, args, student.device, (student.dtype, teacher.dtype), _kernel)

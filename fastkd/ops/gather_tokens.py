@@ -9,14 +9,9 @@ The output dtype is ``torch.result_type(x, pos_embed)`` (as for ``x + pos_embed`
     grad_x         = zeros(B, N, D).scatter_add_(1, keep[..., None].expand(-1, -1, D), grad_out)
     grad_pos_embed = grad_x.sum(0)           # only when pos_embed requires grad, in its shape
 
-No ``[B, N, D]`` temporary is materialised: the forward reads only the kept rows of ``x`` and
-``pos_embed``; the backward writes ``grad_x`` once and accumulates the positional gradient (in fp32)
-from the ``B * K`` kept rows only.
-
-Kernels ``fastkd::gather_tokens`` (+ ``_backward``). Routing (``fastkd.ops._dispatch``): CUDA -> the
-Triton kernels of ``fastkd.kernels.gather_tokens``; CPU -> the C++ kernels (``csrc/gather_tokens.cpp``);
-else -> :func:`gather_tokens_reference`. Indices are range-checked by the CPU kernel always and on CUDA
-with ``FASTKD_DEBUG=1`` (the check synchronises the device).
+The kernels (``fastkd::gather_tokens`` + ``_backward``) read only the kept rows, write ``grad_x`` once and
+accumulate the positional gradient in fp32. Indices are range-checked on CPU always, on CUDA with
+``FASTKD_DEBUG=1`` (a device sync).
 """
 
 from __future__ import annotations
@@ -43,8 +38,6 @@ def _check_indices(keep: Tensor, N: int) -> None:
 
 
 def _checks_indices(device: torch.device) -> bool:
-    """Indices are range-checked on CPU always (by the C++ kernel), elsewhere (a device sync) only with
-    FASTKD_DEBUG=1."""
     return device.type == "cpu" or os.environ.get("FASTKD_DEBUG", "0") not in ("", "0")
 
 
@@ -147,20 +140,14 @@ def _validate(x: object, keep: object, pos_embed: object) -> None:
 
 
 def gather_tokens(x: Tensor, keep: Tensor, pos_embed: Tensor | None = None) -> Tensor:
-    """``torch.gather(x + pos_embed, 1, keep[..., None].expand(-1, -1, D))`` -> ``[B, K, D]``, fused.
-
-    ``x``: ``[B, N, D]`` floating point; ``keep``: ``[B, K]`` int64 token indices in ``[0, N)``
-    (K <= N; duplicates allowed, their gradients add up); ``pos_embed``: ``[N, D]``, ``[1, N, D]``
-    or ``None``. Differentiable w.r.t. ``x`` and ``pos_embed``. Routing: see the module docstring.
-    """
+    """``[B, K, D]`` (module docstring); ``keep`` in ``[0, N)``, duplicates allowed (their gradients add up)."""
     _validate(x, keep, pos_embed)
     dtypes = (x.dtype,) if pos_embed is None else (x.dtype, pos_embed.dtype)
     return _ROUTE.run(_reference, (x, keep, pos_embed), x.device, dtypes)
 
 
 def gather_tokens_reference(x: Tensor, keep: Tensor, pos_embed: Tensor | None = None) -> Tensor:
-    """The plain PyTorch formula (materialises ``x + pos_embed``): the test oracle, the benchmark
-    baseline and the op's fallback."""
+    """The plain PyTorch formula (materialises ``x + pos_embed``): oracle, baseline and fallback."""
     _validate(x, keep, pos_embed)
     return _reference(x, keep, pos_embed)
 

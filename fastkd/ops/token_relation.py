@@ -16,12 +16,9 @@ float64 inputs are computed in float64)::
 Result: ``kl [B, H_s, N]`` (fp32, float64 for float64 inputs). There is no ``temperature ** 2`` factor.
 Gradients flow to ``q_s`` and ``k_s`` only; the teacher inputs never receive gradients.
 
-Kernels ``fastkd::token_relation`` (+ ``_backward``). Routing (``fastkd.ops._dispatch``): CUDA -> the
-Triton kernels of ``fastkd.kernels.token_relation`` (online log-sum-exp over key blocks, extra memory
-O(B·H·N)); CPU -> the C++ kernels (``csrc/token_relation.cpp``: tiles of (heads x query rows) of at
-most ``CPU_TILE_ELEMENTS`` teacher logits, extra memory O(threads · tile)); else ->
-:func:`token_relation_reference`, which materialises the maps. Both backwards recompute each tile from
-the saved per-row statistics (``lse_s``, ``lse_t``, per-teacher-head lse, ``kl``).
+Kernels ``fastkd::token_relation`` (+ ``_backward``): Triton (online log-sum-exp, extra memory O(B·H·N)) and C++
+(``csrc/token_relation.cpp``: tiles of at most ``CPU_TILE_ELEMENTS`` teacher logits, extra memory O(threads ·
+tile)); both backwards recompute each tile from the saved per-row lse and ``kl``.
 """
 
 from __future__ import annotations
@@ -52,8 +49,7 @@ def _token_relation_triton(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student, til
 
 
 def _fake(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student, tile_elements=None):
-    """``(kl, lse_s, lse_t, lse_heads)``: ``[B, H_s, N]`` each, ``lse_t`` the lse of the (head-mapped)
-    teacher tile; ``lse_heads [B, H_t, N]`` per teacher head when ``H_t > H_s``, else ``[0]``."""
+    """``(kl, lse_s, lse_t [B, H_s, N], lse_heads [B, H_t, N] when H_t > H_s else [0])``."""
     B, H_s, N, _ = q_s.shape
     H_t = q_t.shape[1]
     dtype = accumulation_dtype(q_s, k_s, q_t, k_t)
@@ -92,8 +88,7 @@ def check_options(temperature, direction, head_map) -> None:
 
 
 def _arguments(q_s, k_s, q_t, k_t, scale_s, scale_t, temperature, direction, head_map) -> tuple:
-    """Validate; returns the kernel's arguments ``(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student, G)``
-    (teacher detached, ``G`` teacher heads per student head)."""
+    """Validate; the kernel's ``(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student, G)``, teacher detached."""
     check_float_tensors("[B, H, N, d]", 4, q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t)
     check_options(temperature, direction, head_map)
     for name, scale in (("scale_s", scale_s), ("scale_t", scale_t)):
@@ -126,8 +121,7 @@ def _arguments(q_s, k_s, q_t, k_t, scale_s, scale_t, temperature, direction, hea
 def token_relation(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, *, scale_s: float | None = None,
                    scale_t: float | None = None, temperature: float = 1.0,
                    direction: str = "teacher_to_student", head_map: str | None = None) -> Tensor:
-    """Per-row KL between teacher and student token relations, ``[B, H_s, N]`` (see the module
-    docstring for the math and the routing)."""
+    """Per-row KL between teacher and student token relations, ``[B, H_s, N]`` (module docstring)."""
     args = _arguments(q_s, k_s, q_t, k_t, scale_s, scale_t, temperature, direction, head_map)
     return _ROUTE.run(_reference, args, q_s.device, (q_s.dtype, q_t.dtype), _kernel)
 
@@ -140,8 +134,7 @@ def _kernel(q_s, k_s, q_t, k_t, c_s, c_t, teacher_to_student, G) -> Tensor:
 def token_relation_reference(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, *, scale_s: float | None = None,
                              scale_t: float | None = None, temperature: float = 1.0,
                              direction: str = "teacher_to_student", head_map: str | None = None) -> Tensor:
-    """Materialised oracle: full ``[B, H, N, N]`` maps, ``log_softmax`` and ``F.kl_div`` (the test
-    oracle, the benchmark baseline and the op's fallback)."""
+    """Materialised ``[B, H, N, N]`` maps, ``log_softmax`` and ``F.kl_div``: oracle, baseline and fallback."""
     return _reference(*_arguments(q_s, k_s, q_t, k_t, scale_s, scale_t, temperature, direction, head_map))
 
 
