@@ -1,6 +1,4 @@
-"""The command line every benchmark shares: ``--quick``, ``--device cpu|cuda``, where the results go
-(``--out DIR`` | ``--publish``, resolved by :func:`fastkd.reporting.results_dir`) and, for some,
-``--rounds``."""
+"""The command line every benchmark shares."""
 
 from __future__ import annotations
 
@@ -13,10 +11,8 @@ from fastkd.reporting import DEFAULT_RESULTS_DIR, PUBLISHED_RESULTS_DIR, RESULTS
 def bench_parser(description: str, quick_help: str, *, rounds_help: str | None = None,
                  device_help: str | None = None, runs_help: str | None = None,
                  devices: tuple[str, ...] = ("cpu", "cuda")) -> argparse.ArgumentParser:
-    """The shared parser: ``--quick``, ``--device`` (one of ``devices``, help text ``device_help``), ``--out`` /
-    ``--publish``, with ``rounds_help`` ``--rounds`` and with ``runs_help`` ``--runs`` (repeat the
-    whole measurement, keep each ratio's lowest run; default 1); extend it with the benchmark's own
-    options."""
+    """``--quick``, ``--device`` (one of ``devices``), ``--out`` / ``--publish``, and ``--rounds`` /
+    ``--runs`` (default 1) when given their help text."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--device", choices=devices, default="cpu", help=device_help)
@@ -35,8 +31,8 @@ def bench_parser(description: str, quick_help: str, *, rounds_help: str | None =
 
 def resolve_out(parser: argparse.ArgumentParser, args: argparse.Namespace, *,
                 in_checkout: str | None = None) -> Path:
-    """Set ``args.out`` to the results folder of ``--out`` / ``--publish`` (a usage error when
-    ``--publish`` is not run from a checkout) and return it."""
+    """Set ``args.out`` to :func:`results_dir` of ``--out`` / ``--publish`` (a usage error outside a
+    checkout) and return it."""
     try:
         args.out = results_dir(args.out, publish=args.publish, in_checkout=in_checkout)
     except ValueError as error:
@@ -46,8 +42,8 @@ def resolve_out(parser: argparse.ArgumentParser, args: argparse.Namespace, *,
 
 def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None, *,
                      min_batch: int = 1) -> argparse.Namespace:
-    """Parse ``argv`` with ``args.out`` resolved (:func:`resolve_out`); a usage error for ``--device
-    cuda`` without CUDA, ``--rounds`` / ``--runs`` < 1 or ``--batch`` < ``min_batch``."""
+    """Parse ``argv``, ``args.out`` resolved; a usage error for ``--device cuda`` without CUDA,
+    ``--rounds`` / ``--runs`` < 1 or ``--batch`` < ``min_batch``."""
     import torch
 
     args = parser.parse_args(argv)

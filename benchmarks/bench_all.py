@@ -1,14 +1,9 @@
-"""Every benchmark in one run: the fused ops (``bench_ops``), the data pipelines (``bench_data``),
-end-to-end training per method (``bench_e2e``), the ahead-of-time kernel compile check
-(``bench_compile``), the k-NN evaluation (``bench_knn``) and the ViT backbone paths
-(``bench_backbone``); ``bench_peers`` needs the official repositories and runs on its own.
+"""Every benchmark but ``bench_peers`` (it needs the official repositories) in one run: ``--parts``
+ops, data, e2e, compile, knn, backbone, each writing its own results. ``bench_all.json``: the machine
+and every part's records tagged with ``benchmark`` (a failed part: one ``{"benchmark", "error"}``);
+``bench_all.md``: how long each part took, the end-to-end targets, the parts' reports. ``--reuse``
+combines the parts' latest results, running nothing. Exit status 1 when a part fails.
 
-Each part writes its own results; this one writes ``bench_all.json`` (the machine and every part's
-records tagged with ``benchmark``; a failed part leaves one ``{"benchmark", "error"}`` record) and
-``bench_all.md`` (the end-to-end targets, then the parts' reports with how long each took).
-``--reuse`` runs nothing and combines the parts' latest results. Exit status 1 when a part fails.
-
-    python -m fastkd.benchmarks.bench_all [--quick] [--device cpu|cuda] [--parts ops e2e ...] [--reuse]
     fastkd bench all --quick                 # every part, small: <= 120 s on 2 CPU cores
 """
 
@@ -25,7 +20,6 @@ PARTS = ("ops", "data", "e2e", "compile", "knn", "backbone")
 
 
 def targets_table(records: list[dict]) -> str:
-    """Markdown: the end-to-end speed / memory targets and whether this run met them."""
     rows = [r for r in records if r.get("benchmark") == "e2e" and "target" in r]
     if not rows:
         return "No end-to-end targets were measured."

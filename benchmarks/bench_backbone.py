@@ -1,7 +1,6 @@
 """Backbone forward + backward: fastkd's ViT paths against timm's own ``forward_features``.
 
-Variants, all on the same weights and images, timed side by side in one run (alternating rounds,
-best round median kept, so load from other processes hits all variants alike):
+Variants, on the same weights and images, timed in alternating rounds (best round median):
 
 - ``timm``: ``model.forward_features`` of the timm model (what a user would otherwise run);
 - ``sdpa`` / ``math``: ``Backbone.forward_features`` with each attention backend (``math``
@@ -13,7 +12,7 @@ best round median kept, so load from other processes hits all variants alike):
 Loss: ``tokens.square().mean()``; peak memory = extra memory of one forward + backward.
 ``speedup`` = timm time / variant time; ``memory_ratio`` = variant peak / timm peak.
 
-    python -m fastkd.benchmarks.bench_backbone [--quick] [--device cpu|cuda] [--model NAME] [--batch B]
+    fastkd bench backbone [--quick] [--device cpu|cuda] [--model NAME] [--batch B]
 """
 
 from __future__ import annotations
@@ -29,10 +28,8 @@ from fastkd.ops import random_keep
 def _variants(name: str, batch: int, device: str, img_size: int) -> dict:
     torch.manual_seed(0)
     sdpa = build_backbone(name, attention="sdpa", img_size=img_size).to(device)
-    others = {
-        "math": build_backbone(name, attention="math", img_size=img_size),
-        "sdpa+ckpt": build_backbone(name, attention="sdpa", checkpointing=True, img_size=img_size),
-    }
+    others = {label: build_backbone(name, attention=attention, checkpointing=ckpt, img_size=img_size)
+              for label, attention, ckpt in (("math", "math", False), ("sdpa+ckpt", "sdpa", True))}
     for backbone in others.values():
         backbone.load_state_dict(sdpa.state_dict())
         backbone.to(device)
@@ -42,9 +39,7 @@ def _variants(name: str, batch: int, device: str, img_size: int) -> dict:
     keep_10 = random_keep(batch, n, max(1, n // 10), device=device)[0]
 
     def step(forward):
-        def run():
-            forward().square().mean().backward()
-        return run
+        return lambda: forward().square().mean().backward()
 
     return {
         "timm": step(lambda: sdpa.model.forward_features(x)),

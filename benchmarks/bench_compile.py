@@ -1,15 +1,9 @@
-"""The ahead-of-time Triton compile check (``fastkd bench compile``, also run by ``make test``):
-every registered kernel configuration compiled for sm_80 and sm_90 without a GPU
-(:mod:`fastkd.benchmarks.compile_check`), with its registers, spills, shared memory against the
-target's limit and the wall-clock time of its check (``compile_s``: a fresh compile or a hit in
-Triton's on-disk cache).
-
-Prints the table and writes ``bench_compile.json`` / ``.md`` into ``--out DIR``, with ``--publish``
-the checkout's ``benchmarks/results/``, else ``$FASTKD_BENCH_DIR``, else (from a source checkout) the
-git-ignored ``build/kernel_check/``, else ``./fastkd_bench_results``. ``--quick``: the first
-configuration of each kernel, sm_90 only; ``--kernel NAME``: the configurations whose kernel name
-contains NAME; ``--device`` is accepted and ignored. Exit status 1 when a configuration fails to
-compile, spills or exceeds the shared-memory limit (or none is selected).
+"""The ahead-of-time Triton compile check (:mod:`fastkd.benchmarks.compile_check`, also run by ``make
+test``): every registered kernel configuration compiled for sm_80 and sm_90 without a GPU, with its
+registers, spills, shared memory against the target's limit and ``compile_s`` (a fresh compile or a
+hit in Triton's on-disk cache). Writes ``bench_compile.json`` / ``.md`` (default folder: in a source
+checkout the git-ignored ``build/kernel_check/`` unless ``$FASTKD_BENCH_DIR`` is set). Exit status 1
+when a configuration fails to compile, spills or exceeds the shared-memory limit, or none is selected.
 
     fastkd bench compile [--quick] [--targets 80,90] [--kernel NAME] [--out DIR | --publish]
 """

@@ -1,13 +1,12 @@
 """Data pipeline throughput: images/s per recipe, DALI pipeline vs the PyTorch DataLoader + PIL
 baseline at equal worker/thread counts, side by side in one run.
 
-Data: real photographs (scikit-image's sample photos), randomly cropped, flipped and re-encoded
-as ~500x375 JPEGs (quality 90) - ImageNet-like sizes. One epoch of the dataset is timed (after a
-warm-up epoch) for each recipe and backend; ``ratio`` = DALI images/s / DataLoader images/s.
-On ``--device cpu`` DALI runs its CPU-only pipeline; on ``--device cuda`` its GPU pipeline
-(``mixed`` decoding) against a DataLoader whose batches are copied to the GPU.
+Data: scikit-image's sample photos, randomly cropped, flipped and re-encoded as ~500x375 JPEGs
+(quality 90, ImageNet-like). One epoch per recipe and backend is timed after a warm-up epoch;
+``ratio`` = DALI images/s / DataLoader images/s. ``--device cuda``: DALI's GPU pipeline (``mixed``
+decoding) against a DataLoader whose batches are copied to the GPU; on CPU its CPU-only pipeline.
 
-    python -m fastkd.benchmarks.bench_data [--quick] [--device cpu|cuda] [--workers 2]
+    fastkd bench data [--quick] [--device cpu|cuda] [--workers 2]
 """
 
 from __future__ import annotations
@@ -23,10 +22,8 @@ from fastkd.benchmarks.common import lowest_of_runs, time_fn
 from fastkd.data import build_loader
 from fastkd.reporting import load_average, markdown_table, write_results
 
-PHOTOS = (
-    "astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
-    "camera", "brick", "grass", "gravel", "moon", "coins",
-)
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+          "camera", "brick", "grass", "gravel", "moon", "coins")
 RECIPES = ("mocov3", "dino_multicrop", "mae", "eval")
 
 
@@ -53,7 +50,7 @@ def write_photo_dataset(root: Path, images: int, seed: int = 0) -> Path:
 
 def images_per_second(root: Path, recipe: str, backend: str, *, batch_size: int, workers: int, device: str,
                       repeats: int) -> tuple[float, dict]:
-    """Throughput of whole epochs of ``build_loader(root, recipe, backend=backend)``."""
+    """``(images/s, timing)`` of whole epochs of ``build_loader(root, recipe, backend=backend)``."""
     loader = build_loader(root, recipe, batch_size=batch_size, backend=backend, device=device, num_workers=workers)
     images = len(loader) * batch_size
 

@@ -1,34 +1,28 @@
-"""End-to-end training throughput per method: what a user compares, side by side in one run.
+"""End-to-end training throughput per method, every variant side by side in one run.
 
-Variants of each method, built from the same seed with ``fastkd.methods.build_method`` and trained
-on the same synthetic batch (random images of the method's recipe views; ``bench_data`` times data):
-``plain_eager`` is what a user writes by hand (every op plain, ``fastkd.ops.reference_ops()``,
-single-tensor AdamW, per-step host syncs of the loss parts and the gradient norm); ``plain_compiled``
-the same under ``torch.compile(method)`` (``--compile-backend``, default inductor); ``fastkd`` is
-``fastkd.train.Trainer.train_step`` with the trainer's defaults (fused ops, fused AdamW, losses on
-the device, ``skip_decision`` / ``teacher_precision`` / ``attention`` / ``compile`` all ``auto``);
-``fastkd_compiled`` the same with ``train.compile: true`` on ``plain_compiled``'s backend. Training
-precision is fp32 on CPU, bf16 autocast on CUDA for all; ``teacher_dtype`` is what the frozen
-teachers computed in.
+Variants, built from one seed (``fastkd.methods.build_method``), trained on one synthetic batch of
+the method's recipe views: ``plain_eager`` (hand-written: plain ops under ``reference_ops()``,
+single-tensor AdamW, per-step host syncs of the loss parts and gradient norm); ``plain_compiled``
+(the same under ``torch.compile(method)``, ``--compile-backend``); ``fastkd`` (``Trainer.train_step``
+with the trainer's defaults: fused ops and AdamW, ``auto`` skip_decision / teacher_precision /
+attention / compile); ``fastkd_compiled`` (the same with ``train.compile: true``). fp32 on CPU, bf16
+autocast on CUDA; ``teacher_dtype``: what the frozen teachers computed in.
 
-Models (``--model``): ``demo`` (default: each method as ``configs/demo/`` trains it, random teachers
-of the demo teachers' shape, batch 64), ``vit64`` (192-d x 4-block ViTs at 64 px, batch 64),
-``vits224`` (ViT-S/16 at 224 px, batch 32, the CPU target), ``vitb224`` (ViT-B/16, batch 128, the
-CUDA target). ``--quick``: batch 8, demo shapes, one round, compiled on ``aot_eager``. Variants are
-timed in alternating rounds of 3 steps after warm-up (best round median). ``--runs N`` publishes per
-method one run's rows (:func:`one_run_per_method`: the run whose ``fastkd`` row has the lowest
-``vs_plain_eager``), every run's ratios in ``vs_plain_eager_runs`` / ``vs_plain_compiled_runs``.
+Models (``--model``): ``demo`` (each method as ``configs/demo/`` trains it, batch 64), ``vit64``
+(192-d x 4-block ViTs at 64 px, batch 64), ``vits224`` (ViT-S/16, batch 32, the CPU target),
+``vitb224`` (ViT-B/16, batch 128, the CUDA target). ``--quick``: batch 8, demo shapes, one round,
+``aot_eager``. Timed in alternating rounds of 3 steps after warm-up (best round median). ``--runs
+N``: each method's rows from the run whose ``fastkd`` row has the lowest ``vs_plain_eager``, every
+run's ratios in ``vs_plain_eager_runs`` / ``vs_plain_compiled_runs``.
 
-Per method and variant: images/s, step time, peak memory, ``vs_plain_eager`` / ``vs_plain_compiled``
-(their step time / this one's), ``memory_ratio`` (peak / plain_eager's), model FLOPs and GFLOP/s,
-and where the time goes (the median of three profiled steps): ``teacher_fwd`` (frozen and EMA
-teachers; empty in a compiled graph), ``student_fwd``, ``backward``, ``optimizer`` (with plain_eager's
-host syncs), ``after_step``, ``data``, ``other``, ``fused_ops`` (inside fastkd's ops) and ``top_ops``.
-:data:`TARGETS` are checked per record (``meets_target``), never asserted by tests.
+Columns: images/s, step time, peak memory, ``vs_plain_eager`` / ``vs_plain_compiled`` (their step
+time / this one's), ``memory_ratio`` (peak / plain_eager's), GFLOP/s, ``vs_mm_fp32`` and the phases
+of the median of three profiled steps: ``teacher_fwd`` (frozen and EMA teachers; empty in a compiled
+graph), ``student_fwd``, ``backward``, ``optimizer`` (with plain_eager's host syncs), ``after_step``,
+``data``, ``other``, ``fused_ops`` (inside fastkd's ops), ``top_ops``. :data:`TARGETS` are checked
+per record (``meets_target``), never asserted by tests.
 
-    python -m fastkd.benchmarks.bench_e2e [--quick] [--device cpu|cuda] [--methods moma ...] [--batch B]
-                                          [--model demo|vit64|vits224|vitb224] [--rounds R] [--runs N]
-                                          [--variants plain_eager plain_compiled fastkd]
+    fastkd bench e2e [--quick] [--model vits224] [--methods moma ...] [--runs N]
 """
 
 from __future__ import annotations
@@ -64,14 +58,13 @@ from fastkd.train.trainer import PHASES
 METHODS = ("moma", "hybrid_distill", "resmoco", "mokd")  # the default set; --methods takes any of demo_methods()
 VARIANTS = ("plain_eager", "plain_compiled", "fastkd", "fastkd_compiled")
 BASELINE = "plain_eager"
-# (model, method) -> {"vs_plain_eager": min ratio, "vs_plain_compiled": min ratio, "memory_ratio": max ratio};
-# "*" matches every method / model. Checked per fastkd record, reported, never asserted by tests.
+# (model, method) -> {ratio: its minimum, "memory_ratio": its maximum}; "*" matches every model / method.
 TARGETS = {
     ("demo", "moma"): {"vs_plain_eager": 1.2}, ("demo", "hybrid_distill"): {"vs_plain_eager": 1.2},
     ("vits224", "moma"): {"vs_plain_eager": 1.05},
     ("vits224", "hybrid_distill"): {"vs_plain_eager": 1.05, "memory_ratio": 0.9},
     ("*", "*"): {"vs_plain_compiled": 1.0},
-    ("vits224", "*"): {"vs_mm_fp32": 0.7},  # the step's FLOP rate >= 70 % of this machine's fp32 GEMM rate
+    ("vits224", "*"): {"vs_mm_fp32": 0.7},
 }
 GEMM_SIZE = 4096  # the n x n fp32 torch.mm whose rate vs_mm_fp32 divides by (--quick: 1024)
 FUSED_OPS = ("feature_align", "token_relation", "gather_tokens", "ema_")
@@ -99,8 +92,7 @@ def demo_methods() -> list[str]:
 
 
 def write_teachers(root: Path, arch: str, teacher_kwargs: dict) -> list[str]:
-    """Two randomly initialised teachers in fastkd's checkpoint format (a contrastive and a masked
-    image modelling stand-in); their paths."""
+    """Paths of two random teachers in fastkd's checkpoint format (contrastive and MIM stand-ins)."""
     paths = []
     for seed, name in enumerate(("contrastive", "mim")):
         torch.manual_seed(100 + seed)
@@ -109,10 +101,9 @@ def write_teachers(root: Path, arch: str, teacher_kwargs: dict) -> list[str]:
 
 
 def method_config(name: str, teachers: list[str], model: str, batch_size: int) -> tuple[dict, dict]:
-    """``(method config, recipe overrides)`` of method ``name`` as ``configs/demo/<name>.yaml``
-    trains it, its frozen teachers replaced by ``teachers`` (one each in turn). For a ``--model`` of
-    :data:`VIT_MODELS` every backbone spec takes that ViT's architecture and shape, and the recipe's
-    image sizes scale to its input size."""
+    """``(method config, recipe overrides)`` of ``configs/demo/<name>.yaml``, its frozen teachers
+    ``teachers`` in turn; a :data:`VIT_MODELS` ``model`` gives every backbone that ViT's architecture
+    and shape and scales the recipe's image sizes to its input size."""
     run = load_config(demo_config_dir() / f"{name}.yaml", [f"data.batch_size={batch_size}"])
     config, recipe = run.method_config, dict(run.data.recipe_options)
     config = {**config, **{key: dict(config[key]) for key in ("teachers", "models") if key in config}}
@@ -138,16 +129,8 @@ def method_config(name: str, teachers: list[str], model: str, batch_size: int) -
     return config, recipe
 
 
-def synthetic_batch(recipe: str, overrides: dict, batch_size: int, device: str, seed: int = 0):
-    """Random normalised images with the view shapes of ``build_recipe(recipe, **overrides)``."""
-    generator = torch.Generator().manual_seed(seed)
-    return image_batch([torch.randn(batch_size, 3, spec.size, spec.size, generator=generator).to(device)
-                        for spec in build_recipe(recipe, **overrides).views])
-
-
 def plain_step(method, batch, *, device: str, compile_backend: str | None) -> Callable[[], None]:
-    """One hand-written training step per call: plain ops, single-tensor AdamW, per-step host
-    syncs; with ``compile_backend`` the method runs under ``torch.compile``."""
+    """One ``plain_eager`` step per call (``plain_compiled`` with ``compile_backend``)."""
     optimiser = torch.optim.AdamW(method.param_groups(0.05), lr=1e-4, foreach=False, fused=False)
     params = [p for group in optimiser.param_groups for p in group["params"]]
     forward = method if compile_backend is None else torch.compile(method, backend=compile_backend)
@@ -173,20 +156,12 @@ def plain_step(method, batch, *, device: str, compile_backend: str | None) -> Ca
     return step
 
 
-def step_flops(step: Callable[[], None]) -> int:
-    """FLOPs of one call of ``step`` counted by ``FlopCounterMode`` (matmuls, convolutions, attention)."""
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return int(counter.get_total_flops())
-
-
 @contextlib.contextmanager
 def teacher_ranges(method: nn.Module):
-    """Profiler range ``TEACHER_RANGE`` around every ``forward`` / ``forward_features`` call of the
-    method's teachers: the outermost modules whose parameters are all frozen (frozen and EMA
-    teachers) and their sub-modules two levels down (methods call a teacher's parts directly, e.g.
-    ``teachers["a"].module.thead``; nested ranges are counted once). The wrappers are instance
-    attributes, removed on exit."""
+    """Profiler range ``TEACHER_RANGE`` around ``forward`` / ``forward_features`` of the teachers
+    (outermost all-frozen modules: frozen and EMA teachers) and their sub-modules two levels down
+    (methods call parts like ``teachers["a"].module.thead`` directly), as instance attributes removed
+    on exit."""
     outermost: list[str] = []
     selected: list[nn.Module] = []
     for name, module in method.named_modules():
@@ -216,18 +191,9 @@ def teacher_ranges(method: nn.Module):
             delattr(module, attribute)
 
 
-def profile_step(step: Callable[[], None], method: nn.Module, device: str, *, split_teachers: bool) -> dict:
-    """Where a step's time goes: :data:`PROFILED_STEPS` steps profiled one by one, the one with the
-    median wall time kept (one step alone is at the mercy of a scheduler hiccup)."""
-    profiles = sorted((profile_once(step, method, device, split_teachers=split_teachers)
-                       for _ in range(PROFILED_STEPS)), key=lambda p: p["profiled_ms"])
-    return profiles[len(profiles) // 2]
-
-
 def profile_once(step: Callable[[], None], method: nn.Module, device: str, *, split_teachers: bool) -> dict:
-    """One profiled step: the phases (ms, see the module docstring), ``fused_ops_share``,
-    ``fused_ops_called`` and the ``top_ops`` by self time (CPU time on CPU, kernel time on CUDA for
-    ops; phases are host-side ranges, the device synchronised around the step)."""
+    """One profiled step: the phases (ms, host-side ranges, the device synchronised around the
+    step), ``fused_ops_share``, ``fused_ops_called`` and ``top_ops`` (kernel time on CUDA)."""
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with teacher_ranges(method) if split_teachers else contextlib.nullcontext():
@@ -273,7 +239,6 @@ def gemm_rate(device: str, n: int) -> float:
 
 
 def targets_for(model: str, method: str) -> dict:
-    """The targets of ``TARGETS`` that apply to ``method`` at ``model``."""
     out = {}
     for (m_model, m_method), target in TARGETS.items():
         if m_model in ("*", model) and m_method in ("*", method):
@@ -291,13 +256,14 @@ def describe_target(target: dict) -> str:
 def bench_method(name: str, config: dict, recipe_overrides: dict, *, model: str, batch_size: int, device: str,
                  repeats: int, rounds: int, variants: tuple[str, ...], compile_backend: str,
                  workdir: Path, mm_GFLOPs: float, teacher_precision: str = "auto") -> list[dict]:
-    """Every variant of method ``name`` built from ``config``: one record each."""
     steps, methods, warmup_s, recipe, views = {}, {}, {}, None, None
     for variant in variants:
         torch.manual_seed(0)
         method = build_method(name, config).to(device).train()
         recipe = method.recipe
-        batch = synthetic_batch(recipe, recipe_overrides, batch_size, device)
+        generator = torch.Generator().manual_seed(0)  # random normalised images of the recipe's views
+        batch = image_batch([torch.randn(batch_size, 3, spec.size, spec.size, generator=generator).to(device)
+                             for spec in build_recipe(recipe, **recipe_overrides).views])
         views = [v.shape[-1] for v in batch.views]
         backend = compile_backend if variant.endswith("compiled") else None
         if variant.startswith("fastkd"):
@@ -312,8 +278,11 @@ def bench_method(name: str, config: dict, recipe_overrides: dict, *, model: str,
         warmup_s[variant] = time.perf_counter() - start
     timings = time_alternating(steps, rounds=rounds, repeats=repeats, device=device)
     peaks = {variant: peak_memory_bytes(step, device=device) for variant, step in steps.items()}
-    eager = [v for v in variants if not v.endswith("compiled")]  # FlopCounterMode cannot run compiled code
-    flops = step_flops(steps[eager[0]]) if eager else None
+    eager, flops = [v for v in variants if not v.endswith("compiled")], None  # FlopCounterMode: eager code only
+    if eager:
+        with FlopCounterMode(display=False) as counter:  # matmuls, convolutions, attention
+            steps[eager[0]]()
+        flops = counter.get_total_flops()
     peak = gpu_peak() if device == "cuda" else None
     records = []
     for variant in variants:
@@ -329,7 +298,8 @@ def bench_method(name: str, config: dict, recipe_overrides: dict, *, model: str,
             "steps_per_s": 1e3 / t["median_ms"], "images_per_s": batch_size * 1e3 / t["median_ms"],
             "peak_MiB": peaks[variant] / 2**20, "warmup_s": warmup_s[variant],
             **({"compile_backend": compile_backend} if variant.endswith("compiled") else {}),
-            **profile_step(steps[variant], methods[variant], device, split_teachers=not compiled_forward),
+            **sorted((profile_once(steps[variant], methods[variant], device, split_teachers=not compiled_forward)
+                      for _ in range(PROFILED_STEPS)), key=lambda p: p["profiled_ms"])[PROFILED_STEPS // 2],
             **speed_ratios({v: timings[v]["median_ms"] for v in timings}, variant),
         }
         if peaks.get(BASELINE):
@@ -346,11 +316,10 @@ def bench_method(name: str, config: dict, recipe_overrides: dict, *, model: str,
 
 
 def one_run_per_method(runs: list[list[dict]]) -> list[dict]:
-    """The published rows of ``runs`` (each a list of records, an error record ``{"method", "error"}``
-    for a method that failed): per method, all its rows from one run, the one (of the runs where it
-    did not fail) whose ``fastkd`` row (else the first row with a ``vs_plain_eager``) has the lowest
-    ``vs_plain_eager``; each row gets ``run`` (1-based) and ``<ratio>_runs``, that ratio in every run
-    where the row exists. A method that failed in every run keeps run 1's error record."""
+    """Per method, all its rows from one run where it did not fail (an ``error`` record): the one
+    whose ``fastkd`` row (else first row with a ``vs_plain_eager``) has the lowest ``vs_plain_eager``;
+    each row gets ``run`` (1-based) and ``<ratio>_runs`` (every run's). Failed in every run: run 1's
+    error record."""
     grouped: dict[str, dict[int, list[dict]]] = {}
     for number, records in enumerate(runs, 1):
         for record in records:
@@ -378,14 +347,13 @@ def one_run_per_method(runs: list[list[dict]]) -> list[dict]:
 
 
 def speed_ratios(medians: dict[str, float], variant: str) -> dict[str, float]:
-    """``vs_plain_eager`` / ``vs_plain_compiled`` of ``variant``: that baseline's median step time over
-    ``variant``'s, both from ``medians`` (variant -> ms, one run's)."""
+    """``vs_<baseline>`` = the baseline's median / ``variant``'s, from ``medians`` (variant -> ms)."""
     return {f"vs_{other}": medians[other] / medians[variant] for other in ("plain_eager", "plain_compiled")
             if other in medians}
 
 
 def judge(record: dict) -> None:
-    """Set ``target`` and ``meets_target`` of a fastkd record from its ratios and :data:`TARGETS`."""
+    """Set a fastkd record's ``target`` and ``meets_target`` from :data:`TARGETS`."""
     if not record["variant"].startswith("fastkd"):
         return
     target = {k: v for k, v in targets_for(record["model"], record["method"]).items() if k in record}
@@ -394,16 +362,8 @@ def judge(record: dict) -> None:
                                  for key, value in target.items())
 
 
-def phase_table(records: list[dict]) -> str:
-    """Markdown: per method and variant, the profiled step's milliseconds per phase."""
-    rows = [{"method": r["method"], "variant": r["variant"], "step_ms": r["profiled_ms"],
-             **{name: r[f"{name}_ms"] for name in PHASE_COLUMNS}} for r in records]
-    return markdown_table(rows, ["method", "variant", "step_ms", *PHASE_COLUMNS])
-
-
 def where_time_goes(records: list[dict]) -> str:
-    """Markdown: for each method whose fastkd variant misses a target, the phase that differs most
-    from the baseline it misses and the top ops of both."""
+    """Markdown: per fastkd row below a target, the phase with the most extra time and the top ops."""
     lines = []
     for fastkd in (r for r in records if r.get("variant", "").startswith("fastkd") and r.get("meets_target") is False):
         others = {r["variant"]: r for r in records if r.get("method") == fastkd["method"]}
@@ -428,19 +388,15 @@ def where_time_goes(records: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__, "batch 8, demo shapes, one timed round of 3 steps, compiled on aot_eager",
                           rounds_help="alternating timing rounds (default 5, --quick 1)",
-                          runs_help="measure everything this many times; each method's rows come from the run "
-                                    "with its fastkd row's lowest vs_plain_eager (default 1)")
+                          runs_help="measure everything this many times (default 1)")
     parser.add_argument("--methods", nargs="+", choices=demo_methods(), default=None,
                         help="default: every method (vits224 / vitb224: moma and hybrid_distill, the targets)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--batch", type=int, default=None,
                         help="images per batch, >= 2 for the batch-norm projectors (default: the model's)")
-    parser.add_argument("--model", choices=MODELS, default="demo",
-                        help="demo: each method exactly as configs/demo/ trains it in make demo (default); "
-                             "vit64 / vits224 / vitb224: ViT students and teachers of that size")
+    parser.add_argument("--model", choices=MODELS, default="demo")
     parser.add_argument("--teacher-precision", default="auto", choices=("auto", "fp32", "bf16", "same"),
-                        help="the fastkd variants' train.teacher_precision (default auto, as shipped; the plain "
-                             "variants' teachers are fp32)")
+                        help="the fastkd variants' train.teacher_precision (plain variants: fp32)")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend of plain_compiled (default inductor, --quick aot_eager)")
     args = parse_bench_args(parser, argv, min_batch=2)
@@ -474,9 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     records = one_run_per_method(runs)
     ok = [r for r in records if "error" not in r]
     columns = ["method", "variant", "run", "teacher_dtype", "images_per_s", *TIMING_KEYS, "peak_MiB", "vs_plain_eager",
-               "vs_plain_compiled", "memory_ratio", "warmup_s", "achieved_GFLOPs", "vs_mm_fp32", "vs_peak_bf16", "fused_ops_share",
-               "target", "meets_target", "error"]
+               "vs_plain_compiled", "memory_ratio", "warmup_s", "achieved_GFLOPs", "vs_mm_fp32", "vs_peak_bf16",
+               "fused_ops_share", "target", "meets_target", "error"]
     columns += ["vs_plain_eager_runs", "vs_plain_compiled_runs"] if args.runs > 1 else []
+    phases = markdown_table([{"method": r["method"], "variant": r["variant"], "step_ms": r["profiled_ms"],
+                              **{name: r[f"{name}_ms"] for name in PHASE_COLUMNS}} for r in ok],
+                            ["method", "variant", "step_ms", *PHASE_COLUMNS])
     shapes = ("the demo's models (configs/demo/: 32 px, patch 8, 64-96-d x 4 blocks)" if model == "demo"
               else f"{VIT_MODELS[model][0]} students and teachers at {VIT_MODELS[model][2]} px")
     markdown = (
@@ -491,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_s = the first step (with compilation); vs_mm_fp32 = achieved FLOP rate / this run's fp32 "
         f"{gemm_n}x{gemm_n} torch.mm rate (model FLOPs of the eager step); vs_peak_bf16 = achieved FLOP rate / "
         f"the GPU's dense bf16 peak. fastkd teachers: teacher_precision {args.teacher_precision}."
-        f"\n\n## Where a step's time goes (ms, the median of three profiled steps)\n\n{phase_table(ok)}\n\n"
+        f"\n\n## Where a step's time goes (ms, the median of three profiled steps)\n\n{phases}\n\n"
         "teacher_fwd: frozen and EMA teachers' forward (none shown in a compiled forward); student_fwd: the rest; "
         "optimizer: clipping, the optimiser and plain_eager's host syncs; fused_ops: inside fastkd's ops."
     )

@@ -1,15 +1,14 @@
 """EMA teacher update over the parameter sets of timm ViT-S/16, ViT-B/16, ViT-L/16.
 
-Side by side in one run (all in place on the same teacher lists): fastkd ``ema_`` (fp32 student,
-with gap statistics, bf16 student); a Python ``mul_``/``add_`` loop (many SSL codebases);
-``torch._foreach_lerp_`` (timm ModelEmaV3); the same plus a separate gap pass (fp32 foreach norms:
-``||s - t||^2``, ``||t||^2``, ``||s||^2``, and ``<s, t>`` by polarisation); a bf16 student cast to
-fp32 then ``_foreach_lerp_``; and ``lerp_`` over one flat buffer of the same size, the memory
-bandwidth ceiling of this update. Reports median ms, effective GB/s of the fused update (12 bytes
-per fp32 parameter, 10 with a bf16 student), the fraction of the flat-``lerp_`` ceiling reached,
-and speed-ups against the matching unfused baseline, plus the bytes each variant moves.
+Variants, in place on the same teacher lists: fastkd ``ema_`` (fp32 student, with gap statistics,
+bf16 student); a Python ``mul_``/``add_`` loop (many SSL codebases); ``torch._foreach_lerp_`` (timm
+ModelEmaV3); the same plus a separate gap pass (fp32 foreach norms: ``||s - t||^2``, ``||t||^2``,
+``||s||^2``, ``<s, t>`` by polarisation); a bf16 student cast to fp32, then ``_foreach_lerp_``; and
+``lerp_`` over one flat buffer of the same size, the bandwidth ceiling. Columns: median ms, ``GB_s``
+of the useful update (12 bytes per fp32 parameter, 10 with a bf16 student), ``of_ceiling`` (of the
+flat ``lerp_``'s), ``speedup`` against the matching unfused ``baseline``, ``bytes_moved_MiB``.
 
-    python -m fastkd.benchmarks.bench_ema [--quick] [--device cpu|cuda]
+    fastkd bench ema [--quick] [--device cpu|cuda]
 """
 
 from __future__ import annotations

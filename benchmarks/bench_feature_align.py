@@ -2,12 +2,11 @@
 against the plain PyTorch sequence (``feature_align_reference(...).mean()``) in eager mode and the
 same compiled with ``torch.compile``.
 
-Shapes: ViT-S/B/L tokens ``[B, 197, D]`` with D = 384 / 768 / 1024, batch 64 (``--quick``: ViT-B
-only, batch 16, no ``torch.compile`` column). Variants are timed in alternating rounds (best round
-median); also reported: peak extra memory of one forward + backward and the bytes moved by the fused
-kernel against the unfused sequence (analytical: the GPU roofline case).
+Shapes: ViT-S/B/L tokens ``[64, 197, D]``, D = 384 / 768 / 1024. Timed in alternating rounds (best
+round median); also peak extra memory and the bytes the fused GPU kernel moves against the unfused
+sequence (analytical, the roofline case).
 
-    python -m fastkd.benchmarks.bench_feature_align [--quick] [--device cpu|cuda] [--dtype bfloat16]
+    fastkd bench feature_align [--quick] [--device cpu|cuda] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -26,13 +25,10 @@ COLUMNS = ["model", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedu
 
 
 def bytes_moved(M: int, D: int, elem: int) -> dict[str, int]:
-    """Bytes of one forward + backward, counting each tensor read or write once.
-
-    Unfused: layer_norm reads t, writes y; smooth_l1 reads s and y, writes the elementwise loss;
-    mean reads it; the backward reads s and y and writes grad_s: 9 M*D elements. Fused: the
-    forward reads s and t and writes d loss / d s; the backward scales it in place (read + write):
-    5 M*D elements (3 when the CPU backward skips a scale of exactly one).
-    """
+    """Bytes of one forward + backward, each tensor read or write counted once. Unfused: layer_norm
+    reads t, writes y; smooth_l1 reads s, y, writes the elementwise loss; mean reads it; the backward
+    reads s, y, writes grad_s: 9 M*D elements. Fused: the forward reads s, t, writes d loss / d s; the
+    backward scales it in place: 5 M*D (3 when the CPU backward skips a scale of exactly one)."""
     return {"eager": 9 * M * D * elem, "fastkd": 5 * M * D * elem}
 
 

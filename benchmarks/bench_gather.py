@@ -1,13 +1,11 @@
 """Benchmark ``fastkd.ops.gather_tokens`` (with pos-embed, forward + backward) against
 ``torch.gather(x + pos_embed)`` in eager mode and the same compiled with ``torch.compile``.
 
-Shapes: ViT-S/B/L token widths (D = 384 / 768 / 1024), N = 197 tokens, batch 64, keep ratios
-0.1 (MOMA's masked student) and 0.25 (MAE); ``--quick``: ViT-B only, fewer repeats, no
-``torch.compile`` column. Variants are timed in alternating rounds (best round median); also
-reported: peak extra memory of one forward + backward and the bytes the fused GPU kernels move
-against the unfused sequence (analytical, the roofline case).
+Shapes: ViT-S/B/L widths (D = 384 / 768 / 1024), N = 197, batch 64, keep ratios 0.1 (MOMA) and
+0.25 (MAE). Timed in alternating rounds (best round median); also peak extra memory and the bytes the
+fused GPU kernels move against the unfused sequence (analytical, the roofline case).
 
-    python -m fastkd.benchmarks.bench_gather [--quick] [--device cpu|cuda]
+    fastkd bench gather [--quick] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -28,13 +26,11 @@ COLUMNS = ["model", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedu
 
 
 def bytes_moved(B: int, N: int, D: int, K: int, elem: int) -> tuple[int, int]:
-    """(fused, unfused) bytes of one forward + backward, counting each tensor read/write once.
-
-    Unfused: ``x + pos`` reads x and pos, writes B*N*D; gather reads and writes B*K*D; backward
-    fills B*N*D zeros, scatters B*K*D rows in, and reduces B*N*D over the batch for the pos grad.
-    Fused: forward reads B*K*D rows of x and of pos and writes B*K*D; backward reads the B*K*D
-    gradient rows, writes grad_x (B*N*D) once and the fp32 partial / final pos gradients.
-    """
+    """(fused, unfused) bytes of one forward + backward, each tensor read/write counted once. Unfused:
+    ``x + pos`` reads x, pos, writes B*N*D; gather reads and writes B*K*D; backward fills B*N*D zeros,
+    scatters B*K*D rows in, reduces B*N*D over the batch for the pos grad. Fused: forward reads B*K*D
+    rows of x and of pos, writes B*K*D; backward reads the B*K*D gradient rows, writes grad_x (B*N*D)
+    once and the fp32 partial / final pos gradients."""
     rows_kept, rows_all, pos = B * K * D, B * N * D, N * D
     unfused = elem * ((2 * rows_all + pos + 2 * rows_kept) + (rows_all + 2 * rows_kept + rows_all + pos))
     groups = bwd_batch_groups(B, True)[0]  # partial positional-gradient buffers

@@ -1,10 +1,8 @@
-"""Benchmark the chunked weighted k-NN (``fastkd.eval.knn_classify``) against the straightforward
-version that materialises the whole ``[M, N]`` similarity matrix before ``topk``, on random
-features of ViT-S/B widths. Reports time, peak extra memory and their ratios, and checks both give
-the same predictions. The chunked version bounds the similarity matrix at ``chunk_size x N``
-(ImageNet: 1024 x 1.28M fp32 = 5.2 GB per chunk instead of 50k x 1.28M = 256 GB at once).
+"""The chunked weighted k-NN (``fastkd.eval.knn_classify``, similarities bounded at ``chunk x N``)
+against materialising the whole ``[M, N]`` similarity matrix before ``topk``, on random ViT-S/B-wide
+features: time, peak extra memory, their ratios; both must predict the same.
 
-    python -m fastkd.benchmarks.bench_knn [--quick] [--device cpu|cuda]
+    fastkd bench knn [--quick] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from fastkd.eval.knn import MAX_SIMILARITIES, knn_classify
 
 
 def materialised_knn(train, train_labels, test, *, num_classes, k=20, temperature=0.07):
-    """What one writes without chunking: all similarities at once, then top-k voting."""
     similarity, index = (F.normalize(test, dim=1) @ F.normalize(train, dim=1).T).topk(k, dim=1)
     votes = torch.zeros(test.shape[0], num_classes, device=test.device)
     votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp())

@@ -1,20 +1,15 @@
-"""All per-op benchmarks in one run (``bench_ema``, ``bench_feature_align``, ``bench_gather``,
-``bench_token_relation``, each with the same ``--quick`` / ``--device``, writing its own results),
-with one summary of fastkd against the baseline of each case: every record tagged with ``op`` and
-``problem`` (its case / model / shape), the fastkd ones with ``baseline`` (the record's, else the
-first non-fastkd variant), ``speedup`` = baseline time / fastkd time, ``memory_ratio`` = fastkd peak
-/ baseline peak and, from the records' bytes / FLOPs models of the GPU kernels, ``achieved_GBps``,
-``achieved_TFLOPs`` and their fractions of the device's peak (on ``--device cpu``: "needs a GPU").
-Writes ``bench_ops.json`` / ``.md`` and ``bench_ops.png`` (time and memory per problem and op).
-``--runs N`` runs everything N times and keeps per record the run with the **lowest** speedup (every
-run's in ``speedup_runs``; the per-op files are run 1's).
+"""The per-op benchmarks (``--ops`` ema, feature_align, gather, token_relation; each writing its own
+results) in one run, summarised in ``bench_ops.json`` / ``.md`` / ``.png``: every record tagged with
+``op`` and ``problem`` (case / model / shape), the fastkd ones with ``baseline`` (the record's, else
+the first non-fastkd variant), ``speedup`` = baseline time / fastkd time, ``memory_ratio`` = fastkd
+peak / baseline peak and, from the bytes / FLOPs models of the GPU kernels, ``achieved_GBps``,
+``achieved_TFLOPs`` and their fractions of the device's peak ("needs a GPU" on CPU). ``--runs N``
+keeps per record the run with the **lowest** speedup (all in ``speedup_runs``; per-op files: run 1's).
 
-On CPU it also runs the per-size sweep of :mod:`fastkd.benchmarks.op_sweep` (10^3 ... 10^7
-elements, fp32 and bf16; ``--quick``: up to 10^6, fp32; ``--sizes`` to choose), written as
-``bench_ops_sweep.json`` / ``.md``; ``--sweep-only`` runs just the sweep.
+On CPU it also writes the per-size sweep of :mod:`fastkd.benchmarks.op_sweep` as ``bench_ops_sweep``
+(10^3 ... 10^7 elements, fp32 and bf16; ``--quick``: to 10^6, fp32); ``--sweep-only``: just that.
 
-    python -m fastkd.benchmarks.bench_ops [--quick] [--device cpu|cuda] [--ops ema gather ...] [--runs 2]
-                                          [--sizes 1000 100000] [--sweep-only]
+    fastkd bench ops [--quick] [--device cpu|cuda] [--ops ema gather ...] [--runs 2] [--sizes 1000 100000]
 """
 
 from __future__ import annotations
@@ -40,7 +35,7 @@ SUMMARY_COLUMNS = ["op", "problem", "variant", "baseline", "median_ms", "p10_ms"
 
 
 def annotate(op: str, records: list[dict], device: str, peak: dict | None) -> list[dict]:
-    """``records`` of one op benchmark with the fields described in the module docstring."""
+    """``records`` of one op benchmark with the summary fields of the module docstring."""
     out = [{**r, "op": op, "problem": " ".join(str(r[k]) for k in PROBLEM_KEYS if k in r),
             "peak_MiB": r.get("peak_MiB")} for r in records]
     by_problem: dict[str, dict[str, dict]] = {}
@@ -66,22 +61,6 @@ def annotate(op: str, records: list[dict], device: str, peak: dict | None) -> li
     return out
 
 
-def _one_run(args, op_argv: list[str], peak, out_dir: Path, sections: list | None) -> list[dict]:
-    """One pass over ``args.ops``: annotated records (a broken op benchmark is one error record);
-    each op's own Markdown section is appended to ``sections`` when given."""
-    records = []
-    for op in args.ops:
-        try:
-            op_records, section, _ = run_bench(op, op_argv, out_dir)
-            records += annotate(op, op_records, args.device, peak)
-            if sections is not None:
-                sections.append(section)
-        except Exception as error:  # noqa: BLE001 - one broken op benchmark is reported, the others still run
-            traceback.print_exc()
-            records.append({"op": op, "error": f"{type(error).__name__}: {error}"})
-    return records
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__, "pass --quick to every op benchmark",
                           runs_help="run every op benchmark this many times and keep each ratio's lowest (default 1)")
@@ -99,9 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     load = load_average()
     runs, sections = [], []
     for run in range(args.runs):
+        runs.append([])
         with tempfile.TemporaryDirectory(prefix="fastkd-bench-ops-") as scratch:
-            runs.append(_one_run(args, op_argv, peak, args.out if run == 0 else Path(scratch),
-                                 sections if run == 0 else None))
+            for op in args.ops:  # run 1 writes the per-op files and sections
+                try:
+                    op_records, section, _ = run_bench(op, op_argv, args.out if run == 0 else Path(scratch))
+                    runs[-1] += annotate(op, op_records, args.device, peak)
+                    sections += [section] if run == 0 else []
+                except Exception as error:  # noqa: BLE001 - a broken op benchmark is reported, the others run
+                    traceback.print_exc()
+                    runs[-1].append({"op": op, "error": f"{type(error).__name__}: {error}"})
     records = lowest_of_runs(runs, ("op", "problem", "variant"), "speedup")
     fastkd_rows = [r for r in records if "error" in r or str(r.get("variant", "")).startswith("fastkd")]
     peak_text = (f"device peak: {peak['gpu']}, {peak['peak_bandwidth_GBps']:.0f} GB/s, "
@@ -127,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_sweep(args) -> str:
-    """The CPU per-size sweep (module docstring) over ``args.ops``: written as ``bench_ops_sweep``,
-    printed; returns its Markdown."""
+    """Write and print the CPU per-size sweep of ``args.ops``; returns its Markdown."""
     sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
     dtypes = (torch.float32,) if args.quick else (torch.float32, torch.bfloat16)
     ops = [{"ema": "ema_", "gather": "gather_tokens"}.get(op, op) for op in args.ops]

@@ -1,32 +1,24 @@
 """fastkd against the official code: one training step (forward + backward + optimiser step + EMA
-update) of fastkd's method and of the official implementation, side by side in one process, at the
-same shapes, the same weights and fp32.
+update) of fastkd's method and of the official implementation in one process, same shapes, weights, fp32.
 
 Cases (``--cases``):
 
 - ``mocov3_vit``: the official MoCo v3 (github.com/facebookresearch/moco-v3: ``moco/builder.py``
-  ``MoCo_ViT`` over ``vits.py``'s ``VisionTransformerMoCo`` with ``vit_small``'s settings, shrunk by
-  keyword for ``--quick``; ``main_moco.py``'s step: AdamW, the momentum update inside the forward)
-  vs fastkd's ``mocov3``;
+  ``MoCo_ViT`` over ``vits.py``'s ``VisionTransformerMoCo``, ``vit_small`` settings; ``main_moco.py``'s
+  step: AdamW, momentum update inside the forward) vs fastkd's ``mocov3``;
 - ``mokd_vit_vit`` / ``mokd_r18_vit``: the official MOKD (github.com/skyoux/mokd: ``models/mokd.py``,
-  ``backbones/vision_transformer.py``, ``backbones/resnet.py``; ``main_mokd.py``'s
-  ``train_one_epoch`` step: both models' losses, per-parameter clipping at 3, last-layer gradients
-  cancelled in epoch 0, SGD for the first model and AdamW for the ViT, each EMA teacher moved after
-  its optimiser) vs fastkd's ``mokd`` as ``configs/demo/mokd.yaml`` / ``configs/mokd_r18_vits.yaml``
+  ``backbones/``; ``main_mokd.py``'s ``train_one_epoch`` step: both losses, per-parameter clipping at
+  3, last layer cancelled in epoch 0, SGD for model a and AdamW for the ViT, each EMA teacher moved
+  after its optimiser) vs fastkd's ``mokd`` as ``configs/demo/mokd.yaml`` / ``configs/mokd_r18_vits.yaml``
   configure it (same-width ViTs in the ViT-ViT case: the official T-head has no adapter).
 
-The official files are not part of fastkd: ``--peer-dir DIR`` names a folder holding the checkouts
-``DIR/moco-v3`` and ``DIR/mokd`` (or ``--mocov3-dir`` / ``--mokd-dir``), imported at run time with
-shims for today's timm / torchvision in ``sys.modules``; their files are never changed. A one-rank
-gloo process group stands in for the official ``torch.distributed`` calls (the MoCo loss is the
-official one at world size 1). Drop path is 0 on both sides. Before timing, the official model's
-state is copied into fastkd's (names mapped, shapes checked, every fastkd parameter covered) and the
-first step's losses of both sides must agree to ``LOSS_RTOL``.
-
-Timing: alternating rounds (each side's best round); ``ratio`` = official median / fastkd median
-(higher: fastkd faster). ``--runs N`` (default 2) repeats everything and publishes each case from its
-run with the lowest ratio (``run``, every run's in ``ratio_runs``); the Markdown lists the top ops by
-self CPU time of one profiled step of each side. ``--quick``: small shapes, one run, <= 60 s on 2 cores.
+``--peer-dir DIR`` holds the checkouts ``DIR/moco-v3`` and ``DIR/mokd`` (or ``--mocov3-dir`` /
+``--mokd-dir``), imported unchanged with shims for today's timm / torchvision; a one-rank gloo group
+serves their ``torch.distributed`` calls. Drop path 0 on both sides. The official state is copied into
+fastkd's (names mapped, shapes checked, every parameter covered) and both first-step losses must agree
+to ``LOSS_RTOL``. ``ratio`` = official median / fastkd median (alternating rounds; higher: fastkd
+faster); ``--runs N`` (default 2) publishes each case from its run with the lowest ratio (``run``,
+every run's in ``ratio_runs``). The Markdown lists each side's top ops by self CPU time.
 
     fastkd bench peers --peer-dir DIR [--quick] [--runs 2] [--cases mocov3_vit ...] [--out DIR]
 """
@@ -76,7 +68,6 @@ MOKD_R18 = dict(global_size=64, local_size=32, patch=16)  # both sizes: a ResNet
 
 
 def peer_dirs(args) -> dict[str, Path | None]:
-    """``{"mocov3": dir, "mokd": dir}`` from ``--mocov3-dir`` / ``--mokd-dir``, else ``--peer-dir``."""
     return {key: getattr(args, f"{key}_dir") or (args.peer_dir / folder if args.peer_dir else None)
             for key, (folder, _, _) in PEERS.items()}
 
@@ -98,7 +89,7 @@ def missing_peers(dirs: dict[str, Path | None], needed: set[str]) -> str | None:
 
 @contextlib.contextmanager
 def _shims():
-    """Modules today's timm / torchvision lack, in ``sys.modules`` for the time of the import."""
+    """The modules today's timm / torchvision lack, in ``sys.modules`` meanwhile."""
     import timm.layers
     import torchvision.models.resnet as tv_resnet
 
@@ -122,8 +113,7 @@ def _shims():
 
 
 def load_peer(root: Path, names: list[str]) -> dict[str, types.ModuleType]:
-    """The modules ``names`` imported from the checkout ``root``; the checkout's top-level modules
-    (``utils``, ``models``, ...) leave ``sys.modules`` again afterwards."""
+    """The modules ``names`` of the checkout ``root``, whose modules then leave ``sys.modules``."""
     root = Path(root).resolve()
     sys.path.insert(0, str(root))
     try:
@@ -144,10 +134,9 @@ def process_group() -> None:
 
 
 def copy_state(source: nn.Module, target: nn.Module, rules: list[tuple[str, str]]) -> int:
-    """Copy ``source``'s state into ``target``: each source key's first matching ``(source prefix,
-    target prefix)`` rule names its target; shapes must agree up to a reshape of equal size (a 1x1
-    conv into a linear), and every target parameter under a rule's target prefix must be covered
-    (``KeyError`` naming what does not match). Returns the tensors copied."""
+    """Copy ``source``'s state into ``target``, each key renamed by its first matching ``(source
+    prefix, target prefix)`` rule, equal sizes reshaped (a 1x1 conv into a linear); ``KeyError`` for a
+    mismatch or an uncovered target parameter under a rule's prefix. Returns the tensors copied."""
     target_state, covered, unmatched = target.state_dict(), set(), []
     with torch.no_grad():
         for key, value in source.state_dict().items():
@@ -175,7 +164,7 @@ def _views(sizes: list[int], batch: int) -> list[torch.Tensor]:
 
 
 def mocov3_case(root: Path, quick: bool, workdir: Path):
-    """``(fastkd step, official step)`` of MoCo v3 at the shape of :data:`SHAPES`."""
+    """``(fastkd step, official step)`` of MoCo v3."""
     peer = load_peer(root, ["moco.builder", "vits"])
     builder, vits = peer["moco.builder"], peer["vits"]
     s = SHAPES[quick]["mocov3"]
@@ -320,7 +309,6 @@ def mokd_case(root: Path, quick: bool, workdir: Path, cnn: bool):
 
 
 def bench_case(case: str, dirs: dict, quick: bool, rounds: int, repeats: int, workdir: Path) -> dict:
-    """One record: both sides' first-step losses (checked to agree), medians, ratio and top ops."""
     if case == "mocov3_vit":
         fastkd, official = mocov3_case(dirs["mocov3"], quick, workdir)
     else:

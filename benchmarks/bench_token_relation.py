@@ -2,13 +2,10 @@
 ``token_relation_reference`` (``log_softmax`` of full ``[B, H, N, N]`` maps and ``F.kl_div``), eager
 and compiled with ``torch.compile``, side by side in one run.
 
-Shapes (:data:`CASES`): the small-N shapes of the end-to-end benchmark (ViT-Ti heads H=3 with N = 17
-and 65, ViT-S at N = 197, batch 64), ViT-S/B/L (H = 6 / 12 / 16) with N = 197, d = 64, batch 32,
-and a long sequence (ViT-B heads, N = 1025, batch 4). ``--quick`` keeps the batch-64 cases, runs the
-others at batch 8 (the long one at 1), without the ``torch.compile`` column. Variants are timed in
-alternating rounds (best round median). Peak memory is the extra memory of one forward + backward
-*beyond inputs and gradients* (the two gradients ``dq_s, dk_s`` are subtracted). Model of the fused
-GPU kernels against the unfused sequence (analytical, the roofline case):
+Shapes (:data:`CASES`, d = 64): the end-to-end benchmark's small N (ViT-Ti H = 3 at N = 17 and 65,
+ViT-S at 197, batch 64), ViT-S/B/L (H = 6 / 12 / 16) at N = 197, batch 32, and ViT-B at N = 1025,
+batch 4. Timed in alternating rounds (best round median). Peak memory: beyond inputs and the two
+gradients ``dq_s, dk_s``. Model of the fused GPU kernels against the unfused sequence (the roofline case):
 
 - FLOPs: a ``QK^T`` tile product costs ``2 N^2 d`` per head. Reference: forward ``s, t`` (2), backward
   ``dq, dk`` (2) -> ``8 B H N^2 d``. Fused: forward 2, the dq and dk passes each recompute ``s, t`` (4)
@@ -17,7 +14,7 @@ GPU kernels against the unfused sequence (analytical, the roofline case):
   query block: ``ceil(N / 64)`` times) and writes/reads ``O(B H N)`` statistics; unfused moves fp32
   ``[B, H, N, N]`` maps: 10 passes forward, ~8 backward.
 
-    python -m fastkd.benchmarks.bench_token_relation [--quick] [--device cpu|cuda]
+    fastkd bench token_relation [--quick] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -44,9 +41,8 @@ COLUMNS = ["case", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup
 
 
 def bytes_moved(B: int, H: int, N: int, d: int, elem: int) -> tuple[int, int]:
-    """(fused, unfused) bytes of one forward + backward (see module docstring): each of the forward,
-    the dq and the dk pass reads q_s, q_t once and k_s, k_t once per query block; the backward passes
-    write dq / dk; the forward writes 3 and the backward passes read 4 statistics vectors each."""
+    """(fused, unfused) bytes of one forward + backward: the forward, dq and dk passes each read q_s,
+    q_t once and k_s, k_t once per query block; dq / dk written; 3 statistics written, 4 read per pass."""
     tensor = B * H * N * d * elem
     per_pass = (2 + 2 * math.ceil(N / FUSED_BLOCK)) * tensor
     stats = 4 * B * H * N

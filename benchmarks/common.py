@@ -1,13 +1,6 @@
-"""Shared measurement helpers of the benchmarks.
-
-Timing: median and spread (p10/p90) of wall-clock repeats after warm-up (on CUDA
-``triton.testing.do_bench``), variants alternated in rounds. Peak memory: on CUDA
-``torch.cuda.max_memory_allocated``, on CPU the running sum of the allocations and frees the PyTorch
-profiler records: the memory the measured call allocates beyond what was live before it. Every timed
-record shares one schema: ``variant``, ``median_ms``, ``p10_ms``, ``p90_ms``, ``peak_MiB``,
-``bytes_moved_MiB`` (where a model of the bytes a kernel moves exists), ``device`` and ``dtype``,
-beside the benchmark's problem keys and ratios.
-"""
+"""Shared measurement helpers of the benchmarks. Every timed record shares one schema: ``variant``,
+``median_ms``, ``p10_ms``, ``p90_ms``, ``peak_MiB``, ``bytes_moved_MiB`` (where a model of the bytes
+a kernel moves exists), ``device`` and ``dtype``, beside the benchmark's problem keys and ratios."""
 
 from __future__ import annotations
 
@@ -28,7 +21,7 @@ TIMING_KEYS = ("median_ms", "p10_ms", "p90_ms")
 
 
 def time_fn(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, device: str = "cpu") -> dict:
-    """Time ``fn()``; returns ``{"median_ms", "p10_ms", "p90_ms", "repeats"}``."""
+    """``{"median_ms", "p10_ms", "p90_ms", "repeats"}`` of ``fn()`` after warm-up (CUDA: ``do_bench``)."""
     if device == "cuda":
         import triton.testing
 
@@ -46,9 +39,8 @@ def time_fn(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, device
 
 
 def time_alternating(runs: dict[str, Callable[[], Any]], *, rounds: int, repeats: int, device: str = "cpu") -> dict:
-    """``{name: time_fn timing}`` for every run, timed in ``rounds`` alternating rounds of ``repeats``
-    calls (one warm-up call each), keeping each run's round with the lowest median: load from other
-    processes hits every variant alike."""
+    """``{name: time_fn timing}``, timed in ``rounds`` alternating rounds of ``repeats`` calls, each
+    run's round with the lowest median kept (load from other processes hits every variant alike)."""
     best: dict[str, dict] = {}
     for _ in range(rounds):
         for name, run in runs.items():
@@ -59,14 +51,14 @@ def time_alternating(runs: dict[str, Callable[[], Any]], *, rounds: int, repeats
 
 
 def _quiet_cpu_profiler() -> None:
-    """Silence the kineto library's GPU look-up errors and trace markers on stderr for a CPU-only
-    profile, unless the user set a level."""
+    """Silence kineto's GPU look-up errors on stderr without CUDA, unless the user set a level."""
     if not torch.cuda.is_available():
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 
 def peak_memory_bytes(fn: Callable[[], Any], *, device: str = "cpu") -> int:
-    """Peak bytes allocated by ``fn()`` beyond what was allocated before the call."""
+    """Peak bytes ``fn()`` allocates beyond what was live before (CPU: the running sum of the
+    allocations and frees the profiler records)."""
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -92,8 +84,8 @@ def peak_memory_bytes(fn: Callable[[], Any], *, device: str = "cpu") -> int:
 
 
 def top_ops(prof, n: int = 5, *, cuda: bool = False) -> list[dict]:
-    """The ``n`` ops of a finished profile with the most self time (kernel time on CUDA, else CPU
-    time), leaving out the trainer's ``fastkd/`` phase ranges: ``{"op", "self_ms", "calls"}`` each."""
+    """``{"op", "self_ms", "calls"}`` of the ``n`` ops with the most self time (CUDA: kernel time),
+    the trainer's ``fastkd/`` phase ranges left out."""
     self_us = (lambda a: a.self_device_time_total) if cuda else (lambda a: a.self_cpu_time_total)
     ops = sorted((a for a in prof.key_averages() if not a.key.startswith("fastkd/")), key=self_us, reverse=True)
     return [{"op": a.key, "self_ms": self_us(a) / 1e3, "calls": a.count} for a in ops[:n]]
@@ -111,8 +103,7 @@ def profile_top_ops(step: Callable[[], Any], n: int = 5) -> list[dict]:
 
 def grad_step(fn: Callable, inputs: tuple, *args) -> Callable[[], Any]:
     """One forward + backward of ``fn(*inputs, *args)`` into ``inputs`` per call, against a fixed
-    random upstream gradient (none for a scalar output); the first forward runs here (a warm-up,
-    and the compilation of a compiled ``fn``)."""
+    random upstream gradient (none for a scalar); the first forward (warm-up, compilation) runs here."""
     out = fn(*inputs, *args)
     grad = torch.randn_like(out) if out.dim() else None
     return lambda: torch.autograd.grad(fn(*inputs, *args), inputs, grad)
@@ -121,11 +112,9 @@ def grad_step(fn: Callable, inputs: tuple, *args) -> Callable[[], Any]:
 def compare_variants(problem: dict, variants: dict[str, Callable[[], Any]], *, device: str, dtype: torch.dtype,
                      rounds: int, repeats: int, baseline: str | dict[str, str], moved: dict | None = None,
                      memory_offset: int = 0, memory: bool = True) -> list[dict]:
-    """One record per variant of one problem, the variants timed in alternating rounds and (with
-    ``memory``) their peak extra memory measured, less ``memory_offset`` bytes (e.g. the input
-    gradients every variant allocates): ``problem``'s keys, the shared schema (``bytes_moved_MiB``
-    from ``moved``: variant -> bytes), ``baseline`` (one for all, or variant -> its baseline),
-    ``speedup`` = baseline time / variant time and ``memory_ratio`` = variant peak / baseline peak."""
+    """One record per variant: ``problem``'s keys, the shared schema (peak less ``memory_offset``
+    bytes, e.g. input gradients; ``moved``: variant -> bytes), ``baseline`` (one, or variant -> its
+    own), ``speedup`` = baseline time / variant time, ``memory_ratio`` = variant / baseline peak."""
     timings = time_alternating(variants, rounds=rounds, repeats=repeats, device=device)
     peaks = {name: peak_memory_bytes(run, device=device) - memory_offset if memory else None
              for name, run in variants.items()}
@@ -144,9 +133,8 @@ def compare_variants(problem: dict, variants: dict[str, Callable[[], Any]], *, d
 
 
 def trainer_step(method, batch, workdir: Path, *, device: str = "cpu", optim=None, **train) -> Callable[[], Any]:
-    """One ``fastkd.train.Trainer.train_step`` per call (the trainer as shipped, ``train`` overriding
-    its :class:`~fastkd.train.options.TrainConfig`; fp32 on CPU, bf16 on CUDA); each call returns the
-    step's loss; ``step.teacher_precision`` and ``step.compiled`` are the trainer's."""
+    """One ``Trainer.train_step`` per call, returning the loss (``train`` overrides the
+    ``TrainConfig``; fp32 on CPU, bf16 on CUDA); ``step.teacher_precision`` / ``.compiled``: the trainer's."""
     from fastkd.train.options import OptimConfig, TrainConfig
     from fastkd.train.trainer import Trainer
 
@@ -172,7 +160,7 @@ def image_batch(views: list[torch.Tensor]):
 
 
 def machine_line(load: str | None) -> str:
-    """The header sentence of a timing report: the load average at the start and the CPU."""
+    """The header sentence of a timing report: load average at the start and CPU."""
     cpu, isa = cpu_info()
     return f"Machine load average at the start (1 / 5 / 15 min): {load or 'unknown'}. CPU: {cpu} " \
            f"(ISA: {' '.join(isa) or 'unknown'})."
@@ -180,10 +168,9 @@ def machine_line(load: str | None) -> str:
 
 def report_results(name: str, records: list[dict], columns: list[str], title: str, *, device: str,
                    out_dir: str | os.PathLike, plot: Callable[[list[dict], Path], Any] | None = None) -> str:
-    """The end of a benchmark: ``<name>.json`` and ``<name>.md`` (heading ``## <title> (<device>,
-    <threads> threads)`` over the Markdown table of ``records`` in ``columns``) written into
-    ``out_dir`` by :func:`fastkd.reporting.write_results`, ``plot(records, out_dir / "<name>.png")``,
-    and the table printed; returns the table."""
+    """Write ``<name>.json`` / ``<name>.md`` (``## <title> (<device>, <threads> threads)`` over the
+    table of ``records`` in ``columns``) and ``plot``'s ``<name>.png`` into ``out_dir``; print and
+    return the table."""
     table = markdown_table(records, columns)
     heading = f"## {title} ({device}, {torch.get_num_threads()} threads)"
     write_results(name, records, f"{heading}\n\n{table}", out_dir=out_dir)
@@ -194,9 +181,8 @@ def report_results(name: str, records: list[dict], columns: list[str], title: st
 
 
 def run_bench(name: str, argv: list[str] | None, out_dir: Path | None = None) -> tuple[list[dict], str, int]:
-    """``(records, markdown, exit status)`` of ``fastkd.benchmarks.bench_<name>.main(argv + ["--out",
-    out_dir])``, read back from the files it wrote into ``out_dir`` (default
-    :func:`fastkd.reporting.results_dir`); ``argv`` None: of its latest results there, run nothing."""
+    """``(records, markdown, exit status)`` of ``bench_<name>.main([*argv, "--out", out_dir])``, read
+    back from its files (``out_dir`` default :func:`results_dir`); ``argv`` None: its latest files."""
     out_dir = results_dir() if out_dir is None else Path(out_dir)
     json_path, md_path = out_dir / f"bench_{name}.json", out_dir / f"bench_{name}.md"
     started, status = time.time(), 0
@@ -209,9 +195,8 @@ def run_bench(name: str, argv: list[str] | None, out_dir: Path | None = None) ->
 
 
 def lowest_of_runs(runs: list[list[dict]], key_fields: tuple[str, ...], ratio: str) -> list[dict]:
-    """The records of the first run, each record that has a numeric ``ratio`` replaced by its run
-    (records matched by ``key_fields``) with the lowest ``ratio`` (a ratio that survives a re-run)
-    and given ``<ratio>_runs``, every run's value. Other records come from run 1."""
+    """Run 1's records, each with a numeric ``ratio`` replaced by its match (by ``key_fields``) of the
+    run with the lowest ``ratio`` and given ``<ratio>_runs``, every run's value."""
     def key(record):
         return tuple(record.get(field) for field in key_fields)
 

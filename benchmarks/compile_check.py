@@ -1,10 +1,8 @@
-"""Ahead-of-time compile check of every registered Triton kernel configuration (``fastkd bench
-compile``): each configuration of ``all_compile_configs()`` compiled for a compute capability with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` (no GPU needed); registers,
-stack, local and static shared memory read from the cubin by the triton wheel's ``cuobjdump
---dump-resource-usage``, plus Triton's dynamic shared memory. ptxas puts register spills in the stack
-frame or local memory, which Triton kernels use for nothing else: a configuration fits when it
-compiles, has neither and needs no more shared memory than the target allows per block.
+"""Ahead-of-time compile check of ``all_compile_configs()`` (``fastkd bench compile``): each compiled
+with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` (no GPU needed), registers,
+stack, local and static shared memory read by the triton wheel's ``cuobjdump --dump-resource-usage``.
+ptxas spills registers to the stack frame or local memory, which Triton kernels use for nothing else:
+a configuration fits when it compiles, has neither and needs no more shared memory than a block may.
 """
 
 from __future__ import annotations
@@ -23,18 +21,17 @@ from triton.runtime.interpreter import InterpretedFunction
 from fastkd.checks import check_choice
 from fastkd.kernels.compile_configs import CompileConfig, all_compile_configs
 
-CHECKOUT_REPORT_DIR = "build/kernel_check"  # the report's default folder when run from a source checkout (git-ignored)
+CHECKOUT_REPORT_DIR = "build/kernel_check"  # the default report folder in a source checkout (git-ignored)
 # Largest shared memory one block may use (opt-in), bytes: A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT_BYTES = {80: 166912, 90: 232448}
 COLUMNS = ["kernel", "config", "target", "warps", "registers", "stack_bytes", "local_bytes", "shared_bytes",
            "shared_limit", "ok"]
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"  # in the triton wheel
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
 def parse_resource_usage(text: str) -> dict[str, int]:
-    """Registers, stack, static shared and local bytes of the single function in a
-    ``cuobjdump --dump-resource-usage`` listing."""
+    """Registers, stack, static shared and local bytes of the one function of a cuobjdump listing."""
     matches = _USAGE.findall(text)
     if len(matches) != 1:
         raise ValueError(f"expected one function in the cuobjdump resource usage, found {len(matches)}:\n{text}")
@@ -43,21 +40,18 @@ def parse_resource_usage(text: str) -> dict[str, int]:
 
 
 def fits(row: dict) -> bool:
-    """No spill (stack frame or local memory) and shared memory within the target's limit."""
     return row["stack_bytes"] == 0 and row["local_bytes"] == 0 and row["shared_bytes"] <= row["shared_limit"]
 
 
 def compile_config(config: CompileConfig, cc: int):
-    """Triton's compiled kernel of one configuration for compute capability ``cc`` (its ``asm`` holds
-    the ``ttir``, ``ptx`` and ``cubin`` of every stage)."""
+    """Triton's compiled kernel for compute capability ``cc`` (``asm``: each stage's ttir, ptx, cubin)."""
     signature = {**config.signature, **{name: "constexpr" for name in config.constexprs}}
     return triton.compile(ASTSource(config.kernel, signature, config.constexprs), target=GPUTarget("cuda", cc, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
 def check_config(config: CompileConfig, cc: int, workdir: Path) -> dict:
-    """Compile one configuration for compute capability ``cc``; returns one table row (``ok``
-    False with an ``error`` when it does not compile)."""
+    """One table row (``ok`` False with an ``error`` when it does not compile)."""
     check_choice("cc", cc, SHARED_LIMIT_BYTES)
     if isinstance(config.kernel, InterpretedFunction):
         raise RuntimeError("kernels were defined under TRITON_INTERPRET=1; run the compile check without it")
@@ -81,8 +75,7 @@ def check_config(config: CompileConfig, cc: int, workdir: Path) -> dict:
 
 
 def run_check(configs: list[CompileConfig], targets: tuple[int, ...] = (80, 90)) -> list[dict]:
-    """Compile every configuration for every target; one row each, with its wall-clock
-    ``compile_s`` (a fresh compile, or a hit in Triton's on-disk cache)."""
+    """One row per configuration and target, with its wall-clock ``compile_s``."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastkd-compile-check-") as tmp:
         for config in configs:
@@ -94,8 +87,7 @@ def run_check(configs: list[CompileConfig], targets: tuple[int, ...] = (80, 90))
 
 
 def selected_configs(quick: bool = False, kernel: str | None = None) -> list[CompileConfig]:
-    """The registered configurations whose kernel name contains ``kernel`` (all without it); with
-    ``quick`` only the first one of each kernel."""
+    """The configurations whose kernel name contains ``kernel``; ``quick``: the first of each kernel."""
     configs = [c for c in all_compile_configs() if kernel is None or kernel in c.name]
     if not quick:
         return configs
@@ -106,7 +98,7 @@ def selected_configs(quick: bool = False, kernel: str | None = None) -> list[Com
 
 
 def parse_targets(text: str) -> tuple[int, ...]:
-    """``"80,90"`` -> ``(80, 90)``; each must be a compute capability the check knows."""
+    """``"80,90"`` -> ``(80, 90)``."""
     if not re.fullmatch(r"\d+(,\d+)*", text) or any(int(cc) not in SHARED_LIMIT_BYTES for cc in text.split(",")):
         raise ValueError(f"--targets must be comma-separated compute capabilities among {sorted(SHARED_LIMIT_BYTES)}, "
                          f"like 80,90, got {text!r}")

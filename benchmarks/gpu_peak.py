@@ -1,12 +1,10 @@
-"""The CUDA device's peak memory bandwidth and dense tensor-core / vector FLOP rates, to put achieved
-figures against::
+"""The CUDA device's peak memory bandwidth and dense FLOP rates, to put achieved figures against::
 
     bandwidth = 2 (double data rate) * memory_clock_rate * memory_bus_width / 8    bytes/s
     FLOP/s    = the vendor's published dense (no sparsity) figure, from :data:`PUBLISHED_PEAKS`
 
-(datasheet figures: ``SMs * boost clock * FLOPs per clock`` overstates what the parts sustain, e.g.
-~1070 instead of 989 bf16 TFLOP/s on an H100 SXM). A device not in the table gets None; on CPU the
-benchmarks print :data:`NEEDS_GPU` instead of a number.
+(not ``SMs * boost clock * FLOPs per clock``, which overstates e.g. an H100 SXM's 989 bf16 TFLOP/s as
+~1070). A device not in the table gets None; on CPU the benchmarks print :data:`NEEDS_GPU`.
 """
 
 from __future__ import annotations
@@ -36,19 +34,16 @@ PUBLISHED_PEAKS = (
 
 
 def published_peak(name: str) -> dict | None:
-    """``{"bf16", "fp16", "tf32", "fp32"}`` dense peak TFLOP/s of the device called ``name`` (as
-    ``torch.cuda.get_device_properties(...).name`` spells it, e.g. ``"NVIDIA H100 80GB HBM3"``), or
-    None for a device not in :data:`PUBLISHED_PEAKS`."""
+    """``{"bf16", "fp16", "tf32", "fp32"}`` dense peak TFLOP/s of the device ``name`` (as torch spells
+    it, e.g. ``"NVIDIA H100 80GB HBM3"``), or None for a device not in :data:`PUBLISHED_PEAKS`."""
     normalised = " ".join(re.sub(r"[-_]", " ", name).upper().split())
     figures = next((figures for pattern, figures in PUBLISHED_PEAKS if pattern in normalised), None)
     return None if figures is None else dict(figures)
 
 
 def gpu_peak() -> dict | None:
-    """``{"gpu", "peak_bandwidth_GBps", "peak_bf16_TFLOPs", "peak_fp16_TFLOPs", "peak_tf32_TFLOPs",
-    "peak_fp32_TFLOPs"}`` of the current CUDA device (the TFLOP/s are None for a device not in
-    :data:`PUBLISHED_PEAKS`, the bandwidth None when torch does not report the memory clock), or
-    None without CUDA."""
+    """``{"gpu", "peak_bandwidth_GBps", "peak_<bf16|fp16|tf32|fp32>_TFLOPs"}`` of the current CUDA
+    device (bandwidth None when torch does not report the memory clock), or None without CUDA."""
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
@@ -60,8 +55,7 @@ def gpu_peak() -> dict | None:
 
 
 def fraction_of_peak(achieved: float | None, peak: float | None, device: str) -> float | str | None:
-    """``achieved / peak`` for a measurement on ``device``: :data:`NEEDS_GPU` for ``"cpu"`` (no
-    device peak applies); None when either figure is unknown."""
+    """``achieved / peak``: :data:`NEEDS_GPU` on ``"cpu"``, None when either figure is unknown."""
     check_choice("device", device, ("cpu", "cuda"))
     if device == "cpu":
         return NEEDS_GPU

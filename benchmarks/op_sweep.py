@@ -1,13 +1,9 @@
-"""Per-size sweep of ``fastkd bench ops``: every fused op against its reference from 10^3 to 10^7
-elements, forward + backward (``ema_``: the update), timed side by side in one run.
+"""Per-size sweep of ``fastkd bench ops``: every fused op against its ``*_reference`` (``ema_``: its
+``reference_ops()`` loop), forward + backward (``ema_``: the update), timed in alternating rounds.
 
-Elements: ``feature_align`` student ``[M, 384]``; ``gather_tokens`` ``x [B, 16, 64]`` keeping 4 of
-16 tokens with a positional embedding; ``token_relation`` relation-map elements ``B*H*N*N`` (B = 4,
-H = 3, d = 32, N from the size); ``ema_`` four teacher tensors of ``n / 4`` each. Reference:
-``feature_align_reference``, ``gather_tokens_reference``, ``token_relation_reference`` and, for
-``ema_``, its plain path (the per-tensor ``mul_`` / ``add_`` loop of ``reference_ops()``). Each
-size is timed in alternating rounds (``time_alternating``: the round with the lowest median is
-kept, so load from other processes hits both alike); ``speedup`` = reference / fused time.
+Elements: ``feature_align`` student ``[M, 384]``; ``gather_tokens`` ``x [B, 16, 64]`` keeping 4 of 16
+tokens with a positional embedding; ``token_relation`` relation-map elements ``B*H*N*N`` (B = 4, H = 3,
+d = 32); ``ema_`` four teacher tensors of ``n / 4`` each.
 """
 
 from __future__ import annotations
@@ -71,8 +67,8 @@ CASES = {"feature_align": _feature_align, "gather_tokens": _gather_tokens, "toke
 
 def sweep(sizes=SIZES, dtypes=(torch.float32,), ops=tuple(CASES), *, rounds: int = 5,
           budget_s: float = 0.02) -> list[dict]:
-    """One record per op, dtype and size: ``fused_ms`` / ``reference_ms`` (best round median) and
-    ``speedup`` = reference / fused; each round of each variant runs for about ``budget_s``."""
+    """Per op, dtype and size: ``fused_ms`` / ``reference_ms`` (best round median, each round about
+    ``budget_s``) and ``speedup`` = reference / fused."""
     records = []
     for op in ops:
         for dtype in dtypes:
@@ -91,8 +87,7 @@ def sweep(sizes=SIZES, dtypes=(torch.float32,), ops=tuple(CASES), *, rounds: int
 
 
 def cpu_isa() -> str:
-    """The CPU's vector instruction sets (as /proc/cpuinfo lists them), the one torch dispatches to
-    and the one fastkd._C was compiled for."""
+    """The CPU's vector ISA flags, torch's CPU capability and the ISA fastkd._C was built for."""
     from fastkd.ops import build_info
 
     return (f"vector ISA flags: {' '.join(cpu_info()[1]) or 'unknown'}; torch CPU capability "

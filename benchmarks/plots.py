@@ -18,7 +18,6 @@ def _pyplot():
 
 
 def _save(plt, fig, path, title: str, dpi: int) -> Path:
-    """Title, tight layout, write ``path`` (parents created), close the figure; returns ``path``."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -61,9 +60,8 @@ def bars_per_problem(group: Callable[[dict], str], keys: list[str]) -> Callable[
 
 
 def save_lines_per_op(path: Path, rows: list[dict], panels: list[tuple[str, str]], title: str = "") -> Path:
-    """A grid with one column per ``row["op"]`` and one row per ``(key, ylabel)`` panel: ``row[key]``
-    against ``row["problem"]`` (the problem size, in benchmark order), one line per ``row["variant"]``,
-    log scale. Rows whose ``key`` is not a number are left out of that panel (an empty panel says so)."""
+    """One column per ``row["op"]``, one row per ``(key, ylabel)`` panel: ``row[key]`` (log scale, when
+    a number) against ``row["problem"]`` in benchmark order, one line per ``row["variant"]``."""
     ops = list(dict.fromkeys(row["op"] for row in rows))
     plt = _pyplot()
     fig, axes = plt.subplots(len(panels), len(ops), figsize=(4.2 * len(ops), 3.2 * len(panels)), squeeze=False)
