@@ -8,9 +8,8 @@ import torch
 
 
 class Batch(NamedTuple):
-    """``views``: the augmented views of the batch, each ``[B, 3, H, W]`` (a recipe's order:
-    global views first, then local ones); ``labels``: ``[B]`` int64 class labels (or -1 where
-    unknown); ``indices``: ``[B]`` int64 dataset indices of the images."""
+    """``views``: each ``[B, 3, H, W]``, in the recipe's order; ``labels``: ``[B]`` int64 (-1: unknown);
+    ``indices``: ``[B]`` int64 dataset indices."""
 
     views: list[torch.Tensor]
     labels: torch.Tensor

@@ -28,8 +28,7 @@ class _ShardSource:
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
-    """Copy a dense DALI batch into a new torch tensor (DALI reuses its buffers): on ``device`` for a
-    GPU batch, else on the CPU."""
+    """A dense DALI batch copied (DALI reuses its buffers) to ``device`` if on GPU, else to the CPU."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
     from nvidia.dali.tensors import TensorListGPU
 

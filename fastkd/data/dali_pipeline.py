@@ -1,13 +1,9 @@
 """One DALI pipeline builder for every view recipe, on GPU or CPU-only with the same graph.
 
-Graph: encoded bytes (``external_source``, fed from the rank's shard) -> decode once -> per view:
-random resized crop (or resize shorter side + centre crop) -> colour twist (jitter with probability
-``jitter.p``; grayscale as saturation 0) -> Gaussian blur and solarize (``x -> 255 - x`` for
-``x >= 128``) under DALI conditionals -> ``crop_mirror_normalize`` (flip, ``(x - 255 mean) / (255 std)``,
-HWC uint8 -> CHW float32). A single random-crop view is fused into decoding (``decoders.image_random_crop``).
-On GPU (``device_id`` an int) decoding is ``mixed`` (nvJPEG) and every op runs on the GPU; on CPU
-(``device_id=None``) the same graph runs on ``num_threads`` threads. Unlike torchvision, DALI's colour
-twist applies brightness, contrast, saturation and hue in a fixed order and in YIQ space.
+Graph: encoded bytes -> decode once -> per view: crop (:class:`ViewSpec`) -> colour twist (grayscale as
+saturation 0) -> blur and solarize under DALI conditionals -> ``crop_mirror_normalize`` (flip, normalise, CHW
+float32). A single random-crop view is fused into decoding. ``device_id`` an int: ``mixed`` (nvJPEG) decoding, all
+on GPU. Unlike torchvision, DALI's colour twist applies its factors in a fixed order and in YIQ space.
 """
 
 from __future__ import annotations

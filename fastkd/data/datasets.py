@@ -37,8 +37,7 @@ class ImageList:
 
 
 def check_readable_dir(folder: Path, what: str) -> None:
-    """``FileNotFoundError``, ``NotADirectoryError`` or ``PermissionError`` naming ``what`` and the
-    path unless ``folder`` is a readable folder."""
+    """``FileNotFoundError`` / ``NotADirectoryError`` / ``PermissionError`` unless ``folder`` is readable."""
     for error, ok, problem in ((FileNotFoundError, folder.exists(), "does not exist"),
                                (NotADirectoryError, folder.is_dir(), "is not a directory"),
                                (PermissionError, os.access(folder, os.R_OK | os.X_OK), "is not readable")):
@@ -102,8 +101,7 @@ def read_exclusions(path: str | os.PathLike) -> list[str]:
 
 
 def load_images(source, exclude: str | os.PathLike | Iterable[str] | None = None) -> ImageList:
-    """``source``: an ImageList, an ImageFolder root, or a file-list text file; ``exclude``: an
-    exclusion-list file or an iterable of paths (absolute, or relative to the dataset root)."""
+    """An ImageList, ImageFolder root or file list, minus ``exclude`` (a list file or paths, relative to the root)."""
     check_instance("source", source, (ImageList, str, os.PathLike), "a path or an ImageList")
     images = source
     if not isinstance(source, ImageList):

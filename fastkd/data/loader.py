@@ -18,8 +18,7 @@ BACKENDS = ("auto", "dali", "dali_cpu", "torch")  # the one list of data backend
 
 
 def check_loader_options(prefix: str = "", *, backend, batch_size, num_workers, skip_bad_images) -> None:
-    """The loader options a run config (``prefix="data."``) and :func:`build_loader` share, checked
-    once here."""
+    """Check the loader options a run config (``prefix="data."``) and :func:`build_loader` share."""
     check_choice(f"{prefix}backend", backend, BACKENDS)
     check_number(f"{prefix}batch_size", batch_size, low=1, integer=True)
     check_number(f"{prefix}num_workers", num_workers, low=0, integer=True)
@@ -39,17 +38,11 @@ def build_loader(source, recipe, *, batch_size: int, backend: str = "auto", devi
                  rank: int = 0, world_size: int = 1, seed: int = 0, drop_last: bool = True, num_workers: int = 2,
                  exclude: str | os.PathLike | Iterable[str] | None = None, shuffle: bool | None = None,
                  skip_bad_images: bool = False, **recipe_overrides):
-    """Iterable of :class:`fastkd.data.Batch` (views normalised float ``[B, 3, H, W]`` on ``device``)
-    over rank ``rank``'s shard of ``source`` (sharding and ``drop_last``: see ``sharding.py``), with
-    ``len()``, ``set_epoch(epoch)`` and ``close()`` (stops workers or threads until the next iteration).
-
-    ``source``: ImageFolder root, ``<path> <label>`` file list or ``ImageList``, minus ``exclude``;
-    ``recipe``: a registered name (``recipe_overrides`` are its keyword parameters) or a ``Recipe``;
-    ``shuffle`` defaults to the recipe's. ``backend``: ``dali`` (``mixed`` decoding on a CUDA
-    ``device``, else the CPU-only pipeline), ``dali_cpu`` (CPU-only pipeline), ``torch`` (DataLoader +
-    PIL), ``auto`` (``dali`` when installed, else ``torch``); ``num_workers``: DataLoader workers or
-    DALI threads. ``skip_bad_images`` (torch backend only): an undecodable image is dropped from its
-    batch (counted in ``skipped_images``, named in a warning once) instead of raising ``BadImageError``."""
+    """Iterable of :class:`fastkd.data.Batch` on ``device`` over ``rank``'s shard (``sharding.py``) of ``source``
+    minus ``exclude``, with ``len()``, ``set_epoch(epoch)`` and ``close()`` (stops workers until the next iteration).
+    ``recipe``: a name (``recipe_overrides``: its parameters) or a ``Recipe``. ``backend``: ``dali`` (``mixed``
+    decoding on a CUDA ``device``), ``dali_cpu``, ``torch`` (DataLoader + PIL), ``auto`` (``dali`` when installed);
+    ``num_workers``: workers or DALI threads. ``skip_bad_images`` (torch only): drop undecodable images."""
     check_loader_options(backend=backend, batch_size=batch_size, num_workers=num_workers,
                          skip_bad_images=skip_bad_images)
     check_number("world_size", world_size, low=1, integer=True)

@@ -1,11 +1,8 @@
 """The built-in sample dataset: a deterministic ImageFolder of small procedural JPEGs.
 
-12 classes, one per two-tone texture (``CLASSES``). Every image (64-96 px per side) draws its texture
-period (10-16 px), rotation (within +-15 degrees), phase, ink and paper levels (each tinted +-20 per
-channel) and pixel noise from ``numpy.random.default_rng([seed, index])``: byte-identical for a seed.
-Textures, near-upright and near-grey, because self-supervised methods learn what every view of an
-image shares: with free colours or orientations a tiny MoCo v3 learns those instead of the class and
-its k-NN stays near chance for the demo's whole budget.
+12 two-tone textures (``CLASSES``); each image draws size, period, rotation, phase, tinted ink / paper levels and
+noise from ``numpy.random.default_rng([seed, index])``. Near-upright and near-grey, since with free colours or
+orientations a tiny MoCo v3 learns those instead of the class.
 """
 
 from __future__ import annotations
@@ -82,8 +79,7 @@ def sample_image(index: int, seed: int = 0) -> tuple[Image.Image, int]:
 
 
 def write_sample_dataset(root: str | os.PathLike, images: int = 2000, seed: int = 0) -> Path:
-    """Write ``images`` JPEGs as ``root/<class>/<index>.jpg`` (byte-identical for a seed);
-    returns ``root``. Needs at least one image per class."""
+    """Write ``images`` (>= one per class) JPEGs as ``root/<class>/<index>.jpg``; returns ``root``."""
     _check_ints(("images (one per class)", images, len(CLASSES)), ("seed", seed, 0))
     root = Path(root)
     for name in CLASSES:

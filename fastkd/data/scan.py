@@ -41,9 +41,7 @@ def check_image(path: str) -> str | None:
 
 def scan_dataset(root: str | os.PathLike, workers: int = 4, *, out: str | os.PathLike | None = None,
                  progress: bool = True) -> ScanResult:
-    """Decode every image under ``root`` (ImageFolder tree, or a file list) with ``workers``
-    threads; if ``out`` is given, write the exclusion list there (``path<TAB>reason`` lines).
-    ``progress``: see :func:`fastkd.progress.progress_disable`."""
+    """Decode every image of ``root`` (ImageFolder or file list); write ``path<TAB>reason`` lines to ``out``."""
     check_number("workers", workers, low=1, integer=True)
     root = Path(root)
     base = root.parent.resolve() if root.is_file() else root.resolve()

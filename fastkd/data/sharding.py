@@ -1,11 +1,8 @@
 """Per-rank sharding of a dataset's indices for one epoch.
 
-Epoch order: ``perm = randperm(n, generator=seed(seed, epoch))`` when shuffling, else
-``arange(n)``; rank ``r`` of ``w`` takes ``perm[r::w]``. Shards are disjoint and together cover
-all ``n`` indices. With ``drop_last`` every rank keeps the same whole number of batches,
-``(n // w) // batch_size`` (so DDP ranks step in lock-step); the few dropped indices are a
-different random subset each epoch when shuffling. Without ``drop_last`` the last batch may be
-short and ranks may differ by one sample (use it for evaluation, not for DDP training).
+``perm = randperm(n, generator=seed(seed, epoch))`` (``arange(n)`` without shuffling); rank ``r`` of ``w`` takes
+``perm[r::w]``. With ``drop_last`` every rank keeps ``(n // w) // batch_size`` batches (DDP lock-step); without,
+the last batch may be short and ranks differ by one sample (evaluation only).
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""The plain PyTorch implementation of the view recipes: a ``DataLoader`` whose workers decode with
-PIL and apply torchvision transforms built from the same :class:`ViewSpec` s as the DALI pipeline
-(the fallback without DALI, and the benchmark's baseline). Augmentations are a pure function of
-``(seed, epoch, index)``: each sample seeds its own torch RNG, whatever the workers.
+"""The PyTorch view pipeline: a ``DataLoader`` decoding with PIL and applying torchvision transforms of the same
+:class:`ViewSpec` s as DALI. Augmentations are a pure function of ``(seed, epoch, index)``, whatever the workers.
 
-An undecodable image raises :class:`BadImageError` naming it; with ``skip_bad_images`` it becomes a
-:class:`BadImage` that the collate function drops (a batch left empty is not yielded, so an epoch
-may have fewer batches than ``len()``), counted in ``skipped_images`` and warned about once per file.
+An undecodable image raises :class:`BadImageError`; with ``skip_bad_images`` it is dropped from its batch (an empty
+batch is not yielded), counted in ``skipped_images`` and warned about once per file.
 """
 
 from __future__ import annotations
@@ -70,8 +67,7 @@ class BadImage(NamedTuple):
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Item ``(epoch, i)`` -> ``(views, label, i)`` with every view of ``recipe`` of image ``i``
-    (a :class:`BadImage` for an undecodable one when ``skip_bad_images``, else BadImageError)."""
+    """Item ``(epoch, i)`` -> ``(views, label, i)``, or a :class:`BadImage` when skipping bad images."""
 
     def __init__(self, images: ImageList, recipe: Recipe, seed: int, skip_bad_images: bool = False):
         self.images, self.seed, self.skip_bad_images = images, seed, skip_bad_images
@@ -112,9 +108,8 @@ class _EpochBatches:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM / SIGINT: ``docker stop``, Slurm and Kubernetes signal the
-    whole process group, and the parent alone decides how to stop (stop checkpoint, then its
-    workers). ``multiprocessing`` would wait for them at exit: :func:`_stop_workers_at_exit` kills them."""
+    """Workers ignore SIGTERM / SIGINT sent to the whole process group (docker, Slurm, Kubernetes): the parent
+    decides how to stop, and :func:`_stop_workers_at_exit` kills them."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -137,8 +132,7 @@ def _stop_workers_at_exit() -> None:
 
 
 class _Collated(NamedTuple):
-    """A collated batch: the decodable items (``None`` when there is none) and the :class:`BadImage` s
-    dropped from it (a NamedTuple, so the DataLoader's pin-memory thread pins it)."""
+    """The decodable items (``None`` if none) and the dropped :class:`BadImage` s (a NamedTuple: it gets pinned)."""
 
     batch: Batch | None
     bad: list[BadImage]
@@ -169,8 +163,7 @@ class TorchViewLoader:
             persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
 
     def close(self) -> None:
-        """Stops the worker processes now (they restart on the next iteration). Workers that do not
-        exit after the DataLoader's own shutdown are killed: they ignore SIGTERM by design."""
+        """Stop the workers now (they restart on the next iteration), killing any that outlive the shutdown."""
         iterator, self._loader._iterator = self._loader._iterator, None  # set only with persistent workers
         if iterator is None:
             return
