@@ -1,26 +1,22 @@
 """End-to-end training throughput per method, every variant side by side in one run.
 
-Variants, built from one seed (``fastkd.methods.build_method``), trained on one synthetic batch of
-the method's recipe views: ``plain_eager`` (hand-written: plain ops under ``reference_ops()``,
-single-tensor AdamW, per-step host syncs of the loss parts and gradient norm); ``plain_compiled``
-(the same under ``torch.compile(method)``, ``--compile-backend``); ``fastkd`` (``Trainer.train_step``
-with the trainer's defaults: fused ops and AdamW, ``auto`` skip_decision / teacher_precision /
-attention / compile); ``fastkd_compiled`` (the same with ``train.compile: true``). fp32 on CPU, bf16
-autocast on CUDA; ``teacher_dtype``: what the frozen teachers computed in.
+Variants, built from one seed, trained on one synthetic batch of the method's recipe views:
+``plain_eager`` (hand-written: plain ops under ``reference_ops()``, single-tensor AdamW, per-step host
+syncs of the loss parts and gradient norm); ``plain_compiled`` (the same under ``torch.compile``);
+``fastkd`` (``Trainer.train_step`` as shipped: fused ops and AdamW, ``auto`` skip_decision /
+teacher_precision / attention / compile); ``fastkd_compiled`` (with ``train.compile: true``). fp32 on
+CPU, bf16 autocast on CUDA. Timed in alternating rounds of 3 steps after warm-up (best round median).
 
 Models (``--model``): ``demo`` (each method as ``configs/demo/`` trains it, batch 64), ``vit64``
 (192-d x 4-block ViTs at 64 px, batch 64), ``vits224`` (ViT-S/16, batch 32, the CPU target),
-``vitb224`` (ViT-B/16, batch 128, the CUDA target). ``--quick``: batch 8, demo shapes, one round,
-``aot_eager``. Timed in alternating rounds of 3 steps after warm-up (best round median). ``--runs
-N``: each method's rows from the run whose ``fastkd`` row has the lowest ``vs_plain_eager``, every
-run's ratios in ``vs_plain_eager_runs`` / ``vs_plain_compiled_runs``.
+``vitb224`` (ViT-B/16, batch 128, the CUDA target). ``--runs N``: each method's rows from the run
+whose ``fastkd`` row has the lowest ``vs_plain_eager`` (every run's ratios in ``*_runs``).
 
-Columns: images/s, step time, peak memory, ``vs_plain_eager`` / ``vs_plain_compiled`` (their step
-time / this one's), ``memory_ratio`` (peak / plain_eager's), GFLOP/s, ``vs_mm_fp32`` and the phases
-of the median of three profiled steps: ``teacher_fwd`` (frozen and EMA teachers; empty in a compiled
-graph), ``student_fwd``, ``backward``, ``optimizer`` (with plain_eager's host syncs), ``after_step``,
-``data``, ``other``, ``fused_ops`` (inside fastkd's ops), ``top_ops``. :data:`TARGETS` are checked
-per record (``meets_target``), never asserted by tests.
+Columns: ``vs_plain_eager`` / ``vs_plain_compiled`` (their step time / this one's), ``memory_ratio``
+(peak / plain_eager's), ``teacher_dtype``, GFLOP/s, ``vs_mm_fp32``, ``vs_peak_bf16`` and the phases of
+the median of three profiled steps (``teacher_fwd``, empty in a compiled graph, ``student_fwd``,
+``backward``, ``optimizer``, ``after_step``, ``data``, ``other``, ``fused_ops``) with ``top_ops``.
+:data:`TARGETS` are checked per record (``meets_target``), never asserted by tests.
 
     fastkd bench e2e [--quick] [--model vits224] [--methods moma ...] [--runs N]
 """
@@ -239,11 +235,8 @@ def gemm_rate(device: str, n: int) -> float:
 
 
 def targets_for(model: str, method: str) -> dict:
-    out = {}
-    for (m_model, m_method), target in TARGETS.items():
-        if m_model in ("*", model) and m_method in ("*", method):
-            out.update(target)
-    return out
+    return {key: value for (m_model, m_method), target in TARGETS.items()
+            if m_model in ("*", model) and m_method in ("*", method) for key, value in target.items()}
 
 
 def describe_target(target: dict) -> str:

@@ -27,12 +27,6 @@ COLUMNS = ["model", "params_M", "tensors", "variant", "median_ms", "p10_ms", "p9
            "bytes_moved_MiB", "speedup", "baseline"]
 
 
-def parameter_shapes(timm_name: str) -> list[torch.Size]:
-    with torch.device("meta"):
-        model = timm.create_model(timm_name, pretrained=False)
-    return [p.shape for p in model.parameters()]
-
-
 def separate_gap(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> list[float]:
     """What a user writes without the fused op: a second pass of fp32 foreach reductions."""
     diff_sq = sum(n.item() ** 2 for n in torch._foreach_norm(torch._foreach_sub(student, teacher)))
@@ -46,7 +40,9 @@ def mul_add_loop(teacher, student, momentum):
         t.mul_(momentum).add_(s, alpha=1.0 - momentum)
 
 
-def bench_model(label: str, shapes: list[torch.Size], device: str, repeats: int) -> list[dict]:
+def bench_model(label: str, timm_name: str, device: str, repeats: int) -> list[dict]:
+    with torch.device("meta"):
+        shapes = [p.shape for p in timm.create_model(timm_name, pretrained=False).parameters()]
     numel = sum(s.numel() for s in shapes)
     teacher, student = ([torch.randn(s, device=device) for s in shapes] for _ in range(2))
     student_bf16 = [s.to(torch.bfloat16) for s in student]
@@ -80,7 +76,7 @@ def main(argv=None) -> list[dict]:
     args = parse_bench_args(bench_parser(__doc__.splitlines()[0], "ViT-S and ViT-B only, fewer repeats"), argv)
     records = []
     for label in ["ViT-S/16", "ViT-B/16"] if args.quick else list(MODELS):
-        records += bench_model(label, parameter_shapes(MODELS[label]), args.device, 5 if args.quick else 10)
+        records += bench_model(label, MODELS[label], args.device, 5 if args.quick else 10)
     info = build_info()
     report_results("bench_ema", records, COLUMNS, f"EMA update, momentum {MOMENTUM}, fastkd._C built: "
                    f"{info['built']}, CPU ISA: {info.get('cpu_isa')}", device=args.device, out_dir=args.out)

@@ -1,6 +1,5 @@
-"""Benchmark ``FeatureAlignLoss`` (layernorm target, smooth-L1 beta 2, mean; forward + backward)
-against the plain PyTorch sequence (``feature_align_reference(...).mean()``) in eager mode and the
-same compiled with ``torch.compile``.
+"""``FeatureAlignLoss`` (layernorm target, smooth-L1 beta 2, mean; forward + backward) against
+``feature_align_reference(...).mean()``, eager and ``torch.compile``-d.
 
 Shapes: ViT-S/B/L tokens ``[64, 197, D]``, D = 384 / 768 / 1024. Timed in alternating rounds (best
 round median); also peak extra memory and the bytes the fused GPU kernel moves against the unfused
@@ -14,14 +13,9 @@ from __future__ import annotations
 import torch
 
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
-from fastkd.benchmarks.common import compare_variants, grad_step, report_results
+from fastkd.benchmarks.common import NUM_TOKENS, OP_COLUMNS, VIT_WIDTHS, compare_variants, grad_step, report_results
 from fastkd.losses import FeatureAlignLoss
 from fastkd.ops import feature_align_reference
-
-MODELS = {"vit_small": 384, "vit_base": 768, "vit_large": 1024}
-NUM_TOKENS = 197
-COLUMNS = ["model", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup", "peak_MiB", "memory_ratio",
-           "bytes_moved_MiB"]
 
 
 def bytes_moved(M: int, D: int, elem: int) -> dict[str, int]:
@@ -45,14 +39,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.quick:
         variants["compiled"] = torch.compile(reference_loss)
     records = []
-    for model, D in ({"vit_base": MODELS["vit_base"]} if args.quick else MODELS).items():
+    for model, D in ({"vit_base": VIT_WIDTHS["vit_base"]} if args.quick else VIT_WIDTHS).items():
         student = torch.randn(B, NUM_TOKENS, D, device=args.device, dtype=dtype, requires_grad=True)
         teacher = torch.randn(B, NUM_TOKENS, D, device=args.device, dtype=dtype)
         runs = {name: grad_step(fn, (student,), teacher) for name, fn in variants.items()}
         records += compare_variants({"model": model, "shape": f"{B}x{NUM_TOKENS}x{D}"}, runs, device=args.device,
                                     dtype=dtype, rounds=2 if args.quick else 3, repeats=3 if args.quick else 5,
                                     baseline="eager", moved=bytes_moved(B * NUM_TOKENS, D, student.element_size()))
-    report_results("bench_feature_align", records, COLUMNS, f"feature_align forward + backward, {args.dtype}",
+    report_results("bench_feature_align", records, OP_COLUMNS, f"feature_align forward + backward, {args.dtype}",
                    device=args.device, out_dir=args.out)
     return records
 

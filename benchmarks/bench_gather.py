@@ -1,5 +1,5 @@
-"""Benchmark ``fastkd.ops.gather_tokens`` (with pos-embed, forward + backward) against
-``torch.gather(x + pos_embed)`` in eager mode and the same compiled with ``torch.compile``.
+"""``fastkd.ops.gather_tokens`` (with pos-embed, forward + backward) against ``torch.gather(x +
+pos_embed)``, eager and ``torch.compile``-d.
 
 Shapes: ViT-S/B/L widths (D = 384 / 768 / 1024), N = 197, batch 64, keep ratios 0.1 (MOMA) and
 0.25 (MAE). Timed in alternating rounds (best round median); also peak extra memory and the bytes the
@@ -13,16 +13,13 @@ from __future__ import annotations
 import torch
 
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
-from fastkd.benchmarks.common import compare_variants, grad_step, report_results
+from fastkd.benchmarks.common import NUM_TOKENS, OP_COLUMNS, VIT_WIDTHS, compare_variants, grad_step, report_results
 from fastkd.benchmarks.plots import bars_per_problem
 from fastkd.kernels.gather_tokens import bwd_batch_groups
 from fastkd.ops import gather_tokens, gather_tokens_reference, random_keep
 
-MODELS = {"vit_small": 384, "vit_base": 768, "vit_large": 1024}
-NUM_TOKENS, BATCH, KEEP_RATIOS = 197, 64, (0.1, 0.25)
+BATCH, KEEP_RATIOS = 64, (0.1, 0.25)
 EAGER = "torch.gather(x + pos) eager"
-COLUMNS = ["model", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup", "peak_MiB", "memory_ratio",
-           "bytes_moved_MiB"]
 
 
 def bytes_moved(B: int, N: int, D: int, K: int, elem: int) -> tuple[int, int]:
@@ -47,7 +44,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.quick:
         variants["torch.gather(x + pos) compiled"] = torch.compile(gather_tokens_reference, dynamic=False)
     records: list[dict] = []
-    for model, D in ({"vit_base": MODELS["vit_base"]} if args.quick else MODELS).items():
+    for model, D in ({"vit_base": VIT_WIDTHS["vit_base"]} if args.quick else VIT_WIDTHS).items():
         for ratio in KEEP_RATIOS:
             K = max(1, round(ratio * N))
             generator = torch.Generator(device=args.device).manual_seed(0)
@@ -61,7 +58,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 device=args.device, dtype=dtype, rounds=args.rounds or (3 if args.quick else 5),
                 repeats=5 if args.quick else 10, baseline=EAGER,
                 moved={name: fused if name.startswith("fastkd") else unfused for name in runs})
-    report_results("bench_gather", records, COLUMNS, "gather_tokens + pos-embed, forward + backward",
+    report_results("bench_gather", records, OP_COLUMNS, "gather_tokens + pos-embed, forward + backward",
                    device=args.device, out_dir=args.out,
                    plot=bars_per_problem(lambda r: f"{r['model']}\nkeep {r['keep_ratio']}", ["median_ms"]))
     return records

@@ -67,11 +67,6 @@ SHAPES = {
 MOKD_R18 = dict(global_size=64, local_size=32, patch=16)  # both sizes: a ResNet-18 needs 64 px
 
 
-def peer_dirs(args) -> dict[str, Path | None]:
-    return {key: getattr(args, f"{key}_dir") or (args.peer_dir / folder if args.peer_dir else None)
-            for key, (folder, _, _) in PEERS.items()}
-
-
 def missing_peers(dirs: dict[str, Path | None], needed: set[str]) -> str | None:
     """None when every needed checkout holds its files, else how to get them."""
     lines = []
@@ -79,8 +74,7 @@ def missing_peers(dirs: dict[str, Path | None], needed: set[str]) -> str | None:
         folder, url, files = PEERS[key]
         root = dirs[key]
         if root is None or not all((root / f).is_file() for f in files):
-            target = root if root is not None else Path("DIR") / folder
-            lines.append(f"  git clone {url} {target}")
+            lines.append(f"  git clone {url} {root if root is not None else Path('DIR') / folder}")
     if not lines:
         return None
     return ("fastkd bench peers needs the official code, which fastkd does not ship. Get it with\n" + "\n".join(lines)
@@ -165,8 +159,7 @@ def _views(sizes: list[int], batch: int) -> list[torch.Tensor]:
 
 def mocov3_case(root: Path, quick: bool, workdir: Path):
     """``(fastkd step, official step)`` of MoCo v3."""
-    peer = load_peer(root, ["moco.builder", "vits"])
-    builder, vits = peer["moco.builder"], peer["vits"]
+    builder, vits = load_peer(root, ["moco.builder", "vits"]).values()
     s = SHAPES[quick]["mocov3"]
     img, patch, dim, depth, heads = s["vit"]
     if not hasattr(vits.VisionTransformerMoCo, "num_tokens"):  # timm >= 0.9 calls it num_prefix_tokens
@@ -208,9 +201,8 @@ def mocov3_case(root: Path, quick: bool, workdir: Path):
 
 def mokd_case(root: Path, quick: bool, workdir: Path, cnn: bool):
     """``(fastkd step, official step)`` of MOKD, model a a ResNet-18 (``cnn``) or a ViT, model b a ViT."""
-    peer = load_peer(root, ["models.mokd", "backbones.vision_transformer", "backbones.resnet", "utils.utils"])
-    mokd, vits, resnets, utils = (peer[k] for k in ("models.mokd", "backbones.vision_transformer", "backbones.resnet",
-                                                    "utils.utils"))
+    mokd, vits, resnets, utils = load_peer(
+        root, ["models.mokd", "backbones.vision_transformer", "backbones.resnet", "utils.utils"]).values()
     s = {**SHAPES[quick]["mokd"], **(MOKD_R18 if cnn else {})}
     G, L, D = s["global_size"], s["local_size"], s["dim"]
     grid = G // s["patch"]
@@ -224,20 +216,15 @@ def mokd_case(root: Path, quick: bool, workdir: Path, cnn: bool):
                                       drop_path_rate=0.0, **VIT)
 
     def pair(x):  # (student, teacher) wrappers of model x, as main_mokd.py builds them
-        if x == "a" and cnn:
-            backbones = [resnets.resnet18() for _ in range(2)]
-            width = backbones[0].fc.weight.shape[1]
-            heads_ = [vits.THead_CNN(featuremap_size=G // 32, in_chans=width, **thead) for _ in range(2)]
-            return (mokd.CNNStudentWrapper(backbones[0], mokd.DINOHead(width, s["out"], norm_last_layer=True, **head),
-                                           heads_[0]),
-                    mokd.CNNTeacherWrapper(backbones[1], mokd.DINOHead(width, s["out"], False, **head), heads_[1],
-                                           s["local_crops"]))
-        backbones = [vit(*s[x]) for _ in range(2)]
-        heads_ = [vits.THead_ViT(featuremap_size=grid, **thead) for _ in range(2)]
-        return (mokd.ViTStudentWrapper(backbones[0], mokd.DINOHead(D, s["out"], norm_last_layer=x == "a", **head),
-                                       heads_[0]),
-                mokd.ViTTeacherWrapper(backbones[1], mokd.DINOHead(D, s["out"], False, **head), heads_[1],
-                                       s["local_crops"]))
+        resnet = x == "a" and cnn
+        backbones = [resnets.resnet18() if resnet else vit(*s[x]) for _ in range(2)]
+        width = backbones[0].fc.weight.shape[1] if resnet else D
+        heads_ = [vits.THead_CNN(featuremap_size=G // 32, in_chans=width, **thead) if resnet
+                  else vits.THead_ViT(featuremap_size=grid, **thead) for _ in range(2)]
+        student, teacher = ((mokd.CNNStudentWrapper, mokd.CNNTeacherWrapper) if resnet
+                            else (mokd.ViTStudentWrapper, mokd.ViTTeacherWrapper))
+        return (student(backbones[0], mokd.DINOHead(width, s["out"], norm_last_layer=x == "a", **head), heads_[0]),
+                teacher(backbones[1], mokd.DINOHead(width, s["out"], False, **head), heads_[1], s["local_crops"]))
 
     (student_a, teacher_a), (student_b, teacher_b) = pair("a"), pair("b")
     for student, teacher in ((student_a, teacher_a), (student_b, teacher_b)):
@@ -338,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mokd-dir", type=Path, default=None, help="the mokd checkout (default PEER_DIR/mokd)")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     args = parse_bench_args(parser, argv)
-    dirs = peer_dirs(args)
+    dirs = {key: getattr(args, f"{key}_dir") or (args.peer_dir / folder if args.peer_dir else None)
+            for key, (folder, _, _) in PEERS.items()}
     message = missing_peers(dirs, {"mocov3" if c.startswith("mocov3") else "mokd" for c in args.cases})
     if message:
         print(message, file=sys.stderr)

@@ -1,6 +1,5 @@
-"""Benchmark ``fastkd.ops.token_relation`` (forward + backward) against the materialised reference
-``token_relation_reference`` (``log_softmax`` of full ``[B, H, N, N]`` maps and ``F.kl_div``), eager
-and compiled with ``torch.compile``, side by side in one run.
+"""``fastkd.ops.token_relation`` (forward + backward) against ``token_relation_reference``
+(``log_softmax`` of full ``[B, H, N, N]`` maps and ``F.kl_div``), eager and ``torch.compile``-d.
 
 Shapes (:data:`CASES`, d = 64): the end-to-end benchmark's small N (ViT-Ti H = 3 at N = 17 and 65,
 ViT-S at 197, batch 64), ViT-S/B/L (H = 6 / 12 / 16) at N = 197, batch 32, and ViT-B at N = 1025,
@@ -24,7 +23,7 @@ import math
 import torch
 
 from fastkd.benchmarks.arguments import bench_parser, parse_bench_args
-from fastkd.benchmarks.common import compare_variants, grad_step, report_results
+from fastkd.benchmarks.common import OP_COLUMNS, compare_variants, grad_step, report_results
 from fastkd.benchmarks.plots import bars_per_problem
 from fastkd.ops import token_relation, token_relation_reference
 
@@ -36,13 +35,12 @@ CASES = [  # label, heads, tokens, batch, quick batch
 UNFUSED_MAP_PASSES = 18
 FUSED_BLOCK = 64
 EAGER = "reference eager"
-COLUMNS = ["case", "shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup", "peak_MiB", "memory_ratio",
-           "bytes_moved_MiB", "gflops_model"]
+COLUMNS = ["case", *OP_COLUMNS[1:], "gflops_model"]
 
 
 def bytes_moved(B: int, H: int, N: int, d: int, elem: int) -> tuple[int, int]:
-    """(fused, unfused) bytes of one forward + backward: the forward, dq and dk passes each read q_s,
-    q_t once and k_s, k_t once per query block; dq / dk written; 3 statistics written, 4 read per pass."""
+    """(fused, unfused) bytes of one forward + backward (module docstring; 3 statistics vectors
+    written, 4 read by each backward pass)."""
     tensor = B * H * N * d * elem
     per_pass = (2 + 2 * math.ceil(N / FUSED_BLOCK)) * tensor
     stats = 4 * B * H * N

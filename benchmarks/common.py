@@ -18,6 +18,8 @@ import torch
 from fastkd.reporting import cpu_info, markdown_table, results_dir, write_results
 
 TIMING_KEYS = ("median_ms", "p10_ms", "p90_ms")
+VIT_WIDTHS, NUM_TOKENS = {"vit_small": 384, "vit_base": 768, "vit_large": 1024}, 197  # the op benchmarks' ViT-S/B/L
+OP_COLUMNS = ["model", "shape", "variant", *TIMING_KEYS, "speedup", "peak_MiB", "memory_ratio", "bytes_moved_MiB"]
 
 
 def time_fn(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, device: str = "cpu") -> dict:

@@ -89,12 +89,8 @@ def run_check(configs: list[CompileConfig], targets: tuple[int, ...] = (80, 90))
 def selected_configs(quick: bool = False, kernel: str | None = None) -> list[CompileConfig]:
     """The configurations whose kernel name contains ``kernel``; ``quick``: the first of each kernel."""
     configs = [c for c in all_compile_configs() if kernel is None or kernel in c.name]
-    if not quick:
-        return configs
-    first: dict[str, CompileConfig] = {}
-    for config in configs:
-        first.setdefault(config.name, config)
-    return list(first.values())
+    names = [c.name for c in configs]
+    return [c for i, c in enumerate(configs) if not quick or names.index(c.name) == i]
 
 
 def parse_targets(text: str) -> tuple[int, ...]:

@@ -33,11 +33,8 @@ def _gather_tokens(n: int, dtype: torch.dtype):
     x = torch.randn(B, N, D, dtype=dtype, requires_grad=True)
     pos = torch.randn(1, N, D, dtype=dtype, requires_grad=True)
     keep, _ = random_keep(B, N, K, generator=torch.Generator().manual_seed(0))
-
-    def step(fn):
-        return grad_step(lambda x_, p_: fn(x_, keep, p_), (x, pos))
-
-    return f"[{B}, {N}, {D}] keep {K}", B * N * D, step(gather_tokens), step(gather_tokens_reference)
+    return f"[{B}, {N}, {D}] keep {K}", B * N * D, *(grad_step(lambda x_, p_, fn=fn: fn(x_, keep, p_), (x, pos))
+                                                     for fn in (gather_tokens, gather_tokens_reference))
 
 
 def _token_relation(n: int, dtype: torch.dtype):

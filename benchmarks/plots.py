@@ -8,13 +8,13 @@ from typing import Callable
 YLABELS = {"median_ms": "forward + backward, median ms", "peak_MiB": "peak extra memory, MiB"}
 
 
-def _pyplot():
+def _subplots(rows: int, columns: int, figsize: tuple[float, float]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    return plt, *plt.subplots(rows, columns, figsize=figsize, squeeze=False)
 
 
 def _save(plt, fig, path, title: str, dpi: int) -> Path:
@@ -31,8 +31,7 @@ def _save(plt, fig, path, title: str, dpi: int) -> Path:
 def save_grouped_bars(path: Path, groups: list[str], panels: list[tuple[str, dict[str, list[float]]]],
                       title: str = "") -> Path:
     """One bar panel per ``(ylabel, {series: one value per group})``, bars grouped by ``groups``."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(groups) * len(panels) + 2, 4), squeeze=False)
+    plt, fig, axes = _subplots(1, len(panels), (1.6 * len(groups) * len(panels) + 2, 4))
     for ax, (ylabel, series) in zip(axes[0], panels):
         width = 0.8 / len(series)
         for i, (name, values) in enumerate(series.items()):
@@ -63,8 +62,7 @@ def save_lines_per_op(path: Path, rows: list[dict], panels: list[tuple[str, str]
     """One column per ``row["op"]``, one row per ``(key, ylabel)`` panel: ``row[key]`` (log scale, when
     a number) against ``row["problem"]`` in benchmark order, one line per ``row["variant"]``."""
     ops = list(dict.fromkeys(row["op"] for row in rows))
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(panels), len(ops), figsize=(4.2 * len(ops), 3.2 * len(panels)), squeeze=False)
+    plt, fig, axes = _subplots(len(panels), len(ops), (4.2 * len(ops), 3.2 * len(panels)))
     for column, op in enumerate(ops):
         op_rows = [row for row in rows if row["op"] == op]
         cases = list(dict.fromkeys(row["problem"] for row in op_rows))
