@@ -37,10 +37,9 @@ POS_EMBED_RESIZES = ("timm", "dino")
 
 @dataclass
 class Features:
-    """Outputs of :meth:`Backbone.forward_features`. ViT: ``tokens [B, P+K, D]`` (prefix tokens first,
-    after the final norm), ``qk`` block -> ``(q, k)`` each ``[B, H, P+K, d]`` as the attention used them,
-    ``layers`` block -> its output ``[B, P+K, D]`` (before the final norm). ResNet: ``pooled [B, C]`` and
-    ``feature_map [B, C, h, w]`` of the last stage."""
+    """ViT: ``tokens [B, P+K, D]`` (after the final norm), ``qk``: block -> ``(q, k)`` ``[B, H, P+K, d]``,
+    ``layers``: block -> output ``[B, P+K, D]`` (before the final norm). ResNet: the last stage's ``pooled`` and
+    ``feature_map``."""
 
     tokens: torch.Tensor | None = None
     qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -100,9 +99,8 @@ class Backbone(nn.Module):
 
     def forward_features(self, x: torch.Tensor, *, keep: torch.Tensor | None = None, return_qk: Iterable[int] = (),
                          return_layers: Iterable[int] = ()) -> Features:
-        """Run the backbone on images ``x [B, C, H, W]`` (:class:`Features`, the module doc). ``keep [B, K]``
-        int64 indexes the patch tokens to keep; ``return_qk`` and ``return_layers`` are block indices
-        (negative ones count from the end; keys are >= 0)."""
+        """:class:`Features` of ``x [B, C, H, W]``; ``keep [B, K]`` int64: patch tokens kept; ``return_qk`` /
+        ``return_layers``: block indices (negative from the end; keys >= 0)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"x must be an image batch [B, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
         qk_blocks = tuple(sorted(self._block_indices(return_qk, "return_qk")))
@@ -187,13 +185,8 @@ class Backbone(nn.Module):
 
 def build_backbone(name: str, *, attention: str | None = None, checkpointing: bool = False,
                    pos_embed_resize: str = "timm", **timm_kwargs) -> Backbone:
-    """``Backbone`` over ``timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)``.
-
-    ``attention``: ``sdpa`` | ``xformers`` | ``auto`` | ``math`` | ``None`` (``$FASTKD_ATTENTION``, else
-    ``sdpa``); ``checkpointing`` recomputes each ViT block in the backward (activation checkpointing);
-    ``pos_embed_resize``: ``timm`` | ``dino`` (module doc).
-    Weights never download: load them with :func:`fastkd.models.load_teacher`.
-    """
+    """``Backbone`` over ``timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)`` (weights:
+    :func:`fastkd.models.load_teacher`); ``checkpointing`` recomputes each ViT block in the backward."""
     check_str("name", name)
     if timm_kwargs.pop("pretrained", False):
         raise ValueError("pretrained=True is not supported: load weights from a local file with load_teacher")

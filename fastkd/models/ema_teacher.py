@@ -1,6 +1,5 @@
-"""The momentum (EMA) teacher of MoCo v3 / DINO style methods, a model wrapper over
-:func:`fastkd.ops.ema_`, and its cosine momentum schedule (kept here, beside the one model it
-drives, so that methods can use it without importing the trainer)."""
+"""The momentum (EMA) teacher of MoCo v3 / DINO style methods over :func:`fastkd.ops.ema_`, and its cosine
+momentum schedule."""
 
 from __future__ import annotations
 
@@ -27,21 +26,17 @@ def momentum_schedule(step: int, total: int, base: float) -> float:
 
 
 class EMATeacher(nn.Module):
-    """A frozen copy of ``student_module`` (``.module``) that follows it by EMA: ``update(m)`` moves every
-    teacher parameter ``p_t <- m * p_t + (1 - m) * p_s`` in one :func:`fastkd.ops.ema_` pass. The student
-    is referenced, not registered (it appears once in the owner's ``state_dict``).
+    """A frozen copy of ``student_module`` (``.module``; the student is referenced, not registered) that
+    ``update(m)`` moves by ``p_t <- m * p_t + (1 - m) * p_s`` in one :func:`fastkd.ops.ema_` pass.
 
-    The teacher runs in eval mode whatever its owner's ``train()`` asks (no dropout, drop-path or
-    other train-only randomness); only its BatchNorm layers follow the owner's mode, by ``bn_stats``:
+    The teacher runs in eval mode; only its BatchNorm layers follow the owner's mode, by ``bn_stats``:
 
-    - ``"batch"`` (default, the official code): in training the teacher's BatchNorm uses the batch
-      statistics of its own activations and keeps its own running statistics, never copied from the
-      student (MoCo v3's ``_update_momentum_encoder`` moves ``parameters()`` only and the momentum
-      encoder trains in train mode; DINO's teacher is never put in eval mode);
-    - ``"ema"``: BatchNorm in eval mode too, and ``update(m)`` moves ``running_mean`` / ``running_var``
-      by the same EMA towards the student's (``num_batches_tracked`` is copied).
+    - ``"batch"`` (default, the official code: MoCo v3 moves ``parameters()`` only, DINO's teacher is never in eval
+      mode): in training its BatchNorm uses its own batch statistics and keeps its own running statistics;
+    - ``"ema"``: BatchNorm in eval mode too, running statistics moved by the same EMA (``num_batches_tracked``
+      copied).
 
-    Other buffers (none in fastkd's models) are copied from the student at each update.
+    Other buffers are copied from the student at each update.
     """
 
     def __init__(self, student_module: nn.Module, bn_stats: str = "batch"):
@@ -63,8 +58,7 @@ class EMATeacher(nn.Module):
         return self._student[0]
 
     def train(self, mode: bool = True):
-        """``self.training = mode``; the teacher module stays in eval mode but for its BatchNorm
-        layers, which take ``mode`` when ``bn_stats == "batch"``."""
+        """``self.training = mode``; the teacher stays in eval mode but for BatchNorm with ``bn_stats == "batch"``."""
         super().train(mode)
         self.module.eval()
         if mode and self.bn_stats == "batch":
@@ -97,10 +91,8 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def update(self, momentum: float, return_gap: bool = False,
                skip: torch.Tensor | None = None) -> EMAGap | torch.Tensor | None:
-        """EMA step over parameters (matched by name) and the buffers by ``bn_stats``; returns the
-        parameter gap measured before the update when ``return_gap``. ``skip`` (a 0-dim 0/1 device
-        tensor, the trainer's ``found_inf``) decides on the device (:func:`fastkd.ops.ema_unless_`):
-        with ``skip = 1`` nothing changes; the gap is then a ``[4]`` float64 device tensor."""
+        """EMA step of parameters and buffers (``bn_stats``); the gap before it when ``return_gap``. ``skip``: a 0/1
+        device tensor (``found_inf``) for :func:`fastkd.ops.ema_unless_`, the gap then a ``[4]`` device tensor."""
         def average(teacher: list, student: list, gap: bool = False):
             if skip is None:
                 return ema_(teacher, student, momentum, return_gap=gap)

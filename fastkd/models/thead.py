@@ -41,10 +41,8 @@ def _grid(value, name: str) -> tuple[int, int]:
 
 
 class THead(nn.Module):
-    """Transformer head over tokens ``[B, N, in_dim]`` or (``input="feature_map"``) maps ``[B, in_dim, h, w]``.
-
-    ``pos_grid`` (an int or ``(gh, gw)``): the grid of the learnable positional embedding
-    (``None``: none); ``norm_last_layer``: freeze the last layer's weight-norm gain at 1."""
+    """Head over tokens ``[B, N, in_dim]`` or (``input="feature_map"``) maps ``[B, in_dim, h, w]``; ``pos_grid``: an
+    int or ``(gh, gw)``; ``norm_last_layer``: freeze the last layer's weight-norm gain at 1."""
 
     def __init__(self, in_dim: int, out_dim: int = 65536, dim: int = 384, depth: int = 3, num_heads: int = 6, *,
                  input: str = "tokens", mlp_ratio: float = 4.0, norm_last_layer: bool = False,
@@ -95,9 +93,8 @@ class THead(nn.Module):
         return self.adapter(x), grid
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter applied to vectors ``[B, in_dim]`` -> ``[B, dim]`` (the 1x1 convolution of a
-        feature-map head as a linear map): puts another representation (MOKD's ViT CLS query) in
-        the head's token space; the identity for a token head with ``in_dim == dim``."""
+        """The adapter on vectors ``[B, in_dim]`` -> ``[B, dim]`` (a 1x1 convolution as a linear map), e.g. to put
+        MOKD's ViT CLS query in the head's token space."""
         check_shape("THead.project input", x, ("B", self.in_dim))
         if self.input == "feature_map":
             return F.linear(x, self.adapter.weight.flatten(1), self.adapter.bias)
@@ -105,10 +102,8 @@ class THead(nn.Module):
 
     def embed(self, tokens: torch.Tensor, query: torch.Tensor | None = None, *, grid=None,
               return_input_mean: bool = False):
-        """Mean-pooled head tokens ``[B, dim]`` (the query token, if any, excluded); with
-        ``return_input_mean`` also the mean of the adapter output ``[B, dim]``, taken before the
-        positional embedding and the blocks. ``grid (h, w)`` lays out token inputs for the
-        positional embedding (default: the head's grid or, for another count, a square one)."""
+        """``e`` (module doc), with ``return_input_mean`` also ``m``; ``grid (h, w)`` lays out token inputs (default:
+        the head's grid or, for another count, a square one)."""
         x, size = self._tokens(tokens, grid)
         input_mean = x.mean(dim=1) if return_input_mean else None
         if self.pos_embed is not None:
