@@ -1,12 +1,8 @@
-"""Linear probe on frozen, cached features, and the parts every trained evaluation shares
-(:mod:`fastkd.eval.linear_protocols`, :mod:`fastkd.eval.finetune`): the result record, the
-training epoch, the head's init and folding, top-1 / top-5.
+"""Linear probe on frozen, cached features, and the parts every trained evaluation shares (result record, training
+epoch, head init and folding, top-1 / top-5).
 
-Features are standardised with the training set's per-dimension mean and std (what MAE's probe
-does with a BatchNorm without affine in front of the classifier), then a linear classifier
-``logits = ((x - mean) / std) @ W^T + b`` is trained with SGD (momentum 0.9, cosine lr) on the
-cross-entropy ``CE(logits, y)``. The features are tensors in memory, so an epoch is a few matrix
-products, not a pass through the backbone.
+``logits = ((x - mean) / std) @ W^T + b`` with the train set's per-dimension mean and std (MAE's affine-free
+BatchNorm), trained with SGD (momentum 0.9, cosine lr) on ``CE(logits, y)``.
 """
 
 from __future__ import annotations
@@ -80,10 +76,8 @@ def fold_linear(linear: nn.Linear, mean: torch.Tensor | float = 0.0, std: torch.
 
 def train_epoch(batches, loss_of, optimizer: torch.optim.Optimizer, schedule, step: int,
                 bar=None) -> tuple[torch.Tensor, int]:
-    """One pass over ``batches``: per batch ``schedule(step)`` (sets the optimizer's lr and weight
-    decay), then one optimizer step on ``loss_of(batch).sum()`` (a scalar, or one loss per head: the
-    heads are independent). Returns the epoch's mean of ``loss_of`` and the step after it; ``bar``
-    (a tqdm) advances once per batch."""
+    """Per batch ``schedule(step)``, then one step on ``loss_of(batch).sum()`` (a scalar or one loss per head);
+    returns the epoch's mean of ``loss_of`` and the next step."""
     losses = []
     for batch in batches:
         schedule(step)

@@ -54,9 +54,8 @@ def _from_training_checkpoint(state: dict, path: Path, module: str) -> nn.Module
 def load_eval_model_described(path: str | os.PathLike, *, arch: str | None = None, module: str = "student",
                               format: str = "auto", device: str | torch.device = "cpu", weights: str = "student",
                               **timm_kwargs) -> tuple[nn.Module, dict]:
-    """:func:`load_eval_model` and what it evaluated: ``{"checkpoint": file or directory read,
-    "checkpoint_key": key}``, the key ``fastkd:<arch>`` for a backbone file, ``method.<module>`` for a
-    training checkpoint and the (given or detected) format for other checkpoints."""
+    """:func:`load_eval_model` and ``{"checkpoint": path read, "checkpoint_key": fastkd:<arch> | method.<module> |
+    format}``."""
     check_instance("path", path, (str, os.PathLike), "a str or os.PathLike")
     check_choice("weights", weights, WEIGHTS)
     path = Path(path)
@@ -96,15 +95,13 @@ def load_eval_model_described(path: str | os.PathLike, *, arch: str | None = Non
 def load_eval_model(path: str | os.PathLike, *, arch: str | None = None, module: str = "student",
                     format: str = "auto", device: str | torch.device = "cpu", weights: str = "student",
                     **timm_kwargs) -> nn.Module:
-    """The frozen (eval mode, no grad) model saved at ``path``, on ``device``. ``weights``
-    (``student`` | ``teacher``) picks a run directory's ``student.pt`` or ``teacher.pt``."""
+    """The frozen model saved at ``path`` (module doc), on ``device``."""
     return load_eval_model_described(path, arch=arch, module=module, format=format, device=device, weights=weights,
                                      **timm_kwargs)[0]
 
 
 def native_image_size(model: nn.Module, default: int = 224) -> int:
-    """The input size ``model`` was built for: a ViT's ``img_size`` (from its patch embedding),
-    else ``default``."""
+    """A ViT's built ``img_size``, else ``default``."""
     patch_embed = getattr(getattr(model, "model", model), "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)
     if isinstance(img_size, (tuple, list)) and img_size and isinstance(img_size[0], int):

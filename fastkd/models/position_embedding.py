@@ -33,8 +33,7 @@ def vit_of(model: nn.Module, purpose: str) -> VisionTransformer:
 
 def sincos_2d_pos_embed(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0, *,
                         columns_first: bool = False) -> torch.Tensor:
-    """The ``[grid_h * grid_w, dim]`` fixed 2-D sin-cos table of the module docstring (row-major
-    patches; the row coordinate's half first, or the column's when ``columns_first``)."""
+    """The ``[grid_h * grid_w, dim]`` sin-cos table of the module docstring (row-major patches)."""
     check_positive_ints(grid_h=grid_h, grid_w=grid_w, dim=dim)
     if dim % 4:
         raise ValueError(f"the 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
@@ -48,9 +47,7 @@ def sincos_2d_pos_embed(grid_h: int, grid_w: int, dim: int, temperature: float =
 
 @torch.no_grad()
 def set_sincos_pos_embed(model: nn.Module, temperature: float = 10000.0, *, columns_first: bool = False) -> None:
-    """Replace the learned position embedding of the timm ``VisionTransformer`` ``model`` (or a
-    fastkd ``Backbone`` over one) by the fixed 2-D sin-cos embedding, frozen (MoCo v3's order;
-    MAE's with ``columns_first``)."""
+    """Replace a ViT's (or Backbone's) learned position embedding by the frozen sin-cos one (MAE: columns first)."""
     vit = vit_of(model, "the sin-cos position embedding")
     if vit.pos_embed is None:
         raise ValueError("this ViT has no absolute position embedding to replace (pos_embed is None)")
@@ -64,8 +61,7 @@ def set_sincos_pos_embed(model: nn.Module, temperature: float = 10000.0, *, colu
 
 
 def resize_pos_embed_dino(pos: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """Patch position embeddings ``pos [1, gh*gw, D]`` laid out on ``grid`` resized to ``size = (h, w)``
-    -> ``[1, h*w, D]`` by DINO's interpolation (module doc). Unchanged when ``size == grid``."""
+    """``pos [1, gh*gw, D]`` on ``grid`` resized to ``size = (h, w)`` by DINO's interpolation (module doc)."""
     (gh, gw), (h, w) = grid, size
     if (h, w) == (gh, gw):
         return pos
