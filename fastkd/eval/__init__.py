@@ -6,9 +6,8 @@ from fastkd.eval.evaluate import (FeatureSet, cached_features, evaluate_knn, eva
 from fastkd.eval.finetune import FINETUNE_RECIPES, FinetuneRecipe, FinetuneResult, finetune, load_finetuned
 from fastkd.eval.knn import KNNResult, knn_classify
 from fastkd.eval.linear_probe import LinearProbeResult, train_linear_probe
-from fastkd.eval.linear_protocols import (
-    LINEAR_PROTOCOLS, LinearProtocol, LinearProtocolResult, evaluate_linear_protocol,
-)
+from fastkd.eval.linear_protocols import (LINEAR_PROTOCOLS, LinearProtocol, LinearProtocolResult,
+                                          evaluate_linear_protocol)
 from fastkd.eval.models import load_eval_model, load_eval_model_described
 
 __all__ = [

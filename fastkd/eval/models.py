@@ -1,13 +1,10 @@
 """Load any saved student or teacher as a frozen feature extractor. ``load_eval_model(path)`` accepts:
 
-- a run directory: its ``student.pt`` when it has one and ``module`` is ``student`` (nothing else is
-  rebuilt), else its newest checkpoint; with ``weights="teacher"`` its ``teacher.pt`` (the EMA
-  teacher's backbone that MoCo v3, ResMoCo and MOKD runs write);
-- a training checkpoint (``checkpoint_<step>.pt``): the method is rebuilt from the config it stores,
-  its state loaded, and the submodule ``module`` (dotted path) returned;
-- a backbone file of :func:`fastkd.models.save_backbone` (``student.pt``): its architecture is read from it;
-- an official MoCo v3 / MAE / DeiT / CLIP checkpoint or a timm state dict: needs ``arch`` (see
-  :func:`fastkd.models.load_teacher`).
+- a run directory: its ``student.pt`` (``module="student"``), else its newest checkpoint; with
+  ``weights="teacher"`` its ``teacher.pt`` (EMA-teacher methods: MoCo v3, ResMoCo, MOKD);
+- a training checkpoint: the method rebuilt from its config, the submodule ``module`` (dotted path) returned;
+- a backbone file of :func:`fastkd.models.save_backbone`;
+- an official MoCo v3 / MAE / DeiT / CLIP checkpoint or a timm state dict: needs ``arch`` (:func:`load_teacher`).
 """
 
 from __future__ import annotations

@@ -11,8 +11,7 @@ from fastkd.ops.token_relation import check_options, token_relation
 
 
 class TokenRelationLoss(nn.Module):
-    """KL between teacher and student token relations, called as ``loss_fn(q_s, k_s, q_t, k_t)``
-    with ``q, k [B, H, N, d]``; returns a scalar (fp32) unless ``reduction="none"``."""
+    """``loss_fn(q_s, k_s, q_t, k_t)``, ``q, k [B, H, N, d]``: a scalar (fp32) unless ``reduction="none"``."""
 
     def __init__(self, temperature: float = 1.0, direction: str = "teacher_to_student", head_map: str | None = None,
                  reduction: str = "mean") -> None:

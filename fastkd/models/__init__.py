@@ -1,5 +1,4 @@
-"""timm-based backbones with pluggable attention, the masked encoder, heads, the EMA teacher and
-backbone weights (teacher loading, backbone saving)."""
+"""timm backbones with pluggable attention and a masked encoder, heads, the EMA teacher and backbone weights."""
 
 from fastkd.models.backbone import Backbone, Features, build_backbone
 from fastkd.models.dino_head import DINOHead

@@ -3,10 +3,8 @@
     z = W_3 GELU(W_2 GELU(W_1 x))                 # MLP in_dim -> hidden -> hidden -> bottleneck
     logits = WeightNormLinear(z / ||z||_2)        # bottleneck -> out_dim, weight-normalised
 
-``WeightNormLinear``: ``y = x @ (g * v / ||v||_row).T`` with direction ``v [out, in]`` and per-row gain
-``g [out, 1]`` (``weight_v`` / ``weight_g`` as in DINO's checkpoints); ``fix_gain=True`` (DINO's
-``norm_last_layer``) keeps ``g = 1`` frozen. ``cancel_last_layer_grad()`` drops the last layer's
-gradients (DINO's freeze of the last layer during the first epoch).
+``WeightNormLinear``: ``y = x @ (g * v / ||v||_row).T``, ``v [out, in]``, ``g [out, 1]`` (DINO's ``weight_v`` /
+``weight_g``); ``fix_gain=True`` (``norm_last_layer``) freezes ``g = 1``.
 """
 
 from __future__ import annotations
@@ -70,5 +68,5 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
     def cancel_last_layer_grad(self) -> None:
-        """Drop the gradients of the last layer (call between backward and optimiser step)."""
+        """Drop the last layer's gradients (between backward and optimiser step)."""
         self.last_layer.cancel_grad()

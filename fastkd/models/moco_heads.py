@@ -50,8 +50,7 @@ class MoCoProjector(_MoCoMLP):
 
 
 class MoCoPredictor(_MoCoMLP):
-    """MoCo v3 predictor (online branch only). ``last_bn``: end with ``BatchNorm1d(affine=False)``, as
-    MoCo v3's ViT predictor does (default); its ResNet predictor has none (``last_bn=False``)."""
+    """MoCo v3 predictor (online branch only); ``last_bn``: module docstring."""
 
     def __init__(self, in_dim: int = 256, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 2,
                  last_bn: bool = True):
@@ -59,8 +58,7 @@ class MoCoPredictor(_MoCoMLP):
 
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Return ``module`` with every BatchNorm replaced by ``SyncBatchNorm`` (call before wrapping in DDP),
-    so MoCo v3 heads normalise over the global batch as in the paper."""
+    """``module`` with every BatchNorm as ``SyncBatchNorm`` (before DDP wrapping): global-batch statistics."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     return nn.SyncBatchNorm.convert_sync_batchnorm(module)

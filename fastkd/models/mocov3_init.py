@@ -23,8 +23,7 @@ from fastkd.models.position_embedding import vit_of
 
 @torch.no_grad()
 def init_mocov3_vit(model: nn.Module) -> None:
-    """Re-initialise the timm ``VisionTransformer`` ``model`` (or a fastkd ``Backbone`` over one)
-    in place as the module docstring states."""
+    """Re-initialise a timm ViT (or a Backbone over one) in place (module docstring)."""
     vit = vit_of(model, "MoCo v3's ViT init")
     for name, module in vit.named_modules():
         if isinstance(module, nn.Linear):

@@ -1,8 +1,4 @@
-"""Student-to-teacher feature projectors for feature alignment (MOMA, Hybrid Distill).
-
-``LinearProjector(x) = x W^T + b``; ``MLPProjector(x) = W_2 GELU(W_1 x + b_1) + b_2``, applied on
-the last dimension of ``x [..., in_dim]``.
-"""
+"""Student-to-teacher feature projectors on the last dimension of ``x [..., in_dim]`` (MOMA, Hybrid Distill)."""
 
 from __future__ import annotations
 
@@ -13,7 +9,7 @@ from fastkd.checks import check_positive_ints, check_shape
 
 
 class LinearProjector(nn.Module):
-    """``nn.Linear(in_dim, out_dim)`` on the last dimension."""
+    """``x W^T + b``."""
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
@@ -27,7 +23,7 @@ class LinearProjector(nn.Module):
 
 
 class MLPProjector(nn.Module):
-    """Two-layer MLP ``in_dim -> hidden_dim -> out_dim`` with GELU, on the last dimension."""
+    """``W_2 GELU(W_1 x + b_1) + b_2``, ``in_dim -> hidden_dim -> out_dim``."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int):
         super().__init__()
