@@ -390,11 +390,6 @@ def launch_token_relation_bwd(
     return dq, dk
 
 
-# Old launcher names.
-token_relation_forward = launch_token_relation_fwd
-token_relation_backward = launch_token_relation_bwd
-
-
 # ----------------------------------------------------------------------------- compile check
 
 

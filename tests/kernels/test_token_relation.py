@@ -74,11 +74,6 @@ def test_identical_student_and_teacher_give_zero():
     assert dq.abs().max().item() == 0.0 and dk.abs().max().item() == 0.0
 
 
-def test_old_launcher_names_are_aliases():
-    assert kernels.token_relation_forward is launch_token_relation_fwd
-    assert kernels.token_relation_backward is launch_token_relation_bwd
-
-
 # ----------------------------------------------------------------------------- grids
 
 

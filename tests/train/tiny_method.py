@@ -126,8 +126,13 @@ def main(argv=None) -> None:
         if step == args.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == args.sleep_after_step:
+            # Block SIGTERM before announcing READY so a signal sent at once cannot land before the
+            # wait (signal.pause() would then sleep forever); deliver it to the trainer's handler after.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             print("READY", flush=True)
-            signal.pause()
+            signal.sigwait({signal.SIGTERM})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            signal.raise_signal(signal.SIGTERM)
 
     method.after_step = after_step
     trainer = Trainer(
