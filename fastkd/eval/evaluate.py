@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastkd.checks import check_bool, check_instance, check_number, check_positive_ints
+from fastkd.data import ImageList, build_loader, load_images
 from fastkd.durable import atomic_torch_save
 from fastkd.eval.knn import KNNResult, knn_classify
 from fastkd.eval.linear_probe import LinearProbeResult, train_linear_probe
@@ -113,7 +114,7 @@ def check_run_options(*, device, num_workers, seed, progress) -> torch.device:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
         parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda") or (parsed.type == "cuda" and not torch.cuda.is_available()):
+    if parsed is None or parsed.type not in ("cpu", "cuda") or parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device must be cpu or an available cuda device, got {device!r}")
     return parsed
 
@@ -128,8 +129,6 @@ def split_features(model: nn.Module, source, *, image_size: int = 224, resize: i
                    device: str | torch.device = "cpu", cache: str | os.PathLike | None = None,
                    desc: str = "features") -> FeatureSet:
     """Features of every image of the ImageFolder / file list ``source`` (cached at ``cache``)."""
-    from fastkd.data import build_loader
-
     check_positive_ints(image_size=image_size)
     resize = resize if resize is not None else default_resize(image_size)
 
@@ -147,14 +146,12 @@ def split_features(model: nn.Module, source, *, image_size: int = 224, resize: i
 def aligned_splits(train_source, val_source):
     """``(train, val, {"train" | "val": {class: images}})``, val labels mapped onto train's by class name; raises
     ValueError naming every val class (with images) the train split lacks."""
-    from fastkd.data import ImageList, load_images
-
     train, val = load_images(train_source), load_images(val_source)
     index = {name: label for label, name in enumerate(train.classes)}
     val_names = [val.classes[label] for label in val.labels]
     missing = sorted(set(val_names) - set(index))
     if missing:
-        shown = ", ".join(repr(m) for m in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        shown = ", ".join(map(repr, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise ValueError(f"the val split {str(val_source)!r} has classes the train split {str(train_source)!r} "
                          f"lacks: {shown}; an evaluation can only score classes it was trained or indexed on")
     val = ImageList(val.files, tuple(index[name] for name in val_names), train.classes, val.root)

@@ -31,12 +31,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup, create_transform
@@ -56,6 +54,9 @@ from fastkd.eval.models import native_image_size
 from fastkd.models.backbone import Backbone, build_backbone
 from fastkd.models.weights import _resize_pos_embed, load_teacher, save_backbone
 from fastkd.progress import progress_disable
+from fastkd.train.optim import apply_schedules, build_optimizer
+from fastkd.train.rng import capture_rng_state, restore_rng_state, seed_everything
+from fastkd.train.schedules import WarmupCosine
 
 __all__ = ["FINETUNE_RECIPES", "FinetuneRecipe", "FinetuneResult", "build_finetune_model", "finetune",
            "layer_decay_param_groups", "load_finetuned"]
@@ -213,9 +214,7 @@ def layer_decay_param_groups(model: nn.Module, *, weight_decay: float, layer_dec
 
 def load_finetuned(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Backbone:
     """The frozen classifier :func:`finetune` saved (file or folder); ``model.model(images)`` gives logits."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / MODEL_FILE
+    path = Path(path) / MODEL_FILE if Path(path).is_dir() else Path(path)
     state = read_torch_file(path)
     model = head = None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and "arch" in state:
@@ -261,17 +260,14 @@ def _loaders(train_images, val_images, recipe: FinetuneRecipe, image_size: int, 
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device):
     """Seed Python's, NumPy's (timm's Mixup and augmentations) and torch's generators; restore them after."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+    if device.type == "cuda":
+        torch.cuda.init()  # else capture_rng_state, finding CUDA uninitialised, would leave its generators seeded
+    state = capture_rng_state()
+    seed_everything(seed)
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -295,16 +291,12 @@ def _evaluate(net: nn.Module, loader: DataLoader, *, device, precision: str) -> 
 
 def _optimizer_and_schedule(model: Backbone, recipe: FinetuneRecipe, steps_per_epoch: int):
     """``(AdamW, schedule(step) setting lr and weight decay, warmup_epochs capped at half the run)``."""
-    from fastkd.train.optim import apply_schedules, build_optimizer
-    from fastkd.train.schedules import WarmupCosine
-
     groups = layer_decay_param_groups(model, weight_decay=1.0, layer_decay=recipe.layer_decay)  # decay: 1 or 0
     optimizer = build_optimizer(groups, "adamw", betas=recipe.betas, eps=recipe.eps)
     total = recipe.epochs * steps_per_epoch
     warmup_epochs = min(recipe.warmup_epochs, recipe.epochs / 2)
-    cosine = WarmupCosine(peak=recipe.lr, total_steps=total, warmup_steps=min(round(warmup_epochs * steps_per_epoch),
-                                                                              total - 1),
-                          start=recipe.warmup_lr, end=recipe.min_lr)
+    cosine = WarmupCosine(peak=recipe.lr, total_steps=total, start=recipe.warmup_lr, end=recipe.min_lr,
+                          warmup_steps=min(round(warmup_epochs * steps_per_epoch), total - 1))
     return optimizer, lambda step: apply_schedules(optimizer, cosine(step), recipe.weight_decay), warmup_epochs
 
 
@@ -314,12 +306,11 @@ def _check_model(model: nn.Module, *, image_size: int | None, global_pool: str) 
     check_choice("global_pool", global_pool, GLOBAL_POOLS)
     if not model.is_vit and global_pool != "avg":
         raise ValueError(f"global_pool must be 'avg' for the ResNet {model.name}, got {global_pool!r}")
-    if image_size is None:
-        return
-    check_positive_ints(image_size=image_size)
-    if model.is_vit and image_size % model.patch_size:
-        raise ValueError(f"image_size must be a multiple of the patch size {model.patch_size} of {model.name}, "
-                         f"got {image_size}")
+    if image_size is not None:
+        check_positive_ints(image_size=image_size)
+        if model.is_vit and image_size % model.patch_size:
+            raise ValueError(f"image_size must be a multiple of the patch size {model.patch_size} of {model.name}, "
+                             f"got {image_size}")
 
 
 def resolve_finetune_recipe(recipe, **overrides) -> FinetuneRecipe:
@@ -359,14 +350,12 @@ def finetune(model: nn.Module, train_dir: str | os.PathLike, val_dir: str | os.P
         new_parameters = sorted(set(net.model.state_dict()) - set(model.model.state_dict()))
         train_loader, val_loader = _loaders(train_images, val_images, recipe, image_size, num_workers, seed, device)
         optimizer, schedule, warmup_epochs = _optimizer_and_schedule(net, recipe, len(train_loader))
-        mixup, criterion = None, nn.CrossEntropyLoss()
-        if recipe.label_smoothing > 0:
-            criterion = LabelSmoothingCrossEntropy(smoothing=recipe.label_smoothing)
-        if recipe.mixes:  # soft-target CE on mixed, smoothed targets
-            mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mixup_prob,
-                          switch_prob=recipe.switch_prob, mode="batch", label_smoothing=recipe.label_smoothing,
-                          num_classes=num_classes)
-            criterion = SoftTargetCrossEntropy()
+        mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mixup_prob,
+                      switch_prob=recipe.switch_prob, mode="batch", label_smoothing=recipe.label_smoothing,
+                      num_classes=num_classes) if recipe.mixes else None
+        criterion = (SoftTargetCrossEntropy() if mixup is not None else  # soft-target CE on mixed, smoothed targets
+                     LabelSmoothingCrossEntropy(smoothing=recipe.label_smoothing) if recipe.label_smoothing > 0
+                     else nn.CrossEntropyLoss())
 
         def loss_of(batch) -> torch.Tensor:
             images, targets = (t.to(device, non_blocking=True) for t in batch)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd.checks import check_number, check_train_test_features
-from fastkd.eval.linear_probe import EvalResult
+from fastkd.eval.linear_probe import EvalResult, ranked_accuracy
 
 MAX_SIMILARITIES = 2**26
 
@@ -50,25 +50,14 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     check_number("num_classes (> max(train_labels))", num_classes, low=int(train_labels.max()) + 1, integer=True)
     k = min(k, train_features.shape[0])
     bank = F.normalize(train_features.float(), dim=1)
-    test_labels_dev = None if test_labels is None else test_labels.to(bank.device)
-    top1 = top5 = 0
-    predictions = []
+    rankings = []  # per test row its top min(5, classes) classes by votes, best first
     for start in range(0, test_features.shape[0], chunk_size):
         queries = F.normalize(test_features[start:start + chunk_size].float().to(bank.device), dim=1)
         similarity, index = (queries @ bank.T).topk(k, dim=1)
         votes = torch.zeros(queries.shape[0], num_classes, device=bank.device)
         votes.scatter_add_(1, train_labels.to(bank.device)[index], (similarity / temperature).exp())
-        ranked = votes.topk(min(5, num_classes), dim=1).indices
-        predictions.append(ranked[:, 0])
-        if test_labels_dev is not None:
-            truth = test_labels_dev[start:start + chunk_size, None]
-            top1 += int((ranked[:, :1] == truth).sum())
-            top5 += int((ranked == truth).any(dim=1).sum())
-    count = test_features.shape[0]
-    labelled = test_labels is not None and count > 0
-    return KNNResult(
-        top1=100.0 * top1 / count if labelled else float("nan"),
-        top5=100.0 * top5 / count if labelled else float("nan"),
-        predictions=torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.int64),
-        k=k, temperature=float(temperature),
-    )
+        rankings.append(votes.topk(min(5, num_classes), dim=1).indices)
+    ranked = torch.cat(rankings) if rankings else torch.empty(0, 1, dtype=torch.int64)
+    labelled = test_labels is not None and ranked.shape[0] > 0
+    top1, top5 = ranked_accuracy(ranked, test_labels) if labelled else (float("nan"), float("nan"))
+    return KNNResult(top1=top1, top5=top5, predictions=ranked[:, 0], k=k, temperature=float(temperature))

@@ -18,6 +18,8 @@ from tqdm import tqdm
 
 from fastkd.checks import check_number, check_positive_ints, check_train_test_features
 from fastkd.progress import progress_disable
+from fastkd.train.optim import apply_schedules, build_optimizer
+from fastkd.train.schedules import WarmupCosine
 
 
 @dataclass
@@ -47,8 +49,12 @@ class LinearProbeResult(EvalResult):
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """Top-1 and top-5 accuracy in percent (top-5 = top-k with k = min(5, classes))."""
-    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    truth = labels[:, None]
+    return ranked_accuracy(logits.topk(min(5, logits.shape[1]), dim=1).indices, labels)
+
+
+def ranked_accuracy(ranked: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy in percent of ``ranked [N, <= 5]``, each row's classes best first."""
+    truth = labels.to(ranked.device)[:, None]
     count = max(1, labels.shape[0])
     return (100.0 * float((ranked[:, :1] == truth).sum()) / count,
             100.0 * float((ranked == truth).any(dim=1).sum()) / count)
@@ -98,9 +104,6 @@ def train_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor,
                        seed: int = 0, progress: bool = True) -> LinearProbeResult:
     """Train a linear classifier on ``train_features`` and report accuracy on ``test_features``
     (``progress``: a bar over the epochs, see :func:`fastkd.progress.progress_disable`)."""
-    from fastkd.train.optim import apply_schedules, build_optimizer
-    from fastkd.train.schedules import WarmupCosine
-
     check_train_test_features(train_features, train_labels, test_features, test_labels)
     check_positive_ints(epochs=epochs, batch_size=batch_size)
     for name, value in (("lr", lr), ("weight_decay", weight_decay)):

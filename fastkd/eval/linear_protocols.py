@@ -31,10 +31,17 @@ from torch import nn
 from tqdm import tqdm
 
 from fastkd.checks import check_bool, check_choice, check_instance, check_number, check_str
+from fastkd.data import build_loader
+from fastkd.data.loader import BACKENDS
+from fastkd.data.recipes import INTERPOLATIONS, Recipe, ViewSpec
 from fastkd.eval.evaluate import (aligned_splits, check_eval_options, check_run_options, extract_features,
                                   model_features)
 from fastkd.eval.linear_probe import EvalResult, fold_linear, init_linear, topk_accuracy, train_epoch
+from fastkd.eval.models import native_image_size
+from fastkd.models.backbone import Backbone
 from fastkd.progress import progress_disable
+from fastkd.train.optim import apply_schedules, build_optimizer
+from fastkd.train.schedules import WarmupCosine, scaled_lr
 
 OPTIMIZERS = ("sgd", "lars")
 # DINO's rule: below this width (ViT-S) 4 blocks without patch average, from it on (ViT-B) 1 block with it
@@ -82,21 +89,16 @@ class LinearProtocol:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
-        from fastkd.data.recipes import INTERPOLATIONS
-
         check_str("LinearProtocol.name", self.name)
-        for name in ("epochs", "batch_size", "image_size"):
-            check_number(f"LinearProtocol.{name}", getattr(self, name), low=1, integer=True)
-        check_number("LinearProtocol.resize", self.resize, low=self.image_size, integer=True)
-        check_number("LinearProtocol.base_lr", self.base_lr, low=0.0, low_open=True, finite=True)
-        if self.resnet_base_lr is not None:
-            check_number("LinearProtocol.resnet_base_lr", self.resnet_base_lr, low=0.0, low_open=True, finite=True)
+        count, positive = dict(low=1, integer=True), dict(low=0.0, low_open=True, finite=True)
+        for name, bounds in (("epochs", count), ("batch_size", count), ("image_size", count),
+                             ("resize", dict(low=self.image_size, integer=True)), ("base_lr", positive),
+                             ("resnet_base_lr", positive), ("momentum", dict(low=0.0, high=1.0, high_open=True)),
+                             ("weight_decay", dict(low=0.0, finite=True)), ("n_last_blocks", count)):
+            if getattr(self, name) is not None or name not in ("resnet_base_lr", "n_last_blocks"):  # optional ones
+                check_number(f"LinearProtocol.{name}", getattr(self, name), **bounds)
         object.__setattr__(self, "lrs", _check_lrs("LinearProtocol.lrs", self.lrs, allow_empty=True))
         check_choice("LinearProtocol.optimizer", self.optimizer, OPTIMIZERS)
-        check_number("LinearProtocol.momentum", self.momentum, low=0.0, high=1.0, high_open=True)
-        check_number("LinearProtocol.weight_decay", self.weight_decay, low=0.0, finite=True)
-        if self.n_last_blocks is not None:
-            check_number("LinearProtocol.n_last_blocks", self.n_last_blocks, low=1, integer=True)
         check_choice("LinearProtocol.avgpool_patches", self.avgpool_patches, (True, False, None))
         check_bool("LinearProtocol.batchnorm", self.batchnorm)
         for name in ("train_interpolation", "val_interpolation"):
@@ -198,8 +200,6 @@ def resolve_protocol(protocol: str | LinearProtocol) -> LinearProtocol:
 
 def _vit_backbone(model: nn.Module):
     """``model`` when it is a fastkd ViT :class:`~fastkd.models.backbone.Backbone`, else None."""
-    from fastkd.models.backbone import Backbone
-
     return model if isinstance(model, Backbone) and model.is_vit else None
 
 
@@ -294,13 +294,6 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
     """Linear probe of the frozen ``model`` (on ``device``; its mode restored) by ``protocol`` on ImageFolder splits
     (module doc). Options left None take the protocol's values; ``lrs``: base lrs per 256 images, one head each;
     ``image_size``: the model's own (else 224), ``resize``: ``image_size * 256 / 224``."""
-    from fastkd.data import build_loader
-    from fastkd.data.loader import BACKENDS
-    from fastkd.data.recipes import Recipe, ViewSpec
-    from fastkd.eval.models import native_image_size
-    from fastkd.train.optim import apply_schedules, build_optimizer
-    from fastkd.train.schedules import WarmupCosine, scaled_lr
-
     protocol = resolve_protocol(protocol)
     epochs = protocol.epochs if epochs is None else epochs
     batch_size = protocol.batch_size if batch_size is None else batch_size
@@ -311,10 +304,8 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
     base_lrs = _check_lrs("lrs", protocol.base_lrs(getattr(model, "is_vit", True) is False) if lrs is None else lrs)
     n_last_blocks, avgpool_patches = feature_layout(model, protocol, n_last_blocks=n_last_blocks,
                                                     avgpool_patches=avgpool_patches)
-    if image_size is None:
-        image_size = native_image_size(model, default=protocol.image_size)
-    if resize is None:
-        resize = max(image_size, round(image_size * protocol.resize / protocol.image_size))
+    image_size = image_size or native_image_size(model, default=protocol.image_size)  # check_eval_options refused 0
+    resize = resize or max(image_size, round(image_size * protocol.resize / protocol.image_size))
     if resize < image_size:
         raise ValueError(f"resize must be >= image_size ({image_size}), got {resize!r}")
 
@@ -345,9 +336,6 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
         optimizer = build_optimizer(groups, protocol.optimizer, momentum=protocol.momentum)
         cosine = WarmupCosine(peak=1.0, total_steps=max(1, epochs * len(train_loader)))  # x each head's lr_scale
 
-        def schedule(step: int) -> None:
-            apply_schedules(optimizer, cosine(step), protocol.weight_decay)
-
         def head_losses(batch) -> torch.Tensor:  # one CE per head on the same frozen features
             labels = batch.labels.to(device, non_blocking=True)
             with torch.no_grad():
@@ -359,7 +347,9 @@ def evaluate_linear_protocol(model: nn.Module, train_dir, val_dir, protocol: str
                   disable=progress_disable(progress)) as bar:
             for epoch in range(epochs):
                 train_loader.set_epoch(epoch)
-                train_losses, step = train_epoch(train_loader, head_losses, optimizer, schedule, step, bar)
+                train_losses, step = train_epoch(train_loader, head_losses, optimizer,
+                                                 lambda t: apply_schedules(optimizer, cosine(t), protocol.weight_decay),
+                                                 step, bar)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{train_losses.min():.4g}", refresh=False)
         val = extract_features(features, val_loader, device=device, progress=progress, desc="val features")
     finally:

@@ -17,7 +17,7 @@ from torch import nn
 
 from fastkd.checks import check_choice, check_instance
 from fastkd.durable import read_torch_file
-from fastkd.models.weights import STUDENT_FILE, TEACHER_FILE
+from fastkd.models.weights import FASTKD_FORMAT, STUDENT_FILE, TEACHER_FILE, detect_format, load_teacher
 from fastkd.train.checkpoint import CHECKPOINT_FORMAT  # noqa: F401 (re-exported: one format, one home)
 from fastkd.train.checkpoint import CheckpointManager, TrainingState, is_training_checkpoint
 
@@ -75,9 +75,6 @@ def load_eval_model_described(path: str | os.PathLike, *, arch: str | None = Non
     if loaded is not None or is_training_checkpoint(state):
         model, key = _from_training_checkpoint(state, source, module), f"method.{module}"
     else:
-        from fastkd.models import load_teacher
-        from fastkd.models.weights import FASTKD_FORMAT, detect_format
-
         if isinstance(state, dict) and state.get("format") == FASTKD_FORMAT and arch is None:
             arch = state.get("arch")
         if arch is None:
