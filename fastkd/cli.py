@@ -24,15 +24,9 @@ from pathlib import Path
 from fastkd.durable import atomic_write_json
 
 
-def _method_names(role: str) -> tuple[str, ...]:
-    """The methods `fastkd <role>` runs: those whose ``role`` in the method registry is ``role``."""
-    from fastkd.methods import method_names
-
-    return method_names(role)
-
-
 def _train(args: argparse.Namespace) -> int:
     from fastkd.config import load_config
+    from fastkd.methods import method_names
     from fastkd.runner import train_from_config
     from fastkd.train.trainer import NonFiniteLossError
 
@@ -41,7 +35,7 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"train.output_dir={args.output_dir}")
     config = load_config(args.config, overrides)
     other = "distill" if args.command == "pretrain" else "pretrain"
-    if config.method_name in _method_names(other):
+    if config.method_name in method_names(other):
         raise ValueError(f"method {config.method_name!r} is run with `fastkd {other}`, not `fastkd {args.command}`")
     try:
         result = train_from_config(config, resume=args.resume)
@@ -87,10 +81,14 @@ def _finite_report(report: dict) -> dict:
     return cleaned
 
 
-def _check_output_folder(output: str | None) -> None:
-    """``--output`` must go into an existing folder: checked before anything is evaluated."""
-    if output and not Path(output).resolve().parent.is_dir():
-        raise ValueError(f"--output {output}: folder {str(Path(output).resolve().parent)!r} does not exist")
+def _load_model(args: argparse.Namespace):
+    """``(model, source)`` of ``fastkd eval``'s MODEL, once ``--output`` is known to go into an existing folder."""
+    from fastkd.eval.models import load_eval_model_described
+
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise ValueError(f"--output {args.output}: folder {str(Path(args.output).resolve().parent)!r} does not exist")
+    return load_eval_model_described(args.model, arch=args.arch, module=args.module, format=args.format,
+                                     device=args.device, weights=args.weights)
 
 
 def _emit_report(report: dict, output: str | None) -> int:
@@ -128,21 +126,16 @@ def _linear_protocol_defaults(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from fastkd.eval import evaluate_knn, evaluate_linear
-    from fastkd.eval.evaluate import check_eval_options, default_resize
-    from fastkd.eval.models import load_eval_model_described, native_image_size
+    from fastkd.eval.evaluate import check_eval_options, default_resize, evaluate_knn, evaluate_linear
+    from fastkd.eval.models import native_image_size
 
-    numeric = ("image_size", "resize", "batch_size", "num_workers", "k", "temperature", "epochs", "lr",
-               "weight_decay", "probe_batch_size")
     if args.protocol == "finetune":
         return _finetune(args)
     if args.protocol == "linear":
         _linear_protocol_defaults(args)
-    check_eval_options({name: getattr(args, name) for name in numeric if getattr(args, name, None) is not None},
-                       cli=True)
-    _check_output_folder(args.output)
-    model, source = load_eval_model_described(args.model, arch=args.arch, module=args.module, format=args.format,
-                                              device=args.device, weights=args.weights)
+    # the numeric options given (check_eval_options skips the others), before anything is loaded
+    check_eval_options({name: value for name, value in vars(args).items() if value is not None}, cli=True)
+    model, source = _load_model(args)
     if args.image_size is None:
         args.image_size = native_image_size(model)
     described = {"model": args.model, **source, "image_size": args.image_size,
@@ -171,23 +164,19 @@ def _eval(args: argparse.Namespace) -> int:
             batch_size=args.probe_batch_size, image_size=args.image_size, resize=args.resize,
             n_last_blocks=args.n_last_blocks, avgpool_patches=args.avgpool_patches, backend=args.backend,
             num_workers=args.num_workers, device=args.device)
-        outcome = result.to_dict()
-        outcome.pop("protocol")
-        report = {"protocol": "linear", "linear_protocol": args.linear_protocol, **described, **outcome}
+        report = {"protocol": "linear", "linear_protocol": args.linear_protocol, **described, **result.to_dict()}
+        report["protocol"] = "linear"  # not the result's protocol (dino | mocov3, already linear_protocol)
     return _emit_report(report, args.output)
 
 
 def _finetune(args: argparse.Namespace) -> int:
     """``fastkd eval finetune``: the DeiT / MAE fine-tuning recipe end to end (see fastkd.eval.finetune)."""
     from fastkd.eval.finetune import finetune, resolve_finetune_recipe
-    from fastkd.eval.models import load_eval_model_described
 
     resolve_finetune_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, blr=args.blr,
                             layer_decay=args.layer_decay, drop_path=args.drop_path,
                             global_pool=args.global_pool)  # options checked before the model is read
-    _check_output_folder(args.output)
-    model, source = load_eval_model_described(args.model, arch=args.arch, module=args.module, format=args.format,
-                                              device=args.device, weights=args.weights)
+    model, source = _load_model(args)
     result = finetune(model, args.train, args.val, args.recipe, epochs=args.epochs, batch_size=args.batch_size,
                       blr=args.blr, layer_decay=args.layer_decay, drop_path=args.drop_path,
                       image_size=args.image_size, global_pool=args.global_pool, precision=args.precision,
@@ -324,13 +313,14 @@ def _add_finetune_command(protocols, common: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from fastkd import __version__
     from fastkd.data.commands import register as register_data_commands
+    from fastkd.methods import method_names
 
     parser = argparse.ArgumentParser(prog="fastkd", description="Kernel-backed self-supervised knowledge "
                                      "distillation of vision models.")
     parser.add_argument("--version", action="version", version=f"fastkd {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_train_command(subparsers, "pretrain", _method_names("pretrain"), "pre-train a teacher")
-    _add_train_command(subparsers, "distill", _method_names("distill"), "distill a student from teachers")
+    _add_train_command(subparsers, "pretrain", method_names("pretrain"), "pre-train a teacher")
+    _add_train_command(subparsers, "distill", method_names("distill"), "distill a student from teachers")
     _add_eval_command(subparsers)
     subparsers.add_parser("launch", help="torchrun that exits 0 after a SIGTERM/SIGINT stop (python -m fastkd.launch)",
                           description="fastkd launch [torchrun options] -m fastkd.cli distill CONFIG ...: torchrun's "

@@ -139,9 +139,8 @@ def plot_accuracies(rows: list[dict], path: Path) -> Path:
     for y, value in zip(positions, values):
         ax.text(value + 0.5, y, f"{value:.1f}", va="center", fontsize=9)
     ax.set_yticks(list(positions), [row["model"] for row in rows])
-    ax.set_xlim(0, 100)
-    ax.set_xlabel("weighted k-NN top-1 on the held-out split (%)")
-    ax.set_title("fastkd demo: sample dataset, 12 classes")
+    ax.set(xlim=(0, 100), xlabel="weighted k-NN top-1 on the held-out split (%)",
+           title="fastkd demo: sample dataset, 12 classes")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -175,11 +174,11 @@ def run_demo(out: str | Path = "demo_out", *, images: int = 2000, val_images: in
     configs, results = {}, {}
     for stage in STAGES:
         shutil.rmtree(out / stage.name, ignore_errors=True)  # the demo starts every run afresh
-        configs[stage.name] = stage_config(stage, config_dir, out, train_dir, extra)
-        print(f"[demo] training {stage.label} ({configs[stage.name].method_name}, "
-              f"{config_dir / (stage.method + '.yaml')})", flush=True)
+        config = configs[stage.name] = stage_config(stage, config_dir, out, train_dir, extra)
+        print(f"[demo] training {stage.label} ({config.method_name}, {config_dir / (stage.method + '.yaml')})",
+              flush=True)
         clock = _Clock()
-        results[stage.name] = train_from_config(configs[stage.name])
+        results[stage.name] = train_from_config(config)
         timings[stage.name] = clock.elapsed()
         if results[stage.name].preempted:
             raise RuntimeError(f"the {stage.label} run was interrupted; run the demo again")
@@ -189,13 +188,13 @@ def run_demo(out: str | Path = "demo_out", *, images: int = 2000, val_images: in
     for stage in STAGES:
         config, result = configs[stage.name], results[stage.name]
         if stage.role == "student":
-            baseline = {"model": f"random init ({stage.short} student)", "method": "-",
-                        "role": "random init", "train steps": 0, "train time (s)": 0.0}
-            baseline.update(knn_row(random_init_student(config).eval(), config, train_dir, val_dir))
+            baseline = {"model": f"random init ({stage.short} student)", "method": "-", "role": "random init",
+                        "train steps": 0, "train time (s)": 0.0,
+                        **knn_row(random_init_student(config).eval(), config, train_dir, val_dir)}
             rows.append(baseline)
         row = {"model": stage.label, "method": config.method_name, "role": stage.role, "train steps": result.step,
-               "train time (s)": timings[stage.name]["wall_s"]}
-        row.update(knn_row(load_eval_model(out / stage.name / STUDENT_FILE), config, train_dir, val_dir))
+               "train time (s)": timings[stage.name]["wall_s"],
+               **knn_row(load_eval_model(out / stage.name / STUDENT_FILE), config, train_dir, val_dir)}
         if stage.role == "student":
             margins[stage.short] = row["k-NN top-1 (%)"] - baseline["k-NN top-1 (%)"]
             row["vs random init"] = f"{margins[stage.short]:+.1f}"
@@ -212,7 +211,8 @@ def run_demo(out: str | Path = "demo_out", *, images: int = 2000, val_images: in
               f"Total {timings['total']['wall_s']:.0f} s wall, {timings['total']['cpu_s']:.0f} s CPU "
               f"on {torch.get_num_threads()} torch threads.\n\n{verdict}")
     summary = {"quick": quick, "margin": {"points": margins, "min_points": MIN_MARGIN_POINTS, "met": margin_met},
-               "images": {"train": images, "val": val_images}, "rows": rows, "timings": timings, "machine": machine_info(), "configs": {n: c.to_dict() for n, c in configs.items()}}
+               "images": {"train": images, "val": val_images}, "rows": rows, "timings": timings,
+               "machine": machine_info(), "configs": {n: c.to_dict() for n, c in configs.items()}}
     write_report(out, "demo", summary, table + "\n\n" + footer)
     plot_accuracies(rows, out / "demo.png")
     print("\n" + table + "\n\n" + footer, flush=True)

@@ -23,8 +23,8 @@ from typing import Any, Iterable
 
 from fastkd.durable import atomic_write_json, atomic_write_text
 
-__all__ = ["cpu_info", "machine_info", "markdown_table", "write_report", "write_results", "results_dir", "checkout_root",
-           "RESULTS_ENV", "DEFAULT_RESULTS_DIR", "PUBLISHED_RESULTS_DIR"]
+__all__ = ["cpu_info", "machine_info", "markdown_table", "write_report", "write_results", "results_dir",
+           "checkout_root", "RESULTS_ENV", "DEFAULT_RESULTS_DIR", "PUBLISHED_RESULTS_DIR"]
 
 RESULTS_ENV = "FASTKD_BENCH_DIR"
 DEFAULT_RESULTS_DIR = "fastkd_bench_results"  # in the current directory
@@ -69,28 +69,22 @@ def machine_info() -> dict:
     import torch
 
     cpu, isa = cpu_info()
-    info = {
-        "cpu": cpu,
-        "cpu_isa": " ".join(isa),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "load_average": load_average(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    info.update(triton=_imported_version("triton"), dali=dali_version(), timm=_imported_version("timm"))
-    return info
+    return {"cpu": cpu, "cpu_isa": " ".join(isa), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "load_average": load_average(), "torch": torch.__version__, "python": platform.python_version(),
+            "triton": _installed_version("triton"), "dali": dali_version(), "timm": _installed_version("timm")}
 
 
-def _imported_version(module: str) -> str | None:
-    """The installed version of the distribution ``module`` (read from its metadata), or None."""
+def _installed_version(*distributions: str) -> str | None:
+    """The version of the first installed of ``distributions`` (read from its metadata), or None."""
     from importlib import metadata
 
-    try:
-        return metadata.version(module)
-    except metadata.PackageNotFoundError:
-        return None
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 # the pip distributions DALI ships under (one per CUDA major version); the module is ``nvidia.dali``
@@ -101,13 +95,11 @@ def dali_version() -> str | None:
     """The installed DALI's version, read from its distribution's metadata without importing DALI
     (only :mod:`fastkd.data`'s DALI backend imports it); ``"installed, version unknown"`` when
     ``nvidia.dali`` is importable under another distribution name; None when DALI is absent."""
-    from importlib import metadata, util
+    from importlib import util
 
-    for name in DALI_DISTRIBUTIONS:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+    version = _installed_version(*DALI_DISTRIBUTIONS)
+    if version is not None:
+        return version
     try:
         found = util.find_spec("nvidia.dali") is not None
     except (ImportError, ValueError):  # no ``nvidia`` namespace package at all

@@ -48,15 +48,12 @@ class TrainLogger:
     def __init__(self, output_dir: str | os.PathLike, *, total_steps: int, start_step: int = 0,
                  enabled: bool = True, progress: bool = True, tensorboard: bool = True):
         check_positive_ints(total_steps=total_steps)
-        self.enabled = enabled
-        self.output_dir = Path(output_dir)
+        self.enabled, self.total_steps, self.output_dir = enabled, total_steps, Path(output_dir)
         self.csv_path = self.output_dir / "metrics.csv"
         self.rows: list[dict] = []
         self.columns: list[str] = []
-        self.total_steps = total_steps
-        self._bar = None
+        self._bar = self._writer = None
         self._lines = False  # progress as plain lines (stderr is not a terminal)
-        self._writer = None
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -156,16 +153,15 @@ class TrainLogger:
         fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True,
                                              gridspec_kw={"height_ratios": [3, 1]})
         for column in loss_columns:
-            values = [_value(r, column) for r in self.rows]
-            ax_loss.plot(steps, values, label=column, linewidth=2 if column == "loss" else 1)
-        ax_loss.set_ylabel("loss")
-        ax_loss.legend(fontsize=8)
-        ax_loss.grid(alpha=0.3)
+            ax_loss.plot(steps, [_value(r, column) for r in self.rows], label=column,
+                         linewidth=2 if column == "loss" else 1)
         for column in [c for c in self.columns if c == "lr" or c.startswith("lr_")]:
             ax_lr.plot(steps, [_value(r, column) for r in self.rows], label=column)
-        ax_lr.set_ylabel("lr")
-        ax_lr.set_xlabel("step")
-        ax_lr.grid(alpha=0.3)
+        ax_loss.set(ylabel="loss")
+        ax_loss.legend(fontsize=8)
+        ax_lr.set(ylabel="lr", xlabel="step")
+        for ax in (ax_loss, ax_lr):
+            ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
