@@ -173,14 +173,13 @@ def _finetune(args: argparse.Namespace) -> int:
     """``fastkd eval finetune``: the DeiT / MAE fine-tuning recipe end to end (see fastkd.eval.finetune)."""
     from fastkd.eval.finetune import finetune, resolve_finetune_recipe
 
-    resolve_finetune_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, blr=args.blr,
-                            layer_decay=args.layer_decay, drop_path=args.drop_path,
-                            global_pool=args.global_pool)  # options checked before the model is read
+    overrides = dict(epochs=args.epochs, batch_size=args.batch_size, blr=args.blr, layer_decay=args.layer_decay,
+                     drop_path=args.drop_path, global_pool=args.global_pool)
+    resolve_finetune_recipe(args.recipe, **overrides)  # the recipe's options checked before the model is read
     model, source = _load_model(args)
-    result = finetune(model, args.train, args.val, args.recipe, epochs=args.epochs, batch_size=args.batch_size,
-                      blr=args.blr, layer_decay=args.layer_decay, drop_path=args.drop_path,
-                      image_size=args.image_size, global_pool=args.global_pool, precision=args.precision,
-                      device=args.device, num_workers=args.num_workers, seed=args.seed, output=args.output_dir)
+    result = finetune(model, args.train, args.val, args.recipe, **overrides, image_size=args.image_size,
+                      precision=args.precision, device=args.device, num_workers=args.num_workers, seed=args.seed,
+                      output=args.output_dir)
     return _emit_report({"protocol": "finetune", "model": args.model, **source, **result.to_dict()}, args.output)
 
 

@@ -1,10 +1,9 @@
 """The end-to-end demo on the built-in sample data: ``make demo`` / ``python -m fastkd.demo``.
 
-It writes the sample dataset (``<out>/data/train``: ``--images`` images, seed 0; the held-out
-``<out>/data/val``: ``--val-images`` other images of the same 12 classes, seed 1), pre-trains tiny
-``resmoco`` and ``mae`` teachers, distils random students from both with ``moma`` and
-``hybrid_distill``, scores weighted k-NN (k=20, T=0.07; train split = memory bank) of each teacher,
-student and student's random initialisation (built with the run's seed, before any step), and
+It writes the sample dataset (``<out>/data/train``: ``--images`` images, seed 0; the held-out ``<out>/data/val``:
+``--val-images`` other images of the same 12 classes, seed 1), pre-trains tiny ``resmoco`` and ``mae`` teachers, distils
+random students from both with ``moma`` and ``hybrid_distill``, scores weighted k-NN (k=20, T=0.07; train split = memory
+bank) of each teacher, student and student's random initialisation (built with the run's seed, before any step), and
 writes a table to ``demo.md``, ``demo.json`` and ``demo.png`` in ``<out>``.
 
 Every run is a YAML of ``configs/demo/`` (package data of ``fastkd.configs``) with the demo's paths
@@ -84,12 +83,10 @@ def write_splits(data_dir: Path, images: int, val_images: int) -> tuple[Path, Pa
     """Fresh ``data_dir/train`` (seed 0) and ``data_dir/val`` (seed ``VAL_SEED``) sample splits."""
     from fastkd.data import write_sample_dataset
 
-    splits = []
-    for split, count, seed in (("train", images, 0), ("val", val_images, VAL_SEED)):
-        root = data_dir / split
-        shutil.rmtree(root, ignore_errors=True)  # a smaller --images than last time must not keep old files
-        splits.append(write_sample_dataset(root, images=count, seed=seed))
-    return splits[0], splits[1]
+    for split in ("train", "val"):
+        shutil.rmtree(data_dir / split, ignore_errors=True)  # a smaller --images than last time must not keep old files
+    return (write_sample_dataset(data_dir / "train", images=images, seed=0),
+            write_sample_dataset(data_dir / "val", images=val_images, seed=VAL_SEED))
 
 
 def stage_config(stage: Stage, config_dir: Path, out: Path, train_dir: Path, extra: tuple[str, ...] = ()):

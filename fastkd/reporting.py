@@ -1,6 +1,5 @@
-"""Reports of measured results, shared by the benchmarks, the compile check and the demo: the
-machine a result was measured on, Markdown tables, and the JSON + Markdown files of a result
-(written with :mod:`fastkd.durable`).
+"""Reports of measured results, shared by the benchmarks, the compile check and the demo: the machine a result was
+measured on, Markdown tables, and the JSON + Markdown files of a result (written with :mod:`fastkd.durable`).
 
 Where benchmark results go (:func:`results_dir`), first that applies:
 

@@ -10,9 +10,7 @@ from fastkd.eval.linear_protocols import (LINEAR_PROTOCOLS, LinearProtocol, Line
                                           evaluate_linear_protocol)
 from fastkd.eval.models import load_eval_model, load_eval_model_described
 
-__all__ = [
-    "FINETUNE_RECIPES", "FeatureSet", "FinetuneRecipe", "FinetuneResult", "KNNResult", "LINEAR_PROTOCOLS",
-    "LinearProbeResult", "LinearProtocol", "LinearProtocolResult", "cached_features", "evaluate_knn",
-    "evaluate_linear", "evaluate_linear_protocol", "extract_features", "finetune", "knn_classify", "load_eval_model",
-    "load_eval_model_described", "load_finetuned", "split_features", "train_linear_probe",
-]
+__all__ = ["FINETUNE_RECIPES", "FeatureSet", "FinetuneRecipe", "FinetuneResult", "KNNResult", "LINEAR_PROTOCOLS",
+           "LinearProbeResult", "LinearProtocol", "LinearProtocolResult", "cached_features", "evaluate_knn",
+           "evaluate_linear", "evaluate_linear_protocol", "extract_features", "finetune", "knn_classify",
+           "load_eval_model", "load_eval_model_described", "load_finetuned", "split_features", "train_linear_probe"]

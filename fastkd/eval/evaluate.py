@@ -5,6 +5,7 @@ a k-NN run re-uses them). Val classes are matched to train classes by name (:fun
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import Counter
@@ -70,13 +71,11 @@ def extract_features(model: nn.Module, loader, *, device: str | torch.device | N
 
 def cached_features(cache: str | os.PathLike | None, compute) -> FeatureSet:
     """``compute()``, stored at ``cache`` (None: not stored); a later call with the same path loads the file."""
-    if cache is None:
-        return compute()
-    cache = Path(cache)
-    if cache.is_file():
+    if cache is not None and Path(cache).is_file():
         return FeatureSet(**torch.load(cache, map_location="cpu", weights_only=True))
     result = compute()
-    atomic_torch_save(vars(result), cache)
+    if cache is not None:
+        atomic_torch_save(vars(result), cache)
     return result
 
 
@@ -181,8 +180,7 @@ def evaluate_knn(model: nn.Module, train_source, val_source, *, k: int = 20, tem
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
     result = knn_classify(train.features, train.labels, val.features, val.labels, num_classes=num_classes,
                           k=k, temperature=temperature)
-    result.class_counts = counts
-    return result
+    return dataclasses.replace(result, class_counts=counts)
 
 
 def evaluate_linear(model: nn.Module, train_source, val_source, *, epochs: int = 100, lr: float = 0.1,
@@ -195,5 +193,4 @@ def evaluate_linear(model: nn.Module, train_source, val_source, *, epochs: int =
                                       probe_batch_size=probe_batch_size)
     result = train_linear_probe(train.features, train.labels, val.features, val.labels, epochs=epochs, lr=lr,
                                 weight_decay=weight_decay, batch_size=probe_batch_size)
-    result.class_counts = counts
-    return result
+    return dataclasses.replace(result, class_counts=counts)

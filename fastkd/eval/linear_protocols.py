@@ -106,9 +106,7 @@ class LinearProtocol:
 
     def base_lrs(self, is_resnet: bool = False) -> tuple[float, ...]:
         """The base lrs (per 256 images) to train: ``lrs``, else the architecture's base lr."""
-        if self.lrs:
-            return self.lrs
-        return (self.resnet_base_lr if is_resnet and self.resnet_base_lr is not None else self.base_lr,)
+        return self.lrs or (self.resnet_base_lr if is_resnet and self.resnet_base_lr is not None else self.base_lr,)
 
 
 _AUGMENT = ("official code: RandomResizedCrop(224) (torchvision defaults: scale 0.08-1, ratio 3/4-4/3, "
@@ -139,8 +137,7 @@ LINEAR_PROTOCOLS: dict[str, LinearProtocol] = {
     ),
     "mocov3": LinearProtocol(
         name="mocov3", epochs=90, base_lr=3.0, resnet_base_lr=0.1, n_last_blocks=1, avgpool_patches=False,
-        val_interpolation="bilinear",
-        sources={
+        val_interpolation="bilinear", sources={
             "epochs": "official code: main_lincls.py --epochs default 90",
             "base_lr": "official CONFIG.md: --lr=3 for ViT-S and ViT-B, a base lr the code scales (lr * batch / 256)",
             "resnet_base_lr": "official code: --lr default 0.1 (CONFIG.md's ResNet-50 command passes none)",

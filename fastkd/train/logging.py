@@ -82,8 +82,7 @@ class TrainLogger:
 
     def _progress_line(self, row: dict) -> str:
         """``train step S/T (P%) loss=... lr=... img/s=... elapsed H:MM:SS eta H:MM:SS``."""
-        step = row["step"]
-        elapsed = time.perf_counter() - self._start_time
+        step, elapsed = row["step"], time.perf_counter() - self._start_time
         done = step - self._start_step
         eta = elapsed / done * (self.total_steps - step) if done > 0 else math.nan
         return (f"train step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) "
@@ -124,15 +123,13 @@ class TrainLogger:
             tqdm.write(text, file=sys.stderr)
 
     def close(self, summary: dict) -> dict:
-        """Close the bar and writer, write ``summary.json`` and ``loss_curves.png``, print the
-        summary; returns it."""
+        """Close the bar and writer, write ``summary.json`` and ``loss_curves.png``, print the summary; returns it."""
         if not self.enabled:
             return summary
         if self._bar is not None:
             self._bar.close()
         if self._writer is not None:
-            self._writer.flush()
-            self._writer.close()
+            self._writer.close()  # flushes
         atomic_write_json(self.output_dir / "summary.json", summary)
         if self.rows:
             self.plot(self.output_dir / "loss_curves.png")
@@ -150,8 +147,7 @@ class TrainLogger:
         steps = [int(float(r["step"])) for r in self.rows]
         loss_columns = [c for c in self.columns if c == "loss" or (
             c not in _FIRST_COLUMNS and not c.startswith(("lr_", "weight_decay_", "grad_norm_")))]
-        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True,
-                                             gridspec_kw={"height_ratios": [3, 1]})
+        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
         for column in loss_columns:
             ax_loss.plot(steps, [_value(r, column) for r in self.rows], label=column,
                          linewidth=2 if column == "loss" else 1)
