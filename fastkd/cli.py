@@ -250,9 +250,8 @@ def _add_eval_command(subparsers) -> None:
     common = _model_arguments(FORMATS)
     for protocol, text in (("knn", "weighted k-NN (cosine, chunked)"), ("linear", "linear probe on cached features")):
         sub = protocols.add_parser(protocol, help=text, description=f"{text} on ImageFolder splits.", parents=[common])
-        sub.add_argument("--image-size", type=int, default=None,
-                         help="centre-crop size (default: the size the model was built for, e.g. a ViT's "
-                              "img_size; 224 for ResNets)")
+        sub.add_argument("--image-size", type=int, help="centre-crop size (default: the size the model was built "
+                                                        "for, e.g. a ViT's img_size; 224 for ResNets)")
         sub.add_argument("--resize", type=int, help="shorter-side resize (default image_size * 256/224)")
         sub.add_argument("--batch-size", type=int, default=64)
         sub.add_argument("--backend", default="auto", choices=BACKENDS)
@@ -279,9 +278,8 @@ def _add_eval_command(subparsers) -> None:
             sub.add_argument("--n-last-blocks", type=int, default=None,
                              help="dino / mocov3: concatenate the CLS of the last N blocks (default: DINO 4 for "
                                   "ViTs narrower than 768, else 1; MoCo v3 1)")
-            sub.add_argument("--avgpool-patches", action=argparse.BooleanOptionalAction, default=None,
-                             help="dino / mocov3: append the average patch token (default: DINO on for ViTs "
-                                  "768 wide and more)")
+            sub.add_argument("--avgpool-patches", action=argparse.BooleanOptionalAction, help="dino / mocov3: "
+                             "append the average patch token (default: DINO on for ViTs 768 wide and more)")
         sub.set_defaults(func=_eval)
     _add_finetune_command(protocols, common)
 
@@ -325,11 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                           description="fastkd launch [torchrun options] -m fastkd.cli distill CONFIG ...: torchrun's "
                                       "command line; the first SIGTERM/SIGINT is passed to every worker, which write "
                                       "their stop checkpoint, and the launcher exits 0.", add_help=False)
-    bench = subparsers.add_parser("bench", help="run a benchmark (fastkd bench list)",
-                                  description="Run fastkd.benchmarks.bench_NAME.main(ARGS); `fastkd bench list` "
-                                              "lists them. Common ARGS: --quick, --device cpu|cuda, --out DIR "
-                                              "(default ./fastkd_bench_results or $FASTKD_BENCH_DIR), --publish "
-                                              "(into benchmarks/results/ of the checkout in the current directory).")
+    bench = subparsers.add_parser("bench", help="run a benchmark (fastkd bench list)", description=(
+        "Run fastkd.benchmarks.bench_NAME.main(ARGS); `fastkd bench list` lists them. Common ARGS: --quick, --device "
+        "cpu|cuda, --out DIR (default ./fastkd_bench_results or $FASTKD_BENCH_DIR), --publish (into "
+        "benchmarks/results/ of the checkout in the current directory)."))
     bench.add_argument("name", nargs="?", help="benchmark name, or 'list'")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     bench.set_defaults(func=_bench)

@@ -93,13 +93,10 @@ def check_eval_options(options: dict, *, cli: bool = False) -> None:
         low, inclusive, optional = _NUMERIC_OPTIONS.get(name, (None, True, True))
         if low is None or value is None and optional:
             continue
-        if isinstance(low, int):
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-            expected = f"an integer >= {low}"
-        else:
-            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                  and (value >= low if inclusive else value > low))
-            expected = f"a finite number {'>=' if inclusive else '>'} {low:g}"
+        integer = isinstance(low, int)  # the int options' bounds are all inclusive
+        ok = (isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+              and (integer or math.isfinite(value)) and (value >= low if inclusive else value > low))
+        expected = f"an integer >= {low}" if integer else f"a finite number {'>=' if inclusive else '>'} {low:g}"
         if not ok:
             raise ValueError(f"{'--' + name.replace('_', '-') if cli else name} must be {expected}, got {value!r}")
 

@@ -43,6 +43,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import default_loader
 from tqdm import tqdm
 
 from fastkd.checks import check_choice, check_instance, check_number, check_positive_ints, check_str
@@ -238,8 +239,6 @@ class _ImageDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
-        from torchvision.datasets.folder import default_loader
-
         return self.transform(default_loader(self.files[index])), self.labels[index]
 
 
@@ -381,9 +380,8 @@ def finetune(model: nn.Module, train_dir: str | os.PathLike, val_dir: str | os.P
     net.eval().requires_grad_(False)
 
     best = max(history, key=lambda h: h["top1"])
-    values = {**dataclasses.asdict(recipe), "betas": list(recipe.betas), "lr": recipe.lr,
-              "warmup_epochs": warmup_epochs, "precision": precision, "seed": seed,
-              "new_parameters": new_parameters}
+    values = {**dataclasses.asdict(recipe), "betas": list(recipe.betas), "lr": recipe.lr, "precision": precision,
+              "warmup_epochs": warmup_epochs, "seed": seed, "new_parameters": new_parameters}
     result = FinetuneResult(
         top1=history[-1]["top1"], top5=history[-1]["top5"], best_top1=best["top1"], best_top5=best["top5"],
         best_epoch=best["epoch"], history=history, recipe=recipe.name, recipe_values=values,
