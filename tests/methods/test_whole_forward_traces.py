@@ -71,3 +71,23 @@ def test_whole_forward_is_one_graph_with_the_eager_result(name, teachers):
             assert grad.norm() <= 1e-9 * scale, key
         else:
             assert_close_relative(grad, expected_grad, key)
+
+
+@pytest.mark.parametrize("weights", [{"a": 1.0}, {"a": 1.0, "b": 0.5}])
+def test_loss_dict_under_inductor_keeps_the_loss_gradient(weights):
+    """A one-part loss of weight 1 (MoCo v3, MAE) once came out of an inductor-compiled forward without
+    ``requires_grad`` (``1.0 * part`` folded into the part whose detached copy is also returned)."""
+    from fastkd.methods.base import loss_dict
+
+    w = torch.linspace(-1.0, 1.0, 5, requires_grad=True)
+
+    def forward(x):
+        return loss_dict({name: (w * x * (i + 1)).sum() for i, name in enumerate(weights)}, weights)
+
+    torch._dynamo.reset()
+    out = torch.compile(forward, fullgraph=True, backend="inductor")(torch.ones(5))
+    assert out["loss"].requires_grad
+    out["loss"].backward()
+    expected = sum(weight * (i + 1) for i, weight in enumerate(weights.values()))
+    torch.testing.assert_close(w.grad, torch.full((5,), expected))
+    torch.testing.assert_close(out["a"], torch.tensor(0.0))
