@@ -31,6 +31,7 @@ import importlib
 import math
 import sys
 import tempfile
+import time
 import types
 import warnings
 from functools import partial
@@ -157,8 +158,8 @@ def _views(sizes: list[int], batch: int) -> list[torch.Tensor]:
     return [torch.randn(batch, 3, s, s, generator=generator) for s in sizes]
 
 
-def mocov3_case(root: Path, quick: bool, workdir: Path):
-    """``(fastkd step, official step)`` of MoCo v3."""
+def mocov3_case(root: Path, quick: bool, workdir: Path, **train):
+    """``(fastkd step, official step)`` of MoCo v3 (``train``: the fastkd side's ``TrainConfig`` overrides)."""
     builder, vits = load_peer(root, ["moco.builder", "vits"]).values()
     s = SHAPES[quick]["mocov3"]
     img, patch, dim, depth, heads = s["vit"]
@@ -196,10 +197,10 @@ def mocov3_case(root: Path, quick: bool, workdir: Path):
         optimizer.step()
         return loss
 
-    return trainer_step(method, image_batch([x1, x2]), workdir, optim=run.optim), official_step
+    return trainer_step(method, image_batch([x1, x2]), workdir, optim=run.optim, **train), official_step
 
 
-def mokd_case(root: Path, quick: bool, workdir: Path, cnn: bool):
+def mokd_case(root: Path, quick: bool, workdir: Path, cnn: bool, **train):
     """``(fastkd step, official step)`` of MOKD, model a a ResNet-18 (``cnn``) or a ViT, model b a ViT."""
     mokd, vits, resnets, utils = load_peer(
         root, ["models.mokd", "backbones.vision_transformer", "backbones.resnet", "utils.utils"]).values()
@@ -292,26 +293,41 @@ def mokd_case(root: Path, quick: bool, workdir: Path, cnn: bool):
                     param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
         return loss_a + loss_b
 
-    return trainer_step(method, image_batch(images), workdir, optim=optim), official_step
+    return trainer_step(method, image_batch(images), workdir, optim=optim, **train), official_step
 
 
-def bench_case(case: str, dirs: dict, quick: bool, rounds: int, repeats: int, workdir: Path) -> dict:
-    if case == "mocov3_vit":
-        fastkd, official = mocov3_case(dirs["mocov3"], quick, workdir)
-    else:
-        fastkd, official = mokd_case(dirs["mokd"], quick, workdir, cnn=case == "mokd_r18_vit")
-    first = {"fastkd": float(fastkd().detach()), "official": float(official().detach())}
-    print(f"{case}: first-step loss fastkd {first['fastkd']:.7f}, official {first['official']:.7f}")
-    if not math.isclose(first["fastkd"], first["official"], rel_tol=LOSS_RTOL, abs_tol=LOSS_RTOL):
-        raise AssertionError(f"{case}: first-step losses differ beyond {LOSS_RTOL}: {first}")
-    ms = {side: t["median_ms"] for side, t in time_alternating({"fastkd": fastkd, "official": official},
-                                                               rounds=rounds, repeats=repeats).items()}
-    print(f"{case}: fastkd {ms['fastkd']:.1f} ms, official {ms['official']:.1f} ms, "
-          f"ratio {ms['official'] / ms['fastkd']:.3f}")
-    return {"case": case, "fastkd_ms": ms["fastkd"], "official_ms": ms["official"],
-            "ratio": ms["official"] / ms["fastkd"],
-            "fastkd_loss": first["fastkd"], "official_loss": first["official"], "repeats": repeats, "rounds": rounds,
-            "top_ops": {"fastkd": profile_top_ops(fastkd), "official": profile_top_ops(official)}}
+def bench_case(case: str, dirs: dict, quick: bool, rounds: int, repeats: int, workdir: Path,
+               compiled: bool = False) -> dict:
+    """One case's record; ``compiled`` adds fastkd with ``train.compile: true`` (built from the same weights, its
+    first step, which compiles, timed as ``compile_s``) to the alternating rounds."""
+    def build(**train):
+        if case == "mocov3_vit":
+            return mocov3_case(dirs["mocov3"], quick, workdir / "_".join(train), **train)
+        return mokd_case(dirs["mokd"], quick, workdir / "_".join(train), cnn=case == "mokd_r18_vit", **train)
+
+    sides = dict(zip(("fastkd", "official"), build()))
+    if compiled:
+        sides["fastkd_compiled"] = build(compile=True)[0]
+    first, compile_s = {}, None
+    for side, step in sides.items():
+        start = time.perf_counter()
+        first[side] = float(step().detach())
+        compile_s = time.perf_counter() - start if side == "fastkd_compiled" else compile_s
+    print(f"{case}: first-step losses " + ", ".join(f"{side} {loss:.7f}" for side, loss in first.items()))
+    for side in set(sides) - {"official"}:
+        if not math.isclose(first[side], first["official"], rel_tol=LOSS_RTOL, abs_tol=LOSS_RTOL):
+            raise AssertionError(f"{case}: first-step losses differ beyond {LOSS_RTOL}: {first}")
+    ms = {side: t["median_ms"] for side, t in time_alternating(sides, rounds=rounds, repeats=repeats).items()}
+    print(f"{case}: " + ", ".join(f"{side} {v:.1f} ms" for side, v in ms.items())
+          + f", ratio {ms['official'] / ms['fastkd']:.3f}")
+    record = {"case": case, "fastkd_ms": ms["fastkd"], "official_ms": ms["official"],
+              "ratio": ms["official"] / ms["fastkd"],
+              "fastkd_loss": first["fastkd"], "official_loss": first["official"], "repeats": repeats, "rounds": rounds,
+              "top_ops": {"fastkd": profile_top_ops(sides["fastkd"]), "official": profile_top_ops(sides["official"])}}
+    if compiled:
+        record.update(fastkd_compiled_ms=ms["fastkd_compiled"], compile_s=compile_s,
+                      ratio_compiled=ms["official"] / ms["fastkd_compiled"])
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mocov3-dir", type=Path, default=None, help="the moco-v3 checkout (default PEER_DIR/moco-v3)")
     parser.add_argument("--mokd-dir", type=Path, default=None, help="the mokd checkout (default PEER_DIR/mokd)")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time fastkd with train.compile: true (ratio_compiled; its compile time in compile_s)")
     args = parse_bench_args(parser, argv)
     dirs = {key: getattr(args, f"{key}_dir") or (args.peer_dir / folder if args.peer_dir else None)
             for key, (folder, _, _) in PEERS.items()}
@@ -339,13 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for number in range(1, runs + 1):
             with tempfile.TemporaryDirectory(prefix="fastkd-bench-peers-") as tmp:
-                all_runs.append([{**bench_case(c, dirs, args.quick, rounds, repeats, Path(tmp) / c), "run": number}
-                                 for c in args.cases])
+                all_runs.append([{**bench_case(c, dirs, args.quick, rounds, repeats, Path(tmp) / c, args.compiled),
+                                  "run": number} for c in args.cases])
     finally:
         if not grouped and dist.is_initialized():  # the group process_group() started
             dist.destroy_process_group()
     records = lowest_of_runs(all_runs, ("case",), "ratio")
     columns = ["case", "run", "fastkd_ms", "official_ms", "ratio", "fastkd_loss", "official_loss", "ratio_runs"]
+    if args.compiled:
+        columns[5:5] = ["fastkd_compiled_ms", "ratio_compiled", "compile_s"]
     rows = [{**r, **{k: f"{r[k]:.7f}" for k in ("fastkd_loss", "official_loss")}} for r in records]
     profiles = "\n\n".join(
         f"### {r['case']}, {side} (run {r['run']})\n\n" + markdown_table(r["top_ops"][side], ["op", "self_ms", "calls"])
@@ -355,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{', quick shapes' if args.quick else ''})\n\n{machine_line(load)} {runs} run(s), {rounds} alternating "
         f"round(s) of {repeats} "
         f"steps; each case from its run with the lowest ratio.\n\n{markdown_table(rows, columns)}\n\n"
-        "ratio = official median / fastkd median (higher: fastkd faster); losses: the first step's, same weights.\n\n"
+        "ratio = official median / fastkd median (higher: fastkd faster; fastkd as shipped: `train.compile: auto`, "
+        "eager on CPU until this machine has recorded that compiling pays); ratio_compiled = official median / "
+        "fastkd `train.compile: true` median, same rounds; losses: the first step's, same weights.\n\n"
         f"## Top ops by self CPU time (ms, one profiled step)\n\n{profiles}")
     write_results("bench_peers", records, markdown, out_dir=args.out, load_at_start=load)
     print(markdown)

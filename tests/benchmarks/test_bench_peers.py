@@ -104,9 +104,10 @@ def test_quick_run_against_a_stand_in_checkout(tmp_path):
     (root / "moco" / "builder.py").write_text(textwrap.dedent(BUILDER))
     (root / "vits.py").write_text(textwrap.dedent(VITS))
     out = tmp_path / "out"
-    proc = _run("--mocov3-dir", str(root), "--cases", "mocov3_vit", "--quick", "--runs", "2", "--out", str(out))
+    proc = _run("--mocov3-dir", str(root), "--cases", "mocov3_vit", "--quick", "--runs", "2", "--compiled",
+                "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "mocov3_vit: first-step loss fastkd" in proc.stdout
+    assert "mocov3_vit: first-step losses fastkd" in proc.stdout
     payload = json.loads((out / "bench_peers.json").read_text())
     assert payload["machine"]["cpu"] and payload["machine"]["load_average_at_start"]
     (record,) = payload["records"]
@@ -114,6 +115,8 @@ def test_quick_run_against_a_stand_in_checkout(tmp_path):
     assert record["official_loss"] == pytest.approx(record["fastkd_loss"], rel=bench_peers.LOSS_RTOL)
     assert record["ratio"] == pytest.approx(record["official_ms"] / record["fastkd_ms"])
     assert round(record["ratio"], 3) == min(record["ratio_runs"])  # the lower run is published
+    assert record["ratio_compiled"] == pytest.approx(record["official_ms"] / record["fastkd_compiled_ms"])
+    assert record["compile_s"] > 0 and "fastkd_compiled" in proc.stdout  # its first-step loss was checked too
     assert record["top_ops"]["fastkd"] and record["top_ops"]["official"]
     report = (out / "bench_peers.md").read_text()
     assert "| mocov3_vit |" in report and "Top ops" in report and "CPU:" in report
