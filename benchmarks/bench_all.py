@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# fastkd benchmarks ({args.device}{', quick' if args.quick else ''})",
         f"Reproduce with `{command}`." + (" (Combined from the parts' latest results.)" if args.reuse else ""),
         markdown_table([{"key": k, "value": v} for k, v in machine.items()], ["key", "value"]),
-        markdown_table(durations, ["part", "seconds", "records"]),
-        targets_table(records),
-        *sections,
+        markdown_table(durations, ["part", "seconds", "records"]), targets_table(records), *sections,
         f"Failed: {', '.join(failed)}" if failed else "All parts succeeded.",
     ])
     write_results("bench_all", records, markdown, out_dir=args.out)

@@ -172,12 +172,8 @@ def run_config_from_dict(raw: dict) -> RunConfig:
         method = {"name": method}
     if not isinstance(method, dict) or not isinstance(method.get("name"), str):
         raise ConfigError(f"config key 'method' must be a mapping with a 'name' (a registered method), got {method!r}")
-    return RunConfig(
-        method=method,
-        data=build_dataclass(DataConfig, raw.get("data"), "data."),
-        optim=build_dataclass(OptimConfig, raw.get("optim"), "optim."),
-        train=build_dataclass(TrainConfig, raw.get("train"), "train."),
-    )
+    return RunConfig(method, *(build_dataclass(cls, raw.get(key), f"{key}.")
+                               for key, cls in (("data", DataConfig), ("optim", OptimConfig), ("train", TrainConfig))))
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:

@@ -23,8 +23,8 @@ moved by a decision) and run it with autocast off.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -42,9 +42,8 @@ _DECIDED: dict[tuple[str, str, str], str] = {}  # (name, shape class, device) ->
 
 def cache_dir() -> Path:
     """``$FASTKD_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastkd``, else ``~/.cache/fastkd``."""
-    if os.environ.get("FASTKD_CACHE_DIR"):
-        return Path(os.environ["FASTKD_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastkd"
+    return Path(os.environ.get("FASTKD_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "fastkd")
 
 
 def machine(device: torch.device) -> str:
@@ -67,15 +66,13 @@ def measure(candidates: dict[str, Callable[[], object]], device: torch.device) -
     (The timer the tests replace.)"""
     seconds = {}
     for name, run in candidates.items():
-        run()
-        _synchronize(device)
-        best = math.inf
-        for _ in range(REPEATS):
+        times = []
+        for _ in range(REPEATS + 1):  # the first call is the warm-up
             start = time.perf_counter()
             run()
             _synchronize(device)
-            best = min(best, time.perf_counter() - start)
-        seconds[name] = best
+            times.append(time.perf_counter() - start)
+        seconds[name] = min(times[1:])
     return seconds
 
 
@@ -95,25 +92,21 @@ def _section(device: torch.device) -> str:
 
 
 def _write(path: Path, data: dict) -> None:
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache folder: the decision still holds for this process
         atomic_write_json(path, data)
-    except OSError:  # a read-only cache folder: the decision still holds for this process
-        pass
 
 
 def recorded(entry: str, device: torch.device | str) -> dict:
     """What :func:`record` stored under ``entry`` for this machine and torch version (``{}``: nothing)."""
-    device = torch.device(device)
-    return dict(_read(cache_dir() / FILE_NAME).get(_section(device), {}).get(entry, {}))
+    return dict(_read(cache_dir() / FILE_NAME).get(_section(torch.device(device)), {}).get(entry, {}))
 
 
 def record(entry: str, device: torch.device | str, values: dict) -> None:
     """Merge ``values`` (JSON numbers) into ``entry`` of this machine and torch version's section
     (timings measured by a run itself, e.g. the trainer's step times with and without compiling)."""
-    device = torch.device(device)
     path = cache_dir() / FILE_NAME
     data = _read(path)
-    data.setdefault(_section(device), {}).setdefault(entry, {}).update(values)
+    data.setdefault(_section(torch.device(device)), {}).setdefault(entry, {}).update(values)
     _write(path, data)
 
 

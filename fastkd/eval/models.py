@@ -18,7 +18,6 @@ from torch import nn
 from fastkd.checks import check_choice, check_instance
 from fastkd.durable import read_torch_file
 from fastkd.models.weights import FASTKD_FORMAT, STUDENT_FILE, TEACHER_FILE, detect_format, load_teacher
-from fastkd.train.checkpoint import CHECKPOINT_FORMAT  # noqa: F401 (re-exported: one format, one home)
 from fastkd.train.checkpoint import CheckpointManager, TrainingState, is_training_checkpoint
 
 

@@ -39,19 +39,9 @@ class DINOLoss(nn.Module):
     the first ``warmup_fraction`` of training (DINO: 0.04 -> 0.07 over 30 of 100 epochs). ``centering=False``: a
     plain sharpened-target cross-entropy (MOKD's cross-attention feature search)."""
 
-    def __init__(
-        self,
-        out_dim: int,
-        *,
-        student_temp: float = 0.1,
-        teacher_temp: float = 0.07,
-        warmup_teacher_temp: float = 0.04,
-        warmup_fraction: float = 0.3,
-        center_momentum: float = 0.9,
-        centering: bool = True,
-        skip_same_view: bool = True,
-        group: dist.ProcessGroup | None = None,
-    ):
+    def __init__(self, out_dim: int, *, student_temp: float = 0.1, teacher_temp: float = 0.07,
+                 warmup_teacher_temp: float = 0.04, warmup_fraction: float = 0.3, center_momentum: float = 0.9,
+                 centering: bool = True, skip_same_view: bool = True, group: dist.ProcessGroup | None = None):
         super().__init__()
         check_positive_ints(out_dim=out_dim)
         check_number("warmup_fraction", warmup_fraction, low=0, high=1)

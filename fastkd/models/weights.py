@@ -117,9 +117,8 @@ def detect_format(obj: dict) -> str:
     """The format of a loaded checkpoint dict (see module doc); ``CheckpointError`` if unknown."""
     if obj.get("format") == FASTKD_FORMAT:
         return FASTKD_FORMAT
-    if _is_state_dict(obj.get("state_dict")) and any(
-        k.startswith("base_encoder.") for k in _strip_module(obj["state_dict"])
-    ):
+    state = obj.get("state_dict")
+    if _is_state_dict(state) and any(k.startswith("base_encoder.") for k in _strip_module(state)):
         return "mocov3"
     if _clip_tower(obj) is not None:
         return "clip"
@@ -170,10 +169,9 @@ def _distillation_token(state: dict, model: torch.nn.Module) -> dict:
     reg_token = getattr(model, "reg_token", None)
     registers = 0 if reg_token is None else reg_token.shape[1]
     if registers != 1 or "reg_token" in state:
-        raise CheckpointError(
-            f"the checkpoint holds a distilled DeiT's distillation token {_DIST_TOKEN!r}: load it into a ViT built "
-            f"with reg_tokens=1 (this one has {registers}; timm's deit_*_distilled_* archs are not fastkd backbones)"
-        )
+        raise CheckpointError(f"the checkpoint holds a distilled DeiT's distillation token {_DIST_TOKEN!r}: load it "
+                              f"into a ViT built with reg_tokens=1 (this one has {registers}; timm's "
+                              "deit_*_distilled_* archs are not fastkd backbones)")
     return {("reg_token" if k == _DIST_TOKEN else k): v for k, v in state.items()}
 
 
@@ -187,13 +185,10 @@ def _resize_pos_embed(state: dict, backbone: Backbone) -> dict:
     prefix = 0 if model.no_embed_class else backbone.num_prefix_tokens
     side = math.isqrt(pos.shape[1] - prefix)
     if side * side != pos.shape[1] - prefix:
-        raise CheckpointError(
-            f"pos_embed {tuple(pos.shape)} is not {prefix} prefix tokens + a square grid; cannot resize to "
-            f"{tuple(model.pos_embed.shape)}"
-        )
-    resized = resample_abs_pos_embed(
-        pos.float(), new_size=list(model.patch_embed.grid_size), old_size=[side, side], num_prefix_tokens=prefix
-    )
+        raise CheckpointError(f"pos_embed {tuple(pos.shape)} is not {prefix} prefix tokens + a square grid; cannot "
+                              f"resize to {tuple(model.pos_embed.shape)}")
+    resized = resample_abs_pos_embed(pos.float(), new_size=list(model.patch_embed.grid_size), old_size=[side, side],
+                                     num_prefix_tokens=prefix)
     return {**state, "pos_embed": resized.to(pos.dtype)}
 
 
@@ -218,23 +213,18 @@ def _check_keys(state: dict, backbone: Backbone, description: str) -> None:
     expected = backbone.model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f"{description} does not match backbone {backbone.name!r}: missing keys {_listed(missing)}; "
-            f"unexpected keys {_listed(unexpected)}; shape mismatches {_listed(mismatched)}"
-        )
+        raise CheckpointError(f"{description} does not match backbone {backbone.name!r}: missing keys "
+                              f"{_listed(missing)}; unexpected keys {_listed(unexpected)}; shape mismatches "
+                              f"{_listed(mismatched)}")
 
 
 def _is_timm_vit(arch: str) -> bool:
     """Whether ``arch`` is built by timm's vision_transformer module (which accepts ``weight_init="skip"``)."""
-    return isinstance(arch, str) and timm.is_model(arch) and (
+    return isinstance(arch, str) and timm.is_model(arch) and \
         timm.models.model_entrypoint(arch).__module__ == "timm.models.vision_transformer"
-    )
 
 
 def load_teacher(arch: str, path: str | os.PathLike, format: str = "auto", encoder: str = "base", *,
@@ -293,11 +283,6 @@ def save_backbone(backbone: Backbone, path: str | os.PathLike) -> Path:
     _check_path(path)
     if (bad := _unsaveable(backbone.timm_kwargs, "backbone.timm_kwargs")) is not None:
         raise TypeError(f"backbone.timm_kwargs must hold only plain values to be saved, got {bad}")
-    payload = {
-        "format": FASTKD_FORMAT,
-        "version": FASTKD_FORMAT_VERSION,
-        "arch": backbone.name,
-        "timm_kwargs": backbone.timm_kwargs,
-        "state_dict": {k: v.detach().cpu() for k, v in backbone.model.state_dict().items()},
-    }
-    return atomic_torch_save(payload, path)
+    state = {k: v.detach().cpu() for k, v in backbone.model.state_dict().items()}
+    return atomic_torch_save({"format": FASTKD_FORMAT, "version": FASTKD_FORMAT_VERSION, "arch": backbone.name,
+                              "timm_kwargs": backbone.timm_kwargs, "state_dict": state}, path)

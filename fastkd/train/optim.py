@@ -91,15 +91,9 @@ def _fused_or_foreach(cls, groups: list[dict], **kwargs) -> torch.optim.Optimize
         return cls(groups, foreach=True, **kwargs)
 
 
-def build_optimizer(
-    param_groups: Iterable[dict],
-    name: str = "adamw",
-    *,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    momentum: float = 0.9,
-    trust_coefficient: float = 0.001,
-) -> torch.optim.Optimizer:
+def build_optimizer(param_groups: Iterable[dict], name: str = "adamw", *, betas: tuple[float, float] = (0.9, 0.999),
+                    eps: float = 1e-8, momentum: float = 0.9,
+                    trust_coefficient: float = 0.001) -> torch.optim.Optimizer:
     """Build ``name`` (``adamw`` | ``sgd`` | ``lars``) over groups from ``method.param_groups(1.0)``:
     AdamW and SGD fused where torch can, else ``foreach``; LARS on ``torch._foreach_*`` ops. Each
     group's ``weight_decay`` is read as the multiplier ``wd_scale``; lr and weight decay start at 0

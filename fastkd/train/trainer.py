@@ -37,9 +37,9 @@ from torch.profiler import record_function
 from fastkd.checks import check_instance, check_positive_ints
 from fastkd.method_protocol import TrainingMethod
 from fastkd.train import distributed
-from fastkd.train.checkpoint import CHECKPOINT_FORMAT  # noqa: F401 (re-exported: one format, one home)
 from fastkd.train.checkpoint import CheckpointManager, TrainingState
-from fastkd.train.compilation import compile_entry, compile_method, record_run, should_compile
+from fastkd.train.compilation import (TRIAL_STEPS, compile_entry, compile_method, compile_trial_due, record_run,
+                                      should_compile)
 from fastkd.train.distributed import DistEnv
 from fastkd.train.logging import TrainLogger
 from fastkd.train.optim import apply_schedules, build_optimizer, clip_grad_per_param_, step_unless, takes_found_inf
@@ -68,10 +68,6 @@ class TrainResult:
     preempted: bool
     checkpoint: Path | None
     summary: dict
-
-
-def _format_parts(parts: dict) -> str:
-    return ", ".join(f"{name}={value:.6g}" for name, value in parts.items())
 
 
 def _tensor_parts(outputs: dict, device: torch.device) -> dict:
@@ -237,9 +233,6 @@ class Trainer:
             ))
         return slots
 
-    def _autocast(self):
-        return autocast(self.train_cfg.precision, self.env.device)
-
     # -- checkpoints --------------------------------------------------------------------------
     def _state(self, step: int, skipped: int, consecutive: int, rng_states: list) -> TrainingState:
         return TrainingState(
@@ -333,7 +326,7 @@ class Trainer:
             images += int(batch.views[0].shape[0]) if hasattr(batch, "views") else self.batch_size
             sync = micro == accum - 1 or not self.env.is_distributed
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                with self._autocast(), record_function(PHASES["forward"]):
+                with autocast(self.train_cfg.precision, self.env.device), record_function(PHASES["forward"]):
                     outputs = self.model(batch)
                 loss = outputs.get("loss") if isinstance(outputs, dict) else None
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
@@ -425,7 +418,8 @@ class Trainer:
             skipped += 1
             consecutive += 1
             parts = distributed.mean_across_ranks(_floats(parts), self.env.device)  # NaN if any rank had one
-            what = _format_parts({**parts, **{f"grad_norm_{k}": v for k, v in _floats(grad_norms).items()}})
+            what = ", ".join(f"{name}={value:.6g}" for name, value in
+                             {**parts, **{f"grad_norm_{k}": v for k, v in _floats(grad_norms).items()}}.items())
             logger.message(f"step {step}: non-finite loss or gradient, step skipped ({what}); "
                            f"{consecutive} in a row, {skipped} in total")
             if consecutive >= self.train_cfg.max_nonfinite:
@@ -443,8 +437,7 @@ class Trainer:
             raise ValueError(f"{self.checkpoints.directory} already holds checkpoints of a run: continue it with "
                              "resume (--resume) or choose another train.output_dir")
         if env.is_main:  # an interrupted checkpoint write leaves its temporary file behind
-            removed = self.checkpoints.remove_stale_temp_files()
-            if removed:
+            if removed := self.checkpoints.remove_stale_temp_files():
                 print(f"removed {len(removed)} stale temporary checkpoint file(s) of an interrupted write from "
                       f"{self.checkpoints.directory}: {', '.join(p.name for p in removed)}", flush=True)
         seed_everything(cfg.seed + env.rank)
@@ -457,6 +450,7 @@ class Trainer:
         run_start, run_images, start_step = time.perf_counter(), 0, step
         batches, pending = None, []  # pending: steps whose device-side skip flag the host has not read yet
         step_seconds = []  # wall time of each step's work (for train.compile: auto, see fastkd.train.compilation)
+        compiled_from = 0 if self.compiled else None
         with StopRequest() as stop:
             while step < self.total_steps:
                 if batches is None or step % self.steps_per_epoch == 0:
@@ -483,6 +477,13 @@ class Trainer:
                     pending = []
                 self._clear_grads()
                 step_seconds.append(time.perf_counter() - step_start)
+                if compiled_from is None and len(step_seconds) == TRIAL_STEPS and distributed.any_across_ranks(
+                        compile_trial_due(cfg.compile, env.device, self.compile_entry, step_seconds,
+                                          self.total_steps - step - 1), env.device):
+                    compile_method(self.method, backend=cfg.compile_backend)
+                    self.compiled, compiled_from = True, len(step_seconds)
+                    logger.message(f"train.compile auto: compiling from step {step + 2} on (a trial: "
+                                   "no compiled run of this method is recorded on this machine)")
                 step += 1
                 window_images += images * env.world_size
                 run_images += images * env.world_size
@@ -508,7 +509,7 @@ class Trainer:
                                    f"{step} written, exiting; continue with --resume")
                     break
         if env.is_main and env.device.type != "cuda":  # CUDA: compiled under auto anyway (and not synchronised)
-            record_run(self.compile_entry, env.device, self.compiled, step_seconds)
+            record_run(self.compile_entry, env.device, step_seconds, compiled_from)
         summary = {"steps": step, "total_steps": self.total_steps, "skipped_steps": skipped,
                    "preempted": preempted, "global_batch_size": self.global_batch_size, "compiled": self.compiled,
                    "wall_time_s": time.perf_counter() - run_start,
