@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import operator
 import typing
 from typing import Any, Mapping
 
@@ -79,13 +77,14 @@ def check_batch(batch: Any, min_views: int, method: str) -> list[torch.Tensor]:
 
 def loss_dict(parts: Mapping[str, torch.Tensor], weights: Mapping[str, float],
               metrics: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """``{"loss": sum(weights[k] * parts[k]), **parts (detached), **metrics (detached)}``. A weight of 1 is
-    not multiplied in: inductor (torch 2.14) folds ``1.0 * part`` into ``part`` and then returns the loss of
-    a compiled forward without ``requires_grad`` when the part's detached copy is an output too."""
-    terms = [value if float(weights[name]) == 1.0 else float(weights[name]) * value for name, value in parts.items()]
-    loss = functools.reduce(operator.add, terms)
-    out = {"loss": loss}
-    out.update({name: value.detach() for name, value in parts.items()})
+    """``{"loss": sum(weights[k] * parts[k]), **parts (detached copies), **metrics (detached)}``. One part of
+    weight 1 is the loss itself and its copy a clone: inductor (torch 2.14) folds ``1.0 * part`` into ``part``
+    and then returns a compiled forward's loss without ``requires_grad`` next to the part's detached view, and
+    AOTAutograd (torch 2.11) trains differently from eager when the loss and that view are both outputs."""
+    terms = [(float(weights[name]), value) for name, value in parts.items()]
+    single = len(terms) == 1 and terms[0][0] == 1.0
+    out = {"loss": terms[0][1] if single else sum(weight * value for weight, value in terms)}
+    out.update({name: value.detach().clone() if single else value.detach() for name, value in parts.items()})
     out.update({name: torch.as_tensor(value).detach() for name, value in (metrics or {}).items()})
     return out
 
