@@ -379,7 +379,7 @@ def where_time_goes(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = bench_parser(__doc__, "batch 8, demo shapes, one timed round of 3 steps, compiled on aot_eager",
+    parser = bench_parser(__doc__, "batch 8, demo shapes, one timed round of 3 steps, compiled on the eager backend",
                           rounds_help="alternating timing rounds (default 5, --quick 1)",
                           runs_help="measure everything this many times (default 1)")
     parser.add_argument("--methods", nargs="+", choices=demo_methods(), default=None,
@@ -391,13 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-precision", default="auto", choices=("auto", "fp32", "bf16", "same"),
                         help="the fastkd variants' train.teacher_precision (plain variants: fp32)")
     parser.add_argument("--compile-backend", default=None,
-                        help="torch.compile backend of plain_compiled (default inductor, --quick aot_eager)")
+                        help="torch.compile backend of the compiled variants (default inductor; --quick: eager, "
+                             "dynamo without a compiler, a wiring check)")
     args = parse_bench_args(parser, argv, min_batch=2)
     load = load_average()
     model = "demo" if args.quick else args.model
     batch_size = args.batch or (8 if args.quick else 64 if model == "demo" else VIT_MODELS[model][3])
     rounds = args.rounds or (1 if args.quick else 5)
-    compile_backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
+    compile_backend = args.compile_backend or ("eager" if args.quick else "inductor")
     methods = args.methods or (list(METHODS) if args.model in ("demo", "vit64") else ["moma", "hybrid_distill"])
     variants = tuple(v for v in VARIANTS if v in args.variants)
     runs: list[list[dict]] = []

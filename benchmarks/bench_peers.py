@@ -306,8 +306,8 @@ def bench_case(case: str, dirs: dict, quick: bool, rounds: int, repeats: int, wo
         return mokd_case(dirs["mokd"], quick, workdir / "_".join(train), cnn=case == "mokd_r18_vit", **train)
 
     sides = dict(zip(("fastkd", "official"), build()))
-    if compiled:
-        sides["fastkd_compiled"] = build(compile=True)[0]
+    if compiled:  # --quick checks the wiring on eager (seconds), the full run times inductor
+        sides["fastkd_compiled"] = build(compile=True, **({"compile_backend": "eager"} if quick else {}))[0]
     first, compile_s = {}, None
     for side, step in sides.items():
         start = time.perf_counter()
@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mokd-dir", type=Path, default=None, help="the mokd checkout (default PEER_DIR/mokd)")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--compiled", action="store_true",
-                        help="also time fastkd with train.compile: true (ratio_compiled; its compile time in compile_s)")
+                        help="also time fastkd with train.compile: true (ratio_compiled; its compile time in compile_s; "
+                             "--quick: on the eager backend)")
     args = parse_bench_args(parser, argv)
     dirs = {key: getattr(args, f"{key}_dir") or (args.peer_dir / folder if args.peer_dir else None)
             for key, (folder, _, _) in PEERS.items()}

@@ -29,6 +29,13 @@ from fastkd.models.mocov3_init import init_mocov3_vit
 from fastkd.models.position_embedding import set_sincos_pos_embed
 
 
+def per_view(module: nn.Module, views: list[torch.Tensor], joint: bool) -> list[torch.Tensor]:
+    """``[module(x) for x in views]``; with ``joint``, computed as ``module(cat(views)).chunk(V)``."""
+    if joint and len(views) > 1:
+        return list(module(torch.cat(views)).chunk(len(views)))
+    return [module(x) for x in views]
+
+
 @dataclass
 class MoCoV3Config:
     """``None`` (``proj_layers``, ``temperature``, ``pred_last_bn``, ``freeze_patch_embed``,
@@ -93,6 +100,7 @@ class MoCoV3(Method, name="mocov3", recipe="mocov3", role="pretrain", config=MoC
         self.momentum_encoder = EMATeacher(self.base_encoder, bn_stats=config.momentum_bn_stats)
         temperature = config.temperature if config.temperature is not None else (0.2 if backbone.is_vit else 1.0)
         self.contrastive = InfoNCELoss(temperature=temperature)
+        self.views_together = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
 
     @property
     def student(self) -> nn.Module:
@@ -100,20 +108,22 @@ class MoCoV3(Method, name="mocov3", recipe="mocov3", role="pretrain", config=MoC
 
     def encode(self, views: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         """Per view: online backbone feature ``h``, projection ``z``, prediction ``q``; momentum
-        backbone feature ``h_m`` and projection ``k`` (no gradient)."""
+        backbone feature ``h_m`` and projection ``k`` (no gradient).
+
+        A backbone whose samples are independent (no BatchNorm: the ViTs) reads views of one shape
+        as one batch, ``backbone(cat(views)).chunk(V)``: the same features as one call per view, in
+        fewer and larger GEMMs. The heads (BatchNorm over each view's batch, as in the official
+        code) and a ResNet backbone see each view on its own."""
         backbone, projector = self.base_encoder
         momentum_backbone, momentum_projector = self.momentum_encoder.module
-        out = {"h": [], "z": [], "q": [], "h_m": [], "k": []}
-        for x in views:
-            h = backbone(x)
-            z = projector(h)
-            out["h"].append(h)
-            out["z"].append(z)
-            out["q"].append(self.predictor(z))
-            with torch.no_grad():
-                h_m = momentum_backbone(x)
-                out["h_m"].append(h_m)
-                out["k"].append(momentum_projector(h_m))
+        joint = self.views_together and len({tuple(x.shape) for x in views}) == 1
+        with torch.no_grad():
+            h_m = per_view(momentum_backbone, views, joint)
+        out = {"h": per_view(backbone, views, joint), "h_m": h_m}
+        out["z"] = [projector(h) for h in out["h"]]
+        out["q"] = [self.predictor(z) for z in out["z"]]
+        with torch.no_grad():
+            out["k"] = [momentum_projector(h) for h in h_m]
         return out
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:

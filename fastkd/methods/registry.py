@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from fastkd.checks import check_choice, check_str
 from fastkd.methods.base import REGISTRY, ROLES, Method, check_known, method_config_from_dict
+from fastkd.models.linear import adopt_measured_linear
 
 METHODS: dict[str, type[Method]] = REGISTRY
 
@@ -37,7 +38,8 @@ def method_names(role: str) -> tuple[str, ...]:
 
 
 def build_method(name: str, config: Mapping[str, Any]) -> Method:
-    """``METHODS[name](ConfigClass(**config))``; unknown config keys raise ``ValueError`` naming
+    """``METHODS[name](ConfigClass(**config))`` with its linear layers made
+    :class:`fastkd.models.linear.MeasuredLinear`; unknown config keys raise ``ValueError`` naming
     the nearest valid key."""
     cls = method_class(name)
-    return cls(method_config_from_dict(cls.config_class, config))
+    return adopt_measured_linear(cls(method_config_from_dict(cls.config_class, config)))

@@ -119,3 +119,28 @@ def test_momentum_encoder_targets_are_deterministic_with_drop_path():
     assert method.momentum_encoder.module[1].mlp[1].training
     with pytest.raises(ValueError, match="momentum_bn_stats"):
         MoCoV3Config(momentum_bn_stats="copy")
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet18"])
+def test_vit_views_share_one_backbone_call_resnet_views_do_not(arch):
+    config = CONFIG if arch == "vit" else dict(CONFIG, backbone={"arch": "resnet18"})
+    method = build_method("mocov3", config)
+    assert method.views_together is (arch == "vit")  # a ResNet's BatchNorm sees each view's batch
+    backbone, momentum_backbone = method.base_encoder[0], method.momentum_encoder.module[0]
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0])) for m in (backbone, momentum_backbone)]
+    views = tiny_batch(views=2, B=4, size=32 if arch == "vit" else 64).views
+    enc = method.encode(views)
+    for hook in hooks:
+        hook.remove()
+    assert calls == ([8, 8] if arch == "vit" else [4, 4, 4, 4])
+    method.eval()  # per-view reference without BatchNorm statistics moving
+    enc, alone = method.encode(views), [backbone(x) for x in views]
+    for joint, single in zip(enc["h"], alone):
+        torch.testing.assert_close(joint, single, rtol=1e-5, atol=1e-5)
+    mixed = [views[0], views[1][:2]]  # shapes differ: one call per view
+    calls.clear()
+    hook = backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    method.encode(mixed)
+    hook.remove()
+    assert calls == [4, 2]

@@ -74,8 +74,11 @@ def official_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int,
 
 def same_layout(module: nn.Sequential, official: nn.Sequential) -> bool:
     ours, theirs = module.state_dict(), official.state_dict()
+    def kind(m):  # fastkd's MeasuredLinear is an nn.Linear computing the same products
+        return nn.Linear if isinstance(m, nn.Linear) else type(m)
+
     return ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours) and [
-        type(m) for m in module] == [type(m) for m in official]
+        kind(m) for m in module] == [kind(m) for m in official]
 
 
 def official_ctr(q: torch.Tensor, k: torch.Tensor, T: float) -> torch.Tensor:
