@@ -77,7 +77,8 @@ onednn_linear.register_autograd(_backward, setup_context=_setup)
 
 
 def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available()
+    """torch built with oneDNN and exposing its inner-product op (torch-internal: guarded, not assumed)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _row_class(rows: int) -> str:
